@@ -1,0 +1,211 @@
+"""Preprocessing cache: studies -> the arrays training needs (in-plane resampled, windowed, uint8).
+
+One `<cache_dir>/<StudyInstanceUID>.npz` per study, written atomically, so an interrupted `kit prepare`
+resumes where it stopped. Contents:
+
+- `image` uint8 (Z, S, S): the CT in one HU window, index 0 = most superior slice;
+- `mask` uint8 (Z, S, S): segmentation labels (0 background, 1..7 = C1..C7, 8+ thoracic), only when the
+  study has a `segmentations/<uid>.nii`;
+- `spacing` float32 (dz, dy, dx) in mm after resampling; `orig_hw` int32 (H, W) before it;
+- `positions` float32 (Z, 3) ImagePositionPatient; `instance_numbers` int32 (Z,).
+
+`manifest.csv` keeps one row per prepared study and `failures.csv` the studies that could not be read,
+with the reason. numpy / pandas only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .constants import WINDOWS
+from .dicom import read_mask, read_series, resize_slices, window
+
+log = logging.getLogger("kit.cache")
+
+MANIFEST = "manifest.csv"
+FAILURES = "failures.csv"
+
+
+def cache_path(cache_dir: str | os.PathLike, uid: str) -> Path:
+    """Path of one study's cached arrays."""
+    return Path(cache_dir) / f"{uid}.npz"
+
+
+def prepare_study(
+    study_dir: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    size: int = 128,
+    window_name: str = "bone",
+    seg_path: str | os.PathLike | None = None,
+    workers: int | None = 1,
+) -> dict:
+    """Read one study, window and resample it, and save it as the cache's `.npz`.
+
+    Args:
+        study_dir: folder of the study's DICOM files.
+        out_path: where the `.npz` goes; written to a temporary name first, then renamed.
+        size: in-plane output size S (square).
+        window_name: a key of `kit.constants.WINDOWS`.
+        seg_path: the study's segmentation NIfTI, if it has one.
+        workers: decoding workers for this one study.
+
+    Returns:
+        One manifest row: uid, slices, original and cached shape, spacing, mask presence, warnings, seconds.
+    """
+    if window_name not in WINDOWS:
+        raise ValueError(f"unknown window {window_name!r}; available: {', '.join(WINDOWS)}")
+    start = time.perf_counter()
+    series = read_series(study_dir, workers=workers)
+    z, h, w = series.hu.shape
+    center, width = WINDOWS[window_name]
+    image = resize_slices(window(series.hu, center, width), size)
+    arrays = {
+        "image": image,
+        "spacing": np.array([series.spacing[0], series.spacing[1] * h / size, series.spacing[2] * w / size],
+                            dtype=np.float32),
+        "orig_hw": np.array([h, w], dtype=np.int32),
+        "positions": np.asarray(series.positions, dtype=np.float32),
+        "instance_numbers": np.asarray(series.instance_numbers, dtype=np.int32),
+    }
+    if seg_path is not None and Path(seg_path).is_file():
+        labels = read_mask(seg_path, series)
+        arrays["mask"] = resize_slices(labels.astype(np.uint8), size, nearest=True)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, out_path)
+    return {
+        "StudyInstanceUID": series.uid,
+        "slices": z,
+        "height": h,
+        "width": w,
+        "size": size,
+        "dz": float(series.spacing[0]),
+        "dy": float(series.spacing[1]),
+        "dx": float(series.spacing[2]),
+        "has_mask": "mask" in arrays,
+        "warnings": " | ".join(series.warnings),
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def load_cached(cache_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]:
+    """Load one study's cached arrays as a dict (see the module docstring for keys and shapes)."""
+    path = cache_path(cache_dir, uid)
+    if not path.is_file():
+        raise FileNotFoundError(f"study {uid}: no cached arrays at {path}; run `kit prepare` first")
+    with np.load(path) as data:
+        return {key: data[key] for key in data.files}
+
+
+def _prepare_one(args: tuple) -> tuple[str, dict | None, str | None]:
+    uid, study_dir, out_path, size, window_name, seg_path = args
+    try:
+        row = prepare_study(study_dir, out_path, size=size, window_name=window_name, seg_path=seg_path)
+        row["StudyInstanceUID"] = uid  # the folder name is the competition's key
+        return uid, row, None
+    except Exception as exc:  # one broken study must not stop the others
+        return uid, None, f"{type(exc).__name__}: {exc}"
+
+
+def prepare_studies(
+    data_root: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    *,
+    split: str = "train",
+    uids: list[str] | None = None,
+    size: int = 128,
+    window_name: str = "bone",
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prepare every study of a split into the cache, in parallel, resumably.
+
+    Studies whose `.npz` already exists are skipped. A study that cannot be read is skipped, logged and
+    written to `failures.csv` with the reason; the others go on.
+
+    Args:
+        data_root: RSNA layout root (holds `<split>_images/` and `segmentations/`).
+        cache_dir: output folder.
+        split: "train" or "test".
+        uids: restrict to these studies (default: every folder of `<split>_images/`).
+        size: in-plane output size.
+        window_name: HU window, a key of `kit.constants.WINDOWS`.
+        workers: processes (default: all cores).
+        progress: show a tqdm bar.
+
+    Returns:
+        Counts `prepared`, `skipped`, `failed`, the `failures` {uid: reason} and `seconds`.
+    """
+    start = time.perf_counter()
+    root, cache_dir = Path(data_root), Path(cache_dir)
+    image_dir = root / f"{split}_images"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"no {split}_images/ folder under {root}")
+    if uids is None:
+        uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    todo = [u for u in uids if not cache_path(cache_dir, u).is_file()]
+    jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name, root / "segmentations" / f"{u}.nii")
+            for u in todo]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    rows, failures = [], {}
+    bar = tqdm(total=len(jobs), desc=f"prepare {split}", unit="study", disable=not progress)
+    if workers == 1:
+        results = (_prepare_one(job) for job in jobs)
+        for uid, row, error in results:
+            _collect(uid, row, error, rows, failures, bar)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(_prepare_one, job) for job in jobs]
+            for fut in as_completed(futures):
+                _collect(*fut.result(), rows, failures, bar)
+    bar.close()
+    _append_csv(cache_dir / MANIFEST, pd.DataFrame(rows), key="StudyInstanceUID")
+    if failures:
+        failed = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
+        _append_csv(cache_dir / FAILURES, failed, key="StudyInstanceUID")
+    return {
+        "prepared": len(rows),
+        "skipped": len(uids) - len(todo),
+        "failed": len(failures),
+        "failures": failures,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _collect(uid, row, error, rows, failures, bar) -> None:
+    if error is None:
+        rows.append(row)
+    else:
+        failures[uid] = error
+        log.warning("study %s skipped: %s", uid, error)
+    bar.update(1)
+
+
+def _append_csv(path: Path, new: pd.DataFrame, key: str) -> None:
+    """Merge `new` rows into the CSV at `path`, newer rows replacing older ones with the same key."""
+    if new.empty:
+        return
+    if path.is_file():
+        old = pd.read_csv(path, dtype={key: str})
+        new = pd.concat([old[~old[key].isin(new[key])], new], ignore_index=True)
+    new.sort_values(key).to_csv(path, index=False)
+
+
+def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of prepared studies (one row each: slices, shape, spacing, mask presence, warnings)."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {cache_dir}; run `kit prepare` first")
+    return pd.read_csv(path, dtype={"StudyInstanceUID": str, "warnings": str})

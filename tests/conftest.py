@@ -1,0 +1,19 @@
+"""Shared fixtures: a tiny RSNA-format synthetic dataset made once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A tiny synthetic RSNA dataset (8 train studies, half with segmentations, 2 test studies, 64 px)."""
+    from kit.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("rsna")
+    make_dataset(root, n_train=8, n_test=2, size=64, seed=0, seg_share=0.5, progress=False)
+    return root
