@@ -172,9 +172,9 @@ def prepare_studies(
                 _collect(*fut.result(), rows, failures, bar)
     bar.close()
     _append_csv(cache_dir / MANIFEST, pd.DataFrame(rows), key="StudyInstanceUID")
-    if failures:
-        failed = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
-        _append_csv(cache_dir / FAILURES, failed, key="StudyInstanceUID")
+    failed = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
+    _append_csv(cache_dir / FAILURES, failed, key="StudyInstanceUID",
+                drop=[row["StudyInstanceUID"] for row in rows])
     return {
         "prepared": len(rows),
         "skipped": len(uids) - len(todo),
@@ -193,13 +193,17 @@ def _collect(uid, row, error, rows, failures, bar) -> None:
     bar.update(1)
 
 
-def _append_csv(path: Path, new: pd.DataFrame, key: str) -> None:
-    """Merge `new` rows into the CSV at `path`, newer rows replacing older ones with the same key."""
-    if new.empty:
-        return
+def _append_csv(path: Path, new: pd.DataFrame, key: str, drop: list[str] = ()) -> None:
+    """Merge `new` rows into the CSV at `path`: newer rows replace older ones with the same key, and
+    rows whose key is in `drop` go (a study that failed before and was prepared now)."""
     if path.is_file():
         old = pd.read_csv(path, dtype={key: str})
-        new = pd.concat([old[~old[key].isin(new[key])], new], ignore_index=True)
+        stale = old[key].isin(drop) | (old[key].isin(new[key]) if len(new) else False)
+        new = pd.concat([old[~stale], new], ignore_index=True)
+    if new.empty:
+        if path.is_file():
+            path.unlink()
+        return
     new.sort_values(key).to_csv(path, index=False)
 
 

@@ -1,0 +1,68 @@
+"""kit.cache: prepared arrays match the reader, resume skips done studies, broken studies are reported."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+
+from kit.cache import load_cached, prepare_studies, read_manifest
+from kit.constants import WINDOWS
+from kit.dicom import read_mask, read_series, resize_slices, window
+
+
+def test_prepare_matches_reader_and_resumes(synthetic_root, tmp_path):
+    cache = tmp_path / "cache"
+    uids = sorted(p.name for p in (synthetic_root / "train_images").iterdir())
+    first = prepare_studies(synthetic_root, cache, size=48, workers=2, progress=False)
+    assert (first["prepared"], first["skipped"], first["failed"]) == (len(uids), 0, 0)
+
+    seg_uids = {p.stem for p in (synthetic_root / "segmentations").glob("*.nii")}
+    assert seg_uids, "fixture should have segmentations"
+    for uid in uids:
+        arrays = load_cached(cache, uid)
+        series = read_series(synthetic_root / "train_images" / uid)
+        z, h, w = series.hu.shape
+        assert arrays["image"].shape == (z, 48, 48) and arrays["image"].dtype == np.uint8
+        np.testing.assert_array_equal(arrays["image"], resize_slices(window(series.hu, *WINDOWS["bone"]), 48))
+        np.testing.assert_allclose(arrays["spacing"], [series.spacing[0], series.spacing[1] * h / 48,
+                                                       series.spacing[2] * w / 48], rtol=1e-5)
+        np.testing.assert_array_equal(arrays["instance_numbers"], series.instance_numbers)
+        assert ("mask" in arrays) == (uid in seg_uids)
+        if uid in seg_uids:
+            labels = read_mask(synthetic_root / "segmentations" / f"{uid}.nii", series)
+            np.testing.assert_array_equal(arrays["mask"], resize_slices(labels.astype(np.uint8), 48, nearest=True))
+            assert set(np.unique(arrays["mask"])) >= {0, 3, 4}
+
+    manifest = read_manifest(cache)
+    assert sorted(manifest["StudyInstanceUID"]) == uids
+    assert manifest.set_index("StudyInstanceUID").loc[sorted(seg_uids), "has_mask"].all()
+
+    again = prepare_studies(synthetic_root, cache, size=48, workers=1, progress=False)
+    assert (again["prepared"], again["skipped"], again["failed"]) == (0, len(uids), 0)
+
+
+def test_broken_study_is_skipped_and_reported(synthetic_root, tmp_path):
+    root = tmp_path / "rsna"
+    shutil.copytree(synthetic_root, root)
+    uids = sorted(p.name for p in (root / "train_images").iterdir())
+    broken, empty = uids[0], uids[1]
+    for f in (root / "train_images" / broken).iterdir():
+        f.write_bytes(b"not a dicom file")
+    for f in (root / "train_images" / empty).iterdir():
+        f.unlink()
+    result = prepare_studies(root, tmp_path / "cache", size=32, workers=1, progress=False)
+    assert result["prepared"] == len(uids) - 2 and result["failed"] == 2
+    assert broken in result["failures"][broken] and empty in result["failures"][empty]
+    failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
+    assert sorted(failures["StudyInstanceUID"]) == sorted([broken, empty])
+    assert not (tmp_path / "cache" / f"{broken}.npz").exists()
+
+    # Mend one study: the next run prepares it and drops it from failures.csv.
+    shutil.rmtree(root / "train_images" / broken)
+    shutil.copytree(synthetic_root / "train_images" / broken, root / "train_images" / broken)
+    mended = prepare_studies(root, tmp_path / "cache", size=32, workers=1, progress=False)
+    assert (mended["prepared"], mended["failed"]) == (1, 1)
+    failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
+    assert list(failures["StudyInstanceUID"]) == [empty]
