@@ -31,7 +31,8 @@ def _cmd_report(args: argparse.Namespace) -> None:
     from .report import oof_report
 
     result = oof_report(args.run_dirs, args.out)
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps({"scores": result["scores"], "baseline": result["baseline"]}, indent=2, default=str))
+    print(f"report: {result['report_md']}  ({len(result['pngs'])} plots, {result['report_json']})")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

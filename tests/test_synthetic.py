@@ -1,0 +1,425 @@
+"""kit.synthetic: determinism, anatomy order, label statistics, DICOM / NIfTI round trips, the competition layout.
+
+Small studies (32-64 px, forced slice counts) keep the whole file to a few seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import dicomsdl
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from libjpeg import decode as libjpeg_decode
+
+from kit.constants import TRAIN_PREVALENCE, UID_PREFIX, VERTEBRAE
+from kit.synthetic import (
+    DATASET_TRANSFER_SYNTAXES,
+    EXACT_ENCODINGS,
+    HU_RANGE,
+    LEVEL_LABELS,
+    PUBLIC_TEST_CSV_UIDS,
+    TRANSFER_SYNTAXES,
+    encode_jpeg_lossless,
+    make_dataset,
+    make_study,
+    sample_fractures,
+    segmentation_affine,
+    write_segmentation,
+    write_study,
+)
+
+TARGETS = ["patient_overall", *VERTEBRAE]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def stored_to_hu(raw: np.ndarray, bits_stored: int, signed: bool, intercept: float) -> np.ndarray:
+    """The DICOM sign rule, written independently of the generator: low bits, two's complement if signed."""
+    values = raw.astype(np.int64) % (1 << bits_stored)
+    if signed:
+        values = np.where(values >= 1 << (bits_stored - 1), values - (1 << bits_stored), values)
+    return values + intercept
+
+
+def read_with_pydicom(paths: list[Path]) -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    """HU volume ordered superior first (by ImagePositionPatient z), through pydicom's decoders."""
+    items = []
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        hu = ds.pixel_array.astype(np.int64) * int(ds.RescaleSlope) + int(float(ds.RescaleIntercept))
+        items.append((float(ds.ImagePositionPatient[2]), hu, ds))
+    items.sort(key=lambda t: -t[0])
+    return np.stack([t[1] for t in items]), [t[2] for t in items]
+
+
+def read_with_dicomsdl(paths: list[Path]) -> np.ndarray:
+    items = []
+    for path in paths:
+        ds = dicomsdl.open(str(path))
+        raw = ds.pixelData(storedvalue=True)
+        hu = stored_to_hu(raw, ds.BitsStored, ds.PixelRepresentation == 1, float(ds.RescaleIntercept))
+        items.append((float(ds.ImagePositionPatient[2]), hu))
+    items.sort(key=lambda t: -t[0])
+    return np.stack([t[1] for t in items])
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "summary.json"):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small study with two forced fractures."""
+    return make_study(11, size=40, n_slices=16, fractures={"C2": 1, "C6": 1})
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    summary = make_dataset(root, n_train=8, n_test=2, size=48, seed=3, n_slices=48, workers=2, progress=False)
+    return root, summary
+
+
+# ----------------------------------------------------------------------------------------------- studies
+def test_make_study_is_deterministic_by_seed_and_has_the_promised_shapes():
+    a = make_study(7, size=48, n_slices=40)
+    b = make_study(7, size=48, n_slices=40)
+    c = make_study(8, size=48, n_slices=40)
+    assert a.hu.shape == a.labels.shape == (40, 48, 48)
+    assert a.hu.dtype == np.int16 and a.labels.dtype == np.uint8
+    assert np.array_equal(a.hu, b.hu) and np.array_equal(a.labels, b.labels)
+    assert a.boxes == b.boxes and a.fractures == b.fractures and a.spacing == b.spacing and a.origin == b.origin
+    assert not np.array_equal(a.hu, c.hu)
+    assert a.uid.startswith(UID_PREFIX) and a.uid != c.uid
+    assert HU_RANGE[0] <= a.hu.min() and a.hu.max() <= HU_RANGE[1]
+    assert set(np.unique(a.labels)) <= set(range(10))
+    dz, dy, dx = a.spacing
+    assert dy == dx and 120.0 <= dx * 48 <= 160.0  # in-plane field of view 120-160 mm whatever the size
+    assert np.allclose(np.diff(a.slice_z()), -dz)
+
+
+def test_default_slice_spacing_and_count_follow_the_drawn_field_of_view():
+    for seed in range(3):
+        s = make_study(seed, size=32)
+        assert s.spacing[0] in (0.5, 0.625, 0.7, 0.75, 0.8, 1.0)
+        extent = (s.n_slices - 1) * s.spacing[0]
+        assert 120.0 < extent < 215.0, extent  # C1 (or part of it) down to C7..T2
+        assert s.n_slices == pytest.approx((s.meta["s_bottom"] - s.meta["s_top"]) / s.spacing[0] + 1, abs=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_vertebrae_are_present_bony_and_in_head_to_feet_order(seed):
+    study = make_study(seed, size=48, n_slices=120)
+    present = [lv for lv, value in LEVEL_LABELS.items() if (study.labels == value).any()]
+    assert present[:7] == list(VERTEBRAE)  # C1 may be cut at the top, never entirely
+    assert present == list(LEVEL_LABELS)[: len(present)]  # the field of view may stop above T1 or T2
+    z = np.arange(study.n_slices)[:, None, None]
+    mean_z = [float(np.broadcast_to(z, study.labels.shape)[study.labels == LEVEL_LABELS[lv]].mean())
+              for lv in present]
+    assert mean_z == sorted(mean_z) and len(set(mean_z)) == len(mean_z)
+    # the dens of C2 rises into the ring of C1
+    c1_z = np.nonzero((study.labels == 1).any(axis=(1, 2)))[0]
+    c2_z = np.nonzero((study.labels == 2).any(axis=(1, 2)))[0]
+    assert c2_z.min() < c1_z.max()
+    # labelled voxels are bone (cortex and cancellous), the rest of the body is mostly soft tissue and air
+    bone = study.hu[study.labels > 0]
+    assert np.median(bone) > 200 and np.percentile(bone, 90) > 600
+    assert np.median(study.hu[study.labels == 0]) < 100
+
+
+def test_fracture_label_statistics_match_the_competition():
+    rng = np.random.default_rng(0)
+    n = 4000
+    draws = pd.DataFrame([sample_fractures(rng) for _ in range(n)])
+    overall = (draws[list(VERTEBRAE)].sum(axis=1) > 0).mean()
+    expected = dict(zip(TARGETS, TRAIN_PREVALENCE))
+    observed = {"patient_overall": overall, **draws.mean().to_dict()}
+    for target in TARGETS:  # 4 binomial standard errors: a false alarm about once in 16,000 runs per target
+        p = expected[target]
+        assert abs(observed[target] - p) <= 4 * np.sqrt(p * (1 - p) / n), (target, observed[target], p)
+    counts = draws.sum(axis=1).value_counts(normalize=True)
+    assert abs(counts[1] - 623 / 2019) < 0.03 and abs(counts[2] - 239 / 2019) < 0.02  # multiple fractures happen
+
+
+def test_forced_fractures_give_boxes_on_the_fractured_vertebrae_only(tiny):
+    assert tiny.fractures == {v: int(v in ("C2", "C6")) for v in VERTEBRAE} and tiny.patient_overall == 1
+    assert {b["vertebra"] for b in tiny.boxes} == {"C2", "C6"}
+    z, h, w = tiny.hu.shape
+    for box in tiny.boxes:
+        assert 0 <= box["x"] and box["x"] + box["width"] <= w and box["width"] > 0
+        assert 0 <= box["y"] and box["y"] + box["height"] <= h and box["height"] > 0
+        assert 0 <= box["slice_index"] < z
+        rows = slice(int(box["y"]), int(np.ceil(box["y"] + box["height"])))
+        cols = slice(int(box["x"]), int(np.ceil(box["x"] + box["width"])))
+        assert (tiny.labels[box["slice_index"], rows, cols] == LEVEL_LABELS[box["vertebra"]]).any()
+    healthy = make_study(11, size=40, n_slices=16, fractures={})
+    assert healthy.boxes == [] and healthy.patient_overall == 0
+
+
+def test_a_fracture_is_a_thin_low_density_cleft_in_the_bone():
+    """Same anatomy with and without the C5 fracture (fracture plans are drawn last): only C5 changes, a
+    handful of voxels drop from bone to soft-tissue density, and every changed slice is boxed."""
+    seed = 21
+    healthy = make_study(seed, size=64, n_slices=160, fractures={}, noise_hu=0.0)
+    broken = make_study(seed, size=64, n_slices=160, fractures={"C5": 1}, noise_hu=0.0)
+    c5 = (healthy.labels == 5) | (broken.labels == 5)
+    diff = np.abs(broken.hu.astype(int) - healthy.hu.astype(int)) > 100
+    assert diff.any() and not (diff & ~ndilate(c5)).any()
+    dropped = (healthy.hu.astype(int) - broken.hu.astype(int) > 100) & c5
+    assert 0 < dropped.sum() < 0.1 * (healthy.labels == 5).sum()
+    boxed = {b["slice_index"] for b in broken.boxes}
+    assert set(np.nonzero(dropped.any(axis=(1, 2)))[0]) <= boxed | {min(boxed) - 1, max(boxed) + 1}
+
+
+def ndilate(mask: np.ndarray, r: int = 2) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, iterations=r)
+
+
+# ----------------------------------------------------------------------------------------------- DICOM
+@pytest.mark.parametrize("syntax", sorted(TRANSFER_SYNTAXES))
+def test_files_decode_to_the_study_hu_for_every_header_variant(tmp_path, tiny, syntax):
+    for (intercept, signed, bits) in EXACT_ENCODINGS:
+        for head_first in (True, False):
+            folder = tmp_path / f"{intercept}_{signed}_{bits}_{head_first}"
+            paths = write_study(tiny, folder, transfer_syntax=syntax, head_first=head_first, intercept=intercept,
+                                bits_stored=bits, signed=signed, modality=head_first)
+            assert [p.name for p in paths] == [f"{n}.dcm" for n in range(1, tiny.n_slices + 1)]
+            hu, headers = read_with_pydicom(paths)
+            assert np.array_equal(hu, tiny.hu), (syntax, intercept, signed, bits, head_first)
+            assert np.array_equal(read_with_dicomsdl(paths), tiny.hu)
+            numbers = [int(ds.InstanceNumber) for ds in headers]  # superior first
+            assert numbers == (list(range(1, tiny.n_slices + 1)) if head_first
+                               else list(range(tiny.n_slices, 0, -1)))
+            ds = headers[0]
+            assert ds.file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[syntax]
+            assert (ds.BitsAllocated, ds.BitsStored, ds.HighBit) == (16, bits, bits - 1)
+            assert ds.PixelRepresentation == int(signed) and float(ds.RescaleIntercept) == intercept
+            assert float(ds.RescaleSlope) == 1.0 and ds.StudyInstanceUID == tiny.uid
+            assert ("Modality" in ds) == head_first
+            assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+            assert [float(v) for v in ds.PixelSpacing] == [tiny.spacing[1], tiny.spacing[2]]
+            assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(list(tiny.origin), abs=1e-6)
+            assert len({h.SOPInstanceUID for h in headers}) == tiny.n_slices
+
+
+@pytest.mark.parametrize("syntax", ["implicit", "big-endian", "jpeg-lossless"])
+def test_fast_series_encoder_writes_the_bytes_pydicom_dcmwrite_would(tmp_path, tiny, syntax, monkeypatch):
+    import io
+
+    import kit.synthetic as synthetic
+
+    encode, same = synthetic._SeriesEncoder.encode, []
+
+    def checked(self, elements, sop_uid):
+        data = encode(self, elements, sop_uid)
+        buffer = io.BytesIO()
+        pydicom.dcmwrite(buffer, self.dataset(elements, sop_uid), enforce_file_format=True)
+        same.append(buffer.getvalue() == data)
+        return data
+
+    monkeypatch.setattr(synthetic._SeriesEncoder, "encode", checked)
+    write_study(tiny, tmp_path, transfer_syntax=syntax, modality=False, signed=False, bits_stored=12)
+    assert len(same) == tiny.n_slices and all(same)
+
+
+def test_signed_12_bit_values_leave_the_upper_bits_to_the_reader(tmp_path, tiny):
+    paths = write_study(tiny, tmp_path, transfer_syntax="explicit", intercept=0, bits_stored=12, signed=True)
+    ds = pydicom.dcmread(paths[0])
+    raw = np.frombuffer(ds.PixelData, "<u2")
+    assert raw.max() < 4096  # not sign-extended: -1000 HU is stored as 0xC18, not 0xFC18
+    assert (raw >= 2048).any() and ds.pixel_array.min() < 0
+
+
+def test_unrepresentable_hu_are_clipped_with_a_warning(tmp_path, tiny, caplog):
+    with caplog.at_level(logging.WARNING, logger="kit.synthetic"):
+        paths = write_study(tiny, tmp_path, intercept=-1024, bits_stored=12, signed=True)
+    assert "clipped" in caplog.text
+    hu, _ = read_with_pydicom(paths)
+    assert hu.max() == 1023 and np.array_equal(hu, np.minimum(tiny.hu, 1023))
+
+
+def test_unknown_transfer_syntax_lists_the_choices(tmp_path, tiny):
+    with pytest.raises(ValueError, match="jpeg-lossless"):
+        write_study(tiny, tmp_path, transfer_syntax="jpeg-xl")
+
+
+# ----------------------------------------------------------------------------------------------- JPEG
+def jpeg_cases():
+    rng = np.random.default_rng(5)
+    return {
+        "constant": (np.full((9, 7), 4095, np.uint16), 12),
+        "single pixel": (np.array([[5]], np.uint16), 8),
+        "random 16 bit": (rng.integers(0, 1 << 16, (33, 47)).astype(np.uint16), 16),
+        "random 12 bit": (rng.integers(0, 1 << 12, (40, 64)).astype(np.uint16), 12),
+        "category 16": (np.tile(np.array([0, 32768, 65535, 0, 1, 65535], np.uint16), (5, 3)), 16),
+        "ct slice": ((make_study(2, size=64, n_slices=3).hu[1].astype(np.int32) + 1024).astype(np.uint16), 16),
+    }
+
+
+@pytest.mark.parametrize("name", list(jpeg_cases()))
+def test_jpeg_lossless_encoder_round_trips_through_libjpeg(name):
+    pixels, precision = jpeg_cases()[name]
+    data = encode_jpeg_lossless(pixels, precision)
+    assert data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9" and b"\xff\xc3" in data and b"\xff\xc4" in data
+    scan = data[data.index(b"\xff\xda") + 10: -2]
+    ff = np.flatnonzero(np.frombuffer(scan, np.uint8) == 0xFF)
+    assert all(scan[i + 1] == 0 for i in ff)  # every 0xFF in the entropy-coded data is stuffed
+    decoded = libjpeg_decode(data)
+    assert decoded.shape == pixels.shape and np.array_equal(decoded.astype(np.int64), pixels.astype(np.int64))
+
+
+def test_jpeg_lossless_files_decode_bit_exactly_with_pydicom_and_dicomsdl(tmp_path):
+    study = make_study(4, size=96, n_slices=4)
+    for signed, bits in ((True, 16), (False, 12), (True, 12)):
+        folder = tmp_path / f"{signed}{bits}"
+        intercept = 0 if signed else -1024
+        paths = write_study(study, folder, transfer_syntax="jpeg-lossless", intercept=intercept, bits_stored=bits,
+                            signed=signed)
+        ds = pydicom.dcmread(paths[0])
+        assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70" and ds["PixelData"].VR == "OB"
+        stored = dicomsdl.open(str(paths[0])).pixelData(storedvalue=True)
+        expected = study.hu[0].astype(np.int64) - intercept
+        assert np.array_equal(stored_to_hu(stored, bits, signed, 0), expected)
+        assert np.array_equal(ds.pixel_array.astype(np.int64), expected)
+
+
+def test_jpeg_lossless_encoder_rejects_out_of_range_samples():
+    with pytest.raises(ValueError, match="precision 12"):
+        encode_jpeg_lossless(np.full((4, 4), 5000, np.uint16), 12)
+
+
+# ----------------------------------------------------------------------------------------------- NIfTI
+@pytest.mark.parametrize("head_first", [True, False])
+def test_segmentation_follows_the_rsna_layout_and_its_affine_matches_the_dicom_geometry(tmp_path, head_first):
+    study = make_study(5, size=40, n_slices=30)
+    paths = write_study(study, tmp_path / "dcm", head_first=head_first)
+    nii = write_segmentation(study, tmp_path / f"{study.uid}.nii", head_first=head_first)
+    image = nib.load(nii)
+    raw = np.asarray(image.dataobj)
+    assert raw.shape == (40, 40, 30) and raw.dtype == np.uint8
+    assert np.allclose(image.affine, segmentation_affine(study, head_first))
+    assert int(image.header["qform_code"]) == int(image.header["sform_code"]) == 1
+    # the public notebooks' recipe: (H, W, Z) in InstanceNumber order
+    hwz = raw[:, ::-1, ::-1].transpose(1, 0, 2)
+    by_number = {int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber): i for i, p in enumerate(paths)}
+    z_of_number = {n: float(pydicom.dcmread(paths[i], stop_before_pixels=True).ImagePositionPatient[2])
+                   for n, i in by_number.items()}
+    superior_first = sorted(z_of_number, key=lambda n: -z_of_number[n])
+    assert np.array_equal(hwz.transpose(2, 0, 1)[[n - 1 for n in superior_first]], study.labels)
+    # the affine: every raw voxel lands, through RAS -> LPS and the DICOM geometry, on its own label
+    ii, jj, kk = np.meshgrid(*map(np.arange, raw.shape), indexing="ij")
+    ras = image.affine @ np.stack([ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)])
+    x, y, z = -ras[0], -ras[1], ras[2]
+    dz, dy, dx = study.spacing
+    col = (x - study.origin[0]) / dx
+    row = (y - study.origin[1]) / dy
+    sl = (study.origin[2] - z) / dz
+    for idx in (col, row, sl):
+        assert np.abs(idx - np.rint(idx)).max() < 1e-4
+    got = study.labels[np.rint(sl).astype(int), np.rint(row).astype(int), np.rint(col).astype(int)]
+    assert np.array_equal(got.reshape(raw.shape), raw)
+
+
+def test_kit_reader_recovers_hu_and_mask_exactly(tmp_path):
+    dicom = pytest.importorskip("kit.dicom")
+    study = make_study(6, size=40, n_slices=24, fractures={"C1": 1})
+    for head_first, syntax in ((True, "jpeg-lossless"), (False, "implicit")):
+        folder = tmp_path / syntax
+        write_study(study, folder, transfer_syntax=syntax, head_first=head_first, intercept=0, bits_stored=12,
+                    modality=False)
+        nii = write_segmentation(study, tmp_path / f"{syntax}.nii", head_first=head_first)
+        series = dicom.read_series(folder, workers=1)
+        assert np.array_equal(series.hu, study.hu)
+        assert np.array_equal(dicom.read_mask(nii, series), study.labels)
+
+
+# ----------------------------------------------------------------------------------------------- dataset
+def test_dataset_tables_have_the_competition_columns_and_rows(dataset):
+    root, summary = dataset
+    train = pd.read_csv(root / "train.csv")
+    assert list(train.columns) == ["StudyInstanceUID", *TARGETS] and len(train) == 8
+    assert all(train[t].dtype == np.int64 and set(train[t]) <= {0, 1} for t in TARGETS)
+    assert (train["patient_overall"] == train[list(VERTEBRAE)].max(axis=1)).all()
+    assert train["StudyInstanceUID"].str.startswith(UID_PREFIX).all() and train["StudyInstanceUID"].is_unique
+    assert summary["prevalence"] == {t: round(float(train[t].mean()), 4) for t in TARGETS}
+    for uid in train["StudyInstanceUID"]:
+        files = sorted((root / "train_images" / uid).iterdir())
+        assert len(files) == 48 and {f.name for f in files} == {f"{n}.dcm" for n in range(1, 49)}
+
+    boxes = pd.read_csv(root / "train_bounding_boxes.csv")
+    assert list(boxes.columns) == ["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]
+    assert boxes["slice_number"].dtype == np.int64 and boxes["x"].dtype == np.float64
+    positive = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
+    assert len(boxes) > 0 and set(boxes["StudyInstanceUID"]) <= positive
+    assert summary["n_bbox_studies"] == round(0.5 * len(positive))
+    for row in boxes.itertuples():
+        path = root / "train_images" / row.StudyInstanceUID / f"{row.slice_number}.dcm"
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        assert int(ds.InstanceNumber) == row.slice_number
+        assert 0 <= row.x and row.x + row.width <= ds.Columns and 0 <= row.y and row.y + row.height <= ds.Rows
+
+    test = pd.read_csv(root / "test.csv")
+    assert list(test.columns) == ["row_id", "StudyInstanceUID", "prediction_type"] and len(test) == 2 * 8
+    assert (test["row_id"] == test["StudyInstanceUID"] + "_" + test["prediction_type"]).all()
+    assert all(list(g) == [*VERTEBRAE, "patient_overall"] for _, g in test.groupby("StudyInstanceUID")["prediction_type"])
+    assert set(test["StudyInstanceUID"]) == {p.name for p in (root / "test_images").iterdir()}
+    assert not set(test["StudyInstanceUID"]) & set(train["StudyInstanceUID"])
+    sub = pd.read_csv(root / "sample_submission.csv")
+    assert list(sub.columns) == ["row_id", "fractured"] and (sub["row_id"] == test["row_id"]).all()
+    assert (sub["fractured"] == 0.5).all()
+
+    segs = sorted((root / "segmentations").glob("*.nii"))
+    assert len(segs) == summary["n_segmentations"] == 4
+    assert {p.stem for p in segs} <= set(train["StudyInstanceUID"])
+    assert summary["n_train"] == 8 and summary["n_test"] == 2 and summary["n_slices"] == 10 * 48
+
+
+def test_dataset_headers_vary_across_studies(dataset):
+    root, _ = dataset
+    seen = {k: set() for k in ("syntax", "intercept", "bits", "sign", "modality", "head_first")}
+    for folder in sorted((root / "train_images").iterdir()) + sorted((root / "test_images").iterdir()):
+        first, second = (pydicom.dcmread(folder / f"{n}.dcm", stop_before_pixels=True) for n in (1, 2))
+        seen["syntax"].add(first.file_meta.TransferSyntaxUID)
+        seen["intercept"].add(float(first.RescaleIntercept))
+        seen["bits"].add(int(first.BitsStored))
+        seen["sign"].add(int(first.PixelRepresentation))
+        seen["modality"].add("Modality" in first)
+        seen["head_first"].add(float(first.ImagePositionPatient[2]) > float(second.ImagePositionPatient[2]))
+    assert seen == {"syntax": {TRANSFER_SYNTAXES[t] for t in DATASET_TRANSFER_SYNTAXES},
+                    "intercept": {-1024.0, 0.0}, "bits": {12, 16}, "sign": {0, 1}, "modality": {True, False},
+                    "head_first": {True, False}}
+    studies = pd.read_csv(root / "synthetic" / "studies.csv")
+    assert len(studies) == 10 and set(studies["split"]) == {"train", "test"}
+
+
+def test_dataset_is_deterministic_by_seed_whatever_the_workers(tmp_path):
+    kw = dict(n_train=3, n_test=1, size=32, n_slices=10, progress=False)
+    make_dataset(tmp_path / "a", seed=9, workers=1, **kw)
+    make_dataset(tmp_path / "b", seed=9, workers=2, **kw)
+    make_dataset(tmp_path / "c", seed=10, workers=1, **kw)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    assert tree_digest(tmp_path / "a") != tree_digest(tmp_path / "c")
+    a, c = (pd.read_csv(tmp_path / d / "train.csv") for d in "ac")
+    assert not a["StudyInstanceUID"].equals(c["StudyInstanceUID"])
+
+
+def test_test_csv_mismatch_lists_studies_without_folders(tmp_path):
+    summary = make_dataset(tmp_path, n_train=1, n_test=3, size=32, n_slices=8, seed=1, workers=1, progress=False,
+                           test_csv_mismatch=True)
+    test = pd.read_csv(tmp_path / "test.csv")
+    folders = {p.name for p in (tmp_path / "test_images").iterdir()}
+    assert len(folders) == 3 and summary["test_csv_mismatch"] is True
+    assert list(test["StudyInstanceUID"].unique()) == list(PUBLIC_TEST_CSV_UIDS) and len(test) == 24
+    assert not set(test["StudyInstanceUID"]) & folders
+    assert (pd.read_csv(tmp_path / "sample_submission.csv")["row_id"] == test["row_id"]).all()
