@@ -87,8 +87,8 @@ def prepare_study(
     return {
         "StudyInstanceUID": series.uid,
         "slices": z,
-        "height": h,
-        "width": w,
+        "rows": h,
+        "cols": w,
         "size": size,
         "dz": float(series.spacing[0]),
         "dy": float(series.spacing[1]),

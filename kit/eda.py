@@ -51,14 +51,15 @@ def plot_study_table(table: pd.DataFrame) -> plt.Figure:
     """Histograms of slices per study, slice spacing and in-plane size.
 
     Args:
-        table: one row per study with columns `slices`, `dz`, `height` (e.g. `kit.cache.read_manifest`).
+        table: one row per study with columns `slices`, `dz`, `rows`, `cols` (`study_table` or
+            `kit.cache.read_manifest`).
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     axes[0].hist(table["slices"], bins=20, color="tab:blue")
     axes[0].set(title="Slices per study", xlabel="slices", ylabel="studies")
     axes[1].hist(table["dz"], bins=20, color="tab:green")
     axes[1].set(title="Slice spacing", xlabel="dz (mm)", ylabel="studies")
-    sizes = table["height"].astype(str) + "×" + table["width"].astype(str)
+    sizes = table["rows"].astype(str) + "×" + table["cols"].astype(str)
     vc = sizes.value_counts()
     axes[2].bar(vc.index, vc.values, color="tab:purple")
     axes[2].set(title="In-plane size", xlabel="rows × columns", ylabel="studies")
