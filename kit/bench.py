@@ -1,0 +1,193 @@
+"""Benchmarks behind `kit bench`: DICOM reading (`bench_read`) and segmentation (`bench_seg`).
+
+Figures measured with them are recorded in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _rates(readers: dict, n: int, repeats: int) -> tuple[dict[str, float], dict]:
+    """Best slices/s of each reader over `repeats` rounds, the readers taking turns within a round so
+    that a busy spell on a shared machine does not fall on one reader only. Returns (rates, last results)."""
+    rates, results = dict.fromkeys(readers, 0.0), {}
+    for _ in range(max(1, repeats)):
+        for name, fn in readers.items():
+            start = time.perf_counter()
+            result = fn()
+            if name in ("pydicom", "kit"):  # the two compared at the end; drop the others' volumes
+                results[name] = result
+            del result
+            rates[name] = max(rates[name], n / (time.perf_counter() - start))
+    return rates, results
+
+
+def _pydicom_loop(files: list[Path]) -> np.ndarray:
+    """The plain baseline of public notebooks: one file at a time, pixel_array * slope + intercept, sorted.
+
+    A second reader on purpose: it is what kit.dicom is measured against, never used by the kit.
+    """
+    import pydicom
+
+    slices = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        hu = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+        slices.append((float(ds.ImagePositionPatient[2]), hu))
+    slices.sort(key=lambda item: -item[0])  # superior first, like kit.dicom for axial series
+    return np.stack([hu for _, hu in slices])
+
+
+def _dicomsdl_loop(files: list[Path]) -> None:
+    import dicomsdl
+
+    for f in files:
+        dicomsdl.open(str(f)).pixelData(storedvalue=True)
+
+
+def bench_read(series_dir: str | os.PathLike | None = None, *, n_slices: int = 200, size: int = 512,
+               workers: int | None = None, repeats: int = 1) -> dict:
+    """Compare `kit.dicom.read_series` with a plain pydicom loop on the same series, in one run.
+
+    Args:
+        series_dir: a folder of DICOM slices; default: a synthetic JPEG Lossless (.70) series of
+            `n_slices` slices of `size` x `size` written to a temporary folder with kit.synthetic.
+        n_slices, size: the synthetic series' shape (ignored with `series_dir`).
+        workers: kit's parallel workers (default: read_series' own choice).
+        repeats: rounds; each reader's best round counts (the readers take turns within a round).
+
+    Returns:
+        slices/s of every reader ("pydicom", "dicomsdl_1thread", "kit_serial", "kit_threads",
+        "kit_processes", "kit"), "ratio" = kit / pydicom, the series shape, syntax and worker count.
+
+    Raises:
+        AssertionError: kit and the pydicom loop disagree on the HU.
+    """
+    from .dicom import dicomsdl, read_series, scan_series
+
+    with tempfile.TemporaryDirectory(prefix="kit-bench-") as tmp:
+        if series_dir is None:
+            from .synthetic import make_study, write_study
+
+            print(f"writing a synthetic {n_slices} x {size} x {size} JPEG Lossless series ...", flush=True)
+            series_dir = Path(tmp) / "study"
+            study = make_study(0, size=size, n_slices=n_slices)
+            write_study(study, series_dir, transfer_syntax="jpeg-lossless", head_first=False, modality=False)
+        files = sorted(p for p in Path(series_dir).iterdir() if p.is_file())
+        for f in files:  # every reader starts from the page cache, none pays for the disk
+            f.read_bytes()
+        info = scan_series(series_dir)
+        n = info["slices"]
+        n_workers = workers or max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2)
+        readers = {"pydicom": lambda: _pydicom_loop(files)}
+        if dicomsdl is not None:
+            readers["dicomsdl_1thread"] = lambda: _dicomsdl_loop(files)
+        readers["kit_serial"] = lambda: read_series(series_dir, workers=1)
+        readers["kit_threads"] = lambda: read_series(series_dir, workers=n_workers, executor="thread")
+        readers["kit_processes"] = lambda: read_series(series_dir, workers=n_workers, executor="process")
+        readers["kit"] = lambda: read_series(series_dir, workers=workers)
+        rates, results = _rates(readers, n, repeats)
+        baseline, series = results["pydicom"], results["kit"]
+    assert np.array_equal(series.hu, baseline), "kit.dicom and the pydicom loop read different HU"
+    ratio = rates["kit"] / rates["pydicom"]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    print(f"kit bench read: {n} slices {info['rows']}x{info['cols']}, {info['transfer_syntax']}, {cores} usable cores")
+    labels = {"pydicom": "pydicom loop (dcmread + pixel_array)", "dicomsdl_1thread": "dicomsdl loop, 1 thread",
+              "kit_serial": "kit read_series, workers=1", "kit_threads": f"kit read_series, {n_workers} threads",
+              "kit_processes": f"kit read_series, {n_workers} processes",
+              "kit": f"kit read_series, default (workers={workers or 'auto'})"}
+    for key, rate in rates.items():
+        print(f"  {labels[key]:<44} {rate:8.1f} slices/s  {rate / rates['pydicom']:5.2f}x")
+    print(f"kit / pydicom = {ratio:.2f}x (target >= 3x: {'met' if ratio >= 3 else 'NOT met'}); HU identical")
+    return {**{k: round(v, 1) for k, v in rates.items()}, "ratio": round(ratio, 2), "slices": n,
+            "rows": info["rows"], "cols": info["cols"], "transfer_syntax": info["transfer_syntax"],
+            "workers": n_workers, "cores": cores}
+
+
+def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384"),
+              slice_counts: tuple[int, ...] = (64, 128, 256), device: str | None = None, *,
+              batch_size: int | None = None, repeats: int = 1, seed: int = 0) -> dict:
+    """Slices/s of `kit.infer.segment_study` per segmenter config, and how it scales with slice count.
+
+    Each config's model is built by `create_model` with its kwargs from the config (as `kit.train` records
+    them) and randomly initialised weights: the figures measure speed only, not segmentation quality. The
+    input is a synthetic study (`kit.synthetic.make_study`) in the bone window at the config's image size,
+    cut to each slice count. One warm-up call per config runs first; each figure is the best of `repeats`
+    rounds in which the sizes take turns.
+
+    Args:
+        config_names: packaged segmenter configs (or YAML paths).
+        slice_counts: study lengths to time (>= 3 sizes show the scaling).
+        device: "cuda", "cpu", ... (default: CUDA when available).
+        batch_size: slices per forward pass (default: the config's `train.val_batch_size`).
+        repeats: timing rounds; the fastest call per size is kept.
+        seed: weights and synthetic study seed.
+
+    Returns:
+        {"device", "threads", "load_average", "weights", "rows": [one dict per config and slice count: config, image_size,
+        encoder, slices, seconds, forward_s, cleanup_s, slices_per_s, time_ratio, slices_ratio]}; the table
+        is also printed.
+    """
+    import torch
+
+    from .config import config_to_dict, load_config
+    from .constants import WINDOWS
+    from .dicom import window
+    from .infer import LoadedModel, segment_study
+    from .models import create_model
+    from .synthetic import make_study
+    from .train import make_task
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    counts = sorted(int(n) for n in slice_counts)
+    rows = []
+    for name in config_names:
+        cfg = load_config(name)
+        size = cfg.data.image_size
+        model_name, kwargs = make_task(cfg).model_spec()
+        torch.manual_seed(seed)
+        model = create_model(model_name, **kwargs).eval().to(device)
+        loaded = LoadedModel(model=model, config=config_to_dict(cfg), fold=0, path=Path(f"<random init: {name}>"),
+                             model_name=model_name)
+        bs = batch_size or cfg.train.val_batch_size
+        study = make_study(seed, size=size, n_slices=counts[-1])
+        image = window(study.hu, *WINDOWS["bone"])
+        print(f"{name}: {model_name} {kwargs['encoder']} at {size} px, {kwargs['in_channels']} slices in, "
+              f"batch {bs}, {device} ...", flush=True)
+        segment_study(image[:min(bs, counts[0])], [loaded], batch_size=bs, device=device)  # warm-up
+        best: dict[int, dict] = {}
+        for _ in range(max(1, repeats)):  # sizes take turns in each round, so a busy spell hits all of them
+            for n in counts:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                timing = segment_study(image[:n], [loaded], batch_size=bs, device=device).timing
+                if n not in best or timing["total_s"] < best[n]["total_s"]:
+                    best[n] = timing
+        for n in counts:
+            t = best[n]
+            rows.append({"config": name, "image_size": size, "encoder": kwargs["encoder"], "slices": n,
+                         "seconds": round(t["total_s"], 3), "forward_s": round(t["forward_s"], 3),
+                         "cleanup_s": round(t["cleanup_s"], 3), "slices_per_s": round(n / t["total_s"], 2),
+                         "slices_ratio": round(n / counts[0], 2),
+                         "time_ratio": round(t["total_s"] / best[counts[0]]["total_s"], 2)})
+        del model, loaded
+    threads = torch.get_num_threads()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nkit bench seg: segment_study on {device} ({threads} torch threads, load average {load:.1f}), "
+          "randomly initialised weights (speed only), synthetic study, bone window")
+    header = f"{'config':<22} {'px':>4} {'slices':>6} {'total s':>8} {'forward s':>9} {'clean-up s':>10} " \
+             f"{'slices/s':>9} {'x slices':>8} {'x time':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['config']:<22} {r['image_size']:>4} {r['slices']:>6} {r['seconds']:>8.2f} {r['forward_s']:>9.2f} "
+              f"{r['cleanup_s']:>10.2f} {r['slices_per_s']:>9.1f} {r['slices_ratio']:>8.2f} {r['time_ratio']:>7.2f}")
+    print("x time / x slices near 1: time grows linearly with the number of slices.")
+    return {"device": str(device), "threads": threads, "load_average": round(load, 2),
+            "weights": "random init (speed only)", "rows": rows}
