@@ -29,7 +29,8 @@ def plot_labels(train: pd.DataFrame) -> plt.Figure:
     """Prevalence per target, fractured vertebrae per study, and the vertebra co-occurrence matrix."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     prev = label_prevalence(train)
-    axes[0].bar(prev.index, prev["prevalence"], color=["tab:red"] + ["tab:blue"] * 7)
+    names = ["overall" if t == "patient_overall" else t for t in prev.index]
+    axes[0].bar(names, prev["prevalence"], color=["tab:red"] + ["tab:blue"] * 7)
     for i, (n, p) in enumerate(zip(prev["positives"], prev["prevalence"])):
         axes[0].text(i, p, f"{n}", ha="center", va="bottom", fontsize=8)
     axes[0].set(title=f"Label prevalence ({len(train)} studies)", ylabel="share of studies positive")
