@@ -130,9 +130,9 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
         seed: weights and synthetic study seed.
 
     Returns:
-        {"device", "threads", "load_average", "weights", "rows": [one dict per config and slice count: config, image_size,
-        encoder, slices, seconds, forward_s, cleanup_s, slices_per_s, time_ratio, slices_ratio]}; the table
-        is also printed.
+        {"device", "threads", "load_average", "weights", "rows": [one dict per config and slice count:
+        config, image_size, encoder, slices, seconds, forward_s, cleanup_s, slices_per_s, time_ratio,
+        slices_ratio]}; the table is also printed.
     """
     import torch
 

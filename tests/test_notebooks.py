@@ -38,3 +38,11 @@ def _images(nb) -> int:
 def test_00_eda(synthetic_root, tmp_path):
     nb = run_notebook(NOTEBOOKS / "00_eda.ipynb", {"DATA_ROOT": str(synthetic_root), "SMOKE": True}, tmp_path)
     assert _images(nb) >= 4  # labels, geometry, axial, sagittal
+
+
+def test_01_train_segmenter(synthetic_root, tmp_path):
+    params = {"DATA_ROOT": str(synthetic_root), "SMOKE": True, "RUN_ROOT": str(tmp_path / "runs")}
+    nb = run_notebook(NOTEBOOKS / "01_train_segmenter.ipynb", params, tmp_path)
+    assert _images(nb) >= 3  # curves, Dice per vertebra, sagittal overlay
+    assert (tmp_path / "runs" / "demo_seg" / "fold0" / "model.pt").is_file()
+    assert (tmp_path / "runs" / "demo_seg" / "fold0" / "oof.csv").is_file()

@@ -1,0 +1,454 @@
+"""Typed experiment configs: dataclass defaults here, YAML files in `kit/configs/` hold overrides only.
+
+One config file per experiment; its file stem is the run name, so `runs/<name>/fold<k>/` holds what the run
+made (`config.yaml`, `model.pt`, `last.pt`, `log.csv`, `oof.csv`). Every call builds fresh objects from the
+defaults, so changing one config never changes another.
+
+    cfg = load_config("demo_seg", **{"train.epochs": 2, "data.fold": 1})
+    cfg = load_config("runs/demo_seg/fold0/config.yaml")       # a saved, resolved config
+    cfg = load_config("demo_seg", train={"epochs": 2})          # nested dicts merge, they do not replace
+
+Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent); a later stage registers its
+own top-level class with `@register_config("cls")`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
+class ConfigError(ValueError):
+    """A config key or value that does not fit the dataclass."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AugmentConfig:
+    """In-plane augmentations, applied identically to the slice stack and its labels.
+
+    Attributes:
+        enabled: master switch (validation never augments).
+        p_affine: probability of the affine warp (rotation, scale, shift, flips) per sample.
+        rotate_deg: rotation drawn from +-rotate_deg.
+        scale: zoom drawn from 1 +- scale.
+        shift: translation drawn from +-shift x image size, per axis.
+        hflip: probability of a left-right flip (vertebra identity does not depend on side).
+        vflip: probability of an anterior-posterior flip.
+        brightness: additive brightness drawn from +-brightness (image in [0, 1]).
+        contrast: multiplicative contrast drawn from 1 +- contrast.
+    """
+
+    enabled: bool = True
+    p_affine: float = 0.9
+    rotate_deg: float = 12.0
+    scale: float = 0.1
+    shift: float = 0.06
+    hflip: float = 0.5
+    vflip: float = 0.0
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how samples are made.
+
+    Attributes:
+        data_root: RSNA layout folder (holds train.csv, train_images/, segmentations/).
+        cache_dir: prepared arrays from `kit prepare` (`<uid>.npz`, manifest.csv).
+        folds_csv: `StudyInstanceUID, fold` CSV shared by all stages; None uses
+            `kit.rsna.default_folds_path(n_folds, folds_seed)` (made from `data_root` on first use).
+        folds_seed: seed of the split when it is made.
+        n_folds: number of folds.
+        fold: the held-out fold of this run.
+        window: HU window the cache was prepared with (a key of `kit.constants.WINDOWS`); recorded so
+            inference windows new studies the same way.
+        image_size: in-plane model input size S; cached arrays of another size are resized on the fly.
+        context: k; the input is 2k+1 slices as channels, z-k*s .. z+k*s (edge slices clamp-padded).
+        context_stride: s, slices between neighbouring input channels (1 = adjacent slices; larger values
+            let the 2.5D input see further up and down the neck at the same cost).
+        context_mm: when set, s = round(context_mm / dz) for each study (at least 1), so the input spans the
+            same height in mm whatever the slice spacing; context_stride is then unused.
+        other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
+        background_fraction: share of the slices without any vertebra drawn each epoch (redrawn per epoch).
+        foreground_fraction: share of the slices showing a vertebra drawn each epoch (redrawn per epoch);
+            below 1 makes epochs shorter, not the data smaller.
+        num_workers: DataLoader worker processes.
+        augment: training augmentations.
+    """
+
+    data_root: str = "data"
+    cache_dir: str = "cache/train"
+    folds_csv: str | None = None
+    folds_seed: int = 42
+    n_folds: int = 5
+    fold: int = 0
+    window: str = "bone"
+    image_size: int = 384
+    context: int = 2
+    context_stride: int = 1
+    context_mm: float | None = None
+    other_vertebrae: bool = False
+    background_fraction: float = 0.1
+    foreground_fraction: float = 1.0
+    num_workers: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class SegModelConfig:
+    """The segmenter (`kit.models.segmenter`); in/out channels follow from the data section.
+
+    Attributes:
+        name: registered model name (`kit.models.list_models()`), e.g. seg_unet, seg_fpn, seg_unetpp.
+        encoder: `tu-<timm name>` (any timm backbone with features_only) or an smp native encoder name.
+        encoder_depth: encoder stages used (3..5); fewer is faster and lighter.
+        decoder_width: decoder channels at its widest stage (Unet halves it per stage; FPN pyramid width).
+        pretrained_weights: local state-dict file (timm backbone or whole segmenter); never downloaded.
+    """
+
+    name: str = "seg_unet"
+    encoder: str = "tu-efficientnet_b3"
+    encoder_depth: int = 5
+    decoder_width: int = 256
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer (timm's `create_optimizer_v2`) and the per-step warmup + cosine schedule.
+
+    Attributes:
+        opt: timm optimizer name (adamw, adam, sgd, lamb, ...).
+        lr: peak learning rate.
+        weight_decay: decoupled weight decay (not applied to biases and norms).
+        warmup_epochs: linear warmup length in epochs (fractions allowed), counted in optimizer steps.
+        min_lr_ratio: the cosine ends at lr x min_lr_ratio.
+        clip_grad: max global gradient norm; None disables clipping.
+    """
+
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    clip_grad: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop: epochs, batches, precision, EMA, stopping, devices.
+
+    Attributes:
+        epochs: total epochs.
+        batch_size: samples per process and micro-batch (DDP: per GPU).
+        val_batch_size: slices per forward pass in validation.
+        accum_steps: micro-batches per optimizer step.
+        amp: "auto" (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU), "bf16", "fp16", "off".
+        ema: keep an exponential moving average of the weights; validate and save it.
+        ema_decay: EMA decay (warmed up from 0 over the first steps).
+        patience: stop after this many validations without improvement; None never stops early.
+        val_every: validate every n epochs (and always after the last).
+        dice_weight: segmentation loss = BCE + dice_weight x soft Dice.
+        device: "auto", "cpu", "cuda" or "cuda:<i>" (under torchrun each process takes its LOCAL_RANK GPU).
+        threads: torch CPU threads (None leaves torch's default).
+        sync_bn: convert BatchNorm to SyncBatchNorm under multi-GPU DDP.
+        progress: tqdm bars.
+        resume: continue from `last.pt` when it exists (False starts over).
+        stop_after_epochs: return after this many epochs in this call, as if interrupted (time-sliced
+            sessions, tests); re-running resumes.
+    """
+
+    epochs: int = 30
+    batch_size: int = 16
+    val_batch_size: int = 32
+    accum_steps: int = 1
+    amp: str = "auto"
+    ema: bool = True
+    ema_decay: float = 0.999
+    patience: int | None = None
+    val_every: int = 1
+    dice_weight: float = 1.0
+    device: str = "auto"
+    threads: int | None = None
+    sync_bn: bool = False
+    progress: bool = True
+    resume: bool = True
+    stop_after_epochs: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Top-level configs, one class per task
+# ---------------------------------------------------------------------------------------------------------
+
+CONFIG_CLASSES: dict[str, type] = {}
+
+
+def register_config(task: str):
+    """Class decorator: make a top-level config class loadable for YAML files with `task: <task>`."""
+
+    def wrap(cls: type) -> type:
+        CONFIG_CLASSES[task] = cls
+        return cls
+
+    return wrap
+
+
+@register_config("seg")
+@dataclass
+class SegConfig:
+    """Stage 1: the 2.5D vertebra segmenter.
+
+    Attributes:
+        task: selects this class ("seg").
+        name: run name, the YAML file stem unless the file sets it; outputs go to `<out_dir>/<name>/fold<k>`.
+        out_dir: root of all runs.
+        seed: seeds the model init, sampling and augmentations.
+    """
+
+    task: str = "seg"
+    name: str = "seg"
+    out_dir: str = "runs"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """`<out_dir>/<name>/fold<k>`."""
+        return Path(self.out_dir) / self.name / f"fold{self.data.fold}"
+
+    def check(self) -> None:
+        """Raise ConfigError for values no run can use."""
+        d, t = self.data, self.train
+        if not 0 <= d.fold < d.n_folds:
+            raise ConfigError(f"data.fold={d.fold} must be in 0..{d.n_folds - 1} (data.n_folds={d.n_folds})")
+        from .constants import WINDOWS
+
+        if d.window not in WINDOWS:
+            raise ConfigError(f"data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
+        if d.context < 0:
+            raise ConfigError(f"data.context must be >= 0 (input = 2k+1 slices); got {d.context}")
+        if d.context_stride < 1:
+            raise ConfigError(f"data.context_stride must be >= 1; got {d.context_stride}")
+        if d.context_mm is not None and d.context_mm <= 0:
+            raise ConfigError(f"data.context_mm must be > 0 or null; got {d.context_mm}")
+        if d.image_size < 32:
+            raise ConfigError(f"data.image_size must be >= 32; got {d.image_size}")
+        for key in ("background_fraction", "foreground_fraction"):
+            if not 0.0 <= getattr(d, key) <= 1.0:
+                raise ConfigError(f"data.{key} must be in [0, 1]; got {getattr(d, key)}")
+        if t.amp not in AMP_CHOICES:
+            raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
+        for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
+        if not self.name or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building, loading, saving
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _field_names(obj: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(obj)]
+
+
+def _check_value(path: str, value: Any, hint: Any) -> Any:
+    """Coerce `value` to the annotated type `hint` or raise ConfigError naming the key."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ConfigError(f"{path} may not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(path, value, option)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {hint}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list; got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0] if args else Any
+        return [_check_value(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping; got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true/false; got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer; got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number; got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string; got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {hint}")
+
+
+def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"train.epochs": 2, "data": {"fold": 1}} -> {"train": {"epochs": 2}, "data": {"fold": 1}}."""
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        parts = str(key).split(".")
+        node = out
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key!r} conflicts with {part}={child!r}")
+            node = child
+        leaf = parts[-1]
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            node[leaf] = _merge(node[leaf], _nest(value))
+        else:
+            node[leaf] = _nest(value) if isinstance(value, dict) else value
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: nested dicts merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    """Set nested dataclass fields from a nested dict, checking names and types."""
+    hints = typing.get_type_hints(type(obj))
+    names = _field_names(obj)
+    for key, value in updates.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            where = prefix[:-1] or type(obj).__name__
+            raise ConfigError(f"unknown config key {path!r}; valid keys in {where}: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{path} is a section ({', '.join(_field_names(current))}); got {value!r}")
+            _apply(current, value, prefix=f"{path}.")
+        else:
+            setattr(obj, key, _check_value(path, value, hints[key]))
+
+
+def config_from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> Any:
+    """Build a fresh config from (possibly partial, possibly dotted) values on top of the defaults.
+
+    Args:
+        values: nested dict, e.g. a loaded YAML file; `task` picks the class (default "seg").
+        **overrides: applied after `values`; dotted keys (`**{"train.epochs": 2}`) or nested dicts.
+
+    Returns:
+        A new config object (e.g. `SegConfig`), checked.
+
+    Raises:
+        ConfigError: an unknown key (the valid keys are listed), a value of the wrong type, or an unusable value.
+    """
+    merged = _merge(_nest(values or {}), _nest(overrides))
+    task = merged.get("task", "seg")
+    if task not in CONFIG_CLASSES:
+        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(CONFIG_CLASSES)}")
+    cfg = CONFIG_CLASSES[task]()
+    _apply(cfg, merged)
+    cfg.check()
+    return cfg
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved config as a plain nested dict (what `save_config` writes and checkpoints keep)."""
+    return dataclasses.asdict(cfg)
+
+
+def list_configs() -> list[str]:
+    """Names of the packaged configs in `kit/configs/`."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """Resolve a packaged config name or a YAML path.
+
+    Raises:
+        FileNotFoundError: neither a file nor a packaged name; the packaged names are listed.
+    """
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = CONFIG_DIR / f"{path.name}.yaml"
+    if path.suffix not in (".yaml", ".yml") and len(path.parts) == 1 and packaged.is_file():
+        return packaged
+    raise FileNotFoundError(f"config {str(name_or_path)!r} is neither a YAML file nor a packaged config; "
+                            f"packaged: {', '.join(list_configs())}")
+
+
+def load_config(name_or_path: str | os.PathLike, **overrides: Any) -> Any:
+    """Load a packaged config by name or a YAML file, apply overrides, return a fresh object.
+
+    The run name is the YAML's `name` key if it has one (a saved `config.yaml` keeps it), else the file stem;
+    an override `name=...` wins over both.
+
+    Args:
+        name_or_path: e.g. "demo_seg" or "path/to/exp.yaml".
+        **overrides: dotted keys (`**{"train.epochs": 2}`) or nested dicts (`train={"epochs": 2}`).
+
+    Raises:
+        FileNotFoundError: unknown config name (the packaged ones are listed).
+        ConfigError: unknown keys (the valid ones are listed) or wrong value types.
+    """
+    path = config_path(name_or_path)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping; got {type(values).__name__}")
+    values.setdefault("name", path.stem)
+    try:
+        return config_from_dict(values, **overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> Path:
+    """Write the resolved config (every field, not only overrides) as YAML; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return path

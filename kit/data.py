@@ -1,0 +1,334 @@
+"""torch Datasets over the preprocessing cache, and the in-plane augmentations (the only place that builds
+dict samples).
+
+A segmentation sample is one axial slice z of a study with its 2k neighbours as channels:
+
+    {"image": float32 (2k+1, S, S) in [0, 1], "target": float32 (C, S, S) multilabel one-hot of C1..C7
+     (+ "other vertebra" = labels >= 8 when enabled), "uid": str, "z": int}
+
+The augmentations are pure numpy functions (`affine_matrix`, `warp`, `adjust_intensity`) with one thin
+dict wrapper (`SegAugment`) that applies the same warp to the image (linear) and the labels (nearest).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .cache import load_cached
+from .config import AugmentConfig, DataConfig
+from .constants import VERTEBRAE
+from .dicom import resize_slices
+
+log = logging.getLogger("kit.data")
+
+N_VERTEBRAE = len(VERTEBRAE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache access
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_study(cache_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]:
+    """One study's cached arrays (`image`, optional `mask`, `spacing`, `instance_numbers`, ...)."""
+    return load_cached(cache_dir, uid)
+
+
+def cached_uids(cache_dir: str | os.PathLike, *, with_mask: bool = False) -> list[str]:
+    """Studies in the cache, sorted; `with_mask` keeps those that have a segmentation (reads no pixels)."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise FileNotFoundError(f"cache folder {cache_dir} does not exist; run `kit prepare` first")
+    uids = []
+    for path in sorted(cache_dir.glob("*.npz")):
+        if path.name.endswith(".tmp.npz"):
+            continue
+        if with_mask:
+            with np.load(path) as data:
+                if "mask" not in data.files:
+                    continue
+        uids.append(path.stem)
+    return uids
+
+
+def read_folds(cfg: DataConfig):
+    """The shared `StudyInstanceUID, fold` table: `cfg.folds_csv` if it exists, else made by
+    `kit.rsna.folds_for` from `cfg.data_root` (and saved to `cfg.folds_csv` or the default path)."""
+    from . import rsna
+
+    if cfg.folds_csv and Path(cfg.folds_csv).is_file():
+        folds = rsna.load_folds(cfg.folds_csv)
+        if folds["fold"].nunique() != cfg.n_folds:
+            raise ValueError(f"{cfg.folds_csv} holds {folds['fold'].nunique()} folds but data.n_folds={cfg.n_folds}")
+        return folds
+    return rsna.folds_for(cfg.data_root, path=cfg.folds_csv, n_folds=cfg.n_folds, seed=cfg.folds_seed)
+
+
+def split_segmentation_studies(cfg: DataConfig) -> tuple[list[str], list[str]]:
+    """(train, held-out) studies of `cfg.fold` among the cached studies that have a segmentation.
+
+    Raises:
+        ValueError: a side is empty, or cached segmented studies are missing from the folds table.
+    """
+    folds = read_folds(cfg)
+    fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"]))
+    segmented = cached_uids(cfg.cache_dir, with_mask=True)
+    unknown = [u for u in segmented if u not in fold_of]
+    if unknown:
+        raise ValueError(f"{len(unknown)} segmented studies in {cfg.cache_dir} have no fold "
+                         f"(e.g. {unknown[:3]}); is data.folds_csv made from the same train table?")
+    train = [u for u in segmented if fold_of[u] != cfg.fold]
+    held_out = [u for u in segmented if fold_of[u] == cfg.fold]
+    if not train or not held_out:
+        raise ValueError(f"fold {cfg.fold}: {len(train)} training and {len(held_out)} held-out studies with a "
+                         f"segmentation among {len(segmented)} in {cfg.cache_dir}; need both")
+    return train, held_out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure array functions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def slice_stack(volume: np.ndarray, z: int, context: int, stride: int = 1) -> np.ndarray:
+    """Slices z-k*s, ..., z, ..., z+k*s of a (Z, H, W) volume as (2k+1, H, W) (k = context, s = stride);
+    indices past either end repeat the edge slice."""
+    idx = np.clip(z + stride * np.arange(-context, context + 1), 0, len(volume) - 1)
+    return volume[idx]
+
+
+def slice_stacks(volume: np.ndarray, context: int, start: int = 0, stop: int | None = None,
+                 stride: int = 1) -> np.ndarray:
+    """Stacks for slices start..stop-1 (stop capped at Z) at once: (n, 2k+1, H, W), as `slice_stack`."""
+    stop = len(volume) if stop is None else min(stop, len(volume))
+    idx = np.arange(start, stop)[:, None] + stride * np.arange(-context, context + 1)[None, :]
+    return volume[np.clip(idx, 0, len(volume) - 1)]
+
+
+def labels_to_channels(labels: np.ndarray, other_vertebrae: bool = False) -> np.ndarray:
+    """Integer labels (..., H, W) -> float32 multilabel one-hot (C, ..., H, W).
+
+    Channel c < 7 is label c+1 (C1..C7); with `other_vertebrae`, channel 7 is every label >= 8.
+    """
+    planes = [labels == v for v in range(1, N_VERTEBRAE + 1)]
+    if other_vertebrae:
+        planes.append(labels > N_VERTEBRAE)
+    return np.stack(planes).astype(np.float32)
+
+
+def affine_matrix(
+    height: int,
+    width: int,
+    *,
+    angle: float = 0.0,
+    scale: float = 1.0,
+    shift: tuple[float, float] = (0.0, 0.0),
+    hflip: bool = False,
+    vflip: bool = False,
+) -> np.ndarray:
+    """2x3 matrix: flips, then rotation by `angle` degrees and zoom `scale` about the centre, then a shift.
+
+    Args:
+        height: image height.
+        width: image width.
+        angle: degrees, counter-clockwise (cv2 convention).
+        scale: zoom factor.
+        shift: (dx, dy) in pixels.
+        hflip: mirror left-right.
+        vflip: mirror top-bottom.
+    """
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    flip = np.array([[-1.0 if hflip else 1.0, 0.0, (width - 1.0) if hflip else 0.0],
+                     [0.0, -1.0 if vflip else 1.0, (height - 1.0) if vflip else 0.0],
+                     [0.0, 0.0, 1.0]])
+    rot = np.vstack([cv2.getRotationMatrix2D((cx, cy), angle, scale), [0.0, 0.0, 1.0]])
+    rot[0, 2] += shift[0]
+    rot[1, 2] += shift[1]
+    return (rot @ flip)[:2]
+
+
+def warp(array: np.ndarray, matrix: np.ndarray, *, nearest: bool = False) -> np.ndarray:
+    """Apply a 2x3 affine to (H, W) or (C, H, W); outside the image becomes 0 (air / background)."""
+    flags = cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR
+    h, w = array.shape[-2:]
+    if array.ndim == 2:
+        return cv2.warpAffine(array, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    channels_last = np.ascontiguousarray(array.transpose(1, 2, 0))
+    out = cv2.warpAffine(channels_last, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.reshape(h, w, -1).transpose(2, 0, 1)
+
+
+def adjust_intensity(image: np.ndarray, brightness: float = 0.0, contrast: float = 1.0) -> np.ndarray:
+    """`image * contrast + brightness`, clipped to [0, 1] (image float in [0, 1])."""
+    return np.clip(image * contrast + brightness, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def random_affine(rng: np.random.Generator, height: int, width: int, aug: AugmentConfig) -> np.ndarray | None:
+    """Draw one affine matrix from the ranges in `aug`; None when this sample is not warped."""
+    if rng.random() >= aug.p_affine:
+        return None
+    return affine_matrix(
+        height, width,
+        angle=rng.uniform(-aug.rotate_deg, aug.rotate_deg),
+        scale=1.0 + rng.uniform(-aug.scale, aug.scale),
+        shift=(rng.uniform(-aug.shift, aug.shift) * width, rng.uniform(-aug.shift, aug.shift) * height),
+        hflip=bool(rng.random() < aug.hflip),
+        vflip=bool(rng.random() < aug.vflip),
+    )
+
+
+class SegAugment:
+    """Dict wrapper: the same random warp on `sample["image"]` (C, H, W) float and `sample["labels"]`
+    (H, W) int, then brightness/contrast on the image. Returns a new dict."""
+
+    def __init__(self, aug: AugmentConfig) -> None:
+        self.aug = aug
+
+    def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
+        image, labels = sample["image"], sample["labels"]
+        matrix = random_affine(rng, *image.shape[-2:], self.aug)
+        if matrix is not None:
+            image = warp(image, matrix)
+            labels = warp(labels, matrix, nearest=True)
+        if self.aug.brightness or self.aug.contrast:
+            image = adjust_intensity(image, rng.uniform(-self.aug.brightness, self.aug.brightness),
+                                     1.0 + rng.uniform(-self.aug.contrast, self.aug.contrast))
+        return {**sample, "image": image, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------------------
+
+
+class SegVolume(NamedTuple):
+    """One segmented study in memory: image and labels uint8 (Z, S, S), slice spacing dz in mm."""
+
+    image: np.ndarray
+    labels: np.ndarray
+    dz: float = 1.0
+
+
+def context_step(dz: float, context_stride: int = 1, context_mm: float | None = None) -> int:
+    """Slices between neighbouring input channels of one study.
+
+    With `context_mm`, round(context_mm / dz) (at least 1): the 2k+1 input slices then span the same height
+    in millimetres whatever the study's slice spacing (0.5-1.0 mm in the competition). Else `context_stride`.
+    """
+    if context_mm is None:
+        return int(context_stride)
+    return max(1, int(round(context_mm / float(dz))))
+
+
+def load_volumes(cache_dir: str | os.PathLike, uids: Sequence[str], image_size: int) -> dict[str, SegVolume]:
+    """{uid: SegVolume} for segmented studies, resized in-plane to image_size.
+
+    Everything is held in memory (uint8; ~2 x Z x S^2 bytes a study), shared copy-on-write with forked
+    DataLoader workers.
+    """
+    volumes = {}
+    for uid in uids:
+        arrays = load_study(cache_dir, uid)
+        if "mask" not in arrays:
+            raise ValueError(f"study {uid}: no segmentation in {cache_dir}; only segmented studies train the segmenter")
+        volumes[uid] = SegVolume(resize_slices(arrays["image"], image_size),
+                                 resize_slices(arrays["mask"].astype(np.uint8), image_size, nearest=True),
+                                 float(arrays["spacing"][0]))
+    return volumes
+
+
+class SegSliceDataset(Dataset):
+    """Slices of segmented studies for the 2.5D segmenter.
+
+    Each epoch holds a random `foreground_fraction` of the slices that show a vertebra (all of them by
+    default) and a random `background_fraction` of the others, redrawn by `set_epoch` (deterministically
+    from seed and epoch, so every DDP rank sees the same list; adjacent thin slices are near duplicates,
+    so a fraction of them per epoch loses little).
+    Augmentations draw from a generator seeded by (seed, epoch, index): a resumed run repeats them exactly.
+
+    Args:
+        volumes: {uid: SegVolume}, e.g. from `load_volumes`.
+        context: k; the input holds 2k+1 slices.
+        context_stride: slices between neighbouring input channels.
+        context_mm: when set, the step is round(context_mm / dz) per study instead (`context_step`).
+        other_vertebrae: add the "other vertebra" target channel (labels >= 8); such slices then count as
+            vertebra slices too.
+        background_fraction: share of slices without a vertebra drawn per epoch.
+        foreground_fraction: share of slices with a vertebra drawn per epoch.
+        augment: augmentation ranges, or None for none.
+        seed: base seed of the background draw and the augmentations.
+    """
+
+    def __init__(
+        self,
+        volumes: Mapping[str, SegVolume],
+        context: int = 2,
+        *,
+        context_stride: int = 1,
+        context_mm: float | None = None,
+        other_vertebrae: bool = False,
+        background_fraction: float = 0.1,
+        foreground_fraction: float = 1.0,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.volumes = {uid: SegVolume(*v) for uid, v in volumes.items()}
+        self.context = context
+        self.steps = {uid: context_step(v.dz, context_stride, context_mm) for uid, v in self.volumes.items()}
+        self.other_vertebrae = other_vertebrae
+        self.background_fraction = background_fraction
+        self.foreground_fraction = foreground_fraction
+        self.augment = SegAugment(augment) if augment is not None and augment.enabled else None
+        self.seed = seed
+        self.foreground: list[tuple[str, int]] = []
+        self.background: list[tuple[str, int]] = []
+        top = 255 if other_vertebrae else N_VERTEBRAE
+        for uid, (image, labels, _) in self.volumes.items():
+            if image.shape != labels.shape:
+                raise ValueError(f"study {uid}: image {image.shape} and labels {labels.shape} differ")
+            has = ((labels >= 1) & (labels <= top)).any(axis=(1, 2))
+            self.foreground += [(uid, int(z)) for z in np.nonzero(has)[0]]
+            self.background += [(uid, int(z)) for z in np.nonzero(~has)[0]]
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Redraw the background slices and the augmentation seeds for `epoch`."""
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        self.index = []
+        for pool, fraction in ((self.foreground, self.foreground_fraction), (self.background, self.background_fraction)):
+            n = int(round(fraction * len(pool)))
+            picked = range(len(pool)) if n == len(pool) else sorted(rng.choice(len(pool), size=n, replace=False))
+            self.index += [pool[i] for i in picked]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        uid, z = self.index[i]
+        image, labels, _ = self.volumes[uid]
+        stack = slice_stack(image, z, self.context, self.steps[uid])
+        sample = {"image": stack.astype(np.float32) / 255.0, "labels": labels[z]}
+        if self.augment is not None:
+            sample = self.augment(sample, np.random.default_rng([self.seed, self.epoch, i]))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(sample["image"], dtype=np.float32)),
+            "target": torch.from_numpy(labels_to_channels(sample["labels"], self.other_vertebrae)),
+            "uid": uid,
+            "z": z,
+        }
+
+
+def n_seg_classes(other_vertebrae: bool) -> int:
+    """Output channels of the segmenter: 7 (C1..C7) + 1 with the "other vertebra" channel."""
+    return N_VERTEBRAE + int(other_vertebrae)
+

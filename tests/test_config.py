@@ -1,0 +1,96 @@
+"""kit.config: packaged configs load, overrides apply and are checked, objects are fresh, save/load round-trips."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from kit.config import (CONFIG_DIR, ConfigError, SegConfig, config_from_dict, config_to_dict, list_configs,
+                        load_config, save_config)
+
+
+def test_packaged_configs_all_load():
+    names = list_configs()
+    assert {"demo_seg", "seg_unet_effb3_384"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert isinstance(cfg, SegConfig)
+        assert cfg.name == name  # the run name is the file stem
+        assert str(cfg.run_dir) == f"runs/{name}/fold0"
+        # YAML files hold overrides only: every key they set is a real field, and differs from the default
+        raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+        default = config_to_dict(SegConfig())
+        for section, values in raw.items():
+            if isinstance(values, dict):
+                for key, value in values.items():
+                    assert key in default[section], f"{name}: {section}.{key}"
+
+
+def test_demo_config_is_small_and_full_config_is_gpu_scale():
+    demo, full = load_config("demo_seg"), load_config("seg_unet_effb3_384")
+    assert demo.data.image_size <= 128 and demo.train.amp == "off" and demo.train.device == "cpu"
+    assert 2 * demo.data.context + 1 == 5
+    assert full.data.image_size >= 384 and full.data.n_folds == 5 and full.train.amp == "bf16"
+    assert full.model.encoder.startswith("tu-")
+
+
+def test_dotted_and_nested_overrides_merge():
+    cfg = load_config("demo_seg", **{"train.epochs": 3, "data.fold": 2}, optim={"lr": 0.5}, data={"context": 1})
+    assert (cfg.train.epochs, cfg.data.fold, cfg.optim.lr, cfg.data.context) == (3, 2, 0.5, 1)
+    # nested dict merged into the YAML's section, not replacing it
+    assert cfg.data.image_size == load_config("demo_seg").data.image_size
+    assert cfg.model.encoder == "tu-mobilenetv3_small_050"
+    # ints are accepted for floats and converted; None for optional fields
+    cfg = load_config("demo_seg", **{"optim.lr": 1, "optim.clip_grad": None, "train.patience": 4})
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.clip_grad is None and cfg.train.patience == 4
+
+
+def test_unknown_keys_raise_with_valid_keys_listed():
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.epoch'.*epochs.*batch_size"):
+        load_config("demo_seg", **{"train.epoch": 3})
+    with pytest.raises(ConfigError, match=r"unknown config key 'dataa'.*data, model, optim, train"):
+        load_config("demo_seg", dataa={"fold": 1})
+    with pytest.raises(ConfigError, match=r"data\.augment\.rotate.*rotate_deg"):
+        config_from_dict({"data": {"augment": {"rotate": 5}}})
+
+
+def test_bad_values_raise():
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        load_config("demo_seg", **{"train.epochs": "3"})
+    with pytest.raises(ConfigError, match="train.ema must be true/false"):
+        load_config("demo_seg", **{"train.ema": 1})
+    with pytest.raises(ConfigError, match=r"train\.amp='fp32'; valid: auto, bf16, fp16, off"):
+        load_config("demo_seg", **{"train.amp": "fp32"})
+    with pytest.raises(ConfigError, match=r"data\.fold=5 must be in 0\.\.4"):
+        load_config("demo_seg", **{"data.fold": 5})
+    with pytest.raises(ConfigError, match="is a section"):
+        load_config("demo_seg", train=3)
+    with pytest.raises(FileNotFoundError, match="packaged: .*demo_seg"):
+        load_config("no_such_config")
+
+
+def test_objects_are_fresh():
+    a, b = load_config("demo_seg"), load_config("demo_seg")
+    a.train.epochs = 99
+    a.data.augment.rotate_deg = 45.0
+    assert b.train.epochs != 99 and b.data.augment.rotate_deg != 45.0
+    assert load_config("demo_seg").train.epochs != 99
+    assert SegConfig().data.augment is not SegConfig().data.augment
+    c = config_from_dict({"train": {"epochs": 1}})
+    assert SegConfig().train.epochs != 1 and c.train.epochs == 1
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config("demo_seg", **{"train.epochs": 7, "data.folds_csv": None, "model.pretrained_weights": "w.pth"})
+    path = save_config(cfg, tmp_path / "runs" / "x" / "config.yaml")
+    again = load_config(path)
+    assert again == cfg and again is not cfg
+    assert again.name == "demo_seg"  # the saved file keeps the run name, not its own stem "config"
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    # a YAML of overrides only: the name comes from the file stem
+    (tmp_path / "my_exp.yaml").write_text("data:\n  context: 3\n")
+    mine = load_config(tmp_path / "my_exp.yaml")
+    assert mine.name == "my_exp" and mine.data.context == 3
+    assert dataclasses.replace(mine, name="other").name == "other"

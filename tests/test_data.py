@@ -1,0 +1,128 @@
+"""kit.data: slice stacks, targets, sampling, augmentations that keep image and labels aligned, splits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from seg_fixtures import make_cache, make_study
+
+from kit.config import AugmentConfig, DataConfig
+from kit.data import (SegAugment, SegSliceDataset, affine_matrix, cached_uids, labels_to_channels, load_volumes,
+                      slice_stack, slice_stacks, split_segmentation_studies, warp)
+
+
+def test_slice_stack_clamps_at_the_edges():
+    vol = np.arange(5)[:, None, None] * np.ones((5, 2, 3), np.uint8)
+    assert slice_stack(vol, 0, 2)[:, 0, 0].tolist() == [0, 0, 0, 1, 2]
+    assert slice_stack(vol, 4, 1)[:, 0, 0].tolist() == [3, 4, 4]
+    all_stacks = slice_stacks(vol, 2)
+    assert all_stacks.shape == (5, 5, 2, 3)
+    for z in range(5):
+        np.testing.assert_array_equal(all_stacks[z], slice_stack(vol, z, 2))
+    assert slice_stacks(vol, 1, 3, 99).shape == (2, 3, 2, 3)  # stop capped at Z
+
+
+def test_labels_to_channels():
+    labels = np.array([[0, 1, 7], [8, 3, 12]], np.uint8)
+    seven = labels_to_channels(labels)
+    assert seven.shape == (7, 2, 3) and seven.dtype == np.float32
+    assert seven.sum() == 3 and seven[0, 0, 1] == 1 and seven[6, 0, 2] == 1 and seven[2, 1, 1] == 1
+    eight = labels_to_channels(labels, other_vertebrae=True)
+    assert eight.shape == (8, 2, 3) and eight[7].tolist() == [[0, 0, 0], [1, 0, 1]]
+
+
+def test_affine_matrix_flips_and_rotation():
+    img = np.arange(6 * 6, dtype=np.float32).reshape(6, 6)
+    np.testing.assert_allclose(warp(img, affine_matrix(6, 6, hflip=True)), img[:, ::-1], atol=1e-4)
+    np.testing.assert_allclose(warp(img, affine_matrix(6, 6, vflip=True)), img[::-1], atol=1e-4)
+    # cv2 angles are counter-clockwise: +90 degrees is numpy's rot90 (k=1)
+    np.testing.assert_allclose(warp(img, affine_matrix(6, 6, angle=90)), np.rot90(img), atol=1e-4)
+    shifted = warp(img, affine_matrix(6, 6, shift=(2, 0)), nearest=True)
+    np.testing.assert_array_equal(shifted[:, 2:], img[:, :-2])
+    assert (shifted[:, :2] == 0).all()  # outside the image is air / background
+
+
+def test_augment_keeps_image_and_labels_aligned():
+    rng = np.random.default_rng(0)
+    image, labels = make_study(rng, z=20, size=64)
+    z = int(np.nonzero(labels.any(axis=(1, 2)))[0][3])
+    lab = labels[z]
+    # an image whose value encodes the label, on 3 channels
+    code = np.stack([lab.astype(np.float32) * 10] * 3)
+    aug = SegAugment(AugmentConfig(p_affine=1.0, rotate_deg=15, scale=0.1, shift=0.06, hflip=0.5, vflip=0.5,
+                                   brightness=0.0, contrast=0.0))
+    moved = 0
+    for seed in range(8):
+        out = aug({"image": code, "labels": lab}, np.random.default_rng(seed))
+        assert out["image"].shape == (3, 64, 64) and out["labels"].shape == (64, 64)
+        assert out["labels"].dtype == lab.dtype and set(np.unique(out["labels"])) <= set(np.unique(lab))
+        # away from label boundaries, the linearly warped image equals 10 x the nearest-warped labels
+        w = out["labels"].astype(np.float32)
+        pad = np.pad(w, 1, mode="edge")
+        flat = np.ones_like(w, bool)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                flat &= pad[1 + dy:65 + dy, 1 + dx:65 + dx] == w
+        assert flat.sum() > 2000
+        np.testing.assert_allclose(out["image"][:, flat], np.broadcast_to(w[flat] * 10, (3, int(flat.sum()))),
+                                   atol=1e-3)
+        moved += not np.array_equal(out["labels"], lab)
+    assert moved == 8
+    # brightness / contrast only touch the image, and keep it in [0, 1]
+    bc = SegAugment(AugmentConfig(p_affine=0.0, brightness=0.2, contrast=0.2))
+    x = rng.random((3, 8, 8)).astype(np.float32)
+    out = bc({"image": x, "labels": lab[:8, :8]}, np.random.default_rng(1))
+    assert out["labels"] is lab[:8, :8] or np.array_equal(out["labels"], lab[:8, :8])
+    assert not np.allclose(out["image"], x) and out["image"].min() >= 0 and out["image"].max() <= 1
+    # linear in x: out = x * c + b, one (b, c) per sample
+    c, b = np.polyfit(x.ravel()[(out["image"].ravel() > 0) & (out["image"].ravel() < 1)],
+                      out["image"].ravel()[(out["image"].ravel() > 0) & (out["image"].ravel() < 1)], 1)
+    assert 0.8 <= c <= 1.2 and -0.2 <= b <= 0.2
+
+
+def test_dataset_samples_and_epochs(tmp_path):
+    uids, folds_csv = make_cache(tmp_path / "cache", n_studies=3, n_unsegmented=1, z=20, size=48)
+    assert cached_uids(tmp_path / "cache") == sorted(uids)
+    assert cached_uids(tmp_path / "cache", with_mask=True) == sorted(uids[:3])
+    volumes = load_volumes(tmp_path / "cache", uids[:3], 32)  # resized on load
+    image, labels = volumes[uids[0]]
+    assert image.shape == labels.shape == (20, 32, 32) and image.dtype == labels.dtype == np.uint8
+    assert set(np.unique(labels)) <= set(range(9))  # nearest: no new label values
+
+    fg = sum(int(((lab >= 1) & (lab <= 7)).any(axis=(1, 2)).sum()) for _, lab in volumes.values())
+    ds = SegSliceDataset(volumes, context=2, background_fraction=0.5, augment=None, seed=3)
+    bg_total = 3 * 20 - fg
+    assert len(ds.foreground) == fg and len(ds.background) == bg_total
+    assert len(ds) == fg + round(0.5 * bg_total)
+    sample = ds[0]
+    assert sample["image"].shape == (5, 32, 32) and sample["target"].shape == (7, 32, 32)
+    assert 0 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1
+    uid, z = sample["uid"], sample["z"]
+    np.testing.assert_allclose(sample["image"].numpy(), slice_stack(volumes[uid][0], z, 2) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(sample["target"].numpy(), labels_to_channels(volumes[uid][1][z]))
+    assert sample["target"].sum() > 0  # foreground first
+
+    first = list(ds.index)
+    ds.set_epoch(1)
+    assert len(ds) == len(first) and ds.index != first  # other background slices
+    ds.set_epoch(0)
+    assert ds.index == first  # the draw depends only on (seed, epoch)
+    half = SegSliceDataset(volumes, context=1, background_fraction=0.0, foreground_fraction=0.5, seed=3)
+    assert len(half) == round(0.5 * fg) and all(item in ds.foreground for item in half.index)
+
+    # with augmentation the same (epoch, index) gives the same sample
+    aug = SegSliceDataset(volumes, context=1, augment=AugmentConfig(), seed=3)
+    np.testing.assert_array_equal(aug[5]["image"].numpy(), aug[5]["image"].numpy())
+    # the other-vertebra channel makes thoracic slices foreground too
+    other = SegSliceDataset(volumes, context=1, other_vertebrae=True, background_fraction=0.0)
+    assert other[0]["target"].shape == (8, 32, 32) and len(other.foreground) >= len(ds.foreground)
+
+
+def test_split_uses_the_folds_csv_and_segmented_studies(tmp_path):
+    uids, folds_csv = make_cache(tmp_path / "cache", n_studies=5, n_unsegmented=1, n_folds=3, z=8, size=16)
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), folds_csv=str(folds_csv), n_folds=3, fold=1)
+    train, held_out = split_segmentation_studies(cfg)
+    assert held_out == [uids[1], uids[4]] and sorted(train) == sorted([uids[0], uids[2], uids[3]])
+    assert uids[5] not in train + held_out  # no segmentation
+    with pytest.raises(ValueError, match="holds 3 folds but data.n_folds=4"):
+        split_segmentation_studies(DataConfig(cache_dir=cfg.cache_dir, folds_csv=cfg.folds_csv, n_folds=4))

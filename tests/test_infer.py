@@ -1,0 +1,294 @@
+"""kit.infer: checkpoints -> load_run -> segment_study / segment_studies, on tiny models and volumes (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from kit import infer
+from kit.constants import VERTEBRAE
+
+
+class TinySeg(nn.Module):
+    """Stand-in 2.5D segmenter: x (B, 2k+1, H, W) -> logits (B, C, H, W), one 3x3 conv."""
+
+    def __init__(self, in_chans: int = 3, classes: int = 8, pretrained: bool = False):
+        super().__init__()
+        assert not pretrained, "inference must build models with pretrained weights off"
+        self.conv = nn.Conv2d(in_chans, classes, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x * 8.0 - 4.0)
+
+
+def tiny_create_model(name: str, **kwargs) -> nn.Module:
+    if name != "tiny_seg":
+        raise ValueError(f"unknown model {name!r}; available: tiny_seg")
+    return TinySeg(**kwargs)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """Point kit.models.create_model at the stand-in (so these tests do not depend on smp sizes)."""
+    import kit.models
+
+    monkeypatch.setattr(kit.models, "create_model", tiny_create_model)
+
+
+def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False):
+    torch.manual_seed(seed)
+    model = TinySeg(2 * context + 1, 8)
+    state = model.state_dict()
+    if nan:
+        state["conv.weight"][0, 0, 0, 0] = float("nan")
+    config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold},
+              "model": {"name": "tiny_seg"}}
+    path = run_dir / f"fold{fold}" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "model_name": "tiny_seg",
+                "model_kwargs": {"in_chans": 2 * context + 1, "classes": 8, "pretrained": True},
+                "config": config, "epoch": 3, "metric": 0.5 + fold}, path)
+    return path
+
+
+def toy_volume(z: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
+    """uint8 (Z, S, S): smooth noise plus a bright column, so a conv gives varied probabilities."""
+    rng = np.random.default_rng(seed)
+    vol = rng.integers(0, 60, size=(z, size, size)).astype(np.uint8)
+    vol[:, 10:20, 12:22] += 150
+    return vol
+
+
+def sigmoid_at(model: nn.Module, vol: np.ndarray, z: int, k: int) -> np.ndarray:
+    idx = np.clip(np.arange(z - k, z + k + 1), 0, vol.shape[0] - 1)
+    x = torch.from_numpy(vol[idx]).float()[None] / 255.0
+    with torch.no_grad():
+        return torch.sigmoid(model(x))[0, :7].numpy()  # (7, S, S)
+
+
+def test_load_run_round_trip(registry, tmp_path):
+    run = tmp_path / "runs" / "tiny"
+    write_checkpoint(run, 0, seed=0)
+    write_checkpoint(run, 1, seed=1)
+    models = infer.load_run(run)
+    assert [m.fold for m in models] == [0, 1]
+    m = models[0]
+    assert not m.model.training and m.image_size == 32 and m.context == 1 and m.window == "bone"
+    assert (m.epoch, m.metric, m.model_name) == (3, 0.5, "tiny_seg")
+    saved = torch.load(run / "fold0" / "model.pt", weights_only=True)["model"]
+    for key, value in m.model.state_dict().items():
+        assert torch.equal(value, saved[key])
+    assert [m.fold for m in infer.load_run(run, folds=[1])] == [1]
+
+
+def test_real_segmenter_checkpoint_round_trip(tmp_path):
+    """A checkpoint of a registry segmenter with a config from kit.config: load_run + segment_study."""
+    from kit.config import config_from_dict, config_to_dict
+    from kit.models import create_model
+
+    cfg = config_from_dict({"name": "tiny_unet", "data": {"image_size": 32, "context": 1}})
+    kwargs = {"in_channels": 3, "classes": 8, "encoder": "tu-resnet10t", "encoder_depth": 3,
+              "decoder_width": 16, "pretrained_weights": None}
+    torch.manual_seed(0)
+    model = create_model("seg_unet", **kwargs)
+    path = tmp_path / cfg.name / "fold0" / "model.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"model": model.state_dict(), "model_name": "seg_unet", "model_kwargs": kwargs,
+                "config": config_to_dict(cfg), "epoch": 1, "metric": 0.1}, path)
+    (loaded,) = infer.load_run(tmp_path / cfg.name)
+    assert (loaded.image_size, loaded.context, loaded.fold) == (32, 1, 0) and not loaded.model.training
+    vol = toy_volume(z=6)
+    result = infer.segment_study(vol, [loaded], batch_size=4, keep_probs=True)
+    model.eval()
+    np.testing.assert_allclose(result.probs[:, 3].astype(np.float32), sigmoid_at(model, vol, 3, 1), atol=1e-3)
+    assert result.labels.shape == (6, 32, 32)
+
+
+def test_load_run_errors_name_the_file(registry, tmp_path):
+    run = tmp_path / "tiny"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        infer.load_run(run)
+    write_checkpoint(run, 0, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"fold3[/\\]model\.pt"):
+        infer.load_run(run, folds=[0, 3])
+    bad = run / "fold1" / "model.pt"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=r"fold1[/\\]model\.pt"):
+        infer.load_run(run)
+    torch.save({"model": {}}, bad)
+    with pytest.raises(RuntimeError, match="lacks"):
+        infer.load_run(run, folds=[1])
+    ckpt = torch.load(run / "fold0" / "model.pt", weights_only=True)
+    torch.save({**ckpt, "model_name": "nope"}, bad)
+    with pytest.raises(RuntimeError, match=r"fold1[/\\]model\.pt: cannot rebuild nope"):
+        infer.load_run(run, folds=[1])
+    del ckpt["model"]["conv.bias"]
+    torch.save(ckpt, bad)
+    with pytest.raises(RuntimeError, match="conv.bias"):
+        infer.load_run(run, folds=[1])
+
+
+def test_segment_study_ensemble_and_batching(registry, tmp_path):
+    run = tmp_path / "tiny"
+    write_checkpoint(run, 0, seed=0)
+    write_checkpoint(run, 1, seed=1, context=2)  # folds may differ in context k
+    models = infer.load_run(run)
+    vol = toy_volume()
+    result = infer.segment_study(vol, models, batch_size=5, keep_probs=True, uid="s1")
+    assert result.uid == "s1" and result.labels.shape == vol.shape and result.labels.dtype == np.uint8
+    assert result.probs.shape == (7, *vol.shape) and result.probs.dtype == np.float16
+    assert set(result.extents) | set(result.missing) == set(VERTEBRAE)
+    assert set(np.unique(result.labels)) <= set(range(8))
+    assert result.timing["slices_per_s"] > 0 and result.timing["forward_s"] > 0
+    # Ensemble = mean of the two folds' sigmoids, with stacks clamped at both ends of the volume.
+    for z in (0, 1, 12, 23):
+        expected = (sigmoid_at(models[0].model, vol, z, 1) + sigmoid_at(models[1].model, vol, z, 2)) / 2
+        np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
+    spread = result.probs.astype(np.float32)
+    assert spread.min() < 0.4 and spread.max() > 0.6  # not a constant output
+    # Batch size does not change the result.
+    other = infer.segment_study(vol, models, batch_size=24, keep_probs=True)
+    np.testing.assert_allclose(other.probs.astype(np.float32), result.probs.astype(np.float32), atol=1e-3)
+    assert (other.labels != result.labels).mean() < 1e-3
+
+
+def test_segment_study_input_size_and_nan(registry, tmp_path):
+    run = tmp_path / "tiny"
+    write_checkpoint(run, 0, seed=0, size=16)
+    models = infer.load_run(run)
+    cached = {"image": toy_volume(z=10, size=32), "instance_numbers": np.arange(10, 0, -1),
+              "orig_hw": np.array([64, 64]), "spacing": np.array([1.0, 0.5, 0.5])}
+    result = infer.segment_study(cached, models)  # 32 px cache, 16 px model: resized in-plane
+    assert result.labels.shape == (10, 16, 16) and result.scale == (4.0, 4.0)
+    assert result.spacing == (1.0, 1.0, 1.0)
+    nan_run = tmp_path / "nan"
+    write_checkpoint(nan_run, 0, seed=0, nan=True)
+    with pytest.raises(infer.SegmentationError, match="study bad-study: NaN"):
+        infer.segment_study(toy_volume(), infer.load_run(nan_run), uid="bad-study")
+    with pytest.raises(ValueError, match="uint8"):
+        infer.segment_study(toy_volume().astype(np.float32), models)
+
+
+def test_save_and_load_seg_result(tmp_path):
+    labels = np.zeros((12, 16, 16), np.uint8)
+    labels[2:5, 4:8, 6:10] = 1
+    labels[6:10, 5:9, 6:11] = 2
+    from kit.crops import vertebra_extents
+
+    extents = vertebra_extents(labels, (1.0, 2.0, 2.0))
+    result = infer.SegResult(uid="u1", labels=labels, extents=extents, missing=list(VERTEBRAE[2:]),
+                             dropped={"C5": "centroid z=1.0 out of head-to-feet order"},
+                             timing={"total_s": 0.1}, orig_hw=(64, 64),
+                             instance_numbers=np.arange(101, 113), spacing=(1.0, 2.0, 2.0))
+    json_path = infer.save_seg_result(result, tmp_path / "u1")
+    info = json.loads(json_path.read_text())
+    c2 = info["vertebrae"]["C2"]
+    assert (c2["z_first"], c2["z_last"], c2["box"]) == (6, 9, [5, 9, 6, 11])
+    assert c2["box_original"] == [20, 36, 24, 44] and c2["instance_numbers"] == [107, 110]
+    assert info["vertebrae"]["C3"] == {"found": False} and info["scale"] == [4.0, 4.0]
+    back = infer.load_seg_result(tmp_path / "u1.json")
+    np.testing.assert_array_equal(back.labels, labels)
+    assert back.missing == result.missing and back.dropped == result.dropped
+    for name, e in extents.items():
+        b = back.extents[name]
+        assert (b.z_first, b.z_last, b.y0, b.y1, b.x0, b.x1, b.voxels) == (
+            e.z_first, e.z_last, e.y0, e.y1, e.x0, e.x1, e.voxels)
+        np.testing.assert_array_equal(b.slice_voxels, e.slice_voxels)
+    table = back.table()
+    assert list(table.index) == list(VERTEBRAE) and table.loc["C1", "found"] and not table.loc["C7", "found"]
+
+
+def test_segment_studies_is_resumable_and_reports_failures(registry, tmp_path):
+    run = tmp_path / "tiny"
+    write_checkpoint(run, 0, seed=0)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for i in range(3):
+        np.savez_compressed(cache / f"1.2.{i}.npz", image=toy_volume(z=8 + i, seed=i),
+                            instance_numbers=np.arange(1, 9 + i), orig_hw=np.array([32, 32]),
+                            spacing=np.array([1.0, 1.0, 1.0]))
+    (cache / "1.2.9.npz").write_bytes(b"corrupt")
+    out = tmp_path / "seg"
+    first = infer.segment_studies(cache, [run], out, progress=False)
+    assert (first["segmented"], first["skipped"], first["failed"]) == (3, 0, 1)
+    assert list(first["failures"]) == ["1.2.9"]
+    failures = pd.read_csv(out / "failures.csv", dtype=str)
+    assert list(failures["StudyInstanceUID"]) == ["1.2.9"] and failures["error"].str.len().min() > 0
+    summary = pd.read_csv(out / "summary.csv", dtype={"StudyInstanceUID": str})
+    assert list(summary["StudyInstanceUID"]) == ["1.2.0", "1.2.1", "1.2.2"]
+    assert list(summary["slices"]) == [8, 9, 10]
+    if first["missing"]:
+        missing = pd.read_csv(out / "missing.csv", dtype=str)
+        assert set(missing["StudyInstanceUID"]) == set(first["missing"])
+    assert infer.load_seg_result(out / "1.2.1").labels.shape == (9, 32, 32)
+    second = infer.segment_studies(cache, [run], out, progress=False)
+    assert (second["segmented"], second["skipped"], second["failed"]) == (0, 3, 1)
+    # Fix the broken study: it is segmented and leaves failures.csv.
+    np.savez_compressed(cache / "1.2.9.npz", image=toy_volume(z=6))
+    third = infer.segment_studies(cache, run, out, progress=False, prefetch=False)
+    assert (third["segmented"], third["skipped"], third["failed"]) == (1, 3, 0)
+    assert pd.read_csv(out / "failures.csv").empty
+
+
+def test_segment_studies_from_dicom_matches_prepared_arrays(registry, synthetic_root, tmp_path):
+    """A data root in RSNA layout is read with kit.dicom, windowed and resized as the cache does."""
+    from kit.cache import prepare_study
+    from kit.dicom import read_series
+
+    run = tmp_path / "tiny"
+    write_checkpoint(run, 0, seed=0, size=32)
+    out = tmp_path / "seg"
+    summary = infer.segment_studies(synthetic_root, run, out, split="test", progress=False)
+    uids = sorted(p.name for p in (synthetic_root / "test_images").iterdir())
+    assert (summary["segmented"], summary["failed"]) == (len(uids), 0)
+    uid = uids[0]
+    series = read_series(synthetic_root / "test_images" / uid)
+    saved = infer.load_seg_result(out / uid)
+    assert saved.uid == uid and saved.labels.shape == (series.hu.shape[0], 32, 32)
+    assert saved.scale == (series.hu.shape[1] / 32, series.hu.shape[2] / 32)
+    np.testing.assert_array_equal(saved.instance_numbers, series.instance_numbers)
+    prepare_study(synthetic_root / "test_images" / uid, tmp_path / "cache" / f"{uid}.npz", size=32)
+    cached = np.load(tmp_path / "cache" / f"{uid}.npz")
+    from_cache = infer.segment_study(cached["image"], infer.load_run(run))
+    np.testing.assert_array_equal(from_cache.labels, saved.labels)
+
+
+def test_plots_from_run_files(tmp_path):
+    import matplotlib.pyplot as plt
+
+    run = tmp_path / "demo_seg"
+    for fold in (0, 1):
+        (run / f"fold{fold}").mkdir(parents=True)
+        pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "val_dice": [0.3, 0.8],
+                      "lr": [1e-3, 1e-4], "seconds": [1.0, 1.0]}).to_csv(run / f"fold{fold}" / "log.csv", index=False)
+        oof = pd.DataFrame({"StudyInstanceUID": ["a", "b"], "fold": fold, "epoch": 2, "slices": 10,
+                            **{v: [0.8, 0.9] for v in VERTEBRAE}, "mean": [0.8, 0.9]})
+        oof.to_csv(run / f"fold{fold}" / "oof.csv", index=False)
+    fig = infer.plot_training_curves(run)
+    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 4 and len(fig.axes[1].lines) == 2
+    fig = infer.plot_dice_per_vertebra(run)
+    heights = [p.get_height() for p in fig.axes[0].patches]
+    np.testing.assert_allclose(heights, [0.85] * 7)
+    labels = np.zeros((12, 16, 16), np.uint8)
+    labels[2:6, 4:10, 5:9] = 1
+    fig = infer.plot_segmentation(toy_volume(z=12, size=16), labels, labels, spacing=(1.0, 0.5, 0.5))
+    assert len(fig.axes) == 2
+    plt.close("all")
+    with pytest.raises(FileNotFoundError, match="log.csv"):
+        infer.plot_training_curves(tmp_path / "empty")
+
+
+def test_bench_seg_table(capsys):
+    from kit.bench import bench_seg
+
+    result = bench_seg(("demo_seg",), (2, 4, 6), device="cpu", batch_size=4)
+    rows = result["rows"]
+    assert [r["slices"] for r in rows] == [2, 4, 6] and [r["slices_ratio"] for r in rows] == [1.0, 2.0, 3.0]
+    assert all(r["slices_per_s"] > 0 and r["image_size"] == 128 for r in rows)
+    assert "random" in result["weights"] and "slices/s" in capsys.readouterr().out

@@ -1,0 +1,104 @@
+"""kit.models: every registered model runs forward/backward on tiny inputs; the registry and local weights."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from kit.models import Segmenter, create_model, list_models, load_checkpoint, load_weights
+
+torch.set_num_threads(1)
+
+# Tiny settings per model family, so one shared test covers every registered model on CPU.
+TINY = {"seg_": {"encoder": "tu-mobilenetv3_small_050", "encoder_depth": 3, "decoder_width": 16}}
+
+
+def tiny_kwargs(name: str) -> dict:
+    for prefix, kwargs in TINY.items():
+        if name.startswith(prefix):
+            return dict(kwargs)
+    raise AssertionError(f"add tiny settings for {name} to TINY")
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("classes", [7, 8])
+def test_forward_backward(name, classes):
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=5, classes=classes, **tiny_kwargs(name))
+    x = torch.randn(2, 5, 64, 64)
+    logits = model(x)
+    assert logits.shape == (2, classes, 64, 64)
+    logits.square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    # the first conv sees the input depth
+    assert any(g.abs().sum() > 0 for g in grads[:3])
+    # any size works: padded to the stride inside, cropped back
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 5, 40, 52)).shape == (1, classes, 40, 52)
+
+
+def test_smp_native_encoder_and_other_archs():
+    for name in ("seg_unet", "seg_fpn"):
+        model = create_model(name, in_channels=3, classes=7, encoder="resnet18", encoder_depth=3, decoder_width=32)
+        assert isinstance(model, Segmenter) and model(torch.randn(1, 3, 32, 32)).shape == (1, 7, 32, 32)
+
+
+def test_unknown_names_list_the_choices():
+    with pytest.raises(ValueError, match=r"unknown model 'seg_nope'; available: .*seg_fpn, seg_unet"):
+        create_model("seg_nope")
+    with pytest.raises(ValueError, match="unknown encoder 'tu-no_such_net'"):
+        create_model("seg_unet", encoder="tu-no_such_net")
+    with pytest.raises(ValueError, match="unknown segmenter arch 'deeplab'; available: unet, unetpp, fpn"):
+        Segmenter(arch="deeplab")
+    assert list_models("seg_*") == [n for n in list_models() if n.startswith("seg_")]
+
+
+def test_pretrained_whole_model_with_prefixes(tmp_path):
+    kwargs = dict(in_channels=5, classes=7, **tiny_kwargs("seg_unet"))
+    torch.manual_seed(1)
+    source = create_model("seg_unet", **kwargs)
+    # saved the way DDP / EMA wrappers save it: every key prefixed
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "w.pt")
+    torch.manual_seed(2)
+    model = create_model("seg_unet", pretrained_weights=str(tmp_path / "w.pt"), **kwargs)
+    for (k, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_pretrained_timm_backbone_into_encoder(tmp_path):
+    torch.manual_seed(3)
+    backbone = timm.create_model("mobilenetv3_small_050", pretrained=False)  # an RGB ImageNet-style checkpoint
+    torch.save(backbone.state_dict(), tmp_path / "mobilenet.pth")
+    model = create_model("seg_unet", in_channels=5, classes=7, pretrained_weights=str(tmp_path / "mobilenet.pth"),
+                         **tiny_kwargs("seg_unet"))
+    enc = model.net.encoder.model.state_dict()
+    src = backbone.state_dict()
+    shared = [k for k in enc if k in src and enc[k].shape == src[k].shape]
+    assert len(shared) > 20
+    for k in shared:
+        assert torch.equal(enc[k], src[k]), k
+    # the RGB stem was adapted to 5 slices (timm's adapt_input_conv: repeat and rescale by 3/5)
+    stem = "conv_stem.weight"
+    assert src[stem].shape[1] == 3 and enc[stem].shape[1] == 5
+    torch.testing.assert_close(enc[stem][:, :3], src[stem] * 3 / 5)
+    # the report names what did not fit: the classifier head is unexpected, decoder weights are untouched
+    report = load_weights(model.net.encoder.model, tmp_path / "mobilenet.pth")
+    assert stem in report.adapted and any(k.startswith("classifier") for k in report.unexpected)
+    with pytest.raises(FileNotFoundError, match="never downloaded"):
+        create_model("seg_unet", pretrained_weights=str(tmp_path / "missing.pth"), **tiny_kwargs("seg_unet"))
+
+
+def test_load_checkpoint_rebuilds_the_model(tmp_path):
+    kwargs = dict(in_channels=3, classes=8, **tiny_kwargs("seg_fpn"))
+    model = create_model("seg_fpn", **kwargs).eval()
+    torch.save({"model": model.state_dict(), "model_name": "seg_fpn", "model_kwargs": kwargs, "config": {},
+                "epoch": 1, "metric": 0.5}, tmp_path / "model.pt")
+    again, ckpt = load_checkpoint(tmp_path / "model.pt")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert not again.training and ckpt["epoch"] == 1

@@ -1,0 +1,213 @@
+"""kit.train: a complete run, resume after an interruption, early stopping, 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from seg_fixtures import make_cache, tiny_overrides
+
+from kit.config import load_config, save_config
+from kit.models import load_checkpoint
+from kit.train import SegTask, amp_dtype, fit_fold
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """6 segmented studies + 1 without a mask, 3 folds: fold 0 holds out 2 segmented studies."""
+    root = tmp_path_factory.mktemp("segcache")
+    uids, folds_csv = make_cache(root / "cache", n_studies=6, n_unsegmented=1, n_folds=3, z=24, size=64)
+    return root / "cache", folds_csv, uids
+
+
+def tiny_cfg(cache, out_dir, **extra):
+    cache_dir, folds_csv, _ = cache
+    return load_config("demo_seg", **tiny_overrides(cache_dir, folds_csv, out_dir, **extra))
+
+
+def read_log(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "log.csv")
+
+
+def test_fit_fold_writes_a_complete_run(cache, tmp_path):
+    cfg = tiny_cfg(cache, tmp_path / "runs")
+    summary = fit_fold(cfg)
+    run = tmp_path / "runs" / "demo_seg" / "fold0"
+    assert summary["run_dir"] == str(run) and summary["finished"] and summary["epochs_done"] == 2
+    for name in ("config.yaml", "model.pt", "last.pt", "log.csv", "log.json", "oof.csv", "oof_summary.json"):
+        assert (run / name).is_file(), name
+    assert load_config(run / "config.yaml") == cfg
+
+    log = read_log(run)
+    assert log["epoch"].tolist() == [1, 2]
+    assert list(log.columns) == ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds"]
+    assert np.isfinite(log[["train_loss", "val_loss", "lr"]].to_numpy()).all()
+    assert log["val_dice"].between(0, 1).all() and (log["lr"] > 0).all()
+    assert json.loads((run / "log.json").read_text())[1]["epoch"] == 2
+
+    ckpt = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    assert set(ckpt) >= {"model", "model_name", "model_kwargs", "config", "epoch", "metric"}
+    assert ckpt["model_name"] == "seg_unet" and ckpt["model_kwargs"]["in_channels"] == 3
+    assert ckpt["model_kwargs"]["classes"] == 7 and ckpt["config"]["name"] == "demo_seg"
+    best = int(log["val_dice"].idxmax())
+    assert ckpt["epoch"] == log["epoch"][best] == summary["best_epoch"]
+    assert ckpt["metric"] == pytest.approx(log["val_dice"][best]) == pytest.approx(summary["best_dice"])
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert set(last) >= {"model", "ema", "optimizer", "scaler", "epoch", "step", "best_metric", "history"}
+
+    # OOF: every held-out segmented study once, scored by the weights in model.pt
+    oof = pd.read_csv(run / "oof.csv", dtype={"StudyInstanceUID": str})
+    _, folds_csv, uids = cache
+    assert sorted(oof["StudyInstanceUID"]) == [uids[0], uids[3]]
+    assert (oof["fold"] == 0).all() and (oof["epoch"] == ckpt["epoch"]).all()
+    oof_summary = json.loads((run / "oof_summary.json").read_text())
+    assert oof_summary["n_studies"] == 2
+    assert oof_summary["mean_dice"] == pytest.approx(oof["mean"].mean(), abs=1e-6) == pytest.approx(ckpt["metric"])
+    model, _ = load_checkpoint(run / "model.pt")
+    task = SegTask(cfg)
+    task.build()
+    again = task.evaluate(model, list(oof["StudyInstanceUID"]), torch.device("cpu"),
+                          lambda: torch.autocast("cpu", enabled=False))
+    redo = pd.DataFrame(again.rows).set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"]]
+    np.testing.assert_allclose(redo[["C1", "C2", "C3", "C4", "C5", "C6", "C7", "mean"]].to_numpy(dtype=float),
+                               oof[["C1", "C2", "C3", "C4", "C5", "C6", "C7", "mean"]].to_numpy(dtype=float),
+                               atol=1e-6)
+
+    # a finished run returns at once and changes nothing
+    stamp = (run / "last.pt").stat().st_mtime_ns
+    again = fit_fold(cfg)
+    assert again["finished"] and again["epochs_done"] == 2 and again["best_epoch"] == summary["best_epoch"]
+    assert (run / "last.pt").stat().st_mtime_ns == stamp and len(read_log(run)) == 2
+
+
+class CrashingTask(SegTask):
+    """Raises after `crash_after` training batches, like a killed session."""
+
+    def __init__(self, cfg, crash_after: int) -> None:
+        super().__init__(cfg)
+        self.calls, self.crash_after = 0, crash_after
+
+    def loss(self, model, batch):
+        self.calls += 1
+        if self.calls > self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        return super().loss(model, batch)
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(cache, tmp_path):
+    full = fit_fold(tiny_cfg(cache, tmp_path / "full"))
+    assert full["epochs_done"] == 2
+
+    cfg = tiny_cfg(cache, tmp_path / "cut")
+    run = cfg.run_dir
+    first = fit_fold(tiny_cfg(cache, tmp_path / "cut", **{"train.stop_after_epochs": 1}))
+    assert not first["finished"] and first["epochs_done"] == 1 and read_log(run)["epoch"].tolist() == [1]
+
+    # killed in the middle of epoch 2: last.pt and the logs still describe epoch 1
+    n_batches = torch.load(run / "last.pt", weights_only=True)["step"]  # steps of epoch 1 (accum_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        fit_fold(cfg, CrashingTask(cfg, crash_after=2))  # resumes at epoch 2, dies at its 3rd batch
+    assert read_log(run)["epoch"].tolist() == [1]
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+    resumed = fit_fold(cfg)  # the same command again
+    assert resumed["finished"] and resumed["epochs_done"] == 2
+    log, ref = read_log(run), read_log(Path(full["run_dir"]))
+    assert log["epoch"].tolist() == [1, 2]
+    np.testing.assert_allclose(log[["train_loss", "val_loss", "val_dice", "lr"]].to_numpy(),
+                               ref[["train_loss", "val_loss", "val_dice", "lr"]].to_numpy(), rtol=1e-6)
+    a = torch.load(Path(full["run_dir"]) / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 2 * n_batches
+    for part in ("model", "ema"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=1e-6, atol=1e-7, msg=f"{part}.{key}")
+
+
+class FallingMetricTask(SegTask):
+    """Scores each validation lower than the one before, so early stopping must trigger."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.validations, self.built = 0, False
+
+    def build(self):
+        self.built = True
+        return super().build()
+
+    def score(self, rows):
+        self.validations += 1
+        return 1.0 - 0.1 * self.validations
+
+
+def test_early_stopping_and_gradient_accumulation(cache, tmp_path):
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 6, "train.patience": 2, "train.accum_steps": 3,
+                                                "train.ema": False})
+    task = FallingMetricTask(cfg)
+    summary = fit_fold(cfg, task)
+    assert summary["early_stopped"] and summary["finished"] and summary["epochs_done"] == 3
+    assert summary["best_epoch"] == 1 and summary["best_dice"] == pytest.approx(0.9)
+    log = read_log(cfg.run_dir)
+    assert log["epoch"].tolist() == [1, 2, 3]
+    np.testing.assert_allclose(log["val_dice"], [0.9, 0.8, 0.7])
+    assert torch.load(cfg.run_dir / "model.pt", weights_only=True)["epoch"] == 1
+    last = torch.load(cfg.run_dir / "last.pt", weights_only=True)
+    batches = len(task.build()[0]) // cfg.train.batch_size  # drop_last
+    assert last["step"] == 3 * -(-batches // 3)  # one optimizer step per 3 batches, the last group may be short
+    assert last["ema"] is None
+    # an early-stopped run is finished: re-running builds nothing
+    again = FallingMetricTask(cfg)
+    assert fit_fold(cfg, again)["early_stopped"] and not again.built
+
+
+def test_amp_choice_by_device():
+    cpu = torch.device("cpu")
+    assert amp_dtype("auto", cpu) is None and amp_dtype("off", cpu) is None
+    assert amp_dtype("bf16", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        amp_dtype("fp16", cpu)
+
+
+def test_two_process_ddp_on_cpu(cache, tmp_path):
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.batch_size": 4})
+    cfg_path = save_config(cfg, tmp_path / "ddp.yaml")
+    out = tmp_path / "probe"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "ddp_worker.py"), str(cfg_path), str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["epochs_done"] == 2 and summary["finished"]
+
+    _, _, uids = cache
+    for e in (1, 2):
+        r0 = torch.load(out / f"rank0_eval{e}.pt", weights_only=True)
+        r1 = torch.load(out / f"rank1_eval{e}.pt", weights_only=True)
+        # each rank validated its own share of the held-out studies, together all of them once
+        assert sorted(r0["uids"] + r1["uids"]) == sorted([uids[0], uids[3]]) and not set(r0["uids"]) & set(r1["uids"])
+        # DDP kept the replicas' weights identical
+        for key, value in r0["params"].items():
+            assert torch.equal(value, r1["params"][key]), key
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={"StudyInstanceUID": str})
+    assert sorted(oof["StudyInstanceUID"]) == sorted([uids[0], uids[3]])
+    assert len(read_log(cfg.run_dir)) == 2
+
+    # the checkpoint loads in one process and reproduces what rank 0 computed when it saved it
+    model, ckpt = load_checkpoint(cfg.run_dir / "model.pt")
+    saved = torch.load(out / f"rank0_eval{ckpt['epoch']}.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(saved["probe"])
+    assert logits.shape == (2, 7, 64, 64)
+    torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
