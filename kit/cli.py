@@ -76,7 +76,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, n_train=args.n_train, seed=args.seed)
+    run_demo(args.out, n_train=args.n_train, seed=args.seed, seg_folds=args.seg_folds or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo")
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seg-folds", type=int, default=2, help="segmenter folds to train and score (0: all)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
