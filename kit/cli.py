@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo")
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seg-folds", type=int, default=2, help="segmenter folds to train and score (0: all)")
+    p.add_argument("--seg-folds", type=int, default=1, help="segmenter folds to train and score (0: all)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -60,12 +60,12 @@ def describe_dataset(root: Path, cache_dir: Path) -> dict:
 
 
 def run_demo(out: str | Path = "demo", *, n_train: int = 60, seed: int = 0, size: int = 128,
-             seg_folds: int | None = 2) -> dict:
+             seg_folds: int | None = 1) -> dict:
     """Run the demo pipeline; returns the summary written to `runs/demo/summary.json`.
 
     Args:
         seg_folds: train and score the segmenter on folds 0..seg_folds-1 (None: every fold of the config);
-            two keep the demo within minutes on a 2-core CPU, the held-out studies of those folds are scored.
+            one keeps the demo near ten minutes on a 2-core CPU, the held-out studies of those folds are scored.
     """
     from .cache import prepare_studies
     from .synthetic import make_dataset
