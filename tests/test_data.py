@@ -7,7 +7,7 @@ import pytest
 from seg_fixtures import make_cache, make_study
 
 from kit.config import AugmentConfig, DataConfig
-from kit.data import (SegAugment, SegSliceDataset, affine_matrix, cached_uids, labels_to_channels, load_volumes,
+from kit.data import (SegAugment, load_study, SegSliceDataset, affine_matrix, cached_uids, labels_to_channels, load_volumes,
                       slice_stack, slice_stacks, split_segmentation_studies, warp)
 
 
@@ -85,11 +85,12 @@ def test_dataset_samples_and_epochs(tmp_path):
     assert cached_uids(tmp_path / "cache") == sorted(uids)
     assert cached_uids(tmp_path / "cache", with_mask=True) == sorted(uids[:3])
     volumes = load_volumes(tmp_path / "cache", uids[:3], 32)  # resized on load
-    image, labels = volumes[uids[0]]
+    image, labels, dz = volumes[uids[0]]
+    assert dz == pytest.approx(float(load_study(tmp_path / "cache", uids[0])["spacing"][0]))
     assert image.shape == labels.shape == (20, 32, 32) and image.dtype == labels.dtype == np.uint8
     assert set(np.unique(labels)) <= set(range(9))  # nearest: no new label values
 
-    fg = sum(int(((lab >= 1) & (lab <= 7)).any(axis=(1, 2)).sum()) for _, lab in volumes.values())
+    fg = sum(int(((lab >= 1) & (lab <= 7)).any(axis=(1, 2)).sum()) for _, lab, _ in volumes.values())
     ds = SegSliceDataset(volumes, context=2, background_fraction=0.5, augment=None, seed=3)
     bg_total = 3 * 20 - fg
     assert len(ds.foreground) == fg and len(ds.background) == bg_total
