@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .constants import VERTEBRAE, WINDOWS
 from .crops import VertebraExtent, clean_vertebra_probs, missing_vertebrae, vertebra_extents
+from .data import context_step
 
 log = logging.getLogger("kit.infer")
 
@@ -83,6 +84,16 @@ class LoadedModel:
     def context(self) -> int:
         """k: the model sees 2k+1 neighbouring slices."""
         return int(config_value(self.config, "context"))
+
+    def step(self, dz: float | None) -> int:
+        """Slices between neighbouring input channels for a study of slice spacing `dz`, as in training
+        (`kit.data.context_step`: `context_mm / dz` when the config sets it, else `context_stride`)."""
+        stride = int(config_value(self.config, "context_stride", 1))
+        context_mm = self.config.get("data", {}).get("context_mm")
+        if context_mm is not None and dz is None:
+            raise ValueError(f"{self.path}: trained with data.context_mm={context_mm}, so the study's slice "
+                             "spacing is needed (pass a Series or cached arrays, not a bare array)")
+        return context_step(dz if dz is not None else 1.0, stride, context_mm)
 
     @property
     def window(self) -> str:
@@ -306,11 +317,12 @@ def _autocast(device: torch.device, amp: bool):
 
 def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, batch_size: int = 16,
                            device: str | torch.device | None = None, amp: bool | None = None,
-                           uid: str | None = None) -> np.ndarray:
+                           uid: str | None = None, dz: float | None = None) -> np.ndarray:
     """Mean sigmoid of a fold ensemble over every slice of a prepared volume.
 
-    Slice z is predicted from the stack of slices z-k..z+k (indices clamped at the volume's ends), scaled
-    to [0, 1] as in training (uint8 / 255). Channels after the 7th (e.g. "other vertebra") are ignored.
+    Slice z is predicted from the stack of slices z-k*s..z+k*s, s = `LoadedModel.step(dz)` as in training
+    (indices clamped at the volume's ends), scaled to [0, 1] as in training (uint8 / 255). Channels after
+    the 7th (e.g. "other vertebra") are ignored.
 
     Args:
         image: uint8 (Z, S, S), S = the models' image size.
@@ -319,6 +331,7 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         device: where to run (default: the first model's device; models are moved there if needed).
         amp: autocast (bf16, else fp16) on CUDA; default on for CUDA, always off on CPU.
         uid: study name for error messages.
+        dz: the study's slice spacing in mm (needed by models trained with `data.context_mm`).
 
     Returns:
         float16 (7, Z, S, S) probabilities of C1..C7.
@@ -334,13 +347,13 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     z, s_y, s_x = image.shape
     volume = torch.from_numpy(image).to(device)
     probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.float16)
-    offsets = {m.context: torch.arange(-m.context, m.context + 1, device=device) for m in models}
+    offsets = [m.step(dz) * torch.arange(-m.context, m.context + 1, device=device) for m in models]
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
             centres = torch.arange(z0, min(z0 + batch_size, z), device=device)
             total = None
-            for m in models:
-                idx = (centres[:, None] + offsets[m.context]).clamp_(0, z - 1)  # (B, 2k+1)
+            for m, offset in zip(models, offsets):
+                idx = (centres[:, None] + offset).clamp_(0, z - 1)  # (B, 2k+1)
                 x = volume[idx].float().div_(255.0)  # (B, 2k+1, S, S)
                 logits = m.model(x)
                 if logits.ndim != 4 or logits.shape[1] < len(VERTEBRAE) or logits.shape[2:] != x.shape[2:]:
@@ -402,7 +415,8 @@ def segment_study(
     image, meta = _prepare_input(source, sizes.pop(), windows.pop())
     uid = uid or meta["uid"]
     t_prep = time.perf_counter()
-    probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid)
+    dz = meta["spacing"][0] if meta["spacing"] is not None else None
+    probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz)
     t_fwd = time.perf_counter()
     labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)
     extents = vertebra_extents(labels, meta["spacing"])

@@ -40,13 +40,15 @@ def registry(monkeypatch):
     monkeypatch.setattr(kit.models, "create_model", tiny_create_model)
 
 
-def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False):
+def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False,
+                     context_mm: float | None = None):
     torch.manual_seed(seed)
     model = TinySeg(2 * context + 1, 8)
     state = model.state_dict()
     if nan:
         state["conv.weight"][0, 0, 0, 0] = float("nan")
-    config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold},
+    config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold,
+                                             "context_stride": 1, "context_mm": context_mm},
               "model": {"name": "tiny_seg"}}
     path = run_dir / f"fold{fold}" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -64,8 +66,8 @@ def toy_volume(z: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
     return vol
 
 
-def sigmoid_at(model: nn.Module, vol: np.ndarray, z: int, k: int) -> np.ndarray:
-    idx = np.clip(np.arange(z - k, z + k + 1), 0, vol.shape[0] - 1)
+def sigmoid_at(model: nn.Module, vol: np.ndarray, z: int, k: int, step: int = 1) -> np.ndarray:
+    idx = np.clip(np.arange(z - k * step, z + k * step + 1, step), 0, vol.shape[0] - 1)
     x = torch.from_numpy(vol[idx]).float()[None] / 255.0
     with torch.no_grad():
         return torch.sigmoid(model(x))[0, :7].numpy()  # (7, S, S)
@@ -292,3 +294,19 @@ def test_bench_seg_table(capsys):
     assert [r["slices"] for r in rows] == [2, 4, 6] and [r["slices_ratio"] for r in rows] == [1.0, 2.0, 3.0]
     assert all(r["slices_per_s"] > 0 and r["image_size"] == 128 for r in rows)
     assert "random" in result["weights"] and "slices/s" in capsys.readouterr().out
+
+
+def test_segment_study_uses_the_training_slice_step(registry, tmp_path):
+    """A model trained with data.context_mm sees slices context_mm / dz apart at inference too."""
+    run = tmp_path / "mm"
+    write_checkpoint(run, 0, seed=0, context=1, context_mm=3.0)
+    models = infer.load_run(run)
+    vol = toy_volume()
+    cached = {"image": vol, "spacing": np.array([0.75, 1.0, 1.0], dtype=np.float32)}
+    assert models[0].step(0.75) == 4 and models[0].step(1.0) == 3
+    result = infer.segment_study(cached, models, keep_probs=True, uid="mm")
+    for z in (0, 5, 12, 23):
+        expected = sigmoid_at(models[0].model, vol, z, 1, step=4)
+        np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
+    with pytest.raises(ValueError, match="slice spacing is needed"):
+        infer.segment_study(vol, models)
