@@ -76,6 +76,7 @@ def tiny_overrides(cache_dir: Path, folds_csv: Path, out_dir: Path, n_folds: int
         "model.encoder_depth": 3,
         "model.decoder_width": 16,
         "train.epochs": 2,
+        "train.val_every": 1,
         "train.batch_size": 8,
         "train.val_batch_size": 16,
         "train.threads": 1,
