@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
@@ -171,10 +172,9 @@ def prepare_studies(
             for fut in as_completed(futures):
                 _collect(*fut.result(), rows, failures, bar)
     bar.close()
-    _append_csv(cache_dir / MANIFEST, pd.DataFrame(rows), key="StudyInstanceUID")
+    merge_csv(cache_dir / MANIFEST, pd.DataFrame(rows))
     failed = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
-    _append_csv(cache_dir / FAILURES, failed, key="StudyInstanceUID",
-                drop=[row["StudyInstanceUID"] for row in rows])
+    merge_csv(cache_dir / FAILURES, failed, drop=[row["StudyInstanceUID"] for row in rows])
     return {
         "prepared": len(rows),
         "skipped": len(uids) - len(todo),
@@ -193,18 +193,14 @@ def _collect(uid, row, error, rows, failures, bar) -> None:
     bar.update(1)
 
 
-def _append_csv(path: Path, new: pd.DataFrame, key: str, drop: list[str] = ()) -> None:
-    """Merge `new` rows into the CSV at `path`: newer rows replace older ones with the same key, and
-    rows whose key is in `drop` go (a study that failed before and was prepared now)."""
-    if path.is_file():
-        old = pd.read_csv(path, dtype={key: str})
-        stale = old[key].isin(drop) | (old[key].isin(new[key]) if len(new) else False)
-        new = pd.concat([old[~stale], new], ignore_index=True)
-    if new.empty:
-        if path.is_file():
-            path.unlink()
-        return
-    new.sort_values(key).to_csv(path, index=False)
+def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID") -> None:
+    """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed
+    (a study that failed before and succeeded now). An emptied CSV stays, with its header only."""
+    old = pd.read_csv(path, dtype={key: str}) if path.is_file() else pd.DataFrame(columns=[key])
+    gone = set(drop) | set(new[key]) if len(new) else set(drop)
+    merged = pd.concat([old[~old[key].isin(gone)], new], ignore_index=True) if len(new) else old[~old[key].isin(gone)]
+    if len(merged) or path.is_file():
+        merged.sort_values(key).to_csv(path, index=False)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .cache import merge_csv
 from .constants import VERTEBRAE, WINDOWS
 from .crops import VertebraExtent, clean_vertebra_probs, missing_vertebrae, vertebra_extents
 from .data import context_step
@@ -521,15 +522,6 @@ def _study_source(source: Path, split: str) -> tuple[str, Path, list[str]]:
     raise FileNotFoundError(f"{source} is neither a data root with {split}_images/ nor a cache folder of .npz files")
 
 
-def _merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID") -> None:
-    """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed."""
-    old = pd.read_csv(path, dtype={key: str}) if path.is_file() else pd.DataFrame(columns=[key])
-    gone = set(drop) | set(new[key]) if len(new) else set(drop)
-    merged = pd.concat([old[~old[key].isin(gone)], new], ignore_index=True) if len(new) else old[~old[key].isin(gone)]
-    if len(merged) or path.is_file():
-        merged.sort_values(key).to_csv(path, index=False)
-
-
 def segment_studies(
     source: PathLike,
     run_dirs: PathLike | Sequence[PathLike],
@@ -625,12 +617,12 @@ def segment_studies(
 def _write_reports(out_dir: Path, rows: list[dict], failures: dict[str, str]) -> None:
     """Merge this run's rows into summary.csv, failures.csv and missing.csv."""
     done = [r["StudyInstanceUID"] for r in rows]
-    _merge_csv(out_dir / SUMMARY, pd.DataFrame(rows))
-    _merge_csv(out_dir / FAILURES, pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}),
+    merge_csv(out_dir / SUMMARY, pd.DataFrame(rows))
+    merge_csv(out_dir / FAILURES, pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}),
                drop=done)
     missing_rows = pd.DataFrame([r for r in rows if r["missing"] or r["dropped"]],
                                 columns=["StudyInstanceUID", "missing", "dropped"])
-    _merge_csv(out_dir / MISSING, missing_rows[["StudyInstanceUID", "missing", "dropped"]],
+    merge_csv(out_dir / MISSING, missing_rows[["StudyInstanceUID", "missing", "dropped"]],
                drop=[u for u in done if u not in set(missing_rows["StudyInstanceUID"])])
 
 
