@@ -11,7 +11,8 @@ from kit.models import Segmenter, create_model, list_models, load_checkpoint, lo
 torch.set_num_threads(1)
 
 # Tiny settings per model family, so one shared test covers every registered model on CPU.
-TINY = {"seg_": {"encoder": "tu-mobilenetv3_small_050", "encoder_depth": 3, "decoder_width": 16}}
+TINY = {"seg_": {"encoder": "tu-mobilenetv3_small_050", "encoder_depth": 3, "decoder_width": 16},
+        "level_": {"encoder": "mobilenetv3_small_050", "hidden": 16}}
 
 
 def tiny_kwargs(name: str) -> dict:
@@ -21,7 +22,33 @@ def tiny_kwargs(name: str) -> dict:
     raise AssertionError(f"add tiny settings for {name} to TINY")
 
 
-@pytest.mark.parametrize("name", list_models())
+def check_gradients(model) -> None:
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    assert any(g.abs().sum() > 0 for g in grads[:3])  # the first conv sees the input
+
+
+@pytest.mark.parametrize("name", list_models("level_*"))
+def test_level_models_forward_backward(name):
+    """Level models take whole studies (B, T, C, H, W) and give per-slice logits (B, T, 7); any T and size."""
+    torch.manual_seed(0)
+    model = create_model(name, in_channels=3, classes=7, **tiny_kwargs(name))
+    logits = model(torch.randn(2, 6, 3, 48, 48))
+    assert logits.shape == (2, 6, 7)
+    logits.square().mean().backward()
+    check_gradients(model)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 11, 3, 40, 52)).shape == (1, 11, 7)
+        # the GRU carries context: changing the last slice changes the first slice's output
+        x = torch.randn(1, 5, 3, 48, 48)
+        y = x.clone()
+        y[0, -1] += 1.0
+        assert not torch.allclose(model(x)[0, 0], model(y)[0, 0])
+
+
+@pytest.mark.parametrize("name", list_models("seg_*"))
 @pytest.mark.parametrize("classes", [7, 8])
 def test_forward_backward(name, classes):
     torch.manual_seed(0)
@@ -55,6 +82,7 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="unknown segmenter arch 'deeplab'; available: unet, unetpp, fpn"):
         Segmenter(arch="deeplab")
     assert list_models("seg_*") == [n for n in list_models() if n.startswith("seg_")]
+    assert set(list_models()) == set(list_models("seg_*")) | set(list_models("level_*")), "a model family untested"
 
 
 def test_pretrained_whole_model_with_prefixes(tmp_path):
@@ -102,3 +130,12 @@ def test_load_checkpoint_rebuilds_the_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
     assert not again.training and ckpt["epoch"] == 1
+
+
+def test_level_model_loads_a_local_timm_backbone(tmp_path):
+    torch.manual_seed(3)
+    backbone = timm.create_model("mobilenetv3_small_050", pretrained=False, in_chans=3)  # with its classifier
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    model = create_model("level_gru", pretrained_weights=str(tmp_path / "backbone.pth"), hidden=16)
+    for key in ("conv_stem.weight", "blocks.1.0.conv_pw.weight"):
+        assert torch.equal(model.cnn.state_dict()[key], backbone.state_dict()[key])

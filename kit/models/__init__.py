@@ -4,10 +4,11 @@ Importing this package registers every model module (segmenter now; the stage-2 
 `@register_model` functions in `classifier.py` and one import line below).
 """
 
-from . import segmenter  # noqa: F401  (registers seg_*)
+from . import level, segmenter  # noqa: F401  (register level_gru, seg_*)
 from .registry import (LoadReport, create_model, list_models, load_checkpoint, load_weights, read_state_dict,
                        register_model)
+from .level import LevelNet
 from .segmenter import Segmenter
 
-__all__ = ["LoadReport", "Segmenter", "create_model", "list_models", "load_checkpoint", "load_weights",
+__all__ = ["LevelNet", "LoadReport", "Segmenter", "create_model", "list_models", "load_checkpoint", "load_weights",
            "read_state_dict", "register_model"]

@@ -1,0 +1,60 @@
+"""The level model: which vertebrae each slice of a whole study shows, read from the whole study at once.
+
+A 2.5D segmenter sees a few slices around the one it segments. C3 to C6 look alike, so telling them apart
+means counting down from C2 or up from C7/T1, which can lie beyond that window; a short CPU training run
+then sometimes learns two neighbouring levels as one (C3 with C4, C5 with C6). This model reads the whole
+study at low resolution and coarse slice spacing: a small CNN embeds each slice (with its two neighbours
+as channels), a bidirectional GRU runs over the slices from head to feet, and a linear head gives, per
+slice, a logit for each of C1..C7 being present. `kit.infer.fuse_levels` multiplies these per-slice odds
+into the segmenter's per-pixel odds, so the segmenter draws the outlines and this model names the level.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from .registry import load_weights, read_state_dict, register_model
+
+
+class LevelNet(nn.Module):
+    """Per-slice CNN embedding -> BiGRU over the study -> per-slice logits.
+
+    Args:
+        encoder: timm model name (without the `tu-` prefix), built without its classifier.
+        in_channels: slices per step (the slice and its neighbours at the level spacing).
+        classes: outputs per slice (7: C1..C7 present).
+        hidden: width of the slice embedding and of each GRU direction.
+        pretrained_weights: local state dict of the timm backbone or of a whole LevelNet.
+    """
+
+    def __init__(self, encoder: str = "mobilenetv3_small_050", in_channels: int = 3, classes: int = 7,
+                 hidden: int = 64, pretrained_weights: str | None = None) -> None:
+        super().__init__()
+        encoder = encoder.removeprefix("tu-")
+        try:
+            self.cnn = timm.create_model(encoder, pretrained=False, in_chans=in_channels, num_classes=0)
+        except RuntimeError as exc:
+            raise ValueError(f"unknown encoder {encoder!r}: a timm model name (see timm.list_models())") from exc
+        self.in_channels, self.classes = in_channels, classes
+        width = getattr(self.cnn, "head_hidden_size", None) or self.cnn.num_features  # MobileNetV3: conv_head
+        self.embed = nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU())
+        self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+        if pretrained_weights:
+            state = read_state_dict(pretrained_weights)
+            whole = sum(k in self.state_dict() for k in state) >= sum(k in self.cnn.state_dict() for k in state)
+            load_weights(self if whole else self.cnn, state)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, C, H, W) slices of B studies -> logits (B, T, classes)."""
+        b, t = x.shape[:2]
+        features = self.embed(self.cnn(x.flatten(0, 1))).view(b, t, -1)
+        return self.head(self.gru(features)[0])
+
+
+@register_model
+def level_gru(in_channels: int = 3, classes: int = 7, encoder: str = "mobilenetv3_small_050", **kwargs) -> LevelNet:
+    """Per-slice level logits for a whole study: x (B, T, in_channels, H, W) -> (B, T, classes)."""
+    return LevelNet(encoder=encoder, in_channels=in_channels, classes=classes, **kwargs)
