@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment every study of a split with trained segmenter runs")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--runs", nargs="+", required=True, help="run folders (runs/<config name>)")
+    p.add_argument("--runs", nargs="+", required=True,
+                   help="run folders (runs/<config name>): segmenter runs, plus level-model runs to fuse in")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.set_defaults(func=_cmd_segment)

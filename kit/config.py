@@ -84,6 +84,10 @@ class DataConfig:
             let the 2.5D input see further up and down the neck at the same cost).
         context_mm: when set, s = round(context_mm / dz) for each study (at least 1), so the input spans the
             same height in mm whatever the slice spacing; context_stride is then unused.
+        context_offsets_mm: explicit input slices as offsets in mm from the slice segmented (ascending, 0
+            included), each rounded to whole slices of the study; replaces context, context_stride and
+            context_mm. Near offsets give fine detail at the level boundaries, far ones the landmarks
+            (dens, C7's spinous process, ribs) that tell the level.
         other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
         background_fraction: share of the slices without any vertebra drawn each epoch (redrawn per epoch).
         foreground_fraction: share of the slices showing a vertebra drawn each epoch (redrawn per epoch);
@@ -103,6 +107,7 @@ class DataConfig:
     context: int = 2
     context_stride: int = 1
     context_mm: float | None = None
+    context_offsets_mm: list[float] | None = None
     other_vertebrae: bool = False
     background_fraction: float = 0.1
     foreground_fraction: float = 1.0
@@ -164,9 +169,13 @@ class TrainConfig:
         ema_decay: EMA decay (warmed up from 0 over the first steps).
         patience: stop after this many validations without improvement; None never stops early.
         val_every: validate every n epochs (and always after the last).
-        dice_weight: segmentation loss = BCE + dice_weight x soft Dice.
+        dice_weight: segmentation loss = pixel loss + dice_weight x soft Dice.
+        exclusive: pixel loss = cross-entropy of softmax([0, logits]) (vertebra labels never overlap, so the
+            levels compete for each pixel); False: per-channel BCE.
         device: "auto", "cpu", "cuda" or "cuda:<i>" (under torchrun each process takes its LOCAL_RANK GPU).
         threads: torch CPU threads (None leaves torch's default).
+        channels_last: keep the model and 4D inputs in channels-last memory layout (faster convolutions on
+            recent CPUs and on tensor-core GPUs; results equal up to float rounding).
         sync_bn: convert BatchNorm to SyncBatchNorm under multi-GPU DDP.
         progress: tqdm bars.
         resume: continue from `last.pt` when it exists (False starts over).
@@ -184,8 +193,10 @@ class TrainConfig:
     patience: int | None = None
     val_every: int = 1
     dice_weight: float = 1.0
+    exclusive: bool = False
     device: str = "auto"
     threads: int | None = None
+    channels_last: bool = False
     sync_bn: bool = False
     progress: bool = True
     resume: bool = True
@@ -250,11 +261,107 @@ class SegConfig:
             raise ConfigError(f"data.context_stride must be >= 1; got {d.context_stride}")
         if d.context_mm is not None and d.context_mm <= 0:
             raise ConfigError(f"data.context_mm must be > 0 or null; got {d.context_mm}")
+        offs = d.context_offsets_mm
+        if offs is not None and (not offs or 0 not in offs or list(offs) != sorted(set(offs))):
+            raise ConfigError(f"data.context_offsets_mm must be ascending, without repeats, and include 0; got {offs}")
         if d.image_size < 32:
             raise ConfigError(f"data.image_size must be >= 32; got {d.image_size}")
         for key in ("background_fraction", "foreground_fraction"):
             if not 0.0 <= getattr(d, key) <= 1.0:
                 raise ConfigError(f"data.{key} must be in [0, 1]; got {getattr(d, key)}")
+        if t.amp not in AMP_CHOICES:
+            raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
+        for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
+        if not self.name or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
+
+
+@dataclass
+class LevelDataConfig:
+    """Data of the level model (`kit.models.level`): whole segmented studies at a coarse slice spacing.
+
+    Attributes:
+        data_root, cache_dir, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same
+            studies, cache and folds as the segmenter).
+        image_size: in-plane size of each slice for the level model (small: it names levels, it does not
+            outline them).
+        slice_mm: spacing of the model's steps along the study, in mm.
+        neighbours: n; each step sees 2n+1 steps as channels.
+        seq_len: steps in a training window (random position; shorter studies padded).
+        repeats: windows drawn per study per epoch.
+        z_jitter: training stretches the step by a random factor in 1 +- z_jitter (necks differ in height;
+            the model must count levels, not millimetres).
+        num_workers: DataLoader worker processes.
+    """
+
+    data_root: str = "data"
+    cache_dir: str = "cache/train"
+    folds_csv: str | None = None
+    folds_seed: int = 42
+    n_folds: int = 5
+    fold: int = 0
+    window: str = "bone"
+    image_size: int = 64
+    slice_mm: float = 2.5
+    neighbours: int = 1
+    seq_len: int = 64
+    repeats: int = 4
+    z_jitter: float = 0.15
+    num_workers: int = 0
+
+
+@dataclass
+class LevelModelConfig:
+    """The level model: a timm CNN per slice, a BiGRU over the study.
+
+    Attributes:
+        name: registered model name (`level_gru`).
+        encoder: timm model name for the per-slice CNN.
+        hidden: slice embedding and GRU width.
+        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded.
+    """
+
+    name: str = "level_gru"
+    encoder: str = "mobilenetv3_small_050"
+    hidden: int = 64
+    pretrained_weights: str | None = None
+
+
+@register_config("level")
+@dataclass
+class LevelConfig:
+    """Stage 1, part two: which vertebrae each slice shows, from the whole study (`kit.models.level`);
+    `kit.infer.segment_study(..., levels=...)` fuses it with the segmenter.
+
+    Attributes: as `SegConfig`, with `LevelDataConfig` and `LevelModelConfig` sections.
+    """
+
+    task: str = "level"
+    name: str = "level"
+    out_dir: str = "runs"
+    seed: int = 42
+    data: LevelDataConfig = field(default_factory=LevelDataConfig)
+    model: LevelModelConfig = field(default_factory=LevelModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        """`<out_dir>/<name>/fold<k>`."""
+        return Path(self.out_dir) / self.name / f"fold{self.data.fold}"
+
+    def check(self) -> None:
+        """Raise ConfigError for values no run can use."""
+        d, t = self.data, self.train
+        if not 0 <= d.fold < d.n_folds:
+            raise ConfigError(f"data.fold={d.fold} must be in 0..{d.n_folds - 1} (data.n_folds={d.n_folds})")
+        if not 0.0 <= d.z_jitter < 1.0:
+            raise ConfigError(f"data.z_jitter must be in [0, 1); got {d.z_jitter}")
+        if d.slice_mm <= 0 or d.neighbours < 0 or d.seq_len < 1 or d.repeats < 1 or d.image_size < 32:
+            raise ConfigError("data.slice_mm must be > 0, data.neighbours >= 0, data.seq_len and data.repeats "
+                              f">= 1, data.image_size >= 32; got {d}")
         if t.amp not in AMP_CHOICES:
             raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
         for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):

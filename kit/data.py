@@ -99,18 +99,20 @@ def split_segmentation_studies(cfg: DataConfig) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def slice_stack(volume: np.ndarray, z: int, context: int, stride: int = 1) -> np.ndarray:
-    """Slices z-k*s, ..., z, ..., z+k*s of a (Z, H, W) volume as (2k+1, H, W) (k = context, s = stride);
-    indices past either end repeat the edge slice."""
-    idx = np.clip(z + stride * np.arange(-context, context + 1), 0, len(volume) - 1)
-    return volume[idx]
+def slice_stack(volume: np.ndarray, z: int, context: int, stride: int = 1,
+                offsets: np.ndarray | None = None) -> np.ndarray:
+    """Slices z-k*s, ..., z, ..., z+k*s of a (Z, H, W) volume as (2k+1, H, W) (k = context, s = stride), or
+    slices z + offsets when `offsets` (ints) is given; indices past either end repeat the edge slice."""
+    offsets = stride * np.arange(-context, context + 1) if offsets is None else np.asarray(offsets)
+    return volume[np.clip(z + offsets, 0, len(volume) - 1)]
 
 
 def slice_stacks(volume: np.ndarray, context: int, start: int = 0, stop: int | None = None,
-                 stride: int = 1) -> np.ndarray:
-    """Stacks for slices start..stop-1 (stop capped at Z) at once: (n, 2k+1, H, W), as `slice_stack`."""
+                 stride: int = 1, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Stacks for slices start..stop-1 (stop capped at Z) at once: (n, channels, H, W), as `slice_stack`."""
     stop = len(volume) if stop is None else min(stop, len(volume))
-    idx = np.arange(start, stop)[:, None] + stride * np.arange(-context, context + 1)[None, :]
+    offsets = stride * np.arange(-context, context + 1) if offsets is None else np.asarray(offsets)
+    idx = np.arange(start, stop)[:, None] + offsets[None, :]
     return volume[np.clip(idx, 0, len(volume) - 1)]
 
 
@@ -229,6 +231,25 @@ def context_step(dz: float, context_stride: int = 1, context_mm: float | None = 
     return max(1, int(round(context_mm / float(dz))))
 
 
+def context_offsets(dz: float, context: int = 2, context_stride: int = 1, context_mm: float | None = None,
+                    offsets_mm: Sequence[float] | None = None) -> np.ndarray:
+    """Slice offsets (ints, centre = 0) of the input channels for one study of slice spacing `dz`.
+
+    With `offsets_mm`, each offset in mm divided by dz and rounded, non-zero ones to at least one slice:
+    e.g. [-30, -15, -2, 0, 2, 15, 30] sees fine detail next to the slice and landmarks two levels away in
+    seven channels. Else evenly spaced: `context_step(...) * (-k..k)`.
+    """
+    if offsets_mm is None:
+        return context_step(dz, context_stride, context_mm) * np.arange(-context, context + 1)
+    raw = np.asarray(offsets_mm, dtype=float) / float(dz)
+    return (np.sign(raw) * np.where(raw == 0, 0, np.maximum(1, np.round(np.abs(raw))))).astype(int)
+
+
+def n_input_slices(context: int, offsets_mm: Sequence[float] | None = None) -> int:
+    """Input channels of the 2.5D segmenter: 2k+1, or one per entry of `offsets_mm`."""
+    return 2 * int(context) + 1 if offsets_mm is None else len(offsets_mm)
+
+
 def load_volumes(cache_dir: str | os.PathLike, uids: Sequence[str], image_size: int) -> dict[str, SegVolume]:
     """{uid: SegVolume} for segmented studies, resized in-plane to image_size.
 
@@ -260,6 +281,7 @@ class SegSliceDataset(Dataset):
         context: k; the input holds 2k+1 slices.
         context_stride: slices between neighbouring input channels.
         context_mm: when set, the step is round(context_mm / dz) per study instead (`context_step`).
+        offsets_mm: explicit channel offsets in mm instead of k and the step (`context_offsets`).
         other_vertebrae: add the "other vertebra" target channel (labels >= 8); such slices then count as
             vertebra slices too.
         background_fraction: share of slices without a vertebra drawn per epoch.
@@ -275,6 +297,7 @@ class SegSliceDataset(Dataset):
         *,
         context_stride: int = 1,
         context_mm: float | None = None,
+        offsets_mm: Sequence[float] | None = None,
         other_vertebrae: bool = False,
         background_fraction: float = 0.1,
         foreground_fraction: float = 1.0,
@@ -283,7 +306,8 @@ class SegSliceDataset(Dataset):
     ) -> None:
         self.volumes = {uid: SegVolume(*v) for uid, v in volumes.items()}
         self.context = context
-        self.steps = {uid: context_step(v.dz, context_stride, context_mm) for uid, v in self.volumes.items()}
+        self.offsets = {uid: context_offsets(v.dz, context, context_stride, context_mm, offsets_mm)
+                        for uid, v in self.volumes.items()}
         self.other_vertebrae = other_vertebrae
         self.background_fraction = background_fraction
         self.foreground_fraction = foreground_fraction
@@ -316,7 +340,7 @@ class SegSliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         uid, z = self.index[i]
         image, labels, _ = self.volumes[uid]
-        stack = slice_stack(image, z, self.context, self.steps[uid])
+        stack = slice_stack(image, z, self.context, offsets=self.offsets[uid])
         sample = {"image": stack.astype(np.float32) / 255.0, "labels": labels[z]}
         if self.augment is not None:
             sample = self.augment(sample, np.random.default_rng([self.seed, self.epoch, i]))
@@ -332,3 +356,89 @@ def n_seg_classes(other_vertebrae: bool) -> int:
     """Output channels of the segmenter: 7 (C1..C7) + 1 with the "other vertebra" channel."""
     return N_VERTEBRAE + int(other_vertebrae)
 
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The level model's data: whole studies at a coarse slice spacing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def level_grid(n_slices: int, dz: float, slice_mm: float) -> np.ndarray:
+    """Native slice indices nearest to 0, slice_mm, 2 x slice_mm, ... mm from the first slice (the level
+    model's steps); at least one."""
+    step = max(float(slice_mm) / float(dz), 1.0)
+    return np.unique(np.clip(np.round(np.arange(0.0, n_slices - 0.5, step)), 0, n_slices - 1).astype(int))
+
+
+def level_stacks(volume: np.ndarray, grid: np.ndarray, neighbours: int = 1) -> np.ndarray:
+    """(T, 2n+1, H, W): each step's slice with its n neighbouring steps on either side as channels (clamped)."""
+    steps = np.clip(np.arange(len(grid))[:, None] + np.arange(-neighbours, neighbours + 1)[None, :], 0, len(grid) - 1)
+    return volume[grid[steps]]
+
+
+def level_presence(labels: np.ndarray) -> np.ndarray:
+    """float32 (Z, 7): 1 where slice z shows vertebra C1..C7 (labels 1..7) at all."""
+    present = np.zeros((len(labels), N_VERTEBRAE), dtype=np.float32)
+    for c in range(N_VERTEBRAE):
+        present[:, c] = (labels == c + 1).any(axis=(1, 2))
+    return present
+
+
+class LevelSequenceDataset(Dataset):
+    """Whole segmented studies as sequences for the level model (`kit.models.level`).
+
+    Each study is sampled every `slice_mm` (`level_grid`); a training sample is a random window of `seq_len`
+    steps (shorter studies are zero-padded, with `mask` 0 on the padding), so the model also learns
+    studies that start or stop anywhere along the neck. Each study appears `repeats` times per epoch.
+    Augmentation: the step drawn from slice_mm x (1 +- z_jitter) (taller or shorter necks: the model must
+    count levels, not measure millimetres), left-right flip and brightness/contrast, all drawn from
+    (seed, epoch, index).
+
+    Args:
+        volumes: {uid: SegVolume} at the level model's in-plane size.
+        slice_mm: spacing of the steps in mm.
+        neighbours: n; each step's input holds 2n+1 steps.
+        seq_len: steps per training window; None: whole studies (batch size 1 then).
+        repeats: samples per study per epoch.
+        augment: augmentation on/off.
+        z_jitter: relative range of the step's random stretch when augmenting.
+        seed: base seed.
+    """
+
+    def __init__(self, volumes: Mapping[str, SegVolume], slice_mm: float = 2.5, neighbours: int = 1,
+                 seq_len: int | None = 64, repeats: int = 1, augment: bool = True, z_jitter: float = 0.15,
+                 seed: int = 0) -> None:
+        self.uids = list(volumes)
+        self.slice_mm, self.neighbours, self.seq_len, self.repeats = slice_mm, neighbours, seq_len, repeats
+        self.augment, self.z_jitter, self.seed = augment, z_jitter, seed
+        self.studies = [(v.image, level_presence(v.labels), v.dz) for v in volumes.values()]
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.studies) * self.repeats
+
+    def __getitem__(self, i: int) -> dict:
+        volume, presence, dz = self.studies[i % len(self.studies)]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        stretch = 1.0 + rng.uniform(-self.z_jitter, self.z_jitter) if self.augment else 1.0
+        grid = level_grid(len(volume), dz, self.slice_mm * stretch)
+        n = len(grid)
+        length = n if self.seq_len is None else self.seq_len
+        start = int(rng.integers(0, n - length + 1)) if n > length else 0
+        stacks = level_stacks(volume, grid, self.neighbours)[start:start + length].astype(np.float32) / 255.0
+        target = presence[grid][start:start + length]
+        if self.augment:
+            if rng.random() < 0.5:
+                stacks = stacks[..., ::-1]
+            stacks = adjust_intensity(stacks, rng.uniform(-0.1, 0.1), 1.0 + rng.uniform(-0.1, 0.1))
+        mask = np.ones(length, dtype=np.float32)
+        if len(stacks) < length:  # pad a short study
+            pad = length - len(stacks)
+            stacks = np.concatenate([stacks, np.zeros((pad, *stacks.shape[1:]), np.float32)])
+            target = np.concatenate([target, np.zeros((pad, N_VERTEBRAE), np.float32)])
+            mask[length - pad:] = 0.0
+        return {"image": torch.from_numpy(np.ascontiguousarray(stacks, dtype=np.float32)),
+                "target": torch.from_numpy(np.ascontiguousarray(target)), "mask": torch.from_numpy(mask)}

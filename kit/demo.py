@@ -88,7 +88,8 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, seed: int = 0, size
     print(pd.Series(described).to_string())
     _update_summary({"dataset": described, "data_seconds": round(time.perf_counter() - start, 1)})
 
-    print("[3/3] stage 1: 2.5D segmenter (config demo_seg), every fold, then out-of-fold Dice and z-ranges")
+    print("[3/3] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
+          "Dice and z-ranges of both fused")
     seg = run_segmenter_stage(data, cache / "train", out / "folds.csv", n_folds_trained=seg_folds)
     print(pd.Series({k: v for k, v in seg.items() if not isinstance(v, dict)}).to_string())
     summary = _update_summary(seg)
@@ -97,50 +98,84 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, seed: int = 0, size
 
 
 def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: str = "demo_seg",
-                        n_folds_trained: int | None = None, **overrides) -> dict:
-    """Train folds of `config` (the first `n_folds_trained`, default all), then score their held-out studies.
+                        n_folds_trained: int | None = None, level_config: str | None = "demo_level",
+                        level_overrides: dict | None = None, **overrides) -> dict:
+    """Train folds of `config` and of the level model `level_config` (the first `n_folds_trained`, default
+    all), then score their held-out studies, segmented with both fused (`kit.infer.segment_study`).
 
-    `overrides` are passed to `load_config` (dotted keys as strings: `**{"train.epochs": 1}`).
+    `overrides` are passed to `load_config` for `config` (dotted keys as strings: `**{"train.epochs": 1}`),
+    `level_overrides` to the level model's (`out_dir` is shared unless `level_overrides` sets its own).
 
     Returns:
         `seg_dice` (mean over held-out studies of the mean 3D Dice over C1..C7, after clean-up),
         `seg_z_error_slices` (the worst vertebra's median z-range error over held-out studies, in slices:
         per study and vertebra the larger of |first slice error| and |last slice error|), the per-vertebra
-        figures behind both, and `seg_seconds` (training and scoring).
+        figures behind both, the same two figures without the level model (`seg_alone_*`),
+        `seg_train_seconds` (training both models) and `seg_seconds` (training and scoring).
     """
     from .cache import load_cached
     from .config import load_config
-    from .crops import vertebra_extents
     from .data import split_segmentation_studies
-    from .infer import load_run, segment_study
-    from .metrics import dice_per_vertebra
+    from .infer import load_run
     from .train import fit_fold
 
     start = time.perf_counter()
-    paths = {"data.data_root": str(data), "data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),
-             **overrides}
-    base = load_config(config, **paths)
-    dice_rows, z_rows = [], []
+    paths = {"data.data_root": str(data), "data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv)}
+    base = load_config(config, **paths, **overrides)
+    shared = {"out_dir": base.out_dir, "data.n_folds": base.data.n_folds, "data.folds_seed": base.data.folds_seed}
+    level_overrides = {**shared, **(level_overrides or {})}
+    rows = {"fused": ([], []), "alone": ([], [])}
+    train_seconds = 0.0
     for fold in range(min(n_folds_trained or base.data.n_folds, base.data.n_folds)):
-        cfg = load_config(config, **paths, **{"data.fold": fold})
+        cfg = load_config(config, **paths, **overrides, **{"data.fold": fold})
+        level_models = []
+        if level_config:
+            level_cfg = load_config(level_config, **paths, **level_overrides, **{"data.fold": fold})
+            t0 = time.perf_counter()
+            fit_fold(level_cfg)
+            train_seconds += time.perf_counter() - t0
+            level_models = load_run(level_cfg.run_dir.parent, folds=[fold])
+        t0 = time.perf_counter()
         fit_fold(cfg)
+        train_seconds += time.perf_counter() - t0
         models = load_run(cfg.run_dir.parent, folds=[fold])
         for uid in split_segmentation_studies(cfg.data)[1]:
             cached = load_cached(cache_dir, uid)
-            result = segment_study(cached, models, uid=uid)
-            truth = cached["mask"]
-            dice_rows.append({"StudyInstanceUID": uid, "fold": fold,
-                              **dice_per_vertebra(result.labels, truth).to_dict()})
-            true_ext = vertebra_extents(truth)
-            for name, ext in true_ext.items():
-                pred = result.extents.get(name)
-                err = np.nan if pred is None else max(abs(pred.z_first - ext.z_first), abs(pred.z_last - ext.z_last))
-                z_rows.append({"StudyInstanceUID": uid, "vertebra": name, "error": err})
+            _score_study(cached, models, level_models, uid, fold, *rows["fused"])
+            if level_models:
+                _score_study(cached, models, [], uid, fold, *rows["alone"])
+    run_root = base.run_dir.parent
+    out = _seg_figures(*rows["fused"], run_root, "")
+    if rows["alone"][0]:
+        alone = _seg_figures(*rows["alone"], run_root, "_segmenter_alone")
+        out.update({"seg_alone_dice": alone["seg_dice"], "seg_alone_z_error_slices": alone["seg_z_error_slices"]})
+    out["seg_level_model"] = level_config
+    out["seg_train_seconds"] = round(train_seconds, 1)
+    out["seg_seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def _score_study(cached: dict, models, level_models, uid: str, fold: int, dice_rows: list, z_rows: list) -> None:
+    """Segment one held-out study and append its Dice per vertebra and z-range errors."""
+    from .crops import vertebra_extents
+    from .infer import segment_study
+    from .metrics import dice_per_vertebra
+
+    result = segment_study(cached, models, uid=uid, levels=level_models or None)
+    truth = cached["mask"]
+    dice_rows.append({"StudyInstanceUID": uid, "fold": fold, **dice_per_vertebra(result.labels, truth).to_dict()})
+    for name, ext in vertebra_extents(truth).items():
+        pred = result.extents.get(name)
+        err = np.nan if pred is None else max(abs(pred.z_first - ext.z_first), abs(pred.z_last - ext.z_last))
+        z_rows.append({"StudyInstanceUID": uid, "vertebra": name, "error": err})
+
+
+def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> dict:
+    """Summary figures of scored studies; writes `oof_dice<suffix>.csv` and `oof_z_errors<suffix>.csv`."""
     dice, z = pd.DataFrame(dice_rows), pd.DataFrame(z_rows)
     z_median = z.groupby("vertebra")["error"].median().reindex(list(VERTEBRAE))
-    run_root = base.run_dir.parent
-    dice.to_csv(run_root / "oof_dice.csv", index=False)
-    z.to_csv(run_root / "oof_z_errors.csv", index=False)
+    dice.to_csv(run_root / f"oof_dice{suffix}.csv", index=False)
+    z.to_csv(run_root / f"oof_z_errors{suffix}.csv", index=False)
     return {
         "seg_dice": round(float(dice["mean"].mean()), 4),
         "seg_z_error_slices": float(z_median.max()),
@@ -149,5 +184,4 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         "seg_vertebrae_missed": int(z["error"].isna().sum()),
         "seg_heldout_studies": int(dice["StudyInstanceUID"].nunique()),
         "seg_folds_trained": int(dice["fold"].nunique()),
-        "seg_seconds": round(time.perf_counter() - start, 1),
     }

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .cache import merge_csv
 from .constants import VERTEBRAE, WINDOWS
 from .crops import VertebraExtent, clean_vertebra_probs, missing_vertebrae, vertebra_extents
-from .data import context_step
+from .data import context_offsets
 
 log = logging.getLogger("kit.infer")
 
@@ -86,15 +86,16 @@ class LoadedModel:
         """k: the model sees 2k+1 neighbouring slices."""
         return int(config_value(self.config, "context"))
 
-    def step(self, dz: float | None) -> int:
-        """Slices between neighbouring input channels for a study of slice spacing `dz`, as in training
-        (`kit.data.context_step`: `context_mm / dz` when the config sets it, else `context_stride`)."""
+    def offsets(self, dz: float | None) -> np.ndarray:
+        """Slice offsets of the input channels for a study of slice spacing `dz`, as in training
+        (`kit.data.context_offsets`: from `context_offsets_mm`, `context_mm` or `context_stride`)."""
+        data = self.config.get("data", {})
         stride = int(config_value(self.config, "context_stride", 1))
-        context_mm = self.config.get("data", {}).get("context_mm")
-        if context_mm is not None and dz is None:
-            raise ValueError(f"{self.path}: trained with data.context_mm={context_mm}, so the study's slice "
+        context_mm, offsets_mm = data.get("context_mm"), data.get("context_offsets_mm")
+        if (context_mm is not None or offsets_mm is not None) and dz is None:
+            raise ValueError(f"{self.path}: trained with its input slices set in mm, so the study's slice "
                              "spacing is needed (pass a Series or cached arrays, not a bare array)")
-        return context_step(dz if dz is not None else 1.0, stride, context_mm)
+        return context_offsets(dz if dz is not None else 1.0, self.context, stride, context_mm, offsets_mm)
 
     @property
     def window(self) -> str:
@@ -146,7 +147,8 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
         device: where the models go.
 
     Returns:
-        One `LoadedModel` per fold, in fold order, each in eval mode on `device`.
+        One `LoadedModel` per fold, in fold order, each in eval mode on `device` (in channels-last layout
+        when it was trained so, `train.channels_last`).
 
     Raises:
         FileNotFoundError: no run folder, no checkpoint at all, or a requested fold's `model.pt` is missing.
@@ -182,6 +184,8 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
             raise RuntimeError(f"checkpoint {path}: cannot rebuild {ckpt['model_name']}({kwargs}) from it: {exc}"
                                ) from exc
         model.eval().to(device)
+        if ckpt["config"].get("train", {}).get("channels_last"):
+            model.to(memory_format=torch.channels_last)
         loaded.append(LoadedModel(model=model, config=dict(ckpt["config"]), fold=fold, path=path,
                                   model_name=ckpt["model_name"], epoch=ckpt.get("epoch"),
                                   metric=ckpt.get("metric")))
@@ -321,8 +325,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
                            uid: str | None = None, dz: float | None = None) -> np.ndarray:
     """Mean sigmoid of a fold ensemble over every slice of a prepared volume.
 
-    Slice z is predicted from the stack of slices z-k*s..z+k*s, s = `LoadedModel.step(dz)` as in training
-    (indices clamped at the volume's ends), scaled to [0, 1] as in training (uint8 / 255). Channels after
+    Slice z is predicted from the slices z + `LoadedModel.offsets(dz)` as in training (z-k*s..z+k*s, or
+    the configured offsets in mm; indices clamped at the volume's ends), scaled to [0, 1] as in training (uint8 / 255). Channels after
     the 7th (e.g. "other vertebra") are ignored.
 
     Args:
@@ -348,14 +352,14 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     z, s_y, s_x = image.shape
     volume = torch.from_numpy(image).to(device)
     probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.float16)
-    offsets = [m.step(dz) * torch.arange(-m.context, m.context + 1, device=device) for m in models]
+    offsets = [torch.as_tensor(m.offsets(dz), device=device) for m in models]
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
             centres = torch.arange(z0, min(z0 + batch_size, z), device=device)
             total = None
             for m, offset in zip(models, offsets):
-                idx = (centres[:, None] + offset).clamp_(0, z - 1)  # (B, 2k+1)
-                x = volume[idx].float().div_(255.0)  # (B, 2k+1, S, S)
+                idx = (centres[:, None] + offset).clamp_(0, z - 1)  # (B, channels)
+                x = volume[idx].float().div_(255.0)  # (B, channels, S, S)
                 logits = m.model(x)
                 if logits.ndim != 4 or logits.shape[1] < len(VERTEBRAE) or logits.shape[2:] != x.shape[2:]:
                     raise SegmentationError(f"study {uid}: {m.path} gave logits {tuple(logits.shape)} for input "
@@ -369,6 +373,75 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     return probs
 
 
+def predict_levels(image: np.ndarray, dz: float | None, models: Sequence[LoadedModel], *,
+                   device: str | torch.device | None = None, uid: str | None = None) -> np.ndarray:
+    """Per-slice presence of C1..C7 from level models (`kit.models.level`), mean over the ensemble.
+
+    Each model samples the study every `data.slice_mm` (`kit.data.level_grid`) at its own in-plane size,
+    runs the whole study at once, and its sigmoid is interpolated linearly back to every slice.
+
+    Args:
+        image: uint8 (Z, S, S) windowed slices (any S; resized per model).
+        dz: slice spacing in mm (required).
+        models: level models from `load_run`.
+
+    Returns:
+        float32 (7, Z) probabilities that slice z shows C1..C7.
+
+    Raises:
+        SegmentationError: a model gave NaN.
+    """
+    from .dicom import resize_slices
+    from .data import level_grid, level_stacks
+
+    if dz is None:
+        raise ValueError(f"study {uid}: the level model needs the slice spacing (pass a Series or cached arrays)")
+    z = len(image)
+    total = np.zeros((len(VERTEBRAE), z), dtype=np.float64)
+    for m in models:
+        dev = torch.device(device) if device is not None else m.device
+        m.model.to(dev)
+        size = m.image_size
+        small = image if image.shape[1:] == (size, size) else resize_slices(image, size)
+        data = m.config.get("data", {})
+        grid = level_grid(z, dz, float(data.get("slice_mm", 2.5)))
+        x = torch.from_numpy(level_stacks(small, grid, int(data.get("neighbours", 1)))).to(dev)
+        with torch.inference_mode():
+            p = torch.sigmoid(m.model(x[None].float() / 255.0)[0].float()).cpu().numpy()  # (T, 7)
+        if np.isnan(p).any():
+            raise SegmentationError(f"study {uid}: NaN in the output of level model {m.path}")
+        for c in range(len(VERTEBRAE)):
+            total[c] += np.interp(np.arange(z), grid, p[:, c])
+    return (total / len(models)).astype(np.float32)
+
+
+def fuse_levels(probs: np.ndarray, levels: np.ndarray, eps: float = 1e-3) -> np.ndarray:
+    """Let the level model name the vertebra and the segmenter draw it.
+
+    Per pixel: the segmenter's foreground, max_c p_c, is kept; it is shared among C1..C7 in proportion to
+    p_c x L_c, where L_c = levels[c, z] is the level model's presence of vertebra c in the pixel's slice
+    (clipped to at least `eps`):
+
+        p'_c = max_j p_j x p_c L_c / sum_j p_j L_j
+
+    A pixel the segmenter calls C3 or C4 alike (two look-alike levels learned as one) goes to the one the
+    level model finds in that slice; a pixel only one vertebra claims keeps its probability even where the
+    level model's coarser steps end a slice early (its tips), so outlines come from the segmenter alone.
+    Where every L is tiny the clip makes the split fall back to the segmenter's own.
+
+    Args:
+        probs: (7, Z, H, W) segmenter probabilities of C1..C7.
+        levels: (7, Z) per-slice presence from `predict_levels`.
+
+    Returns:
+        float16 (7, Z, H, W).
+    """
+    p = probs.astype(np.float32)
+    weighted = p * np.clip(levels.astype(np.float32), eps, 1.0)[:, :, None, None]
+    total = weighted.sum(axis=0)
+    return (p.max(axis=0) * weighted / np.maximum(total, 1e-12)).astype(np.float16)
+
+
 def segment_study(
     source,
     runs,
@@ -379,6 +452,7 @@ def segment_study(
     threshold: float = 0.5,
     keep_probs: bool = False,
     uid: str | None = None,
+    levels=None,
 ) -> SegResult:
     """Segment C1..C7 in one study with a fold ensemble and measure each vertebra's extent.
 
@@ -394,19 +468,29 @@ def segment_study(
         source: a `kit.dicom.Series` (HU), a `kit.cache.load_cached` dict, or a prepared uint8 (Z, S, S)
             array (resized in-plane if S differs from the models' image size).
         runs: `load_run` output, several of them (nested lists), or run folders (loaded on every call:
-            load once with `load_run` when segmenting many studies).
+            load once with `load_run` when segmenting many studies). Level models among them (runs of a
+            `task: level` config) are used as `levels`.
         batch_size: slices per forward pass (does not change the result).
         device: where to run (default: where the models are).
         amp: autocast on CUDA (default: on there; CPU always runs float32).
         threshold: probability threshold of the clean-up.
-        keep_probs: keep the float16 (7, Z, S, S) probabilities on the result.
+        keep_probs: keep the float16 (7, Z, S, S) probabilities on the result (after level fusion).
         uid: study name (default: the Series' uid).
+        levels: more level models (`load_run` of a `task: level` run, or its folder): their per-slice presence
+            is fused into the probabilities before the clean-up (`fuse_levels`), so the level of each
+            vertebra comes from the whole study. None: the segmenter alone.
 
     Returns:
         A `SegResult`: labels (Z, S, S) uint8, extents, missing and dropped vertebrae, timing.
     """
     start = time.perf_counter()
     models = _flatten_models(runs)
+    level_models = [m for m in models if m.config.get("task") == "level"]
+    models = [m for m in models if m.config.get("task") != "level"]
+    if levels is not None:
+        level_models += _flatten_models(levels)
+    if not models:
+        raise ValueError("no segmenter among the models given (only level models)")
     sizes = {m.image_size for m in models}
     if len(sizes) != 1:
         raise ValueError(f"the ensemble mixes image sizes {sorted(sizes)}; segment with one size at a time")
@@ -418,6 +502,9 @@ def segment_study(
     t_prep = time.perf_counter()
     dz = meta["spacing"][0] if meta["spacing"] is not None else None
     probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz)
+    if level_models:
+        presence = predict_levels(image, dz, level_models, device=device, uid=uid)
+        probs = fuse_levels(probs, presence)
     t_fwd = time.perf_counter()
     labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)
     extents = vertebra_extents(labels, meta["spacing"])
@@ -547,7 +634,8 @@ def segment_studies(
     Args:
         source: a data root in RSNA layout (`<split>_images/<uid>/*.dcm`, read with `kit.dicom`) or a
             cache folder of `kit.cache` `.npz` files (`<source>/<split>/` or `<source>/` itself).
-        run_dirs: one or more run folders (`runs/<config name>`); all their folds form the ensemble.
+        run_dirs: one or more run folders (`runs/<config name>`); all their folds form the ensemble, and
+            level-model runs among them are fused in (`segment_study`).
         out_dir: where `<uid>.npz` / `<uid>.json` and the CSVs go.
         split: "train" or "test".
         uids: restrict to these studies (default: all in the split).

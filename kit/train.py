@@ -168,9 +168,15 @@ class EvalResult:
     rows: list[dict]
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, eps: float = 1.0) -> torch.Tensor:
-    """BCE + dice_weight x (1 - soft Dice), the Dice taken per channel over the whole batch and averaged over
-    the channels that have a positive pixel in the batch (smp's DiceLoss does the same).
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, *, exclusive: bool = False,
+             eps: float = 1.0) -> torch.Tensor:
+    """Pixel loss + dice_weight x (1 - soft Dice), the Dice taken per channel over the whole batch and averaged
+    over the channels that have a positive pixel in the batch (smp's DiceLoss does the same).
+
+    Pixel loss: per-channel BCE; with `exclusive`, the cross-entropy of softmax([0, logits]) against the
+    integer label instead (a background logit fixed at 0 in front of the C channels). True labels never
+    overlap, so this makes neighbouring levels compete for a pixel. The sigmoid of each channel still reads
+    as its probability against background: where a channel wins the softmax, its sigmoid is above 0.5.
 
     Why not Dice per slice (`kit.losses.bce_dice_loss`): a slice shows at most one or two of the 7 vertebrae,
     so per (slice, channel) Dice is dominated by empty channels that reward predicting nothing, and the
@@ -179,18 +185,23 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.
 
     Args:
         logits: (B, C, H, W) raw scores.
-        target: (B, C, H, W) in {0, 1}.
+        target: (B, C, H, W) in {0, 1}; at most one channel set per pixel when `exclusive`.
     """
     logits, target = logits.float(), target.float()
-    bce = F.binary_cross_entropy_with_logits(logits, target)
+    if exclusive:  # cross-entropy of softmax([0, logits]) written out (3x faster on CPU than F.pad + F.cross_entropy)
+        top = logits.amax(1, keepdim=True).clamp(min=0.0)
+        lse = top[:, 0] + torch.log(torch.exp(-top[:, 0]) + torch.exp(logits - top).sum(1))
+        pixel = (lse - (logits * target).sum(1)).mean()
+    else:
+        pixel = F.binary_cross_entropy_with_logits(logits, target)
     prob = torch.sigmoid(logits)
     dims = (0, *range(2, logits.ndim))
     truth = target.sum(dims)
     dice = (2.0 * (prob * target).sum(dims) + eps) / (prob.sum(dims) + truth + eps)
     present = truth > 0
     if not present.any():
-        return bce
-    return bce + dice_weight * (1.0 - dice[present]).mean()
+        return pixel
+    return pixel + dice_weight * (1.0 - dice[present]).mean()
 
 
 @register_task("seg")
@@ -211,7 +222,8 @@ class SegTask:
     def model_spec(self) -> tuple[str, dict]:
         """Registered model name and its plain kwargs (what `model.pt` records)."""
         d, m = self.cfg.data, self.cfg.model
-        return m.name, {"in_channels": 2 * d.context + 1, "classes": kdata.n_seg_classes(d.other_vertebrae),
+        return m.name, {"in_channels": kdata.n_input_slices(d.context, d.context_offsets_mm),
+                        "classes": kdata.n_seg_classes(d.other_vertebrae),
                         "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
 
     def build(self) -> tuple[kdata.SegSliceDataset, list[str]]:
@@ -220,6 +232,7 @@ class SegTask:
         train_uids, held_out = kdata.split_segmentation_studies(d)
         train = kdata.SegSliceDataset(kdata.load_volumes(d.cache_dir, train_uids, d.image_size), d.context,
                                       context_stride=d.context_stride, context_mm=d.context_mm,
+                                      offsets_mm=d.context_offsets_mm,
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
                                       foreground_fraction=d.foreground_fraction, augment=d.augment,
                                       seed=self.cfg.seed)
@@ -227,7 +240,8 @@ class SegTask:
         return train, held_out
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return seg_loss(model(batch["image"]), batch["target"], self.cfg.train.dice_weight)
+        tc = self.cfg.train
+        return seg_loss(model(batch["image"]), batch["target"], tc.dice_weight, exclusive=tc.exclusive)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
@@ -239,14 +253,16 @@ class SegTask:
         loss_sum, count, rows = 0.0, 0, []
         for uid in uids:
             image, labels, dz = self.held_out[uid]
-            step = kdata.context_step(dz, d.context_stride, d.context_mm)
+            offsets = kdata.context_offsets(dz, d.context, d.context_stride, d.context_mm, d.context_offsets_mm)
             probs = []
             for start in range(0, len(image), bs):
-                x = torch.from_numpy(kdata.slice_stacks(image, d.context, start, start + bs, step)).to(device)
+                x = kdata.slice_stacks(image, d.context, start, start + bs, offsets=offsets)
+                x = torch.from_numpy(x).to(device)
                 y = torch.from_numpy(kdata.labels_to_channels(labels[start:start + bs], d.other_vertebrae))
                 with autocast():
                     logits = model(x.float() / 255.0)
-                loss_sum += float(seg_loss(logits, y.transpose(0, 1).to(device), self.cfg.train.dice_weight))
+                loss_sum += float(seg_loss(logits, y.transpose(0, 1).to(device), self.cfg.train.dice_weight,
+                                           exclusive=self.cfg.train.exclusive))
                 count += 1
                 probs.append(torch.sigmoid(logits.float())[:, :len(VERTEBRAE)].half().cpu())
             probs = torch.cat(probs).transpose(0, 1).numpy()  # (7, Z, H, W)
@@ -278,6 +294,79 @@ class SegTask:
         return summary
 
 
+@register_task("level")
+class LevelTask:
+    """Stage 1, part two: per-slice vertebra presence from whole studies (`kit.models.level`).
+
+    Trained on the segmented studies of the fold (presence read off the masks), windows of `data.seq_len`
+    steps; validation runs each held-out study whole. Metric: the mean over studies and C1..C7 of the IoU
+    between the predicted (p > 0.5) and true sets of steps showing each vertebra.
+    """
+
+    metric_name = "iou"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.held_out: kdata.LevelSequenceDataset | None = None
+
+    def model_spec(self) -> tuple[str, dict]:
+        d, m = self.cfg.data, self.cfg.model
+        return m.name, {"in_channels": 2 * d.neighbours + 1, "classes": len(VERTEBRAE), "encoder": m.encoder,
+                        "hidden": m.hidden}
+
+    def build(self):
+        d = self.cfg.data
+        train_uids, held_out = kdata.split_segmentation_studies(d)
+        train = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, train_uids, d.image_size), d.slice_mm,
+                                           d.neighbours, d.seq_len, d.repeats, augment=True, z_jitter=d.z_jitter,
+                                           seed=self.cfg.seed)
+        self.held_out = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, held_out, d.image_size),
+                                                   d.slice_mm, d.neighbours, seq_len=None, augment=False)
+        self.held_out_index = {uid: i for i, uid in enumerate(self.held_out.uids)}
+        return train, held_out
+
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        return level_loss(model(batch["image"]), batch["target"], batch["mask"])
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
+        loss_sum, count, rows = 0.0, 0, []
+        for uid in uids:
+            sample = self.held_out[self.held_out_index[uid]]
+            with autocast():
+                logits = model(sample["image"][None].to(device))[0].float()
+            target = sample["target"].to(device)
+            loss_sum += float(level_loss(logits, target, sample["mask"].to(device)))
+            count += 1
+            pred, true = (logits > 0).cpu().numpy(), target.cpu().numpy() > 0.5
+            union = (pred | true).sum(0)
+            iou = np.where(union > 0, (pred & true).sum(0) / np.maximum(union, 1), np.nan)
+            rows.append({"StudyInstanceUID": uid, "steps": len(pred), **dict(zip(VERTEBRAE, iou.round(6))),
+                         "mean": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")})
+        return EvalResult(loss_sum, count, rows)
+
+    score = staticmethod(SegTask.score)
+
+    def write_oof(self, rows: list[dict], run_dir: Path, epoch: int) -> dict:
+        """`oof.csv` (IoU of the steps showing C1..C7 per held-out study) and `oof_summary.json`."""
+        table = pd.DataFrame(rows).sort_values("StudyInstanceUID")
+        table.insert(1, "fold", self.cfg.data.fold)
+        table.insert(2, "epoch", epoch)
+        table.to_csv(run_dir / "oof.csv", index=False)
+        summary = {"metric": "IoU of the slices showing each of C1..C7 (per study, then mean over studies)",
+                   "mean_iou": float(table["mean"].mean()),
+                   "per_vertebra": {v: float(table[v].mean()) for v in VERTEBRAE},
+                   "n_studies": len(table), "fold": self.cfg.data.fold, "epoch": epoch}
+        (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+def level_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE of per-step presence logits (..., T, 7) against 0/1 targets, averaged over unpadded steps."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean(-1)
+    return (bce * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def make_task(cfg):
     """The task object for `cfg.task`."""
     if cfg.task not in TASKS:
@@ -307,6 +396,16 @@ def _summary(state: dict, cfg, run_dir: Path, info: DistInfo) -> dict:
 def _write_logs(history: list[dict], run_dir: Path) -> None:
     pd.DataFrame(history).to_csv(run_dir / "log.csv", index=False)
     (run_dir / "log.json").write_text(json.dumps(history, indent=2))
+
+
+def _to_device(value, device: torch.device, channels_last: bool = False):
+    """A batch entry on `device`; 4D float tensors in channels-last layout when asked (non-tensors untouched)."""
+    if not torch.is_tensor(value):
+        return value
+    value = value.to(device, non_blocking=True)
+    if channels_last and value.ndim == 4 and value.is_floating_point():
+        value = value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 def fit_fold(cfg, task=None) -> dict:
@@ -352,6 +451,8 @@ def _fit(cfg, task, info: DistInfo) -> dict:
     if tc.sync_bn and info.world_size > 1 and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
+    if tc.channels_last:
+        model.to(memory_format=torch.channels_last)
     train_ds, held_out = task.build()
     sampler = (DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)
                if info.world_size > 1 else None)
@@ -405,7 +506,7 @@ def _fit(cfg, task, info: DistInfo) -> dict:
         bar = tqdm(loader, desc=f"{cfg.name} fold{cfg.data.fold} epoch {epoch + 1}/{tc.epochs}", leave=False,
                    disable=not (info.main and tc.progress))
         for i, batch in enumerate(bar):
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = {k: _to_device(v, device, tc.channels_last) for k, v in batch.items()}
             group = min(tc.accum_steps, n - (i // tc.accum_steps) * tc.accum_steps)  # last group may be short
             do_step = (i + 1) % tc.accum_steps == 0 or i + 1 == n
             sync = net.no_sync() if info.world_size > 1 and not do_step else contextlib.nullcontext()

@@ -7,21 +7,23 @@ import dataclasses
 import pytest
 import yaml
 
-from kit.config import (CONFIG_DIR, ConfigError, SegConfig, config_from_dict, config_to_dict, list_configs,
+from kit.config import (CONFIG_CLASSES, CONFIG_DIR, ConfigError, SegConfig, config_from_dict, config_to_dict, list_configs,
                         load_config, save_config)
+from kit.data import n_input_slices
 
 
 def test_packaged_configs_all_load():
     names = list_configs()
-    assert {"demo_seg", "seg_unet_effb3_384"} <= set(names)
+    assert {"demo_seg", "demo_level", "seg_unet_effb3_384"} <= set(names)
     for name in names:
         cfg = load_config(name)
-        assert isinstance(cfg, SegConfig)
+        raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
+        cls = CONFIG_CLASSES[raw.get("task", "seg")]
+        assert isinstance(cfg, cls) and cfg.task == raw.get("task", "seg")
         assert cfg.name == name  # the run name is the file stem
         assert str(cfg.run_dir) == f"runs/{name}/fold0"
         # YAML files hold overrides only: every key they set is a real field, and differs from the default
-        raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
-        default = config_to_dict(SegConfig())
+        default = config_to_dict(cls())
         for section, values in raw.items():
             if isinstance(values, dict):
                 for key, value in values.items():
@@ -31,7 +33,7 @@ def test_packaged_configs_all_load():
 def test_demo_config_is_small_and_full_config_is_gpu_scale():
     demo, full = load_config("demo_seg"), load_config("seg_unet_effb3_384")
     assert demo.data.image_size <= 128 and demo.train.amp == "off" and demo.train.device == "cpu"
-    assert 2 * demo.data.context + 1 <= 9
+    assert n_input_slices(demo.data.context, demo.data.context_offsets_mm) <= 9
     assert full.data.image_size >= 384 and full.data.n_folds == 5 and full.train.amp == "bf16"
     assert full.model.encoder.startswith("tu-")
 
@@ -63,6 +65,10 @@ def test_bad_values_raise():
         load_config("demo_seg", **{"train.ema": 1})
     with pytest.raises(ConfigError, match=r"train\.amp='fp32'; valid: auto, bf16, fp16, off"):
         load_config("demo_seg", **{"train.amp": "fp32"})
+    with pytest.raises(ConfigError, match=r"context_offsets_mm must be ascending.*include 0"):
+        load_config("demo_seg", **{"data.context_offsets_mm": [-5.0, 5.0]})
+    with pytest.raises(ConfigError, match=r"context_offsets_mm must be ascending"):
+        load_config("demo_seg", **{"data.context_offsets_mm": [5.0, 0.0, -5.0]})
     with pytest.raises(ConfigError, match=r"data\.fold=5 must be in 0\.\.4"):
         load_config("demo_seg", **{"data.fold": 5})
     with pytest.raises(ConfigError, match="is a section"):

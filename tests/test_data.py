@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from seg_fixtures import make_cache, make_study
 
 from kit.config import AugmentConfig, DataConfig
 from kit.data import (SegAugment, load_study, SegSliceDataset, affine_matrix, cached_uids, labels_to_channels, load_volumes,
-                      slice_stack, slice_stacks, split_segmentation_studies, warp)
+                      slice_stack, slice_stacks, split_segmentation_studies, warp, context_offsets, n_input_slices,
+                      LevelSequenceDataset, SegVolume, level_grid, level_presence, level_stacks)
 
 
 def test_slice_stack_clamps_at_the_edges():
@@ -20,6 +22,17 @@ def test_slice_stack_clamps_at_the_edges():
     for z in range(5):
         np.testing.assert_array_equal(all_stacks[z], slice_stack(vol, z, 2))
     assert slice_stacks(vol, 1, 3, 99).shape == (2, 3, 2, 3)  # stop capped at Z
+    offsets = np.array([-3, -1, 0, 2])
+    assert slice_stack(vol, 1, 0, offsets=offsets)[:, 0, 0].tolist() == [0, 0, 1, 3]
+    np.testing.assert_array_equal(slice_stacks(vol, 0, offsets=offsets)[1], slice_stack(vol, 1, 0, offsets=offsets))
+
+
+def test_context_offsets_in_slices():
+    assert context_offsets(0.5, 2, context_stride=3).tolist() == [-6, -3, 0, 3, 6]
+    assert context_offsets(0.5, 1, context_mm=2.0).tolist() == [-4, 0, 4]
+    assert context_offsets(0.625, offsets_mm=[-20, -1, 0, 1.2, 20]).tolist() == [-32, -2, 0, 2, 32]
+    assert context_offsets(3.0, offsets_mm=[-1, 0, 1]).tolist() == [-1, 0, 1]  # never collapse onto the centre
+    assert n_input_slices(4) == 9 and n_input_slices(4, [-5, 0, 5]) == 3
 
 
 def test_labels_to_channels():
@@ -127,3 +140,32 @@ def test_split_uses_the_folds_csv_and_segmented_studies(tmp_path):
     assert uids[5] not in train + held_out  # no segmentation
     with pytest.raises(ValueError, match="holds 3 folds but data.n_folds=4"):
         split_segmentation_studies(DataConfig(cache_dir=cfg.cache_dir, folds_csv=cfg.folds_csv, n_folds=4))
+
+
+def test_level_grid_stacks_and_presence():
+    assert level_grid(10, 1.0, 2.5).tolist() == [0, 2, 5, 8]  # 0, 2.5, 5, 7.5 mm -> nearest slices
+    assert level_grid(7, 3.0, 2.5).tolist() == list(range(7))  # never finer than the study
+    vol = np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((10, 2, 2), np.uint8)
+    stacks = level_stacks(vol, np.array([0, 2, 5, 8]), neighbours=1)
+    assert stacks.shape == (4, 3, 2, 2) and stacks[:, :, 0, 0].tolist() == [[0, 0, 2], [0, 2, 5], [2, 5, 8], [5, 8, 8]]
+    labels = np.zeros((3, 4, 4), np.uint8)
+    labels[0, 0, 0], labels[1, 1, 1], labels[1, 2, 2], labels[2, 3, 3] = 1, 2, 3, 9  # 9: thoracic, ignored
+    present = level_presence(labels)
+    assert present.shape == (3, 7) and present.sum() == 3 and present[0, 0] == present[1, 1] == present[1, 2] == 1
+
+
+def test_level_sequence_dataset_windows_pads_and_repeats():
+    rng = np.random.default_rng(0)
+    long = SegVolume(rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), np.zeros((40, 8, 8), np.uint8), 1.0)
+    short = SegVolume(rng.integers(0, 255, (6, 8, 8), dtype=np.uint8), np.ones((6, 8, 8), np.uint8), 2.0)
+    ds = LevelSequenceDataset({"long": long, "short": short}, slice_mm=2.0, neighbours=1, seq_len=8, repeats=3)
+    assert len(ds) == 6
+    a = ds[0]
+    assert a["image"].shape == (8, 3, 8, 8) and a["target"].shape == (8, 7) and a["mask"].sum() == 8
+    b = ds[1]  # the short study: 6 slices at 2 mm = 6 steps, padded to 8
+    assert b["mask"].tolist() == [1] * 6 + [0, 0] and b["target"][:6, 0].sum() == 6 and b["target"][6:].sum() == 0
+    assert float(b["image"][6:].abs().sum()) == 0.0
+    again = ds[0]
+    torch.testing.assert_close(a["image"], again["image"])  # same epoch, same draw
+    whole = LevelSequenceDataset({"long": long}, slice_mm=2.0, seq_len=None, augment=False)
+    np.testing.assert_allclose(whole[0]["image"][:, 1].numpy(), long.image[::2] / 255.0, atol=1e-6)

@@ -21,10 +21,15 @@ def test_segmenter_stage_scores_heldout_studies(synthetic_root, tmp_path, monkey
 
     tiny = {"out_dir": str(tmp_path / "runs"), "data.n_folds": 2, "data.image_size": 32, "data.context": 1,
             "model.encoder_depth": 3, "model.decoder_width": 16, "train.epochs": 1, "train.progress": False}
-    seg = run_segmenter_stage(synthetic_root, cache, tmp_path / "folds.csv", **tiny)
+    tiny_level = {"data.image_size": 32, "data.seq_len": 16, "data.repeats": 1, "model.hidden": 8,
+                  "train.batch_size": 2, "train.epochs": 1, "train.progress": False}
+    seg = run_segmenter_stage(synthetic_root, cache, tmp_path / "folds.csv", level_overrides=tiny_level, **tiny)
     assert seg["seg_folds_trained"] == 2 and seg["seg_heldout_studies"] == 4
     assert 0.0 <= seg["seg_dice"] <= 1.0 and set(seg["seg_dice_per_vertebra"]) == set(VERTEBRAE)
     assert seg["seg_z_error_slices"] >= 0 or np.isnan(seg["seg_z_error_slices"])
+    assert 0.0 <= seg["seg_alone_dice"] <= 1.0 and seg["seg_level_model"] == "demo_level"
+    assert (tmp_path / "runs" / "demo_level" / "fold1" / "model.pt").is_file()
+    assert (tmp_path / "runs" / "demo_seg" / "oof_dice_segmenter_alone.csv").is_file()
     dice = (tmp_path / "runs" / "demo_seg" / "oof_dice.csv").read_text().splitlines()
     assert len(dice) == 1 + 4  # header + one row per held-out study
     for fold in (0, 1):

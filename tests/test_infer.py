@@ -12,6 +12,7 @@ from torch import nn
 
 from kit import infer
 from kit.constants import VERTEBRAE
+from kit.models import create_model
 
 
 class TinySeg(nn.Module):
@@ -27,6 +28,8 @@ class TinySeg(nn.Module):
 
 
 def tiny_create_model(name: str, **kwargs) -> nn.Module:
+    if name.startswith("level_"):  # real level models: small enough as they are
+        return create_model(name, **kwargs)
     if name != "tiny_seg":
         raise ValueError(f"unknown model {name!r}; available: tiny_seg")
     return TinySeg(**kwargs)
@@ -41,19 +44,21 @@ def registry(monkeypatch):
 
 
 def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False,
-                     context_mm: float | None = None):
+                     context_mm: float | None = None, offsets_mm: list[float] | None = None):
     torch.manual_seed(seed)
-    model = TinySeg(2 * context + 1, 8)
+    channels = 2 * context + 1 if offsets_mm is None else len(offsets_mm)
+    model = TinySeg(channels, 8)
     state = model.state_dict()
     if nan:
         state["conv.weight"][0, 0, 0, 0] = float("nan")
     config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold,
-                                             "context_stride": 1, "context_mm": context_mm},
+                                             "context_stride": 1, "context_mm": context_mm,
+                                             "context_offsets_mm": offsets_mm},
               "model": {"name": "tiny_seg"}}
     path = run_dir / f"fold{fold}" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"model": state, "model_name": "tiny_seg",
-                "model_kwargs": {"in_chans": 2 * context + 1, "classes": 8, "pretrained": True},
+                "model_kwargs": {"in_chans": channels, "classes": 8, "pretrained": True},
                 "config": config, "epoch": 3, "metric": 0.5 + fold}, path)
     return path
 
@@ -66,8 +71,9 @@ def toy_volume(z: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
     return vol
 
 
-def sigmoid_at(model: nn.Module, vol: np.ndarray, z: int, k: int, step: int = 1) -> np.ndarray:
-    idx = np.clip(np.arange(z - k * step, z + k * step + 1, step), 0, vol.shape[0] - 1)
+def sigmoid_at(model: nn.Module, vol: np.ndarray, z: int, k: int, step: int = 1, offsets=None) -> np.ndarray:
+    offsets = np.arange(-k * step, k * step + 1, step) if offsets is None else np.asarray(offsets)
+    idx = np.clip(z + offsets, 0, vol.shape[0] - 1)
     x = torch.from_numpy(vol[idx]).float()[None] / 255.0
     with torch.no_grad():
         return torch.sigmoid(model(x))[0, :7].numpy()  # (7, S, S)
@@ -303,10 +309,84 @@ def test_segment_study_uses_the_training_slice_step(registry, tmp_path):
     models = infer.load_run(run)
     vol = toy_volume()
     cached = {"image": vol, "spacing": np.array([0.75, 1.0, 1.0], dtype=np.float32)}
-    assert models[0].step(0.75) == 4 and models[0].step(1.0) == 3
+    assert models[0].offsets(0.75).tolist() == [-4, 0, 4] and models[0].offsets(1.0).tolist() == [-3, 0, 3]
     result = infer.segment_study(cached, models, keep_probs=True, uid="mm")
     for z in (0, 5, 12, 23):
         expected = sigmoid_at(models[0].model, vol, z, 1, step=4)
         np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
     with pytest.raises(ValueError, match="slice spacing is needed"):
         infer.segment_study(vol, models)
+
+
+def test_segment_study_uses_the_training_offsets_in_mm(registry, tmp_path):
+    """A model trained with data.context_offsets_mm sees the same mm offsets, rounded to the study's slices."""
+    run = tmp_path / "offsets"
+    write_checkpoint(run, 0, seed=2, offsets_mm=[-6.0, -1.0, 0.0, 1.0, 6.0])
+    models = infer.load_run(run)
+    assert models[0].offsets(0.5).tolist() == [-12, -2, 0, 2, 12]
+    assert models[0].offsets(1.0).tolist() == [-6, -1, 0, 1, 6]
+    assert models[0].offsets(2.5).tolist() == [-2, -1, 0, 1, 2]  # small offsets keep at least one slice
+    with pytest.raises(ValueError, match="spacing is needed"):
+        models[0].offsets(None)
+    vol = toy_volume()
+    cached = {"image": vol, "spacing": np.array([0.5, 1.0, 1.0], dtype=np.float32)}
+    result = infer.segment_study(cached, models, keep_probs=True, uid="offsets")
+    for z in (0, 3, 12, 23):
+        expected = sigmoid_at(models[0].model, vol, z, 0, offsets=[-12, -2, 0, 2, 12])
+        np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
+
+
+def write_level_checkpoint(run_dir, fold: int = 0, *, slice_mm: float = 2.0, size: int = 32) -> None:
+    torch.manual_seed(5)
+    kwargs = {"in_channels": 3, "classes": 7, "encoder": "mobilenetv3_small_050", "hidden": 8}
+    model = create_model("level_gru", **kwargs)
+    config = {"name": run_dir.name, "task": "level",
+              "data": {"image_size": size, "slice_mm": slice_mm, "neighbours": 1, "fold": fold, "window": "bone"}}
+    path = run_dir / f"fold{fold}" / "model.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_name": "level_gru", "model_kwargs": kwargs, "config": config,
+                "epoch": 1, "metric": 0.5}, path)
+
+
+def test_fuse_levels_lets_the_level_model_name_the_vertebra():
+    probs = np.zeros((7, 3, 1, 2), np.float32)
+    levels = np.zeros((7, 3), np.float32)
+    probs[2:4, 0, 0, 0] = 0.8  # slice 0, pixel 0: the segmenter calls it C3 and C4 alike ...
+    levels[3, 0] = 0.9  # ... and the level model finds only C4 in slice 0
+    probs[2, 0, 0, 1] = 0.7  # pixel 1: only C3 claims it: kept whatever the level model says
+    probs[[0, 1], 1, 0, 0] = [0.6, 0.2]  # slice 1: the level model says nothing (L = 0 everywhere)
+    probs[4:6, 2, 0, 0] = [0.9, 0.3]  # slice 2: both present per the level model, 1:1
+    levels[4:6, 2] = 1.0
+    out = infer.fuse_levels(probs.astype(np.float16), levels).astype(np.float32)
+    assert out.shape == probs.shape
+    # C4 takes the foreground 0.8: 0.8 x 0.8*0.9 / (0.8*0.9 + 0.8*0.001)
+    np.testing.assert_allclose(out[3, 0, 0, 0], 0.8 * 0.72 / (0.72 + 0.0008), atol=1e-3)
+    assert out[2, 0, 0, 0] < 0.01
+    np.testing.assert_allclose(out[2, 0, 0, 1], 0.7, atol=1e-3)
+    np.testing.assert_allclose(out[:2, 1, 0, 0], [0.6 * 0.6 / 0.8, 0.6 * 0.2 / 0.8], atol=1e-3)
+    np.testing.assert_allclose(out[4:6, 2, 0, 0], [0.9 * 0.9 / 1.2, 0.9 * 0.3 / 1.2], atol=1e-3)
+    assert out[6].sum() == 0 and out[:, :, 0, 1][[0, 1, 3, 4, 5, 6]].sum() == 0  # nothing appears from nowhere
+
+
+def test_segment_study_fuses_the_level_model(registry, tmp_path):
+    write_checkpoint(tmp_path / "seg", 0, seed=0, context=1)
+    write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
+    seg, levels = infer.load_run(tmp_path / "seg"), infer.load_run(tmp_path / "level")
+    vol = toy_volume()
+    cached = {"image": vol, "spacing": np.array([1.0, 1.0, 1.0], dtype=np.float32)}
+    presence = infer.predict_levels(vol, 1.0, levels)
+    assert presence.shape == (7, len(vol)) and ((presence > 0) & (presence < 1)).all()
+    # at the model's own steps (every 2nd slice) the presence is the model's sigmoid on the stacked steps
+    from kit.data import level_grid, level_stacks
+
+    grid = level_grid(len(vol), 1.0, 2.0)
+    with torch.no_grad():
+        x = torch.from_numpy(level_stacks(vol, grid, 1)).float()[None] / 255.0
+        direct = torch.sigmoid(levels[0].model(x))[0].numpy()
+    np.testing.assert_allclose(presence[:, grid], direct.T, atol=1e-5)
+    plain = infer.segment_study(cached, seg, keep_probs=True, uid="plain")
+    fused = infer.segment_study(cached, seg, keep_probs=True, uid="fused", levels=levels)
+    np.testing.assert_allclose(fused.probs.astype(np.float32),
+                               infer.fuse_levels(plain.probs, presence).astype(np.float32), atol=2e-3)
+    with pytest.raises(ValueError, match="slice spacing"):
+        infer.predict_levels(vol, None, levels)

@@ -46,3 +46,4 @@ def test_01_train_segmenter(synthetic_root, tmp_path):
     assert _images(nb) >= 3  # curves, Dice per vertebra, sagittal overlay
     assert (tmp_path / "runs" / "demo_seg" / "fold0" / "model.pt").is_file()
     assert (tmp_path / "runs" / "demo_seg" / "fold0" / "oof.csv").is_file()
+    assert (tmp_path / "runs" / "demo_level" / "fold0" / "model.pt").is_file()

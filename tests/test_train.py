@@ -16,7 +16,7 @@ from seg_fixtures import make_cache, tiny_overrides
 
 from kit.config import load_config, save_config
 from kit.models import load_checkpoint
-from kit.train import SegTask, amp_dtype, fit_fold
+from kit.train import SegTask, amp_dtype, fit_fold, seg_loss
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,54 @@ class CrashingTask(SegTask):
         if self.calls > self.crash_after:
             raise KeyboardInterrupt("simulated kill")
         return super().loss(model, batch)
+
+
+def test_exclusive_seg_loss_is_softmax_cross_entropy_against_a_zero_background_logit():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=g) * 3
+    label = torch.randint(0, 4, (2, 4, 5), generator=g)  # 0 background, 1..3 the channels
+    target = torch.stack([(label == c + 1).float() for c in range(3)], dim=1)
+    # by hand: log(1 + sum exp(l)) - l_label, with l_0 = 0 for background
+    chosen = torch.where(label > 0, logits.gather(1, (label - 1).clamp(min=0)[:, None])[:, 0], torch.zeros(()))
+    ce = (torch.log1p(logits.exp().sum(1)) - chosen).mean()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+    dice_term = seg_loss(logits, target) - bce  # the Dice part does not depend on the pixel loss
+    torch.testing.assert_close(seg_loss(logits, target, exclusive=True), ce + dice_term)
+    torch.testing.assert_close(seg_loss(logits, target, dice_weight=0.0, exclusive=True), ce)
+
+
+def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
+    from kit.infer import load_run
+
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "train.channels_last": True,
+                                                "train.exclusive": True})
+    assert fit_fold(cfg)["finished"]
+    loaded = load_run(tmp_path / "runs" / "demo_seg")[0]
+    conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain, _ = load_checkpoint(tmp_path / "runs" / "demo_seg" / "fold0" / "model.pt")
+    plain_conv = next(m for m in plain.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+    assert not plain_conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x), plain(x), atol=1e-4, rtol=1e-4)
+
+
+def test_level_task_trains_and_scores_held_out_studies(cache, tmp_path):
+    cache_dir, folds_csv, _ = cache
+    cfg = load_config("demo_level", **{"data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),
+                                       "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8,
+                                       "data.slice_mm": 2.0, "data.repeats": 2, "model.hidden": 16,
+                                       "train.epochs": 2, "train.val_every": 1, "train.batch_size": 2,
+                                       "train.threads": 1, "train.progress": False, "out_dir": str(tmp_path)})
+    summary = fit_fold(cfg)
+    run = tmp_path / "demo_level" / "fold0"
+    assert summary["finished"] and (run / "model.pt").is_file()
+    oof = pd.read_csv(run / "oof.csv")
+    assert len(oof) == 2 and oof["mean"].between(0, 1).all() and set(oof.columns) >= {"C1", "C7", "steps"}
+    log = read_log(run)
+    assert list(log.columns) == ["epoch", "train_loss", "val_loss", "val_iou", "lr", "seconds"]
+    assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(cache, tmp_path):
