@@ -196,9 +196,12 @@ def _collect(uid, row, error, rows, failures, bar) -> None:
 def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID") -> None:
     """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed
     (a study that failed before and succeeded now). An emptied CSV stays, with its header only."""
-    old = pd.read_csv(path, dtype={key: str}) if path.is_file() else pd.DataFrame(columns=[key])
-    gone = set(drop) | set(new[key]) if len(new) else set(drop)
-    merged = pd.concat([old[~old[key].isin(gone)], new], ignore_index=True) if len(new) else old[~old[key].isin(gone)]
+    gone = set(drop) | (set(new[key]) if len(new) else set())
+    kept = pd.read_csv(path, dtype={key: str}) if path.is_file() else new.iloc[:0]
+    kept = kept[~kept[key].isin(gone)] if key in kept.columns else kept
+    # concatenating an empty frame would turn the integer columns of the other into floats (178 -> 178.0)
+    parts = [frame for frame in (kept, new) if len(frame)]
+    merged = pd.concat(parts, ignore_index=True) if len(parts) == 2 else (parts[0] if parts else kept)
     if len(merged) or path.is_file():
         merged.sort_values(key).to_csv(path, index=False)
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 
-from kit.cache import load_cached, prepare_studies, read_manifest
+from kit.cache import load_cached, merge_csv, prepare_studies, read_manifest
 from kit.constants import WINDOWS
 from kit.dicom import read_mask, read_series, resize_slices, window
 
@@ -66,3 +66,16 @@ def test_broken_study_is_skipped_and_reported(synthetic_root, tmp_path):
     assert (mended["prepared"], mended["failed"]) == (1, 1)
     failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
     assert list(failures["StudyInstanceUID"]) == [empty]
+
+
+def test_merge_csv_replaces_rows_drops_keys_and_keeps_integer_columns(tmp_path):
+    path = tmp_path / "table.csv"
+    merge_csv(path, pd.DataFrame({"StudyInstanceUID": ["b", "a"], "slices": [178, 200]}))
+    assert path.read_text().splitlines() == ["StudyInstanceUID,slices", "a,200", "b,178"]  # no 178.0
+    merge_csv(path, pd.DataFrame({"StudyInstanceUID": ["b", "c"], "slices": [5, 7]}), drop=["a"])
+    table = pd.read_csv(path, dtype={"StudyInstanceUID": str})
+    assert table.to_dict("list") == {"StudyInstanceUID": ["b", "c"], "slices": [5, 7]}
+    merge_csv(path, pd.DataFrame(), drop=["b", "c"])  # emptied: the header stays
+    assert path.read_text().splitlines() == ["StudyInstanceUID,slices"]
+    merge_csv(tmp_path / "never.csv", pd.DataFrame())  # nothing to write, no file made
+    assert not (tmp_path / "never.csv").exists()
