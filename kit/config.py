@@ -51,6 +51,9 @@ class AugmentConfig:
         vflip: probability of an anterior-posterior flip.
         brightness: additive brightness drawn from +-brightness (image in [0, 1]).
         contrast: multiplicative contrast drawn from 1 +- contrast.
+        crop: when set, train on crop x crop patches around the vertebrae (centre jittered by +-crop/4;
+            random on slices without one) instead of whole slices; fully convolutional models still see
+            whole slices at validation and inference. Cuts the cost per sample by (crop / image_size)^2.
     """
 
     enabled: bool = True
@@ -62,6 +65,7 @@ class AugmentConfig:
     vflip: float = 0.0
     brightness: float = 0.1
     contrast: float = 0.1
+    crop: int | None = None
 
 
 @dataclass
@@ -89,6 +93,11 @@ class DataConfig:
             context_mm. Near offsets give fine detail at the level boundaries, far ones the landmarks
             (dens, C7's spinous process, ribs) that tell the level.
         other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
+        level_input: condition the segmenter on the level model: 7 more input channels, constant planes
+            holding each vertebra's presence in the slice; the true ranges (`kit.data.soft_presence`,
+            jittered) in training and validation, the level model's `predict_levels` at inference, which
+            then needs a level run (`segment_study(..., levels=...)`).
+        level_jitter_mm: how far each true range's ends move in training (the level model's error).
         background_fraction: share of the slices without any vertebra drawn each epoch (redrawn per epoch).
         foreground_fraction: share of the slices showing a vertebra drawn each epoch (redrawn per epoch);
             below 1 makes epochs shorter, not the data smaller.
@@ -109,6 +118,8 @@ class DataConfig:
     context_mm: float | None = None
     context_offsets_mm: list[float] | None = None
     other_vertebrae: bool = False
+    level_input: bool = False
+    level_jitter_mm: float = 2.5
     background_fraction: float = 0.1
     foreground_fraction: float = 1.0
     num_workers: int = 4
@@ -124,6 +135,8 @@ class SegModelConfig:
         encoder: `tu-<timm name>` (any timm backbone with features_only) or an smp native encoder name.
         encoder_depth: encoder stages used (3..5); fewer is faster and lighter.
         decoder_width: decoder channels at its widest stage (Unet halves it per stage; FPN pyramid width).
+        refine: channels of a full-resolution head over the decoder's output and the input slices (Unet,
+            Unet++; 0 = smp's own head), for outlines drawn from the pixels rather than stride-2 features.
         pretrained_weights: local state-dict file (timm backbone or whole segmenter); never downloaded.
     """
 
@@ -131,6 +144,7 @@ class SegModelConfig:
     encoder: str = "tu-efficientnet_b3"
     encoder_depth: int = 5
     decoder_width: int = 256
+    refine: int = 0
     pretrained_weights: str | None = None
 
 

@@ -127,6 +127,40 @@ def labels_to_channels(labels: np.ndarray, other_vertebrae: bool = False) -> np.
     return np.stack(planes).astype(np.float32)
 
 
+def vertebra_ranges(labels: np.ndarray) -> np.ndarray:
+    """int (7, 2): first and last slice showing C1..C7 in a (Z, H, W) label volume; (-1, -1) if absent."""
+    ranges = np.full((N_VERTEBRAE, 2), -1, dtype=np.int64)
+    for c in range(N_VERTEBRAE):
+        zs = np.nonzero((labels == c + 1).any(axis=(1, 2)))[0]
+        if len(zs):
+            ranges[c] = zs[0], zs[-1]
+    return ranges
+
+
+def soft_presence(ranges: np.ndarray, z: int, dz: float, rng: np.random.Generator | None = None,
+                  jitter_mm: float = 2.5, ramp_mm: float = 2.5) -> np.ndarray:
+    """float32 (7,): how much slice z is inside each vertebra's z-range, the training stand-in for the level
+    model's output (`kit.infer.predict_levels`) given to a level-conditioned segmenter.
+
+    1 well inside [first, last], 0 well outside, a linear ramp `ramp_mm` wide centred on each end (the level
+    model samples every few mm and is interpolated). With `rng`, each end moves by up to +-jitter_mm and the
+    value is scaled by 0.8-1, so the segmenter learns to use the prior without trusting its exact edges.
+    """
+    ramp = max(ramp_mm / dz, 1.0)
+    out = np.zeros(N_VERTEBRAE, dtype=np.float32)
+    for c, (first, last) in enumerate(ranges):
+        if first < 0:
+            continue
+        first, last = float(first) - 0.5, float(last) + 0.5  # the range's outer edges
+        if rng is not None:
+            first += rng.uniform(-jitter_mm, jitter_mm) / dz
+            last += rng.uniform(-jitter_mm, jitter_mm) / dz
+        out[c] = np.clip((z - first) / ramp + 0.5, 0, 1) * np.clip((last - z) / ramp + 0.5, 0, 1)
+        if rng is not None:
+            out[c] *= rng.uniform(0.8, 1.0)
+    return out
+
+
 def affine_matrix(
     height: int,
     width: int,
@@ -204,7 +238,30 @@ class SegAugment:
         if self.aug.brightness or self.aug.contrast:
             image = adjust_intensity(image, rng.uniform(-self.aug.brightness, self.aug.brightness),
                                      1.0 + rng.uniform(-self.aug.contrast, self.aug.contrast))
+        if self.aug.crop:
+            image, labels = crop_around_labels(image, labels, self.aug.crop, rng)
         return {**sample, "image": image, "labels": labels}
+
+
+def crop_around_labels(image: np.ndarray, labels: np.ndarray, size: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A size x size patch of image (C, H, W) and labels (H, W): centred on the labelled pixels' bounding
+    box, jittered by +-size/4, kept inside the slice; anywhere on a slice without labels. Slices smaller
+    than `size` are returned whole."""
+    h, w = labels.shape
+    if size >= h and size >= w:
+        return image, labels
+    ch, cw = min(size, h), min(size, w)
+    ys, xs = np.nonzero(labels)
+    origin = []
+    for c, n, pos in ((ch, h, ys), (cw, w, xs)):
+        if len(pos):
+            centre = (pos.min() + pos.max()) / 2 + rng.uniform(-c / 4, c / 4)
+            origin.append(int(np.clip(round(centre - c / 2), 0, n - c)))
+        else:
+            origin.append(int(rng.integers(0, n - c + 1)))
+    y0, x0 = origin
+    return image[..., y0:y0 + ch, x0:x0 + cw], labels[y0:y0 + ch, x0:x0 + cw]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,7 +303,8 @@ def context_offsets(dz: float, context: int = 2, context_stride: int = 1, contex
 
 
 def n_input_slices(context: int, offsets_mm: Sequence[float] | None = None) -> int:
-    """Input channels of the 2.5D segmenter: 2k+1, or one per entry of `offsets_mm`."""
+    """Slices in the 2.5D segmenter's input: 2k+1, or one per entry of `offsets_mm` (a level-conditioned
+    segmenter has N_VERTEBRAE more input channels, see `SegSliceDataset`)."""
     return 2 * int(context) + 1 if offsets_mm is None else len(offsets_mm)
 
 
@@ -288,6 +346,9 @@ class SegSliceDataset(Dataset):
         foreground_fraction: share of slices with a vertebra drawn per epoch.
         augment: augmentation ranges, or None for none.
         seed: base seed of the background draw and the augmentations.
+        level_input: append 7 constant planes, the slice's presence of C1..C7 (`soft_presence` of the true
+            ranges, jittered when augmenting), for a segmenter conditioned on the level model.
+        level_jitter_mm: how far the ends of those ranges move when augmenting.
     """
 
     def __init__(
@@ -303,8 +364,12 @@ class SegSliceDataset(Dataset):
         foreground_fraction: float = 1.0,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        level_input: bool = False,
+        level_jitter_mm: float = 2.5,
     ) -> None:
         self.volumes = {uid: SegVolume(*v) for uid, v in volumes.items()}
+        self.level_input, self.level_jitter_mm = level_input, level_jitter_mm
+        self.ranges = {uid: vertebra_ranges(v.labels) for uid, v in self.volumes.items()} if level_input else {}
         self.context = context
         self.offsets = {uid: context_offsets(v.dz, context, context_stride, context_mm, offsets_mm)
                         for uid, v in self.volumes.items()}
@@ -342,10 +407,16 @@ class SegSliceDataset(Dataset):
         image, labels, _ = self.volumes[uid]
         stack = slice_stack(image, z, self.context, offsets=self.offsets[uid])
         sample = {"image": stack.astype(np.float32) / 255.0, "labels": labels[z]}
+        rng = np.random.default_rng([self.seed, self.epoch, i])
         if self.augment is not None:
-            sample = self.augment(sample, np.random.default_rng([self.seed, self.epoch, i]))
+            sample = self.augment(sample, rng)
+        image = sample["image"]
+        if self.level_input:
+            present = soft_presence(self.ranges[uid], z, self.volumes[uid].dz,
+                                    rng if self.augment is not None else None, self.level_jitter_mm)
+            image = np.concatenate([image, np.broadcast_to(present[:, None, None], (N_VERTEBRAE, *image.shape[1:]))])
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(sample["image"], dtype=np.float32)),
+            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "target": torch.from_numpy(labels_to_channels(sample["labels"], self.other_vertebrae)),
             "uid": uid,
             "z": z,

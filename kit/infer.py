@@ -98,6 +98,11 @@ class LoadedModel:
         return context_offsets(dz if dz is not None else 1.0, self.context, stride, context_mm, offsets_mm)
 
     @property
+    def level_input(self) -> bool:
+        """Conditioned on the level model: its input ends with 7 presence planes (`data.level_input`)."""
+        return bool(self.config.get("data", {}).get("level_input", False))
+
+    @property
     def window(self) -> str:
         """HU window name (a key of `kit.constants.WINDOWS`); "bone" when the config has none."""
         return str(config_value(self.config, "window", "bone"))
@@ -322,7 +327,8 @@ def _autocast(device: torch.device, amp: bool):
 
 def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, batch_size: int = 16,
                            device: str | torch.device | None = None, amp: bool | None = None,
-                           uid: str | None = None, dz: float | None = None) -> np.ndarray:
+                           uid: str | None = None, dz: float | None = None,
+                           levels: np.ndarray | None = None) -> np.ndarray:
     """Mean sigmoid of a fold ensemble over every slice of a prepared volume.
 
     Slice z is predicted from the slices z + `LoadedModel.offsets(dz)` as in training (z-k*s..z+k*s, or
@@ -337,6 +343,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         amp: autocast (bf16, else fp16) on CUDA; default on for CUDA, always off on CPU.
         uid: study name for error messages.
         dz: the study's slice spacing in mm (needed by models trained with `data.context_mm`).
+        levels: (7, Z) per-slice presence from `predict_levels`, needed by level-conditioned models
+            (`LoadedModel.level_input`): appended to their input as 7 constant planes.
 
     Returns:
         float16 (7, Z, S, S) probabilities of C1..C7.
@@ -353,6 +361,13 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     volume = torch.from_numpy(image).to(device)
     probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.float16)
     offsets = [torch.as_tensor(m.offsets(dz), device=device) for m in models]
+    if any(m.level_input for m in models):
+        if levels is None:
+            raise ValueError(f"study {uid}: {next(m.path for m in models if m.level_input)} is conditioned on "
+                             "the level model; pass levels=predict_levels(...) (segment_study: a level run)")
+        levels = torch.as_tensor(np.asarray(levels, dtype=np.float32), device=device)
+        if levels.shape != (len(VERTEBRAE), z):
+            raise ValueError(f"study {uid}: levels {tuple(levels.shape)}; expected ({len(VERTEBRAE)}, {z})")
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
             centres = torch.arange(z0, min(z0 + batch_size, z), device=device)
@@ -360,6 +375,9 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
             for m, offset in zip(models, offsets):
                 idx = (centres[:, None] + offset).clamp_(0, z - 1)  # (B, channels)
                 x = volume[idx].float().div_(255.0)  # (B, channels, S, S)
+                if m.level_input:
+                    planes = levels[:, centres].T[:, :, None, None].expand(-1, -1, s_y, s_x)
+                    x = torch.cat([x, planes], dim=1)
                 logits = m.model(x)
                 if logits.ndim != 4 or logits.shape[1] < len(VERTEBRAE) or logits.shape[2:] != x.shape[2:]:
                     raise SegmentationError(f"study {uid}: {m.path} gave logits {tuple(logits.shape)} for input "
@@ -501,9 +519,10 @@ def segment_study(
     uid = uid or meta["uid"]
     t_prep = time.perf_counter()
     dz = meta["spacing"][0] if meta["spacing"] is not None else None
-    probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz)
-    if level_models:
-        presence = predict_levels(image, dz, level_models, device=device, uid=uid)
+    presence = predict_levels(image, dz, level_models, device=device, uid=uid) if level_models else None
+    probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz,
+                                   levels=presence)
+    if presence is not None:
         probs = fuse_levels(probs, presence)
     t_fwd = time.perf_counter()
     labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)

@@ -210,7 +210,9 @@ class SegTask:
 
     Validation segments every slice of each held-out study, cleans the probabilities as inference does
     (`kit.crops.clean_vertebra_probs`) and scores the 3D Dice of C1..C7 per study
-    (`kit.metrics.dice_per_vertebra`); the metric is the mean over studies of their mean Dice.
+    (`kit.metrics.dice_per_vertebra`); the metric is the mean over studies of their mean Dice. A
+    level-conditioned segmenter (`data.level_input`) is given the true ranges here, so its validation
+    Dice leaves out the level model's errors; `segment_study` with the level model measures both.
     """
 
     metric_name = "dice"
@@ -222,9 +224,11 @@ class SegTask:
     def model_spec(self) -> tuple[str, dict]:
         """Registered model name and its plain kwargs (what `model.pt` records)."""
         d, m = self.cfg.data, self.cfg.model
-        return m.name, {"in_channels": kdata.n_input_slices(d.context, d.context_offsets_mm),
+        return m.name, {"in_channels": kdata.n_input_slices(d.context, d.context_offsets_mm)
+                        + (kdata.N_VERTEBRAE if d.level_input else 0),
                         "classes": kdata.n_seg_classes(d.other_vertebrae),
-                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
+                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width,
+                        **({"refine": m.refine} if m.refine else {})}
 
     def build(self) -> tuple[kdata.SegSliceDataset, list[str]]:
         """The training dataset and the held-out study ids (their volumes stay loaded for validation)."""
@@ -235,7 +239,8 @@ class SegTask:
                                       offsets_mm=d.context_offsets_mm,
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
                                       foreground_fraction=d.foreground_fraction, augment=d.augment,
-                                      seed=self.cfg.seed)
+                                      seed=self.cfg.seed, level_input=d.level_input,
+                                      level_jitter_mm=d.level_jitter_mm)
         self.held_out = kdata.load_volumes(d.cache_dir, held_out, d.image_size)
         return train, held_out
 
@@ -254,10 +259,15 @@ class SegTask:
         for uid in uids:
             image, labels, dz = self.held_out[uid]
             offsets = kdata.context_offsets(dz, d.context, d.context_stride, d.context_mm, d.context_offsets_mm)
+            ranges = kdata.vertebra_ranges(labels) if d.level_input else None
             probs = []
             for start in range(0, len(image), bs):
                 x = kdata.slice_stacks(image, d.context, start, start + bs, offsets=offsets)
                 x = torch.from_numpy(x).to(device)
+                if ranges is not None:  # the true ranges, unjittered: validation measures the segmenter
+                    present = np.stack([kdata.soft_presence(ranges, z, dz) for z in range(start, start + len(x))])
+                    x = torch.cat([x.float(), torch.from_numpy(present * 255.0)[:, :, None, None]
+                                   .expand(-1, -1, *x.shape[2:]).to(device)], dim=1)
                 y = torch.from_numpy(kdata.labels_to_channels(labels[start:start + bs], d.other_vertebrae))
                 with autocast():
                     logits = model(x.float() / 255.0)

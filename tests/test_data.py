@@ -169,3 +169,64 @@ def test_level_sequence_dataset_windows_pads_and_repeats():
     torch.testing.assert_close(a["image"], again["image"])  # same epoch, same draw
     whole = LevelSequenceDataset({"long": long}, slice_mm=2.0, seq_len=None, augment=False)
     np.testing.assert_allclose(whole[0]["image"][:, 1].numpy(), long.image[::2] / 255.0, atol=1e-6)
+
+
+def test_crop_around_labels_keeps_the_vertebrae_in_view():
+    from kit.data import crop_around_labels
+    rng = np.random.default_rng(0)
+    labels = np.zeros((64, 64), np.uint8)
+    labels[40:52, 5:15] = 3
+    image = np.stack([labels.astype(np.float32), np.arange(64 * 64, dtype=np.float32).reshape(64, 64)])
+    origins = set()
+    for _ in range(20):
+        img, lab = crop_around_labels(image, labels, 32, rng)
+        assert img.shape == (2, 32, 32) and lab.shape == (32, 32)
+        assert (lab == 3).sum() == (labels == 3).sum()  # the box (12 x 10) fits whatever the jitter
+        np.testing.assert_array_equal(img[0], lab)  # image and labels cut at the same place
+        y0, x0 = divmod(int(img[1, 0, 0]), 64)
+        assert 0 <= y0 <= 32 and 0 <= x0 <= 2  # inside the slice (the box is near the left edge)
+        origins.add(y0)
+    assert len(origins) > 3  # jittered
+    empty = np.zeros_like(labels)
+    seen = {divmod(int(crop_around_labels(image, empty, 32, rng)[0][1, 0, 0]), 64) for _ in range(10)}
+    assert len(seen) > 5  # anywhere on a slice without vertebrae
+    img, lab = crop_around_labels(image, labels, 64, rng)
+    assert img is image and lab is labels
+
+
+def test_soft_presence_ramps_and_jitter():
+    from kit.data import soft_presence, vertebra_ranges
+    labels = np.zeros((40, 8, 8), np.uint8)
+    labels[5:15, 2:4, 2:4] = 1
+    labels[12:30, 4:6, 4:6] = 2
+    ranges = vertebra_ranges(labels)
+    assert ranges[:2].tolist() == [[5, 14], [12, 29]] and (ranges[2:] == -1).all()
+    at = np.stack([soft_presence(ranges, z, 1.0, ramp_mm=2.0) for z in range(40)])
+    assert at.shape == (40, 7) and (at[:, 2:] == 0).all()
+    # the ramp is centred on each range's outer edge: 0.5 there, 1 a ramp/2 inside, 0 a ramp/2 outside
+    np.testing.assert_allclose(at[[3, 4, 5, 6, 10, 14, 15, 16], 0], [0, 0.25, 0.75, 1, 1, 0.75, 0.25, 0])
+    np.testing.assert_allclose(at[[12, 13, 29, 30], 1], [0.75, 1, 0.75, 0.25])
+    # in mm: a 0.5 mm study has twice the slices in its ramp
+    np.testing.assert_allclose(soft_presence(ranges, 4, 0.5, ramp_mm=2.0)[0], 0.375)
+    rng = np.random.default_rng(0)
+    jittered = np.stack([soft_presence(ranges, 16, 1.0, rng, jitter_mm=2.0, ramp_mm=2.0) for _ in range(200)])
+    assert jittered[:, 0].min() == 0 and 0.5 < jittered[:, 0].max() <= 0.75  # the end moved both ways (+-2 mm)
+    assert jittered[:, 1].min() >= 0.8 and jittered[:, 1].max() <= 1.0  # inside: only the 0.8-1 scale
+
+
+def test_dataset_level_input_adds_the_presence_planes():
+    from kit.data import soft_presence, vertebra_ranges
+    rng = np.random.default_rng(0)
+    image, labels = make_study(rng, z=24, size=32)
+    vols = {"s": SegVolume(image, labels, 1.0)}
+    plain = SegSliceDataset(vols, 1, augment=None)
+    conditioned = SegSliceDataset(vols, 1, augment=None, level_input=True)
+    for i in (0, 5, len(plain) - 1):
+        a, b = plain[i], conditioned[i]
+        assert b["image"].shape == (3 + 7, 32, 32)
+        torch.testing.assert_close(b["image"][:3], a["image"])
+        expected = soft_presence(vertebra_ranges(labels), b["z"], 1.0)
+        torch.testing.assert_close(b["image"][3:], torch.from_numpy(expected)[:, None, None].expand(7, 32, 32))
+    augmented = SegSliceDataset(vols, 1, augment=AugmentConfig(), level_input=True)
+    planes = augmented[5]["image"][3:]
+    assert (planes == planes[:, :1, :1]).all()  # constant planes, not warped

@@ -44,16 +44,17 @@ def registry(monkeypatch):
 
 
 def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False,
-                     context_mm: float | None = None, offsets_mm: list[float] | None = None):
+                     context_mm: float | None = None, offsets_mm: list[float] | None = None,
+                     level_input: bool = False):
     torch.manual_seed(seed)
-    channels = 2 * context + 1 if offsets_mm is None else len(offsets_mm)
+    channels = (2 * context + 1 if offsets_mm is None else len(offsets_mm)) + 7 * level_input
     model = TinySeg(channels, 8)
     state = model.state_dict()
     if nan:
         state["conv.weight"][0, 0, 0, 0] = float("nan")
     config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold,
                                              "context_stride": 1, "context_mm": context_mm,
-                                             "context_offsets_mm": offsets_mm},
+                                             "context_offsets_mm": offsets_mm, "level_input": level_input},
               "model": {"name": "tiny_seg"}}
     path = run_dir / f"fold{fold}" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,3 +391,33 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
                                infer.fuse_levels(plain.probs, presence).astype(np.float32), atol=2e-3)
     with pytest.raises(ValueError, match="slice spacing"):
         infer.predict_levels(vol, None, levels)
+
+
+def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
+    """data.level_input: the level model's presence of slice z goes in as 7 constant planes after the slices."""
+    write_checkpoint(tmp_path / "seg", 0, seed=3, context=1, level_input=True)
+    write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
+    seg, levels = infer.load_run(tmp_path / "seg"), infer.load_run(tmp_path / "level")
+    assert seg[0].level_input and not levels[0].level_input
+    vol = toy_volume()
+    cached = {"image": vol, "spacing": np.array([1.0, 1.0, 1.0], dtype=np.float32)}
+    presence = infer.predict_levels(vol, 1.0, levels)
+    probs = infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence).astype(np.float32)
+    for z in (0, 7, 23):
+        x = np.concatenate([vol[np.clip(z + np.arange(-1, 2), 0, len(vol) - 1)] / 255.0,
+                            np.broadcast_to(presence[:, z, None, None], (7, *vol.shape[1:]))])
+        with torch.no_grad():
+            expected = torch.sigmoid(seg[0].model(torch.from_numpy(x).float()[None]))[0, :7].numpy()
+        np.testing.assert_allclose(probs[:, z], expected, atol=1e-3)
+    # the planes matter: other presences, other probabilities
+    other = infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence[::-1].copy()).astype(np.float32)
+    assert np.abs(other - probs).max() > 1e-3
+    with pytest.raises(ValueError, match="conditioned on the level model"):
+        infer.predict_vertebra_probs(vol, seg, dz=1.0)
+    with pytest.raises(ValueError, match="levels"):
+        infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence[:, :5])
+    with pytest.raises(ValueError, match="conditioned on the level model"):
+        infer.segment_study(cached, seg, uid="no-levels")
+    result = infer.segment_study(cached, [seg, levels], keep_probs=True, uid="with-levels")
+    np.testing.assert_allclose(result.probs.astype(np.float32),
+                               infer.fuse_levels(probs, presence).astype(np.float32), atol=2e-3)
