@@ -112,14 +112,16 @@ def bench_read(series_dir: str | os.PathLike | None = None, *, n_slices: int = 2
 
 def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384"),
               slice_counts: tuple[int, ...] = (64, 128, 256), device: str | None = None, *,
-              batch_size: int | None = None, repeats: int = 1, seed: int = 0) -> dict:
+              batch_size: int | None = None, repeats: int = 1, seed: int = 0,
+              level_config: str = "demo_level") -> dict:
     """Slices/s of `kit.infer.segment_study` per segmenter config, and how it scales with slice count.
 
     Each config's model is built by `create_model` with its kwargs from the config (as `kit.train` records
     them) and randomly initialised weights: the figures measure speed only, not segmentation quality. The
     input is a synthetic study (`kit.synthetic.make_study`) in the bone window at the config's image size,
     cut to each slice count. One warm-up call per config runs first; each figure is the best of `repeats`
-    rounds in which the sizes take turns.
+    rounds in which the sizes take turns. A level-conditioned segmenter (`data.level_input`) runs with a
+    randomly initialised level model of `level_config`, whose time is part of `segment_study`'s.
 
     Args:
         config_names: packaged segmenter configs (or YAML paths).
@@ -128,6 +130,7 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
         batch_size: slices per forward pass (default: the config's `train.val_batch_size`).
         repeats: timing rounds; the fastest call per size is kept.
         seed: weights and synthetic study seed.
+        level_config: level model config for level-conditioned segmenters.
 
     Returns:
         {"device", "threads", "load_average", "weights", "rows": [one dict per config and slice count:
@@ -155,21 +158,29 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
         model = create_model(model_name, **kwargs).eval().to(device)
         loaded = LoadedModel(model=model, config=config_to_dict(cfg), fold=0, path=Path(f"<random init: {name}>"),
                              model_name=model_name)
+        models = [loaded]
+        if cfg.data.level_input:
+            level_cfg = load_config(level_config)
+            level_name, level_kwargs = make_task(level_cfg).model_spec()
+            models.append(LoadedModel(model=create_model(level_name, **level_kwargs).eval().to(device),
+                                      config=config_to_dict(level_cfg), fold=0, model_name=level_name,
+                                      path=Path(f"<random init: {level_config}>")))
         bs = batch_size or cfg.train.val_batch_size
         study = make_study(seed, size=size, n_slices=counts[-1])
         image = window(study.hu, *WINDOWS["bone"])
-        print(f"{name}: {model_name} {kwargs['encoder']} at {size} px, {kwargs['in_channels']} slices in, "
+        print(f"{name}: {model_name} {kwargs['encoder']} at {size} px, {kwargs['in_channels']} channels in"
+              f"{' (the last 7: level planes, with ' + level_config + ')' if cfg.data.level_input else ''}, "
               f"batch {bs}, {device} ...", flush=True)
         def source(n: int) -> dict:  # cached-array form, so models trained with data.context_mm get dz
             return {"image": image[:n], "spacing": np.asarray(study.spacing, dtype=np.float32)}
 
-        segment_study(source(min(bs, counts[0])), [loaded], batch_size=bs, device=device)  # warm-up
+        segment_study(source(min(bs, counts[0])), models, batch_size=bs, device=device)  # warm-up
         best: dict[int, dict] = {}
         for _ in range(max(1, repeats)):  # sizes take turns in each round, so a busy spell hits all of them
             for n in counts:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                timing = segment_study(source(n), [loaded], batch_size=bs, device=device).timing
+                timing = segment_study(source(n), models, batch_size=bs, device=device).timing
                 if n not in best or timing["total_s"] < best[n]["total_s"]:
                     best[n] = timing
         for n in counts:
@@ -179,7 +190,7 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
                          "cleanup_s": round(t["cleanup_s"], 3), "slices_per_s": round(n / t["total_s"], 2),
                          "slices_ratio": round(n / counts[0], 2),
                          "time_ratio": round(t["total_s"] / best[counts[0]]["total_s"], 2)})
-        del model, loaded
+        del model, loaded, models
     threads = torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nkit bench seg: segment_study on {device} ({threads} torch threads, load average {load:.1f}), "

@@ -98,6 +98,9 @@ class DataConfig:
             jittered) in training and validation, the level model's `predict_levels` at inference, which
             then needs a level run (`segment_study(..., levels=...)`).
         level_jitter_mm: how far each true range's ends move in training (the level model's error).
+        level_ramp_mm: width of the presence ramps at each range's ends, in training (linear ramps) and at
+            inference (the level model's presence smoothed along z by a box this wide): the segmenter
+            finds the boundary inside the ramp from the pixels, the prior only says which levels are near.
         background_fraction: share of the slices without any vertebra drawn each epoch (redrawn per epoch).
         foreground_fraction: share of the slices showing a vertebra drawn each epoch (redrawn per epoch);
             below 1 makes epochs shorter, not the data smaller.
@@ -120,6 +123,7 @@ class DataConfig:
     other_vertebrae: bool = False
     level_input: bool = False
     level_jitter_mm: float = 2.5
+    level_ramp_mm: float = 2.5
     background_fraction: float = 0.1
     foreground_fraction: float = 1.0
     num_workers: int = 4
@@ -135,8 +139,6 @@ class SegModelConfig:
         encoder: `tu-<timm name>` (any timm backbone with features_only) or an smp native encoder name.
         encoder_depth: encoder stages used (3..5); fewer is faster and lighter.
         decoder_width: decoder channels at its widest stage (Unet halves it per stage; FPN pyramid width).
-        refine: channels of a full-resolution head over the decoder's output and the input slices (Unet,
-            Unet++; 0 = smp's own head), for outlines drawn from the pixels rather than stride-2 features.
         pretrained_weights: local state-dict file (timm backbone or whole segmenter); never downloaded.
     """
 
@@ -144,7 +146,6 @@ class SegModelConfig:
     encoder: str = "tu-efficientnet_b3"
     encoder_depth: int = 5
     decoder_width: int = 256
-    refine: int = 0
     pretrained_weights: str | None = None
 
 

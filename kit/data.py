@@ -161,6 +161,12 @@ def soft_presence(ranges: np.ndarray, z: int, dz: float, rng: np.random.Generato
     return out
 
 
+def true_presence(labels: np.ndarray) -> np.ndarray:
+    """float32 (7, Z): 1 where slice z shows C1..C7, the level model's target in the shape of
+    `kit.infer.predict_levels`' output: what a perfect level model would give a level-conditioned segmenter."""
+    return np.ascontiguousarray(level_presence(labels).T)
+
+
 def affine_matrix(
     height: int,
     width: int,
@@ -349,6 +355,7 @@ class SegSliceDataset(Dataset):
         level_input: append 7 constant planes, the slice's presence of C1..C7 (`soft_presence` of the true
             ranges, jittered when augmenting), for a segmenter conditioned on the level model.
         level_jitter_mm: how far the ends of those ranges move when augmenting.
+        level_ramp_mm: width of the presence ramps (`soft_presence`).
     """
 
     def __init__(
@@ -366,9 +373,10 @@ class SegSliceDataset(Dataset):
         seed: int = 0,
         level_input: bool = False,
         level_jitter_mm: float = 2.5,
+        level_ramp_mm: float = 2.5,
     ) -> None:
         self.volumes = {uid: SegVolume(*v) for uid, v in volumes.items()}
-        self.level_input, self.level_jitter_mm = level_input, level_jitter_mm
+        self.level_input, self.level_jitter_mm, self.level_ramp_mm = level_input, level_jitter_mm, level_ramp_mm
         self.ranges = {uid: vertebra_ranges(v.labels) for uid, v in self.volumes.items()} if level_input else {}
         self.context = context
         self.offsets = {uid: context_offsets(v.dz, context, context_stride, context_mm, offsets_mm)
@@ -413,7 +421,8 @@ class SegSliceDataset(Dataset):
         image = sample["image"]
         if self.level_input:
             present = soft_presence(self.ranges[uid], z, self.volumes[uid].dz,
-                                    rng if self.augment is not None else None, self.level_jitter_mm)
+                                    rng if self.augment is not None else None, self.level_jitter_mm,
+                                    self.level_ramp_mm)
             image = np.concatenate([image, np.broadcast_to(present[:, None, None], (N_VERTEBRAE, *image.shape[1:]))])
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),

@@ -110,12 +110,13 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         `seg_dice` (mean over held-out studies of the mean 3D Dice over C1..C7, after clean-up),
         `seg_z_error_slices` (the worst vertebra's median z-range error over held-out studies, in slices:
         per study and vertebra the larger of |first slice error| and |last slice error|), the per-vertebra
-        figures behind both, the same two figures without the level model (`seg_alone_*`),
-        `seg_train_seconds` (training both models) and `seg_seconds` (training and scoring).
+        figures behind both, the same two figures without the level model (`seg_alone_*`) or, for a
+        level-conditioned segmenter (`data.level_input`), given the true level ranges instead of the level
+        model's (`seg_true_levels_*`: what a perfect level model would give), `seg_train_seconds` (training both models) and `seg_seconds` (training and scoring).
     """
     from .cache import load_cached
     from .config import load_config
-    from .data import split_segmentation_studies
+    from .data import split_segmentation_studies, true_presence
     from .infer import load_run
     from .train import fit_fold
 
@@ -125,6 +126,9 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
     shared = {"out_dir": base.out_dir, "data.n_folds": base.data.n_folds, "data.folds_seed": base.data.folds_seed}
     level_overrides = {**shared, **(level_overrides or {})}
     rows = {"fused": ([], []), "alone": ([], [])}
+    conditioned = base.data.level_input
+    if conditioned and not level_config:
+        raise ValueError(f"{config} is conditioned on the level model (data.level_input); give a level_config")
     train_seconds = 0.0
     for fold in range(min(n_folds_trained or base.data.n_folds, base.data.n_folds)):
         cfg = load_config(config, **paths, **overrides, **{"data.fold": fold})
@@ -142,13 +146,17 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         for uid in split_segmentation_studies(cfg.data)[1]:
             cached = load_cached(cache_dir, uid)
             _score_study(cached, models, level_models, uid, fold, *rows["fused"])
-            if level_models:
+            if conditioned:
+                truth = true_presence(cached["mask"])
+                _score_study(cached, models, truth, uid, fold, *rows["alone"])
+            elif level_models:
                 _score_study(cached, models, [], uid, fold, *rows["alone"])
     run_root = base.run_dir.parent
     out = _seg_figures(*rows["fused"], run_root, "")
     if rows["alone"][0]:
-        alone = _seg_figures(*rows["alone"], run_root, "_segmenter_alone")
-        out.update({"seg_alone_dice": alone["seg_dice"], "seg_alone_z_error_slices": alone["seg_z_error_slices"]})
+        key = "true_levels" if conditioned else "alone"
+        alone = _seg_figures(*rows["alone"], run_root, "_true_levels" if conditioned else "_segmenter_alone")
+        out.update({f"seg_{key}_dice": alone["seg_dice"], f"seg_{key}_z_error_slices": alone["seg_z_error_slices"]})
     out["seg_level_model"] = level_config
     out["seg_train_seconds"] = round(train_seconds, 1)
     out["seg_seconds"] = round(time.perf_counter() - start, 1)
@@ -161,7 +169,7 @@ def _score_study(cached: dict, models, level_models, uid: str, fold: int, dice_r
     from .infer import segment_study
     from .metrics import dice_per_vertebra
 
-    result = segment_study(cached, models, uid=uid, levels=level_models or None)
+    result = segment_study(cached, models, uid=uid, levels=level_models if len(level_models) else None)
     truth = cached["mask"]
     dice_rows.append({"StudyInstanceUID": uid, "fold": fold, **dice_per_vertebra(result.labels, truth).to_dict()})
     for name, ext in vertebra_extents(truth).items():

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 import torch
 from tqdm.auto import tqdm
 
@@ -101,6 +102,19 @@ class LoadedModel:
     def level_input(self) -> bool:
         """Conditioned on the level model: its input ends with 7 presence planes (`data.level_input`)."""
         return bool(self.config.get("data", {}).get("level_input", False))
+
+    @property
+    def level_ramp_mm(self) -> float:
+        """Width of the presence ramps the model was trained with (`data.level_ramp_mm`)."""
+        return float(self.config.get("data", {}).get("level_ramp_mm", 2.5))
+
+    def level_planes(self, levels: np.ndarray, dz: float | None) -> np.ndarray:
+        """(7, Z) presence as this level-conditioned model takes it: smoothed along z by a box of
+        `level_ramp_mm` (a step becomes a linear ramp that wide, as in training), nothing done below 2 slices."""
+        width = int(round(self.level_ramp_mm / (dz or 1.0)))
+        if width < 2:
+            return levels
+        return ndimage.uniform_filter1d(levels, size=width, axis=1, mode="nearest")
 
     @property
     def window(self) -> str:
@@ -365,18 +379,20 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         if levels is None:
             raise ValueError(f"study {uid}: {next(m.path for m in models if m.level_input)} is conditioned on "
                              "the level model; pass levels=predict_levels(...) (segment_study: a level run)")
-        levels = torch.as_tensor(np.asarray(levels, dtype=np.float32), device=device)
+        levels = np.asarray(levels, dtype=np.float32)
         if levels.shape != (len(VERTEBRAE), z):
             raise ValueError(f"study {uid}: levels {tuple(levels.shape)}; expected ({len(VERTEBRAE)}, {z})")
+    planes_of = {i: torch.as_tensor(m.level_planes(levels, dz), device=device)
+                 for i, m in enumerate(models) if m.level_input}
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
             centres = torch.arange(z0, min(z0 + batch_size, z), device=device)
             total = None
-            for m, offset in zip(models, offsets):
+            for i, (m, offset) in enumerate(zip(models, offsets)):
                 idx = (centres[:, None] + offset).clamp_(0, z - 1)  # (B, channels)
                 x = volume[idx].float().div_(255.0)  # (B, channels, S, S)
                 if m.level_input:
-                    planes = levels[:, centres].T[:, :, None, None].expand(-1, -1, s_y, s_x)
+                    planes = planes_of[i][:, centres].T[:, :, None, None].expand(-1, -1, s_y, s_x)
                     x = torch.cat([x, planes], dim=1)
                 logits = m.model(x)
                 if logits.ndim != 4 or logits.shape[1] < len(VERTEBRAE) or logits.shape[2:] != x.shape[2:]:
@@ -471,6 +487,7 @@ def segment_study(
     keep_probs: bool = False,
     uid: str | None = None,
     levels=None,
+    fuse: bool | None = None,
 ) -> SegResult:
     """Segment C1..C7 in one study with a fold ensemble and measure each vertebra's extent.
 
@@ -494,9 +511,13 @@ def segment_study(
         threshold: probability threshold of the clean-up.
         keep_probs: keep the float16 (7, Z, S, S) probabilities on the result (after level fusion).
         uid: study name (default: the Series' uid).
-        levels: more level models (`load_run` of a `task: level` run, or its folder): their per-slice presence
-            is fused into the probabilities before the clean-up (`fuse_levels`), so the level of each
-            vertebra comes from the whole study. None: the segmenter alone.
+        levels: more level models (`load_run` of a `task: level` run, or its folder), or a (7, Z) presence
+            array in their place (e.g. `kit.data.true_presence`). Their per-slice presence goes into
+            level-conditioned segmenters (`data.level_input`) and is fused into the probabilities before
+            the clean-up (`fuse_levels`), so the level of each vertebra comes from the whole study. None:
+            the segmenter alone (level-conditioned segmenters then raise).
+        fuse: apply `fuse_levels`; default: only when some segmenter is not level-conditioned (one that is
+            has used the levels already).
 
     Returns:
         A `SegResult`: labels (Z, S, S) uint8, extents, missing and dropped vertebrae, timing.
@@ -505,7 +526,10 @@ def segment_study(
     models = _flatten_models(runs)
     level_models = [m for m in models if m.config.get("task") == "level"]
     models = [m for m in models if m.config.get("task") != "level"]
-    if levels is not None:
+    presence = None
+    if isinstance(levels, np.ndarray):
+        presence = levels.astype(np.float32)
+    elif levels is not None:
         level_models += _flatten_models(levels)
     if not models:
         raise ValueError("no segmenter among the models given (only level models)")
@@ -519,10 +543,13 @@ def segment_study(
     uid = uid or meta["uid"]
     t_prep = time.perf_counter()
     dz = meta["spacing"][0] if meta["spacing"] is not None else None
-    presence = predict_levels(image, dz, level_models, device=device, uid=uid) if level_models else None
+    if presence is None and level_models:
+        presence = predict_levels(image, dz, level_models, device=device, uid=uid)
     probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz,
                                    levels=presence)
-    if presence is not None:
+    if fuse is None:
+        fuse = not all(m.level_input for m in models)
+    if presence is not None and fuse:
         probs = fuse_levels(probs, presence)
     t_fwd = time.perf_counter()
     labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)

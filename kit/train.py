@@ -227,8 +227,7 @@ class SegTask:
         return m.name, {"in_channels": kdata.n_input_slices(d.context, d.context_offsets_mm)
                         + (kdata.N_VERTEBRAE if d.level_input else 0),
                         "classes": kdata.n_seg_classes(d.other_vertebrae),
-                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width,
-                        **({"refine": m.refine} if m.refine else {})}
+                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
 
     def build(self) -> tuple[kdata.SegSliceDataset, list[str]]:
         """The training dataset and the held-out study ids (their volumes stay loaded for validation)."""
@@ -240,7 +239,7 @@ class SegTask:
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
                                       foreground_fraction=d.foreground_fraction, augment=d.augment,
                                       seed=self.cfg.seed, level_input=d.level_input,
-                                      level_jitter_mm=d.level_jitter_mm)
+                                      level_jitter_mm=d.level_jitter_mm, level_ramp_mm=d.level_ramp_mm)
         self.held_out = kdata.load_volumes(d.cache_dir, held_out, d.image_size)
         return train, held_out
 
@@ -265,7 +264,8 @@ class SegTask:
                 x = kdata.slice_stacks(image, d.context, start, start + bs, offsets=offsets)
                 x = torch.from_numpy(x).to(device)
                 if ranges is not None:  # the true ranges, unjittered: validation measures the segmenter
-                    present = np.stack([kdata.soft_presence(ranges, z, dz) for z in range(start, start + len(x))])
+                    present = np.stack([kdata.soft_presence(ranges, z, dz, ramp_mm=d.level_ramp_mm)
+                                        for z in range(start, start + len(x))])
                     x = torch.cat([x.float(), torch.from_numpy(present * 255.0)[:, :, None, None]
                                    .expand(-1, -1, *x.shape[2:]).to(device)], dim=1)
                 y = torch.from_numpy(kdata.labels_to_channels(labels[start:start + bs], d.other_vertebrae))

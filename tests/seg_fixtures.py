@@ -72,6 +72,7 @@ def tiny_overrides(cache_dir: Path, folds_csv: Path, out_dir: Path, n_folds: int
         "data.image_size": 64,
         "data.context": 1,
         "data.context_offsets_mm": None,
+        "data.level_input": False,
         "data.background_fraction": 0.5,
         "model.encoder": "tu-mobilenetv3_small_050",
         "model.encoder_depth": 3,

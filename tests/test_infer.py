@@ -403,9 +403,13 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     cached = {"image": vol, "spacing": np.array([1.0, 1.0, 1.0], dtype=np.float32)}
     presence = infer.predict_levels(vol, 1.0, levels)
     probs = infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence).astype(np.float32)
+    # the presence is smoothed along z by a box of data.level_ramp_mm (2.5 mm = 2 slices here), as trained
+    planes = seg[0].level_planes(presence, 1.0)
+    np.testing.assert_allclose(planes[:, 1:], (presence[:, 1:] + presence[:, :-1]) / 2, atol=1e-6)
+    assert seg[0].level_planes(presence, 2.0) is presence  # ramp under 2 slices: as it is
     for z in (0, 7, 23):
         x = np.concatenate([vol[np.clip(z + np.arange(-1, 2), 0, len(vol) - 1)] / 255.0,
-                            np.broadcast_to(presence[:, z, None, None], (7, *vol.shape[1:]))])
+                            np.broadcast_to(planes[:, z, None, None], (7, *vol.shape[1:]))])
         with torch.no_grad():
             expected = torch.sigmoid(seg[0].model(torch.from_numpy(x).float()[None]))[0, :7].numpy()
         np.testing.assert_allclose(probs[:, z], expected, atol=1e-3)
@@ -418,6 +422,12 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
         infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence[:, :5])
     with pytest.raises(ValueError, match="conditioned on the level model"):
         infer.segment_study(cached, seg, uid="no-levels")
+    # segment_study: the level run's presence goes in; no fusion on top by default (fuse=True adds it)
     result = infer.segment_study(cached, [seg, levels], keep_probs=True, uid="with-levels")
-    np.testing.assert_allclose(result.probs.astype(np.float32),
+    np.testing.assert_allclose(result.probs.astype(np.float32), probs, atol=2e-3)
+    fused = infer.segment_study(cached, seg, levels=levels, fuse=True, keep_probs=True, uid="fused")
+    np.testing.assert_allclose(fused.probs.astype(np.float32),
                                infer.fuse_levels(probs, presence).astype(np.float32), atol=2e-3)
+    # or a presence array in place of level models, e.g. the true ranges
+    given = infer.segment_study(cached, seg, levels=presence, keep_probs=True, uid="given")
+    np.testing.assert_allclose(given.probs.astype(np.float32), probs, atol=2e-3)

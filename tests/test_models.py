@@ -140,18 +140,3 @@ def test_level_model_loads_a_local_timm_backbone(tmp_path):
     for key in ("conv_stem.weight", "blocks.1.0.conv_pw.weight"):
         assert torch.equal(model.cnn.state_dict()[key], backbone.state_dict()[key])
 
-
-def test_refine_head_sees_the_pixels():
-    torch.manual_seed(0)
-    model = create_model("seg_unet", in_channels=5, classes=7, refine=8, **tiny_kwargs("seg_unet"))
-    assert model.refine is not None and not any(n.startswith("refine") for n in model.pruned)
-    x = torch.randn(2, 5, 40, 52, requires_grad=True)
-    logits = model(x)
-    assert logits.shape == (2, 7, 40, 52)
-    logits.square().mean().backward()
-    check_gradients(model)
-    first = model.refine[0].weight.grad  # (8, decoder channels + 5 input slices, 3, 3)
-    assert first.shape[1] == model.net.decoder.blocks[-1].conv2[0].out_channels + 5
-    assert first[:, -5:].abs().sum() > 0 and first[:, :-5].abs().sum() > 0  # both the pixels and the decoder
-    with pytest.raises(ValueError, match="refine needs a full-resolution decoder"):
-        create_model("seg_fpn", in_channels=5, classes=7, refine=8, **tiny_kwargs("seg_fpn"))

@@ -135,6 +135,27 @@ def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
         torch.testing.assert_close(loaded.model(x), plain(x), atol=1e-4, rtol=1e-4)
 
 
+def test_level_conditioned_segmenter_trains_and_segments(cache, tmp_path):
+    """data.level_input: 7 more input channels; validation gives the true ranges; inference needs levels."""
+    from kit.cache import load_cached
+    from kit.data import true_presence
+    from kit.infer import load_run, segment_study
+
+    cache_dir, _, uids = cache
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "data.level_input": True,
+                                                "data.augment.crop": 48})
+    summary = fit_fold(cfg)
+    assert summary["finished"] and 0 <= summary["best_dice"] <= 1
+    seg = load_run(tmp_path / "runs" / "demo_seg")
+    assert seg[0].level_input and seg[0].model.in_channels == 3 + 7
+    oof = pd.read_csv(tmp_path / "runs" / "demo_seg" / "fold0" / "oof.csv", dtype={"StudyInstanceUID": str})
+    study = load_cached(cache_dir, oof.StudyInstanceUID.iloc[0])
+    with pytest.raises(ValueError, match="conditioned on the level model"):
+        segment_study(study, seg)
+    result = segment_study(study, seg, levels=true_presence(study["mask"]), keep_probs=True)
+    assert result.labels.shape == study["mask"].shape and np.isfinite(result.probs.astype(np.float32)).all()
+
+
 def test_level_task_trains_and_scores_held_out_studies(cache, tmp_path):
     cache_dir, folds_csv, _ = cache
     cfg = load_config("demo_level", **{"data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),

@@ -38,10 +38,6 @@ class Segmenter(nn.Module):
             segmentation branch).
         head_prior: initial probability of every output pixel (the head's bias is set to its logit), so
             training starts near the sparse truth instead of at 0.5; None keeps smp's initialisation.
-        refine: channels of a full-resolution head that sees the decoder's output beside the input slices
-            themselves (two 3x3 convolutions), instead of smp's head on the decoder alone; 0 = smp's head.
-            smp's last decoder stage has no stride-1 skip, so outlines come from stride-2 features; this
-            gives the last layers the pixels.
         pretrained_weights: local state dict of a timm/smp backbone or of a whole segmenter.
     """
 
@@ -54,7 +50,6 @@ class Segmenter(nn.Module):
         encoder_depth: int = 5,
         decoder_width: int = 256,
         head_prior: float | None = 0.02,
-        refine: int = 0,
         pretrained_weights: str | None = None,
     ) -> None:
         super().__init__()
@@ -81,18 +76,9 @@ class Segmenter(nn.Module):
         self.arch, self.encoder_name = arch, encoder
         self.in_channels, self.classes = in_channels, classes
         self.stride = 2 ** encoder_depth
-        self.refine = None
-        if refine:
-            if arch == "fpn":
-                raise ValueError("refine needs a full-resolution decoder (unet, unetpp); fpn ends at stride 4")
-            width = self.net.segmentation_head[0].in_channels
-            self.net.segmentation_head = nn.Identity()  # self.net now returns the decoder's output
-            self.refine = nn.Sequential(
-                nn.Conv2d(width + in_channels, refine, 3, padding=1, bias=False), nn.BatchNorm2d(refine),
-                nn.ReLU(inplace=True), nn.Conv2d(refine, classes, 3, padding=1))
         self.pruned = self._prune_unused()
         if head_prior is not None:
-            head = self.refine[-1] if self.refine is not None else self.net.segmentation_head[0]
+            head = self.net.segmentation_head[0]
             nn.init.constant_(head.bias, math.log(head_prior / (1.0 - head_prior)))
         if pretrained_weights:
             self.load_pretrained(pretrained_weights)
@@ -144,8 +130,6 @@ class Segmenter(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         logits = self.net(x)
-        if self.refine is not None:
-            logits = self.refine(torch.cat([logits, x], dim=1))
         return logits[..., :h, :w] if pad_h or pad_w else logits
 
 
