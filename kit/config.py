@@ -235,9 +235,33 @@ def register_config(task: str):
     return wrap
 
 
+class _RunConfig:
+    """What every trainable config (a dataclass with name, out_dir, data and train sections) shares."""
+
+    @property
+    def run_dir(self) -> Path:
+        """`<out_dir>/<name>/fold<k>`."""
+        return Path(self.out_dir) / self.name / f"fold{self.data.fold}"
+
+    def _check_fold(self) -> None:
+        d = self.data
+        if not 0 <= d.fold < d.n_folds:
+            raise ConfigError(f"data.fold={d.fold} must be in 0..{d.n_folds - 1} (data.n_folds={d.n_folds})")
+
+    def _check_train_and_name(self) -> None:
+        t = self.train
+        if t.amp not in AMP_CHOICES:
+            raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
+        for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):
+            if getattr(t, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
+        if not self.name or "/" in self.name or "\\" in self.name:
+            raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
+
+
 @register_config("seg")
 @dataclass
-class SegConfig:
+class SegConfig(_RunConfig):
     """Stage 1: the 2.5D vertebra segmenter.
 
     Attributes:
@@ -256,16 +280,10 @@ class SegConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        """`<out_dir>/<name>/fold<k>`."""
-        return Path(self.out_dir) / self.name / f"fold{self.data.fold}"
-
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
-        d, t = self.data, self.train
-        if not 0 <= d.fold < d.n_folds:
-            raise ConfigError(f"data.fold={d.fold} must be in 0..{d.n_folds - 1} (data.n_folds={d.n_folds})")
+        d = self.data
+        self._check_fold()
         from .constants import WINDOWS
 
         if d.window not in WINDOWS:
@@ -284,13 +302,7 @@ class SegConfig:
         for key in ("background_fraction", "foreground_fraction"):
             if not 0.0 <= getattr(d, key) <= 1.0:
                 raise ConfigError(f"data.{key} must be in [0, 1]; got {getattr(d, key)}")
-        if t.amp not in AMP_CHOICES:
-            raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
-        for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
-        if not self.name or "/" in self.name or "\\" in self.name:
-            raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
+        self._check_train_and_name()
 
 
 @dataclass
@@ -346,9 +358,9 @@ class LevelModelConfig:
 
 @register_config("level")
 @dataclass
-class LevelConfig:
+class LevelConfig(_RunConfig):
     """Stage 1, part two: which vertebrae each slice shows, from the whole study (`kit.models.level`);
-    `kit.infer.segment_study(..., levels=...)` fuses it with the segmenter.
+    `kit.infer.segment_study(..., levels=...)` gives it to the segmenter (input planes or fusion).
 
     Attributes: as `SegConfig`, with `LevelDataConfig` and `LevelModelConfig` sections.
     """
@@ -362,28 +374,16 @@ class LevelConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    @property
-    def run_dir(self) -> Path:
-        """`<out_dir>/<name>/fold<k>`."""
-        return Path(self.out_dir) / self.name / f"fold{self.data.fold}"
-
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
-        d, t = self.data, self.train
-        if not 0 <= d.fold < d.n_folds:
-            raise ConfigError(f"data.fold={d.fold} must be in 0..{d.n_folds - 1} (data.n_folds={d.n_folds})")
+        d = self.data
+        self._check_fold()
         if not 0.0 <= d.z_jitter < 1.0:
             raise ConfigError(f"data.z_jitter must be in [0, 1); got {d.z_jitter}")
         if d.slice_mm <= 0 or d.neighbours < 0 or d.seq_len < 1 or d.repeats < 1 or d.image_size < 32:
             raise ConfigError("data.slice_mm must be > 0, data.neighbours >= 0, data.seq_len and data.repeats "
                               f">= 1, data.image_size >= 32; got {d}")
-        if t.amp not in AMP_CHOICES:
-            raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
-        for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):
-            if getattr(t, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
-        if not self.name or "/" in self.name or "\\" in self.name:
-            raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
+        self._check_train_and_name()
 
 
 # ---------------------------------------------------------------------------------------------------------

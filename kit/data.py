@@ -130,8 +130,9 @@ def labels_to_channels(labels: np.ndarray, other_vertebrae: bool = False) -> np.
 def vertebra_ranges(labels: np.ndarray) -> np.ndarray:
     """int (7, 2): first and last slice showing C1..C7 in a (Z, H, W) label volume; (-1, -1) if absent."""
     ranges = np.full((N_VERTEBRAE, 2), -1, dtype=np.int64)
+    present = level_presence(labels)
     for c in range(N_VERTEBRAE):
-        zs = np.nonzero((labels == c + 1).any(axis=(1, 2)))[0]
+        zs = np.nonzero(present[:, c])[0]
         if len(zs):
             ranges[c] = zs[0], zs[-1]
     return ranges

@@ -5,8 +5,9 @@ means counting down from C2 or up from C7/T1, which can lie beyond that window; 
 then sometimes learns two neighbouring levels as one (C3 with C4, C5 with C6). This model reads the whole
 study at low resolution and coarse slice spacing: a small CNN embeds each slice (with its two neighbours
 as channels), a bidirectional GRU runs over the slices from head to feet, and a linear head gives, per
-slice, a logit for each of C1..C7 being present. `kit.infer.fuse_levels` multiplies these per-slice odds
-into the segmenter's per-pixel odds, so the segmenter draws the outlines and this model names the level.
+slice, a logit for each of C1..C7 being present. A level-conditioned segmenter (`data.level_input`) takes
+these as 7 input planes; for one without them `kit.infer.fuse_levels` multiplies them into its per-pixel
+odds. Either way the segmenter draws the outlines and this model names the level.
 """
 
 from __future__ import annotations
