@@ -98,6 +98,10 @@ class DataConfig:
             jittered) in training and validation, the level model's `predict_levels` at inference, which
             then needs a level run (`segment_study(..., levels=...)`).
         level_jitter_mm: how far each true range's ends move in training (the level model's error).
+        level_margin_mm: widen every range by this much at each end, in training (the true ends, then
+            jittered) and at inference (the level model's presence dilated along z): the prior then covers
+            each vertebra's thin tips that the level model's coarse steps miss, and the segmenter finds the
+            ends inside the margin from the pixels.
         level_ramp_mm: width of the presence ramps at each range's ends, in training (linear ramps) and at
             inference (the level model's presence smoothed along z by a box this wide): the segmenter
             finds the boundary inside the ramp from the pixels, the prior only says which levels are near.
@@ -123,6 +127,7 @@ class DataConfig:
     other_vertebrae: bool = False
     level_input: bool = False
     level_jitter_mm: float = 2.5
+    level_margin_mm: float = 0.0
     level_ramp_mm: float = 2.5
     background_fraction: float = 0.1
     foreground_fraction: float = 1.0

@@ -139,20 +139,21 @@ def vertebra_ranges(labels: np.ndarray) -> np.ndarray:
 
 
 def soft_presence(ranges: np.ndarray, z: int, dz: float, rng: np.random.Generator | None = None,
-                  jitter_mm: float = 2.5, ramp_mm: float = 2.5) -> np.ndarray:
+                  jitter_mm: float = 2.5, ramp_mm: float = 2.5, margin_mm: float = 0.0) -> np.ndarray:
     """float32 (7,): how much slice z is inside each vertebra's z-range, the training stand-in for the level
     model's output (`kit.infer.predict_levels`) given to a level-conditioned segmenter.
 
-    1 well inside [first, last], 0 well outside, a linear ramp `ramp_mm` wide centred on each end (the level
-    model samples every few mm and is interpolated). With `rng`, each end moves by up to +-jitter_mm and the
-    value is scaled by 0.8-1, so the segmenter learns to use the prior without trusting its exact edges.
+    1 well inside [first - margin_mm, last + margin_mm], 0 well outside, a linear ramp `ramp_mm` wide centred
+    on each end (the level model samples every few mm and is interpolated). With `rng`, each end moves by up
+    to +-jitter_mm and the value is scaled by 0.8-1, so the segmenter learns to use the prior without
+    trusting its exact edges.
     """
     ramp = max(ramp_mm / dz, 1.0)
     out = np.zeros(N_VERTEBRAE, dtype=np.float32)
     for c, (first, last) in enumerate(ranges):
         if first < 0:
             continue
-        first, last = float(first) - 0.5, float(last) + 0.5  # the range's outer edges
+        first, last = float(first) - 0.5 - margin_mm / dz, float(last) + 0.5 + margin_mm / dz  # outer edges
         if rng is not None:
             first += rng.uniform(-jitter_mm, jitter_mm) / dz
             last += rng.uniform(-jitter_mm, jitter_mm) / dz
@@ -357,6 +358,7 @@ class SegSliceDataset(Dataset):
             ranges, jittered when augmenting), for a segmenter conditioned on the level model.
         level_jitter_mm: how far the ends of those ranges move when augmenting.
         level_ramp_mm: width of the presence ramps (`soft_presence`).
+        level_margin_mm: how far those ranges are widened at each end (`soft_presence`).
     """
 
     def __init__(
@@ -375,9 +377,11 @@ class SegSliceDataset(Dataset):
         level_input: bool = False,
         level_jitter_mm: float = 2.5,
         level_ramp_mm: float = 2.5,
+        level_margin_mm: float = 0.0,
     ) -> None:
         self.volumes = {uid: SegVolume(*v) for uid, v in volumes.items()}
         self.level_input, self.level_jitter_mm, self.level_ramp_mm = level_input, level_jitter_mm, level_ramp_mm
+        self.level_margin_mm = level_margin_mm
         self.ranges = {uid: vertebra_ranges(v.labels) for uid, v in self.volumes.items()} if level_input else {}
         self.context = context
         self.offsets = {uid: context_offsets(v.dz, context, context_stride, context_mm, offsets_mm)
@@ -423,7 +427,7 @@ class SegSliceDataset(Dataset):
         if self.level_input:
             present = soft_presence(self.ranges[uid], z, self.volumes[uid].dz,
                                     rng if self.augment is not None else None, self.level_jitter_mm,
-                                    self.level_ramp_mm)
+                                    self.level_ramp_mm, self.level_margin_mm)
             image = np.concatenate([image, np.broadcast_to(present[:, None, None], (N_VERTEBRAE, *image.shape[1:]))])
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),

@@ -108,10 +108,20 @@ class LoadedModel:
         """Width of the presence ramps the model was trained with (`data.level_ramp_mm`)."""
         return float(self.config.get("data", {}).get("level_ramp_mm", 2.5))
 
+    @property
+    def level_margin_mm(self) -> float:
+        """How far the model was trained to see each range widened (`data.level_margin_mm`)."""
+        return float(self.config.get("data", {}).get("level_margin_mm", 0.0))
+
     def level_planes(self, levels: np.ndarray, dz: float | None) -> np.ndarray:
-        """(7, Z) presence as this level-conditioned model takes it: smoothed along z by a box of
-        `level_ramp_mm` (a step becomes a linear ramp that wide, as in training), nothing done below 2 slices."""
-        width = int(round(self.level_ramp_mm / (dz or 1.0)))
+        """(7, Z) presence as this level-conditioned model takes it: dilated along z by `level_margin_mm`
+        at each end, then smoothed by a box of `level_ramp_mm` (a step becomes a linear ramp that wide, as in
+        training; no smoothing below 2 slices)."""
+        dz = dz or 1.0
+        margin = int(round(self.level_margin_mm / dz))
+        if margin > 0:
+            levels = ndimage.maximum_filter1d(levels, size=2 * margin + 1, axis=1, mode="nearest")
+        width = int(round(self.level_ramp_mm / dz))
         if width < 2:
             return levels
         return ndimage.uniform_filter1d(levels, size=width, axis=1, mode="nearest")

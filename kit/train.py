@@ -239,7 +239,8 @@ class SegTask:
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
                                       foreground_fraction=d.foreground_fraction, augment=d.augment,
                                       seed=self.cfg.seed, level_input=d.level_input,
-                                      level_jitter_mm=d.level_jitter_mm, level_ramp_mm=d.level_ramp_mm)
+                                      level_jitter_mm=d.level_jitter_mm, level_ramp_mm=d.level_ramp_mm,
+                                      level_margin_mm=d.level_margin_mm)
         self.held_out = kdata.load_volumes(d.cache_dir, held_out, d.image_size)
         return train, held_out
 
@@ -264,7 +265,8 @@ class SegTask:
                 x = kdata.slice_stacks(image, d.context, start, start + bs, offsets=offsets)
                 x = torch.from_numpy(x).to(device)
                 if ranges is not None:  # the true ranges, unjittered: validation measures the segmenter
-                    present = np.stack([kdata.soft_presence(ranges, z, dz, ramp_mm=d.level_ramp_mm)
+                    present = np.stack([kdata.soft_presence(ranges, z, dz, ramp_mm=d.level_ramp_mm,
+                                                              margin_mm=d.level_margin_mm)
                                         for z in range(start, start + len(x))])
                     x = torch.cat([x.float(), torch.from_numpy(present * 255.0)[:, :, None, None]
                                    .expand(-1, -1, *x.shape[2:]).to(device)], dim=1)

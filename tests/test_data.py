@@ -212,6 +212,12 @@ def test_soft_presence_ramps_and_jitter():
     jittered = np.stack([soft_presence(ranges, 16, 1.0, rng, jitter_mm=2.0, ramp_mm=2.0) for _ in range(200)])
     assert jittered[:, 0].min() == 0 and 0.5 < jittered[:, 0].max() <= 0.75  # the end moved both ways (+-2 mm)
     assert jittered[:, 1].min() >= 0.8 and jittered[:, 1].max() <= 1.0  # inside: only the 0.8-1 scale
+    # a margin widens every range by that many mm at each end before the ramps (3 slices at 1 mm, 6 at 0.5 mm)
+    wide = np.stack([soft_presence(ranges, z, 1.0, ramp_mm=2.0, margin_mm=3.0) for z in range(40)])
+    np.testing.assert_allclose(wide[[0, 1, 2, 3, 17, 18, 19, 20], 0], [0, 0.25, 0.75, 1, 0.75, 0.25, 0, 0])
+    np.testing.assert_allclose(wide[:, 2:], 0)
+    np.testing.assert_allclose([soft_presence(ranges, z, 0.5, ramp_mm=1.0, margin_mm=3.0)[0] for z in (19, 21, 22)],
+                               [1.0, 0.25, 0.0])
 
 
 def test_dataset_level_input_adds_the_presence_planes():
@@ -227,6 +233,11 @@ def test_dataset_level_input_adds_the_presence_planes():
         torch.testing.assert_close(b["image"][:3], a["image"])
         expected = soft_presence(vertebra_ranges(labels), b["z"], 1.0)
         torch.testing.assert_close(b["image"][3:], torch.from_numpy(expected)[:, None, None].expand(7, 32, 32))
+    wide = SegSliceDataset(vols, 1, augment=None, level_input=True, level_margin_mm=2.0)
+    for i in (0, 5, len(wide) - 1):
+        expected = soft_presence(vertebra_ranges(labels), wide[i]["z"], 1.0, margin_mm=2.0)
+        torch.testing.assert_close(wide[i]["image"][3:], torch.from_numpy(expected)[:, None, None].expand(7, 32, 32))
+    assert (wide[0]["image"][3:] > conditioned[0]["image"][3:]).any()  # the first vertebra slice: inside the margin
     augmented = SegSliceDataset(vols, 1, augment=AugmentConfig(), level_input=True)
     planes = augmented[5]["image"][3:]
     assert (planes == planes[:, :1, :1]).all()  # constant planes, not warped

@@ -45,7 +45,7 @@ def registry(monkeypatch):
 
 def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False,
                      context_mm: float | None = None, offsets_mm: list[float] | None = None,
-                     level_input: bool = False):
+                     level_input: bool = False, level_margin_mm: float = 0.0):
     torch.manual_seed(seed)
     channels = (2 * context + 1 if offsets_mm is None else len(offsets_mm)) + 7 * level_input
     model = TinySeg(channels, 8)
@@ -54,7 +54,8 @@ def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: i
         state["conv.weight"][0, 0, 0, 0] = float("nan")
     config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold,
                                              "context_stride": 1, "context_mm": context_mm,
-                                             "context_offsets_mm": offsets_mm, "level_input": level_input},
+                                             "context_offsets_mm": offsets_mm, "level_input": level_input,
+                                             "level_margin_mm": level_margin_mm},
               "model": {"name": "tiny_seg"}}
     path = run_dir / f"fold{fold}" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -407,6 +408,13 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     planes = seg[0].level_planes(presence, 1.0)
     np.testing.assert_allclose(planes[:, 1:], (presence[:, 1:] + presence[:, :-1]) / 2, atol=1e-6)
     assert seg[0].level_planes(presence, 2.0) is presence  # ramp under 2 slices: as it is
+    # data.level_margin_mm: the presence is first dilated along z by the margin at each end, as trained
+    write_checkpoint(tmp_path / "wide", 0, seed=3, context=1, level_input=True, level_margin_mm=2.0)
+    wide = infer.load_run(tmp_path / "wide")[0]
+    step = np.zeros((7, 12), np.float32)
+    step[2, 5:8] = 1.0
+    np.testing.assert_allclose(wide.level_planes(step, 2.0)[2], [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0])
+    np.testing.assert_allclose(wide.level_planes(step, 1.0)[2], [0, 0, 0, 0.5, 1, 1, 1, 1, 1, 1, 0.5, 0])
     for z in (0, 7, 23):
         x = np.concatenate([vol[np.clip(z + np.arange(-1, 2), 0, len(vol) - 1)] / 255.0,
                             np.broadcast_to(planes[:, z, None, None], (7, *vol.shape[1:]))])
