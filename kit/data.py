@@ -163,6 +163,13 @@ def soft_presence(ranges: np.ndarray, z: int, dz: float, rng: np.random.Generato
     return out
 
 
+def append_level_planes(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """The input of a level-conditioned segmenter: slices x (B, C, H, W) followed by each sample's
+    presence of C1..C7, `present` (B, 7), as 7 constant planes -> (B, C + 7, H, W) in x's dtype and device.
+    Training, validation and inference all build it here, so the layout cannot drift between them."""
+    return torch.cat([x, present.to(x)[:, :, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+
+
 def true_presence(labels: np.ndarray) -> np.ndarray:
     """float32 (7, Z): 1 where slice z shows C1..C7, the level model's target in the shape of
     `kit.infer.predict_levels`' output: what a perfect level model would give a level-conditioned segmenter."""
@@ -423,14 +430,14 @@ class SegSliceDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         if self.augment is not None:
             sample = self.augment(sample, rng)
-        image = sample["image"]
+        image = torch.from_numpy(np.ascontiguousarray(sample["image"], dtype=np.float32))
         if self.level_input:
             present = soft_presence(self.ranges[uid], z, self.volumes[uid].dz,
                                     rng if self.augment is not None else None, self.level_jitter_mm,
                                     self.level_ramp_mm, self.level_margin_mm)
-            image = np.concatenate([image, np.broadcast_to(present[:, None, None], (N_VERTEBRAE, *image.shape[1:]))])
+            image = append_level_planes(image[None], torch.from_numpy(present)[None])[0]
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
+            "image": image,
             "target": torch.from_numpy(labels_to_channels(sample["labels"], self.other_vertebrae)),
             "uid": uid,
             "z": z,

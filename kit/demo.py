@@ -112,7 +112,8 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         per study and vertebra the larger of |first slice error| and |last slice error|), the per-vertebra
         figures behind both, the same two figures without the level model (`seg_alone_*`) or, for a
         level-conditioned segmenter (`data.level_input`), given the true level ranges instead of the level
-        model's (`seg_true_levels_*`: what a perfect level model would give), `seg_train_seconds` (training both models) and `seg_seconds` (training and scoring).
+        model's (`seg_true_levels_*`: what a perfect level model would give), `seg_train_seconds`
+        (training both models) and `seg_seconds` (training and scoring).
     """
     from .cache import load_cached
     from .config import load_config

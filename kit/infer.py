@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from .cache import merge_csv
 from .constants import VERTEBRAE, WINDOWS
 from .crops import VertebraExtent, clean_vertebra_probs, missing_vertebrae, vertebra_extents
-from .data import context_offsets
+from .data import append_level_planes, context_offsets
 
 log = logging.getLogger("kit.infer")
 
@@ -402,8 +402,7 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
                 idx = (centres[:, None] + offset).clamp_(0, z - 1)  # (B, channels)
                 x = volume[idx].float().div_(255.0)  # (B, channels, S, S)
                 if m.level_input:
-                    planes = planes_of[i][:, centres].T[:, :, None, None].expand(-1, -1, s_y, s_x)
-                    x = torch.cat([x, planes], dim=1)
+                    x = append_level_planes(x, planes_of[i][:, centres].T)
                 logits = m.model(x)
                 if logits.ndim != 4 or logits.shape[1] < len(VERTEBRAE) or logits.shape[2:] != x.shape[2:]:
                     raise SegmentationError(f"study {uid}: {m.path} gave logits {tuple(logits.shape)} for input "

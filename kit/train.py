@@ -268,8 +268,7 @@ class SegTask:
                     present = np.stack([kdata.soft_presence(ranges, z, dz, ramp_mm=d.level_ramp_mm,
                                                               margin_mm=d.level_margin_mm)
                                         for z in range(start, start + len(x))])
-                    x = torch.cat([x.float(), torch.from_numpy(present * 255.0)[:, :, None, None]
-                                   .expand(-1, -1, *x.shape[2:]).to(device)], dim=1)
+                    x = kdata.append_level_planes(x.float(), torch.from_numpy(present * 255.0))
                 y = torch.from_numpy(kdata.labels_to_channels(labels[start:start + bs], d.other_vertebrae))
                 with autocast():
                     logits = model(x.float() / 255.0)
