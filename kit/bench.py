@@ -117,11 +117,12 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
     """Slices/s of `kit.infer.segment_study` per segmenter config, and how it scales with slice count.
 
     Each config's model is built by `create_model` with its kwargs from the config (as `kit.train` records
-    them) and randomly initialised weights: the figures measure speed only, not segmentation quality. The
-    input is a synthetic study (`kit.synthetic.make_study`) in the bone window at the config's image size,
-    cut to each slice count. One warm-up call per config runs first; each figure is the best of `repeats`
-    rounds in which the sizes take turns. A level-conditioned segmenter (`data.level_input`) runs with a
-    randomly initialised level model of `level_config`, whose time is part of `segment_study`'s.
+    them; channels-last when `train.channels_last`, as `load_run` does) and randomly initialised weights: the
+    figures measure speed only, not segmentation quality. The input is a synthetic study
+    (`kit.synthetic.make_study`) in the bone window at the config's image size, cut to each slice count. One
+    warm-up call per config runs first; each figure is the best of `repeats` rounds in which the sizes take
+    turns. A level-conditioned segmenter (`data.level_input`) runs with a randomly initialised level model of
+    `level_config`, whose time is part of `segment_study`'s.
 
     Args:
         config_names: packaged segmenter configs (or YAML paths).
@@ -150,21 +151,23 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     counts = sorted(int(n) for n in slice_counts)
     rows = []
-    for name in config_names:
-        cfg = load_config(name)
-        size = cfg.data.image_size
+
+    def random_model(config_name: str):  # as `load_run` would give it, with random weights
+        cfg = load_config(config_name)
         model_name, kwargs = make_task(cfg).model_spec()
-        torch.manual_seed(seed)
         model = create_model(model_name, **kwargs).eval().to(device)
-        loaded = LoadedModel(model=model, config=config_to_dict(cfg), fold=0, path=Path(f"<random init: {name}>"),
-                             model_name=model_name)
+        if cfg.train.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return cfg, kwargs, LoadedModel(model=model, config=config_to_dict(cfg), fold=0, model_name=model_name,
+                                        path=Path(f"<random init: {config_name}>"))
+
+    for name in config_names:
+        torch.manual_seed(seed)
+        cfg, kwargs, loaded = random_model(name)
+        size, model_name = cfg.data.image_size, loaded.model_name
         models = [loaded]
         if cfg.data.level_input:
-            level_cfg = load_config(level_config)
-            level_name, level_kwargs = make_task(level_cfg).model_spec()
-            models.append(LoadedModel(model=create_model(level_name, **level_kwargs).eval().to(device),
-                                      config=config_to_dict(level_cfg), fold=0, model_name=level_name,
-                                      path=Path(f"<random init: {level_config}>")))
+            models.append(random_model(level_config)[2])
         bs = batch_size or cfg.train.val_batch_size
         study = make_study(seed, size=size, n_slices=counts[-1])
         image = window(study.hu, *WINDOWS["bone"])
@@ -190,7 +193,7 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
                          "cleanup_s": round(t["cleanup_s"], 3), "slices_per_s": round(n / t["total_s"], 2),
                          "slices_ratio": round(n / counts[0], 2),
                          "time_ratio": round(t["total_s"] / best[counts[0]]["total_s"], 2)})
-        del model, loaded, models
+        del loaded, models
     threads = torch.get_num_threads()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nkit bench seg: segment_study on {device} ({threads} torch threads, load average {load:.1f}), "
