@@ -13,7 +13,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     from .synthetic import make_dataset
 
     summary = make_dataset(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
-                           seg_share=args.seg_share, workers=args.workers)
+                           seg_share=args.seg_share, workers=args.workers, answers_dir=args.answers,
+                           difficulty=args.difficulty)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seg-share", type=float, default=0.5, help="share of train studies with a segmentation")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--answers", default=None,
+                   help="folder for the answers (test labels, every fracture and look-alike); default OUT_answers, "
+                        "beside the data, never inside it")
+    p.add_argument("--difficulty", default="realistic", choices=["easy", "realistic"],
+                   help="realistic: graded fractures (hairline, cleft, displaced, compression) and look-alikes; "
+                        "easy: clefts only, no look-alikes")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="cache studies as resampled, windowed uint8 arrays")

@@ -1,4 +1,5 @@
-"""kit.synthetic: determinism, anatomy order, label statistics, DICOM / NIfTI round trips, the competition layout.
+"""kit.synthetic: determinism, anatomy order, label statistics, fracture kinds and look-alikes, DICOM / NIfTI round
+trips, the competition layout and the answers beside it.
 
 Small studies (32-64 px, forced slice counts) keep the whole file to a few seconds of CPU.
 """
@@ -19,16 +20,23 @@ from libjpeg import decode as libjpeg_decode
 
 from kit.constants import TRAIN_PREVALENCE, UID_PREFIX, VERTEBRAE
 from kit.synthetic import (
+    ANSWER_FILES,
     DATASET_TRANSFER_SYNTAXES,
     EXACT_ENCODINGS,
+    FRACTURE_KINDS,
     HU_RANGE,
     LEVEL_LABELS,
+    LOOKALIKE_KINDS,
     PUBLIC_TEST_CSV_UIDS,
     TRANSFER_SYNTAXES,
+    VISIBLE_HU,
     encode_jpeg_lossless,
+    load_answers,
     make_dataset,
     make_study,
+    sample_fracture_kind,
     sample_fractures,
+    sample_lookalikes,
     segmentation_affine,
     write_segmentation,
     write_study,
@@ -78,8 +86,8 @@ def tree_digest(root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny():
-    """A small study with two forced fractures."""
-    return make_study(11, size=40, n_slices=16, fractures={"C2": 1, "C6": 1})
+    """A small study with two forced clefts."""
+    return make_study(11, size=40, n_slices=16, fractures={"C2": 1, "C6": 1}, difficulty="easy")
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +146,7 @@ def test_vertebrae_are_present_bony_and_in_head_to_feet_order(seed):
 
 def test_fracture_label_statistics_match_the_competition():
     rng = np.random.default_rng(0)
-    n = 4000
+    n = 2000
     draws = pd.DataFrame([sample_fractures(rng) for _ in range(n)])
     overall = (draws[list(VERTEBRAE)].sum(axis=1) > 0).mean()
     expected = dict(zip(TARGETS, TRAIN_PREVALENCE))
@@ -161,16 +169,16 @@ def test_forced_fractures_give_boxes_on_the_fractured_vertebrae_only(tiny):
         rows = slice(int(box["y"]), int(np.ceil(box["y"] + box["height"])))
         cols = slice(int(box["x"]), int(np.ceil(box["x"] + box["width"])))
         assert (tiny.labels[box["slice_index"], rows, cols] == LEVEL_LABELS[box["vertebra"]]).any()
-    healthy = make_study(11, size=40, n_slices=16, fractures={})
+    healthy = make_study(11, size=40, n_slices=16, fractures={}, difficulty="easy")
     assert healthy.boxes == [] and healthy.patient_overall == 0
 
 
 def test_a_fracture_is_a_thin_low_density_cleft_in_the_bone():
-    """Same anatomy with and without the C5 fracture (fracture plans are drawn last): only C5 changes, a
+    """Same anatomy with and without the C5 cleft (fracture plans have their own stream): only C5 changes, a
     handful of voxels drop from bone to soft-tissue density, and every changed slice is boxed."""
     seed = 21
     healthy = make_study(seed, size=64, n_slices=160, fractures={}, noise_hu=0.0)
-    broken = make_study(seed, size=64, n_slices=160, fractures={"C5": 1}, noise_hu=0.0)
+    broken = make_study(seed, size=64, n_slices=160, fractures={"C5": 1}, noise_hu=0.0, fracture_kinds={"C5": "cleft"})
     c5 = (healthy.labels == 5) | (broken.labels == 5)
     diff = np.abs(broken.hu.astype(int) - healthy.hu.astype(int)) > 100
     assert diff.any() and not (diff & ~ndilate(c5)).any()
@@ -217,7 +225,7 @@ def test_files_decode_to_the_study_hu_for_every_header_variant(tmp_path, tiny, s
 def test_fast_series_encoder_writes_the_bytes_pydicom_dcmwrite_would(tmp_path, tiny, syntax, monkeypatch):
     import io
 
-    import kit.synthetic as synthetic
+    import kit.synthetic.dicom_writer as synthetic
 
     encode, same = synthetic._SeriesEncoder.encode, []
 
@@ -399,7 +407,7 @@ def test_dataset_headers_vary_across_studies(dataset):
     assert seen == {"syntax": {TRANSFER_SYNTAXES[t] for t in DATASET_TRANSFER_SYNTAXES},
                     "intercept": {-1024.0, 0.0}, "bits": {12, 16}, "sign": {0, 1}, "modality": {True, False},
                     "head_first": {True, False}}
-    studies = pd.read_csv(root / "synthetic" / "studies.csv")
+    studies = pd.read_csv(Path(str(root) + "_answers") / "studies.csv")
     assert len(studies) == 10 and set(studies["split"]) == {"train", "test"}
 
 
@@ -423,3 +431,144 @@ def test_test_csv_mismatch_lists_studies_without_folders(tmp_path):
     assert list(test["StudyInstanceUID"].unique()) == list(PUBLIC_TEST_CSV_UIDS) and len(test) == 24
     assert not set(test["StudyInstanceUID"]) & folders
     assert (pd.read_csv(tmp_path / "sample_submission.csv")["row_id"] == test["row_id"]).all()
+
+
+# ----------------------------------------------------------------------------------------------- fracture kinds
+def test_fracture_kind_mix_and_lookalike_rate_over_2000_draws():
+    """The realistic mix: at least 30 % of fractures hairline, every kind present, no compression of C1/C2; at
+    least 30 % of studies with a look-alike. The easy mix: clefts only, no look-alikes."""
+    rng = np.random.default_rng(1)
+    kinds = [(v, sample_fracture_kind(rng, v)) for _ in range(2000) for v, y in sample_fractures(rng).items() if y]
+    share = pd.Series([k for _, k in kinds]).value_counts(normalize=True)
+    assert len(kinds) > 1200 and set(share.index) == set(FRACTURE_KINDS)  # 0.715 fractures a study on average
+    assert share["hairline"] >= 0.30, share.to_dict()
+    assert not [v for v, k in kinds if k == "compression" and v in ("C1", "C2")]
+    looks = [sample_lookalikes(rng) for _ in range(2000)]
+    assert np.mean([bool(x) for x in looks]) >= 0.30
+    assert {k for x in looks for k in x} == set(LOOKALIKE_KINDS)
+    assert sample_fracture_kind(rng, "C5", "easy") == "cleft" and sample_lookalikes(rng, "easy") == []
+    with pytest.raises(ValueError, match="realistic"):
+        sample_lookalikes(rng, "hard")
+
+
+def kind_pair(kind: str, seed: int = 21, vertebra: str = "C5", **kw):
+    """(intact, fractured) studies of one seed without noise: the fracture is the only difference."""
+    args = dict(size=64, n_slices=160, noise_hu=0.0, lookalikes=[], **kw)
+    intact = make_study(seed, fractures={}, **args)
+    broken = make_study(seed, fractures={vertebra: 1}, fracture_kinds={vertebra: kind}, **args)
+    return intact, broken
+
+
+@pytest.mark.parametrize("seed", [21, 5])
+def test_a_hairline_changes_fewer_voxels_and_less_hu_than_a_cleft(seed):
+    """Same seed, same fracture plane: the hairline (partial volume, <= 1 voxel) changes fewer voxels and far
+    fewer HU than the 1-2 mm cleft; its strongest voxel-wise drop in the cancellous core is tens of HU."""
+    intact, hair = kind_pair("hairline", seed)
+    _, cleft = kind_pair("cleft", seed)
+    d_hair = np.abs(hair.hu.astype(int) - intact.hu.astype(int))
+    d_cleft = np.abs(cleft.hu.astype(int) - intact.hu.astype(int))
+    assert 0 < (d_hair > 20).sum() < (d_cleft > 20).sum()
+    assert d_hair.sum() < 0.7 * d_cleft.sum()
+    (h,), (c,) = hair.fracture_sites, cleft.fracture_sites
+    assert (h["kind"], h["subtlety"], c["kind"], c["subtlety"]) == ("hairline", "subtle", "cleft", "moderate")
+    assert h["voxels"] <= c["voxels"] and 0.2 <= h["fraction"] <= 0.5 and h["gap_mm"] == 0 and c["gap_mm"] >= 1.0
+    assert np.array_equal(hair.labels, intact.labels)  # a crack moves no bone
+
+
+@pytest.mark.parametrize("kind", FRACTURE_KINDS)
+def test_boxes_cover_the_voxels_each_fracture_kind_changes(kind):
+    """Every voxel that differs visibly from the intact study lies in a box of its slice or a neighbour
+    (blur spreads a change by a slice), each box holds a change, and nothing changes outside C5's reach."""
+    intact, broken = kind_pair(kind)
+    delta = np.abs(broken.hu.astype(int) - intact.hu.astype(int))
+    assert broken.boxes and {b["vertebra"] for b in broken.boxes} == {"C5"}
+    covered = np.zeros(delta.shape, bool)
+    for b in broken.boxes:
+        rows = slice(int(b["y"]), int(np.ceil(b["y"] + b["height"])))
+        cols = slice(int(b["x"]), int(np.ceil(b["x"] + b["width"])))
+        z = b["slice_index"]
+        assert delta[z, rows, cols].max() >= VISIBLE_HU / 2, (kind, b)
+        covered[max(z - 1, 0): z + 2, rows, cols] = True
+    visible = delta >= 2 * VISIBLE_HU
+    assert visible.any() and not (visible & ~covered).any(), (kind, int((visible & ~covered).sum()))
+    (site,) = broken.fracture_sites
+    assert site["kind"] == kind and site["slices"] == sorted({b["slice_index"] for b in broken.boxes})
+    c5 = (intact.labels == 5) | (broken.labels == 5)
+    assert not (delta > 50)[~ndilate(c5, 3)].any()
+
+
+def test_displaced_and_compression_fractures_move_bone_and_its_label():
+    intact, displaced = kind_pair("displaced")
+    _, crushed = kind_pair("compression")
+    assert displaced.fracture_sites[0]["shift_mm"] >= 1.5 and displaced.fracture_sites[0]["subtlety"] == "obvious"
+    assert (displaced.labels != intact.labels).any()
+    c5 = (intact.labels == 5).sum()
+    loss = crushed.fracture_sites[0]["height_loss"]
+    assert 0.15 <= loss <= 0.45 and (crushed.labels == 5).sum() < c5  # the wedge removes bone from C5 only
+    assert np.array_equal(crushed.labels[intact.labels != 5] == 5, intact.labels[intact.labels != 5] == 5)
+    with pytest.raises(ValueError, match="compression"):
+        make_study(1, size=32, n_slices=20, fractures={"C1": 1}, fracture_kinds={"C1": "compression"})
+
+
+# ----------------------------------------------------------------------------------------------- look-alikes
+@pytest.mark.parametrize("kind", LOOKALIKE_KINDS)
+def test_each_lookalike_changes_the_image_but_no_label_or_box(kind):
+    seed = 4
+    plain = make_study(seed, size=48, fractures={}, noise_hu=0.0, lookalikes=[])
+    look = make_study(seed, size=48, fractures={}, noise_hu=0.0, lookalikes=[kind])
+    assert look.boxes == [] and look.patient_overall == 0 and look.meta["lookalikes"] == [kind]
+    (record,) = look.lookalikes
+    assert record["kind"] == kind and record["slices"], record
+    if kind == "truncated_c7":  # the scan stops inside C7: fewer slices, C7 on the last one
+        assert look.n_slices < plain.n_slices and (look.labels[-1] == LEVEL_LABELS["C7"]).any()
+        assert not (look.labels == LEVEL_LABELS["T1"]).any()
+        assert np.array_equal(look.labels, plain.labels[: look.n_slices])
+        return
+    assert look.shape == plain.shape
+    delta = np.abs(look.hu.astype(int) - plain.hu.astype(int))
+    assert (delta > 100).sum() > 10
+    changed_slices = np.nonzero((delta > 100).any(axis=(1, 2)))[0]
+    assert set(changed_slices) <= set(range(min(record["slices"]) - 2, max(record["slices"]) + 3))
+    if kind == "osteophyte":  # new bone, labelled as its vertebra
+        grown = (look.labels > 0) & (plain.labels == 0)
+        assert grown.any() and set(np.unique(look.labels[grown])) == {LEVEL_LABELS[record["vertebra"]]}
+    else:
+        assert np.array_equal(look.labels, plain.labels)
+    if kind == "metal_implant":
+        assert look.hu.max() == HU_RANGE[1]
+    if kind == "osteopenia":
+        bone = plain.labels > 0
+        assert look.hu[bone].mean() < plain.hu[bone].mean() - 100
+
+
+def test_labels_leave_headers_slices_file_size_mean_hu_and_lookalikes_unchanged(tmp_path):
+    """The same seed with and without fractures: identical look-alikes, slice count, spacing and headers,
+    file sizes within 1 % and mean HU within 1 HU; look-alikes are drawn (not forced) here."""
+    seeds = [s for s in range(40) if sample_lookalikes(np.random.default_rng(np.random.SeedSequence(s).spawn(6)[5]))]
+    assert len(seeds) >= 12  # >= 30 % of the seeds
+    for seed in seeds[:3]:
+        intact = make_study(seed, size=48, fractures={})
+        broken = make_study(seed, size=48, fractures={"C2": 1, "C5": 1, "C7": 1})
+        assert intact.lookalikes == broken.lookalikes and intact.lookalikes
+        assert intact.n_slices == broken.n_slices and intact.spacing == broken.spacing
+        assert intact.origin == broken.origin and intact.uid == broken.uid
+        assert abs(float(intact.hu.mean()) - float(broken.hu.mean())) < 1.0
+        sizes, headers = [], []
+        for name, study in (("intact", intact), ("broken", broken)):
+            paths = write_study(study, tmp_path / f"{seed}{name}", transfer_syntax="jpeg-lossless")
+            sizes.append(sum(p.stat().st_size for p in paths))
+            ds = pydicom.dcmread(paths[0], stop_before_pixels=True)
+            headers.append({e.keyword: str(e.value) for e in ds if e.keyword not in ("SOPInstanceUID",)})
+        assert headers[0] == headers[1] and abs(sizes[0] - sizes[1]) < 0.01 * sizes[0]
+
+
+def test_easy_difficulty_is_clefts_without_lookalikes_and_bad_values_name_the_choices():
+    study = make_study(3, size=40, n_slices=60, fractures={"C2": 1, "C4": 1, "C6": 1}, difficulty="easy")
+    assert {s["kind"] for s in study.fracture_sites} == {"cleft"} and study.lookalikes == []
+    assert study.meta["difficulty"] == "easy"
+    with pytest.raises(ValueError, match="easy"):
+        make_study(3, size=40, n_slices=10, difficulty="medium")
+    with pytest.raises(ValueError, match="vascular_channel"):
+        make_study(3, size=40, n_slices=10, lookalikes=["bone island"])
+    with pytest.raises(ValueError, match="hairline"):
+        make_study(3, size=40, n_slices=10, fractures={"C3": 1}, fracture_kinds={"C3": "greenstick"})
