@@ -572,3 +572,69 @@ def test_easy_difficulty_is_clefts_without_lookalikes_and_bad_values_name_the_ch
         make_study(3, size=40, n_slices=10, lookalikes=["bone island"])
     with pytest.raises(ValueError, match="hairline"):
         make_study(3, size=40, n_slices=10, fractures={"C3": 1}, fracture_kinds={"C3": "greenstick"})
+
+
+# ----------------------------------------------------------------------------------------------- answers
+COMPETITION_LAYOUT = {"train.csv", "train_bounding_boxes.csv", "test.csv", "sample_submission.csv", "train_images",
+                      "test_images", "segmentations"}
+
+
+def test_answers_live_beside_the_data_root_and_agree_with_it(dataset):
+    root, summary = dataset
+    assert {p.name for p in root.iterdir()} == COMPETITION_LAYOUT  # nothing label-related inside the data root
+    answers_dir = Path(str(root) + "_answers")
+    assert summary["answers_dir"] == str(answers_dir.resolve()) and sorted(p.name for p in answers_dir.iterdir()) \
+        == sorted(ANSWER_FILES)
+    answers = load_answers(answers_dir)
+    assert answers["summary"]["difficulty"] == "realistic" and answers["summary"]["n_train"] == 8
+
+    test_labels = answers["test_labels"]
+    assert list(test_labels.columns) == ["StudyInstanceUID", *TARGETS] and len(test_labels) == 2
+    assert set(test_labels["StudyInstanceUID"]) == {p.name for p in (root / "test_images").iterdir()}
+    assert (test_labels["patient_overall"] == test_labels[list(VERTEBRAE)].max(axis=1)).all()
+
+    # every fractured vertebra (train and test) has at least one fracture row, no intact vertebra has any
+    labels = pd.concat([pd.read_csv(root / "train.csv"), test_labels])
+    fractures = answers["fractures"]
+    truth = {(r.StudyInstanceUID, v) for r in labels.itertuples() for v in VERTEBRAE if getattr(r, v)}
+    assert set(zip(fractures["StudyInstanceUID"], fractures["vertebra"])) == truth
+    assert set(fractures["kind"]) <= set(FRACTURE_KINDS) and fractures["subtlety"].notna().all()
+    # boxed fractures: their slice numbers are exactly the study's box rows
+    boxes = pd.read_csv(root / "train_bounding_boxes.csv")
+    for uid, rows in fractures[fractures["in_bounding_boxes"]].groupby("StudyInstanceUID"):
+        shown = rows.dropna(subset=["slice_number_first"])
+        numbers = set(boxes.loc[boxes["StudyInstanceUID"] == uid, "slice_number"])
+        for r in shown.itertuples():
+            lo, hi = sorted((int(r.slice_number_first), int(r.slice_number_last)))
+            assert {lo, hi} <= numbers
+    assert set(boxes["StudyInstanceUID"]) == set(fractures.loc[fractures["in_bounding_boxes"]
+                                                               & fractures["z_first"].notna(), "StudyInstanceUID"])
+
+    studies, looks = answers["studies"], answers["lookalikes"]
+    assert set(looks["kind"]) <= set(LOOKALIKE_KINDS) and set(looks["StudyInstanceUID"]) <= set(studies["StudyInstanceUID"])
+    n_looks = studies["lookalikes"].fillna("").str.split().str.len()
+    assert n_looks.sum() == len(looks) == sum(answers["summary"]["lookalikes"][k] for k in LOOKALIKE_KINDS)
+
+
+def test_load_answers_says_what_is_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no answers folder"):
+        load_answers(tmp_path / "nowhere")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "test_labels.csv").write_text("StudyInstanceUID\n")
+    with pytest.raises(FileNotFoundError, match="fractures.csv"):
+        load_answers(tmp_path / "half")
+    with pytest.raises(ValueError, match="outside"):
+        make_dataset(tmp_path / "data", n_train=1, n_test=0, size=32, n_slices=8, progress=False,
+                     answers_dir=tmp_path / "data" / "answers")
+
+
+def test_kit_synth_writes_data_and_answers_where_asked(tmp_path, capsys):
+    from kit.cli import main
+
+    main(["synth", "--out", str(tmp_path / "data"), "--answers", str(tmp_path / "truth"), "--n-train", "2",
+          "--n-test", "1", "--size", "24", "--workers", "1", "--difficulty", "easy"])
+    assert {p.name for p in (tmp_path / "data").iterdir()} == COMPETITION_LAYOUT
+    answers = load_answers(tmp_path / "truth")
+    assert answers["summary"]["difficulty"] == "easy" and len(answers["test_labels"]) == 1
+    assert set(answers["fractures"]["kind"]) <= {"cleft"} and answers["lookalikes"].empty
+    assert '"difficulty": "easy"' in capsys.readouterr().out
