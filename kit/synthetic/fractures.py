@@ -178,12 +178,8 @@ class Lesion:
     def paint(self, view, u, v, w, solid, inner) -> None:
         """Change HU values of the painted bone box ``view`` in place."""
 
-    def core(self, u, v, w, solid) -> np.ndarray | bool:
-        """Voxels where the lesion acts (to check it shows in the field of view)."""
-        return False
-
     def reach(self, u, v, w) -> np.ndarray | bool:
-        """Voxels the lesion may change (to attribute changed voxels to one lesion)."""
+        """Voxels a look-alike may change (to tell apart the look-alikes of one bone)."""
         return True
 
     def parts(self) -> list[Part]:
@@ -237,14 +233,8 @@ class Cleft(Plane):
         side = self.region(u, v, w) & (self.signed(u, v, w) > 0)
         return np.where(side, u - self.du, u), np.where(side, v - self.dv, v), w
 
-    def core(self, u, v, w, solid):
-        return solid & self.region(u, v, w) & (np.abs(self.signed(u, v, w)) <= self.gap / 2)
-
     def paint(self, view, u, v, w, solid, inner):
-        view[self.core(u, v, w, solid)] = GAP_HU
-
-    def reach(self, u, v, w):
-        return self.region(u, v, w, grow=2.0 + math.hypot(self.du, self.dv))
+        view[solid & self.region(u, v, w) & (np.abs(self.signed(u, v, w)) <= self.gap / 2)] = GAP_HU
 
     @property
     def subtlety(self) -> str:
@@ -266,9 +256,6 @@ class Hairline(Plane):
         d = np.abs(self.signed(u, v, w))
         wgt = np.float32(self.fraction) * np.clip(1 - d / np.float32(self.half_width), 0, 1)
         return np.where(solid & self.region(u, v, w), wgt, np.float32(0))
-
-    def core(self, u, v, w, solid):
-        return self.weight(u, v, w, solid) > 0.5 * self.fraction
 
     def paint(self, view, u, v, w, solid, inner):
         wgt = self.weight(u, v, w, solid)
@@ -304,16 +291,10 @@ class Compression(Lesion):
     def cut(self, u, v, w):
         return self.footprint(u, v) & (w < self.depth(u))
 
-    def core(self, u, v, w, solid):
-        return self.footprint(u, v) & (w < self.depth(u)) & (w > -0.5) & (self.depth(u) > 0.5)
-
     def paint(self, view, u, v, w, solid, inner):
         d = self.depth(u)
         band = inner & self.footprint(u, v) & (w >= d) & (w <= d + np.float32(self.band)) & (d > 0.3)
         view[band] += np.float32(self.band_hu)
-
-    def reach(self, u, v, w):
-        return self.footprint(u, v) & (w < self.depth(u) + self.band + 2.0)
 
     @property
     def subtlety(self) -> str:

@@ -235,14 +235,25 @@ def _boxes_of(mask: np.ndarray, outer, px: float, shape: tuple[int, int, int], v
     return boxes
 
 
-def _plan_fractures(frac_rng, painter: BonePainter, solid: np.ndarray, anat: Anatomy, difficulty: str,
-                    forced_kind: str | None) -> list[Lesion]:
-    """Draw the fractures of one fractured vertebra (1, or 2 one time in five); each must show in the field
-    of view (act on >= 2 voxels of some slice), else it is redrawn (up to 12 times)."""
+def _visible(delta: np.ndarray) -> np.ndarray:
+    """Voxels of a box that changed visibly (by :data:`VISIBLE_HU` or more)."""
+    return delta >= VISIBLE_HU
+
+
+def _add_fractures(frac_rng, painter: BonePainter, looks: list[Lesion], view: np.ndarray, solid: np.ndarray,
+                   anat: Anatomy, difficulty: str, forced_kind: str | None):
+    """Draw and paint the fractures of one fractured vertebra (1, or 2 one time in five), one after the other.
+
+    Each fracture must change at least two voxels of some slice visibly, else it is redrawn (up to 12 times).
+
+    Returns:
+        The fractures, what each changed (|HU difference| against the painting before it, box-relative), and
+        the final painting and solid.
+    """
     bone = painter.bone
     name, d = bone.name, bone.extra["d"]
-    u, v, w = painter.uvw
     plans: list[Lesion] = []
+    deltas: list[np.ndarray] = []
     for _ in range(2 if frac_rng.random() < 0.2 else 1):
         taken = tuple(p.kind for p in plans if p.kind == "compression")
         kind = forced_kind or sample_fracture_kind(frac_rng, name, difficulty, exclude=taken)
@@ -250,14 +261,18 @@ def _plan_fractures(frac_rng, painter: BonePainter, solid: np.ndarray, anat: Ana
             kind = "cleft"
         for _attempt in range(12):
             plan = plan_fracture(frac_rng, kind, name, anat.k, d, anat.px, bone.extra)
-            if np.sum(plan.core(u, v, w, solid), axis=(1, 2)).max(initial=0) >= 2:
+            new_view, new_solid = painter.render([*looks, *plans, plan])
+            delta = np.abs(new_view - view)
+            if _visible(delta).sum(axis=(1, 2)).max(initial=0) >= 2:
                 break
         else:
             log.warning("synthetic %s fracture (%s) shows on no slice of a %s volume (%.2f mm slices): its label "
                         "stays 1 but it gets no box; use more slices or pixels", name, kind,
                         (anat.Z, anat.size, anat.size), anat.dz)
         plans.append(plan)
-    return plans
+        deltas.append(delta)
+        view, solid = new_view, new_solid
+    return plans, deltas, view, solid
 
 
 def _no_compression(name: str) -> str:
@@ -274,9 +289,9 @@ def paint_vertebra(hu, labels, grid, anat, bone: BonePlacement, tone: BoneTone, 
                    ) -> tuple[list[dict], list[dict], list[dict]]:
     """Paint one vertebra with its look-alikes and fractures.
 
-    The vertebra is rendered up to three times on the same texture: bare (only to locate its look-alikes),
-    with its look-alikes, and with look-alikes and fractures; what the fractures changed by
-    :data:`VISIBLE_HU` or more gives their boxes.
+    The vertebra is rendered several times on the same texture: bare (only to locate its look-alikes), with
+    its look-alikes, then adding one fracture at a time; what each fracture changed by :data:`VISIBLE_HU` or
+    more gives its boxes.
 
     Returns:
         boxes, fracture records, look-alike records (see :class:`SyntheticStudy`).
@@ -299,18 +314,12 @@ def paint_vertebra(hu, labels, grid, anat, bone: BonePlacement, tone: BoneTone, 
     if not fractured:
         painter.commit(hu, labels, with_looks, solid)
         return [], [], look_records
-    plans = _plan_fractures(frac_rng, painter, solid, anat, difficulty, forced_kind)
-    final, final_solid = painter.render([*looks, *plans])
+    plans, deltas, final, final_solid = _add_fractures(frac_rng, painter, looks, with_looks, solid, anat, difficulty,
+                                                       forced_kind)
     painter.commit(hu, labels, final, final_solid)
-    delta = np.abs(final - with_looks)
-    changed = delta >= VISIBLE_HU
-    owner = np.zeros(changed.shape, np.int8) - 1
-    for i, les in enumerate(plans):
-        owner[changed & (owner < 0) & np.broadcast_to(les.reach(u, v, w), changed.shape)] = i
-    owner[changed & (owner < 0)] = 0  # nothing changes outside every reach; if it did, the first owns it
     boxes, records = [], []
-    for i, les in enumerate(plans):
-        mine = owner == i
+    for les, delta in zip(plans, deltas):
+        mine = _visible(delta)
         own_boxes = _boxes_of(mine, painter.outer, anat.px, hu.shape, bone.name)
         boxes += own_boxes
         records.append(_record(les, bone.name, [b["slice_index"] for b in own_boxes],
