@@ -611,7 +611,8 @@ def test_answers_live_beside_the_data_root_and_agree_with_it(dataset):
                                                                & fractures["z_first"].notna(), "StudyInstanceUID"])
 
     studies, looks = answers["studies"], answers["lookalikes"]
-    assert set(looks["kind"]) <= set(LOOKALIKE_KINDS) and set(looks["StudyInstanceUID"]) <= set(studies["StudyInstanceUID"])
+    assert set(looks["kind"]) <= set(LOOKALIKE_KINDS)
+    assert set(looks["StudyInstanceUID"]) <= set(studies["StudyInstanceUID"])
     n_looks = studies["lookalikes"].fillna("").str.split().str.len()
     assert n_looks.sum() == len(looks) == sum(answers["summary"]["lookalikes"][k] for k in LOOKALIKE_KINDS)
 
