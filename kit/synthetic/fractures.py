@@ -189,6 +189,11 @@ class Lesion:
     def subtlety(self) -> str:
         return ""
 
+    @property
+    def detail(self) -> str:
+        """A look-alike's size and density in words (for the answers)."""
+        return self.site
+
     def describe(self) -> dict:
         return {}
 
@@ -324,6 +329,11 @@ class DenseLine(Plane):
     def paint(self, view, u, v, w, solid, inner):
         view[solid & self.region(u, v, w) & (np.abs(self.signed(u, v, w)) <= self.thick / 2)] += self.extra_hu
 
+    @property
+    def detail(self) -> str:
+        return (f"{self.site}: +{self.extra_hu:.0f} HU line {self.thick:.1f} mm wide, "
+                f"{math.hypot(self.du, self.dv):.1f} mm step")
+
 
 @dataclass
 class Channel(Lesion):
@@ -349,6 +359,10 @@ class Channel(Lesion):
     def reach(self, u, v, w):
         return self.mask(u, v, w)
 
+    @property
+    def detail(self) -> str:
+        return f"{self.site}: {2 * self.segments[0][2]:.1f} mm wide, {self.hu:.0f} HU"
+
 
 @dataclass
 class Sclerosis(Lesion):
@@ -369,6 +383,10 @@ class Sclerosis(Lesion):
     def reach(self, u, v, w):
         return self.zone(u, v, w)
 
+    @property
+    def detail(self) -> str:
+        return f"{self.site}: +{self.extra_hu:.0f} HU over {self.w1 - self.w0:.1f} mm"
+
 
 @dataclass
 class Osteophyte(Lesion):
@@ -378,6 +396,11 @@ class Osteophyte(Lesion):
 
     def parts(self) -> list[Part]:
         return list(self.beak)
+
+    @property
+    def detail(self) -> str:
+        (a, b) = self.beak[0].g["a"], self.beak[0].g["b"]
+        return f"{self.site}: {math.hypot(b[0] - a[0], b[1] - a[1]):.1f} mm beak"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -310,7 +310,7 @@ def paint_vertebra(hu, labels, grid, anat, bone: BonePlacement, tone: BoneTone, 
         changed = np.abs(with_looks - bare) >= VISIBLE_HU
         for les in looks:
             shown = _slices_of(changed & les.reach(u, v, w), z0)
-            look_records.append(_record(les, bone.name, shown, dict(detail=les.site)))
+            look_records.append(_record(les, bone.name, shown, dict(detail=les.detail)))
     if not fractured:
         painter.commit(hu, labels, with_looks, solid)
         return [], [], look_records
