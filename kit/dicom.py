@@ -552,8 +552,11 @@ def window_channels(hu: np.ndarray, names: Iterable[str] = ("bone", "soft")) -> 
 def resize_slices(volume: np.ndarray, size: int | tuple[int, int], *, nearest: bool = False) -> np.ndarray:
     """Resample (Z, H, W) in-plane to (Z, size, size) (or (Z, *size)); nearest for label masks.
 
-    Linear interpolation when enlarging, area averaging when shrinking; the dtype is kept. A volume
-    that already has the size is returned as it is (not copied).
+    Linear interpolation when enlarging, area averaging when shrinking; the dtype is kept. Nearest takes, for
+    each output pixel, the input pixel under its centre (`centred_nearest_index`), so a mask stays aligned with
+    its image within 1/8 px (cv2's INTER_NEAREST takes the top-left pixel of each block: 0.375 px off at
+    512 -> 128). A
+    volume that already has the size is returned as it is (not copied).
     """
     import cv2
 
@@ -562,8 +565,12 @@ def resize_slices(volume: np.ndarray, size: int | tuple[int, int], *, nearest: b
         raise ValueError(f"resize_slices expects (Z, H, W), got shape {volume.shape}")
     if volume.shape[1:] == (height, width):
         return volume
+    if nearest:
+        rows = centred_nearest_index(volume.shape[1], height)
+        cols = centred_nearest_index(volume.shape[2], width)
+        return np.ascontiguousarray(volume[:, rows][:, :, cols])
     shrink = height < volume.shape[1] and width < volume.shape[2]
-    method = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     native = volume.dtype in (np.uint8, np.int16, np.uint16, np.float32, np.float64)
     work = volume if native else volume.astype(np.float32)  # int32 / bool / int64: cv2 cannot resize them
     out = np.empty((len(volume), height, width), work.dtype)
@@ -572,3 +579,9 @@ def resize_slices(volume: np.ndarray, size: int | tuple[int, int], *, nearest: b
     if not native and volume.dtype.kind in "iub":
         out = np.rint(out, out=out)
     return out.astype(volume.dtype, copy=False)
+
+
+def centred_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """int (n_out,): the input index under the centre of each output pixel when n_in pixels are resampled to
+    n_out over the same extent (pixel edges aligned, as area and linear resizing do)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
