@@ -67,7 +67,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
-    from .infer import segment_studies
+    from .runner import segment_studies
 
     result = segment_studies(args.data_root, args.runs, args.out, split=args.split)
     print(json.dumps(result, indent=2, default=str))

@@ -8,8 +8,10 @@ defaults, so changing one config never changes another.
     cfg = load_config("runs/demo_seg/fold0/config.yaml")       # a saved, resolved config
     cfg = load_config("demo_seg", train={"epochs": 2})          # nested dicts merge, they do not replace
 
-Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent); a later stage registers its
-own top-level class with `@register_config("cls")`.
+Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent). A stage registers its
+top-level class here (`@register_config("<task>")`), its task in `kit.tasks` and its model in `kit.models`;
+the class gives `model_spec()` (model name and kwargs), `recipe()` (its input recipe, `kit.slices`) and
+`provides` (what its models predict, for `kit.infer`).
 """
 
 from __future__ import annotations
@@ -83,15 +85,10 @@ class DataConfig:
         window: HU window the cache was prepared with (a key of `kit.constants.WINDOWS`); recorded so
             inference windows new studies the same way.
         image_size: in-plane model input size S; cached arrays of another size are resized on the fly.
-        context: k; the input is 2k+1 slices as channels, z-k*s .. z+k*s (edge slices clamp-padded).
-        context_stride: s, slices between neighbouring input channels (1 = adjacent slices; larger values
-            let the 2.5D input see further up and down the neck at the same cost).
-        context_mm: when set, s = round(context_mm / dz) for each study (at least 1), so the input spans the
-            same height in mm whatever the slice spacing; context_stride is then unused.
-        context_offsets_mm: explicit input slices as offsets in mm from the slice segmented (ascending, 0
-            included), each rounded to whole slices of the study; replaces context, context_stride and
-            context_mm. Near offsets give fine detail at the level boundaries, far ones the landmarks
-            (dens, C7's spinous process, ribs) that tell the level.
+        slice_offsets_mm: the segmenter's input slices, as offsets in mm from the slice segmented (ascending,
+            0 included), each rounded to whole slices of the study (`kit.slices.offsets_to_slices`; a non-zero
+            offset is at least one slice). [-2, -1, 0, 1, 2] is five adjacent slices at 1 mm; [-40, -30, ...,
+            40] sees two levels up and down the neck in nine channels, whatever the slice spacing.
         other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
         level_input: condition the segmenter on the level model: 7 more input channels, constant planes
             holding each vertebra's presence in the slice; the true ranges (`kit.data.soft_presence`,
@@ -120,10 +117,7 @@ class DataConfig:
     fold: int = 0
     window: str = "bone"
     image_size: int = 384
-    context: int = 2
-    context_stride: int = 1
-    context_mm: float | None = None
-    context_offsets_mm: list[float] | None = None
+    slice_offsets_mm: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
     other_vertebrae: bool = False
     level_input: bool = False
     level_jitter_mm: float = 2.5
@@ -285,6 +279,21 @@ class SegConfig(_RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    provides = "vertebra_probs"  # what its models predict (a class attribute, not a config key)
+
+    def recipe(self):
+        """The input recipe of this run (`kit.slices.SegRecipe`)."""
+        from .slices import SegRecipe
+
+        return SegRecipe.from_config(self.data)
+
+    def model_spec(self) -> tuple[str, dict]:
+        """Registered model name and its plain kwargs, from this config alone (training records them in
+        `model.pt`; `kit bench` builds the same model)."""
+        d, m = self.data, self.model
+        return m.name, {"in_channels": self.recipe().n_channels, "classes": 7 + int(d.other_vertebrae),
+                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
+
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
         d = self.data
@@ -293,15 +302,9 @@ class SegConfig(_RunConfig):
 
         if d.window not in WINDOWS:
             raise ConfigError(f"data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
-        if d.context < 0:
-            raise ConfigError(f"data.context must be >= 0 (input = 2k+1 slices); got {d.context}")
-        if d.context_stride < 1:
-            raise ConfigError(f"data.context_stride must be >= 1; got {d.context_stride}")
-        if d.context_mm is not None and d.context_mm <= 0:
-            raise ConfigError(f"data.context_mm must be > 0 or null; got {d.context_mm}")
-        offs = d.context_offsets_mm
-        if offs is not None and (not offs or 0 not in offs or list(offs) != sorted(set(offs))):
-            raise ConfigError(f"data.context_offsets_mm must be ascending, without repeats, and include 0; got {offs}")
+        offs = d.slice_offsets_mm
+        if not offs or 0 not in offs or list(offs) != sorted(set(offs)):
+            raise ConfigError(f"data.slice_offsets_mm must be ascending, without repeats, and include 0; got {offs}")
         if d.image_size < 32:
             raise ConfigError(f"data.image_size must be >= 32; got {d.image_size}")
         for key in ("background_fraction", "foreground_fraction"):
@@ -378,6 +381,20 @@ class LevelConfig(_RunConfig):
     model: LevelModelConfig = field(default_factory=LevelModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    provides = "levels"
+
+    def recipe(self):
+        """The input recipe of this run (`kit.slices.LevelRecipe`)."""
+        from .slices import LevelRecipe
+
+        return LevelRecipe.from_config(self.data)
+
+    def model_spec(self) -> tuple[str, dict]:
+        """Registered model name and its plain kwargs, from this config alone."""
+        d, m = self.data, self.model
+        return m.name, {"in_channels": self.recipe().n_channels, "classes": 7, "encoder": m.encoder,
+                        "hidden": m.hidden}
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
@@ -481,12 +498,22 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys that older configs used, with what replaced them: such a YAML fails with this message.
+RENAMED = {
+    f"data.{old}": "data.slice_offsets_mm (the input slices as offsets in mm, e.g. [-2, -1, 0, 1, 2] for five "
+                   "adjacent 1 mm slices, or [-40, -30, -20, -10, 0, 10, 20, 30, 40] for context: 4, context_mm: 10)"
+    for old in ("context", "context_stride", "context_mm", "context_offsets_mm")
+}
+
+
 def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     """Set nested dataclass fields from a nested dict, checking names and types."""
     hints = typing.get_type_hints(type(obj))
     names = _field_names(obj)
     for key, value in updates.items():
         path = f"{prefix}{key}"
+        if path in RENAMED:
+            raise ConfigError(f"config key {path!r} was replaced by {RENAMED[path]}")
         if key not in names:
             where = prefix[:-1] or type(obj).__name__
             raise ConfigError(f"unknown config key {path!r}; valid keys in {where}: {', '.join(names)}")
