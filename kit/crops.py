@@ -680,7 +680,7 @@ def match_boxes_to_slices(boxes: pd.DataFrame, instance_numbers: np.ndarray) -> 
     reason = [""] * len(boxes)
     for i, value in enumerate(boxes["slice_number"].to_numpy()):
         if pd.isna(value) or float(value) != int(value):
-            reason[i] = f"slice_number {value!r} is not a whole number"
+            reason[i] = f"slice_number {value} is missing or not a whole number"
         elif int(value) in shared:
             reason[i] = f"slice_number {int(value)} is the InstanceNumber of {shared[int(value)]} slices"
         elif int(value) not in z_of:
