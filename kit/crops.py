@@ -487,8 +487,10 @@ def _cut_planes(volume: np.ndarray, zs: np.ndarray, box: tuple[int, int, int, in
     y0, y1, x0, x1 = box
     h, w = volume.shape[1:]
     dtype = volume.dtype
-    if not (np.issubdtype(dtype, np.integer) and np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max):
-        dtype = np.float32 if not np.issubdtype(dtype, np.floating) else dtype
+    holds_fill = np.issubdtype(dtype, np.floating) or (
+        np.issubdtype(dtype, np.integer) and np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max)
+    if not holds_fill:  # e.g. uint16 HU cannot hold -1024
+        dtype = np.float32
     out = np.full((len(zs), y1 - y0, x1 - x0), fill, dtype=dtype)
     ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
     if ya < yb and xa < xb:
