@@ -1235,5 +1235,10 @@ def summary_table(results: Sequence[dict]) -> str:
     rows += [(r["run"], r["kind"], str(r["n_studies"]), r["headline"]) for r in results]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
-    lines += [f"report: {r['report_md']}  ({len(r['pngs'])} plots)" for r in results]
+    for r in results:
+        lines.append(f"report: {r['report_md']}  ({len(r['pngs'])} plots)")
+        missing = r.get("missing_pictures") or {}
+        if missing:
+            lines.append(f"  {len(missing)} of the worst studies' pictures missing, e.g. "
+                         f"{next(iter(missing.values()))}")
     return "\n".join(lines)

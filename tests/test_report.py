@@ -301,6 +301,7 @@ def test_run_report_picks_each_runs_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "seg_run  seg   6" in out and "worst median z-error 3.5 slices (C7)" in out
     assert f"report: {tmp_path / 'seg_run' / 'report.md'}" in out
+    assert "1 of the worst studies' pictures missing, e.g. FileNotFoundError" in out  # no cache here
 
 
 def test_run_report_errors_name_the_run_and_the_layouts(tmp_path):
