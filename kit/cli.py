@@ -28,11 +28,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from .report import oof_report
+    from .report import run_report, summary_table
 
-    result = oof_report(args.run_dirs, args.out)
-    print(json.dumps({"scores": result["scores"], "baseline": result["baseline"]}, indent=2, default=str))
-    print(f"report: {result['report_md']}  ({len(result['pngs'])} plots, {result['report_json']})")
+    print(summary_table(run_report(args.run_dirs, args.out, n_worst=args.worst)))
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -118,9 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.set_defaults(func=_cmd_segment)
 
-    p = sub.add_parser("report", help="OOF report (markdown + PNG + JSON) for one or more runs")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", default=None)
+    p = sub.add_parser("report", help="report of trained runs (markdown + PNG + JSON): segmenter, level model "
+                                      "or classifier, chosen by each run's config")
+    p.add_argument("run_dirs", nargs="+", help="run folders, e.g. runs/demo_seg")
+    p.add_argument("--out", default=None, help="output folder (default: each run's own folder)")
+    p.add_argument("--worst", type=int, default=5, help="worst studies listed (with a picture for a segmenter)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks: read (DICOM decoding) or seg (segment_study)")
