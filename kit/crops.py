@@ -387,12 +387,10 @@ def slice_positions(extent: VertebraExtent, n_slices: int = 15) -> np.ndarray:
 
 
 def neighbour_offsets(dz: float, n_neighbours: int = 2, spacing_mm: float | None = None) -> np.ndarray:
-    """Slice offsets of a slice and its +-n neighbours, spaced `spacing_mm` apart (the stage-1 recipe).
-
-    The step is `round(spacing_mm / dz)` slices, at least 1 (Python rounding, as `kit.data.context_step`),
-    so the 2n+1 slices span about the same height in mm whatever the study's slice spacing; with
-    `spacing_mm=None` neighbours are adjacent slices (step 1). E.g. spacing_mm=1.0: dz=0.5 -> [-4, -2, 0,
-    2, 4], dz=1.0 -> [-2, -1, 0, 1, 2].
+    """Slice offsets of a slice and its +-n neighbours, spaced `spacing_mm` apart: the stage-1 recipe's
+    rounding (`kit.slices.offsets_to_slices` of 0, +-spacing_mm, +-2 spacing_mm, ...), so the 2n+1 slices
+    span about the same height in mm whatever the study's slice spacing; with `spacing_mm=None` neighbours
+    are adjacent slices. E.g. spacing_mm=1.0: dz=0.5 -> [-4, -2, 0, 2, 4], dz=1.0 -> [-2, -1, 0, 1, 2].
 
     Args:
         dz: slice spacing of the series in mm.
@@ -402,15 +400,16 @@ def neighbour_offsets(dz: float, n_neighbours: int = 2, spacing_mm: float | None
     Returns:
         int64 (2n+1,) offsets, ascending (head to feet), centre 0.
     """
+    from .slices import offsets_to_slices
+
     if n_neighbours < 0:
         raise ValueError(f"n_neighbours must be >= 0; got {n_neighbours}")
+    steps = np.arange(-n_neighbours, n_neighbours + 1, dtype=np.int64)
     if spacing_mm is None:
-        step = 1
-    else:
-        if not dz > 0 or not spacing_mm > 0:
-            raise ValueError(f"dz and spacing_mm must be > 0 mm; got dz={dz}, spacing_mm={spacing_mm}")
-        step = max(1, int(round(float(spacing_mm) / float(dz))))
-    return step * np.arange(-n_neighbours, n_neighbours + 1, dtype=np.int64)
+        return steps
+    if not spacing_mm > 0:
+        raise ValueError(f"spacing_mm must be > 0 mm; got {spacing_mm}")
+    return offsets_to_slices(steps * float(spacing_mm), dz)
 
 
 def crop_box_original(

@@ -220,7 +220,7 @@ def test_neighbour_offsets_in_mm():
     np.testing.assert_array_equal(neighbour_offsets(0.5, 2, 1.0), [-4, -2, 0, 2, 4])
     np.testing.assert_array_equal(neighbour_offsets(1.0, 2, 1.0), [-2, -1, 0, 1, 2])
     np.testing.assert_array_equal(neighbour_offsets(0.5, 2, 0.5), [-2, -1, 0, 1, 2])
-    np.testing.assert_array_equal(neighbour_offsets(1.0, 2, 0.5), [-2, -1, 0, 1, 2])  # never below one slice
+    np.testing.assert_array_equal(neighbour_offsets(1.0, 2, 0.5), [-1, -1, 0, 1, 1])  # never below one slice
     np.testing.assert_array_equal(neighbour_offsets(0.5, 1), [-1, 0, 1])  # None: adjacent slices
     np.testing.assert_array_equal(neighbour_offsets(0.7, 0, 3.0), [0])
     with pytest.raises(ValueError, match="dz"):
@@ -228,10 +228,11 @@ def test_neighbour_offsets_in_mm():
 
 
 def test_neighbour_offsets_follow_the_stage1_recipe():
-    data = pytest.importorskip("kit.data")
+    from kit.slices import SegRecipe
     for dz in (0.3, 0.5, 0.625, 0.8, 1.0, 1.25):
         for mm in (0.5, 1.0, 2.0, 2.5):
-            np.testing.assert_array_equal(neighbour_offsets(dz, 2, mm), data.context_offsets(dz, 2, context_mm=mm))
+            stage1 = SegRecipe(tuple(mm * k for k in (-2, -1, 0, 1, 2)), 32).offsets(dz)
+            np.testing.assert_array_equal(neighbour_offsets(dz, 2, mm), stage1)
 
 
 def test_crop_box_original_matches_the_extent():
