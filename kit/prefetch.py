@@ -106,6 +106,12 @@ def prefetch(fn: Callable[[Any], Any], items: Iterable, *, ahead: int = 1,
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _name(fn: Callable) -> str:
+    """`read_series`, or `_read_task(...)` for a functools.partial: short enough for a log line."""
+    inner = getattr(fn, "func", None)
+    return f"{_name(inner)}(...)" if inner is not None else getattr(fn, "__qualname__", type(fn).__name__)
+
+
 def _call(fn: Callable, item: Any) -> tuple[Any, str | None, float]:
     start = time.perf_counter()
     try:
@@ -175,7 +181,7 @@ def _serve(fn: Callable, conn: multiprocessing.connection.Connection) -> None:
             return
         except Exception as exc:  # the result cannot be pickled: report it as this item's error
             del result
-            _send(conn, (index, None, f"the result of {fn!r} could not be sent back: {describe_error(exc)}",
+            _send(conn, (index, None, f"the result of {_name(fn)} could not be sent back: {describe_error(exc)}",
                          seconds))
 
 
@@ -285,7 +291,7 @@ def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched
                 started, worker = worker.ready, None
                 if not started and not served:
                     raise RuntimeError(
-                        f"the prefetch worker exited ({died}) before it could run {fn!r}: fn must be a top-level "
+                        f"the prefetch worker exited ({died}) before it could run {_name(fn)}: fn must be a top-level "
                         "function of an importable module (spawn sends it by name), and the caller's script "
                         "must guard its entry point with `if __name__ == '__main__':`") from None
                 if not started:  # a replacement could not start: finish here rather than fail
@@ -297,8 +303,8 @@ def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched
                     yield from _in_process(fn, (item for _, item in source))
                     return
                 _, item = pending.popleft()
-                message = f"prefetch worker died with {died} while running {getattr(fn, '__name__', fn)!r} on " \
-                          "this item; a new worker takes the rest"
+                message = f"prefetch worker died with {died} while running {_name(fn)} on this item; a new " \
+                          "worker takes the rest"
                 log.warning("%s: %s", item, message)
                 yield Prefetched(item, None, message, time.perf_counter() - waited)
                 continue

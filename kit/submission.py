@@ -217,11 +217,21 @@ def _reader(read: Callable[[str], Any] | None, images_dir: PathLike | None) -> C
 
 @dataclass
 class StudyOutcome:
-    """What one study ended with: its 8 values (before clipping) and its log rows."""
+    """What one study ended with.
+
+    Attributes:
+        uid: the study.
+        probs: (8,) values in TARGETS order, fallbacks filled in, not yet clipped.
+        notes: its log rows (`LOG_COLUMNS`), none when all went well.
+        read_seconds: time the reader took on it (in the prefetch worker: overlapped with the previous study).
+        predict_seconds: time the predictor took on it.
+    """
 
     uid: str
     probs: np.ndarray
     notes: list[dict] = field(default_factory=list)
+    read_seconds: float = 0.0
+    predict_seconds: float = 0.0
 
     @property
     def fallback_values(self) -> int:
@@ -233,12 +243,15 @@ def _note(uid: str, stage: str, reason: str, seconds: float, fallback_values: in
             "fallback_values": int(fallback_values), "detail": " ".join(str(detail).split())[:_DETAIL_CHARS]}
 
 
-def _fallback_outcome(uid: str, stage: str, reason: str, seconds: float = 0.0, detail: str = "") -> StudyOutcome:
-    return StudyOutcome(uid, fallback_probs(), [_note(uid, stage, reason, seconds, len(TARGETS), detail)])
+def _fallback_outcome(uid: str, stage: str, reason: str, seconds: float = 0.0, detail: str = "",
+                      read_seconds: float = 0.0) -> StudyOutcome:
+    return StudyOutcome(uid, fallback_probs(), [_note(uid, stage, reason, seconds, len(TARGETS), detail)],
+                        read_seconds=read_seconds)
 
 
 def _predict_one(uid: str, study: Any, predict: Predictor, read_seconds: float, started: float) -> StudyOutcome:
     notes = []
+    t0 = time.time()
     warnings = getattr(study, "warnings", None)
     if warnings:
         notes.append(_note(uid, "read", "read warnings", read_seconds, 0,
@@ -254,11 +267,12 @@ def _predict_one(uid: str, study: Any, predict: Predictor, read_seconds: float, 
             reason, detail = _judge(values)
         except ValueError as exc:  # not 8 numbers
             values, reason, detail = nothing, "bad output", str(exc)
+    predict_seconds = time.time() - t0
     probs = fallback_probs(values)
     if reason is not None:
         replaced = int((~(np.isfinite(values) & (values >= 0) & (values <= 1))).sum())
         notes.append(_note(uid, "predict", reason, time.time() - started, replaced, detail))
-    return StudyOutcome(uid, probs, notes)
+    return StudyOutcome(uid, probs, notes, read_seconds, predict_seconds)
 
 
 def _out_of_time(deadline: float | None, started: float, done: int) -> bool:
@@ -302,7 +316,7 @@ def predict_studies(uids: Sequence[str], predict: Predictor, read: Callable[[str
             if error is not None:  # the reader process died on this study
                 outcome = _fallback_outcome(uid, "read", "reader crashed", time.time() - t0, error)
             elif isinstance(study, _ReadFailure):
-                outcome = _fallback_outcome(uid, "read", study.reason, read_seconds, study.detail)
+                outcome = _fallback_outcome(uid, "read", study.reason, read_seconds, study.detail, read_seconds)
             else:
                 outcome = _predict_one(uid, study, predict, read_seconds, t0)
             del study  # before yielding: in memory, at most this study and the one being read
@@ -558,7 +572,8 @@ def _device_worker(make_predictor: Callable[[str], Predictor], device: str, uids
         conn.send(("failed", f"make_predictor({device!r}) raised {describe_error(exc)}"))
         return
     for outcome in predict_studies(uids, predict, read, deadline=deadline, prefetch=prefetch):
-        conn.send(("study", outcome.uid, outcome.probs.tolist(), outcome.notes))
+        conn.send(("study", outcome.uid, outcome.probs.tolist(), outcome.notes, outcome.read_seconds,
+                   outcome.predict_seconds))
     conn.send(("done",))
 
 
@@ -570,10 +585,12 @@ class _DeviceRun:
     conn: multiprocessing.connection.Connection
     done: set[str] = field(default_factory=set)
     over: bool = False
+    failed: str | None = None  # why make_predictor raised there
 
 
 def _run_devices(shares: list[list[str]], devices: Sequence[str], make_predictor, read, deadline, prefetch,
-                 outcomes: dict[str, StudyOutcome], bar) -> None:
+                 outcomes: dict[str, StudyOutcome], bar) -> list[str | None]:
+    """Run one worker per device until all are over; returns, per device, why its predictor failed (or None)."""
     context = multiprocessing.get_context("spawn")
     runs = []
     try:
@@ -590,6 +607,7 @@ def _run_devices(shares: list[list[str]], devices: Sequence[str], make_predictor
             for run in live:
                 if run.conn in ready or run.process.sentinel in ready:
                     _receive(run, outcomes, bar)
+        return [r.failed for r in runs]
     finally:
         for run in runs:
             if run.process.is_alive():
@@ -608,13 +626,14 @@ def _receive(run: _DeviceRun, outcomes: dict[str, StudyOutcome], bar) -> None:
         while run.conn.poll():
             message = run.conn.recv()
             if message[0] == "study":
-                _, uid, probs, notes = message
-                outcomes[uid] = StudyOutcome(uid, np.asarray(probs, dtype=np.float64), notes)
+                _, uid, probs, notes, read_seconds, predict_seconds = message
+                outcomes[uid] = StudyOutcome(uid, np.asarray(probs, dtype=np.float64), notes, read_seconds,
+                                             predict_seconds)
                 run.done.add(uid)
                 bar.update(1)
             elif message[0] == "failed":
                 failure = ("predictor failed", message[1])
-                run.over = True
+                run.over, run.failed = True, message[1]
             else:  # "done"
                 run.over = True
     except (EOFError, OSError):
@@ -645,7 +664,8 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
     Each worker builds its own predictor with `make_predictor(device)` and runs the same loop (with its own
     prefetch reader) over `split_studies(todo, len(devices))[i]`; the parent merges rows and log lines and
     writes one file, identical to what one device would write. A worker whose `make_predictor` raises or that
-    dies leaves its unfinished studies with fallbacks (stage "worker"). One device runs in this process.
+    dies leaves its unfinished studies with fallbacks (stage "worker"); when it raises on every device, that is
+    a setup error and is raised. One device runs in this process.
 
     Args:
         make_predictor: a picklable top-level callable, `device -> predictor` (e.g. loads the runs there).
@@ -654,6 +674,10 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
 
     Returns:
         The summary of `write_submission`, plus `devices`.
+
+    Raises:
+        RuntimeError: make_predictor raised on every device (the messages name each device's error).
+        ValueError, OSError: as `write_submission`.
     """
     devices = [str(d) for d in devices]
     if not devices:
@@ -674,8 +698,10 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
     shares = split_studies(todo, len(devices))
     bar = tqdm(total=len(todo), desc=f"submission ({len(devices)} devices)", unit="study", disable=not progress)
     try:
-        _run_devices(shares, devices, make_predictor, read, deadline, prefetch, outcomes, bar)
+        failed = _run_devices(shares, devices, make_predictor, read, deadline, prefetch, outcomes, bar)
     finally:
         bar.close()
+    if todo and all(failed):  # no model anywhere: a setup error, not a bad study
+        raise RuntimeError("make_predictor failed on every device: " + "; ".join(failed))
     return _finish(outcomes, row_ids, _skipped_notes(uids, todo, unlisted), uids, out_path, log_path, clip,
                    started, progress, devices=devices)

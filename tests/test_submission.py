@@ -6,11 +6,13 @@ predictors and readers are top-level here so that spawned workers can import the
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import time
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +26,7 @@ from kit.submission import (
     FALLBACK,
     DicomStudyReader,
     fallback_probs,
+    predict_studies,
     split_studies,
     validate_submission,
     write_submission,
@@ -105,6 +108,23 @@ class OutputPredictor:
 
 def tiny_read(uid: str) -> dict:
     return {"uid": uid}
+
+
+def stamped_read(folder: str, uid: str) -> dict:
+    """Records when each read starts (the worker is another process: through files)."""
+    Path(folder, f"{uid}.read").write_text(repr(time.time()))
+    return {"uid": uid}
+
+
+class StampedPredictor:
+    def __init__(self, seconds: float):
+        self.seconds, self.spans = seconds, {}
+
+    def __call__(self, uid: str, study) -> list[float]:
+        start = time.time()
+        time.sleep(self.seconds)
+        self.spans[uid] = (start, time.time())
+        return [0.4] * 8
 
 
 def crash_read(uid: str) -> dict:
@@ -237,6 +257,17 @@ def test_time_budget_running_out_half_way(tmp_path):
     assert all(np.allclose(values[u], FALLBACK) for u in uids[-n_cut:])
 
 
+def test_the_next_study_is_read_while_this_one_is_predicted(tmp_path):
+    uids = [uid(i) for i in range(70, 74)]
+    predictor = StampedPredictor(0.4)
+    outcomes = list(predict_studies(uids, predictor, functools.partial(stamped_read, str(tmp_path))))
+    assert [o.uid for o in outcomes] == uids and all(o.notes == [] for o in outcomes)
+    assert all(o.predict_seconds >= 0.4 and o.read_seconds >= 0 for o in outcomes)
+    read_start = {u: float((tmp_path / f"{u}.read").read_text()) for u in uids}
+    for this, following in zip(uids, uids[1:]):
+        assert read_start[following] < predictor.spans[this][1]  # read before this study's prediction ended
+
+
 def test_a_reader_that_crashes_its_process(tmp_path):
     uids = [GOOD[0], CORRUPT, GOOD[1]]
     summary = write_submission(uids, SleepyPredictor(0.0), tmp_path / "submission.csv", read=crash_read,
@@ -295,6 +326,10 @@ def test_a_device_whose_predictor_fails_leaves_fallbacks(tmp_path):
     assert summary["fallbacks"] == {"predictor failed": len(failed)}
     values = by_study(pd.read_csv(summary["submission"], dtype={"row_id": str}))
     assert all(np.allclose(values[u], FALLBACK if u in failed else 0.3) for u in uids)
+    with pytest.raises(RuntimeError, match="failed on every device: make_predictor\\('bad'\\) raised"):
+        write_submission_parallel(uids, make_constant_predictor, ["bad", "bad"], tmp_path / "none.csv",
+                                  read=tiny_read, prefetch=False, progress=False)
+    assert not (tmp_path / "none.csv").exists()
 
 
 def test_sample_submission_rows_rule(tmp_path):
