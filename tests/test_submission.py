@@ -20,7 +20,7 @@ import pytest
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE
 from kit.metrics import score_submission
-from kit.rsna import rows_for_studies, split_row_id
+from kit.rsna import rows_for_studies, split_row_id, studies_to_predict
 from kit.submission import (
     CLIP,
     FALLBACK,
@@ -139,10 +139,17 @@ def crash_read(uid: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
+def data_root(tmp_path_factory):
+    """An RSNA-layout root: test.csv lists ALL (NO_FOLDER has no folder), sample_submission.csv in shuffled
+    row order, test_images/ with the faulty studies."""
     from kit.synthetic import make_study, write_study
 
-    root = tmp_path_factory.mktemp("test_images")
+    data = tmp_path_factory.mktemp("rsna_test")
+    rows = rows_for_studies(ALL)
+    rows.to_csv(data / "test.csv", index=False)
+    order = rows["row_id"].to_numpy()[np.random.default_rng(0).permutation(len(rows))]
+    pd.DataFrame({"row_id": order, "fractured": 0.5}).to_csv(data / "sample_submission.csv", index=False)
+    root = data / "test_images"
     for i, u in enumerate([*GOOD, CORRUPT, TWO_SIZES, ONE_SLICE], start=1):
         write_study(make_study(i, size=32, n_slices=12, uid=u), root / u)
     (root / CORRUPT / "5.dcm").write_bytes(b"not a DICOM file" * 50)
@@ -154,7 +161,12 @@ def images(tmp_path_factory):
         if path.name != "1.dcm":
             path.unlink()
     (root / EMPTY).mkdir()
-    return root
+    return data
+
+
+@pytest.fixture(scope="module")
+def images(data_root):
+    return data_root / "test_images"
 
 
 def read_log(summary: dict) -> pd.DataFrame:
@@ -196,12 +208,13 @@ def test_fallback_probs():
         fallback_probs([0.5] * 7)
 
 
-def test_every_fault_gives_a_complete_submission_and_a_log_line(images, tmp_path):
-    rng = np.random.default_rng(0)
-    rows = list(rows_for_studies(ALL)["row_id"])
-    order = [rows[i] for i in rng.permutation(len(rows))]  # sample_submission order is not study order
-    sample = pd.DataFrame({"row_id": order, "fractured": 0.5})
-    summary = write_submission(ALL, FaultyPredictor(FAULTS), tmp_path / "out" / "submission.csv",
+def test_every_fault_gives_a_complete_submission_and_a_log_line(data_root, images, tmp_path):
+    uids, _ = studies_to_predict(data_root)  # keeps test.csv: only one listed study lacks a folder
+    assert uids == ALL
+    sample = data_root / "sample_submission.csv"
+    order = list(pd.read_csv(sample, dtype={"row_id": str})["row_id"])
+    assert order != list(rows_for_studies(ALL)["row_id"])  # the file must follow the sample's order
+    summary = write_submission(uids, FaultyPredictor(FAULTS), tmp_path / "out" / "submission.csv",
                                sample_submission=sample, images_dir=images, progress=False)
     sub = assert_valid_and_complete(summary, ALL, order)
     log = read_log(summary)
