@@ -248,7 +248,7 @@ def test_segment_studies_is_resumable_and_reports_failures(registry, tmp_path):
     second = segment_studies(cache, [run], out, progress=False)
     assert (second["segmented"], second["skipped"], second["failed"]) == (0, 3, 1)
     # Fix the broken study: it is segmented and leaves failures.csv.
-    np.savez_compressed(cache / "1.2.9.npz", image=toy_volume(z=6))
+    np.savez_compressed(cache / "1.2.9.npz", image=toy_volume(z=6), spacing=np.array([1.0, 1.0, 1.0]))
     third = segment_studies(cache, run, out, progress=False, prefetch=False)
     assert (third["segmented"], third["skipped"], third["failed"]) == (1, 3, 0)
     assert pd.read_csv(out / "failures.csv").empty
