@@ -20,6 +20,7 @@ only.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .constants import WINDOWS
-from .dicom import read_mask, read_series, resize_slices, window
+from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
 
 log = logging.getLogger("kit.cache")
 
@@ -192,7 +193,9 @@ def prepare_studies(
         for uid, row, error in results:
             _collect(uid, row, error, rows, failures, bar)
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # fork only where it is safe (no torch loaded, main thread: kit.dicom.fork_is_safe), else spawn
+        context = multiprocessing.get_context("fork" if fork_is_safe() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(_prepare_one, job) for job in jobs]
             for fut in as_completed(futures):
                 _collect(*fut.result(), rows, failures, bar)

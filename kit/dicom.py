@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import sys
+import threading
 import os
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -256,11 +258,21 @@ def _default_workers(files: list[Path]) -> int:
     return max(1, min(cores, sum(p.stat().st_size for p in files) // _BYTES_PER_WORKER))
 
 
+def fork_is_safe() -> bool:
+    """Whether this process may fork workers: only from its main thread and while torch is not loaded (a
+    forked copy of a process with torch's thread pools, or of a thread other than the main one, can
+    deadlock). Where it is not, readers work in-process or start workers with spawn."""
+    return ("fork" in multiprocessing.get_all_start_methods() and "torch" not in sys.modules
+            and threading.current_thread() is threading.main_thread())
+
+
 @contextmanager
 def _pool(workers: int, executor: str) -> Iterator[Executor | None]:
-    """A worker pool, or None to work in this process (1 worker, or a daemon such as a DataLoader
-    worker, which may not have child processes)."""
-    if workers <= 1 or (executor == "process" and multiprocessing.current_process().daemon):
+    """A worker pool, or None to work in this process (1 worker; a daemon such as a DataLoader worker, which
+    may not have child processes; or a process that may not fork, `fork_is_safe`: a torch process, or a thread
+    other than the main one)."""
+    if workers <= 1 or (executor == "process" and (multiprocessing.current_process().daemon
+                                                   or not fork_is_safe())):
         yield None
         return
     if executor == "thread":
@@ -268,8 +280,7 @@ def _pool(workers: int, executor: str) -> Iterator[Executor | None]:
             yield pool
         return
     # fork starts a worker in ~5 ms; spawn / forkserver would import numpy and pydicom again, per study
-    fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=fork) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         yield pool
 
 

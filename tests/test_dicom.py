@@ -236,15 +236,47 @@ def test_non_integral_rescale_gives_float32_and_overflow_leaves_int16(tmp_path):
     assert series.hu.dtype == np.float32 and np.all(series.hu == 33000)
 
 
+@pytest.fixture
+def forking(monkeypatch):
+    """Let read_series fork its decoding pool although this test process has torch loaded (the workers only
+    decode; what is tested here is the pool)."""
+    monkeypatch.setattr(dicom, "fork_is_safe", lambda: True)
+
+
+def test_no_fork_where_torch_is_loaded_or_off_the_main_thread(tmp_path, monkeypatch):
+    import sys
+    import threading
+
+    write_series(tmp_path / "s", ramp(z=20, h=32, w=32))
+
+    class NoPool(dicom.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("read_series forked a pool in a torch process")
+
+    import torch  # noqa: F401  (a torch process)
+
+    assert not dicom.fork_is_safe()
+    monkeypatch.setattr(dicom, "ProcessPoolExecutor", NoPool)
+    series = read_series(tmp_path / "s", workers=2, executor="process")  # read in-process instead
+    assert series.hu.shape == (20, 32, 32)
+    monkeypatch.delitem(sys.modules, "torch")  # as if torch were not loaded: the main thread may fork
+    assert dicom.fork_is_safe()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(dicom.fork_is_safe()))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("executor", ["process", "thread"])
-def test_parallel_decoding_matches_serial(tmp_path, executor):
+def test_parallel_decoding_matches_serial(tmp_path, executor, forking):
     stored = ramp(z=20, h=32, w=32)
     write_series(tmp_path / "s", stored, syntax=UID.RLELossless)
     series = read_series(tmp_path / "s", workers=2, executor=executor)
     assert np.array_equal(series.hu, stored.astype(np.int32) - 1024) and len(series.files) == 20
 
 
-def test_a_crashing_worker_falls_back_to_pydicom(tmp_path, monkeypatch):
+def test_a_crashing_worker_falls_back_to_pydicom(tmp_path, monkeypatch, forking):
     write_series(tmp_path / "s", ramp(z=20, h=32, w=32))
     parent, decode = os.getpid(), dicom._decode_raw
 
