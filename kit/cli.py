@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -44,24 +45,90 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         bench.bench_seg()
 
 
-def _parse_overrides(items: list[str]) -> dict:
+def _fold_or_override(token: str) -> int | str:
+    """argparse type of `kit train --folds`: an int >= 0 is a fold, `key=value` an override.
+
+    `--folds` takes one or more values, so in `--folds 0 1 2 train.epochs=3` the override follows the folds
+    into the same list; `folds_and_overrides` sorts them out.
+    """
+    if "=" in token:
+        return _override(token)
+    try:
+        fold = int(token)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise argparse.ArgumentTypeError(
+            f"{token!r} is neither a fold number (an int >= 0, e.g. --folds 0 1 2) "
+            "nor a key=value override (e.g. train.epochs=3)")
+    return fold
+
+
+def _override(token: str) -> str:
+    """argparse type of a `kit train` override: `dotted.key=value` with a non-empty key."""
+    key, sep, _ = token.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"{token!r} is not a key=value override (e.g. train.epochs=3); fold numbers go after --folds")
+    return token
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _parse_value(text: str):
+    """An override's value as YAML would read it, minus YAML 1.1's surprises: `1e-3` is a number (not the
+    string '1e-3') and only true/false are booleans (`off`, `no`, `on`, `yes` stay strings: `train.amp=off`)."""
     import yaml
 
+    if _NUMBER.fullmatch(text.strip()):
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    """`["train.epochs=3", "optim.lr=1e-3", "train.amp=off"]` -> `{"train.epochs": 3, "optim.lr": 0.001,
+    "train.amp": "off"}` (values read by `_parse_value`)."""
     overrides = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        key, _, value = _override(item).partition("=")
+        overrides[key.strip()] = _parse_value(value)
     return overrides
+
+
+def folds_and_overrides(args: argparse.Namespace) -> tuple[list[int], dict]:
+    """The folds to train and the config overrides of a parsed `kit train` command line.
+
+    The ints among `--folds` are the folds (default [0]); its `key=value` values join the positional
+    overrides, in the order given.
+
+    Raises:
+        ValueError: `--folds` named no fold or a fold twice, or an override sets `data.fold` (the folds
+            come from `--folds`).
+    """
+    given = list(args.folds or [])
+    folds = [t for t in given if isinstance(t, int)]
+    overrides = _parse_overrides([t for t in given if isinstance(t, str)] + list(args.overrides))
+    if given and not folds:
+        raise ValueError(f"--folds got no fold number, only overrides {given}; e.g. --folds 0 1 2")
+    repeated = sorted({k for k in folds if folds.count(k) > 1})
+    if repeated:
+        raise ValueError(f"--folds names fold(s) {repeated} more than once: {folds}")
+    if "data.fold" in overrides:
+        raise ValueError(f"override data.fold={overrides['data.fold']} clashes with --folds; "
+                         f"use --folds {overrides['data.fold']}")
+    return folds or [0], overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train import fit_fold
 
-    overrides = _parse_overrides(args.overrides)
-    for fold in args.folds:
+    folds, overrides = folds_and_overrides(args)
+    for fold in folds:
         cfg = load_config(args.config, **{**overrides, "data.fold": fold})
         print(json.dumps(fit_fold(cfg), indent=2, default=str))
 
@@ -104,10 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value")
+    p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value",
+                       description="Train folds of a config. Overrides (key=value) may come before, between or "
+                                   "after the options: kit train --config demo_seg --folds 0 1 2 train.epochs=3")
     p.add_argument("--config", required=True, help="packaged config name or YAML path")
-    p.add_argument("--folds", type=int, nargs="+", default=[0])
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    p.add_argument("--folds", type=_fold_or_override, nargs="+", action="extend", default=None, metavar="K",
+                   help="folds to train (default 0); key=value values among them are overrides")
+    p.add_argument("overrides", type=_override, nargs="*", help="dotted overrides, e.g. train.epochs=3")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("segment", help="segment every study of a split with trained segmenter runs")
@@ -140,9 +210,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a `kit` command line.
+
+    As `build_parser().parse_args`, except that `kit train` takes its key=value overrides anywhere (argparse
+    alone accepts one run of positionals: `kit train a=1 --config X b=2` would leave `b=2` unrecognised),
+    and its folds and overrides are checked here, so a bad one is a usage error (exit 2) before any import.
+    After it, `args.folds` holds ints only and `args.overrides` the key=value strings.
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args
+    strays = [r for r in rest if r.startswith("-") or "=" not in r]
+    if strays:
+        parser.error(f"kit train: unrecognized arguments: {' '.join(strays)}")
+    try:
+        args.overrides = [*args.overrides, *(_override(r) for r in rest)]
+        folds, _ = folds_and_overrides(args)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"kit train: {exc}")
+    args.overrides = [t for t in args.folds or [] if isinstance(t, str)] + args.overrides
+    args.folds = folds
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kit` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.func(args)
 
