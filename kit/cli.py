@@ -5,16 +5,61 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
+
+
+SMOKE_ENV = "KIT_SMOKE"
+
+# What `KIT_SMOKE=1` changes, so that every line of the README's command block runs verbatim in seconds
+# (tests/test_readme.py): argparse values per command, replacing what the command line gave ...
+SMOKE_ARGS: dict[str, dict] = {
+    "synth": {"n_train": 10, "n_test": 2, "size": 64, "n_slices": 64},  # 10 studies: a segmented one a fold
+    "prepare": {"size": 64},
+    "bench read": {"slices": 16, "size": 64},
+    "bench seg": {"configs": ["demo_seg"], "slice_counts": [8, 16, 32]},
+}
+# ... and config overrides of `kit train` per task, appended after the command line's (so they win).
+SMOKE_TRAIN: dict[str, dict] = {
+    "seg": {"train.epochs": 1, "data.image_size": 64, "data.augment.crop": 48, "data.foreground_fraction": 0.1},
+    "level": {"train.epochs": 1, "data.repeats": 1, "data.seq_len": 16},
+}
+SMOKE_TRAIN_OTHER = {"train.epochs": 1}  # a task without its own entry
+
+
+def smoke_mode() -> bool:
+    """True when the environment variable KIT_SMOKE is set to anything but '', 0, false, no or off."""
+    return os.environ.get(SMOKE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def apply_smoke(args: argparse.Namespace) -> str:
+    """Shrink a parsed command to a smoke run (SMOKE_ARGS / SMOKE_TRAIN) in place; returns the line it prints.
+
+    Smoke runs check that a command works end to end (files found, runs written, outputs read back), not
+    the quality of what it makes. Commands without an entry (segment, report, demo) run as asked; `kit
+    segment` and `kit report` are small anyway when they read smoke runs.
+    """
+    command = f"{args.command} {args.what}" if args.command == "bench" else args.command
+    changes = dict(SMOKE_ARGS.get(command, {}))
+    for key, value in changes.items():
+        setattr(args, key, value)
+    if args.command == "train":
+        from .config import load_config
+
+        task = load_config(args.config).task
+        changes = SMOKE_TRAIN.get(task, SMOKE_TRAIN_OTHER)
+        args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in changes.items())]
+    shown = " ".join(f"{k}={v}" for k, v in changes.items()) or "nothing changed, it runs as asked"
+    return f"smoke mode ({SMOKE_ENV}={os.environ.get(SMOKE_ENV)}): kit {command}: {shown}"
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
     from .synthetic import make_dataset
 
     summary = make_dataset(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
-                           seg_share=args.seg_share, workers=args.workers)
+                           seg_share=args.seg_share, workers=args.workers, n_slices=args.n_slices)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -42,7 +87,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "read":
         bench.bench_read(args.series_dir, n_slices=args.slices, size=args.size, workers=args.workers)
     else:
-        bench.bench_seg()
+        chosen = {"config_names": args.configs, "slice_counts": args.slice_counts}
+        bench.bench_seg(**{k: tuple(v) for k, v in chosen.items() if v})
 
 
 def _fold_or_override(token: str) -> int | str:
@@ -159,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="in-plane pixels (512 = real scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seg-share", type=float, default=0.5, help="share of train studies with a segmentation")
+    p.add_argument("--n-slices", type=int, default=None,
+                   help="slices of every study (default: drawn, 0.5-1.0 mm apart, ~190-400 slices)")
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_synth)
 
@@ -199,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--configs", nargs="+", default=None, help="seg: segmenter configs (default: kit.bench's)")
+    p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg: study lengths to time")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic dataset")
@@ -241,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kit` console script."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if smoke_mode():
+        print(apply_smoke(args), flush=True)
     args.func(args)
 
 

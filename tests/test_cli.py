@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kit.cli import build_parser, folds_and_overrides, parse_args
+from kit.cli import SMOKE_TRAIN, apply_smoke, build_parser, folds_and_overrides, parse_args, smoke_mode
 
 CONFIG = ["train", "--config", "demo_seg"]
 
@@ -75,3 +75,66 @@ def test_other_commands_still_reject_unknown_arguments(capsys):
 def test_override_values_read_as_the_config_expects(text, value):
     parsed = folds_and_overrides(parse_args(CONFIG + [f"k={text}"]))[1]["k"]
     assert parsed == value and type(parsed) is type(value)
+
+
+# --------------------------------------------------------------------------------------------------------- smoke mode
+
+
+@pytest.mark.parametrize("value, on", [("1", True), ("yes", True), ("", False), ("0", False), ("off", False)])
+def test_smoke_mode_reads_kit_smoke(value, on, monkeypatch):
+    monkeypatch.setenv("KIT_SMOKE", value)
+    assert smoke_mode() is on
+    monkeypatch.delenv("KIT_SMOKE")
+    assert smoke_mode() is False
+
+
+def test_smoke_shrinks_synth_and_prepare_whatever_the_line_says(monkeypatch):
+    monkeypatch.setenv("KIT_SMOKE", "1")
+    args = parse_args(["synth", "--out", "demo/data", "--n-train", "60"])
+    line = apply_smoke(args)
+    assert (args.out, args.n_train, args.n_test, args.size, args.n_slices) == ("demo/data", 10, 2, 64, 64)
+    assert line == "smoke mode (KIT_SMOKE=1): kit synth: n_train=10 n_test=2 size=64 n_slices=64"
+    args = parse_args(["prepare", "--data-root", "d", "--cache-dir", "c", "--size", "128"])
+    apply_smoke(args)
+    assert (args.data_root, args.cache_dir, args.size) == ("d", "c", 64)
+
+
+def test_smoke_train_overrides_follow_the_task_and_win(monkeypatch):
+    monkeypatch.setenv("KIT_SMOKE", "1")
+    args = parse_args(["train", "--config", "demo_seg", "--folds", "0", "1", "2", "train.epochs=3"])
+    line = apply_smoke(args)
+    folds, overrides = folds_and_overrides(args)
+    assert folds == [0, 1, 2]  # the folds stay: the loop over folds is part of what a smoke run checks
+    assert overrides == {**SMOKE_TRAIN["seg"]} and overrides["train.epochs"] == 1
+    assert "train.epochs=1" in line and "data.image_size=64" in line
+    level = parse_args(["train", "--config", "demo_level"])
+    apply_smoke(level)
+    assert folds_and_overrides(level)[1] == SMOKE_TRAIN["level"]
+
+
+def test_smoke_train_keys_exist_in_the_configs_of_their_task():
+    from kit.config import config_to_dict, load_config
+
+    for name in ("demo_seg", "demo_level"):
+        task = load_config(name).task
+        resolved = config_to_dict(load_config(name, **SMOKE_TRAIN[task]))  # an unknown key would raise
+        for key, value in SMOKE_TRAIN[task].items():
+            section, *rest = key.split(".")
+            node = resolved[section]
+            for part in rest:
+                node = node[part]
+            assert node == value, (name, key)
+
+
+def test_smoke_bench_and_commands_without_an_entry(monkeypatch):
+    monkeypatch.setenv("KIT_SMOKE", "1")
+    read = parse_args(["bench", "read"])
+    apply_smoke(read)
+    assert (read.slices, read.size, read.configs) == (16, 64, None)
+    seg = parse_args(["bench", "seg"])
+    apply_smoke(seg)
+    assert (seg.configs, seg.slice_counts, seg.size) == (["demo_seg"], [8, 16, 32], 512)
+    segment = parse_args(["segment", "--data-root", "d", "--runs", "r", "--out", "o"])
+    before = dict(vars(segment))
+    assert apply_smoke(segment).endswith("kit segment: nothing changed, it runs as asked")
+    assert vars(segment) == before

@@ -353,7 +353,7 @@ def test_make_folds_strata_arrays_equal_columns_and_are_checked():
     with pytest.raises(ValueError, match=r"has_boxes must hold one 0/1 value per study \(200\); got shape \(3,\)"):
         rsna.make_folds(plain, has_boxes=[0, 1, 0])
     bad = table.assign(has_segmentation=table["has_segmentation"].replace(1, 2))
-    with pytest.raises(ValueError, match=r"has_segmentation must hold 0/1 per study; got 1\.2\.826\.0\.1\.3680043\.50\d\d=2"):
+    with pytest.raises(ValueError, match=r"has_segmentation must hold 0/1 per study; got 1\.2\.826\.[\d.]+=2, "):
         rsna.make_folds(bad)
 
 
