@@ -30,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 KIT = Path(sys.executable).parent / "kit"
 PLACEHOLDERS = {"<config>": "demo_seg"}
-REPORT_ON_SEG_RUNS = "kit report on seg runs: issue 11 item 6, in progress"
 
 pytestmark = pytest.mark.slow  # ~1-1.5 min on a busy 2-core CPU, all lines together
 
@@ -71,8 +70,7 @@ COMMANDS = readme_commands(README.read_text())
 
 
 def _case(index: int, line: str):
-    marks = [pytest.mark.xfail(reason=REPORT_ON_SEG_RUNS, strict=False)] if line.startswith("kit report") else []
-    return pytest.param(index, line, marks=marks, id=f"{index}-{line}")
+    return pytest.param(index, line, id=f"{index}-{line}")
 
 
 def test_readme_block_holds_the_pipeline_in_order():
