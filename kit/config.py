@@ -408,6 +408,134 @@ class LevelConfig(_RunConfig):
         self._check_train_and_name()
 
 
+@dataclass
+class ClsDataConfig:
+    """Data of the stage-2 classifier: per-vertebra slice stacks cut from the original DICOM grid (`kit crops`).
+
+    Attributes:
+        data_root, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same studies and folds
+            as stage 1; `window` is stage 1's).
+        crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv`, `missing.csv`), made by `kit crops`.
+        seg_runs: stage-1 run folders (segmenter and level model) that find the vertebrae of each study;
+            studies they trained on are segmented by the folds that held them out.
+        true_masks: crop from the ground-truth segmentation where a study has one, instead of predictions.
+        n_slices: T, slices per vertebra spread evenly over its z-range, head to feet.
+        n_neighbours: n; each slice is stacked with its +-n neighbours (2n+1 image channels per window).
+        neighbour_mm: spacing of those neighbours in mm (stage 1's rounding); None: adjacent slices.
+        windows: HU windows stacked as channels (keys of `kit.constants.WINDOWS`), in order.
+        with_mask: add the vertebra's own mask as the last channel.
+        image_size: S, the crop's in-plane size.
+        margin: widening of the in-plane box on each side, as a fraction of its size.
+        num_workers: DataLoader worker processes.
+        augment: in-plane augmentations of the stacks (all slices of a stack alike), plus `reverse_slices`.
+    """
+
+    data_root: str = "data"
+    folds_csv: str | None = None
+    folds_seed: int = 42
+    n_folds: int = 5
+    fold: int = 0
+    window: str = "bone"
+    crop_dir: str = "cache/crops"
+    seg_runs: list[str] = field(default_factory=list)
+    true_masks: bool = False
+    n_slices: int = 15
+    n_neighbours: int = 2
+    neighbour_mm: float | None = 1.0
+    windows: list[str] = field(default_factory=lambda: ["bone"])
+    with_mask: bool = True
+    image_size: int = 224
+    margin: float = 0.15
+    num_workers: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ClsModelConfig:
+    """The classifier (`kit.models.classifier`): a timm CNN per slice, a BiGRU over the slices, attention.
+
+    Attributes:
+        name: registered model name (`cls_gru` per vertebra, `cls_patient_gru` for all seven at once).
+        encoder: timm model name of the per-slice CNN.
+        hidden: GRU width per direction.
+        dropout: dropout before the GRU.
+        drop_path_rate: stochastic depth of the CNN.
+        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded.
+    """
+
+    name: str = "cls_gru"
+    encoder: str = "tf_efficientnetv2_s"
+    hidden: int = 256
+    dropout: float = 0.1
+    drop_path_rate: float = 0.1
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class ClsLossConfig:
+    """The classifier's loss: the competition's weighted log loss (its torch twin, `kit.losses`) plus a
+    per-slice auxiliary BCE where fracture boxes give slice targets.
+
+    Attributes:
+        slice_weight: weight of the slice auxiliary loss.
+        normalise: "row" or "global", as the metric.
+    """
+
+    slice_weight: float = 0.5
+    normalise: str = "row"
+
+
+@register_config("cls")
+@dataclass
+class ClsConfig(_RunConfig):
+    """Stage 2: the fracture classifier over vertebra crops.
+
+    Attributes: as `SegConfig`, with `ClsDataConfig`, `ClsModelConfig` and `ClsLossConfig` sections.
+    """
+
+    task: str = "cls"
+    name: str = "cls"
+    out_dir: str = "runs"
+    seed: int = 42
+    data: ClsDataConfig = field(default_factory=ClsDataConfig)
+    model: ClsModelConfig = field(default_factory=ClsModelConfig)
+    loss: ClsLossConfig = field(default_factory=ClsLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    provides = "fractures"
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of each slice of a crop: (2n+1) per window, plus the mask."""
+        d = self.data
+        return (2 * d.n_neighbours + 1) * len(d.windows) + int(d.with_mask)
+
+    def model_spec(self) -> tuple[str, dict]:
+        """Registered model name and its plain kwargs, from this config alone."""
+        m = self.model
+        return m.name, {"in_channels": self.in_channels, "encoder": m.encoder, "hidden": m.hidden,
+                        "dropout": m.dropout, "drop_path_rate": m.drop_path_rate}
+
+    def check(self) -> None:
+        """Raise ConfigError for values no run can use."""
+        from .constants import WINDOWS
+
+        d = self.data
+        self._check_fold()
+        unknown = [w for w in [d.window, *d.windows] if w not in WINDOWS]
+        if unknown or not d.windows:
+            raise ConfigError(f"data.windows={d.windows} / data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
+        if d.n_slices < 1 or d.n_neighbours < 0 or d.image_size < 32 or not 0 <= d.margin < 1:
+            raise ConfigError("data.n_slices must be >= 1, data.n_neighbours >= 0, data.image_size >= 32, "
+                              f"data.margin in [0, 1); got {d.n_slices}, {d.n_neighbours}, {d.image_size}, {d.margin}")
+        if d.neighbour_mm is not None and d.neighbour_mm <= 0:
+            raise ConfigError(f"data.neighbour_mm must be > 0 or null; got {d.neighbour_mm}")
+        if self.loss.normalise not in ("row", "global"):
+            raise ConfigError(f"loss.normalise={self.loss.normalise!r}; valid: row, global")
+        self._check_train_and_name()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Building, loading, saving
 # ---------------------------------------------------------------------------------------------------------
