@@ -140,13 +140,12 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
     """
     import torch
 
-    from .config import config_to_dict, load_config
+    from .config import load_config
     from .constants import WINDOWS
     from .dicom import window
     from .infer import LoadedModel, segment_study
     from .models import create_model
     from .synthetic import make_study
-    from .train import make_task
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     counts = sorted(int(n) for n in slice_counts)
@@ -154,11 +153,11 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
 
     def random_model(config_name: str):  # as `load_run` would give it, with random weights
         cfg = load_config(config_name)
-        model_name, kwargs = make_task(cfg).model_spec()
+        model_name, kwargs = cfg.model_spec()
         model = create_model(model_name, **kwargs).eval().to(device)
         if cfg.train.channels_last:
             model.to(memory_format=torch.channels_last)
-        return cfg, kwargs, LoadedModel(model=model, config=config_to_dict(cfg), fold=0, model_name=model_name,
+        return cfg, kwargs, LoadedModel(model=model, config=cfg, fold=0, model_name=model_name,
                                         path=Path(f"<random init: {config_name}>"))
 
     for name in config_names:
@@ -174,7 +173,7 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
         print(f"{name}: {model_name} {kwargs['encoder']} at {size} px, {kwargs['in_channels']} channels in"
               f"{' (the last 7: level planes, with ' + level_config + ')' if cfg.data.level_input else ''}, "
               f"batch {bs}, {device} ...", flush=True)
-        def source(n: int) -> dict:  # cached-array form, so models trained with data.context_mm get dz
+        def source(n: int) -> dict:  # cached-array form: the recipe needs dz
             return {"image": image[:n], "spacing": np.asarray(study.spacing, dtype=np.float32)}
 
         segment_study(source(min(bs, counts[0])), models, batch_size=bs, device=device)  # warm-up

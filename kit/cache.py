@@ -9,13 +9,18 @@ resumes where it stopped. Contents:
 - `spacing` float32 (dz, dy, dx) in mm after resampling; `orig_hw` int32 (H, W) before it;
 - `positions` float32 (Z, 3) ImagePositionPatient; `instance_numbers` int32 (Z,).
 
-`manifest.csv` keeps one row per prepared study and `failures.csv` the studies that could not be read,
-with the reason. numpy / pandas only.
+`prepare_arrays` is the one preprocessing function: `kit prepare` caches its output and inference
+(`kit.infer.segment_study`, `load_prepared`) computes the same from new studies.
+
+`manifest.csv` keeps one row per prepared study and `failures.csv` the studies that could not be read, or
+whose segmentation could not be used (the image is cached all the same), with the reason. numpy / pandas
+only.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import time
 from collections.abc import Sequence
@@ -27,7 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .constants import WINDOWS
-from .dicom import read_mask, read_series, resize_slices, window
+from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
 
 log = logging.getLogger("kit.cache")
 
@@ -40,6 +45,28 @@ def cache_path(cache_dir: str | os.PathLike, uid: str) -> Path:
     return Path(cache_dir) / f"{uid}.npz"
 
 
+def prepare_arrays(series, size: int = 128, window_name: str = "bone") -> dict[str, np.ndarray]:
+    """THE preprocessing of a study, for `kit prepare` and for inference alike: a `kit.dicom.Series` (HU) ->
+    the cache's arrays (without `mask`).
+
+    Returns:
+        `image` uint8 (Z, S, S) in the HU window, in-plane resized to S = size; `spacing` float32 (dz, dy, dx)
+        mm after resizing; `orig_hw` int32 (H, W) before it; `positions` float32 (Z, 3); `instance_numbers`
+        int32 (Z,).
+    """
+    if window_name not in WINDOWS:
+        raise ValueError(f"unknown window {window_name!r}; available: {', '.join(WINDOWS)}")
+    z, h, w = series.hu.shape
+    return {
+        "image": resize_slices(window(series.hu, *WINDOWS[window_name]), size),
+        "spacing": np.array([series.spacing[0], series.spacing[1] * h / size, series.spacing[2] * w / size],
+                            dtype=np.float32),
+        "orig_hw": np.array([h, w], dtype=np.int32),
+        "positions": np.asarray(series.positions, dtype=np.float32),
+        "instance_numbers": np.asarray(series.instance_numbers, dtype=np.int32),
+    }
+
+
 def prepare_study(
     study_dir: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -49,7 +76,10 @@ def prepare_study(
     seg_path: str | os.PathLike | None = None,
     workers: int | None = 1,
 ) -> dict:
-    """Read one study, window and resample it, and save it as the cache's `.npz`.
+    """Read one study, window and resample it (`prepare_arrays`), and save it as the cache's `.npz`.
+
+    A segmentation that cannot be read or aligned does not cost the study its image: the image is cached
+    without a mask and the reason goes into the manifest row (`mask_error`).
 
     Args:
         study_dir: folder of the study's DICOM files.
@@ -60,31 +90,26 @@ def prepare_study(
         workers: decoding workers for this one study.
 
     Returns:
-        One manifest row: uid, slices, original and cached shape, spacing, mask presence, warnings, seconds.
+        One manifest row: uid, slices, original and cached shape, spacing, mask presence, mask error,
+        warnings, seconds.
     """
-    if window_name not in WINDOWS:
-        raise ValueError(f"unknown window {window_name!r}; available: {', '.join(WINDOWS)}")
     start = time.perf_counter()
     series = read_series(study_dir, workers=workers)
-    z, h, w = series.hu.shape
-    center, width = WINDOWS[window_name]
-    image = resize_slices(window(series.hu, center, width), size)
-    arrays = {
-        "image": image,
-        "spacing": np.array([series.spacing[0], series.spacing[1] * h / size, series.spacing[2] * w / size],
-                            dtype=np.float32),
-        "orig_hw": np.array([h, w], dtype=np.int32),
-        "positions": np.asarray(series.positions, dtype=np.float32),
-        "instance_numbers": np.asarray(series.instance_numbers, dtype=np.int32),
-    }
+    arrays = prepare_arrays(series, size, window_name)
+    mask_error = ""
     if seg_path is not None and Path(seg_path).is_file():
-        labels = read_mask(seg_path, series)
-        arrays["mask"] = resize_slices(labels.astype(np.uint8), size, nearest=True)
+        try:
+            labels = read_mask(seg_path, series)
+            arrays["mask"] = resize_slices(labels.astype(np.uint8), size, nearest=True)
+        except Exception as exc:  # a broken mask must not drop the image
+            mask_error = f"{Path(seg_path).name}: {type(exc).__name__}: {exc}"
+            log.warning("study %s: segmentation not used: %s", series.uid, mask_error)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp.npz")
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, out_path)
+    z, h, w = series.hu.shape
     return {
         "StudyInstanceUID": series.uid,
         "slices": z,
@@ -95,6 +120,7 @@ def prepare_study(
         "dy": float(series.spacing[1]),
         "dx": float(series.spacing[2]),
         "has_mask": "mask" in arrays,
+        "mask_error": mask_error,
         "warnings": " | ".join(series.warnings),
         "seconds": round(time.perf_counter() - start, 3),
     }
@@ -167,14 +193,20 @@ def prepare_studies(
         for uid, row, error in results:
             _collect(uid, row, error, rows, failures, bar)
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # fork only where it is safe (no torch loaded, main thread: kit.dicom.fork_is_safe), else spawn
+        context = multiprocessing.get_context("fork" if fork_is_safe() else "spawn")
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = [pool.submit(_prepare_one, job) for job in jobs]
             for fut in as_completed(futures):
                 _collect(*fut.result(), rows, failures, bar)
     bar.close()
     merge_csv(cache_dir / MANIFEST, pd.DataFrame(rows))
+    for row in rows:  # cached, but its segmentation could not be used: listed with the reason too
+        if row["mask_error"]:
+            failures[row["StudyInstanceUID"]] = f"segmentation: {row['mask_error']}"
     failed = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
-    merge_csv(cache_dir / FAILURES, failed, drop=[row["StudyInstanceUID"] for row in rows])
+    merge_csv(cache_dir / FAILURES, failed, drop=[row["StudyInstanceUID"] for row in rows
+                                                   if row["StudyInstanceUID"] not in failures])
     return {
         "prepared": len(rows),
         "skipped": len(uids) - len(todo),
@@ -212,3 +244,14 @@ def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {cache_dir}; run `kit prepare` first")
     return pd.read_csv(path, dtype={"StudyInstanceUID": str, "warnings": str})
+
+
+def load_prepared(source: str | os.PathLike, uid: str, *, size: int = 128, window_name: str = "bone",
+                  workers: int | None = None) -> dict[str, np.ndarray]:
+    """One study as the cache's arrays, from wherever it is: `source` is a folder of study folders of DICOM
+    files (`<split>_images/`: read and prepared now, `prepare_arrays`) or a cache folder (`<uid>.npz`).
+    numpy-only and picklable, so a prefetching worker process can run it."""
+    source = Path(source)
+    if (source / uid).is_dir():
+        return prepare_arrays(read_series(source / uid, workers=workers), size, window_name)
+    return load_cached(source, uid)

@@ -5,16 +5,62 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import sys
 from pathlib import Path
+
+
+SMOKE_ENV = "KIT_SMOKE"
+
+# What `KIT_SMOKE=1` changes, so that every line of the README's command block runs verbatim in seconds
+# (tests/test_readme.py): argparse values per command, replacing what the command line gave ...
+SMOKE_ARGS: dict[str, dict] = {
+    "synth": {"n_train": 10, "n_test": 2, "size": 64, "n_slices": 64},  # 10 studies: a segmented one a fold
+    "prepare": {"size": 64},
+    "bench read": {"slices": 16, "size": 64},
+    "bench seg": {"configs": ["demo_seg"], "slice_counts": [8, 16, 32]},
+}
+# ... and config overrides of `kit train` per task, appended after the command line's (so they win).
+SMOKE_TRAIN: dict[str, dict] = {
+    "seg": {"train.epochs": 1, "data.image_size": 64, "data.augment.crop": 48, "data.foreground_fraction": 0.1},
+    "level": {"train.epochs": 1, "data.repeats": 1, "data.seq_len": 16},
+}
+SMOKE_TRAIN_OTHER = {"train.epochs": 1}  # a task without its own entry
+
+
+def smoke_mode() -> bool:
+    """True when the environment variable KIT_SMOKE is set to anything but '', 0, false, no or off."""
+    return os.environ.get(SMOKE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def apply_smoke(args: argparse.Namespace) -> str:
+    """Shrink a parsed command to a smoke run (SMOKE_ARGS / SMOKE_TRAIN) in place; returns the line it prints.
+
+    Smoke runs check that a command works end to end (files found, runs written, outputs read back), not
+    the quality of what it makes. Commands without an entry (segment, report, demo) run as asked; `kit
+    segment` and `kit report` are small anyway when they read smoke runs.
+    """
+    command = f"{args.command} {args.what}" if args.command == "bench" else args.command
+    changes = dict(SMOKE_ARGS.get(command, {}))
+    for key, value in changes.items():
+        setattr(args, key, value)
+    if args.command == "train":
+        from .config import load_config
+
+        task = load_config(args.config).task
+        changes = SMOKE_TRAIN.get(task, SMOKE_TRAIN_OTHER)
+        args.overrides = [*args.overrides, *(f"{k}={v}" for k, v in changes.items())]
+    shown = " ".join(f"{k}={v}" for k, v in changes.items()) or "nothing changed, it runs as asked"
+    return f"smoke mode ({SMOKE_ENV}={os.environ.get(SMOKE_ENV)}): kit {command}: {shown}"
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
     from .synthetic import make_dataset
 
     summary = make_dataset(args.out, n_train=args.n_train, n_test=args.n_test, size=args.size, seed=args.seed,
-                           seg_share=args.seg_share, workers=args.workers, answers_dir=args.answers,
-                           difficulty=args.difficulty)
+                           seg_share=args.seg_share, workers=args.workers, n_slices=args.n_slices,
+                           answers_dir=args.answers, difficulty=args.difficulty)
     print(json.dumps(summary, indent=2, default=str))
 
 
@@ -29,11 +75,9 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from .report import oof_report
+    from .report import run_report, summary_table
 
-    result = oof_report(args.run_dirs, args.out)
-    print(json.dumps({"scores": result["scores"], "baseline": result["baseline"]}, indent=2, default=str))
-    print(f"report: {result['report_md']}  ({len(result['pngs'])} plots, {result['report_json']})")
+    print(summary_table(run_report(args.run_dirs, args.out, n_worst=args.worst)))
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
@@ -42,33 +86,100 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.what == "read":
         bench.bench_read(args.series_dir, n_slices=args.slices, size=args.size, workers=args.workers)
     else:
-        bench.bench_seg()
+        chosen = {"config_names": args.configs, "slice_counts": args.slice_counts}
+        bench.bench_seg(**{k: tuple(v) for k, v in chosen.items() if v})
+
+
+def _fold_or_override(token: str) -> int | str:
+    """argparse type of `kit train --folds`: an int >= 0 is a fold, `key=value` an override.
+
+    `--folds` takes one or more values, so in `--folds 0 1 2 train.epochs=3` the override follows the folds
+    into the same list; `folds_and_overrides` sorts them out.
+    """
+    if "=" in token:
+        return _override(token)
+    try:
+        fold = int(token)
+    except ValueError:
+        fold = -1
+    if fold < 0:
+        raise argparse.ArgumentTypeError(
+            f"{token!r} is neither a fold number (an int >= 0, e.g. --folds 0 1 2) "
+            "nor a key=value override (e.g. train.epochs=3)")
+    return fold
+
+
+def _override(token: str) -> str:
+    """argparse type of a `kit train` override: `dotted.key=value` with a non-empty key."""
+    key, sep, _ = token.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(
+            f"{token!r} is not a key=value override (e.g. train.epochs=3); fold numbers go after --folds")
+    return token
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _parse_value(text: str):
+    """An override's value as YAML would read it, minus YAML 1.1's surprises: `1e-3` is a number (not the
+    string '1e-3') and only true/false are booleans (`off`, `no`, `on`, `yes` stay strings: `train.amp=off`)."""
+    import yaml
+
+    if _NUMBER.fullmatch(text.strip()):
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):
+        return text.strip()
+    return value
 
 
 def _parse_overrides(items: list[str]) -> dict:
-    import yaml
-
+    """`["train.epochs=3", "optim.lr=1e-3", "train.amp=off"]` -> `{"train.epochs": 3, "optim.lr": 0.001,
+    "train.amp": "off"}` (values read by `_parse_value`)."""
     overrides = {}
     for item in items:
-        if "=" not in item:
-            raise SystemExit(f"override {item!r} is not key=value (e.g. train.epochs=3)")
-        key, value = item.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        key, _, value = _override(item).partition("=")
+        overrides[key.strip()] = _parse_value(value)
     return overrides
+
+
+def folds_and_overrides(args: argparse.Namespace) -> tuple[list[int], dict]:
+    """The folds to train and the config overrides of a parsed `kit train` command line.
+
+    The ints among `--folds` are the folds (default [0]); its `key=value` values join the positional
+    overrides, in the order given.
+
+    Raises:
+        ValueError: `--folds` named no fold or a fold twice, or an override sets `data.fold` (the folds
+            come from `--folds`).
+    """
+    given = list(args.folds or [])
+    folds = [t for t in given if isinstance(t, int)]
+    overrides = _parse_overrides([t for t in given if isinstance(t, str)] + list(args.overrides))
+    if given and not folds:
+        raise ValueError(f"--folds got no fold number, only overrides {given}; e.g. --folds 0 1 2")
+    repeated = sorted({k for k in folds if folds.count(k) > 1})
+    if repeated:
+        raise ValueError(f"--folds names fold(s) {repeated} more than once: {folds}")
+    if "data.fold" in overrides:
+        raise ValueError(f"override data.fold={overrides['data.fold']} clashes with --folds; "
+                         f"use --folds {overrides['data.fold']}")
+    return folds or [0], overrides
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .config import load_config
     from .train import fit_fold
 
-    overrides = _parse_overrides(args.overrides)
-    for fold in args.folds:
+    folds, overrides = folds_and_overrides(args)
+    for fold in folds:
         cfg = load_config(args.config, **{**overrides, "data.fold": fold})
         print(json.dumps(fit_fold(cfg), indent=2, default=str))
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
-    from .infer import segment_studies
+    from .runner import segment_studies
 
     result = segment_studies(args.data_root, args.runs, args.out, split=args.split)
     print(json.dumps(result, indent=2, default=str))
@@ -93,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="in-plane pixels (512 = real scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seg-share", type=float, default=0.5, help="share of train studies with a segmentation")
+    p.add_argument("--n-slices", type=int, default=None,
+                   help="slices of every study (default: drawn, 0.5-1.0 mm apart, ~190-400 slices)")
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--answers", default=None,
                    help="folder for the answers (test labels, every fracture and look-alike); default OUT_answers, "
@@ -111,10 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value")
+    p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value",
+                       description="Train folds of a config. Overrides (key=value) may come before, between or "
+                                   "after the options: kit train --config demo_seg --folds 0 1 2 train.epochs=3")
     p.add_argument("--config", required=True, help="packaged config name or YAML path")
-    p.add_argument("--folds", type=int, nargs="+", default=[0])
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3")
+    p.add_argument("--folds", type=_fold_or_override, nargs="+", action="extend", default=None, metavar="K",
+                   help="folds to train (default 0); key=value values among them are overrides")
+    p.add_argument("overrides", type=_override, nargs="*", help="dotted overrides, e.g. train.epochs=3")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("segment", help="segment every study of a split with trained segmenter runs")
@@ -125,9 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.set_defaults(func=_cmd_segment)
 
-    p = sub.add_parser("report", help="OOF report (markdown + PNG + JSON) for one or more runs")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", default=None)
+    p = sub.add_parser("report", help="report of trained runs (markdown + PNG + JSON): segmenter, level model "
+                                      "or classifier, chosen by each run's config")
+    p.add_argument("run_dirs", nargs="+", help="run folders, e.g. runs/demo_seg")
+    p.add_argument("--out", default=None, help="output folder (default: each run's own folder)")
+    p.add_argument("--worst", type=int, default=5, help="worst studies listed (with a picture for a segmenter)")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="benchmarks: read (DICOM decoding) or seg (segment_study)")
@@ -136,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--configs", nargs="+", default=None, help="seg: segmenter configs (default: kit.bench's)")
+    p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg: study lengths to time")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic dataset")
@@ -147,10 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse a `kit` command line.
+
+    As `build_parser().parse_args`, except that `kit train` takes its key=value overrides anywhere (argparse
+    alone accepts one run of positionals: `kit train a=1 --config X b=2` would leave `b=2` unrecognised),
+    and its folds and overrides are checked here, so a bad one is a usage error (exit 2) before any import.
+    After it, `args.folds` holds ints only and `args.overrides` the key=value strings.
+    """
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "train":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args
+    strays = [r for r in rest if r.startswith("-") or "=" not in r]
+    if strays:
+        parser.error(f"kit train: unrecognized arguments: {' '.join(strays)}")
+    try:
+        args.overrides = [*args.overrides, *(_override(r) for r in rest)]
+        folds, _ = folds_and_overrides(args)
+    except (ValueError, argparse.ArgumentTypeError) as exc:
+        parser.error(f"kit train: {exc}")
+    args.overrides = [t for t in args.folds or [] if isinstance(t, str)] + args.overrides
+    args.folds = folds
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `kit` console script."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if smoke_mode():
+        print(apply_smoke(args), flush=True)
     args.func(args)
 
 

@@ -8,8 +8,10 @@ defaults, so changing one config never changes another.
     cfg = load_config("runs/demo_seg/fold0/config.yaml")       # a saved, resolved config
     cfg = load_config("demo_seg", train={"epochs": 2})          # nested dicts merge, they do not replace
 
-Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent); a later stage registers its
-own top-level class with `@register_config("cls")`.
+Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent). A stage registers its
+top-level class here (`@register_config("<task>")`), its task in `kit.tasks` and its model in `kit.models`;
+the class gives `model_spec()` (model name and kwargs), `recipe()` (its input recipe, `kit.slices`) and
+`provides` (what its models predict, for `kit.infer`).
 """
 
 from __future__ import annotations
@@ -83,15 +85,10 @@ class DataConfig:
         window: HU window the cache was prepared with (a key of `kit.constants.WINDOWS`); recorded so
             inference windows new studies the same way.
         image_size: in-plane model input size S; cached arrays of another size are resized on the fly.
-        context: k; the input is 2k+1 slices as channels, z-k*s .. z+k*s (edge slices clamp-padded).
-        context_stride: s, slices between neighbouring input channels (1 = adjacent slices; larger values
-            let the 2.5D input see further up and down the neck at the same cost).
-        context_mm: when set, s = round(context_mm / dz) for each study (at least 1), so the input spans the
-            same height in mm whatever the slice spacing; context_stride is then unused.
-        context_offsets_mm: explicit input slices as offsets in mm from the slice segmented (ascending, 0
-            included), each rounded to whole slices of the study; replaces context, context_stride and
-            context_mm. Near offsets give fine detail at the level boundaries, far ones the landmarks
-            (dens, C7's spinous process, ribs) that tell the level.
+        slice_offsets_mm: the segmenter's input slices, as offsets in mm from the slice segmented (ascending,
+            0 included), each rounded to whole slices of the study (`kit.slices.offsets_to_slices`; a non-zero
+            offset is at least one slice). [-2, -1, 0, 1, 2] is five adjacent slices at 1 mm; [-40, -30, ...,
+            40] sees two levels up and down the neck in nine channels, whatever the slice spacing.
         other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
         level_input: condition the segmenter on the level model: 7 more input channels, constant planes
             holding each vertebra's presence in the slice; the true ranges (`kit.data.soft_presence`,
@@ -120,10 +117,7 @@ class DataConfig:
     fold: int = 0
     window: str = "bone"
     image_size: int = 384
-    context: int = 2
-    context_stride: int = 1
-    context_mm: float | None = None
-    context_offsets_mm: list[float] | None = None
+    slice_offsets_mm: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
     other_vertebrae: bool = False
     level_input: bool = False
     level_jitter_mm: float = 2.5
@@ -285,6 +279,21 @@ class SegConfig(_RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    provides = "vertebra_probs"  # what its models predict (a class attribute, not a config key)
+
+    def recipe(self):
+        """The input recipe of this run (`kit.slices.SegRecipe`)."""
+        from .slices import SegRecipe
+
+        return SegRecipe.from_config(self.data)
+
+    def model_spec(self) -> tuple[str, dict]:
+        """Registered model name and its plain kwargs, from this config alone (training records them in
+        `model.pt`; `kit bench` builds the same model)."""
+        d, m = self.data, self.model
+        return m.name, {"in_channels": self.recipe().n_channels, "classes": 7 + int(d.other_vertebrae),
+                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
+
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
         d = self.data
@@ -293,15 +302,9 @@ class SegConfig(_RunConfig):
 
         if d.window not in WINDOWS:
             raise ConfigError(f"data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
-        if d.context < 0:
-            raise ConfigError(f"data.context must be >= 0 (input = 2k+1 slices); got {d.context}")
-        if d.context_stride < 1:
-            raise ConfigError(f"data.context_stride must be >= 1; got {d.context_stride}")
-        if d.context_mm is not None and d.context_mm <= 0:
-            raise ConfigError(f"data.context_mm must be > 0 or null; got {d.context_mm}")
-        offs = d.context_offsets_mm
-        if offs is not None and (not offs or 0 not in offs or list(offs) != sorted(set(offs))):
-            raise ConfigError(f"data.context_offsets_mm must be ascending, without repeats, and include 0; got {offs}")
+        offs = d.slice_offsets_mm
+        if not offs or 0 not in offs or list(offs) != sorted(set(offs)):
+            raise ConfigError(f"data.slice_offsets_mm must be ascending, without repeats, and include 0; got {offs}")
         if d.image_size < 32:
             raise ConfigError(f"data.image_size must be >= 32; got {d.image_size}")
         for key in ("background_fraction", "foreground_fraction"):
@@ -379,6 +382,20 @@ class LevelConfig(_RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    provides = "levels"
+
+    def recipe(self):
+        """The input recipe of this run (`kit.slices.LevelRecipe`)."""
+        from .slices import LevelRecipe
+
+        return LevelRecipe.from_config(self.data)
+
+    def model_spec(self) -> tuple[str, dict]:
+        """Registered model name and its plain kwargs, from this config alone."""
+        d, m = self.data, self.model
+        return m.name, {"in_channels": self.recipe().n_channels, "classes": 7, "encoder": m.encoder,
+                        "hidden": m.hidden}
+
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
         d = self.data
@@ -388,6 +405,134 @@ class LevelConfig(_RunConfig):
         if d.slice_mm <= 0 or d.neighbours < 0 or d.seq_len < 1 or d.repeats < 1 or d.image_size < 32:
             raise ConfigError("data.slice_mm must be > 0, data.neighbours >= 0, data.seq_len and data.repeats "
                               f">= 1, data.image_size >= 32; got {d}")
+        self._check_train_and_name()
+
+
+@dataclass
+class ClsDataConfig:
+    """Data of the stage-2 classifier: per-vertebra slice stacks cut from the original DICOM grid (`kit crops`).
+
+    Attributes:
+        data_root, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same studies and folds
+            as stage 1; `window` is stage 1's).
+        crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv`, `missing.csv`), made by `kit crops`.
+        seg_runs: stage-1 run folders (segmenter and level model) that find the vertebrae of each study;
+            studies they trained on are segmented by the folds that held them out.
+        true_masks: crop from the ground-truth segmentation where a study has one, instead of predictions.
+        n_slices: T, slices per vertebra spread evenly over its z-range, head to feet.
+        n_neighbours: n; each slice is stacked with its +-n neighbours (2n+1 image channels per window).
+        neighbour_mm: spacing of those neighbours in mm (stage 1's rounding); None: adjacent slices.
+        windows: HU windows stacked as channels (keys of `kit.constants.WINDOWS`), in order.
+        with_mask: add the vertebra's own mask as the last channel.
+        image_size: S, the crop's in-plane size.
+        margin: widening of the in-plane box on each side, as a fraction of its size.
+        num_workers: DataLoader worker processes.
+        augment: in-plane augmentations of the stacks (all slices of a stack alike), plus `reverse_slices`.
+    """
+
+    data_root: str = "data"
+    folds_csv: str | None = None
+    folds_seed: int = 42
+    n_folds: int = 5
+    fold: int = 0
+    window: str = "bone"
+    crop_dir: str = "cache/crops"
+    seg_runs: list[str] = field(default_factory=list)
+    true_masks: bool = False
+    n_slices: int = 15
+    n_neighbours: int = 2
+    neighbour_mm: float | None = 1.0
+    windows: list[str] = field(default_factory=lambda: ["bone"])
+    with_mask: bool = True
+    image_size: int = 224
+    margin: float = 0.15
+    num_workers: int = 4
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ClsModelConfig:
+    """The classifier (`kit.models.classifier`): a timm CNN per slice, a BiGRU over the slices, attention.
+
+    Attributes:
+        name: registered model name (`cls_gru` per vertebra, `cls_patient_gru` for all seven at once).
+        encoder: timm model name of the per-slice CNN.
+        hidden: GRU width per direction.
+        dropout: dropout before the GRU.
+        drop_path_rate: stochastic depth of the CNN.
+        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded.
+    """
+
+    name: str = "cls_gru"
+    encoder: str = "tf_efficientnetv2_s"
+    hidden: int = 256
+    dropout: float = 0.1
+    drop_path_rate: float = 0.1
+    pretrained_weights: str | None = None
+
+
+@dataclass
+class ClsLossConfig:
+    """The classifier's loss: the competition's weighted log loss (its torch twin, `kit.losses`) plus a
+    per-slice auxiliary BCE where fracture boxes give slice targets.
+
+    Attributes:
+        slice_weight: weight of the slice auxiliary loss.
+        normalise: "row" or "global", as the metric.
+    """
+
+    slice_weight: float = 0.5
+    normalise: str = "row"
+
+
+@register_config("cls")
+@dataclass
+class ClsConfig(_RunConfig):
+    """Stage 2: the fracture classifier over vertebra crops.
+
+    Attributes: as `SegConfig`, with `ClsDataConfig`, `ClsModelConfig` and `ClsLossConfig` sections.
+    """
+
+    task: str = "cls"
+    name: str = "cls"
+    out_dir: str = "runs"
+    seed: int = 42
+    data: ClsDataConfig = field(default_factory=ClsDataConfig)
+    model: ClsModelConfig = field(default_factory=ClsModelConfig)
+    loss: ClsLossConfig = field(default_factory=ClsLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    provides = "fractures"
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of each slice of a crop: (2n+1) per window, plus the mask."""
+        d = self.data
+        return (2 * d.n_neighbours + 1) * len(d.windows) + int(d.with_mask)
+
+    def model_spec(self) -> tuple[str, dict]:
+        """Registered model name and its plain kwargs, from this config alone."""
+        m = self.model
+        return m.name, {"in_channels": self.in_channels, "encoder": m.encoder, "hidden": m.hidden,
+                        "dropout": m.dropout, "drop_path_rate": m.drop_path_rate}
+
+    def check(self) -> None:
+        """Raise ConfigError for values no run can use."""
+        from .constants import WINDOWS
+
+        d = self.data
+        self._check_fold()
+        unknown = [w for w in [d.window, *d.windows] if w not in WINDOWS]
+        if unknown or not d.windows:
+            raise ConfigError(f"data.windows={d.windows} / data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
+        if d.n_slices < 1 or d.n_neighbours < 0 or d.image_size < 32 or not 0 <= d.margin < 1:
+            raise ConfigError("data.n_slices must be >= 1, data.n_neighbours >= 0, data.image_size >= 32, "
+                              f"data.margin in [0, 1); got {d.n_slices}, {d.n_neighbours}, {d.image_size}, {d.margin}")
+        if d.neighbour_mm is not None and d.neighbour_mm <= 0:
+            raise ConfigError(f"data.neighbour_mm must be > 0 or null; got {d.neighbour_mm}")
+        if self.loss.normalise not in ("row", "global"):
+            raise ConfigError(f"loss.normalise={self.loss.normalise!r}; valid: row, global")
         self._check_train_and_name()
 
 
@@ -481,12 +626,22 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys that older configs used, with what replaced them: such a YAML fails with this message.
+RENAMED = {
+    f"data.{old}": "data.slice_offsets_mm (the input slices as offsets in mm, e.g. [-2, -1, 0, 1, 2] for five "
+                   "adjacent 1 mm slices, or [-40, -30, -20, -10, 0, 10, 20, 30, 40] for context: 4, context_mm: 10)"
+    for old in ("context", "context_stride", "context_mm", "context_offsets_mm")
+}
+
+
 def _apply(obj: Any, updates: dict[str, Any], prefix: str = "") -> None:
     """Set nested dataclass fields from a nested dict, checking names and types."""
     hints = typing.get_type_hints(type(obj))
     names = _field_names(obj)
     for key, value in updates.items():
         path = f"{prefix}{key}"
+        if path in RENAMED:
+            raise ConfigError(f"config key {path!r} was replaced by {RENAMED[path]}")
         if key not in names:
             where = prefix[:-1] or type(obj).__name__
             raise ConfigError(f"unknown config key {path!r}; valid keys in {where}: {', '.join(names)}")

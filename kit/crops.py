@@ -1,15 +1,28 @@
-"""Segmentation -> vertebra boxes -> slice stacks (numpy / scipy only, never torch).
+"""Segmentation -> vertebra boxes -> slice stacks (numpy / scipy / OpenCV only, never torch).
 
-The three steps between the segmenter and the stage-2 classifier:
+The steps between the segmenter and the stage-2 classifier:
 
 1. `clean_vertebra_probs`: per-vertebra probabilities (7, Z, H, W) -> one clean label volume (Z, H, W);
 2. `vertebra_extents`: label volume -> a `VertebraExtent` per vertebra found (z-range, in-plane box,
    voxels per slice, centroid);
-3. `crop_vertebra` / `crop_vertebrae`: volume + extent -> a fixed-size slice stack (T, S, S).
+3. `crop_vertebra` / `crop_vertebrae`: volume + extent -> a fixed-size slice stack (T, S, S), on the grid
+   the extent was measured on;
+4. stage-2 stacks, cut from the ORIGINAL pixel grid of the DICOM series: `slice_positions` (T slices over
+   a vertebra), `neighbour_offsets` (its +-n neighbours, spaced in mm), `crop_box_original` (the stage-1
+   box mapped to original pixels), `crop_vertebra_stack` (uint8 (T, C, S, S): windowed neighbours + the
+   vertebra's mask) and `crop_study` (all seven, missing ones recorded with the reason);
+5. per-slice targets from `train_bounding_boxes.csv`: `match_boxes_to_slices` (rows -> slice indices,
+   unmatched rows returned), `assign_boxes_to_vertebrae`, `slice_targets` and `vertebra_targets`.
 
 Conventions: volumes are (Z, H, W) with index 0 the most superior slice (so C1 comes before C7); label
 values 1..7 are C1..C7 (`kit.constants.SEG_LABELS`), anything else is not a cervical vertebra. Slice
 ranges are inclusive (`z_first`..`z_last`), in-plane boxes half-open like numpy slices (`y0:y1`, `x0:x1`).
+Stage 1 measures extents on a "prepared" grid (Z, s, s): the original slices resized in-plane (never in
+z), so z indices are shared and `scale` = (sy, sx) original pixels per prepared pixel maps the planes,
+edge to edge: prepared pixels [y0, y1) cover original pixels [y0 * sy, y1 * sy).
+
+Windowing is `kit.dicom.window` (the one HU -> uint8 recipe, shared with the stage-1 cache): the only
+import of a sibling module here, made so the two stages cannot window differently.
 """
 
 from __future__ import annotations
@@ -20,7 +33,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .constants import VERTEBRAE
+from .constants import VERTEBRAE, WINDOWS
+from .dicom import window
 
 N_VERTEBRAE = len(VERTEBRAE)
 _FULL_3D = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
@@ -334,3 +348,465 @@ def crop_vertebrae(
 ) -> dict[str, np.ndarray]:
     """`crop_vertebra` for every extent: {"C1": (T, S, S), ...} in C1..C7 order, missing ones absent."""
     return {name: crop_vertebra(volume, extents[name], **kwargs) for name in VERTEBRAE if name in extents}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage-2 stacks: T slices per vertebra, each as its +-n neighbours (windowed) + the vertebra's mask, cut
+# from the original pixel grid.
+
+AIR_HU = -1024.0  # what pads a box reaching past the image: the scanner's own outside-the-field value
+
+
+def grid_scale(orig_hw: tuple[int, int], prepared_hw: tuple[int, int]) -> tuple[float, float]:
+    """(sy, sx) original pixels per prepared pixel, e.g. (512, 512) over (128, 128) -> (4.0, 4.0)."""
+    if min(*orig_hw, *prepared_hw) <= 0:
+        raise ValueError(f"sizes must be positive; got orig_hw={tuple(orig_hw)}, prepared_hw={tuple(prepared_hw)}")
+    return float(orig_hw[0]) / float(prepared_hw[0]), float(orig_hw[1]) / float(prepared_hw[1])
+
+
+def slice_positions(extent: VertebraExtent, n_slices: int = 15) -> np.ndarray:
+    """`n_slices` slice indices spread evenly over the vertebra's z-range, head to feet.
+
+    Position t is `z_first + t * (z_last - z_first) / (T - 1)` rounded half up, so the first and the last
+    slice of the vertebra are always sampled and the indices never decrease; a vertebra with fewer than T
+    slices repeats some. T = 1 samples the middle slice.
+
+    Args:
+        extent: the vertebra's extent (`vertebra_extents`).
+        n_slices: T.
+
+    Returns:
+        int64 (T,) ascending slice indices in `z_first..z_last`.
+    """
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be >= 1; got {n_slices}")
+    if n_slices == 1:
+        return np.array([int(np.floor((extent.z_first + extent.z_last) / 2 + 0.5))], dtype=np.int64)
+    raw = np.linspace(extent.z_first, extent.z_last, n_slices)
+    return np.floor(raw + 0.5).astype(np.int64)
+
+
+def neighbour_offsets(dz: float, n_neighbours: int = 2, spacing_mm: float | None = None) -> np.ndarray:
+    """Slice offsets of a slice and its +-n neighbours, spaced `spacing_mm` apart: the stage-1 recipe's
+    rounding (`kit.slices.offsets_to_slices` of 0, +-spacing_mm, +-2 spacing_mm, ...), so the 2n+1 slices
+    span about the same height in mm whatever the study's slice spacing; with `spacing_mm=None` neighbours
+    are adjacent slices. E.g. spacing_mm=1.0: dz=0.5 -> [-4, -2, 0, 2, 4], dz=1.0 -> [-2, -1, 0, 1, 2].
+
+    Args:
+        dz: slice spacing of the series in mm.
+        n_neighbours: n.
+        spacing_mm: distance between neighbouring channels in mm, or None for adjacent slices.
+
+    Returns:
+        int64 (2n+1,) offsets, ascending (head to feet), centre 0.
+    """
+    from .slices import offsets_to_slices
+
+    if n_neighbours < 0:
+        raise ValueError(f"n_neighbours must be >= 0; got {n_neighbours}")
+    steps = np.arange(-n_neighbours, n_neighbours + 1, dtype=np.int64)
+    if spacing_mm is None:
+        return steps
+    if not spacing_mm > 0:
+        raise ValueError(f"spacing_mm must be > 0 mm; got {spacing_mm}")
+    return offsets_to_slices(steps * float(spacing_mm), dz)
+
+
+def crop_box_original(
+    extent: VertebraExtent,
+    scale: tuple[float, float],
+    orig_hw: tuple[int, int],
+    margin: float = 0.15,
+    square: bool = True,
+) -> tuple[int, int, int, int]:
+    """The extent's in-plane box on the original pixel grid, with a margin, optionally square.
+
+    Steps: the prepared box [y0, y1) x [x0, x1) covers original pixels [y0 * sy, y1 * sy) x [x0 * sx,
+    x1 * sx) (edge to edge, as an area/linear resize of the whole slice maps them); with `square`, both
+    sides become the longer one, around the same centre; each side is then widened by `margin` times its
+    size on both ends (margin=0.15: 30 % larger). Without `square` the result is floor / ceil of the
+    widened edges (margin=0: `floor(y0 * sy), ceil(y1 * sy), ...`, as `SegResult.table` reports it); with
+    `square` one integer side `ceil(widened side)` for both axes, its start rounded half up from
+    `centre - side / 2`.
+
+    The box is NOT clipped to the image: near an edge it may start below 0 or end past (H, W), so that it
+    stays square and centred on the vertebra. `crop_vertebra_stack` reads the part inside the image and
+    pads the rest with air (`AIR_HU`, -1024 HU) and an empty mask.
+
+    Args:
+        extent: the vertebra's extent on the prepared grid.
+        scale: (sy, sx) original pixels per prepared pixel (`grid_scale`, `SegResult.scale`).
+        orig_hw: (H, W) of the original slices (checked only: the box may leave them).
+        margin: widening per side, as a fraction of the (squared) box size.
+        square: make the box square (in original pixels) before the margin.
+
+    Returns:
+        (y0, y1, x0, x1) ints on the original grid, half-open like numpy slices; y1 > y0, x1 > x0.
+    """
+    sy, sx = (float(v) for v in scale)
+    if sy <= 0 or sx <= 0 or margin < 0:
+        raise ValueError(f"scale must be > 0 and margin >= 0; got scale={tuple(scale)}, margin={margin}")
+    if min(orig_hw) <= 0:
+        raise ValueError(f"orig_hw must be positive (H, W); got {tuple(orig_hw)}")
+    cy, cx = (extent.y0 + extent.y1) / 2.0 * sy, (extent.x0 + extent.x1) / 2.0 * sx
+    hy, hx = (extent.y1 - extent.y0) / 2.0 * sy, (extent.x1 - extent.x0) / 2.0 * sx
+    if not square:
+        hy, hx = hy * (1 + 2 * margin), hx * (1 + 2 * margin)
+        edges = [cy - hy, cy + hy, cx - hx, cx + hx]
+        edges = [round(v, 6) for v in edges]  # 3 * 10.1 must stay 30.3, not 30.300000000000004 -> 31
+        return (int(np.floor(edges[0])), int(np.ceil(edges[1])), int(np.floor(edges[2])), int(np.ceil(edges[3])))
+    side = max(1, int(np.ceil(round(2 * max(hy, hx) * (1 + 2 * margin), 6))))
+    y0 = int(np.floor(cy - side / 2.0 + 0.5))
+    x0 = int(np.floor(cx - side / 2.0 + 0.5))
+    return y0, y0 + side, x0, x0 + side
+
+
+def stack_channel_names(windows: tuple[str, ...] = ("bone",), n_neighbours: int = 2,
+                        with_mask: bool = True) -> list[str]:
+    """Names of the C channels of a `crop_vertebra_stack`, in order.
+
+    Window-major: all 2n+1 slices (head to feet, offset -n..n) in the first window, then all in the
+    second, ..., then the mask. So the bone-only stack is a prefix of bone + soft + ... stacks:
+    ("bone", "soft"), n=1 -> ["bone-1", "bone+0", "bone+1", "soft-1", "soft+0", "soft+1", "mask"].
+    """
+    names = [f"{w}{k:+d}" for w in windows for k in range(-n_neighbours, n_neighbours + 1)]
+    return names + ["mask"] if with_mask else names
+
+
+def _check_windows(windows) -> tuple[str, ...]:
+    windows = (windows,) if isinstance(windows, str) else tuple(windows)
+    unknown = [w for w in windows if w not in WINDOWS]
+    if unknown or not windows:
+        raise ValueError(f"unknown window name(s) {unknown or list(windows)}; available: {', '.join(WINDOWS)}")
+    return windows
+
+
+def _cut_planes(volume: np.ndarray, zs: np.ndarray, box: tuple[int, int, int, int], fill: float) -> np.ndarray:
+    """volume[zs, y0:y1, x0:x1] with the part outside the image filled with `fill`: (N, y1-y0, x1-x0)."""
+    y0, y1, x0, x1 = box
+    h, w = volume.shape[1:]
+    dtype = volume.dtype
+    holds_fill = np.issubdtype(dtype, np.floating) or (
+        np.issubdtype(dtype, np.integer) and np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max)
+    if not holds_fill:  # e.g. uint16 HU cannot hold -1024
+        dtype = np.float32
+    out = np.full((len(zs), y1 - y0, x1 - x0), fill, dtype=dtype)
+    ya, yb, xa, xb = max(y0, 0), min(y1, h), max(x0, 0), min(x1, w)
+    if ya < yb and xa < xb:
+        out[:, ya - y0:yb - y0, xa - x0:xb - x0] = volume[zs, ya:yb, xa:xb]
+    return out
+
+
+def _resize_planes(planes: np.ndarray, size: int) -> np.ndarray:
+    """(N, h, w) uint8 -> (N, size, size): cv2 area averaging when shrinking both sides, else linear."""
+    import cv2
+
+    if planes.shape[1:] == (size, size):
+        return planes
+    shrink = planes.shape[1] > size and planes.shape[2] > size
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    out = np.empty((len(planes), size, size), planes.dtype)
+    for i, plane in enumerate(planes):
+        out[i] = cv2.resize(plane, (size, size), interpolation=method)
+    return out
+
+
+def _sample_index(start: int, stop: int, size: int, scale: float, n: int) -> np.ndarray:
+    """Prepared-grid index under each of `size` output pixel centres spanning original [start, stop);
+    -1 where that lies outside the prepared grid of `n` pixels (centre-aligned nearest neighbour)."""
+    centres = start + (np.arange(size) + 0.5) * (stop - start) / size  # original pixel coordinates
+    idx = np.floor(centres / scale).astype(np.int64)
+    return np.where((idx >= 0) & (idx < n), idx, -1)
+
+
+def _mask_planes(labels: np.ndarray, zs: np.ndarray, label: int, box: tuple[int, int, int, int],
+                 scale: tuple[float, float], size: int) -> np.ndarray:
+    """uint8 (N, size, size): 255 where `labels[z] == label`, on the original-grid box, else 0."""
+    rows = _sample_index(box[0], box[1], size, scale[0], labels.shape[1])
+    cols = _sample_index(box[2], box[3], size, scale[1], labels.shape[2])
+    planes = labels[zs][:, np.maximum(rows, 0)][:, :, np.maximum(cols, 0)] == label
+    planes &= (rows >= 0)[None, :, None] & (cols >= 0)[None, None, :]
+    return planes.astype(np.uint8) * np.uint8(255)
+
+
+def crop_vertebra_stack(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    extent: VertebraExtent,
+    *,
+    scale: tuple[float, float] | None = None,
+    n_slices: int = 15,
+    n_neighbours: int = 2,
+    neighbour_mm: float | None = None,
+    dz: float = 1.0,
+    size: int = 224,
+    windows: tuple[str, ...] = ("bone",),
+    margin: float = 0.15,
+    square: bool = True,
+    with_mask: bool = True,
+    pad_hu: float = AIR_HU,
+) -> np.ndarray:
+    """One vertebra as T slice stacks from the original HU volume: the stage-2 classifier's input.
+
+    For each of the T positions (`slice_positions`, head to feet), the slice and its +-n neighbours
+    (`neighbour_offsets`; indices past either end of the volume repeat the edge slice) are cut in the
+    original-grid box (`crop_box_original`; outside the image: `pad_hu`), windowed with `kit.dicom.window`
+    (window first, as the stage-1 cache does), and resized to size x size (cv2 area averaging when
+    shrinking, linear when growing). Channels are window-major (`stack_channel_names`): the 2n+1 slices in
+    the first window, ..., then, with `with_mask`, the vertebra's own mask (`labels == extent.label` in the
+    centre slice, prepared grid, sampled at each output pixel's centre: centre-aligned nearest neighbour),
+    0 / 255.
+
+    Args:
+        hu: (Z, H, W) HU volume of the original series (float32 or int16; `kit.dicom.read_series(...).hu`).
+        labels: (Z, s, s) integer labels on the prepared grid the extent was measured on (same Z).
+        extent: the vertebra's extent on that grid.
+        scale: (sy, sx) original pixels per prepared pixel; None = (H / s, W / s) from the two shapes.
+        n_slices: T.
+        n_neighbours: n; each slice brings 2n+1 image channels per window.
+        neighbour_mm: spacing of those neighbours in mm (None: adjacent slices).
+        dz: the series' slice spacing in mm (used with `neighbour_mm`).
+        size: S, output side in pixels.
+        windows: names in `kit.constants.WINDOWS`.
+        margin: box widening per side, as a fraction of the box size.
+        square: square box (keeps the anatomy's aspect ratio).
+        with_mask: append the mask channel.
+        pad_hu: HU value of the box's part outside the image (air).
+
+    Returns:
+        uint8 (T, C, S, S), C = len(windows) * (2n+1) + with_mask (default 5 + 1 = 6).
+    """
+    hu, labels = np.asarray(hu), np.asarray(labels)
+    if hu.ndim != 3 or labels.ndim != 3 or len(hu) != len(labels):
+        raise ValueError(f"hu (Z, H, W) and labels (Z, s, s) must be 3D with the same Z; got {hu.shape}, "
+                         f"{labels.shape}")
+    if not extent.z_last < len(hu):
+        raise ValueError(f"{extent.name}: z_last={extent.z_last} outside a volume of {len(hu)} slices")
+    if size < 1:
+        raise ValueError(f"size must be >= 1; got {size}")
+    windows = _check_windows(windows)
+    scale = grid_scale(hu.shape[1:], labels.shape[1:]) if scale is None else tuple(float(v) for v in scale)
+    positions = slice_positions(extent, n_slices)
+    offsets = neighbour_offsets(dz, n_neighbours, neighbour_mm)
+    index = np.clip(positions[:, None] + offsets[None, :], 0, len(hu) - 1)  # (T, 2n+1)
+    needed, where = np.unique(index, return_inverse=True)  # each slice read, windowed, resized once
+    where = where.reshape(index.shape)
+    box = crop_box_original(extent, scale, hu.shape[1:], margin, square)
+    planes = _cut_planes(hu, needed, box, pad_hu)
+    k = len(offsets)
+    out = np.empty((len(positions), len(windows) * k + int(with_mask), size, size), np.uint8)
+    for w, name in enumerate(windows):
+        out[:, w * k:(w + 1) * k] = _resize_planes(window(planes, *WINDOWS[name]), size)[where]
+    if with_mask:
+        out[:, -1] = _mask_planes(labels, positions, extent.label, box, scale, size)
+    return out
+
+
+def crop_study(
+    hu: np.ndarray,
+    labels: np.ndarray,
+    extents: dict[str, VertebraExtent],
+    *,
+    dropped: dict[str, str] | None = None,
+    **kwargs,
+) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """`crop_vertebra_stack` for C1..C7 of one study; a vertebra not found is zeros, never left out.
+
+    Args:
+        hu: (Z, H, W) original HU volume.
+        labels: (Z, s, s) prepared-grid labels.
+        extents: {"C1": VertebraExtent, ...} of the vertebrae found (`SegResult.extents`).
+        dropped: {name: reason} of the vertebrae the clean-up removed (`SegResult.dropped`), for the reasons.
+        **kwargs: passed to `crop_vertebra_stack` (scale, n_slices, n_neighbours, windows, size, ...).
+
+    Returns:
+        stacks: uint8 (7, T, C, S, S) in C1..C7 order, zeros for a vertebra not found;
+        found: bool (7,);
+        reasons: {name: why} for each vertebra not found: "dropped by the clean-up: <reason>" or "not
+        found by the segmenter".
+    """
+    dropped = dropped or {}
+    t = int(kwargs.get("n_slices", 15))
+    c = len(stack_channel_names(_check_windows(kwargs.get("windows", ("bone",))), kwargs.get("n_neighbours", 2),
+                                kwargs.get("with_mask", True)))
+    s = int(kwargs.get("size", 224))
+    stacks = np.zeros((N_VERTEBRAE, t, c, s, s), np.uint8)
+    found = np.zeros(N_VERTEBRAE, bool)
+    reasons: dict[str, str] = {}
+    for i, name in enumerate(VERTEBRAE):
+        if name not in extents:
+            reasons[name] = (f"dropped by the clean-up: {dropped[name]}" if name in dropped
+                             else "not found by the segmenter")
+            continue
+        stacks[i] = crop_vertebra_stack(hu, labels, extents[name], **kwargs)
+        found[i] = True
+    return stacks, found, reasons
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-slice targets from train_bounding_boxes.csv.
+
+BOX_COLUMNS = ("x", "y", "width", "height", "slice_number")
+
+
+def match_boxes_to_slices(boxes: pd.DataFrame, instance_numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Match one study's `train_bounding_boxes.csv` rows to the slices of its sorted series.
+
+    A row matches slice z when its `slice_number` equals `instance_numbers[z]` (the DICOM file name
+    number is the InstanceNumber). A row is unmatched when its slice_number is missing, is not among the
+    series' InstanceNumbers, or is shared by several slices (ambiguous); every such row is returned with
+    the reason, none is dropped.
+
+    Args:
+        boxes: rows with columns x, y, width, height, slice_number (original pixels; StudyInstanceUID
+            optional, but a single study).
+        instance_numbers: (Z,) InstanceNumber of each slice, index 0 = most superior (`Series`, cache).
+
+    Returns:
+        matched: the matched rows (original index kept) with an int column `z` (index into the series);
+        unmatched: the other rows with a column `reason`.
+    """
+    missing = [c for c in BOX_COLUMNS if c not in boxes.columns]
+    if missing:
+        raise ValueError(f"boxes lack column(s) {missing}; expected {list(BOX_COLUMNS)} (train_bounding_boxes.csv)")
+    if "StudyInstanceUID" in boxes.columns and boxes["StudyInstanceUID"].nunique() > 1:
+        uids = sorted(boxes["StudyInstanceUID"].unique())
+        raise ValueError(f"boxes of {len(uids)} studies ({uids[0]}, {uids[1]}, ...); pass one study's rows")
+    numbers = np.asarray(instance_numbers).astype(np.int64).ravel()
+    values, counts = np.unique(numbers, return_counts=True)
+    z_of = {int(n): int(np.nonzero(numbers == n)[0][0]) for n, c in zip(values, counts) if c == 1}
+    shared = {int(n): int(c) for n, c in zip(values, counts) if c > 1}
+    span = f"{numbers.min()}..{numbers.max()}" if len(numbers) else "none"
+    z = np.full(len(boxes), -1, np.int64)
+    reason = [""] * len(boxes)
+    for i, value in enumerate(boxes["slice_number"].to_numpy()):
+        if pd.isna(value) or float(value) != int(value):
+            reason[i] = f"slice_number {value} is missing or not a whole number"
+        elif int(value) in shared:
+            reason[i] = f"slice_number {int(value)} is the InstanceNumber of {shared[int(value)]} slices"
+        elif int(value) not in z_of:
+            reason[i] = f"slice_number {int(value)} not among the series' {len(numbers)} InstanceNumbers ({span})"
+        else:
+            z[i] = z_of[int(value)]
+    ok = z >= 0
+    matched = boxes[ok].copy()
+    matched["z"] = z[ok]
+    unmatched = boxes[~ok].copy()
+    unmatched["reason"] = [r for r, good in zip(reason, ok) if not good]
+    return matched, unmatched
+
+
+def _box_index_range(start: float, length: float, scale: float, n: int) -> tuple[int, int]:
+    """Prepared pixels [a, b) touched by the original interval [start, start + length), clipped to [0, n)."""
+    a = int(np.floor(start / scale))
+    b = int(np.ceil((start + length) / scale))
+    return max(a, 0), min(max(b, a + 1), n)
+
+
+def assign_boxes_to_vertebrae(matched: pd.DataFrame, labels_small: np.ndarray,
+                              scale: tuple[float, float]) -> pd.DataFrame:
+    """Which vertebra each matched box lies on, from the prepared-grid mask of its own slice.
+
+    The rule: the box [x, x + width) x [y, y + height) in original pixels covers the prepared pixels it
+    touches (divided by `scale`, floor / ceil); in slice `z` of `labels_small` the box lies on the
+    vertebra (1..7) with the most pixels there (ties to the lower label), or on none (0) when it covers no
+    C1..C7 pixel. Each box row so belongs to one vertebra at most: a box at a junction slice that grazes
+    the neighbouring vertebra still counts for the one it mostly covers.
+
+    Args:
+        matched: `match_boxes_to_slices` output (columns x, y, width, height, z).
+        labels_small: (Z, s, s) integer labels on the prepared grid.
+        scale: (sy, sx) original pixels per prepared pixel.
+
+    Returns:
+        A copy of `matched` with int columns `vertebra` (0..7) and `overlap` (its prepared pixels in the box).
+    """
+    labels_small = np.asarray(labels_small)
+    sy, sx = (float(v) for v in scale)
+    out = matched.copy()
+    vertebra = np.zeros(len(out), np.int64)
+    overlap = np.zeros(len(out), np.int64)
+    for i, (x, y, w, h, z) in enumerate(out[["x", "y", "width", "height", "z"]].to_numpy(float)):
+        z = int(z)
+        if not 0 <= z < len(labels_small):
+            raise ValueError(f"box row {out.index[i]}: z={z} outside labels of {len(labels_small)} slices")
+        y0, y1 = _box_index_range(y, h, sy, labels_small.shape[1])
+        x0, x1 = _box_index_range(x, w, sx, labels_small.shape[2])
+        counts = np.bincount(labels_small[z, y0:y1, x0:x1].ravel().astype(np.int64),
+                             minlength=N_VERTEBRAE + 1)[1:N_VERTEBRAE + 1]
+        if counts.max(initial=0) > 0:
+            vertebra[i] = int(np.argmax(counts)) + 1
+            overlap[i] = int(counts.max())
+    out["vertebra"] = vertebra
+    out["overlap"] = overlap
+    return out
+
+
+def slice_targets(
+    positions: np.ndarray,
+    vertebra_label: int,
+    labels_small: np.ndarray,
+    scale: tuple[float, float],
+    matched_boxes: pd.DataFrame,
+    dz: float = 1.0,
+    *,
+    tolerance_mm: float = 0.0,
+) -> np.ndarray:
+    """Per-slice fracture targets of one vertebra at its sampled slice positions.
+
+    The exact rule: the boxes lying on this vertebra are those `assign_boxes_to_vertebrae` gives to
+    `vertebra_label` (most mask pixels under the box, in the box's own slice); their z-range is first..last
+    of their slices, widened by `round(tolerance_mm / dz)` slices at both ends; a sampled slice is 1 when
+    its index lies in that range (inclusive), else 0. No box on the vertebra: all 0. (One range per
+    vertebra: two separate fractures on it count the slices between them as positive.)
+
+    Args:
+        positions: (T,) sampled slice indices (`slice_positions`).
+        vertebra_label: 1..7.
+        labels_small: (Z, s, s) prepared-grid labels.
+        scale: (sy, sx) original pixels per prepared pixel.
+        matched_boxes: `match_boxes_to_slices` output (or `assign_boxes_to_vertebrae` output, reused).
+        dz: slice spacing in mm (for `tolerance_mm`).
+        tolerance_mm: widening of the box range at each end, in mm.
+
+    Returns:
+        float32 (T,) of 0 / 1.
+    """
+    if not 1 <= int(vertebra_label) <= N_VERTEBRAE:
+        raise ValueError(f"vertebra_label must be 1..{N_VERTEBRAE} (C1..C7); got {vertebra_label}")
+    positions = np.asarray(positions)
+    boxes = matched_boxes if "vertebra" in matched_boxes.columns else \
+        assign_boxes_to_vertebrae(matched_boxes, labels_small, scale)
+    zs = boxes.loc[boxes["vertebra"] == int(vertebra_label), "z"].to_numpy()
+    if len(zs) == 0:
+        return np.zeros(len(positions), np.float32)
+    pad = int(round(float(tolerance_mm) / float(dz))) if tolerance_mm else 0
+    return ((positions >= zs.min() - pad) & (positions <= zs.max() + pad)).astype(np.float32)
+
+
+def vertebra_targets(
+    extents: dict[str, VertebraExtent],
+    labels_small: np.ndarray,
+    scale: tuple[float, float],
+    matched_boxes: pd.DataFrame,
+    dz: float = 1.0,
+    *,
+    n_slices: int = 15,
+    tolerance_mm: float = 0.0,
+) -> np.ndarray:
+    """(7, T) per-slice targets of a study, C1..C7, at the same positions `crop_study` samples.
+
+    `slice_targets` for every vertebra found (positions from `slice_positions(extent, n_slices)`); a
+    vertebra not found has no positions and gets zeros. Boxes that lie on no vertebra (`vertebra` 0 in
+    `assign_boxes_to_vertebrae`) count for none: check that table to report them.
+
+    Returns:
+        float32 (7, T) of 0 / 1.
+    """
+    boxes = assign_boxes_to_vertebrae(matched_boxes, labels_small, scale)
+    out = np.zeros((N_VERTEBRAE, n_slices), np.float32)
+    for i, name in enumerate(VERTEBRAE):
+        if name in extents:
+            out[i] = slice_targets(slice_positions(extents[name], n_slices), i + 1, labels_small, scale, boxes,
+                                   dz, tolerance_mm=tolerance_mm)
+    return out

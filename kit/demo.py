@@ -109,7 +109,8 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
     Returns:
         `seg_dice` (mean over held-out studies of the mean 3D Dice over C1..C7, after clean-up),
         `seg_z_error_slices` (the worst vertebra's median z-range error over held-out studies, in slices:
-        per study and vertebra the larger of |first slice error| and |last slice error|), the per-vertebra
+        per study and vertebra the larger of |first slice error| and |last slice error|, a missed vertebra
+        counted as the study's slice count: `kit.metrics.z_range_errors`), the per-vertebra
         figures behind both, the same two figures without the level model (`seg_alone_*`) or, for a
         level-conditioned segmenter (`data.level_input`), given the true level ranges instead of the level
         model's (`seg_true_levels_*`: what a perfect level model would give), `seg_train_seconds`
@@ -117,7 +118,8 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
     """
     from .cache import load_cached
     from .config import load_config
-    from .data import split_segmentation_studies, true_presence
+    from .data import split_segmentation_studies
+    from .slices import true_presence
     from .infer import load_run
     from .train import fit_fold
 
@@ -166,17 +168,17 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
 
 def _score_study(cached: dict, models, level_models, uid: str, fold: int, dice_rows: list, z_rows: list) -> None:
     """Segment one held-out study and append its Dice per vertebra and z-range errors."""
-    from .crops import vertebra_extents
     from .infer import segment_study
-    from .metrics import dice_per_vertebra
+    from .metrics import dice_per_vertebra, z_range_errors
 
     result = segment_study(cached, models, uid=uid, levels=level_models if len(level_models) else None)
     truth = cached["mask"]
     dice_rows.append({"StudyInstanceUID": uid, "fold": fold, **dice_per_vertebra(result.labels, truth).to_dict()})
-    for name, ext in vertebra_extents(truth).items():
-        pred = result.extents.get(name)
-        err = np.nan if pred is None else max(abs(pred.z_first - ext.z_first), abs(pred.z_last - ext.z_last))
-        z_rows.append({"StudyInstanceUID": uid, "vertebra": name, "error": err})
+    errors = z_range_errors(result.labels, truth)  # a missed vertebra counts as the study's slice count
+    for name in VERTEBRAE:
+        if np.isfinite(errors[name]):
+            z_rows.append({"StudyInstanceUID": uid, "vertebra": name, "error": errors[name],
+                           "missed": not result.extents.get(name)})
 
 
 def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> dict:
@@ -190,7 +192,7 @@ def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> 
         "seg_z_error_slices": float(z_median.max()),
         "seg_dice_per_vertebra": {v: round(float(dice[v].mean()), 4) for v in VERTEBRAE},
         "seg_z_error_median_per_vertebra": {v: float(e) for v, e in z_median.items()},
-        "seg_vertebrae_missed": int(z["error"].isna().sum()),
+        "seg_vertebrae_missed": int(z["missed"].sum()),
         "seg_heldout_studies": int(dice["StudyInstanceUID"].nunique()),
         "seg_folds_trained": int(dice["fold"].nunique()),
     }

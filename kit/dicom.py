@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import mmap
 import multiprocessing
+import sys
+import threading
 import os
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -256,11 +258,21 @@ def _default_workers(files: list[Path]) -> int:
     return max(1, min(cores, sum(p.stat().st_size for p in files) // _BYTES_PER_WORKER))
 
 
+def fork_is_safe() -> bool:
+    """Whether this process may fork workers: only from its main thread and while torch is not loaded (a
+    forked copy of a process with torch's thread pools, or of a thread other than the main one, can
+    deadlock). Where it is not, readers work in-process or start workers with spawn."""
+    return ("fork" in multiprocessing.get_all_start_methods() and "torch" not in sys.modules
+            and threading.current_thread() is threading.main_thread())
+
+
 @contextmanager
 def _pool(workers: int, executor: str) -> Iterator[Executor | None]:
-    """A worker pool, or None to work in this process (1 worker, or a daemon such as a DataLoader
-    worker, which may not have child processes)."""
-    if workers <= 1 or (executor == "process" and multiprocessing.current_process().daemon):
+    """A worker pool, or None to work in this process (1 worker; a daemon such as a DataLoader worker, which
+    may not have child processes; or a process that may not fork, `fork_is_safe`: a torch process, or a thread
+    other than the main one)."""
+    if workers <= 1 or (executor == "process" and (multiprocessing.current_process().daemon
+                                                   or not fork_is_safe())):
         yield None
         return
     if executor == "thread":
@@ -268,8 +280,7 @@ def _pool(workers: int, executor: str) -> Iterator[Executor | None]:
             yield pool
         return
     # fork starts a worker in ~5 ms; spawn / forkserver would import numpy and pydicom again, per study
-    fork = multiprocessing.get_context("fork") if "fork" in multiprocessing.get_all_start_methods() else None
-    with ProcessPoolExecutor(workers, mp_context=fork) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         yield pool
 
 
@@ -552,8 +563,11 @@ def window_channels(hu: np.ndarray, names: Iterable[str] = ("bone", "soft")) -> 
 def resize_slices(volume: np.ndarray, size: int | tuple[int, int], *, nearest: bool = False) -> np.ndarray:
     """Resample (Z, H, W) in-plane to (Z, size, size) (or (Z, *size)); nearest for label masks.
 
-    Linear interpolation when enlarging, area averaging when shrinking; the dtype is kept. A volume
-    that already has the size is returned as it is (not copied).
+    Linear interpolation when enlarging, area averaging when shrinking; the dtype is kept. Nearest takes, for
+    each output pixel, the input pixel under its centre (`centred_nearest_index`), so a mask stays aligned with
+    its image within 1/8 px (cv2's INTER_NEAREST takes the top-left pixel of each block: 0.375 px off at
+    512 -> 128). A
+    volume that already has the size is returned as it is (not copied).
     """
     import cv2
 
@@ -562,8 +576,12 @@ def resize_slices(volume: np.ndarray, size: int | tuple[int, int], *, nearest: b
         raise ValueError(f"resize_slices expects (Z, H, W), got shape {volume.shape}")
     if volume.shape[1:] == (height, width):
         return volume
+    if nearest:
+        rows = centred_nearest_index(volume.shape[1], height)
+        cols = centred_nearest_index(volume.shape[2], width)
+        return np.ascontiguousarray(volume[:, rows][:, :, cols])
     shrink = height < volume.shape[1] and width < volume.shape[2]
-    method = cv2.INTER_NEAREST if nearest else cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+    method = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
     native = volume.dtype in (np.uint8, np.int16, np.uint16, np.float32, np.float64)
     work = volume if native else volume.astype(np.float32)  # int32 / bool / int64: cv2 cannot resize them
     out = np.empty((len(volume), height, width), work.dtype)
@@ -572,3 +590,9 @@ def resize_slices(volume: np.ndarray, size: int | tuple[int, int], *, nearest: b
     if not native and volume.dtype.kind in "iub":
         out = np.rint(out, out=out)
     return out.astype(volume.dtype, copy=False)
+
+
+def centred_nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """int (n_out,): the input index under the centre of each output pixel when n_in pixels are resampled to
+    n_out over the same extent (pixel edges aligned, as area and linear resizing do)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)

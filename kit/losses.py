@@ -1,4 +1,4 @@
-"""Training losses (torch). Models return logits; losses live here, never inside a model."""
+"""Every training loss (torch). Models return logits; losses live here, never inside a model or a task."""
 
 from __future__ import annotations
 
@@ -14,26 +14,46 @@ from .constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS
 # ---------------------------------------------------------------------------------------------------------
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - soft Dice per (sample, channel), averaged.
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, *, exclusive: bool = False,
+             eps: float = 1.0) -> torch.Tensor:
+    """Pixel loss + dice_weight x (1 - soft Dice), the Dice taken per channel over the whole batch and averaged
+    over the channels that have a positive pixel in the batch (smp's DiceLoss does the same).
+
+    Pixel loss: per-channel BCE; with `exclusive`, the cross-entropy of softmax([0, logits]) against the
+    integer label instead (a background logit fixed at 0 in front of the C channels). True labels never
+    overlap, so this makes neighbouring levels compete for a pixel. The sigmoid of each channel still reads
+    as its probability against background: where a channel wins the softmax, its sigmoid is above 0.5.
+
+    Why not Dice per (slice, channel): a slice shows at most one or two of the 7 vertebrae,
+    so per (slice, channel) Dice is dominated by empty channels that reward predicting nothing, and the
+    network collapses to all-background. Nor Dice over absent channels: a batch without C1 would push C1
+    to zero everywhere.
 
     Args:
-        logits: (B, C, H, W) raw scores, one sigmoid channel per class (multilabel).
-        target: (B, C, H, W) in {0, 1}.
-        eps: smoothing added to numerator and denominator, so empty channels score 1 when predicted empty.
+        logits: (B, C, H, W) raw scores.
+        target: (B, C, H, W) in {0, 1}; at most one channel set per pixel when `exclusive`.
     """
-    prob = torch.sigmoid(logits.float())
-    target = target.float()
-    dims = tuple(range(2, logits.ndim))
-    inter = (prob * target).sum(dims)
-    denom = prob.sum(dims) + target.sum(dims)
-    return 1.0 - ((2.0 * inter + eps) / (denom + eps)).mean()
+    logits, target = logits.float(), target.float()
+    if exclusive:  # cross-entropy of softmax([0, logits]) written out (3x faster on CPU than F.pad + F.cross_entropy)
+        top = logits.amax(1, keepdim=True).clamp(min=0.0)
+        lse = top[:, 0] + torch.log(torch.exp(-top[:, 0]) + torch.exp(logits - top).sum(1))
+        pixel = (lse - (logits * target).sum(1)).mean()
+    else:
+        pixel = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    dims = (0, *range(2, logits.ndim))
+    truth = target.sum(dims)
+    dice = (2.0 * (prob * target).sum(dims) + eps) / (prob.sum(dims) + truth + eps)
+    present = truth > 0
+    if not present.any():
+        return pixel
+    return pixel + dice_weight * (1.0 - dice[present]).mean()
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
-    """Binary cross-entropy plus `dice_weight` x soft Dice loss. Shapes as in `soft_dice_loss`."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float())
-    return bce + dice_weight * soft_dice_loss(logits, target)
+def level_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """BCE of per-step presence logits (..., T, 7) against 0/1 targets, averaged over unpadded steps."""
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean(-1)
+    return (bce * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -331,3 +331,35 @@ def dice_per_vertebra(pred_labels: np.ndarray, true_labels: np.ndarray) -> pd.Se
         dice = np.where(denom > 0, 2.0 * inter / denom, np.nan)
     mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
     return pd.Series([*dice, mean], index=[*VERTEBRAE, "mean"], name="dice")
+
+
+def z_range_errors(pred_labels: np.ndarray, true_labels: np.ndarray) -> pd.Series:
+    """How far each vertebra's predicted slice range is from the true one, in slices, and the worst of them.
+
+    Per vertebra C1..C7 present in the truth: max(|first slice error|, |last slice error|). A vertebra the
+    prediction misses counts as the study's slice count (never dropped from a median as NaN); one absent
+    from the truth is NaN (a scan that stops above it) and is left out of the max.
+
+    Args:
+        pred_labels: (Z, H, W) integer label volume (1..7 = C1..C7).
+        true_labels: the same shape.
+
+    Returns:
+        Series indexed `C1..C7, max`.
+    """
+    pred, true = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred_labels {pred.shape} and true_labels {true.shape} must have the same shape")
+    z = pred.shape[0]
+    errors = []
+    for label in range(1, len(VERTEBRAE) + 1):
+        t = np.nonzero((true == label).any(axis=(1, 2)))[0]
+        p = np.nonzero((pred == label).any(axis=(1, 2)))[0]
+        if not len(t):
+            errors.append(np.nan)
+        elif not len(p):
+            errors.append(float(z))
+        else:
+            errors.append(float(max(abs(p[0] - t[0]), abs(p[-1] - t[-1]))))
+    worst = float(np.nanmax(errors)) if np.isfinite(errors).any() else float("nan")
+    return pd.Series([*errors, worst], index=[*VERTEBRAE, "max"], name="z_error")

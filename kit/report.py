@@ -1,15 +1,24 @@
-"""Out-of-fold (OOF) report: score tables, ROC / calibration / histogram plots and blends of several runs.
+"""Reports of trained runs: out-of-fold (OOF) tables, plots and the worst studies, for every kind of run.
 
-The OOF file contract (written by the trainer, read here):
+`run_report(run_dirs)` (what `kit report` calls) picks each run's report by the `task` of its
+`fold*/config.yaml` (by its `oof.csv` columns when there is no config); a kind is one `register_report` entry:
 
-    runs/<run name>/fold<k>/oof.csv     (or a single runs/<run name>/oof.csv)
+- `seg` -> `seg_report`: 3D Dice and z-range errors per vertebra and fold, training curves, the worst studies
+  with a sagittal picture each. `fold<k>/oof.csv`: `StudyInstanceUID, fold, epoch, slices, dice_C1..dice_C7,
+  dice_mean, zerr_C1..zerr_C7, zerr_max` (z-range error in slices; a missed vertebra counts as the study's
+  slice count; NaN = absent from the truth).
+- `level` -> `level_report`: IoU per vertebra and fold, curves, the worst studies. `fold<k>/oof.csv`:
+  `StudyInstanceUID, fold, epoch, steps, iou_C1..iou_C7, iou_mean`.
+- `cls` (classifier format) -> `oof_report`: competition score next to the prevalence baseline, per-target
+  contributions and AUCs, per-fold scores, ROC / calibration / histogram plots, blends of several runs.
+  `fold<k>/oof.csv` (or one `oof.csv` at the run root): `StudyInstanceUID`, `fold`, the 8 predicted
+  probabilities named exactly as TARGETS (`patient_overall, C1..C7`) and the 8 labels as `<target>_true`.
 
-with the columns `StudyInstanceUID`, `fold`, the 8 predicted probabilities named exactly as TARGETS
-(`patient_overall, C1..C7`) and the 8 labels as `<target>_true`.
-
-`oof_report(run_dirs, out_dir)` writes `report.md`, `report.json` and PNGs and returns what it wrote and the
-scores. Plots are drawn on `matplotlib.figure.Figure` objects with the Agg canvas, never through pyplot, so
-they work headless and do not touch a notebook's backend.
+Each report writes `report.md`, `report.json` and PNGs (by default in the run folder) and returns what it wrote
+and its numbers. Every fold folder also holds `log.csv` (epoch, train_loss, val_loss, val_<metric>, lr,
+seconds), read for the training curves. Plots are drawn on `matplotlib.figure.Figure` objects with the Agg
+canvas, never through pyplot, so they work headless and do not touch a notebook's backend (in a notebook,
+show one by leaving it as a cell's last value).
 """
 
 from __future__ import annotations
@@ -18,11 +27,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
@@ -474,3 +485,760 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
     json_path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     log.info("OOF report for %s -> %s", ", ".join(names), md_path)
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1 runs: segmenter (`task: seg`) and level model (`task: level`)
+# ---------------------------------------------------------------------------------------------------------
+
+DICE_COLUMNS = tuple(f"dice_{v}" for v in VERTEBRAE)
+ZERR_COLUMNS = tuple(f"zerr_{v}" for v in VERTEBRAE)
+IOU_COLUMNS = tuple(f"iou_{v}" for v in VERTEBRAE)
+SEG_COLUMNS = (UID, "fold", *DICE_COLUMNS, "dice_mean", *ZERR_COLUMNS, "zerr_max")
+LEVEL_COLUMNS = (UID, "fold", *IOU_COLUMNS, "iou_mean")
+Z_TOLERANCE = 2  # slices: a vertebra's z-range counts as right when both ends are within this many slices
+
+
+def fold_dirs(run_dir: PathLike) -> dict[int, Path]:
+    """{k: run_dir/fold<k>} for every fold folder of a run, in fold order."""
+    run_dir = Path(run_dir)
+    found = {int(p.name[4:]): p for p in run_dir.glob("fold*") if p.is_dir() and p.name[4:].isdigit()}
+    return dict(sorted(found.items()))
+
+
+def fold_tables(run_dir: PathLike, name: str) -> pd.DataFrame:
+    """`fold*/<name>` (a CSV) of a run concatenated, with a `fold` column taken from the folder name.
+
+    Raises:
+        FileNotFoundError: no fold folder holds `name`.
+    """
+    tables = []
+    for k, folder in fold_dirs(run_dir).items():
+        if (folder / name).is_file():
+            table = pd.read_csv(folder / name, dtype={UID: str})
+            table["fold"] = k
+            tables.append(table)
+    if not tables:
+        raise FileNotFoundError(f"no fold*/{name} in {run_dir}; train the run first (kit train --config ...)")
+    return pd.concat(tables, ignore_index=True)
+
+
+def _read_fold_oof(run_dir: PathLike, columns: Sequence[str], kind: str) -> pd.DataFrame:
+    """All `fold*/oof.csv` of a seg or level run, checked against the contract `columns`."""
+    oof = fold_tables(run_dir, OOF_NAME)
+    missing = [c for c in columns if c not in oof.columns]
+    if missing:
+        old = " (columns C1..C7 without a prefix: an oof.csv from an older kit; retrain the run)" \
+            if all(v in oof.columns for v in VERTEBRAE) else ""
+        raise ValueError(f"{run_dir}: the {kind} oof.csv lacks columns {missing}{old}; expected {list(columns)}")
+    numeric = [c for c in columns if c != UID]
+    oof[numeric] = oof[numeric].apply(pd.to_numeric, errors="coerce")
+    return oof
+
+
+def load_seg_oof(run_dir: PathLike) -> pd.DataFrame:
+    """A segmenter run's `fold*/oof.csv` in one table (columns `SEG_COLUMNS`, plus `epoch`, `slices` if present).
+
+    Raises:
+        FileNotFoundError: no `fold*/oof.csv`.
+        ValueError: a contract column is missing (the message names them).
+    """
+    return _read_fold_oof(run_dir, SEG_COLUMNS, "segmenter")
+
+
+def load_level_oof(run_dir: PathLike) -> pd.DataFrame:
+    """A level-model run's `fold*/oof.csv` in one table (columns `LEVEL_COLUMNS`, plus `epoch`, `steps`)."""
+    return _read_fold_oof(run_dir, LEVEL_COLUMNS, "level model")
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def _nanmedian(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.nanmedian(values)) if np.isfinite(values).any() else float("nan")
+
+
+def per_vertebra_means(oof: pd.DataFrame, prefix: str) -> dict:
+    """Mean over studies of `<prefix>C1..C7` and of `<prefix>mean`, per fold and over all folds.
+
+    NaN (a vertebra absent from the truth) is left out of each mean.
+
+    Returns:
+        {"per_fold": [{"fold", "n_studies", "C1".."C7", "mean"}...], "all": {...same keys, fold "all"}}.
+    """
+    def row(table: pd.DataFrame, fold) -> dict:
+        out = {"fold": fold, "n_studies": int(len(table))}
+        out.update({v: _nanmean(table[f"{prefix}{v}"]) for v in VERTEBRAE})
+        out["mean"] = _nanmean(table[f"{prefix}mean"])
+        return out
+
+    return {"per_fold": [row(t, int(k)) for k, t in oof.groupby("fold")], "all": row(oof, "all")}
+
+
+def zrange_errors(oof: pd.DataFrame, tolerance: float = Z_TOLERANCE) -> dict:
+    """z-range errors of a segmenter's OOF, per fold and over all folds.
+
+    For each group of studies: the median error of each vertebra over the studies that show it (a missed
+    vertebra is already in the file as the study's slice count; NaN = absent from the truth), the worst of
+    those medians and its vertebra, and the share of (study, vertebra) pairs within `tolerance` slices.
+
+    Returns:
+        {"tolerance", "per_fold": [{"fold", "median": {C1..C7}, "worst_median", "worst_vertebra", "within",
+        "within_per_vertebra": {C1..C7}, "n_vertebrae"}...], "all": {...}}.
+    """
+    def row(table: pd.DataFrame, fold) -> dict:
+        z = table[list(ZERR_COLUMNS)].to_numpy(np.float64)
+        medians = {v: _nanmedian(z[:, j]) for j, v in enumerate(VERTEBRAE)}
+        finite = {v: m for v, m in medians.items() if math.isfinite(m)}
+        worst = max(finite, key=finite.get) if finite else None
+        scored = np.isfinite(z)
+        within = (z <= tolerance) & scored
+        per_v = {v: float(within[:, j].sum() / scored[:, j].sum()) if scored[:, j].any() else float("nan")
+                 for j, v in enumerate(VERTEBRAE)}
+        return {"fold": fold, "median": medians, "worst_median": finite[worst] if worst else float("nan"),
+                "worst_vertebra": worst, "within": float(within.sum() / scored.sum()) if scored.any() else float("nan"),
+                "within_per_vertebra": per_v, "n_vertebrae": int(scored.sum())}
+
+    return {"tolerance": tolerance, "per_fold": [row(t, int(k)) for k, t in oof.groupby("fold")],
+            "all": row(oof, "all")}
+
+
+def worst_studies(oof: pd.DataFrame, column: str, n: int) -> pd.DataFrame:
+    """The `n` rows with the lowest `column` (NaN last), lowest first."""
+    return oof.sort_values([column, UID], na_position="last").head(max(int(n), 0)).reset_index(drop=True)
+
+
+def _spread(values: Sequence[float]) -> dict:
+    """Mean, sample sd, min and max of per-fold figures (NaN skipped)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if not len(v):
+        return {"mean": float("nan"), "sd": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "min": float(v.min()), "max": float(v.max())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 1 plots (a run folder or arrays in, a Figure out)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def plot_training_curves(run_dir: PathLike) -> Figure:
+    """Train / validation loss and the validation metric per epoch, one colour per fold, from `fold*/log.csv`.
+
+    Args:
+        run_dir: `runs/<name>` whose folds hold `log.csv` (epoch, train_loss, val_loss, val_<metric>, lr, ...).
+
+    Returns:
+        The Figure: loss on the left, `val_<metric>` (e.g. val_dice, val_iou) on the right when logged.
+    """
+    table = fold_tables(run_dir, "log.csv")
+    metric = next((c for c in table.columns if c.startswith("val_") and c != "val_loss"), None)
+    fig = Figure(figsize=(11 if metric else 5.5, 3.8))
+    axes = fig.subplots(1, 2 if metric else 1, squeeze=False)[0]
+    for i, (fold, rows) in enumerate(table.groupby("fold")):
+        color = _COLORS[i % len(_COLORS)]
+        axes[0].plot(rows["epoch"], rows["train_loss"], "-o", ms=3, color=color, label=f"fold {fold} train")
+        if "val_loss" in rows:
+            val = rows.dropna(subset=["val_loss"])
+            axes[0].plot(val["epoch"], val["val_loss"], "--s", ms=3, color=color, label=f"fold {fold} val")
+        if metric:
+            val = rows.dropna(subset=[metric])
+            axes[1].plot(val["epoch"], val[metric], "-o", ms=3, color=color, label=f"fold {fold}")
+    axes[0].set(title="loss", xlabel="epoch")
+    axes[0].legend(fontsize=7)
+    axes[0].grid(alpha=0.3)
+    if metric:
+        axes[1].set(title=metric.replace("_", " "), xlabel="epoch", ylim=(0, 1.02))
+        axes[1].legend(fontsize=7)
+        axes[1].grid(alpha=0.3)
+    fig.suptitle(f"{Path(run_dir).resolve().name}: training curves")
+    fig.tight_layout()
+    return fig
+
+
+def _plot_per_vertebra(oof: pd.DataFrame, prefix: str, label: str, title: str) -> Figure:
+    """Bars: the mean of `<prefix>C1..C7` per fold; black dots: every held-out study."""
+    folds = sorted(oof["fold"].unique())
+    fig = Figure(figsize=(max(6.5, 1.0 * len(VERTEBRAE) * (1 + 0.25 * len(folds))), 4.0))
+    ax = fig.subplots()
+    width = 0.8 / len(folds)
+    x = np.arange(len(VERTEBRAE))
+    for i, k in enumerate(folds):
+        rows = oof[oof["fold"] == k]
+        means = [_nanmean(rows[f"{prefix}{v}"]) for v in VERTEBRAE]
+        pos = x - 0.4 + width * (i + 0.5)
+        ax.bar(pos, np.nan_to_num(means), width * 0.9, color=_COLORS[(i + 1) % len(_COLORS)], alpha=0.75,
+               label=f"fold {k} ({len(rows)} studies, mean {_nanmean(rows[f'{prefix}mean']):.3f})")
+        for j, v in enumerate(VERTEBRAE):
+            vals = rows[f"{prefix}{v}"].dropna().to_numpy()
+            ax.plot(np.full(len(vals), pos[j]), vals, ".", color="black", ms=3, alpha=0.6)
+    for j, v in enumerate(VERTEBRAE):
+        ax.text(j, 1.03, f"{_nanmean(oof[f'{prefix}{v}']):.2f}", ha="center", fontsize=8)
+    ax.set_xticks(x, VERTEBRAE)
+    ax.set(ylim=(0, 1.1), ylabel=label, title=title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_dice_per_vertebra(run_dir: PathLike) -> Figure:
+    """Out-of-fold 3D Dice of C1..C7: one bar per fold (its mean), a dot per held-out study, the all-fold mean
+    above each vertebra. Reads `fold*/oof.csv` (`dice_C1..dice_C7`, `dice_mean`).
+
+    Returns:
+        The Figure.
+    """
+    oof = load_seg_oof(run_dir)
+    return _plot_per_vertebra(oof, "dice_", "Dice", f"{Path(run_dir).resolve().name}: OOF Dice per vertebra "
+                              f"({len(oof)} studies), mean {_nanmean(oof['dice_mean']):.3f}")
+
+
+def plot_iou_per_vertebra(run_dir: PathLike) -> Figure:
+    """The level model's out-of-fold IoU of the slices showing C1..C7, per fold (`iou_C1..iou_C7`)."""
+    oof = load_level_oof(run_dir)
+    return _plot_per_vertebra(oof, "iou_", "IoU of the slices showing it",
+                              f"{Path(run_dir).resolve().name}: OOF level IoU per vertebra ({len(oof)} studies), "
+                              f"mean {_nanmean(oof['iou_mean']):.3f}")
+
+
+def plot_zrange_errors(oof: pd.DataFrame, title: str = "", tolerance: float = Z_TOLERANCE) -> Figure:
+    """z-range errors per vertebra: their spread (box plot over all folds, symlog scale, per-fold medians as
+    markers) and the share of studies within `tolerance` slices, per fold.
+
+    Args:
+        oof: `load_seg_oof` table (`zerr_C1..zerr_C7`, `fold`).
+        title: figure title.
+        tolerance: slices; drawn as a dashed line.
+    """
+    folds = sorted(oof["fold"].unique())
+    fig = Figure(figsize=(12, 4.2))
+    left, right = fig.subplots(1, 2)
+    data = [oof[f"zerr_{v}"].dropna().to_numpy() for v in VERTEBRAE]
+    x = np.arange(1, len(VERTEBRAE) + 1)
+    left.boxplot([d if len(d) else [np.nan] for d in data], positions=x, widths=0.5, showfliers=True)
+    for i, k in enumerate(folds):
+        rows = oof[oof["fold"] == k]
+        medians = [_nanmedian(rows[f"zerr_{v}"]) for v in VERTEBRAE]
+        left.plot(x + 0.3 * (i / max(len(folds) - 1, 1) - 0.5) * (len(folds) > 1), medians, "D", ms=4,
+                  color=_COLORS[(i + 1) % len(_COLORS)], label=f"fold {k} median")
+    left.axhline(tolerance, ls="--", color="tab:red", lw=1, label=f"{tolerance:g} slices")
+    top = max([float(np.max(d)) for d in data if len(d)] + [tolerance])
+    left.set_yscale("symlog", linthresh=1.0)
+    left.set_ylim(-0.1, top * 1.6 + 1)
+    left.yaxis.set_major_formatter(ScalarFormatter())
+    left.set_xticks(x, VERTEBRAE)
+    left.set(ylabel="z-range error (slices)", title="error per vertebra (missed = study's slice count)")
+    left.grid(alpha=0.3, axis="y")
+    left.legend(fontsize=7)
+    width = 0.8 / len(folds)
+    for i, k in enumerate(folds):
+        z = oof.loc[oof["fold"] == k, list(ZERR_COLUMNS)].to_numpy(np.float64)
+        scored = np.isfinite(z).sum(0)
+        share = np.where(scored > 0, ((z <= tolerance) & np.isfinite(z)).sum(0) / np.maximum(scored, 1), np.nan)
+        right.bar(x - 0.4 + width * (i + 0.5), np.nan_to_num(share), width * 0.9,
+                  color=_COLORS[(i + 1) % len(_COLORS)], alpha=0.75, label=f"fold {k}")
+    right.set_xticks(x, VERTEBRAE)
+    right.set(ylim=(0, 1.05), ylabel=f"share within {tolerance:g} slices", title="studies with the range right")
+    right.grid(alpha=0.3, axis="y")
+    right.legend(fontsize=7, loc="lower left")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _resize_nearest(labels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(Z, H', W') -> (Z, height, width) by nearest pixel centres (for display only)."""
+    ys = np.minimum(((np.arange(height) + 0.5) * labels.shape[1] / height).astype(int), labels.shape[1] - 1)
+    xs = np.minimum(((np.arange(width) + 0.5) * labels.shape[2] / width).astype(int), labels.shape[2] - 1)
+    return labels[:, ys][:, :, xs]
+
+
+def plot_segmentation(image: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None, *,
+                      spacing: Sequence[float] | None = None, column: int | None = None, title: str = "") -> Figure:
+    """Sagittal view of a prepared volume with predicted labels (and the true ones beside them).
+
+    Args:
+        image: uint8 (Z, S, S) prepared CT, superior-first (head at the top of the plot).
+        labels: (Z, S', S') predicted labels, 1..7 = C1..C7 (resized to the image's S by nearest pixel if S' != S).
+        truth: (Z, S, S) true labels, drawn in a second panel when given.
+        spacing: (dz, dy, dx) mm of `image` for the aspect ratio (default: square pixels).
+        column: x index of the sagittal plane (default: the centroid column of the labels shown).
+        title: figure title.
+
+    Returns:
+        The Figure.
+    """
+    image = np.asarray(image)
+    labels = np.asarray(labels)
+    if labels.shape[1:] != image.shape[1:]:
+        labels = _resize_nearest(labels, *image.shape[1:])
+    if labels.shape[0] != image.shape[0] or (truth is not None and np.shape(truth) != image.shape):
+        raise ValueError(f"image {image.shape}, labels {labels.shape} and truth "
+                         f"{None if truth is None else np.shape(truth)} must have the same slices and size")
+    shown = [("predicted", labels)] + ([("true", np.asarray(truth))] if truth is not None else [])
+    if column is None:
+        ref = shown[-1][1] if (shown[-1][1] > 0).any() else labels
+        xs = np.nonzero((ref > 0) & (ref <= len(VERTEBRAE)))[2]
+        column = int(np.round(xs.mean())) if len(xs) else image.shape[2] // 2
+    aspect = 1.0 if spacing is None else float(spacing[0]) / float(spacing[1])
+    height = float(np.clip(4.5 * image.shape[0] * aspect / image.shape[1], 3.0, 9.0)) + 0.8
+    fig = Figure(figsize=(4.5 * len(shown), height))
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    for ax, (name, lab) in zip(axes, shown):
+        ax.imshow(image[:, :, column], cmap="gray", aspect=aspect, vmin=0, vmax=255)
+        plane = np.where(lab[:, :, column] <= len(VERTEBRAE), lab[:, :, column], 0).astype(float)
+        ax.imshow(np.ma.masked_where(plane == 0, plane), cmap="tab10", vmin=1, vmax=10, alpha=0.5,
+                  aspect=aspect, interpolation="nearest")
+        for v, vname in enumerate(VERTEBRAE, start=1):
+            zs = np.nonzero((lab == v).any(axis=(1, 2)))[0]
+            if len(zs):
+                ax.text(1, zs.mean(), vname, color="yellow", fontsize=8, va="center")
+        ax.set(title=f"{name} (x = {column})", xlabel="y", ylabel="slice")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures of single studies (the fold's own model on its held-out study)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _PerFold:
+    """`load(fold)` called once per fold: its value, or the same error again on every later call."""
+
+    def __init__(self, load: Callable[[int], object]) -> None:
+        self.load = load
+        self.done: dict[int, tuple[object, Exception | None]] = {}
+
+    def __call__(self, fold: int):
+        if fold not in self.done:
+            try:
+                self.done[fold] = (self.load(fold), None)
+            except Exception as exc:  # kept: the report says why, for each study of the fold
+                self.done[fold] = (None, exc)
+        value, exc = self.done[fold]
+        if exc is not None:
+            raise exc
+        return value
+
+
+def _fold_loaders(run_dir: Path) -> tuple[_PerFold, _PerFold]:
+    """(config of a fold, segmenter of a fold): loaded on first use, once."""
+
+    def config(fold: int):
+        from .config import load_config
+
+        path = run_dir / f"fold{fold}" / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"no {path} to find the cache and the model's input")
+        return load_config(path)
+
+    def models(fold: int):
+        from .infer import load_run
+
+        return load_run(run_dir, folds=[fold])
+
+    return _PerFold(config), _PerFold(models)
+
+
+def _study_picture(run_dir: Path, loaders: tuple[_PerFold, _PerFold], fold: int, uid: str, path: Path,
+                   title: str) -> str | None:
+    """Segment one held-out study with its fold's model and save the sagittal picture at `path`.
+
+    Returns:
+        None when the picture was written, else why not (no config, cache, mask or model, or segmenting
+        failed), for the report to say.
+    """
+    config, models = loaders
+    try:
+        from .cache import load_cached
+        from .data import true_presence
+        from .infer import segment_study
+
+        cfg = config(fold)
+        cached = load_cached(cfg.data.cache_dir, uid)
+        if "mask" not in cached:
+            return f"the cached study in {cfg.data.cache_dir} has no mask to compare with"
+        levels = true_presence(cached["mask"]) if cfg.data.level_input else None
+        result = segment_study(cached, models(fold), uid=uid, levels=levels)
+        fig = plot_segmentation(cached["image"], result.labels, cached["mask"],
+                                spacing=cached.get("spacing"), title=title)
+        _save(fig, path)
+        return None
+    except Exception as exc:
+        log.warning("%s, study %s: no picture (%s: %s)", run_dir, uid, type(exc).__name__, exc)
+        return f"{type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmenter and level-model reports
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _vertebra_table(rows: Sequence[dict], last: str, digits: int = 3) -> list[list[str]]:
+    """Markdown rows `fold | C1..C7 | <last>` from dicts holding those keys."""
+    out = []
+    for r in rows:
+        name = "**all folds**" if r["fold"] == "all" else f"fold {r['fold']}"
+        out.append([name] + [_f(r[v], digits) for v in VERTEBRAE] + [_f(r[last], digits)])
+    return out
+
+
+def _curves(run_dir: Path, out_dir: Path, pngs: list[Path]) -> list[str]:
+    """The training-curves section: the PNG, or why there is none."""
+    lines = ["## Training curves", ""]
+    try:
+        pngs.append(_save(plot_training_curves(run_dir), out_dir / "training_curves.png"))
+        lines += ["Loss (train solid, validation dashed) and the validation metric per epoch, one colour a fold.", "",
+                  "![Training curves](training_curves.png)", ""]
+    except FileNotFoundError as exc:
+        lines += [f"No curves: {exc}.", ""]
+    return lines
+
+
+def _intro(kind: str, run_dir: Path, oof: pd.DataFrame) -> list[str]:
+    folds = sorted(oof["fold"].unique())
+    epochs = ""
+    if "epoch" in oof:
+        by_fold = oof.groupby("fold")["epoch"].first()
+        epochs = " (best epoch " + ", ".join(f"fold {k}: {int(e)}" for k, e in by_fold.items() if pd.notna(e)) + ")"
+    return [f"# {kind} report: {run_dir.resolve().name}", "",
+            f"`{run_dir}`: {len(oof)} held-out studies in {len(folds)} fold(s) ({', '.join(map(str, folds))}), "
+            f"each scored by its fold's best weights{epochs}.", ""]
+
+
+def _out_dir(run_dir: Path, out_dir: PathLike | None) -> Path:
+    out = run_dir if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _finish(result: dict, lines: list[str], out_dir: Path) -> dict:
+    """Write report.md and report.json; add their paths to `result`."""
+    md_path, json_path = out_dir / "report.md", out_dir / "report.json"
+    md_path.write_text("\n".join(lines) + "\n")
+    result["pngs"] = [str(p) for p in result["pngs"]]
+    result["report_md"], result["report_json"] = str(md_path), str(json_path)
+    json_path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
+    log.info("%s report for %s -> %s", result["kind"], result["run"], md_path)
+    return result
+
+
+def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: int = 5,
+               tolerance: float = Z_TOLERANCE, pictures: bool = True) -> dict:
+    """Report a segmenter run (`task: seg`): Dice and z-range errors per vertebra and fold, curves, worst studies.
+
+    Writes `report.md`, `report.json`, `dice_per_vertebra.png`, `zrange_errors.png`, `training_curves.png` and
+    one `worst_<rank>_<uid>.png` per worst study: a sagittal view of the cached study with the fold model's
+    labels next to the true ones. A picture that cannot be made (no cache, no mask, no model) is replaced by a
+    line in report.md saying why; the report itself does not fail for it.
+
+    Args:
+        run_dir: `runs/<name>` with `fold<k>/oof.csv` (columns `SEG_COLUMNS`), `log.csv`, `config.yaml`, `model.pt`.
+        out_dir: where to write (default: the run folder).
+        n_worst: how many of the lowest-Dice studies to list and picture.
+        tolerance: slices within which a z-range counts as right.
+        pictures: segment the worst studies for their pictures (off: list them only).
+
+    Returns:
+        dict with `kind` ("seg"), `run`, `run_dir`, `out_dir`, `n_studies`, `folds`, `dice`
+        (`per_vertebra_means`), `zrange` (`zrange_errors`), `spread` (mean/sd/min/max over folds of
+        `mean_dice`, `worst_median`, `within`), `worst` (rows of the worst studies), `pictures` ({uid: png}),
+        `missing_pictures` ({uid: reason}), `pngs`, `headline`, `report_md`, `report_json`.
+    """
+    run_dir = Path(run_dir)
+    oof = load_seg_oof(run_dir)
+    out_dir = _out_dir(run_dir, out_dir)
+    dice = per_vertebra_means(oof, "dice_")
+    zerr = zrange_errors(oof, tolerance)
+    spread = {"mean_dice": _spread([r["mean"] for r in dice["per_fold"]]),
+              "worst_median": _spread([r["worst_median"] for r in zerr["per_fold"]]),
+              "within": _spread([r["within"] for r in zerr["per_fold"]])}
+    name = run_dir.resolve().name
+    pngs = [_save(plot_dice_per_vertebra(run_dir), out_dir / "dice_per_vertebra.png"),
+            _save(plot_zrange_errors(oof, f"{name}: z-range errors ({len(oof)} studies)", tolerance),
+                  out_dir / "zrange_errors.png")]
+    tol = f"{tolerance:g}"
+    a, za = dice["all"], zerr["all"]
+    headline = (f"Dice {_f(a['mean'], 3)} | worst median z-error {_f(za['worst_median'], 1)} slices "
+                f"({za['worst_vertebra'] or '–'}) | {_f(100 * za['within'], 0)}% of vertebrae within {tol} slices")
+
+    lines = _intro("Segmenter", run_dir, oof)
+    lines += ["3D Dice per vertebra after the clean-up. z-range error = max(|first slice error|, |last slice "
+              "error|) in slices; a vertebra the prediction misses counts as the study's slice count, one absent "
+              "from the truth is left out. *Worst median* = the largest of the per-vertebra medians.", ""]
+    lines += ["## Summary", "", f"**{headline}**", ""]
+    rows = []
+    for d, z in zip(dice["per_fold"], zerr["per_fold"]):
+        rows.append([f"fold {d['fold']}", str(d["n_studies"]), _f(d["mean"], 3), _f(z["worst_median"], 1),
+                     z["worst_vertebra"] or "–", _f(z["within"], 3)])
+    rows.append(["**all folds**", str(a["n_studies"]), _f(a["mean"], 3), _f(za["worst_median"], 1),
+                 za["worst_vertebra"] or "–", _f(za["within"], 3)])
+    if len(dice["per_fold"]) > 1:
+        rows.append(["mean ± sd over folds", ""] + [f"{_f(spread[k]['mean'], p)} ± {_f(spread[k]['sd'], p)}"
+                                                     for k, p in (("mean_dice", 3), ("worst_median", 1))]
+                    + ["", f"{_f(spread['within']['mean'], 3)} ± {_f(spread['within']['sd'], 3)}"])
+    lines += [_table(["fold", "studies", "mean Dice", "worst median z-error", "worst vertebra",
+                      f"share within {tol} slices"], rows), ""]
+    lines += ["## Dice per vertebra", "", "Mean over the held-out studies that show the vertebra.", "",
+              _table(["fold", *VERTEBRAE, "mean"], _vertebra_table([*dice["per_fold"], a], "mean")), "",
+              "![Dice per vertebra](dice_per_vertebra.png)", ""]
+    med_rows = [{**z["median"], "fold": z["fold"], "worst": z["worst_median"]} for z in [*zerr["per_fold"], za]]
+    share_rows = [{**z["within_per_vertebra"], "fold": z["fold"], "all": z["within"]} for z in [*zerr["per_fold"], za]]
+    lines += ["## z-range error per vertebra", "", "### Median error (slices)", "",
+              _table(["fold", *VERTEBRAE, "worst"], _vertebra_table(med_rows, "worst", 1)), "",
+              f"### Share of studies within {tol} slices", "",
+              _table(["fold", *VERTEBRAE, "all"], _vertebra_table(share_rows, "all")), "",
+              "![z-range errors](zrange_errors.png)", ""]
+    lines += _curves(run_dir, out_dir, pngs)
+
+    worst = worst_studies(oof, "dice_mean", n_worst)
+    lines += ["## Worst studies", "", f"The {len(worst)} held-out studies with the lowest mean Dice.", ""]
+    table_rows = []
+    for i, r in worst.iterrows():
+        d = {v: r[f"dice_{v}"] for v in VERTEBRAE if pd.notna(r[f"dice_{v}"])}
+        low = min(d, key=d.get) if d else None
+        missed = [v for v in VERTEBRAE if "slices" in r and pd.notna(r[f"zerr_{v}"]) and r[f"zerr_{v}"] >= r["slices"]]
+        table_rows.append([str(i + 1), f"`{r[UID]}`", str(int(r["fold"])), _f(r["dice_mean"], 3),
+                           f"{low} {_f(d[low], 3)}" if low else "–", _f(r["zerr_max"], 0),
+                           ", ".join(missed) or "–"])
+    lines += [_table(["rank", "study", "fold", "mean Dice", "lowest vertebra", "max z-error", "missed"],
+                     table_rows, "rlrrlrl"), ""]
+    loaders, shown, missing = _fold_loaders(run_dir), {}, {}
+    for i, r in worst.iterrows():
+        uid, fold = r[UID], int(r["fold"])
+        lines += [f"### {i + 1}. {uid} (fold {fold}, mean Dice {_f(r['dice_mean'], 3)})", ""]
+        png = out_dir / f"worst_{i + 1}_{_slug(uid)}.png"
+        reason = "pictures were turned off" if not pictures else _study_picture(
+            run_dir, loaders, fold, uid, png, f"{uid}: fold {fold}, mean Dice {_f(r['dice_mean'], 3)}")
+        if reason is None:
+            shown[uid] = str(png)
+            pngs.append(png)
+            lines += [f"![{uid}: predicted and true labels]({png.name})", ""]
+        else:
+            missing[uid] = reason
+            lines += [f"Picture missing for {uid}: {reason}", ""]
+
+    result = {"kind": "seg", "run": name, "run_dir": str(run_dir), "out_dir": str(out_dir),
+              "n_studies": int(len(oof)), "folds": sorted(int(k) for k in oof["fold"].unique()),
+              "dice": dice, "zrange": zerr, "spread": spread,
+              "worst": worst.to_dict(orient="records"), "pictures": shown, "missing_pictures": missing,
+              "pngs": pngs, "headline": headline}
+    return _finish(result, lines, out_dir)
+
+
+def level_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: int = 5) -> dict:
+    """Report a level-model run (`task: level`): IoU per vertebra and fold, curves, worst studies.
+
+    The IoU of a vertebra is that of the predicted and true sets of slices (steps) showing it, per study.
+    Writes `report.md`, `report.json`, `iou_per_vertebra.png` and `training_curves.png`.
+
+    Args:
+        run_dir: `runs/<name>` with `fold<k>/oof.csv` (columns `LEVEL_COLUMNS`) and `log.csv`.
+        out_dir: where to write (default: the run folder).
+        n_worst: how many of the lowest-IoU studies to list.
+
+    Returns:
+        dict with `kind` ("level"), `run`, `run_dir`, `out_dir`, `n_studies`, `folds`, `iou`
+        (`per_vertebra_means`), `spread` (of `mean_iou` over folds), `worst`, `pngs`, `headline`,
+        `report_md`, `report_json`.
+    """
+    run_dir = Path(run_dir)
+    oof = load_level_oof(run_dir)
+    out_dir = _out_dir(run_dir, out_dir)
+    iou = per_vertebra_means(oof, "iou_")
+    spread = {"mean_iou": _spread([r["mean"] for r in iou["per_fold"]])}
+    a = iou["all"]
+    per_v = {v: a[v] for v in VERTEBRAE if math.isfinite(a[v])}
+    low = min(per_v, key=per_v.get) if per_v else None
+    headline = f"IoU {_f(a['mean'], 3)} | lowest vertebra {low or '–'} {_f(per_v.get(low), 3)}"
+    pngs = [_save(plot_iou_per_vertebra(run_dir), out_dir / "iou_per_vertebra.png")]
+
+    lines = _intro("Level model", run_dir, oof)
+    lines += ["IoU per vertebra: of the predicted (p > 0.5) and true sets of slices showing it, per held-out "
+              "study; a vertebra absent from the truth is left out.", "", "## Summary", "", f"**{headline}**", ""]
+    rows = [[f"fold {r['fold']}", str(r["n_studies"]), _f(r["mean"], 3)] for r in iou["per_fold"]]
+    rows.append(["**all folds**", str(a["n_studies"]), _f(a["mean"], 3)])
+    if len(iou["per_fold"]) > 1:
+        rows.append(["mean ± sd over folds", "", f"{_f(spread['mean_iou']['mean'], 3)} ± "
+                                                 f"{_f(spread['mean_iou']['sd'], 3)}"])
+    lines += [_table(["fold", "studies", "mean IoU"], rows), ""]
+    lines += ["## IoU per vertebra", "",
+              _table(["fold", *VERTEBRAE, "mean"], _vertebra_table([*iou["per_fold"], a], "mean")), "",
+              "![IoU per vertebra](iou_per_vertebra.png)", ""]
+    lines += _curves(run_dir, out_dir, pngs)
+    worst = worst_studies(oof, "iou_mean", n_worst)
+    lines += ["## Worst studies", "", f"The {len(worst)} held-out studies with the lowest mean IoU.", ""]
+    rows = []
+    for i, r in worst.iterrows():
+        d = {v: r[f"iou_{v}"] for v in VERTEBRAE if pd.notna(r[f"iou_{v}"])}
+        lowest = min(d, key=d.get) if d else None
+        rows.append([str(i + 1), f"`{r[UID]}`", str(int(r["fold"])), str(int(r["steps"])) if "steps" in r else "–",
+                     _f(r["iou_mean"], 3), f"{lowest} {_f(d[lowest], 3)}" if lowest else "–"])
+    lines += [_table(["rank", "study", "fold", "steps", "mean IoU", "lowest vertebra"], rows, "rlrrrl"), ""]
+
+    result = {"kind": "level", "run": run_dir.resolve().name, "run_dir": str(run_dir), "out_dir": str(out_dir),
+              "n_studies": int(len(oof)), "folds": sorted(int(k) for k in oof["fold"].unique()), "iou": iou,
+              "spread": spread, "worst": worst.to_dict(orient="records"), "pngs": pngs, "headline": headline}
+    return _finish(result, lines, out_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any run: which report a run gets
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReportKind:
+    """How one kind of run is reported.
+
+    Attributes:
+        task: the `task` key of the run's `fold*/config.yaml`.
+        columns: `oof.csv` columns that identify the kind when a run has no config.
+        layout: the expected oof.csv layout in words, for error messages.
+        write: `write(run_dirs, out_dir, **options) -> result dict` (one run, or several when `combine`).
+        combine: runs of this kind given together share one report (the classifier's blends).
+    """
+
+    task: str
+    columns: tuple[str, ...]
+    layout: str
+    write: Callable[..., dict]
+    combine: bool = False
+
+
+REPORT_KINDS: dict[str, ReportKind] = {}
+
+
+def register_report(task: str, columns: Sequence[str], layout: str, *, combine: bool = False):
+    """Decorator: `write(run_dirs, out_dir, **options)` reports the runs whose config says `task: <task>`."""
+
+    def wrap(write: Callable[..., dict]) -> Callable[..., dict]:
+        REPORT_KINDS[task] = ReportKind(task, tuple(columns), layout, write, combine)
+        return write
+
+    return wrap
+
+
+@register_report("cls", (UID, "fold", *TARGETS), "StudyInstanceUID, fold, patient_overall, C1..C7 "
+                 "(probabilities), <target>_true", combine=True)
+def _write_cls(run_dirs: Sequence[Path], out_dir: PathLike | None, *, labels=None, **_) -> dict:
+    result = oof_report(run_dirs, out_dir, labels=labels)
+    base = result["baseline"]["score_row"]
+    scores = ", ".join(f"{n} {s['row']:.4f}" for n, s in result["scores"].items())
+    return {**result, "kind": "cls", "run": "+".join(result["runs"]), "n_studies": result["baseline"]["n_studies"],
+            "headline": f"score (row) {scores} | prevalence baseline {base:.4f}"}
+
+
+@register_report("seg", SEG_COLUMNS[2:], "StudyInstanceUID, fold, epoch, slices, dice_C1..dice_C7, dice_mean, "
+                 "zerr_C1..zerr_C7, zerr_max")
+def _write_seg(run_dirs: Sequence[Path], out_dir: PathLike | None, *, n_worst: int = 5, **_) -> dict:
+    return seg_report(run_dirs[0], out_dir, n_worst=n_worst)
+
+
+@register_report("level", LEVEL_COLUMNS[2:], "StudyInstanceUID, fold, epoch, steps, iou_C1..iou_C7, iou_mean")
+def _write_level(run_dirs: Sequence[Path], out_dir: PathLike | None, *, n_worst: int = 5, **_) -> dict:
+    return level_report(run_dirs[0], out_dir, n_worst=n_worst)
+
+
+def _expected() -> str:
+    return "; ".join(f"task {k.task!r} with oof.csv columns {k.layout}" for k in REPORT_KINDS.values())
+
+
+def run_task(run_dir: PathLike) -> str:
+    """Which report a run gets: the `task` of its `fold*/config.yaml`, else the one its oof.csv columns fit.
+
+    Raises:
+        FileNotFoundError: no run folder, or neither a config with a task nor an oof.csv in it.
+        ValueError: folds disagree on the task, the task has no report, or the oof.csv columns fit no kind
+            (or several); the message names the run and the layouts expected.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    tasks = {}
+    for folder in fold_dirs(run_dir).values():
+        if (folder / "config.yaml").is_file():
+            values = yaml.safe_load((folder / "config.yaml").read_text())
+            if isinstance(values, dict) and values.get("task"):
+                tasks[folder.name] = str(values["task"])
+    if len(set(tasks.values())) > 1:
+        raise ValueError(f"{run_dir}: the folds' config.yaml disagree on the task ({tasks}); one run, one task")
+    if tasks:
+        task = next(iter(tasks.values()))
+        if task not in REPORT_KINDS:
+            raise ValueError(f"{run_dir}: config task {task!r} has no report; reports exist for "
+                             f"{', '.join(REPORT_KINDS)}")
+        return task
+    oofs = sorted(p for p in run_dir.glob(f"fold*/{OOF_NAME}") if p.parent.name[4:].isdigit())
+    oofs = oofs or [p for p in (run_dir / OOF_NAME,) if p.is_file()]
+    if not oofs:
+        raise FileNotFoundError(f"{run_dir}: no fold<k>/config.yaml with a task and no {OOF_NAME}; expected a run "
+                                f"folder written by kit train: fold<k>/config.yaml, log.csv, {OOF_NAME}")
+    header = set(pd.read_csv(oofs[0], nrows=0).columns)
+    found = [k.task for k in REPORT_KINDS.values() if header >= set(k.columns)]
+    if len(found) != 1:
+        raise ValueError(f"{run_dir}: unknown layout: no config.yaml with a task, and the columns of {oofs[0]} "
+                         f"({', '.join(sorted(header)[:12])}{', ...' if len(header) > 12 else ''}) fit "
+                         f"{'several kinds ' + str(found) if found else 'no report'}; expected {_expected()}")
+    return found[0]
+
+
+def run_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None = None, *, n_worst: int = 5,
+               labels=None) -> list[dict]:
+    """The report of any runs (what `kit report` calls): each run gets the report of its kind (`run_task`).
+
+    Segmenter (`seg_report`) and level-model (`level_report`) runs get one report each; classifier-format
+    runs given together share one `oof_report` (scores side by side and their blends).
+
+    Args:
+        run_dirs: one run folder or several, of any kinds.
+        out_dir: where to write; default each run's own folder (`oof_report`'s default for several
+            classifier runs). With several reports, each goes to `out_dir/<run name>`.
+        n_worst: worst studies listed (and pictured, for a segmenter) per seg / level report.
+        labels: label table for classifier OOF files without `_true` columns (see `load_oof`).
+
+    Returns:
+        One result dict per report, each with at least `kind`, `run`, `n_studies`, `headline`, `out_dir`,
+        `report_md`, `report_json`, `pngs`.
+
+    Raises:
+        FileNotFoundError, ValueError: a run has an unknown layout (see `run_task`), before anything is written.
+    """
+    run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(r) for r in run_dirs]
+    if not run_dirs:
+        raise ValueError("run_report needs at least one run folder")
+    groups: dict = {}
+    for run_dir in run_dirs:
+        task = run_task(run_dir)
+        key = task if REPORT_KINDS[task].combine else (task, len(groups))
+        groups.setdefault(key, (task, []))[1].append(run_dir)
+    results = []
+    for task, runs in groups.values():
+        dest = out_dir
+        if out_dir is not None and len(groups) > 1:
+            dest = Path(out_dir) / "+".join(_slug(r.resolve().name) for r in runs)
+        results.append(REPORT_KINDS[task].write(runs, dest, n_worst=n_worst, labels=labels))
+    return results
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    """A short plain-text table of `run_report` results: run, kind, studies, headline, then where each report is."""
+    rows = [("run", "kind", "studies", "headline")]
+    rows += [(r["run"], r["kind"], str(r["n_studies"]), r["headline"]) for r in results]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3] for row in rows]
+    for r in results:
+        lines.append(f"report: {r['report_md']}  ({len(r['pngs'])} plots)")
+        missing = r.get("missing_pictures") or {}
+        if missing:
+            lines.append(f"  {len(missing)} of the worst studies' pictures missing, e.g. "
+                         f"{next(iter(missing.values()))}")
+    return "\n".join(lines)

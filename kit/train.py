@@ -2,9 +2,9 @@
 
 The loop owns what every stage needs: seeding, devices, DDP (torchrun), AMP, gradient accumulation and
 clipping, timm's AdamW + per-step warmup/cosine schedule, EMA weights, checkpoints with resume, early
-stopping, logs. A task owns what differs: which model and datasets, the loss, how the held-out studies
-are scored and how their out-of-fold (OOF) predictions are written (`SegTask` here; the stage-2
-classifier adds its own with `@register_task("cls")`).
+stopping, logs. A task (`kit.tasks`) owns what differs: which datasets, the loss, how the held-out studies
+are scored and how their out-of-fold (OOF) predictions are written; the config names the model
+(`cfg.model_spec()`).
 
 Outputs in `runs/<config name>/fold<k>/`:
     config.yaml        the resolved config
@@ -30,21 +30,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from . import data as kdata
 from .config import config_to_dict, load_config, save_config
-from .constants import VERTEBRAE
 from .models import create_model
+from .tasks import make_task
 
 log = logging.getLogger("kit.train")
 
@@ -143,249 +141,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Tasks: what differs between stages
-# ---------------------------------------------------------------------------------------------------------
-
-TASKS: dict[str, type] = {}
-
-
-def register_task(name: str) -> Callable[[type], type]:
-    """Class decorator: the task `fit_fold` uses for configs with `task: <name>`."""
-
-    def wrap(cls: type) -> type:
-        TASKS[name] = cls
-        return cls
-
-    return wrap
-
-
-@dataclass
-class EvalResult:
-    """One rank's share of a validation pass: summed loss, number of loss terms, one row per study."""
-
-    loss_sum: float
-    count: int
-    rows: list[dict]
-
-
-def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0, *, exclusive: bool = False,
-             eps: float = 1.0) -> torch.Tensor:
-    """Pixel loss + dice_weight x (1 - soft Dice), the Dice taken per channel over the whole batch and averaged
-    over the channels that have a positive pixel in the batch (smp's DiceLoss does the same).
-
-    Pixel loss: per-channel BCE; with `exclusive`, the cross-entropy of softmax([0, logits]) against the
-    integer label instead (a background logit fixed at 0 in front of the C channels). True labels never
-    overlap, so this makes neighbouring levels compete for a pixel. The sigmoid of each channel still reads
-    as its probability against background: where a channel wins the softmax, its sigmoid is above 0.5.
-
-    Why not Dice per slice (`kit.losses.bce_dice_loss`): a slice shows at most one or two of the 7 vertebrae,
-    so per (slice, channel) Dice is dominated by empty channels that reward predicting nothing, and the
-    network collapses to all-background. Nor Dice over absent channels: a batch without C1 would push C1
-    to zero everywhere.
-
-    Args:
-        logits: (B, C, H, W) raw scores.
-        target: (B, C, H, W) in {0, 1}; at most one channel set per pixel when `exclusive`.
-    """
-    logits, target = logits.float(), target.float()
-    if exclusive:  # cross-entropy of softmax([0, logits]) written out (3x faster on CPU than F.pad + F.cross_entropy)
-        top = logits.amax(1, keepdim=True).clamp(min=0.0)
-        lse = top[:, 0] + torch.log(torch.exp(-top[:, 0]) + torch.exp(logits - top).sum(1))
-        pixel = (lse - (logits * target).sum(1)).mean()
-    else:
-        pixel = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits)
-    dims = (0, *range(2, logits.ndim))
-    truth = target.sum(dims)
-    dice = (2.0 * (prob * target).sum(dims) + eps) / (prob.sum(dims) + truth + eps)
-    present = truth > 0
-    if not present.any():
-        return pixel
-    return pixel + dice_weight * (1.0 - dice[present]).mean()
-
-
-@register_task("seg")
-class SegTask:
-    """Stage 1: 2.5D vertebra segmentation on the segmented studies of the cache.
-
-    Validation segments every slice of each held-out study, cleans the probabilities as inference does
-    (`kit.crops.clean_vertebra_probs`) and scores the 3D Dice of C1..C7 per study
-    (`kit.metrics.dice_per_vertebra`); the metric is the mean over studies of their mean Dice. A
-    level-conditioned segmenter (`data.level_input`) is given the true ranges here, so its validation
-    Dice leaves out the level model's errors; `segment_study` with the level model measures both.
-    """
-
-    metric_name = "dice"
-
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
-        self.held_out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def model_spec(self) -> tuple[str, dict]:
-        """Registered model name and its plain kwargs (what `model.pt` records)."""
-        d, m = self.cfg.data, self.cfg.model
-        return m.name, {"in_channels": kdata.n_input_slices(d.context, d.context_offsets_mm)
-                        + (kdata.N_VERTEBRAE if d.level_input else 0),
-                        "classes": kdata.n_seg_classes(d.other_vertebrae),
-                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
-
-    def build(self) -> tuple[kdata.SegSliceDataset, list[str]]:
-        """The training dataset and the held-out study ids (their volumes stay loaded for validation)."""
-        d = self.cfg.data
-        train_uids, held_out = kdata.split_segmentation_studies(d)
-        train = kdata.SegSliceDataset(kdata.load_volumes(d.cache_dir, train_uids, d.image_size), d.context,
-                                      context_stride=d.context_stride, context_mm=d.context_mm,
-                                      offsets_mm=d.context_offsets_mm,
-                                      other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
-                                      foreground_fraction=d.foreground_fraction, augment=d.augment,
-                                      seed=self.cfg.seed, level_input=d.level_input,
-                                      level_jitter_mm=d.level_jitter_mm, level_ramp_mm=d.level_ramp_mm,
-                                      level_margin_mm=d.level_margin_mm)
-        self.held_out = kdata.load_volumes(d.cache_dir, held_out, d.image_size)
-        return train, held_out
-
-    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        tc = self.cfg.train
-        return seg_loss(model(batch["image"]), batch["target"], tc.dice_weight, exclusive=tc.exclusive)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
-        """Segment and score each study of `uids` (this rank's share of the held-out studies)."""
-        from .crops import clean_vertebra_probs
-        from .metrics import dice_per_vertebra
-
-        d, bs = self.cfg.data, self.cfg.train.val_batch_size
-        loss_sum, count, rows = 0.0, 0, []
-        for uid in uids:
-            image, labels, dz = self.held_out[uid]
-            offsets = kdata.context_offsets(dz, d.context, d.context_stride, d.context_mm, d.context_offsets_mm)
-            ranges = kdata.vertebra_ranges(labels) if d.level_input else None
-            probs = []
-            for start in range(0, len(image), bs):
-                x = kdata.slice_stacks(image, d.context, start, start + bs, offsets=offsets)
-                x = torch.from_numpy(x).to(device)
-                if ranges is not None:  # the true ranges, unjittered: validation measures the segmenter
-                    present = np.stack([kdata.soft_presence(ranges, z, dz, ramp_mm=d.level_ramp_mm,
-                                                              margin_mm=d.level_margin_mm)
-                                        for z in range(start, start + len(x))])
-                    x = kdata.append_level_planes(x.float(), torch.from_numpy(present * 255.0))
-                y = torch.from_numpy(kdata.labels_to_channels(labels[start:start + bs], d.other_vertebrae))
-                with autocast():
-                    logits = model(x.float() / 255.0)
-                loss_sum += float(seg_loss(logits, y.transpose(0, 1).to(device), self.cfg.train.dice_weight,
-                                           exclusive=self.cfg.train.exclusive))
-                count += 1
-                probs.append(torch.sigmoid(logits.float())[:, :len(VERTEBRAE)].half().cpu())
-            probs = torch.cat(probs).transpose(0, 1).numpy()  # (7, Z, H, W)
-            dice = dice_per_vertebra(clean_vertebra_probs(probs), labels)
-            rows.append({"StudyInstanceUID": uid, "slices": len(image), **dice.round(6).to_dict()})
-        return EvalResult(loss_sum, count, rows)
-
-    @staticmethod
-    def score(rows: list[dict]) -> float:
-        """Mean over studies of the per-study mean Dice (NaN-safe)."""
-        values = [r["mean"] for r in rows if np.isfinite(r["mean"])]
-        return float(np.mean(values)) if values else float("nan")
-
-    def write_oof(self, rows: list[dict], run_dir: Path, epoch: int) -> dict:
-        """`oof.csv` (one row per held-out study: Dice of C1..C7 and their mean) and `oof_summary.json`."""
-        table = pd.DataFrame(rows).sort_values("StudyInstanceUID")
-        table.insert(1, "fold", self.cfg.data.fold)
-        table.insert(2, "epoch", epoch)
-        table.to_csv(run_dir / "oof.csv", index=False)
-        summary = {
-            "metric": "mean Dice over C1..C7 (3D, per study, then mean over studies)",
-            "mean_dice": float(table["mean"].mean()),  # NaN-skipping, as `score`
-            "per_vertebra": {v: float(table[v].mean()) for v in VERTEBRAE},
-            "n_studies": len(table),
-            "fold": self.cfg.data.fold,
-            "epoch": epoch,
-        }
-        (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-
-
-@register_task("level")
-class LevelTask:
-    """Stage 1, part two: per-slice vertebra presence from whole studies (`kit.models.level`).
-
-    Trained on the segmented studies of the fold (presence read off the masks), windows of `data.seq_len`
-    steps; validation runs each held-out study whole. Metric: the mean over studies and C1..C7 of the IoU
-    between the predicted (p > 0.5) and true sets of steps showing each vertebra.
-    """
-
-    metric_name = "iou"
-
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg
-        self.held_out: kdata.LevelSequenceDataset | None = None
-
-    def model_spec(self) -> tuple[str, dict]:
-        d, m = self.cfg.data, self.cfg.model
-        return m.name, {"in_channels": 2 * d.neighbours + 1, "classes": len(VERTEBRAE), "encoder": m.encoder,
-                        "hidden": m.hidden}
-
-    def build(self):
-        d = self.cfg.data
-        train_uids, held_out = kdata.split_segmentation_studies(d)
-        train = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, train_uids, d.image_size), d.slice_mm,
-                                           d.neighbours, d.seq_len, d.repeats, augment=True, z_jitter=d.z_jitter,
-                                           seed=self.cfg.seed)
-        self.held_out = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, held_out, d.image_size),
-                                                   d.slice_mm, d.neighbours, seq_len=None, augment=False)
-        self.held_out_index = {uid: i for i, uid in enumerate(self.held_out.uids)}
-        return train, held_out
-
-    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        return level_loss(model(batch["image"]), batch["target"], batch["mask"])
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
-        loss_sum, count, rows = 0.0, 0, []
-        for uid in uids:
-            sample = self.held_out[self.held_out_index[uid]]
-            with autocast():
-                logits = model(sample["image"][None].to(device))[0].float()
-            target = sample["target"].to(device)
-            loss_sum += float(level_loss(logits, target, sample["mask"].to(device)))
-            count += 1
-            pred, true = (logits > 0).cpu().numpy(), target.cpu().numpy() > 0.5
-            union = (pred | true).sum(0)
-            iou = np.where(union > 0, (pred & true).sum(0) / np.maximum(union, 1), np.nan)
-            rows.append({"StudyInstanceUID": uid, "steps": len(pred), **dict(zip(VERTEBRAE, iou.round(6))),
-                         "mean": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")})
-        return EvalResult(loss_sum, count, rows)
-
-    score = staticmethod(SegTask.score)
-
-    def write_oof(self, rows: list[dict], run_dir: Path, epoch: int) -> dict:
-        """`oof.csv` (IoU of the steps showing C1..C7 per held-out study) and `oof_summary.json`."""
-        table = pd.DataFrame(rows).sort_values("StudyInstanceUID")
-        table.insert(1, "fold", self.cfg.data.fold)
-        table.insert(2, "epoch", epoch)
-        table.to_csv(run_dir / "oof.csv", index=False)
-        summary = {"metric": "IoU of the slices showing each of C1..C7 (per study, then mean over studies)",
-                   "mean_iou": float(table["mean"].mean()),
-                   "per_vertebra": {v: float(table[v].mean()) for v in VERTEBRAE},
-                   "n_studies": len(table), "fold": self.cfg.data.fold, "epoch": epoch}
-        (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
-
-
-def level_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """BCE of per-step presence logits (..., T, 7) against 0/1 targets, averaged over unpadded steps."""
-    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").mean(-1)
-    return (bce * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def make_task(cfg):
-    """The task object for `cfg.task`."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"no training task {cfg.task!r}; available: {', '.join(TASKS)}")
-    return TASKS[cfg.task](cfg)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------------------
 
@@ -417,6 +172,30 @@ def _to_device(value, device: torch.device, channels_last: bool = False):
     if channels_last and value.ndim == 4 and value.is_floating_point():
         value = value.contiguous(memory_format=torch.channels_last)
     return value
+
+
+def optimizer_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler, clip_grad: float | None) -> bool:
+    """Clip, step through the GradScaler and clear the gradients; True when the optimizer really stepped.
+
+    With fp16 the scaler skips a step whose gradients hold inf/NaN (and lowers its scale): the caller must then
+    not count it, so the learning-rate schedule and the EMA move only with the weights.
+    """
+    if clip_grad:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return scale_before is None or scaler.get_scale() >= scale_before
+
+
+def improved(metric: float, best: float, best_epoch: int) -> bool:
+    """A validation metric (higher is better) that beats the best so far; NaN never does, and never becomes the
+    best, so a NaN epoch cannot block the checkpoints of the epochs after it."""
+    if not np.isfinite(metric):
+        return False
+    return best_epoch < 0 or not np.isfinite(best) or metric > best
 
 
 def fit_fold(cfg, task=None) -> dict:
@@ -455,7 +234,7 @@ def _fit(cfg, task, info: DistInfo) -> dict:
         save_config(cfg, run_dir / "config.yaml")
 
     seed_everything(cfg.seed)
-    model_name, model_kwargs = task.model_spec()
+    model_name, model_kwargs = cfg.model_spec()
     # local backbone weights only when starting fresh; a resumed run gets its own weights from last.pt
     pretrained = cfg.model.pretrained_weights if state is None else None
     model = create_model(model_name, **model_kwargs, pretrained_weights=pretrained)
@@ -525,14 +304,8 @@ def _fit(cfg, task, info: DistInfo) -> dict:
                 with autocast():
                     loss = task.loss(net, batch)
                 scaler.scale(loss / group).backward()
-            if do_step:
-                if oc.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), oc.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
+            if do_step and optimizer_step(model, optimizer, scaler, oc.clip_grad):
+                step += 1  # a step the scaler skipped (inf/NaN gradients) moves neither the schedule nor the EMA
                 scheduler.step_update(step)
                 if ema is not None:
                     ema.update(model, step=step)
@@ -553,7 +326,7 @@ def _fit(cfg, task, info: DistInfo) -> dict:
             metric = task.score(rows)
             row["val_loss"] = sum(p.loss_sum for p in parts) / max(sum(p.count for p in parts), 1)
             row[f"val_{task.metric_name}"] = metric
-            if best_epoch < 0 or metric > best:
+            if improved(metric, best, best_epoch):
                 best, best_epoch, bad = metric, epoch, 0
                 if info.main:
                     _atomic_save({"model": eval_model.state_dict(), "model_name": model_name,

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from kit.config import load_config
-from kit.train import SegTask, fit_fold
+from kit.tasks import SegTask
+from kit.train import fit_fold
 
 
 class ProbeTask(SegTask):
@@ -26,7 +27,7 @@ class ProbeTask(SegTask):
     def evaluate(self, model, uids, device, autocast):
         result = super().evaluate(model, uids, device, autocast)
         self.calls += 1
-        probe = torch.rand(2, 2 * self.cfg.data.context + 1, 64, 64, generator=torch.Generator().manual_seed(0))
+        probe = torch.rand(2, self.recipe.n_channels, 64, 64, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             logits = model(probe.to(device)).cpu()
         torch.save({"probe": probe, "logits": logits, "uids": list(uids),

@@ -79,3 +79,19 @@ def test_merge_csv_replaces_rows_drops_keys_and_keeps_integer_columns(tmp_path):
     assert path.read_text().splitlines() == ["StudyInstanceUID,slices"]
     merge_csv(tmp_path / "never.csv", pd.DataFrame())  # nothing to write, no file made
     assert not (tmp_path / "never.csv").exists()
+
+
+def test_a_corrupt_segmentation_keeps_the_image_and_reports_the_mask(synthetic_root, tmp_path):
+    root = tmp_path / "rsna"
+    shutil.copytree(synthetic_root, root)
+    nii = sorted((root / "segmentations").glob("*.nii"))[0]
+    uid = nii.stem
+    nii.write_bytes(b"not a NIfTI file")
+    result = prepare_studies(root, tmp_path / "cache", size=32, workers=1, progress=False)
+    arrays = load_cached(tmp_path / "cache", uid)
+    assert "image" in arrays and "mask" not in arrays  # the image is cached all the same
+    manifest = read_manifest(tmp_path / "cache").set_index("StudyInstanceUID")
+    assert not manifest.loc[uid, "has_mask"] and nii.name in manifest.loc[uid, "mask_error"]
+    failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
+    assert list(failures["StudyInstanceUID"]) == [uid] and failures["error"][0].startswith("segmentation:")
+    assert uid in result["failures"] and result["prepared"] == len(list((root / "train_images").iterdir()))

@@ -9,7 +9,6 @@ import yaml
 
 from kit.config import (CONFIG_CLASSES, CONFIG_DIR, ConfigError, SegConfig, config_from_dict, config_to_dict, list_configs,
                         load_config, save_config)
-from kit.data import n_input_slices
 
 
 def test_packaged_configs_all_load():
@@ -33,14 +32,15 @@ def test_packaged_configs_all_load():
 def test_demo_config_is_small_and_full_config_is_gpu_scale():
     demo, full = load_config("demo_seg"), load_config("seg_unet_effb3_384")
     assert demo.data.image_size <= 128 and demo.train.amp == "off" and demo.train.device == "cpu"
-    assert n_input_slices(demo.data.context, demo.data.context_offsets_mm) <= 9
+    assert demo.recipe().n_slices <= 9 and demo.model_spec()[1]["in_channels"] == demo.recipe().n_channels
     assert full.data.image_size >= 384 and full.data.n_folds == 5 and full.train.amp == "bf16"
     assert full.model.encoder.startswith("tu-")
 
 
 def test_dotted_and_nested_overrides_merge():
-    cfg = load_config("demo_seg", **{"train.epochs": 3, "data.fold": 2}, optim={"lr": 0.5}, data={"context": 1})
-    assert (cfg.train.epochs, cfg.data.fold, cfg.optim.lr, cfg.data.context) == (3, 2, 0.5, 1)
+    cfg = load_config("demo_seg", **{"train.epochs": 3, "data.fold": 2}, optim={"lr": 0.5},
+                      data={"slice_offsets_mm": [-1, 0, 1]})
+    assert (cfg.train.epochs, cfg.data.fold, cfg.optim.lr, cfg.data.slice_offsets_mm) == (3, 2, 0.5, [-1.0, 0.0, 1.0])
     # nested dict merged into the YAML's section, not replacing it
     assert cfg.data.image_size == load_config("demo_seg").data.image_size
     assert cfg.model.encoder == "tu-mobilenetv3_small_050"
@@ -65,10 +65,10 @@ def test_bad_values_raise():
         load_config("demo_seg", **{"train.ema": 1})
     with pytest.raises(ConfigError, match=r"train\.amp='fp32'; valid: auto, bf16, fp16, off"):
         load_config("demo_seg", **{"train.amp": "fp32"})
-    with pytest.raises(ConfigError, match=r"context_offsets_mm must be ascending.*include 0"):
-        load_config("demo_seg", **{"data.context_offsets_mm": [-5.0, 5.0]})
-    with pytest.raises(ConfigError, match=r"context_offsets_mm must be ascending"):
-        load_config("demo_seg", **{"data.context_offsets_mm": [5.0, 0.0, -5.0]})
+    with pytest.raises(ConfigError, match=r"slice_offsets_mm must be ascending.*include 0"):
+        load_config("demo_seg", **{"data.slice_offsets_mm": [-5.0, 5.0]})
+    with pytest.raises(ConfigError, match=r"slice_offsets_mm must be ascending"):
+        load_config("demo_seg", **{"data.slice_offsets_mm": [5.0, 0.0, -5.0]})
     with pytest.raises(ConfigError, match=r"data\.fold=5 must be in 0\.\.4"):
         load_config("demo_seg", **{"data.fold": 5})
     with pytest.raises(ConfigError, match="is a section"):
@@ -96,7 +96,14 @@ def test_save_load_round_trip(tmp_path):
     assert again.name == "demo_seg"  # the saved file keeps the run name, not its own stem "config"
     assert config_from_dict(config_to_dict(cfg)) == cfg
     # a YAML of overrides only: the name comes from the file stem
-    (tmp_path / "my_exp.yaml").write_text("data:\n  context: 3\n")
+    (tmp_path / "my_exp.yaml").write_text("data:\n  slice_offsets_mm: [-3, 0, 3]\n")
     mine = load_config(tmp_path / "my_exp.yaml")
-    assert mine.name == "my_exp" and mine.data.context == 3
+    assert mine.name == "my_exp" and mine.data.slice_offsets_mm == [-3.0, 0.0, 3.0]
     assert dataclasses.replace(mine, name="other").name == "other"
+
+
+def test_the_old_slice_keys_fail_naming_the_new_one(tmp_path):
+    for old in ("context", "context_stride", "context_mm", "context_offsets_mm"):
+        (tmp_path / "old.yaml").write_text(f"data:\n  {old}: 2\n")
+        with pytest.raises(ConfigError, match=rf"old.yaml: config key 'data.{old}' was replaced by data.slice_offsets_mm"):
+            load_config(tmp_path / "old.yaml")

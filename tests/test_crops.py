@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from kit.constants import VERTEBRAE
+from kit.constants import VERTEBRAE, WINDOWS
 from kit.crops import (
+    assign_boxes_to_vertebrae,
     clean_vertebra_probs,
+    crop_box_original,
+    crop_study,
     crop_vertebra,
+    crop_vertebra_stack,
     crop_vertebrae,
     extents_table,
+    grid_scale,
     largest_component,
+    match_boxes_to_slices,
     missing_vertebrae,
+    neighbour_offsets,
+    slice_positions,
+    slice_targets,
+    stack_channel_names,
     vertebra_extents,
+    vertebra_targets,
 )
+from kit.dicom import window
 
 
 def stacked_blobs(z: int = 70, size: int = 24, thick: int = 8, gap: int = 2) -> np.ndarray:
@@ -158,3 +171,236 @@ def test_crop_exact_box_and_resampled_shape():
     assert out[0, 0, 0] == 0 and out[2, 4, 4] == 200
     stacks = crop_vertebrae(volume, vertebra_extents(labels), out_size=(8, 16, 16))
     assert list(stacks) == list(VERTEBRAE) and all(s.shape == (8, 16, 16) for s in stacks.values())
+
+
+# --- stage-2 stacks on the original grid --------------------------------------------------------------------
+# A 40-slice study: labels on a 32 px prepared grid, the "original" HU volume at 96 px (scale 3).
+SCALE = 3
+
+
+def small_study(z: int = 40, size: int = 32) -> np.ndarray:
+    """uint8 (Z, size, size) prepared-grid labels: C1..C7 as boxes, C(i+1) on slices 5i..5i+3."""
+    labels = np.zeros((z, size, size), dtype=np.uint8)
+    for i in range(7):
+        labels[5 * i:5 * i + 4, 10 + i % 2:20, 8:22 - i % 3] = i + 1
+    return labels
+
+
+def upsample(labels: np.ndarray, scale: int = SCALE) -> np.ndarray:
+    """Nearest-neighbour (edge-aligned) in-plane upsampling: the labels on the original grid."""
+    return labels.repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def slice_code_hu(z: int = 40, size: int = 96) -> np.ndarray:
+    """int16 HU volume whose bone window encodes the slice index: window(hu[z]) = round(z * 6.375)."""
+    low = WINDOWS["bone"][0] - WINDOWS["bone"][1] / 2  # -500 HU -> 0
+    return (low + 45 * np.arange(z, dtype=np.int16))[:, None, None].repeat(size, 1).repeat(size, 2).astype(np.int16)
+
+
+def decode_slices(channels: np.ndarray) -> np.ndarray:
+    """Slice index from `slice_code_hu` windowed channels (..., S, S) -> (...) ints (uniform planes)."""
+    assert (channels == channels[..., :1, :1]).all()
+    return np.rint(channels[..., 0, 0] / (45 * 255 / 1800)).astype(int)
+
+
+def test_slice_positions_spread_head_to_feet():
+    e = vertebra_extents(small_study())
+    c3 = e["C3"]  # slices 10..13
+    pos = slice_positions(c3, 15)
+    assert pos.shape == (15,) and pos[0] == 10 and pos[-1] == 13
+    assert (np.diff(pos) >= 0).all() and set(pos) == {10, 11, 12, 13}
+    assert np.abs(pos - np.linspace(10, 13, 15)).max() <= 0.5  # evenly spread: nearest slice to each
+    assert np.bincount(pos)[10:].min() >= 3  # 15 samples over 4 slices: every slice 3-5 times
+    long = vertebra_extents(np.pad(np.ones((9, 2, 2), np.uint8), ((3, 0), (0, 0), (0, 0))))["C1"]  # 3..11
+    np.testing.assert_array_equal(slice_positions(long, 5), [3, 5, 7, 9, 11])
+    np.testing.assert_array_equal(slice_positions(long, 1), [7])
+
+
+def test_neighbour_offsets_in_mm():
+    np.testing.assert_array_equal(neighbour_offsets(0.5, 2, 1.0), [-4, -2, 0, 2, 4])
+    np.testing.assert_array_equal(neighbour_offsets(1.0, 2, 1.0), [-2, -1, 0, 1, 2])
+    np.testing.assert_array_equal(neighbour_offsets(0.5, 2, 0.5), [-2, -1, 0, 1, 2])
+    np.testing.assert_array_equal(neighbour_offsets(1.0, 2, 0.5), [-1, -1, 0, 1, 1])  # never below one slice
+    np.testing.assert_array_equal(neighbour_offsets(0.5, 1), [-1, 0, 1])  # None: adjacent slices
+    np.testing.assert_array_equal(neighbour_offsets(0.7, 0, 3.0), [0])
+    with pytest.raises(ValueError, match="dz"):
+        neighbour_offsets(0.0, 2, 1.0)
+
+
+def test_neighbour_offsets_follow_the_stage1_recipe():
+    from kit.slices import SegRecipe
+    for dz in (0.3, 0.5, 0.625, 0.8, 1.0, 1.25):
+        for mm in (0.5, 1.0, 2.0, 2.5):
+            stage1 = SegRecipe(tuple(mm * k for k in (-2, -1, 0, 1, 2)), 32).offsets(dz)
+            np.testing.assert_array_equal(neighbour_offsets(dz, 2, mm), stage1)
+
+
+def test_crop_box_original_matches_the_extent():
+    labels = small_study()
+    e = vertebra_extents(labels)["C2"]  # rows 11:20, cols 8:21
+    assert crop_box_original(e, (3.0, 3.0), (96, 96), margin=0, square=False) == (33, 60, 24, 63)
+    # A non-integer scale (100 / 32 px): every edge within a pixel of box * scale, outward (floor / ceil).
+    sy, sx = grid_scale((100, 100), labels.shape[1:])
+    y0, y1, x0, x1 = crop_box_original(e, (sy, sx), (100, 100), margin=0, square=False)
+    for got, want in ((y0, e.y0 * sy), (y1, e.y1 * sy), (x0, e.x0 * sx), (x1, e.x1 * sx)):
+        assert abs(got - want) < 1
+    assert y0 <= e.y0 * sy and y1 >= e.y1 * sy and x0 <= e.x0 * sx and x1 >= e.x1 * sx
+    # Square with a margin: one side for both axes, 1 + 2 x margin times the longer side, same centre.
+    y0, y1, x0, x1 = crop_box_original(e, (3.0, 3.0), (96, 96), margin=0.15)
+    assert y1 - y0 == x1 - x0 == int(np.ceil(39 * 1.3))
+    assert abs((y0 + y1) / 2 - (e.y0 + e.y1) / 2 * 3) <= 0.5 and abs((x0 + x1) / 2 - (e.x0 + e.x1) / 2 * 3) <= 0.5
+    # Near the edge the box stays square and leaves the image (padded when cropping).
+    corner = vertebra_extents(np.pad(np.ones((2, 4, 8), np.uint8), ((0, 0), (0, 28), (0, 24))))["C1"]
+    y0, y1, x0, x1 = crop_box_original(corner, (3.0, 3.0), (96, 96), margin=0.25)
+    assert y0 < 0 and x0 < 0 and y1 - y0 == x1 - x0 == 36
+
+
+def test_stack_mask_channel_covers_the_vertebra():
+    labels = junction_study()  # C3 on slices 10..14, sharing slice 14 with C4
+    extents = vertebra_extents(labels)
+    inside = upsample(labels) > 0  # original grid: bone where any vertebra is, air elsewhere
+    hu = np.where(inside, 1000, -1000).astype(np.int16)
+    e = extents["C3"]
+    y0, y1, x0, x1 = crop_box_original(e, (3, 3), (96, 96))
+    side = y1 - y0
+    out = crop_vertebra_stack(hu, labels, e, scale=(3, 3), n_slices=5, size=side)
+    assert out.shape == (5, 6, side, side) and out.dtype == np.uint8
+    assert stack_channel_names() == ["bone-2", "bone-1", "bone+0", "bone+1", "bone+2", "mask"]
+    for t, z in enumerate(slice_positions(e, 5)):  # no resize: pixel for pixel
+        want = (upsample(labels)[z, y0:y1, x0:x1] == e.label)
+        np.testing.assert_array_equal(out[t, -1], want.astype(np.uint8) * 255)
+        assert ((out[t, -1] > 0) <= (out[t, 2] > 128)).all()  # the mask lies on the bone it marks
+    # On the junction slice the box shows C4's bone too, which the mask leaves out.
+    assert (out[4, 2] > 128).sum() > (out[4, -1] > 0).sum() > 0
+    np.testing.assert_array_equal(out[:3, -1] > 0, out[:3, 2] > 128)  # elsewhere only C3 is in the box
+    # Resized to 64 px: the mask still covers the vertebra's share of the box, centred where it is.
+    small = crop_vertebra_stack(hu, labels, e, scale=(3, 3), n_slices=5, size=64)
+    share = (upsample(labels)[e.z_first, y0:y1, x0:x1] == e.label).mean()
+    assert abs((small[0, -1] > 0).mean() - share) < 0.03
+    rows, cols = np.nonzero(small[0, -1])
+    centre = ((e.y0 + e.y1) / 2 * 3 - y0) * 64 / side - 0.5
+    assert abs(rows.mean() - centre) < 1.0
+    assert set(np.unique(small[:, -1])) == {0, 255}
+
+
+def test_stack_slices_head_to_feet_and_neighbours_clamp():
+    labels = small_study()
+    extents = vertebra_extents(labels)
+    hu = slice_code_hu()
+    kw = dict(scale=(3, 3), n_slices=5, size=16, with_mask=False)
+    c3 = crop_vertebra_stack(hu, labels, extents["C3"], **kw)
+    np.testing.assert_array_equal(decode_slices(c3[:, 2]), slice_positions(extents["C3"], 5))
+    assert (np.diff(decode_slices(c3[:, 2])) >= 0).all()
+    np.testing.assert_array_equal(decode_slices(c3[0]), [8, 9, 10, 11, 12])  # slice 10 and its neighbours
+    # C1 starts at slice 0, C7 ends at 33; neighbours 4 mm apart at dz = 1 mm reach -8 / 41: edge slices repeat.
+    c1 = crop_vertebra_stack(hu, labels, extents["C1"], neighbour_mm=4.0, dz=1.0, **kw)
+    np.testing.assert_array_equal(decode_slices(c1[0]), [0, 0, 0, 4, 8])
+    c7 = crop_vertebra_stack(hu, labels, extents["C7"], neighbour_mm=4.0, dz=1.0, **kw)
+    np.testing.assert_array_equal(decode_slices(c7[-1]), [25, 29, 33, 37, 39])
+    # Half-millimetre slices, neighbours 1 mm apart: every other slice.
+    half = crop_vertebra_stack(hu, labels, extents["C3"], neighbour_mm=1.0, dz=0.5, **kw)
+    np.testing.assert_array_equal(decode_slices(half[0]), [6, 8, 10, 12, 14])
+
+
+def test_stack_window_channel_order_and_padding():
+    labels = small_study()
+    e = vertebra_extents(labels)["C5"]
+    rng = np.random.default_rng(0)
+    hu = rng.integers(-1100, 1600, size=(40, 96, 96)).astype(np.float32)
+    y0, y1, x0, x1 = crop_box_original(e, (3, 3), (96, 96), margin=0.1)
+    out = crop_vertebra_stack(hu, labels, e, scale=(3, 3), n_slices=3, n_neighbours=1, windows=("bone", "soft"),
+                              margin=0.1, size=y1 - y0)
+    assert out.shape[1] == 7
+    assert stack_channel_names(("bone", "soft"), 1) == ["bone-1", "bone+0", "bone+1", "soft-1", "soft+0",
+                                                       "soft+1", "mask"]
+    for t, z in enumerate(slice_positions(e, 3)):
+        for c, (name, dzi) in enumerate([(w, k) for w in ("bone", "soft") for k in (-1, 0, 1)]):
+            np.testing.assert_array_equal(out[t, c], window(hu[z + dzi, y0:y1, x0:x1], *WINDOWS[name]))
+    # Past the image edge: air, i.e. 0 in the bone window, and no mask.
+    corner = vertebra_extents(np.pad(np.ones((2, 4, 8), np.uint8), ((0, 38), (0, 28), (0, 24))))["C1"]
+    edge = crop_vertebra_stack(np.full((40, 96, 96), 700, np.int16), np.pad(np.ones((2, 4, 8), np.uint8),
+                               ((0, 38), (0, 28), (0, 24))), corner, n_slices=2, margin=0.25, size=36)
+    assert edge[0, 2, 0, 0] == 0 and edge[0, 2, -1, -1] == window(np.array([700.0]), *WINDOWS["bone"])[0]
+    assert edge[0, -1, 0, 0] == 0 and edge[0, -1, 20, 20] == 255  # scale derived from the shapes: (3, 3)
+    with pytest.raises(ValueError, match="available"):
+        crop_vertebra_stack(hu, labels, e, windows=("lung",))
+
+
+def test_crop_study_missing_vertebra_is_zeros_with_reason():
+    labels = small_study()
+    extents = vertebra_extents(labels)
+    del extents["C4"], extents["C6"]
+    hu = slice_code_hu()
+    stacks, found, reasons = crop_study(hu, labels, extents, dropped={"C6": "centroid z=3.0 out of head-to-feet order"},
+                                        n_slices=3, size=12)
+    assert stacks.shape == (7, 3, 6, 12, 12) and stacks.dtype == np.uint8
+    np.testing.assert_array_equal(found, [True, True, True, False, True, False, True])
+    assert reasons == {"C4": "not found by the segmenter",
+                       "C6": "dropped by the clean-up: centroid z=3.0 out of head-to-feet order"}
+    assert stacks[3].max() == 0 and stacks[5].max() == 0
+    np.testing.assert_array_equal(stacks[2], crop_vertebra_stack(hu, labels, extents["C3"], n_slices=3, size=12))
+    assert (stacks[found][:, :, -1] > 0).any(axis=(2, 3)).all()  # every found stack shows its mask
+
+
+def junction_study() -> np.ndarray:
+    """small_study with C3 and C4 sharing slice 14: C3 in rows 10:15 (anterior), C4 in rows 15:20."""
+    labels = small_study()
+    labels[14, 10:15, 8:22] = 3
+    labels[14, 15:20, 8:22] = 4
+    return labels
+
+
+def boxes_frame(rows) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+
+
+def test_match_boxes_to_slices_reports_unmatched_rows():
+    instance_numbers = np.arange(140, 100, -1)  # stored feet to head: z = 0 is InstanceNumber 140
+    instance_numbers[30] = instance_numbers[31]  # two slices share InstanceNumber 109
+    boxes = boxes_frame([
+        ("1.2.3", 30.0, 33.0, 20.0, 10.0, 129),  # z = 11
+        ("1.2.3", 30.0, 33.0, 20.0, 10.0, 99),  # no such slice
+        ("1.2.3", 30.0, 33.0, 20.0, 10.0, 109),  # ambiguous
+        ("1.2.3", 30.0, 33.0, 20.0, 10.0, 128),  # z = 12
+    ])
+    matched, unmatched = match_boxes_to_slices(boxes, instance_numbers)
+    assert list(matched.index) == [0, 3] and list(matched["z"]) == [11, 12]
+    assert list(unmatched.index) == [1, 2] and len(matched) + len(unmatched) == len(boxes)
+    assert "99 not among" in unmatched.loc[1, "reason"] and "2 slices" in unmatched.loc[2, "reason"]
+    with pytest.raises(ValueError, match="one study"):
+        match_boxes_to_slices(pd.concat([boxes, boxes.assign(StudyInstanceUID="1.2.4")]), instance_numbers)
+    with pytest.raises(ValueError, match="slice_number"):
+        match_boxes_to_slices(boxes.drop(columns="slice_number"), instance_numbers)
+
+
+def test_slice_targets_from_boxes_on_a_hand_made_study():
+    labels = junction_study()
+    extents = vertebra_extents(labels)
+    assert (extents["C3"].z_first, extents["C3"].z_last) == (10, 14) and extents["C4"].z_first == 14
+    instance_numbers = np.arange(1, 41)  # z = InstanceNumber - 1
+    # Original pixels (scale 3): C3 on slice 14 is rows 30:45, C4 rows 45:60.
+    boxes = boxes_frame([
+        ("1.2.3", 30.0, 33.0, 30.0, 9.0, 12),  # z = 11, on C3
+        ("1.2.3", 30.0, 33.0, 30.0, 9.0, 13),  # z = 12, on C3
+        ("1.2.3", 30.0, 48.0, 30.0, 9.0, 15),  # z = 14, the junction slice, on C4's part
+        ("1.2.3", 30.0, 48.0, 30.0, 9.0, 17),  # z = 16, on C4
+        ("1.2.3", 0.0, 0.0, 9.0, 9.0, 13),  # z = 12, corner: on no vertebra
+        ("1.2.3", 30.0, 33.0, 30.0, 9.0, 77),  # unmatched
+    ])
+    matched, unmatched = match_boxes_to_slices(boxes, instance_numbers)
+    assert list(unmatched.index) == [5]
+    assigned = assign_boxes_to_vertebrae(matched, labels, (3, 3))
+    assert list(assigned["vertebra"]) == [3, 3, 4, 4, 0]
+    pos3 = slice_positions(extents["C3"], 5)  # 10..14
+    np.testing.assert_array_equal(slice_targets(pos3, 3, labels, (3, 3), matched, 1.0), [0, 1, 1, 0, 0])
+    # The same slices ranked by z alone would make slice 14 positive for C3; its box lies on C4.
+    pos4 = slice_positions(extents["C4"], 5)  # 14..18
+    np.testing.assert_array_equal(slice_targets(pos4, 4, labels, (3, 3), matched, 1.0), [1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(slice_targets(pos3, 3, labels, (3, 3), matched, 0.5, tolerance_mm=0.5),
+                                  [1, 1, 1, 1, 0])
+    np.testing.assert_array_equal(slice_targets(pos3, 5, labels, (3, 3), matched, 1.0), np.zeros(5))
+    targets = vertebra_targets(extents, labels, (3, 3), matched, 1.0, n_slices=5)
+    assert targets.shape == (7, 5) and targets.dtype == np.float32
+    np.testing.assert_array_equal(targets[2], [0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(targets[3], [1, 1, 1, 0, 0])
+    assert targets[[0, 1, 4, 5, 6]].sum() == 0

@@ -20,7 +20,7 @@ def test_segmenter_stage_scores_heldout_studies(synthetic_root, tmp_path, monkey
     assert described["studies_read"] == described["train_studies"] == 8
     assert described["segmentations"] == 4 and described["segmentations_showing_vertebra"]["C4"] == 4
 
-    tiny = {"out_dir": str(tmp_path / "runs"), "data.n_folds": 2, "data.image_size": 32, "data.context": 1,
+    tiny = {"out_dir": str(tmp_path / "runs"), "data.n_folds": 2, "data.image_size": 32, "data.slice_offsets_mm": [-1, 0, 1],
             "model.encoder_depth": 3, "model.decoder_width": 16, "train.epochs": 1, "train.progress": False}
     tiny_level = {"data.image_size": 32, "data.seq_len": 16, "data.repeats": 1, "model.hidden": 8,
                   "train.batch_size": 2, "train.epochs": 1, "train.progress": False}

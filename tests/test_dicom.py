@@ -236,15 +236,47 @@ def test_non_integral_rescale_gives_float32_and_overflow_leaves_int16(tmp_path):
     assert series.hu.dtype == np.float32 and np.all(series.hu == 33000)
 
 
+@pytest.fixture
+def forking(monkeypatch):
+    """Let read_series fork its decoding pool although this test process has torch loaded (the workers only
+    decode; what is tested here is the pool)."""
+    monkeypatch.setattr(dicom, "fork_is_safe", lambda: True)
+
+
+def test_no_fork_where_torch_is_loaded_or_off_the_main_thread(tmp_path, monkeypatch):
+    import sys
+    import threading
+
+    write_series(tmp_path / "s", ramp(z=20, h=32, w=32))
+
+    class NoPool(dicom.ProcessPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("read_series forked a pool in a torch process")
+
+    import torch  # noqa: F401  (a torch process)
+
+    assert not dicom.fork_is_safe()
+    monkeypatch.setattr(dicom, "ProcessPoolExecutor", NoPool)
+    series = read_series(tmp_path / "s", workers=2, executor="process")  # read in-process instead
+    assert series.hu.shape == (20, 32, 32)
+    monkeypatch.delitem(sys.modules, "torch")  # as if torch were not loaded: the main thread may fork
+    assert dicom.fork_is_safe()
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(dicom.fork_is_safe()))
+    thread.start()
+    thread.join()
+    assert seen == [False]
+
+
 @pytest.mark.parametrize("executor", ["process", "thread"])
-def test_parallel_decoding_matches_serial(tmp_path, executor):
+def test_parallel_decoding_matches_serial(tmp_path, executor, forking):
     stored = ramp(z=20, h=32, w=32)
     write_series(tmp_path / "s", stored, syntax=UID.RLELossless)
     series = read_series(tmp_path / "s", workers=2, executor=executor)
     assert np.array_equal(series.hu, stored.astype(np.int32) - 1024) and len(series.files) == 20
 
 
-def test_a_crashing_worker_falls_back_to_pydicom(tmp_path, monkeypatch):
+def test_a_crashing_worker_falls_back_to_pydicom(tmp_path, monkeypatch, forking):
     write_series(tmp_path / "s", ramp(z=20, h=32, w=32))
     parent, decode = os.getpid(), dicom._decode_raw
 
@@ -525,3 +557,24 @@ def test_resize_slices_any_size():
     assert small.shape == (3, 4, 4) and set(np.unique(small)) == {0, 7} and (small[:, :2] == 7).all()
     assert resize_slices(volume, (6, 10)).tolist() == volume.tolist()
     assert resize_slices(np.full((1, 4, 4), 70000, np.int32), 2).tolist() == [[[70000] * 2] * 2]
+
+
+def test_nearest_resize_keeps_a_mask_centred_on_its_image():
+    """A mask resized with nearest neighbour lies where the area-resized image shows it, within 1/8 px at
+    512 -> 128 (cv2's INTER_NEAREST picked each block's top-left pixel: 0.375 px off)."""
+
+    def centroid(a):
+        ys, xs = np.mgrid[:a.shape[0], :a.shape[1]]
+        return np.array([(ys * a).sum(), (xs * a).sum()]) / a.sum()
+
+    yy, xx = np.mgrid[:512, :512]
+    shifts = []
+    for phase in range(4):  # average over where the disc falls within the 4 x 4 blocks
+        disc = ((yy - 200.5 - phase) ** 2 + (xx - 300.5 - phase) ** 2 <= 60 ** 2)
+        image = resize_slices((disc * 255).astype(np.uint8)[None], 128)[0].astype(np.float64)
+        mask = resize_slices(disc.astype(np.uint8)[None], 128, nearest=True)[0].astype(np.float64)
+        shifts.append(centroid(mask) - centroid(image))
+    assert np.abs(np.mean(shifts, axis=0)).max() <= 0.13
+    # upsampling: each input pixel becomes a whole block
+    up = resize_slices(np.array([[[1, 2], [3, 4]]], np.uint8), 4, nearest=True)[0]
+    assert up.tolist() == [[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 4, 4], [3, 3, 4, 4]]

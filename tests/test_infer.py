@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from kit import infer
+from kit.results import SegResult, load_seg_result, save_seg_result
+from kit.runner import segment_studies
 from kit.constants import VERTEBRAE
 from kit.models import create_model
 
@@ -43,19 +45,16 @@ def registry(monkeypatch):
     monkeypatch.setattr(kit.models, "create_model", tiny_create_model)
 
 
-def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: int = 32, nan: bool = False,
-                     context_mm: float | None = None, offsets_mm: list[float] | None = None,
-                     level_input: bool = False, level_margin_mm: float = 0.0):
+def write_checkpoint(run_dir, fold: int, *, seed: int, offsets_mm=(-1.0, 0.0, 1.0), size: int = 32,
+                     nan: bool = False, level_input: bool = False, level_margin_mm: float = 0.0):
     torch.manual_seed(seed)
-    channels = (2 * context + 1 if offsets_mm is None else len(offsets_mm)) + 7 * level_input
+    channels = len(offsets_mm) + 7 * level_input
     model = TinySeg(channels, 8)
     state = model.state_dict()
     if nan:
         state["conv.weight"][0, 0, 0, 0] = float("nan")
-    config = {"name": run_dir.name, "data": {"image_size": size, "context": context, "fold": fold,
-                                             "context_stride": 1, "context_mm": context_mm,
-                                             "context_offsets_mm": offsets_mm, "level_input": level_input,
-                                             "level_margin_mm": level_margin_mm},
+    config = {"name": run_dir.name, "data": {"image_size": size, "fold": fold, "slice_offsets_mm": list(offsets_mm),
+                                             "level_input": level_input, "level_margin_mm": level_margin_mm},
               "model": {"name": "tiny_seg"}}
     path = run_dir / f"fold{fold}" / "model.pt"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +62,11 @@ def write_checkpoint(run_dir, fold: int, *, seed: int, context: int = 1, size: i
                 "model_kwargs": {"in_chans": channels, "classes": 8, "pretrained": True},
                 "config": config, "epoch": 3, "metric": 0.5 + fold}, path)
     return path
+
+
+def cached(vol: np.ndarray, dz: float = 1.0) -> dict:
+    """A prepared volume in the cache's form, with its slice spacing."""
+    return {"image": vol, "spacing": np.array([dz, 1.0, 1.0], dtype=np.float32)}
 
 
 def toy_volume(z: int = 24, size: int = 32, seed: int = 0) -> np.ndarray:
@@ -88,7 +92,8 @@ def test_load_run_round_trip(registry, tmp_path):
     models = infer.load_run(run)
     assert [m.fold for m in models] == [0, 1]
     m = models[0]
-    assert not m.model.training and m.image_size == 32 and m.context == 1 and m.window == "bone"
+    assert not m.model.training and m.image_size == 32 and m.recipe.offsets(1.0).tolist() == [-1, 0, 1]
+    assert m.window == "bone" and m.config.data.fold == 0 and m.provides == "vertebra_probs"
     assert (m.epoch, m.metric, m.model_name) == (3, 0.5, "tiny_seg")
     saved = torch.load(run / "fold0" / "model.pt", weights_only=True)["model"]
     for key, value in m.model.state_dict().items():
@@ -101,7 +106,7 @@ def test_real_segmenter_checkpoint_round_trip(tmp_path):
     from kit.config import config_from_dict, config_to_dict
     from kit.models import create_model
 
-    cfg = config_from_dict({"name": "tiny_unet", "data": {"image_size": 32, "context": 1}})
+    cfg = config_from_dict({"name": "tiny_unet", "data": {"image_size": 32, "slice_offsets_mm": [-1, 0, 1]}})
     kwargs = {"in_channels": 3, "classes": 8, "encoder": "tu-resnet10t", "encoder_depth": 3,
               "decoder_width": 16, "pretrained_weights": None}
     torch.manual_seed(0)
@@ -111,9 +116,10 @@ def test_real_segmenter_checkpoint_round_trip(tmp_path):
     torch.save({"model": model.state_dict(), "model_name": "seg_unet", "model_kwargs": kwargs,
                 "config": config_to_dict(cfg), "epoch": 1, "metric": 0.1}, path)
     (loaded,) = infer.load_run(tmp_path / cfg.name)
-    assert (loaded.image_size, loaded.context, loaded.fold) == (32, 1, 0) and not loaded.model.training
+    assert (loaded.image_size, loaded.fold) == (32, 0) and not loaded.model.training
+    assert loaded.config == cfg  # the typed config comes back
     vol = toy_volume(z=6)
-    result = infer.segment_study(vol, [loaded], batch_size=4, keep_probs=True)
+    result = infer.segment_study(cached(vol), [loaded], batch_size=4, keep_probs=True)
     model.eval()
     np.testing.assert_allclose(result.probs[:, 3].astype(np.float32), sigmoid_at(model, vol, 3, 1), atol=1e-3)
     assert result.labels.shape == (6, 32, 32)
@@ -147,10 +153,10 @@ def test_load_run_errors_name_the_file(registry, tmp_path):
 def test_segment_study_ensemble_and_batching(registry, tmp_path):
     run = tmp_path / "tiny"
     write_checkpoint(run, 0, seed=0)
-    write_checkpoint(run, 1, seed=1, context=2)  # folds may differ in context k
+    write_checkpoint(run, 1, seed=1, offsets_mm=(-2.0, -1.0, 0.0, 1.0, 2.0))  # folds may differ in their slices
     models = infer.load_run(run)
     vol = toy_volume()
-    result = infer.segment_study(vol, models, batch_size=5, keep_probs=True, uid="s1")
+    result = infer.segment_study(cached(vol), models, batch_size=5, keep_probs=True, uid="s1")
     assert result.uid == "s1" and result.labels.shape == vol.shape and result.labels.dtype == np.uint8
     assert result.probs.shape == (7, *vol.shape) and result.probs.dtype == np.float16
     assert set(result.extents) | set(result.missing) == set(VERTEBRAE)
@@ -163,26 +169,28 @@ def test_segment_study_ensemble_and_batching(registry, tmp_path):
     spread = result.probs.astype(np.float32)
     assert spread.min() < 0.4 and spread.max() > 0.6  # not a constant output
     # Batch size does not change the result.
-    other = infer.segment_study(vol, models, batch_size=24, keep_probs=True)
+    other = infer.segment_study(cached(vol), models, batch_size=24, keep_probs=True)
     np.testing.assert_allclose(other.probs.astype(np.float32), result.probs.astype(np.float32), atol=1e-3)
     assert (other.labels != result.labels).mean() < 1e-3
 
 
 def test_segment_study_input_size_and_nan(registry, tmp_path):
     run = tmp_path / "tiny"
-    write_checkpoint(run, 0, seed=0, size=16)
+    write_checkpoint(run, 0, seed=0, size=32)
     models = infer.load_run(run)
-    cached = {"image": toy_volume(z=10, size=32), "instance_numbers": np.arange(10, 0, -1),
-              "orig_hw": np.array([64, 64]), "spacing": np.array([1.0, 0.5, 0.5])}
-    result = infer.segment_study(cached, models)  # 32 px cache, 16 px model: resized in-plane
-    assert result.labels.shape == (10, 16, 16) and result.scale == (4.0, 4.0)
+    study = {"image": toy_volume(z=10, size=64), "instance_numbers": np.arange(10, 0, -1),
+             "orig_hw": np.array([128, 128]), "spacing": np.array([1.0, 0.5, 0.5])}
+    result = infer.segment_study(study, models)  # 64 px cache, 32 px model: resized in-plane
+    assert result.labels.shape == (10, 32, 32) and result.scale == (4.0, 4.0)
     assert result.spacing == (1.0, 1.0, 1.0)
     nan_run = tmp_path / "nan"
     write_checkpoint(nan_run, 0, seed=0, nan=True)
     with pytest.raises(infer.SegmentationError, match="study bad-study: NaN"):
-        infer.segment_study(toy_volume(), infer.load_run(nan_run), uid="bad-study")
+        infer.segment_study(cached(toy_volume()), infer.load_run(nan_run), uid="bad-study")
     with pytest.raises(ValueError, match="uint8"):
         infer.segment_study(toy_volume().astype(np.float32), models)
+    with pytest.raises(ValueError, match="slice spacing is needed"):
+        infer.segment_study(toy_volume(), models)  # a bare array: no spacing for the offsets in mm
 
 
 def test_save_and_load_seg_result(tmp_path):
@@ -192,17 +200,17 @@ def test_save_and_load_seg_result(tmp_path):
     from kit.crops import vertebra_extents
 
     extents = vertebra_extents(labels, (1.0, 2.0, 2.0))
-    result = infer.SegResult(uid="u1", labels=labels, extents=extents, missing=list(VERTEBRAE[2:]),
+    result = SegResult(uid="u1", labels=labels, extents=extents, missing=list(VERTEBRAE[2:]),
                              dropped={"C5": "centroid z=1.0 out of head-to-feet order"},
                              timing={"total_s": 0.1}, orig_hw=(64, 64),
                              instance_numbers=np.arange(101, 113), spacing=(1.0, 2.0, 2.0))
-    json_path = infer.save_seg_result(result, tmp_path / "u1")
+    json_path = save_seg_result(result, tmp_path / "u1")
     info = json.loads(json_path.read_text())
     c2 = info["vertebrae"]["C2"]
     assert (c2["z_first"], c2["z_last"], c2["box"]) == (6, 9, [5, 9, 6, 11])
     assert c2["box_original"] == [20, 36, 24, 44] and c2["instance_numbers"] == [107, 110]
     assert info["vertebrae"]["C3"] == {"found": False} and info["scale"] == [4.0, 4.0]
-    back = infer.load_seg_result(tmp_path / "u1.json")
+    back = load_seg_result(tmp_path / "u1.json")
     np.testing.assert_array_equal(back.labels, labels)
     assert back.missing == result.missing and back.dropped == result.dropped
     for name, e in extents.items():
@@ -225,7 +233,7 @@ def test_segment_studies_is_resumable_and_reports_failures(registry, tmp_path):
                             spacing=np.array([1.0, 1.0, 1.0]))
     (cache / "1.2.9.npz").write_bytes(b"corrupt")
     out = tmp_path / "seg"
-    first = infer.segment_studies(cache, [run], out, progress=False)
+    first = segment_studies(cache, [run], out, progress=False)
     assert (first["segmented"], first["skipped"], first["failed"]) == (3, 0, 1)
     assert list(first["failures"]) == ["1.2.9"]
     failures = pd.read_csv(out / "failures.csv", dtype=str)
@@ -236,12 +244,12 @@ def test_segment_studies_is_resumable_and_reports_failures(registry, tmp_path):
     if first["missing"]:
         missing = pd.read_csv(out / "missing.csv", dtype=str)
         assert set(missing["StudyInstanceUID"]) == set(first["missing"])
-    assert infer.load_seg_result(out / "1.2.1").labels.shape == (9, 32, 32)
-    second = infer.segment_studies(cache, [run], out, progress=False)
+    assert load_seg_result(out / "1.2.1").labels.shape == (9, 32, 32)
+    second = segment_studies(cache, [run], out, progress=False)
     assert (second["segmented"], second["skipped"], second["failed"]) == (0, 3, 1)
     # Fix the broken study: it is segmented and leaves failures.csv.
-    np.savez_compressed(cache / "1.2.9.npz", image=toy_volume(z=6))
-    third = infer.segment_studies(cache, run, out, progress=False, prefetch=False)
+    np.savez_compressed(cache / "1.2.9.npz", image=toy_volume(z=6), spacing=np.array([1.0, 1.0, 1.0]))
+    third = segment_studies(cache, run, out, progress=False, prefetch=False)
     assert (third["segmented"], third["skipped"], third["failed"]) == (1, 3, 0)
     assert pd.read_csv(out / "failures.csv").empty
 
@@ -254,44 +262,19 @@ def test_segment_studies_from_dicom_matches_prepared_arrays(registry, synthetic_
     run = tmp_path / "tiny"
     write_checkpoint(run, 0, seed=0, size=32)
     out = tmp_path / "seg"
-    summary = infer.segment_studies(synthetic_root, run, out, split="test", progress=False)
+    summary = segment_studies(synthetic_root, run, out, split="test", progress=False)
     uids = sorted(p.name for p in (synthetic_root / "test_images").iterdir())
     assert (summary["segmented"], summary["failed"]) == (len(uids), 0)
     uid = uids[0]
     series = read_series(synthetic_root / "test_images" / uid)
-    saved = infer.load_seg_result(out / uid)
+    saved = load_seg_result(out / uid)
     assert saved.uid == uid and saved.labels.shape == (series.hu.shape[0], 32, 32)
     assert saved.scale == (series.hu.shape[1] / 32, series.hu.shape[2] / 32)
     np.testing.assert_array_equal(saved.instance_numbers, series.instance_numbers)
     prepare_study(synthetic_root / "test_images" / uid, tmp_path / "cache" / f"{uid}.npz", size=32)
     cached = np.load(tmp_path / "cache" / f"{uid}.npz")
-    from_cache = infer.segment_study(cached["image"], infer.load_run(run))
+    from_cache = infer.segment_study({"image": cached["image"], "spacing": cached["spacing"]}, infer.load_run(run))
     np.testing.assert_array_equal(from_cache.labels, saved.labels)
-
-
-def test_plots_from_run_files(tmp_path):
-    import matplotlib.pyplot as plt
-
-    run = tmp_path / "demo_seg"
-    for fold in (0, 1):
-        (run / f"fold{fold}").mkdir(parents=True)
-        pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "val_dice": [0.3, 0.8],
-                      "lr": [1e-3, 1e-4], "seconds": [1.0, 1.0]}).to_csv(run / f"fold{fold}" / "log.csv", index=False)
-        oof = pd.DataFrame({"StudyInstanceUID": ["a", "b"], "fold": fold, "epoch": 2, "slices": 10,
-                            **{v: [0.8, 0.9] for v in VERTEBRAE}, "mean": [0.8, 0.9]})
-        oof.to_csv(run / f"fold{fold}" / "oof.csv", index=False)
-    fig = infer.plot_training_curves(run)
-    assert len(fig.axes) == 2 and len(fig.axes[0].lines) == 4 and len(fig.axes[1].lines) == 2
-    fig = infer.plot_dice_per_vertebra(run)
-    heights = [p.get_height() for p in fig.axes[0].patches]
-    np.testing.assert_allclose(heights, [0.85] * 7)
-    labels = np.zeros((12, 16, 16), np.uint8)
-    labels[2:6, 4:10, 5:9] = 1
-    fig = infer.plot_segmentation(toy_volume(z=12, size=16), labels, labels, spacing=(1.0, 0.5, 0.5))
-    assert len(fig.axes) == 2
-    plt.close("all")
-    with pytest.raises(FileNotFoundError, match="log.csv"):
-        infer.plot_training_curves(tmp_path / "empty")
 
 
 def test_bench_seg_table(capsys):
@@ -304,38 +287,28 @@ def test_bench_seg_table(capsys):
     assert "random" in result["weights"] and "slices/s" in capsys.readouterr().out
 
 
-def test_segment_study_uses_the_training_slice_step(registry, tmp_path):
-    """A model trained with data.context_mm sees slices context_mm / dz apart at inference too."""
-    run = tmp_path / "mm"
-    write_checkpoint(run, 0, seed=0, context=1, context_mm=3.0)
-    models = infer.load_run(run)
-    vol = toy_volume()
-    cached = {"image": vol, "spacing": np.array([0.75, 1.0, 1.0], dtype=np.float32)}
-    assert models[0].offsets(0.75).tolist() == [-4, 0, 4] and models[0].offsets(1.0).tolist() == [-3, 0, 3]
-    result = infer.segment_study(cached, models, keep_probs=True, uid="mm")
-    for z in (0, 5, 12, 23):
-        expected = sigmoid_at(models[0].model, vol, z, 1, step=4)
-        np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
-    with pytest.raises(ValueError, match="slice spacing is needed"):
-        infer.segment_study(vol, models)
-
-
 def test_segment_study_uses_the_training_offsets_in_mm(registry, tmp_path):
-    """A model trained with data.context_offsets_mm sees the same mm offsets, rounded to the study's slices."""
+    """A model sees the offsets in mm it was trained with, rounded to the study's slices."""
     run = tmp_path / "offsets"
-    write_checkpoint(run, 0, seed=2, offsets_mm=[-6.0, -1.0, 0.0, 1.0, 6.0])
+    write_checkpoint(run, 0, seed=2, offsets_mm=(-6.0, -1.0, 0.0, 1.0, 6.0))
     models = infer.load_run(run)
-    assert models[0].offsets(0.5).tolist() == [-12, -2, 0, 2, 12]
-    assert models[0].offsets(1.0).tolist() == [-6, -1, 0, 1, 6]
-    assert models[0].offsets(2.5).tolist() == [-2, -1, 0, 1, 2]  # small offsets keep at least one slice
-    with pytest.raises(ValueError, match="spacing is needed"):
-        models[0].offsets(None)
+    assert models[0].recipe.offsets(0.5).tolist() == [-12, -2, 0, 2, 12]
+    assert models[0].recipe.offsets(1.0).tolist() == [-6, -1, 0, 1, 6]
+    assert models[0].recipe.offsets(2.5).tolist() == [-2, -1, 0, 1, 2]  # small offsets keep at least one slice
     vol = toy_volume()
-    cached = {"image": vol, "spacing": np.array([0.5, 1.0, 1.0], dtype=np.float32)}
-    result = infer.segment_study(cached, models, keep_probs=True, uid="offsets")
+    result = infer.segment_study(cached(vol, 0.5), models, keep_probs=True, uid="offsets")
     for z in (0, 3, 12, 23):
         expected = sigmoid_at(models[0].model, vol, z, 0, offsets=[-12, -2, 0, 2, 12])
         np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
+
+
+def test_old_configs_fail_with_the_new_key_named(registry, tmp_path):
+    path = write_checkpoint(tmp_path / "old", 0, seed=0)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["config"]["data"]["context"] = 2
+    torch.save(ckpt, path)
+    with pytest.raises(RuntimeError, match="data.context.*replaced by data.slice_offsets_mm"):
+        infer.load_run(tmp_path / "old")
 
 
 def write_level_checkpoint(run_dir, fold: int = 0, *, slice_mm: float = 2.0, size: int = 32) -> None:
@@ -371,23 +344,23 @@ def test_fuse_levels_lets_the_level_model_name_the_vertebra():
 
 
 def test_segment_study_fuses_the_level_model(registry, tmp_path):
-    write_checkpoint(tmp_path / "seg", 0, seed=0, context=1)
+    write_checkpoint(tmp_path / "seg", 0, seed=0)
     write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
     seg, levels = infer.load_run(tmp_path / "seg"), infer.load_run(tmp_path / "level")
     vol = toy_volume()
-    cached = {"image": vol, "spacing": np.array([1.0, 1.0, 1.0], dtype=np.float32)}
+    study = cached(vol)
     presence = infer.predict_levels(vol, 1.0, levels)
     assert presence.shape == (7, len(vol)) and ((presence > 0) & (presence < 1)).all()
     # at the model's own steps (every 2nd slice) the presence is the model's sigmoid on the stacked steps
-    from kit.data import level_grid, level_stacks
-
-    grid = level_grid(len(vol), 1.0, 2.0)
+    assert levels[0].provides == "levels"
+    grid = np.arange(0, len(vol), 2)
+    steps = np.clip(np.arange(len(grid))[:, None] + np.arange(-1, 2), 0, len(grid) - 1)
     with torch.no_grad():
-        x = torch.from_numpy(level_stacks(vol, grid, 1)).float()[None] / 255.0
+        x = torch.from_numpy(vol[grid[steps]]).float()[None] / 255.0
         direct = torch.sigmoid(levels[0].model(x))[0].numpy()
     np.testing.assert_allclose(presence[:, grid], direct.T, atol=1e-5)
-    plain = infer.segment_study(cached, seg, keep_probs=True, uid="plain")
-    fused = infer.segment_study(cached, seg, keep_probs=True, uid="fused", levels=levels)
+    plain = infer.segment_study(study, seg, keep_probs=True, uid="plain")
+    fused = infer.segment_study(study, seg, keep_probs=True, uid="fused", levels=levels)
     np.testing.assert_allclose(fused.probs.astype(np.float32),
                                infer.fuse_levels(plain.probs, presence).astype(np.float32), atol=2e-3)
     with pytest.raises(ValueError, match="slice spacing"):
@@ -395,26 +368,17 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
 
 
 def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
-    """data.level_input: the level model's presence of slice z goes in as 7 constant planes after the slices."""
-    write_checkpoint(tmp_path / "seg", 0, seed=3, context=1, level_input=True)
+    """data.level_input: the level model's presence, made into planes by the run's recipe (as training makes them
+    from the true ranges), goes in as 7 constant planes after the slices."""
+    write_checkpoint(tmp_path / "seg", 0, seed=3, level_input=True)
     write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
     seg, levels = infer.load_run(tmp_path / "seg"), infer.load_run(tmp_path / "level")
-    assert seg[0].level_input and not levels[0].level_input
+    assert seg[0].recipe.level_input and levels[0].provides == "levels"
     vol = toy_volume()
-    cached = {"image": vol, "spacing": np.array([1.0, 1.0, 1.0], dtype=np.float32)}
+    study = cached(vol)
     presence = infer.predict_levels(vol, 1.0, levels)
     probs = infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence).astype(np.float32)
-    # the presence is smoothed along z by a box of data.level_ramp_mm (2.5 mm = 2 slices here), as trained
-    planes = seg[0].level_planes(presence, 1.0)
-    np.testing.assert_allclose(planes[:, 1:], (presence[:, 1:] + presence[:, :-1]) / 2, atol=1e-6)
-    assert seg[0].level_planes(presence, 2.0) is presence  # ramp under 2 slices: as it is
-    # data.level_margin_mm: the presence is first dilated along z by the margin at each end, as trained
-    write_checkpoint(tmp_path / "wide", 0, seed=3, context=1, level_input=True, level_margin_mm=2.0)
-    wide = infer.load_run(tmp_path / "wide")[0]
-    step = np.zeros((7, 12), np.float32)
-    step[2, 5:8] = 1.0
-    np.testing.assert_allclose(wide.level_planes(step, 2.0)[2], [0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0])
-    np.testing.assert_allclose(wide.level_planes(step, 1.0)[2], [0, 0, 0, 0.5, 1, 1, 1, 1, 1, 1, 0.5, 0])
+    planes = seg[0].recipe.planes(presence, 1.0)
     for z in (0, 7, 23):
         x = np.concatenate([vol[np.clip(z + np.arange(-1, 2), 0, len(vol) - 1)] / 255.0,
                             np.broadcast_to(planes[:, z, None, None], (7, *vol.shape[1:]))])
@@ -429,13 +393,13 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     with pytest.raises(ValueError, match="levels"):
         infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence[:, :5])
     with pytest.raises(ValueError, match="conditioned on the level model"):
-        infer.segment_study(cached, seg, uid="no-levels")
+        infer.segment_study(study, seg, uid="no-levels")
     # segment_study: the level run's presence goes in; no fusion on top by default (fuse=True adds it)
-    result = infer.segment_study(cached, [seg, levels], keep_probs=True, uid="with-levels")
+    result = infer.segment_study(study, [seg, levels], keep_probs=True, uid="with-levels")
     np.testing.assert_allclose(result.probs.astype(np.float32), probs, atol=2e-3)
-    fused = infer.segment_study(cached, seg, levels=levels, fuse=True, keep_probs=True, uid="fused")
+    fused = infer.segment_study(study, seg, levels=levels, fuse=True, keep_probs=True, uid="fused")
     np.testing.assert_allclose(fused.probs.astype(np.float32),
                                infer.fuse_levels(probs, presence).astype(np.float32), atol=2e-3)
     # or a presence array in place of level models, e.g. the true ranges
-    given = infer.segment_study(cached, seg, levels=presence, keep_probs=True, uid="given")
+    given = infer.segment_study(study, seg, levels=presence, keep_probs=True, uid="given")
     np.testing.assert_allclose(given.probs.astype(np.float32), probs, atol=2e-3)

@@ -276,3 +276,18 @@ def test_dice_per_vertebra_by_hand():
     assert dice["mean"] == pytest.approx((2 / 3 + 1.0 + 0.0) / 3)
     with pytest.raises(ValueError, match="same shape"):
         dice_per_vertebra(pred[:1], true)
+
+
+def test_z_range_errors_count_a_missed_vertebra_as_the_study_length():
+    from kit.metrics import z_range_errors
+
+    true = np.zeros((20, 4, 4), np.uint8)
+    true[2:6, 1, 1], true[6:10, 1, 1], true[10:14, 1, 1] = 1, 2, 3
+    pred = np.zeros_like(true)
+    pred[3:6, 1, 1], pred[6:12, 1, 1] = 1, 2  # C1 starts 1 late; C2 ends 2 late; C3 missed
+    pred[15:17, 1, 1] = 5  # C5 is not in the truth: left out
+    err = z_range_errors(pred, true)
+    assert err[["C1", "C2", "C3"]].tolist() == [1.0, 2.0, 20.0]
+    assert err[["C4", "C5", "C6", "C7"]].isna().all() and err["max"] == 20.0
+    with pytest.raises(ValueError, match="same shape"):
+        z_range_errors(pred[:3], true)

@@ -82,7 +82,9 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="unknown segmenter arch 'deeplab'; available: unet, unetpp, fpn"):
         Segmenter(arch="deeplab")
     assert list_models("seg_*") == [n for n in list_models() if n.startswith("seg_")]
-    assert set(list_models()) == set(list_models("seg_*")) | set(list_models("level_*")), "a model family untested"
+    # cls_* are covered by test_classifier_models.py
+    families = set(list_models("seg_*")) | set(list_models("level_*")) | set(list_models("cls_*"))
+    assert set(list_models()) == families, "a model family untested"
 
 
 def test_pretrained_whole_model_with_prefixes(tmp_path):

@@ -1,4 +1,4 @@
-"""kit.report: the OOF report renders from contract-format files, and its numbers are the metric's."""
+"""kit.report: each kind of run gets its report from contract-format files, and its numbers are the metric's."""
 
 from __future__ import annotations
 
@@ -8,10 +8,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE
 from kit.metrics import competition_score, prevalence_baseline
-from kit.report import FITTED_BLEND, MEAN_BLEND, fit_blend_weights, load_oof, oof_report
+from kit.report import (
+    FITTED_BLEND,
+    MEAN_BLEND,
+    fit_blend_weights,
+    level_report,
+    load_oof,
+    oof_report,
+    plot_segmentation,
+    run_report,
+    run_task,
+    seg_report,
+)
 
 UID = "StudyInstanceUID"
 N_STUDIES, N_FOLDS = 120, 3
@@ -128,3 +140,219 @@ def test_fit_blend_weights_finds_the_better_run():
     bad = np.full(y.shape, 0.5)
     w = fit_blend_weights(y, [bad, good])
     assert w.sum() == pytest.approx(1.0) and (w >= 0).all() and w[1] > 0.9
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmenter and level-model runs (fake run folders in the trainer's contract; no training)
+# ---------------------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+V = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+# study: (fold, slices, Dice C1..C7, z-range error C1..C7); NaN = vertebra absent from the truth,
+# an error equal to the slice count = a vertebra the prediction missed.
+SEG_STUDIES = {
+    "1.2.826.0.1.3680043.1": (0, 40, [0.9] * 7, [0, 1, 0, 0, 1, 2, 3]),
+    "1.2.826.0.1.3680043.2": (0, 40, [0.8] * 6 + [0.0], [1, 0, 0, 1, 0, 1, 40]),
+    "1.2.826.0.1.3680043.3": (0, 50, [0.95, 0.9, NAN, 0.9, 0.9, 0.9, 0.8], [0, 0, NAN, 0, 0, 1, 2]),
+    "1.2.826.0.1.3680043.4": (1, 30, [0.95] * 7, [0, 0, 0, 0, 1, 1, 1]),
+    "1.2.826.0.1.3680043.5": (1, 30, [0.9] * 5 + [0.6, 0.5], [2, 1, 0, 0, 0, 3, 5]),
+    "1.2.826.0.1.3680043.6": (1, 30, [NAN] + [0.9] * 5 + [0.6], [NAN, 0, 0, 0, 1, 2, 4]),
+}
+LEVEL_STUDIES = {
+    "1.2.826.0.1.3680043.11": (0, 20, [1.0, 0.8, 0.8, 0.6, 1.0, 1.0, 0.5]),
+    "1.2.826.0.1.3680043.12": (0, 25, [1.0, 1.0, 1.0, 1.0, 1.0, 0.9, 0.9]),
+    "1.2.826.0.1.3680043.13": (1, 22, [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, NAN]),
+    "1.2.826.0.1.3680043.14": (1, 30, [1.0, 1.0, 0.9, 0.9, 0.9, 0.9, 0.8]),
+}
+
+
+def write_fold_files(run: Path, task: str, rows: list[dict], cache_dir: Path | None = None) -> None:
+    """config.yaml, log.csv and oof.csv of each fold, as `kit train` writes them."""
+    table = pd.DataFrame(rows)
+    metric = {"seg": "val_dice", "level": "val_iou"}[task]
+    for k, part in table.groupby("fold"):
+        folder = run / f"fold{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"fold": int(k), **({"cache_dir": str(cache_dir)} if cache_dir else {})}
+        (folder / "config.yaml").write_text(yaml.safe_dump({"task": task, "name": run.name, "data": data}))
+        pd.DataFrame({"epoch": [1, 2, 3], "train_loss": [1.0, 0.6, 0.4], "val_loss": [1.1, 0.7, 0.5],
+                      metric: [0.3, 0.6, 0.8], "lr": [1e-3, 5e-4, 1e-4], "seconds": [2.0, 2.1, 2.0]}
+                     ).to_csv(folder / "log.csv", index=False)
+        part.to_csv(folder / "oof.csv", index=False)
+
+
+def write_seg_run(run: Path, cache_dir: Path | None = None) -> None:
+    rows = []
+    for uid, (fold, slices, dice, zerr) in SEG_STUDIES.items():
+        row = {"StudyInstanceUID": uid, "fold": fold, "epoch": 3, "slices": slices}
+        row.update({f"dice_{v}": d for v, d in zip(V, dice)})
+        row["dice_mean"] = np.nanmean(dice)
+        row.update({f"zerr_{v}": z for v, z in zip(V, zerr)})
+        row["zerr_max"] = np.nanmax(zerr)
+        rows.append(row)
+    write_fold_files(run, "seg", rows, cache_dir)
+
+
+def write_level_run(run: Path) -> None:
+    rows = []
+    for uid, (fold, steps, iou) in LEVEL_STUDIES.items():
+        rows.append({"StudyInstanceUID": uid, "fold": fold, "epoch": 3, "steps": steps,
+                     **{f"iou_{v}": x for v, x in zip(V, iou)}, "iou_mean": np.nanmean(iou)})
+    write_fold_files(run, "level", rows)
+
+
+def assert_png(path) -> None:
+    path = Path(path)
+    assert path.is_file() and path.stat().st_size > 5_000, path
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seg_report_numbers_plots_and_worst_studies(tmp_path):
+    run = tmp_path / "runs" / "seg_fake"
+    write_seg_run(run, cache_dir=tmp_path / "no_cache_here")
+    result = seg_report(run, n_worst=3)
+    stored = json.loads((run / "report.json").read_text())
+    assert Path(result["report_md"]) == run / "report.md" and stored["n_studies"] == 6 and stored["folds"] == [0, 1]
+
+    # Dice per vertebra: C1 = (0.9 + 0.8 + 0.95) / 3 in fold 0, (0.95 + 0.9) / 2 in fold 1 (study 6 lacks C1),
+    # 4.5 / 5 over both; C7 = (0.9 + 0 + 0.8 + 0.95 + 0.5 + 0.6) / 6.
+    dice = stored["dice"]
+    assert dice["per_fold"][0]["C1"] == pytest.approx(0.883333, abs=1e-6)
+    assert dice["per_fold"][1]["C1"] == pytest.approx(0.925)
+    assert dice["all"]["C1"] == pytest.approx(0.9) and dice["all"]["C7"] == pytest.approx(0.625)
+    assert dice["per_fold"][1]["C7"] == pytest.approx(0.683333, abs=1e-6)
+    # mean of the per-study means 0.9, 0.685714, 0.891667, 0.95, 0.8, 0.85
+    assert dice["all"]["mean"] == pytest.approx(0.846230, abs=1e-6)
+
+    # z-range errors: C7 over all studies 1, 2, 3, 4, 5, 40 -> median 3.5 (the worst); fold 0: C7 2, 3, 40 -> 3;
+    # fold 1: C7 1, 4, 5 -> 4. Within 2 slices: 35 of the 40 scored vertebrae (18/20 and 17/20 per fold).
+    z = stored["zrange"]
+    assert z["all"]["worst_median"] == pytest.approx(3.5) and z["all"]["worst_vertebra"] == "C7"
+    assert z["all"]["median"]["C6"] == pytest.approx(1.5) and z["all"]["median"]["C3"] == 0.0
+    assert [f["worst_median"] for f in z["per_fold"]] == [3.0, 4.0]
+    assert z["all"]["within"] == pytest.approx(35 / 40) and z["all"]["n_vertebrae"] == 40
+    assert [f["within"] for f in z["per_fold"]] == pytest.approx([0.9, 0.85])
+    assert z["all"]["within_per_vertebra"]["C7"] == pytest.approx(2 / 6)
+    assert stored["spread"]["worst_median"]["mean"] == pytest.approx(3.5)
+    assert stored["spread"]["worst_median"]["sd"] == pytest.approx(np.std([3.0, 4.0], ddof=1))
+
+    for name in ("dice_per_vertebra.png", "zrange_errors.png", "training_curves.png"):
+        assert_png(run / name)
+        assert str(run / name) in result["pngs"]
+
+    # the worst studies by mean Dice: study 2 (0.686), 5 (0.8), 6 (0.85); no cache -> a line, not a failure
+    md = (run / "report.md").read_text()
+    ranked = [w["StudyInstanceUID"] for w in stored["worst"]]
+    assert ranked == ["1.2.826.0.1.3680043.2", "1.2.826.0.1.3680043.5", "1.2.826.0.1.3680043.6"]
+    positions = [md.index(f"### {i}. {uid}") for i, uid in enumerate(ranked, start=1)]
+    assert positions == sorted(positions)
+    assert "| 1 | `1.2.826.0.1.3680043.2` | 0 | 0.686 | C7 0.000 | 40 | C7 |" in md  # C7 missed: error = slices
+    assert stored["pictures"] == {} and set(stored["missing_pictures"]) == set(ranked)
+    for uid in ranked:
+        line = next(ln for ln in md.splitlines() if ln.startswith(f"Picture missing for {uid}: "))
+        assert "no_cache_here" in line
+    assert "| **all folds** | 6 | 0.846 | 3.5 | C7 | 0.875 |" in md
+
+
+def test_level_report_numbers(tmp_path):
+    run = tmp_path / "level_fake"
+    write_level_run(run)
+    result = level_report(run, tmp_path / "out", n_worst=2)
+    stored = json.loads((tmp_path / "out" / "report.json").read_text())
+    iou = stored["iou"]
+    # C1: (1.0 + 1.0) / 2 in fold 0, (0.5 + 1.0) / 2 in fold 1; C7: (0.5 + 0.9 + 0.8) / 3 (study 13 lacks C7)
+    assert iou["per_fold"][0]["C1"] == pytest.approx(1.0) and iou["per_fold"][1]["C1"] == pytest.approx(0.75)
+    assert iou["all"]["C7"] == pytest.approx(2.2 / 3)
+    assert iou["all"]["mean"] == pytest.approx(np.mean([5.7 / 7, 6.8 / 7, 0.5, 6.4 / 7]))
+    assert [w["StudyInstanceUID"] for w in stored["worst"]] == ["1.2.826.0.1.3680043.13", "1.2.826.0.1.3680043.11"]
+    md = Path(result["report_md"]).read_text()
+    assert "| 1 | `1.2.826.0.1.3680043.13` | 1 | 22 | 0.500 | C1 0.500 |" in md
+    assert "lowest vertebra C7" in result["headline"]  # C7 0.733 is the lowest all-fold mean
+    for png in ("iou_per_vertebra.png", "training_curves.png"):
+        assert_png(tmp_path / "out" / png)
+    assert not (run / "report.md").exists()  # out_dir given: the run folder stays untouched
+
+
+def test_run_report_picks_each_runs_report(tmp_path, capsys):
+    write_seg_run(tmp_path / "seg_run")
+    write_level_run(tmp_path / "level_run")
+    write_run(tmp_path / "cls_run", labels(30, seed=8), seed=9, noise=1.0)
+    results = run_report([tmp_path / "seg_run", tmp_path / "level_run", tmp_path / "cls_run"], n_worst=2)
+    assert [r["kind"] for r in results] == ["seg", "level", "cls"]
+    assert [Path(r["report_md"]).parent.name for r in results] == ["seg_run", "level_run", "cls_run"]
+    assert results[2]["scores"]["cls_run"]["row"] == pytest.approx(
+        json.loads((tmp_path / "cls_run" / "report.json").read_text())["scores"]["cls_run"]["row"])
+    assert run_task(tmp_path / "seg_run") == "seg" and run_task(tmp_path / "cls_run") == "cls"
+
+    # without config.yaml the oof.csv columns decide
+    for cfg in (tmp_path / "level_run").glob("fold*/config.yaml"):
+        cfg.unlink()
+    assert run_task(tmp_path / "level_run") == "level"
+
+    # several reports into one --out: one folder each
+    results = run_report([tmp_path / "seg_run", tmp_path / "level_run"], tmp_path / "reports", n_worst=1)
+    assert [Path(r["out_dir"]) for r in results] == [tmp_path / "reports" / "seg_run",
+                                                       tmp_path / "reports" / "level_run"]
+
+    # the CLI: a short table, where the report is, exit 0
+    from kit.cli import main
+
+    main(["report", str(tmp_path / "seg_run"), "--worst", "1"])
+    out = capsys.readouterr().out
+    assert "seg_run  seg   6" in out and "worst median z-error 3.5 slices (C7)" in out
+    assert f"report: {tmp_path / 'seg_run' / 'report.md'}" in out
+    assert "1 of the worst studies' pictures missing, e.g. FileNotFoundError" in out  # no cache here
+
+
+def test_run_report_errors_name_the_run_and_the_layouts(tmp_path):
+    old = tmp_path / "old_seg"  # an oof.csv in the old layout: Dice named like the classifier's probabilities
+    (old / "fold0").mkdir(parents=True)
+    pd.DataFrame({"StudyInstanceUID": ["1.2.3"], "fold": [0], **{v: [0.9] for v in V}, "mean": [0.9]}
+                 ).to_csv(old / "fold0" / "oof.csv", index=False)
+    with pytest.raises(ValueError, match=r"old_seg: unknown layout.*expected task 'cls'.*task 'seg' with oof.csv "
+                                         r"columns StudyInstanceUID, fold, epoch, slices, dice_C1"):
+        run_report(old)
+    (old / "fold0" / "config.yaml").write_text("task: seg\n")  # a seg config over old columns
+    with pytest.raises(ValueError, match=r"lacks columns \['dice_C1'.*older kit; retrain"):
+        run_report(old)
+    (old / "fold0" / "config.yaml").write_text("task: detector\n")
+    with pytest.raises(ValueError, match="config task 'detector' has no report; reports exist for cls, seg, level"):
+        run_report(old)
+    (tmp_path / "empty" / "fold0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="empty: no fold<k>/config.yaml with a task and no oof.csv"):
+        run_report(tmp_path / "empty")
+
+
+def test_plot_segmentation_draws_prediction_beside_truth():
+    image = np.zeros((6, 32, 32), np.uint8)
+    truth = np.zeros((6, 32, 32), np.uint8)
+    truth[1:3, 8:24, 10:14] = 1
+    truth[3:5, 8:24, 10:14] = 2
+    pred = truth[:, ::2, ::2].copy()  # the model's smaller size: resized for display
+    fig = plot_segmentation(image, pred, truth, spacing=(2.0, 1.0, 1.0), title="t")
+    assert len(fig.axes) == 2 and fig.axes[0].get_title() == "predicted (x = 12)"
+    assert [t.get_text() for t in fig.axes[1].texts] == ["C1", "C2"]
+    assert len(plot_segmentation(image, pred).axes) == 1
+
+
+def test_seg_report_pictures_a_real_run(tmp_path):
+    """A seconds-long real segmenter run: the worst study's picture comes from its fold's model."""
+    from seg_fixtures import make_cache, tiny_overrides
+
+    from kit.config import load_config
+    from kit.train import fit_fold
+
+    uids, folds_csv = make_cache(tmp_path / "cache", n_studies=6, n_unsegmented=0, n_folds=3, z=24, size=64)
+    cfg = load_config("demo_seg", **tiny_overrides(tmp_path / "cache", folds_csv, tmp_path / "runs",
+                                                   **{"train.epochs": 1}))
+    fit_fold(cfg)
+    run = tmp_path / "runs" / "demo_seg"
+    held_out = [u for i, u in enumerate(uids) if i % 3 == 0]
+    oof = pd.DataFrame({"StudyInstanceUID": held_out, "fold": 0, "epoch": 1, "slices": 24,
+                        **{f"dice_{v}": [0.5, 0.7] for v in V}, "dice_mean": [0.5, 0.7],
+                        **{f"zerr_{v}": [1, 2] for v in V}, "zerr_max": [1, 2]})
+    oof.to_csv(run / "fold0" / "oof.csv", index=False)  # the new contract, whatever this trainer wrote
+    result = seg_report(run, n_worst=1)
+    assert list(result["pictures"]) == [held_out[0]] and result["missing_pictures"] == {}
+    assert_png(result["pictures"][held_out[0]])
+    assert f"]({Path(result['pictures'][held_out[0]]).name})" in Path(result["report_md"]).read_text()

@@ -307,6 +307,66 @@ def test_folds_for_accepts_dropped_broken_studies(tmp_path):
     assert len(kept) == 11 and BROKEN_STUDIES[0] not in set(kept[UID])
 
 
+def strata_table(n: int = 200, n_seg: int = 40, n_boxes: int = 30, seed: int = 0) -> pd.DataFrame:
+    """A label table with realistic vertebra prevalences, `n_seg` segmented studies drawn at random and
+    `n_boxes` boxed studies drawn among the fractured ones (boxes mark fractures)."""
+    rng = np.random.default_rng(seed)
+    prevalence = np.array([0.072, 0.141, 0.036, 0.054, 0.080, 0.137, 0.195])  # RSNA_DATA.md, C1..C7
+    v = (rng.random((n, 7)) < prevalence).astype(np.int64)
+    df = pd.DataFrame(v, columns=list(VERTEBRAE))
+    df.insert(0, "patient_overall", v.max(1))
+    df.insert(0, UID, [f"{UID_PREFIX}{5000 + i}" for i in range(n)])
+    df["has_segmentation"] = 0
+    df.loc[rng.choice(n, n_seg, replace=False), "has_segmentation"] = 1
+    df["has_boxes"] = 0
+    df.loc[rng.choice(np.nonzero(v.max(1))[0], n_boxes, replace=False), "has_boxes"] = 1
+    return df
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_make_folds_balances_segmented_and_boxed_studies(seed):
+    table = strata_table(seed=seed)  # 200 studies, 40 segmented, 30 with boxes
+    folds = rsna.make_folds(table, n_folds=5, seed=seed)
+    assert list(folds.columns) == [UID, "fold", "has_segmentation", "has_boxes"]
+    assert folds["has_segmentation"].tolist() == table["has_segmentation"].tolist()
+    by_fold = table.groupby(folds["fold"].to_numpy())
+    assert by_fold.size().tolist() == [40] * 5
+    assert (by_fold["has_segmentation"].sum() - 8).abs().max() <= 1  # 40 / 5 = 8 +- 1 segmented a fold
+    assert (by_fold["has_boxes"].sum() - 6).abs().max() <= 1  # 30 / 5 = 6 +- 1 boxed
+    # The targets stay stratified: every fold within 2 positives of its even share of every label.
+    per_fold = by_fold[list(TARGETS)].sum()
+    share = table[list(TARGETS)].sum() / 5
+    assert ((per_fold - share).abs() <= 2).all().all(), f"targets off their share:\n{per_fold}\nshare {share}"
+
+
+def test_make_folds_strata_arrays_equal_columns_and_are_checked():
+    table = strata_table(seed=3)
+    from_columns = rsna.make_folds(table, seed=11)
+    plain = table.drop(columns=["has_segmentation", "has_boxes"])
+    from_arrays = rsna.make_folds(plain, seed=11, has_segmentation=table["has_segmentation"].to_numpy(),
+                                  has_boxes=table["has_boxes"].tolist())
+    pd.testing.assert_frame_equal(from_columns, from_arrays)
+    pd.testing.assert_frame_equal(from_columns, rsna.make_folds(table, seed=11))  # same seed, same folds
+    assert (rsna.make_folds(table, seed=12)["fold"] != from_columns["fold"]).any()
+    only_seg = rsna.make_folds(plain, seed=11, has_segmentation=table["has_segmentation"])
+    assert list(only_seg.columns) == [UID, "fold", "has_segmentation"]
+    with pytest.raises(ValueError, match=r"has_boxes must hold one 0/1 value per study \(200\); got shape \(3,\)"):
+        rsna.make_folds(plain, has_boxes=[0, 1, 0])
+    bad = table.assign(has_segmentation=table["has_segmentation"].replace(1, 2))
+    with pytest.raises(ValueError, match=r"has_segmentation must hold 0/1 per study; got 1\.2\.826\.[\d.]+=2, "):
+        rsna.make_folds(bad)
+
+
+def test_folds_csv_records_strata_and_checks_them(tmp_path):
+    folds = rsna.make_folds(strata_table(seed=4), n_folds=4, seed=0)
+    path = rsna.save_folds(folds, tmp_path / "folds.csv")
+    assert path.read_text().splitlines()[0] == "StudyInstanceUID,fold,has_segmentation,has_boxes"
+    pd.testing.assert_frame_equal(rsna.load_folds(path), folds)
+    folds.assign(has_boxes=folds["has_boxes"] * 3).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="column 'has_boxes' must hold 0/1 labels"):
+        rsna.load_folds(path)
+
+
 # --------------------------------------------------------------------------------------------------------- synthetic data
 
 
@@ -319,3 +379,27 @@ def test_loaders_read_the_synthetic_dataset(request):
     uids, rows = rsna.studies_to_predict(root)
     assert len(uids) == 2 and len(rows) == 16
     assert set(rsna.make_folds(train, n_folds=2)["fold"]) == {0, 1}
+
+
+def test_study_strata_read_the_synthetic_root(request):
+    root = request.getfixturevalue("synthetic_root")  # 8 train studies, 4 with a segmentation
+    train = rsna.load_train(root)
+    strata = rsna.study_strata(root, train[UID])
+    segmented = {p.name[: -len(".nii")] for p in (root / "segmentations").glob("*.nii")}
+    boxed = set(rsna.load_boxes(root)[UID])
+    assert strata[UID].tolist() == train[UID].tolist()
+    assert strata["has_segmentation"].tolist() == [int(u in segmented) for u in train[UID]]
+    assert strata["has_boxes"].tolist() == [int(u in boxed) for u in train[UID]]
+    assert strata["has_segmentation"].sum() == 4 and strata["has_boxes"].sum() == len(boxed) >= 1
+
+
+def test_default_folds_of_the_synthetic_root_spread_the_segmented_studies(request, tmp_path):
+    root = request.getfixturevalue("synthetic_root")
+    path = tmp_path / "folds.csv"
+    folds = rsna.folds_for(root, path=path)  # the defaults: 5 folds, seed 42
+    segmented = folds.loc[folds["has_segmentation"] == 1, "fold"]
+    assert len(segmented) == 4
+    # 4 segmented studies over 5 folds: at most one a fold (stratified on targets alone, two shared a fold).
+    assert segmented.value_counts().max() == 1 and segmented.nunique() == 4
+    assert list(pd.read_csv(path).columns) == [UID, "fold", "has_segmentation", "has_boxes"]
+    pd.testing.assert_frame_equal(rsna.folds_for(root, path=path), folds)  # re-read: same table

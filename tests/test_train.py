@@ -16,7 +16,9 @@ from seg_fixtures import make_cache, tiny_overrides
 
 from kit.config import load_config, save_config
 from kit.models import load_checkpoint
-from kit.train import SegTask, amp_dtype, fit_fold, seg_loss
+from kit.losses import seg_loss
+from kit.tasks import SegTask
+from kit.train import amp_dtype, fit_fold
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -72,16 +74,17 @@ def test_fit_fold_writes_a_complete_run(cache, tmp_path):
     assert (oof["fold"] == 0).all() and (oof["epoch"] == ckpt["epoch"]).all()
     oof_summary = json.loads((run / "oof_summary.json").read_text())
     assert oof_summary["n_studies"] == 2
-    assert oof_summary["mean_dice"] == pytest.approx(oof["mean"].mean(), abs=1e-6) == pytest.approx(ckpt["metric"])
+    assert oof_summary["mean_dice"] == pytest.approx(oof["dice_mean"].mean(), abs=1e-6) == pytest.approx(ckpt["metric"])
+    zcols = [f"zerr_{v}" for v in ("C1", "C2", "C3", "C4", "C5", "C6", "C7")]
+    assert (oof[zcols].to_numpy() >= 0).all() and (oof["zerr_max"] == oof[zcols].max(axis=1)).all()
     model, _ = load_checkpoint(run / "model.pt")
     task = SegTask(cfg)
     task.build()
     again = task.evaluate(model, list(oof["StudyInstanceUID"]), torch.device("cpu"),
                           lambda: torch.autocast("cpu", enabled=False))
     redo = pd.DataFrame(again.rows).set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"]]
-    np.testing.assert_allclose(redo[["C1", "C2", "C3", "C4", "C5", "C6", "C7", "mean"]].to_numpy(dtype=float),
-                               oof[["C1", "C2", "C3", "C4", "C5", "C6", "C7", "mean"]].to_numpy(dtype=float),
-                               atol=1e-6)
+    dcols = [f"dice_{v}" for v in ("C1", "C2", "C3", "C4", "C5", "C6", "C7", "mean")] + zcols
+    np.testing.assert_allclose(redo[dcols].to_numpy(dtype=float), oof[dcols].to_numpy(dtype=float), atol=1e-6)
 
     # a finished run returns at once and changes nothing
     stamp = (run / "last.pt").stat().st_mtime_ns
@@ -138,8 +141,8 @@ def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
 def test_level_conditioned_segmenter_trains_and_segments(cache, tmp_path):
     """data.level_input: 7 more input channels; validation gives the true ranges; inference needs levels."""
     from kit.cache import load_cached
-    from kit.data import true_presence
     from kit.infer import load_run, segment_study
+    from kit.slices import true_presence
 
     cache_dir, _, uids = cache
     cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "data.level_input": True,
@@ -147,7 +150,7 @@ def test_level_conditioned_segmenter_trains_and_segments(cache, tmp_path):
     summary = fit_fold(cfg)
     assert summary["finished"] and 0 <= summary["best_dice"] <= 1
     seg = load_run(tmp_path / "runs" / "demo_seg")
-    assert seg[0].level_input and seg[0].model.in_channels == 3 + 7
+    assert seg[0].recipe.level_input and seg[0].model.in_channels == 3 + 7
     oof = pd.read_csv(tmp_path / "runs" / "demo_seg" / "fold0" / "oof.csv", dtype={"StudyInstanceUID": str})
     study = load_cached(cache_dir, oof.StudyInstanceUID.iloc[0])
     with pytest.raises(ValueError, match="conditioned on the level model"):
@@ -167,7 +170,8 @@ def test_level_task_trains_and_scores_held_out_studies(cache, tmp_path):
     run = tmp_path / "demo_level" / "fold0"
     assert summary["finished"] and (run / "model.pt").is_file()
     oof = pd.read_csv(run / "oof.csv")
-    assert len(oof) == 2 and oof["mean"].between(0, 1).all() and set(oof.columns) >= {"C1", "C7", "steps"}
+    assert len(oof) == 2 and oof["iou_mean"].between(0, 1).all() and set(oof.columns) >= {"iou_C1", "iou_C7", "steps"}
+    assert not set(oof.columns) & {"C1", "C7", "mean"}  # nothing a classifier report would read as probabilities
     log = read_log(run)
     assert list(log.columns) == ["epoch", "train_loss", "val_loss", "val_iou", "lr", "seconds"]
     assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
@@ -280,3 +284,130 @@ def test_two_process_ddp_on_cpu(cache, tmp_path):
         logits = model(saved["probe"])
     assert logits.shape == (2, 7, 64, 64)
     torch.testing.assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One input recipe: training, validation and inference give the model the same bits
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and keeps every input it is given."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.inputs = model, []
+
+    def forward(self, x, *args):
+        self.inputs.append(x.detach().cpu().clone())
+        return self.model(x, *args)
+
+
+def test_training_validation_and_inference_feed_identical_inputs(cache, tmp_path):
+    """The same study and slice through the training dataset (augmentation off), validation and inference."""
+    from kit.cache import load_cached
+    from kit.infer import load_run, predict_vertebra_probs
+    from kit.slices import true_presence
+
+    cache_dir, _, uids = cache
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "data.level_input": True,
+                                                "data.level_margin_mm": 2.5, "data.augment.enabled": False,
+                                                "data.slice_offsets_mm": [-2.0, 0.0, 3.0],
+                                                "data.background_fraction": 1.0})
+    fit_fold(cfg)
+    (loaded,) = load_run(cfg.run_dir.parent)
+    task = SegTask(cfg)
+    train_ds, held_out = task.build()
+    uid = held_out[0]
+    # the training dataset over the held-out study itself, augmentation off
+    from kit.data import SegSliceDataset
+    ds = SegSliceDataset({uid: task.held_out[uid]}, task.recipe, background_fraction=1.0, augment=None)
+    by_z = {ds[i]["z"]: ds[i]["image"] for i in range(len(ds))}
+
+    rec = Recorder(loaded.model)
+    task.evaluate(rec, [uid], torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    validation = torch.cat(rec.inputs)
+
+    cached = load_cached(cache_dir, uid)
+    rec.inputs.clear()
+    loaded.model = rec
+    predict_vertebra_probs(cached["image"], [loaded], batch_size=5, dz=float(cached["spacing"][0]),
+                           levels=true_presence(cached["mask"]))
+    inference = torch.cat(rec.inputs)
+    assert validation.shape == inference.shape == (24, 3 + 7, 64, 64)
+    assert torch.equal(validation, inference)  # bit for bit
+    for z, image in by_z.items():
+        assert torch.equal(image, inference[z]), f"slice {z}"
+    assert len(by_z) == 24
+
+
+def test_level_model_outputs_on_real_steps_ignore_padding():
+    from kit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("level_gru", in_channels=3, classes=7, encoder="mobilenetv3_small_050", hidden=16)
+    x = torch.rand(1, 6, 3, 32, 32)
+    padded = torch.cat([x, torch.zeros(1, 4, 3, 32, 32)], dim=1)
+    mask = torch.tensor([[1.0] * 6 + [0.0] * 4])
+    model.eval()
+    with torch.no_grad():
+        alone = model(x)
+        with_pad = model(padded, mask)
+    torch.testing.assert_close(with_pad[:, :6], alone, atol=1e-6, rtol=1e-5)
+    assert (with_pad[:, 6:] == 0).all()
+    # in training mode too: BatchNorm statistics come from the real steps only
+    model.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(padded, mask)[:, :6]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # a batch of two studies of different lengths: each as if alone (the train-mode calls moved BatchNorm's
+    # running statistics, so compare with a fresh eval-mode run)
+    model.eval()
+    y = torch.rand(1, 10, 3, 32, 32)
+    with torch.no_grad():
+        alone = model(x)
+        both = model(torch.cat([padded, y]), torch.cat([mask, torch.ones(1, 10)]))
+        torch.testing.assert_close(both[0, :6], alone[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(both[1], model(y)[0], atol=1e-6, rtol=1e-5)
+
+
+def test_nan_validation_never_blocks_a_checkpoint(cache, tmp_path):
+    from kit.train import improved
+
+    assert improved(0.5, float("-inf"), -1) and not improved(float("nan"), float("-inf"), -1)
+    assert improved(0.1, float("nan"), 1) and not improved(0.1, 0.2, 1)
+
+    class NanFirst(SegTask):
+        calls = 0
+
+        def score(self, rows):
+            NanFirst.calls += 1
+            return float("nan") if NanFirst.calls == 1 else 0.1 * NanFirst.calls
+
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 3})
+    summary = fit_fold(cfg, NanFirst(cfg))
+    log = read_log(cfg.run_dir)
+    assert np.isnan(log["val_dice"][0]) and summary["best_epoch"] == 3
+    assert torch.load(cfg.run_dir / "model.pt", weights_only=True)["epoch"] == 3
+
+
+def test_skipped_fp16_steps_move_neither_schedule_nor_ema():
+    from kit.train import optimizer_step
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, enabled=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scaler.scale(model(torch.ones(2, 3)).sum() * float("inf")).backward()  # inf gradients: the scaler skips it
+    assert optimizer_step(model, opt, scaler, clip_grad=1.0) is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert scaler.get_scale() == 2.0 ** 7
+    scaler.scale(model(torch.ones(2, 3)).sum()).backward()
+    assert optimizer_step(model, opt, scaler, clip_grad=None) is True
+    assert not torch.equal(model.weight, before["weight"])
+    plain = torch.amp.GradScaler("cpu", enabled=False)  # no scaler: every step counts
+    model(torch.ones(2, 3)).sum().backward()
+    assert optimizer_step(model, opt, plain, clip_grad=None) is True

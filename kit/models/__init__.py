@@ -9,6 +9,7 @@ from .registry import (LoadReport, create_model, list_models, load_checkpoint, l
                        register_model)
 from .level import LevelNet
 from .segmenter import Segmenter
+from .classifier import AttentionPool, PatientClassifier, VertebraClassifier  # registers cls_gru, cls_patient_gru
 
 __all__ = ["LevelNet", "LoadReport", "Segmenter", "create_model", "list_models", "load_checkpoint", "load_weights",
            "read_state_dict", "register_model"]

@@ -48,14 +48,31 @@ class LevelNet(nn.Module):
             whole = sum(k in self.state_dict() for k in state) >= sum(k in self.cnn.state_dict() for k in state)
             load_weights(self if whole else self.cnn, state)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, C, H, W) slices of B studies -> logits (B, T, classes)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, C, H, W) slices of B studies, mask: (B, T) 1 on real steps, 0 on padding at the end of a
+        shorter study (None: all real) -> logits (B, T, classes), 0 on padded steps.
+
+        Padded steps never reach the CNN (nor its BatchNorm statistics) or the GRU (packed sequences), so the
+        logits of real steps are those the study gets alone, unpadded, at inference.
+        """
         b, t = x.shape[:2]
-        features = self.embed(self.cnn(x.flatten(0, 1))).view(b, t, -1)
-        return self.head(self.gru(features)[0])
+        if mask is None:
+            features = self.embed(self.cnn(x.flatten(0, 1))).view(b, t, -1)
+            return self.head(self.gru(features)[0])
+        real = mask.bool()
+        lengths = real.sum(1)
+        if not torch.equal(real, torch.arange(t, device=x.device)[None, :] < lengths[:, None]):
+            raise ValueError("mask must mark a run of real steps at the start of each sequence, padding after it")
+        flat = self.embed(self.cnn(x[real]))  # (sum of lengths, hidden)
+        features = flat.new_zeros(b, t, flat.shape[-1])
+        features[real] = flat
+        packed = nn.utils.rnn.pack_padded_sequence(features, lengths.clamp(min=1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=t)
+        return self.head(out) * real[..., None]
 
 
 @register_model
 def level_gru(in_channels: int = 3, classes: int = 7, encoder: str = "mobilenetv3_small_050", **kwargs) -> LevelNet:
-    """Per-slice level logits for a whole study: x (B, T, in_channels, H, W) -> (B, T, classes)."""
+    """Per-slice level logits for a whole study: x (B, T, in_channels, H, W), optional mask (B, T) -> (B, T, classes)."""
     return LevelNet(encoder=encoder, in_channels=in_channels, classes=classes, **kwargs)

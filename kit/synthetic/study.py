@@ -429,8 +429,8 @@ def build_volume(anat_rng: np.random.Generator, size: int, n_slices: int | None,
         look_records.append(dict(kind="osteopenia", vertebra="all", site="", slices=list(range(anat.Z)),
                                  detail=f"cancellous x{look.osteopenia[0]:.2f}, cortex x{look.osteopenia[1]:.2f}"))
     if look.stop_in_c7 is not None:
-        c7 = _slices_of(labels == 7, 0)
-        look_records.append(dict(kind="truncated_c7", vertebra="C7", site="", slices=c7,
+        body = grid.zslice(anat.levels["C7"]["top"], np.inf)  # from the top of C7's body to the last slice
+        look_records.append(dict(kind="truncated_c7", vertebra="C7", site="", slices=list(range(*body.indices(anat.Z))),
                                  detail=f"scan ends {look.stop_in_c7:.0%} down the body of C7"))
     look_records.sort(key=lambda r: (LOOKALIKE_KINDS.index(r["kind"]), r["vertebra"]))
     return Volume(hu, labels, anat, grid, boxes, sites, look_records)

@@ -1,0 +1,318 @@
+"""Run `fn` on the next items in a separate process while the caller works on the current one.
+
+`prefetch(fn, items)` yields `(item, result, error, seconds)` in input order. With `processes=True`, `fn(item)`
+runs in ONE worker process started with the **spawn** context: never fork, because the caller usually has torch
+loaded and thread pools running, and a forked copy of such a process can deadlock. The worker keeps at most
+`ahead` items beyond the one the caller holds, so at most `ahead` results wait in memory.
+
+What `fn` must be:
+- a picklable top-level function of an importable module (or a `functools.partial` of one): spawn sends it to
+  the worker by name, so a function defined in a notebook cell or a lambda does not work;
+- numpy-only (numpy, pandas, pydicom, `kit.dicom` ...): the worker imports fn's module, and a module that imports
+  torch makes every worker start take seconds and hundreds of MB;
+- small in, anything picklable out: items are sent to the worker as they are (keep them to paths and UIDs);
+  results come back with numpy buffers sent out of band (one copy, arrays arrive writable).
+
+Failures are per item and never stop the iteration: an exception in `fn` comes back as the error string of that
+item; a worker that dies (segfault in a native decoder, killed for memory) is reported as the error of the item
+it was on and a new worker takes the remaining items. A worker that cannot even start (fn not importable in a
+fresh interpreter) is a programming error: the first start raises `RuntimeError`; if a *replacement* worker
+cannot start, the remaining items run in this process (with a warning) rather than fail.
+
+The worker is stopped when the iteration ends, when the generator is closed early (`break`, `close()`, garbage
+collection), on KeyboardInterrupt (the worker ignores SIGINT and is stopped by the caller), and at interpreter
+exit. numpy-free itself; never imports torch.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.util  # registers multiprocessing's own atexit hook before ours (see _close_all)
+import os
+import pickle
+import signal
+import time
+import traceback
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+log = logging.getLogger("kit.prefetch")
+
+_JOIN_S = 5.0  # how long a stopping worker may take before it is killed
+_LIVE: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
+
+
+class Prefetched(NamedTuple):
+    """One item's outcome.
+
+    Attributes:
+        item: the input item, as given.
+        result: `fn(item)`, or None when it failed.
+        error: None, or "<ExceptionType>: <message> (at <file>:<line> in <function>)", or a sentence saying
+            the worker died and with which signal / exit code.
+        seconds: time `fn(item)` took (for a dead worker: the time the caller waited for it).
+    """
+
+    item: Any
+    result: Any
+    error: str | None
+    seconds: float
+
+
+def describe_error(exc: BaseException) -> str:
+    """`"ValueError: bad value (at reader.py:12 in read)"`: the type, the message and where it was raised."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}{where}"
+
+
+def prefetch(fn: Callable[[Any], Any], items: Iterable, *, ahead: int = 1,
+             processes: bool = True) -> Iterator[Prefetched]:
+    """Yield `Prefetched(item, fn(item) or None, error or None, seconds)` for each item, in input order.
+
+    Args:
+        fn: a picklable, numpy-only top-level function (see the module docstring). Exceptions it raises are
+            caught (not KeyboardInterrupt / SystemExit) and returned as the item's error.
+        items: any iterable; consumed lazily, at most `ahead + 1` items before the caller asks for them.
+        ahead: items computed beyond the one the caller holds (0: compute each item only when asked, still in
+            the worker). At most `ahead` results wait in memory.
+        processes: True runs fn in one spawned worker process; False runs it here, in the caller's process,
+            when each item is asked for (same results, for tests and debugging).
+
+    Returns:
+        A generator; close it (or leave the loop) to stop the worker early.
+
+    Raises:
+        ValueError: ahead < 0.
+        RuntimeError: (on the first item, processes=True) the worker could not start, e.g. fn is not importable
+            in a fresh interpreter.
+    """
+    if not isinstance(ahead, int) or ahead < 0:
+        raise ValueError(f"ahead must be an integer >= 0 (results waiting in memory); got {ahead!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable; got {type(fn).__name__}")
+    return _in_worker(fn, items, ahead) if processes else _in_process(fn, items)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In this process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _name(fn: Callable) -> str:
+    """`read_series`, or `_read_task(...)` for a functools.partial: short enough for a log line."""
+    inner = getattr(fn, "func", None)
+    return f"{_name(inner)}(...)" if inner is not None else getattr(fn, "__qualname__", type(fn).__name__)
+
+
+def _call(fn: Callable, item: Any) -> tuple[Any, str | None, float]:
+    start = time.perf_counter()
+    try:
+        result, error = fn(item), None
+    except Exception as exc:  # the item's failure, reported with it
+        result, error = None, describe_error(exc)
+    return result, error, time.perf_counter() - start
+
+
+def _in_process(fn: Callable, items: Iterable) -> Iterator[Prefetched]:
+    for item in items:
+        yield Prefetched(item, *_call(fn, item))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worker process
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
+    """Pickle with protocol 5 and send numpy buffers out of band: no copy of a large volume on this side."""
+    buffers: list[pickle.PickleBuffer] = []
+    payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    views = [b.raw() for b in buffers]
+    conn.send([v.nbytes for v in views])
+    conn.send_bytes(payload)
+    for view in views:
+        conn.send_bytes(view)
+
+
+def _recv(conn: multiprocessing.connection.Connection) -> Any:
+    """Inverse of `_send`; each buffer lands in its own bytearray, so the arrays come back writable."""
+    sizes = conn.recv()
+    payload = conn.recv_bytes()
+    buffers = []
+    for size in sizes:
+        buffer = bytearray(size)
+        if size:
+            conn.recv_bytes_into(buffer)
+        else:
+            conn.recv_bytes()
+        buffers.append(buffer)
+    return pickle.loads(payload, buffers=buffers)
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds `with` blocks (e.g. a decoding pool) instead of dying in place
+
+
+def _serve(fn: Callable, conn: multiprocessing.connection.Connection) -> None:
+    """The worker's loop: receive `(index, item)`, send `(index, result, error, seconds)`; None stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the caller decides
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    _send(conn, ("ready", os.getpid()))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the caller is gone
+            return
+        if task is None:
+            return
+        index, item = task
+        result, error, seconds = _call(fn, item)
+        try:
+            _send(conn, (index, result, error, seconds))
+        except (EOFError, OSError):
+            return
+        except Exception as exc:  # the result cannot be pickled: report it as this item's error
+            del result
+            _send(conn, (index, None, f"the result of {_name(fn)} could not be sent back: {describe_error(exc)}",
+                         seconds))
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+class _Worker:
+    """One spawned worker and its pipe."""
+
+    def __init__(self, fn: Callable, context: multiprocessing.context.BaseContext):
+        self.conn, child = context.Pipe(duplex=True)
+        self.process = context.Process(target=_serve, args=(fn, child), name="kit-prefetch", daemon=False)
+        try:
+            self.process.start()
+        finally:
+            child.close()  # the worker holds its end; ours must go so that its death reads as EOF
+        self.ready = False
+        self.closed = False
+        _LIVE.add(self)
+
+    def death(self) -> str:
+        self.process.join(_JOIN_S)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"{signal.Signals(-code).name} (exit code {code})"
+            except ValueError:
+                pass
+        return f"exit code {code}"
+
+    def submit(self, index: int, item: Any) -> None:
+        try:
+            self.conn.send((index, item))
+        except OSError:  # dead already: receive() will say so
+            pass
+
+    def receive(self) -> tuple:
+        """The next `(index, result, error, seconds)`; raises `_WorkerDied` when the worker is gone."""
+        while True:
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel])
+            if self.conn not in ready:
+                raise _WorkerDied(self.death())
+            try:
+                message = _recv(self.conn)
+            except (EOFError, OSError, pickle.UnpicklingError) as exc:
+                raise _WorkerDied(self.death()) from exc
+            if message[0] == "ready":
+                self.ready = True
+                continue
+            return message
+
+    def close(self, busy: bool) -> None:
+        """Stop the worker: a polite stop when idle, SIGTERM when busy, SIGKILL if it does not go."""
+        if self.closed:
+            return
+        self.closed = True
+        _LIVE.discard(self)
+        if self.process.is_alive():
+            if busy:
+                self.process.terminate()
+            else:
+                try:
+                    self.conn.send(None)
+                except OSError:
+                    pass
+            self.process.join(_JOIN_S)
+            if self.process.is_alive():
+                log.warning("prefetch worker %s did not stop in %.0f s: killed", self.process.pid, _JOIN_S)
+                self.process.kill()
+                self.process.join()
+        self.conn.close()
+
+
+def _close_all() -> None:
+    # Registered after multiprocessing's own exit hook (imported above), so it runs first: that hook joins
+    # every non-daemon child, and a worker still waiting for items would make the interpreter hang at exit.
+    for worker in list(_LIVE):
+        worker.close(busy=True)
+
+
+atexit.register(_close_all)
+
+
+def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched]:
+    context = multiprocessing.get_context("spawn")
+    source = enumerate(items)
+    pending: deque[tuple[int, Any]] = deque()  # sent to the worker, result not yet received, in input order
+    worker: _Worker | None = None
+    served = False  # a worker has returned at least one result: fn works in a spawned process
+    try:
+        while True:
+            if worker is None:
+                worker = _Worker(fn, context)
+                for index, item in pending:
+                    worker.submit(index, item)
+            while len(pending) < ahead + 1 and (task := next(source, None)) is not None:
+                pending.append(task)
+                worker.submit(*task)
+            if not pending:
+                return
+            waited = time.perf_counter()
+            try:
+                index, result, error, seconds = worker.receive()
+            except _WorkerDied as died:
+                worker.close(busy=False)
+                started, worker = worker.ready, None
+                if not started and not served:
+                    raise RuntimeError(
+                        f"the prefetch worker exited ({died}) before it could run {_name(fn)}: fn must be a top-level "
+                        "function of an importable module (spawn sends it by name), and the caller's script "
+                        "must guard its entry point with `if __name__ == '__main__':`") from None
+                if not started:  # a replacement could not start: finish here rather than fail
+                    log.warning("a new prefetch worker exited (%s) before it started; the remaining items run "
+                                "in this process", died)
+                    for _, item in pending:
+                        yield Prefetched(item, *_call(fn, item))
+                    pending.clear()
+                    yield from _in_process(fn, (item for _, item in source))
+                    return
+                _, item = pending.popleft()
+                message = f"prefetch worker died with {died} while running {_name(fn)} on this item; a new " \
+                          "worker takes the rest"
+                log.warning("%s: %s", item, message)
+                yield Prefetched(item, None, message, time.perf_counter() - waited)
+                continue
+            served = True
+            expected, item = pending.popleft()
+            if index != expected:  # the pipe is ordered: this would be a bug here, not in fn
+                raise RuntimeError(f"prefetch: got the result of item {index} while waiting for item {expected}")
+            yield Prefetched(item, result, error, seconds)
+    finally:
+        if worker is not None:
+            worker.close(busy=bool(pending))

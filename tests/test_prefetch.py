@@ -1,0 +1,131 @@
+"""kit.prefetch: order, per-item errors, a worker that dies, the memory bound, shutdown.
+
+The functions given to `prefetch` are top-level functions of this module, so that the spawned worker can
+import them. Each process test starts one or two workers (~1 s each).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kit.prefetch import Prefetched, prefetch
+
+
+def square_or_fail(x: int) -> np.ndarray:
+    if x == 3:
+        raise ValueError(f"item {x} is bad")
+    return np.arange(4, dtype=np.int16) * x * x
+
+
+def die_on_two(x: int) -> tuple[int, int]:
+    if x == 2:
+        os._exit(3)  # like a native decoder that takes the process down
+    return x + 10, os.getpid()
+
+
+def record_start(folder: str, x: int) -> int:
+    Path(folder, f"{x}.started").touch()
+    return x
+
+
+def pid_of_worker(x: int) -> int:
+    return os.getpid()
+
+
+def started(folder: Path) -> int:
+    return len(list(folder.glob("*.started")))
+
+
+def strip_seconds(results: list[Prefetched]) -> list[tuple]:
+    out = []
+    for r in results:
+        value = r.result.tolist() if isinstance(r.result, np.ndarray) else r.result
+        error = r.error.split(" (at ")[0] if r.error else None
+        out.append((r.item, value, error))
+    return out
+
+
+def test_order_errors_and_same_results_in_process():
+    items = [5, 1, 3, 0, 2, 4]
+    in_worker = list(prefetch(square_or_fail, items, ahead=2))
+    here = list(prefetch(square_or_fail, items, processes=False))
+    assert [r.item for r in in_worker] == items
+    assert strip_seconds(in_worker) == strip_seconds(here)
+    for r in in_worker:
+        if r.item == 3:
+            assert r.result is None
+            assert r.error.startswith("ValueError: item 3 is bad (at test_prefetch.py:")
+        else:
+            assert r.error is None
+            np.testing.assert_array_equal(r.result, np.arange(4) * r.item ** 2)
+            assert r.result.dtype == np.int16 and r.result.flags.writeable  # arrives as a usable array
+            assert r.seconds >= 0
+
+
+def test_a_worker_that_dies_is_reported_and_the_rest_still_come():
+    results = list(prefetch(die_on_two, [0, 1, 2, 3, 4]))
+    assert [r.item for r in results] == [0, 1, 2, 3, 4]
+    dead = results[2]
+    assert dead.result is None and "died" in dead.error and "exit code 3" in dead.error
+    assert [r.result[0] for r in results if r.item != 2] == [10, 11, 13, 14]
+    assert all(r.error is None for r in results if r.item != 2)
+    pids = {r.item: r.result[1] for r in results if r.item != 2}
+    assert pids[0] == pids[1] != pids[3] == pids[4]  # one new worker took the rest
+    assert os.getpid() not in pids.values()
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_no_more_than_ahead_results_wait(tmp_path, ahead):
+    n = 6
+    gen = prefetch(functools.partial(record_start, str(tmp_path)), range(n), ahead=ahead)
+    for consumed, r in enumerate(gen, start=1):
+        assert r.result == consumed - 1
+        expected = min(n, consumed + ahead)  # the held item plus `ahead` beyond it
+        deadline = time.time() + 10
+        while started(tmp_path) < expected and time.time() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.15)  # an unbounded worker would have run further by now
+        assert started(tmp_path) == expected
+
+
+def test_in_process_runs_each_item_only_when_asked(tmp_path):
+    gen = prefetch(functools.partial(record_start, str(tmp_path)), range(4), processes=False)
+    assert started(tmp_path) == 0
+    for consumed, _ in enumerate(gen, start=1):
+        assert started(tmp_path) == consumed
+
+
+def test_closing_early_stops_the_worker():
+    gen = prefetch(pid_of_worker, range(100))
+    pid = next(gen).result
+    assert pid != os.getpid()
+    os.kill(pid, 0)  # alive while the iteration runs
+    gen.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped and reaped
+
+
+def test_a_function_the_worker_cannot_import_is_a_clear_error(monkeypatch):
+    phantom = types.ModuleType("kit_phantom_module")  # exists here only: pickles by name, fails to import there
+
+    def double(x):
+        return 2 * x
+
+    double.__module__, double.__qualname__ = phantom.__name__, "double"
+    phantom.double = double
+    monkeypatch.setitem(sys.modules, phantom.__name__, phantom)
+    with pytest.raises(RuntimeError, match="top-level function of an importable module"):
+        list(prefetch(double, [1, 2]))
+
+
+def test_bad_ahead():
+    with pytest.raises(ValueError, match="ahead must be an integer >= 0"):
+        prefetch(pid_of_worker, [1], ahead=-1)
