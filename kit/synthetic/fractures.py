@@ -170,9 +170,11 @@ class Lesion:
     cuts = False
 
     def warp(self, u, v, w):
+        """Where each voxel's bone comes from (a displaced fragment): local coordinates in, moved ones out."""
         return u, v, w
 
     def cut(self, u, v, w) -> np.ndarray:
+        """Bone removed (a crushed endplate), for lesions with ``cuts``."""
         raise NotImplementedError
 
     def paint(self, view, u, v, w, solid, inner) -> None:
@@ -222,11 +224,9 @@ class Plane(Lesion):
 
 
 @dataclass
-class Cleft(Plane):
-    """A gap of ``gap`` mm filled with haematoma; the positive side of the plane shifted by (du, dv) mm
-    (kinds "cleft" and "displaced")."""
+class Shifted(Plane):
+    """A plane lesion whose positive side (within its region) is shifted by (du, dv) mm in-plane."""
 
-    gap: float = 1.0
     du: float = 0.0
     dv: float = 0.0
 
@@ -237,6 +237,13 @@ class Cleft(Plane):
     def warp(self, u, v, w):
         side = self.region(u, v, w) & (self.signed(u, v, w) > 0)
         return np.where(side, u - self.du, u), np.where(side, v - self.dv, v), w
+
+
+@dataclass
+class Cleft(Shifted):
+    """A gap of ``gap`` mm filled with haematoma, its far side shifted (kinds "cleft" and "displaced")."""
+
+    gap: float = 1.0
 
     def paint(self, view, u, v, w, solid, inner):
         view[solid & self.region(u, v, w) & (np.abs(self.signed(u, v, w)) <= self.gap / 2)] = GAP_HU
@@ -310,21 +317,11 @@ class Compression(Lesion):
 
 
 @dataclass
-class DenseLine(Plane):
+class DenseLine(Shifted):
     """A healed old fracture: a sclerotic line ``thick`` mm wide, ``extra_hu`` denser, with a small step."""
 
     thick: float = 2.0
     extra_hu: float = 400.0
-    du: float = 0.0
-    dv: float = 0.0
-
-    @property
-    def warps(self) -> bool:  # type: ignore[override]
-        return bool(self.du or self.dv)
-
-    def warp(self, u, v, w):
-        side = self.region(u, v, w) & (self.signed(u, v, w) > 0)
-        return np.where(side, u - self.du, u), np.where(side, v - self.dv, v), w
 
     def paint(self, view, u, v, w, solid, inner):
         view[solid & self.region(u, v, w) & (np.abs(self.signed(u, v, w)) <= self.thick / 2)] += self.extra_hu
@@ -428,7 +425,7 @@ def plan_cleft(rng: np.random.Generator, name: str, k: float, d: dict, px: float
         shift = rng.uniform(0.3, 1.6) * px
         # the part above the plane is the displaced fragment: flip the normal so "positive" is above
         return Cleft("cleft", "dens", dens_u, 0.0, pw, tuple(-n), dens_tip - 1.0, pw + gap, 5.0 * k + 1.5,
-                     gap, shift * math.cos(ang), shift * math.sin(ang))
+                     du=shift * math.cos(ang), dv=shift * math.sin(ang), gap=gap)
     if site == "body":
         bw, bd, bh = d["bw"], d["bd"], d["bh"]
         pu, pv = rng.uniform(-0.3, 0.3) * bd / 2, rng.uniform(-0.45, 0.45) * bw / 2
@@ -444,15 +441,15 @@ def plan_cleft(rng: np.random.Generator, name: str, k: float, d: dict, px: float
             c = rng.uniform(0.15 * bh + length / 2, 0.85 * bh - length / 2) if 0.7 * bh > length else bh / 2
             wa, wb = c - length / 2, c + length / 2
             shift = rng.uniform(0.0, 0.6) * px
-        return Cleft("cleft", "body", pu, pv, (wa + wb) / 2, tuple(n), wa, wb, max(bw, bd) / 2 + 1.0, gap,
-                     shift * n[0], shift * n[1])
+        return Cleft("cleft", "body", pu, pv, (wa + wb) / 2, tuple(n), wa, wb, max(bw, bd) / 2 + 1.0,
+                     du=shift * n[0], dv=shift * n[1], gap=gap)
     bars = extra["bars"]  # arch: a cleft across one of the posterior/lateral bars
     a, b, r, w0, w1 = bars[int(rng.integers(len(bars)))]
     t = rng.uniform(0.3, 0.7)
     pu, pv = a[0] + t * (b[0] - a[0]), a[1] + t * (b[1] - a[1])
     ang = math.atan2(b[1] - a[1], b[0] - a[0]) + rng.normal(0, 0.3)
     n = (math.cos(ang), math.sin(ang), 0.0)
-    return Cleft("cleft", "arch", pu, pv, (w0 + w1) / 2, n, w0 - 2.0, w1 + 2.0, r + 2.5 * k, gap)
+    return Cleft("cleft", "arch", pu, pv, (w0 + w1) / 2, n, w0 - 2.0, w1 + 2.0, r + 2.5 * k, gap=gap)
 
 
 def plan_fracture(rng: np.random.Generator, kind: str, name: str, k: float, d: dict, px: float,
