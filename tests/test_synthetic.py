@@ -639,3 +639,17 @@ def test_kit_synth_writes_data_and_answers_where_asked(tmp_path, capsys):
     assert answers["summary"]["difficulty"] == "easy" and len(answers["test_labels"]) == 1
     assert set(answers["fractures"]["kind"]) <= {"cleft"} and answers["lookalikes"].empty
     assert '"difficulty": "easy"' in capsys.readouterr().out
+
+
+def test_gallery_functions_draw_a_fracture_and_a_lookalike(tmp_path):
+    import matplotlib.image
+
+    from kit.synthetic.pictures import draw_fracture, draw_lookalike
+
+    paths = [draw_fracture("compression", tmp_path, size=64), draw_fracture("hairline", tmp_path, size=64),
+             draw_lookalike("vascular_channel", tmp_path, size=64)]
+    assert [p.name for p in paths] == ["fracture_compression.png", "fracture_hairline.png",
+                                       "lookalike_vascular_channel.png"]
+    for path in paths:
+        image = matplotlib.image.imread(path)
+        assert image.shape[:2] == (340, 640) and image[..., :3].std() > 0.05  # two crops, not blank

@@ -1,6 +1,6 @@
 """The gallery of ``docs/synthetic.md``: each fracture kind and each look-alike beside the same seed without it.
 
-Redraw with ``python -m kit.synthetic.pictures docs/synthetic`` (about a minute on two cores). matplotlib is
+Redraw with ``python -m kit.synthetic.pictures docs/synthetic`` (about 20 s on two cores). matplotlib is
 imported only here, when the pictures are drawn.
 """
 
