@@ -529,14 +529,16 @@ def vertebrae(anat: Anatomy) -> list[BonePlacement]:
     return out
 
 
-def render_bone(base: np.ndarray, solid: np.ndarray, texture: np.ndarray, cancellous: float, cortex: float,
+def render_bone(base: np.ndarray, solid: np.ndarray, texture: np.ndarray | np.random.Generator, cancellous: float,
+                cortex: float,
                 spacing: tuple[float, float, float], t_mm: float = 1.2) -> tuple[np.ndarray, np.ndarray]:
     """Paint a bone into a copy of ``base``: a cortical shell ``t_mm`` thick over a textured cancellous core.
 
     Args:
         base: (z, y, x) HU of the bone's box before it is painted.
         solid: (z, y, x) bool, the bone.
-        texture: (z, y, x) float32 HU added to the cancellous value (the same for every painting of a bone).
+        texture: (z, y, x) float32 HU added to the cancellous value (the same for every painting of a bone),
+            or a generator to draw it for the core's voxels only (a bone painted once).
         spacing: (dz, dy, dx) mm.
 
     Returns:
@@ -547,7 +549,10 @@ def render_bone(base: np.ndarray, solid: np.ndarray, texture: np.ndarray, cancel
     inner = ndimage.minimum_filter(solid.view(np.uint8), size=(2 * rz + 1, 2 * ry + 1, 2 * rx + 1),
                                    mode="nearest").astype(bool)
     view = base.copy()
-    view[inner] = cancellous + texture[inner]
+    if isinstance(texture, np.random.Generator):
+        view[inner] = cancellous + texture.standard_normal(int(inner.sum()), dtype=np.float32) * np.float32(55.0)
+    else:
+        view[inner] = cancellous + texture[inner]
     view[solid & ~inner] = cortex
     return view, inner
 

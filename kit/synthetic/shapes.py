@@ -31,11 +31,12 @@ class Part:
     ``neg`` parts are holes (foramina) cut out of the union of the others.
     """
 
-    __slots__ = ("kind", "g", "w0", "w1", "slope", "uref", "q", "neg")
+    __slots__ = ("kind", "g", "w0", "w1", "slope", "uref", "q", "neg", "boxes")
 
     def __init__(self, kind, g, w0, w1, slope=0.0, uref=0.0, q=None, neg=False):
         self.kind, self.g, self.w0, self.w1 = kind, g, float(w0), float(w1)
         self.slope, self.uref, self.q, self.neg = float(slope), float(uref), q, neg
+        self.boxes: dict = {}  # (grid id, top, tilt) -> index box, filled by Grid.part_box
 
     def bounds(self) -> tuple[float, float, float]:
         """In-plane bounding circle (cu, cv, R)."""
@@ -154,7 +155,13 @@ class Grid:
         return zs, slice(r0, r1), slice(c0, c1)
 
     def part_box(self, part: Part, top: float, tilt: float) -> Box | None:
-        """Index box that holds ``part`` placed at ``top`` with endplate ``tilt``."""
+        """Index box that holds ``part`` placed at ``top`` with endplate ``tilt`` (remembered by the part)."""
+        key = (id(self), top, tilt)
+        if key not in part.boxes:
+            part.boxes[key] = self._part_box(part, top, tilt)
+        return part.boxes[key]
+
+    def _part_box(self, part: Part, top: float, tilt: float) -> Box | None:
         cu, cv, R = part.bounds()
         uu = np.array([cu - R, cu + R])
         ws = np.concatenate([part.w0 + part.slope * (uu - part.uref), part.w1 + part.slope * (uu - part.uref)])

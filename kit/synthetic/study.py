@@ -181,27 +181,41 @@ class BoneTone:
 class BonePainter:
     """Paints one bone, possibly several times (without and with its lesions) on the same texture."""
 
-    def __init__(self, hu: np.ndarray, grid: Grid, bone: BonePlacement, tone: BoneTone, extra_parts=()):
+    def __init__(self, hu: np.ndarray, grid: Grid, bone: BonePlacement, tone: BoneTone, extra_parts=(),
+                 once: bool = False):
+        """``once``: the bone is painted a single time, so its texture is drawn for its core only (faster)."""
         self.grid, self.bone, self.tone = grid, bone, tone
+        self._shaped: dict[tuple, tuple] = {}  # shaping lesions -> (solid, painted box, cancellous core)
         rng = np.random.default_rng(next(tone.streams))
         self.outer = bone_box(grid, bone, list(extra_parts))
         if self.outer is None:
             return
         shape = tuple(s.stop - s.start for s in self.outer)
-        self.texture = rng.standard_normal(shape, dtype=np.float32) * np.float32(55.0)
+        self.texture = rng if once else rng.standard_normal(shape, dtype=np.float32) * np.float32(55.0)
         self.base = hu[self.outer].copy()
-        self.uvw = grid.local(*self.outer, top=bone.top, tilt=bone.tilt)
+        self._uvw = None
+
+    @property
+    def uvw(self):
+        """Local (u, v, w) mm of the box's voxels (computed once, when a lesion needs them)."""
+        if self._uvw is None:
+            self._uvw = self.grid.local(*self.outer, top=self.bone.top, tilt=self.bone.tilt)
+        return self._uvw
 
     def render(self, lesions: Sequence[Lesion] = ()) -> tuple[np.ndarray, np.ndarray]:
         """The painted box (float32) and the solid (bool) with ``lesions`` applied."""
-        parts = [*self.bone.parts, *(p for les in lesions for p in les.parts())]
-        solid = solid_mask(self.grid, parts, self.bone.top, self.bone.tilt, self.outer, lesions)
-        grid = self.grid
-        view, inner = render_bone(self.base, solid, self.texture, self.tone.cancellous, self.tone.cortex,
-                                  (grid.dz, grid.dy, grid.dx))
-        u, v, w = self.uvw
+        shaping = [les for les in lesions if les.warps or les.cuts or les.parts()]
+        key = tuple(id(les) for les in shaping)
+        if key not in self._shaped:  # the bone's shape changes only with these lesions: paint it once for them
+            parts = [*self.bone.parts, *(p for les in shaping for p in les.parts())]
+            solid = solid_mask(self.grid, parts, self.bone.top, self.bone.tilt, self.outer, shaping)
+            grid = self.grid
+            self._shaped[key] = (solid, *render_bone(self.base, solid, self.texture, self.tone.cancellous,
+                                                     self.tone.cortex, (grid.dz, grid.dy, grid.dx)))
+        solid, view, inner = self._shaped[key]
+        view = view.copy()
         for les in lesions:
-            les.paint(view, u, v, w, solid, inner)
+            les.paint(view, *self.uvw, solid, inner)
         return view, solid
 
     def commit(self, hu: np.ndarray, labels: np.ndarray, view: np.ndarray, solid: np.ndarray) -> None:
@@ -410,7 +424,7 @@ def build_volume(anat_rng: np.random.Generator, size: int, n_slices: int | None,
         canc, cort = canc * look.osteopenia[0], cort * look.osteopenia[1]
     tone = BoneTone(canc, cort, iter(tex_seed.spawn(64)))
     for bone in other_bones(anat, grid):
-        painter = BonePainter(hu, grid, bone, tone)
+        painter = BonePainter(hu, grid, bone, tone, once=True)  # never fractured
         if painter.outer is not None:
             painter.commit(hu, labels, *painter.render())
 
