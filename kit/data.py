@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -409,7 +410,7 @@ class LevelSequenceDataset(Dataset):
 
 CROP_KEYS = ("crops", "found", "positions", "slice_targets")
 CROP_MANIFEST = "manifest.csv"
-IN_MEMORY_BYTES = 2 * 1024**3  # crop caches up to this size on disk are held in memory by default
+IN_MEMORY_BYTES = 2 * 1024**3  # crop caches whose `crops` arrays add up to this are held in memory by default
 
 
 def crop_uids(crop_dir: str | os.PathLike) -> list[str]:
@@ -427,6 +428,15 @@ def crop_uids(crop_dir: str | os.PathLike) -> list[str]:
     if len(present) < len(uids):
         log.warning("%s: %d studies of the manifest have no .npz file; left out", crop_dir, len(uids) - len(present))
     return present
+
+
+def crops_nbytes(path: str | os.PathLike) -> int:
+    """Bytes of a crop file's `crops` array in memory, read from its header (compressed or not, no pixels read)."""
+    with zipfile.ZipFile(path) as archive, archive.open("crops.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
 
 
 def load_crops(crop_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]:
@@ -525,8 +535,8 @@ class CropDataset(Dataset):
         reverse_slices: probability of reversing a stack's slice order (with `augment` only).
         seed: base seed of the augmentations.
         in_memory: hold every study's arrays in memory (uint8, shared copy-on-write with forked workers);
-            None: when the cache files add up to at most `IN_MEMORY_BYTES`. Otherwise each sample reads its
-            study's file (a per-vertebra sample reads all seven stacks of it).
+            None: when the studies' `crops` arrays add up to at most `IN_MEMORY_BYTES` (`crops_nbytes`).
+            Otherwise each sample reads its study's file (a per-vertebra sample reads all seven stacks of it).
 
     Raises:
         ValueError: a study lacks labels, or its crops do not fit the others (shape).
@@ -557,7 +567,7 @@ class CropDataset(Dataset):
                              "is data.data_root the train.csv the crops were made for?")
         self.labels = {u: table.loc[u, list(TARGETS)].to_numpy(np.float32) for u in self.uids}
         if in_memory is None:
-            in_memory = sum((self.crop_dir / f"{u}.npz").stat().st_size for u in self.uids) <= IN_MEMORY_BYTES
+            in_memory = sum(crops_nbytes(self.crop_dir / f"{u}.npz") for u in self.uids) <= IN_MEMORY_BYTES
         self.cache = {u: load_crops(self.crop_dir, u) for u in self.uids} if in_memory else None
         self.found = {u: self._arrays(u)["found"] if in_memory else self._read_found(u) for u in self.uids}
         if per_study:

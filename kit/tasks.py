@@ -272,7 +272,8 @@ class ClsTask:
     model predicts a fallback for a vertebra not found: the training folds' prevalence of that vertebra.
     patient_overall comes from the patient head when the model has one, else 1 - prod(1 - p_Ci); both go to
     the OOF (`patient_overall_from_vertebrae`). The validation loss is the row metric of each study's 8
-    logits (`competition_loss`), the score the negated `competition_score` (higher is better for the loop).
+    logits (`competition_loss`), the score the negated `competition_score` (higher is better for the loop;
+    `log.csv` calls it `val_neg_score`).
     """
 
     metric_name = "neg_score"

@@ -15,7 +15,7 @@ from torch import nn
 
 from kit.config import AugmentConfig, load_config
 from kit.constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
-from kit.data import CropDataset, augment_stack, crop_uids, load_crops
+from kit.data import CropDataset, augment_stack, crop_uids, crops_nbytes, load_crops
 from kit.losses import competition_loss, vertebra_loss
 from kit.metrics import competition_score
 from kit.tasks import ClsTask, make_task
@@ -96,6 +96,11 @@ def test_crop_dataset_layouts(cache):
     odd = per_vertebra[7 * 1 - 1 + 0]  # study 1, C1: fractured, targets known
     assert odd["uid"] == uids[1] and odd["vertebra"] == 0 and odd["slice_known"].all()
     assert float(odd["slice_target"].sum()) == 2.0 and float(odd["label"]) == 1.0
+
+    assert per_vertebra.cache is not None and crops_nbytes(cache["crop_dir"] / f"{uids[0]}.npz") == 7 * T * C * S * S
+    from_disk = CropDataset(cache["crop_dir"], uids, labels, in_memory=False)
+    assert from_disk.cache is None and len(from_disk) == len(per_vertebra)
+    assert torch.equal(from_disk[3]["image"], per_vertebra[3]["image"]) and from_disk[3]["vertebra"] == 4
 
     kept = CropDataset(cache["crop_dir"], uids, labels, skip_missing=False)
     assert len(kept) == 7 * N_STUDIES and not kept[MISSING[1]]["found"] and not kept[MISSING[1]]["mask"].any()
