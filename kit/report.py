@@ -263,7 +263,8 @@ def read_answers(answers_dir: PathLike) -> pd.DataFrame:
     """
     path = Path(answers_dir) / ANSWERS_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"no {ANSWERS_NAME} in {answers_dir}; the synthetic generator writes it beside the data")
+        raise FileNotFoundError(f"no {ANSWERS_NAME} in {answers_dir}; the synthetic generator writes it with "
+                                "the data")
     table = pd.read_csv(path, dtype={UID: str})
     missing = [c for c in ANSWER_COLUMNS if c not in table.columns]
     if missing:
@@ -277,11 +278,14 @@ def read_answers(answers_dir: PathLike) -> pd.DataFrame:
 
 
 def _subtlety_groups(subtlety: pd.Series) -> pd.Series:
-    """Subtlety as groups: its values when few (<= 5 distinct or not numeric), else equal-count bins."""
+    """Subtlety as groups: its values when few (<= 5 distinct or not numeric), else `SUBTLETY_BINS` equal-count
+    bins named by the range of values they hold ("0.1 to 0.35")."""
     numeric = pd.to_numeric(subtlety, errors="coerce")
     if numeric.notna().all() and numeric.nunique() > 5:
-        bins = pd.qcut(numeric, SUBTLETY_BINS, duplicates="drop")
-        return bins.map(lambda iv: f"{iv.left:.3g}-{iv.right:.3g}").astype(str)
+        codes = pd.qcut(numeric, SUBTLETY_BINS, labels=False, duplicates="drop")
+        spans = numeric.groupby(codes).agg(["min", "max"])
+        names = {c: f"{lo:.3g} to {hi:.3g}" for c, (lo, hi) in spans.iterrows()}
+        return codes.map(names).astype(str)
     return subtlety.astype(str)
 
 

@@ -181,8 +181,8 @@ def test_losses_equal_the_metric():
     # the task's per-study loss on a batch of whole studies is the metric on the same predictions
     cfg = load_config("demo_cls", **{"model.name": "cls_patient_gru", "loss.slice_weight": 0.0})
     task = ClsTask(cfg)
-    model = FixedLogits({"logit": torch.from_numpy(x[:, 1:]).float(), "patient_logit": torch.from_numpy(x[:, 0]).float(),
-                         "slice_logits": torch.zeros(16, 7, T)})
+    model = FixedLogits({"logit": torch.from_numpy(x[:, 1:]).float(),
+                         "patient_logit": torch.from_numpy(x[:, 0]).float(), "slice_logits": torch.zeros(16, 7, T)})
     batch = {"image": None, "mask": None, "vertebra_mask": None, "label": torch.from_numpy(y).float(),
              "slice_target": torch.zeros(16, 7, T), "slice_known": torch.zeros(16, 7, T, dtype=torch.bool)}
     assert float(task.loss(model, batch)) == pytest.approx(competition_score(y, p), abs=1e-5)

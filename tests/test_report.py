@@ -16,10 +16,12 @@ from kit.report import (
     FITTED_BLEND,
     MEAN_BLEND,
     fit_blend_weights,
+    fracture_recall,
     level_report,
     load_oof,
     oof_report,
     plot_segmentation,
+    read_answers,
     run_report,
     run_task,
     seg_report,
@@ -429,9 +431,20 @@ def test_recall_by_fracture_kind_and_subtlety(tmp_path):
     (result,) = run_report(run, answers_dir=answers)
     kind = {r["kind"]: r for r in result["recall"]["kind"]}
     assert kind["compression"]["fractures"] == 2 and kind["compression"]["cls_synthetic"] == 1.0
-    assert kind["burst"]["fractures"] == 2 and kind["burst"]["cls_synthetic"] == 0.0  # the 5th row's study is not in the OOF
+    # the 5th answer row's study is not in the OOF: 2 burst fractures, both missed
+    assert kind["burst"]["fractures"] == 2 and kind["burst"]["cls_synthetic"] == 0.0
     subtlety = {r["subtlety"]: r["cls_synthetic"] for r in result["recall"]["subtlety"]}
     assert subtlety == {"obvious": 0.5, "subtle": 0.5}
     md = Path(result["report_md"]).read_text()
     assert "## Recall by fracture" in md and "| compression | 2 | 1.000 |" in md
     assert oof_report(run)["recall"] is None  # no answers, no recall
+
+    # numeric subtlety with many values: equal-count bins named by their ranges
+    rows = read_answers(answers).iloc[:4]
+    rows = pd.concat([rows, rows], ignore_index=True).assign(subtlety=np.arange(1, 9) / 10)
+    oof = load_oof(run)
+    binned = fracture_recall(oof, rows, {"m": oof[list(TARGETS)].to_numpy()})["subtlety"]
+    assert binned["subtlety"].tolist() == ["0.1 to 0.3", "0.4 to 0.5", "0.6 to 0.8"]
+    assert binned["fractures"].tolist() == [3, 2, 3]
+    # rows (subtlety 0.1 .. 0.8): C1 hit, C2 miss, C5 hit, C7 miss, then the same four again
+    assert binned["m"].tolist() == pytest.approx([2 / 3, 1 / 2, 1 / 3])
