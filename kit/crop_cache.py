@@ -236,9 +236,14 @@ def _study_boxes(root: Path, split: str) -> pd.DataFrame:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Compressed npz under a temporary name, then renamed: a file at `path` is always complete."""
+    """A compressed npz (what `np.savez_compressed` writes, read by `np.load`) under a temporary name, then
+    renamed, so a file at `path` is always complete. zlib level 1: a default study's crops (7 x 15 x 6 x 224^2,
+    31 MB raw) compress 4x faster than at `savez_compressed`'s level 6 and come out ~20 % larger (10 MB)."""
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
     os.replace(tmp, path)
 
 

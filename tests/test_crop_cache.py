@@ -40,7 +40,7 @@ def truth_cache(synthetic_root, tmp_path_factory):
     crop_dir = tmp_path_factory.mktemp("crops")
     cfg = cls_config(synthetic_root, crop_dir)
     uids = segmented_uids(synthetic_root)
-    result = build_crops(cfg, uids=uids, progress=False, prefetch=True, grid_size=64)
+    result = build_crops(cfg, uids=uids, progress=False, prefetch=False, grid_size=64)
     return cfg, uids, result
 
 
@@ -157,7 +157,7 @@ def test_failures_and_unmatched_boxes_are_reported(synthetic_root, tmp_path):
     pd.concat([rows, extra]).to_csv(root / "train_bounding_boxes.csv", index=False)
 
     crop_dir = tmp_path / "crops"
-    result = build_crops(cls_config(root, crop_dir), progress=False, prefetch=False, grid_size=64)
+    result = build_crops(cls_config(root, crop_dir), progress=False, prefetch=True, grid_size=64)  # worker path
     assert (result["built"], result["failed"]) == (1, 2) and crop_path(crop_dir, good).is_file()
     failures = pd.read_csv(crop_dir / FAILURES, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
     assert sorted(failures.index) == sorted([corrupt, unsegmented])
@@ -214,7 +214,8 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
 
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cache"
-    prepare_studies(synthetic_root, cache, size=32, workers=1, progress=False)
+    segmented = segmented_uids(synthetic_root)
+    prepare_studies(synthetic_root, cache, uids=segmented, size=32, workers=1, progress=False)  # what stage 1 uses
     folds_csv = tmp_path / "folds.csv"
     paths = {"data.data_root": str(synthetic_root), "data.folds_csv": str(folds_csv), "data.n_folds": 2}
     tiny = {**paths, "data.cache_dir": str(cache), "out_dir": str(tmp_path / "runs"), "data.image_size": 32,
@@ -226,13 +227,28 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
 
     cfg = cls_config(synthetic_root, tmp_path / "crops", **paths, **{"data.true_masks": False,
                                                                       "data.seg_runs": [str(tmp_path / "runs" / "demo_seg")]})
-    result = build_crops(cfg, progress=False, prefetch=False, device="cpu")
-    assert result["built"] == 8 and result["failed"] == 0 and result["in_sample"] == []
+    others = sorted(p.name for p in (synthetic_root / "train_images").iterdir() if p.name not in segmented)[:2]
+    result = build_crops(cfg, uids=segmented + others, progress=False, prefetch=False, device="cpu")
+    assert result["built"] == 6 and result["failed"] == 0 and result["in_sample"] == []
     fold_of = dict(zip(*folds_for(synthetic_root, folds_csv, n_folds=2)[["StudyInstanceUID", "fold"]].T.to_numpy()))
-    manifest = pd.read_csv(tmp_path / "crops" / MANIFEST, dtype={"StudyInstanceUID": str})
-    segmented = set(segmented_uids(synthetic_root))
+    manifest = pd.read_csv(tmp_path / "crops" / MANIFEST, dtype={"StudyInstanceUID": str, "found": str})
     for uid, source, found in manifest[["StudyInstanceUID", "mask_source", "found"]].fillna("").to_numpy():
         assert source == (f"oof fold {fold_of[uid]}" if uid in segmented else "ensemble")
         arrays = load_crops(tmp_path / "crops", uid)
         assert found.split() == [n for n, f in zip(VERTEBRAE, arrays["found"]) if f]
     assert {f"oof fold {k}" for k in (0, 1)} <= set(manifest["mask_source"])
+
+
+def test_cli_crops_takes_a_config_and_overrides(synthetic_root, tmp_path, capsys):
+    """`kit crops --config <yaml> --split test key=value`: the overrides reach the config (crop_dir); test
+    studies have no ground truth and no runs are given, so both are reported as failures, unread."""
+    from kit.cli import main
+
+    config = tmp_path / "cls_tiny.yaml"
+    config.write_text(f"task: cls\ndata:\n  data_root: {synthetic_root}\n  true_masks: true\n")
+    main(["crops", "--config", str(config), "--split", "test", f"data.crop_dir={tmp_path / 'out'}",
+          "data.image_size=32"])
+    out = capsys.readouterr()
+    assert '"failed": 2' in out.out and "2 studies failed" in out.err
+    failures = pd.read_csv(tmp_path / "out" / FAILURES)
+    assert len(failures) == 2 and failures["error"].str.contains("no data.seg_runs").all()
