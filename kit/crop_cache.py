@@ -6,7 +6,8 @@ is segmented) gives both the stage-1 input (`kit.cache.prepare_arrays` at the se
 the full-resolution HU volume the crops are cut from (`kit.crops.crop_study`). The vertebrae come from:
 
 - the ground truth, with `data.true_masks` and a `segmentations/<uid>.nii` (`kit.dicom.read_mask`, resized to
-  the prepared grid with `resize_slices(..., nearest=True)`): mask source "truth";
+  the prepared grid with `resize_slices(..., nearest=True)`; one that cannot be read fails the study): mask
+  source "truth";
 - else the stage-1 runs of `data.seg_runs` (segmenter and level-model runs, every fold loaded once): a training
   study with a segmentation (the studies stage 1 trains on) is segmented by the models of the fold that held
   it out, "oof fold k"; every other study (test split, training studies without a segmentation, which no
@@ -113,12 +114,14 @@ def read_study(uid: str, *, image_dir: str, seg_dir: str | None, size: int, wind
 
     Raises:
         ValueError: no ground truth for the study and no segmenter to find its vertebrae.
+        DicomError: the series, or its ground truth, cannot be read (a broken ground truth fails the study; it
+            never falls back to predictions silently).
     """
     series = read_series(Path(image_dir) / uid)
     nii = None if seg_dir is None else Path(seg_dir) / f"{uid}.nii"
     if nii is not None and nii.is_file():
         labels = read_mask(nii, series)
-        labels = np.where(labels <= len(VERTEBRAE), labels, 0).astype(np.uint8)  # C1..C7 only
+        labels = np.where((labels >= 0) & (labels <= len(VERTEBRAE)), labels, 0).astype(np.uint8)  # C1..C7 only
         return {"series": series, "truth": resize_slices(labels, size, nearest=True)}
     if not segment:
         raise ValueError(f"study {uid}: no ground-truth segmentation ({nii}) and no data.seg_runs to segment it; "

@@ -225,8 +225,8 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
     for fold in (0, 1):
         fit_fold(load_config("demo_seg", **tiny, **{"data.fold": fold}))
 
-    cfg = cls_config(synthetic_root, tmp_path / "crops", **paths, **{"data.true_masks": False,
-                                                                      "data.seg_runs": [str(tmp_path / "runs" / "demo_seg")]})
+    runs = {"data.true_masks": False, "data.seg_runs": [str(tmp_path / "runs" / "demo_seg")]}
+    cfg = cls_config(synthetic_root, tmp_path / "crops", **paths, **runs)
     others = sorted(p.name for p in (synthetic_root / "train_images").iterdir() if p.name not in segmented)[:2]
     result = build_crops(cfg, uids=segmented + others, progress=False, prefetch=False, device="cpu")
     assert result["built"] == 6 and result["failed"] == 0 and result["in_sample"] == []
