@@ -238,6 +238,14 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
         assert found.split() == [n for n, f in zip(VERTEBRAE, arrays["found"]) if f]
     assert {f"oof fold {k}" for k in (0, 1)} <= set(manifest["mask_source"])
 
+    # a classifier split that differs from the one the runs trained on cannot give out-of-fold masks
+    swapped = pd.read_csv(folds_csv, dtype={"StudyInstanceUID": str}).assign(fold=lambda f: 1 - f["fold"])
+    swapped.to_csv(tmp_path / "swapped.csv", index=False)
+    other = cls_config(synthetic_root, tmp_path / "crops2", **{**paths, "data.folds_csv": str(tmp_path / "swapped.csv")},
+                       **runs)
+    with pytest.raises(ValueError, match="one shared split"):
+        build_crops(other, uids=segmented, progress=False, prefetch=False, device="cpu")
+
 
 def test_cli_crops_takes_a_config_and_overrides(synthetic_root, tmp_path, capsys):
     """`kit crops --config <yaml> --split test key=value`: the overrides reach the config (crop_dir); test
