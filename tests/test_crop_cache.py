@@ -241,8 +241,8 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
     # a classifier split that differs from the one the runs trained on cannot give out-of-fold masks
     swapped = pd.read_csv(folds_csv, dtype={"StudyInstanceUID": str}).assign(fold=lambda f: 1 - f["fold"])
     swapped.to_csv(tmp_path / "swapped.csv", index=False)
-    other = cls_config(synthetic_root, tmp_path / "crops2", **{**paths, "data.folds_csv": str(tmp_path / "swapped.csv")},
-                       **runs)
+    split = {**paths, "data.folds_csv": str(tmp_path / "swapped.csv")}
+    other = cls_config(synthetic_root, tmp_path / "crops2", **split, **runs)
     with pytest.raises(ValueError, match="one shared split"):
         build_crops(other, uids=segmented, progress=False, prefetch=False, device="cpu")
 
