@@ -415,7 +415,8 @@ class ClsDataConfig:
     Attributes:
         data_root, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same studies and folds
             as stage 1; `window` is stage 1's).
-        crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv`, `missing.csv`), made by `kit crops`.
+        crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv` with the missing vertebrae, `failures.csv`,
+            `unmatched_boxes.csv`), made by `kit crops` (`kit.crop_cache.build_crops`).
         seg_runs: stage-1 run folders (segmenter and level model) that find the vertebrae of each study;
             studies they trained on are segmented by the folds that held them out.
         true_masks: crop from the ground-truth segmentation where a study has one, instead of predictions.
