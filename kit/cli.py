@@ -20,6 +20,8 @@ SMOKE_ARGS: dict[str, dict] = {
     "prepare": {"size": 64},
     "bench read": {"slices": 16, "size": 64},
     "bench seg": {"configs": ["demo_seg"], "slice_counts": [8, 16, 32]},
+    # config overrides appended after the command line's: small crops of few slices
+    "crops": {"smoke_overrides": ["data.image_size=32", "data.n_slices=5"]},
 }
 # ... and config overrides of `kit train` per task, appended after the command line's (so they win).
 SMOKE_TRAIN: dict[str, dict] = {
@@ -185,6 +187,17 @@ def _cmd_segment(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2, default=str))
 
 
+def _cmd_crops(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .crop_cache import build_crops
+
+    cfg = load_config(args.config, **_parse_overrides([*args.overrides, *args.smoke_overrides]))
+    result = build_crops(cfg, split=args.split)
+    print(json.dumps(result, indent=2, default=str))
+    if result["failed"]:
+        print(f"{result['failed']} studies failed; see {Path(cfg.data.crop_dir) / 'failures.csv'}", file=sys.stderr)
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -240,6 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.set_defaults(func=_cmd_segment)
+
+    p = sub.add_parser("crops", help="cache the classifier's vertebra crops: kit crops --config <cls config> key=value",
+                       description="Cut every study's seven vertebra slice stacks from the original DICOM grid into "
+                                   "<data.crop_dir>/<uid>.npz (resumable), with vertebrae from the ground truth or "
+                                   "the stage-1 runs of data.seg_runs (out-of-fold for the studies they trained on).")
+    p.add_argument("--config", required=True, help="classifier config (task: cls), packaged name or YAML path")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("overrides", type=_override, nargs="*", help="dotted overrides, e.g. data.image_size=128")
+    p.set_defaults(func=_cmd_crops, smoke_overrides=[])
 
     p = sub.add_parser("report", help="report of trained runs (markdown + PNG + JSON): segmenter, level model "
                                       "or classifier, chosen by each run's config")

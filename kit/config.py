@@ -415,7 +415,8 @@ class ClsDataConfig:
     Attributes:
         data_root, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same studies and folds
             as stage 1; `window` is stage 1's).
-        crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv`, `missing.csv`), made by `kit crops`.
+        crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv` with the missing vertebrae, `failures.csv`,
+            `unmatched_boxes.csv`), made by `kit crops` (`kit.crop_cache.build_crops`).
         seg_runs: stage-1 run folders (segmenter and level model) that find the vertebrae of each study;
             studies they trained on are segmented by the folds that held them out.
         true_masks: crop from the ground-truth segmentation where a study has one, instead of predictions.
@@ -427,7 +428,10 @@ class ClsDataConfig:
         image_size: S, the crop's in-plane size.
         margin: widening of the in-plane box on each side, as a fraction of its size.
         num_workers: DataLoader worker processes.
-        augment: in-plane augmentations of the stacks (all slices of a stack alike), plus `reverse_slices`.
+        augment: in-plane augmentations of the stacks (all slices and channels of a stack alike; the mask
+            channel warped with nearest neighbour, brightness/contrast on the image channels only).
+        reverse_slices: probability of reversing a training stack's slice order (feet to head), per vertebra;
+            the slice targets and masks are reversed with it. 0 keeps the anatomical order always.
     """
 
     data_root: str = "data"
@@ -448,6 +452,7 @@ class ClsDataConfig:
     margin: float = 0.15
     num_workers: int = 4
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    reverse_slices: float = 0.0
 
 
 @dataclass
@@ -529,6 +534,8 @@ class ClsConfig(_RunConfig):
         if d.n_slices < 1 or d.n_neighbours < 0 or d.image_size < 32 or not 0 <= d.margin < 1:
             raise ConfigError("data.n_slices must be >= 1, data.n_neighbours >= 0, data.image_size >= 32, "
                               f"data.margin in [0, 1); got {d.n_slices}, {d.n_neighbours}, {d.image_size}, {d.margin}")
+        if not 0.0 <= d.reverse_slices <= 1.0:
+            raise ConfigError(f"data.reverse_slices must be a probability in [0, 1]; got {d.reverse_slices}")
         if d.neighbour_mm is not None and d.neighbour_mm <= 0:
             raise ConfigError(f"data.neighbour_mm must be > 0 or null; got {d.neighbour_mm}")
         if self.loss.normalise not in ("row", "global"):

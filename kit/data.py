@@ -7,7 +7,8 @@ its input slices, then 7 level planes when level-conditioned):
     {"image": float32 (C, S, S) in [0, 1], "target": float32 (K, S, S) multilabel one-hot of C1..C7
      (+ "other vertebra" = labels >= 8 when enabled), "uid": str, "z": int}
 
-A level-model sample is a window of a whole study (`LevelSequenceDataset`).
+A level-model sample is a window of a whole study (`LevelSequenceDataset`). A classifier sample is one
+vertebra's slice stack, or a whole study's seven, from the crop cache (`CropDataset`).
 
 The augmentations are pure numpy functions (`affine_matrix`, `warp`, `adjust_intensity`) with one thin
 dict wrapper (`SegAugment`) that applies the same warp to the image (linear) and the labels (nearest).
@@ -17,18 +18,20 @@ from __future__ import annotations
 
 import logging
 import os
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
 from .cache import load_cached
 from .config import AugmentConfig, DataConfig
-from .constants import VERTEBRAE
+from .constants import TARGETS, VERTEBRAE
 from .dicom import resize_slices
 from .slices import LevelRecipe, SegRecipe, append_planes, level_presence, scale, true_presence
 
@@ -399,3 +402,233 @@ class LevelSequenceDataset(Dataset):
             mask[length - pad:] = 0.0
         return {"image": torch.from_numpy(np.ascontiguousarray(stacks, dtype=np.float32)),
                 "target": torch.from_numpy(np.ascontiguousarray(target)), "mask": torch.from_numpy(mask)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The classifier's data: vertebra crops from `kit crops`
+# ---------------------------------------------------------------------------------------------------------
+
+CROP_KEYS = ("crops", "found", "positions", "slice_targets")
+CROP_MANIFEST = "manifest.csv"
+IN_MEMORY_BYTES = 2 * 1024**3  # crop caches whose `crops` arrays add up to this are held in memory by default
+
+
+def crop_uids(crop_dir: str | os.PathLike) -> list[str]:
+    """Studies of the crop cache: the manifest's rows that have their `<uid>.npz`, in manifest order.
+
+    Raises:
+        FileNotFoundError: no `manifest.csv` in `crop_dir` (run `kit crops` first).
+    """
+    crop_dir = Path(crop_dir)
+    manifest = crop_dir / CROP_MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"crop cache {crop_dir} has no {CROP_MANIFEST}; run `kit crops` first")
+    uids = pd.read_csv(manifest, dtype={"StudyInstanceUID": str}, usecols=["StudyInstanceUID"])["StudyInstanceUID"]
+    present = [u for u in uids if (crop_dir / f"{u}.npz").is_file()]
+    if len(present) < len(uids):
+        log.warning("%s: %d studies of the manifest have no .npz file; left out", crop_dir, len(uids) - len(present))
+    return present
+
+
+def crops_nbytes(path: str | os.PathLike) -> int:
+    """Bytes of a crop file's `crops` array in memory, read from its header (compressed or not, no pixels read)."""
+    with zipfile.ZipFile(path) as archive, archive.open("crops.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def load_crops(crop_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]:
+    """One study's crop arrays: `crops` uint8 (7, T, C, S, S), `found` bool (7,), `positions` int32 (7, T)
+    (slice index in the series, -1 where not found) and `slice_targets` float32 (7, T) (NaN = unknown).
+
+    Raises:
+        FileNotFoundError: no `<crop_dir>/<uid>.npz`.
+        ValueError: a key is missing or the shapes disagree (names the file).
+    """
+    path = Path(crop_dir) / f"{uid}.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"study {uid}: no crops at {path}; run `kit crops` for this study")
+    with np.load(path) as data:
+        missing = [k for k in CROP_KEYS if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: missing keys {missing}; a crop file holds {list(CROP_KEYS)}")
+        arrays = {k: data[k] for k in CROP_KEYS}
+    crops = arrays["crops"]
+    v = N_VERTEBRAE
+    if crops.ndim != 5 or crops.shape[0] != v or crops.dtype != np.uint8:
+        raise ValueError(f"{path}: crops must be uint8 ({v}, T, C, S, S); got {crops.dtype} {crops.shape}")
+    t = crops.shape[1]
+    for key, shape in (("found", (v,)), ("positions", (v, t)), ("slice_targets", (v, t))):
+        if arrays[key].shape != shape:
+            raise ValueError(f"{path}: {key} must have shape {shape} to match crops {crops.shape}; "
+                             f"got {arrays[key].shape}")
+    arrays["found"] = arrays["found"].astype(bool)
+    arrays["slice_targets"] = arrays["slice_targets"].astype(np.float32)
+    return arrays
+
+
+def augment_stack(stack: np.ndarray, rng: np.random.Generator, aug: AugmentConfig, *,
+                  mask_channel: bool = True) -> np.ndarray:
+    """One random in-plane warp and intensity change for a whole slice stack.
+
+    Every slice and channel gets the same affine (`random_affine`: rotation, zoom, shift, flips); the image
+    channels are warped linearly, the mask channel (the last, when `mask_channel`) with nearest neighbour so
+    it stays 0/1; brightness/contrast (`adjust_intensity`) touch the image channels only.
+
+    Args:
+        stack: float32 (T, C, S, S) in [0, 1].
+        rng: the sample's generator (draws: the affine, then brightness, then contrast).
+        aug: the ranges.
+        mask_channel: the last channel is a mask.
+
+    Returns:
+        float32 (T, C, S, S).
+    """
+    t, c, h, w = stack.shape
+    n_image = c - int(mask_channel)
+    image, mask = stack[:, :n_image], stack[:, n_image:]
+    matrix = random_affine(rng, h, w, aug)
+    if matrix is not None:
+        image = warp(image.reshape(t * n_image, h, w), matrix).reshape(t, n_image, h, w)
+        if mask_channel:
+            mask = warp(mask.reshape(t, h, w), matrix, nearest=True).reshape(t, 1, h, w)
+    if aug.brightness or aug.contrast:
+        image = adjust_intensity(image, rng.uniform(-aug.brightness, aug.brightness),
+                                 1.0 + rng.uniform(-aug.contrast, aug.contrast))
+    return np.concatenate([image, mask], axis=1) if mask_channel else np.ascontiguousarray(image)
+
+
+class CropDataset(Dataset):
+    """Vertebra slice stacks from the crop cache (`kit crops`) with their labels, for the classifier.
+
+    Two layouts, chosen by `per_study`:
+
+    - per vertebra (`cls_gru`, `per_study=False`): one sample per (study, vertebra)
+      `{"image": float32 (T, C, S, S), "mask": bool (T,), "label": float32 (), "slice_target": float32 (T,),
+      "slice_known": bool (T,), "found": bool, "uid": str, "vertebra": int (0..6 = C1..C7)}`;
+    - per study (`cls_patient_gru`, `per_study=True`): one sample per study
+      `{"image": float32 (7, T, C, S, S), "mask": bool (7, T), "vertebra_mask": bool (7,), "label": float32
+      (8,) in TARGETS order, "slice_target": float32 (7, T), "slice_known": bool (7, T), "found": bool (7,),
+      "uid": str}`.
+
+    `image` is the cached uint8 / 255 (the mask channel too: 0/1); `mask` marks real slices (position >= 0);
+    `slice_target` is 1/0 per sampled slice where boxes say so, 0 with `slice_known` False where unknown
+    (a study without box rows). A vertebra not found is all zeros with `found` False: with `skip_missing`,
+    per-vertebra samples leave it out (and per-study samples leave out studies with none found); the task
+    predicts a fallback for it in validation. `study(uid)` gives any study's per-study sample, unaugmented.
+
+    Augmentation (training only, `augment.enabled`): per vertebra stack, `augment_stack` (one affine for all
+    slices and channels, mask nearest, intensity on image channels), then slice-order reversal with
+    probability `reverse_slices` (targets and masks reversed with it); all drawn from a generator seeded by
+    (seed, epoch, index), so a resumed run repeats them exactly.
+
+    Args:
+        crop_dir: the crop cache.
+        uids: the studies.
+        labels: train table (`StudyInstanceUID` + TARGETS, e.g. `kit.rsna.load_train`); every study needs a row.
+        per_study: the per-study layout instead of per vertebra.
+        skip_missing: leave out vertebrae (per study: studies) that were not found.
+        mask_channel: the last channel is the vertebra's mask (warped with nearest neighbour).
+        augment: augmentation ranges, or None for none.
+        reverse_slices: probability of reversing a stack's slice order (with `augment` only).
+        seed: base seed of the augmentations.
+        in_memory: hold every study's arrays in memory (uint8, shared copy-on-write with forked workers);
+            None: when the studies' `crops` arrays add up to at most `IN_MEMORY_BYTES` (`crops_nbytes`).
+            Otherwise each sample reads its study's file (a per-vertebra sample reads all seven stacks of it).
+
+    Raises:
+        ValueError: a study lacks labels, or its crops do not fit the others (shape).
+    """
+
+    def __init__(
+        self,
+        crop_dir: str | os.PathLike,
+        uids: Sequence[str],
+        labels: pd.DataFrame,
+        *,
+        per_study: bool = False,
+        skip_missing: bool = True,
+        mask_channel: bool = True,
+        augment: AugmentConfig | None = None,
+        reverse_slices: float = 0.0,
+        seed: int = 0,
+        in_memory: bool | None = None,
+    ) -> None:
+        self.crop_dir, self.uids = Path(crop_dir), list(uids)
+        self.per_study, self.mask_channel = per_study, mask_channel
+        self.augment = augment if augment is not None and augment.enabled else None
+        self.reverse_slices, self.seed, self.epoch = reverse_slices, seed, 0
+        table = labels.set_index("StudyInstanceUID")
+        lacking = [u for u in self.uids if u not in table.index]
+        if lacking:
+            raise ValueError(f"{len(lacking)} studies of {self.crop_dir} have no labels, e.g. {lacking[:3]}; "
+                             "is data.data_root the train.csv the crops were made for?")
+        self.labels = {u: table.loc[u, list(TARGETS)].to_numpy(np.float32) for u in self.uids}
+        if in_memory is None:
+            in_memory = sum(crops_nbytes(self.crop_dir / f"{u}.npz") for u in self.uids) <= IN_MEMORY_BYTES
+        self.cache = {u: load_crops(self.crop_dir, u) for u in self.uids} if in_memory else None
+        self.found = {u: self._arrays(u)["found"] if in_memory else self._read_found(u) for u in self.uids}
+        if per_study:
+            self.index = [(u, -1) for u in self.uids if self.found[u].any() or not skip_missing]
+        else:
+            self.index = [(u, v) for u in self.uids for v in range(N_VERTEBRAE)
+                          if self.found[u][v] or not skip_missing]
+
+    def _read_found(self, uid: str) -> np.ndarray:
+        with np.load(self.crop_dir / f"{uid}.npz") as data:  # reads this small array only
+            return data["found"].astype(bool)
+
+    def _arrays(self, uid: str) -> dict[str, np.ndarray]:
+        return self.cache[uid] if self.cache is not None else load_crops(self.crop_dir, uid)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the augmentation draws of `epoch`."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _stack(self, arrays: dict, v: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
+        """Vertebra v: image float32 (T, C, S, S), mask (T,), slice target (T,), known (T,), augmented by rng."""
+        image = arrays["crops"][v].astype(np.float32) / 255.0
+        mask = arrays["positions"][v] >= 0
+        target = arrays["slice_targets"][v]
+        known = np.isfinite(target) & mask
+        target = np.where(known, target, 0.0).astype(np.float32)
+        if rng is not None and arrays["found"][v]:
+            image = augment_stack(image, rng, self.augment, mask_channel=self.mask_channel)
+            if rng.random() < self.reverse_slices:
+                image, mask, target, known = image[::-1], mask[::-1], target[::-1], known[::-1]
+        return image, mask, target, known
+
+    def _study_sample(self, uid: str, rng: np.random.Generator | None) -> dict:
+        arrays = self._arrays(uid)
+        parts = [self._stack(arrays, v, rng) for v in range(N_VERTEBRAE)]
+        image, mask, target, known = (np.stack([p[i] for p in parts]) for i in range(4))
+        found = arrays["found"].copy()
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "mask": torch.from_numpy(mask),
+                "vertebra_mask": torch.from_numpy(found), "label": torch.from_numpy(self.labels[uid].copy()),
+                "slice_target": torch.from_numpy(np.ascontiguousarray(target)),
+                "slice_known": torch.from_numpy(np.ascontiguousarray(known)), "found": torch.from_numpy(found),
+                "uid": uid}
+
+    def study(self, uid: str) -> dict:
+        """The per-study sample of `uid`, unaugmented (validation and OOF)."""
+        if uid not in self.labels:
+            raise KeyError(f"study {uid} is not in this dataset ({len(self.uids)} studies from {self.crop_dir})")
+        return self._study_sample(uid, None)
+
+    def __getitem__(self, i: int) -> dict:
+        uid, v = self.index[i]
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment is not None else None
+        if self.per_study:
+            return self._study_sample(uid, rng)
+        image, mask, target, known = self._stack(self._arrays(uid), v, rng)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image)), "mask": torch.from_numpy(mask.copy()),
+                "label": torch.tensor(self.labels[uid][1 + v]),
+                "slice_target": torch.from_numpy(np.ascontiguousarray(target)),
+                "slice_known": torch.from_numpy(np.ascontiguousarray(known)),
+                "found": bool(self.found[uid][v]),
+                "uid": uid, "vertebra": v}

@@ -145,6 +145,33 @@ def combine_logits(vertebra_logits: torch.Tensor, patient_logits: torch.Tensor |
     return torch.cat([patient_logits.to(vertebra_logits.dtype), vertebra_logits], dim=1)
 
 
+def vertebra_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The competition's weighted log loss on single vertebrae, for per-vertebra models (a batch mixes
+    vertebrae of different studies, so no study's 8 columns are there to normalise by).
+
+    `sum(w * BCE) / sum(w)` over the batch, with the metric's vertebra weights: 1 for a negative label, 2 for
+    a positive one (`kit.constants`, columns C1..C7). On all seven vertebrae of a set of studies it is the
+    vertebra part of the metric's "global" form, renormalised to the vertebra weights:
+    `competition_score(y, p, normalise="global", per_target=True)[C1..C7].sum() * W / W_vertebrae`
+    (W: all weights, W_vertebrae: those of C1..C7).
+
+    Args:
+        logits: (B,) vertebra fracture logits.
+        targets: (B,) labels in [0, 1].
+
+    Returns:
+        Scalar tensor.
+    """
+    if logits.shape != targets.shape or logits.ndim != 1:
+        raise ValueError(f"logits and targets must both be (B,); got {tuple(logits.shape)} and {tuple(targets.shape)}")
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    y = targets.to(x.dtype)
+    neg, pos = NEGATIVE_WEIGHTS[1], POSITIVE_WEIGHTS[1]
+    w = y * pos + (1.0 - y) * neg
+    loss = -(y * F.logsigmoid(x) + (1.0 - y) * F.logsigmoid(-x))
+    return (w * loss).sum() / w.sum()
+
+
 def slice_bce_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

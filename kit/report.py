@@ -13,6 +13,9 @@
   contributions and AUCs, per-fold scores, ROC / calibration / histogram plots, blends of several runs.
   `fold<k>/oof.csv` (or one `oof.csv` at the run root): `StudyInstanceUID`, `fold`, the 8 predicted
   probabilities named exactly as TARGETS (`patient_overall, C1..C7`) and the 8 labels as `<target>_true`.
+  Optional: `fold<k>/oof_summary.json` with `train_prevalence` (the training folds' prevalence of each target,
+  written by `kit.tasks.ClsTask`) for the baseline from the training folds; on synthetic data, the generator's
+  answers (`<answers_dir>/fractures.csv`) for the recall by fracture kind and subtlety.
 
 Each report writes `report.md`, `report.json` and PNGs (by default in the run folder) and returns what it wrote
 and its numbers. Every fold folder also holds `log.csv` (epoch, train_loss, val_loss, val_<metric>, lr,
@@ -198,6 +201,130 @@ def _model_summary(y: np.ndarray, p: np.ndarray, folds: np.ndarray) -> dict:
     }
 
 
+SUMMARY_NAME = "oof_summary.json"
+ANSWERS_NAME = "fractures.csv"
+ANSWER_COLUMNS = (UID, "split", "vertebra", "kind", "subtlety", "z_first", "z_last")
+RECALL_THRESHOLD = 0.5
+SUBTLETY_BINS = 3  # numeric subtlety with more distinct values than 5 is grouped into this many equal-count bins
+
+
+def train_fold_prevalence(run_dir: PathLike, oof: pd.DataFrame) -> dict[int, tuple[np.ndarray | None, str]]:
+    """For each fold k of a classifier OOF table: the prevalence of the 8 targets over the studies fold k's model
+    trained on, and where it comes from.
+
+    Sources, in order: `fold<k>/oof_summary.json`'s `train_prevalence` (the task computes it from train.csv
+    over the training folds); else the OOF's own studies of the other folds (all the training folds' labels
+    when every fold was run); else None ("unknown": a single fold run without a summary).
+
+    Returns:
+        {fold: (prevalence (8,) in TARGETS order or None, source in words)}.
+    """
+    run_dir = Path(run_dir)
+    out = {}
+    y = oof[list(TRUE_COLUMNS)].to_numpy(np.float64)
+    for k in sorted(int(f) for f in oof["fold"].unique()):
+        summary = run_dir / f"fold{k}" / SUMMARY_NAME
+        stored = json.loads(summary.read_text()).get("train_prevalence") if summary.is_file() else None
+        others = (oof["fold"] != k).to_numpy()
+        if stored is not None and all(t in stored for t in TARGETS):
+            out[k] = (np.array([stored[t] for t in TARGETS], dtype=np.float64), f"fold{k}/{SUMMARY_NAME}")
+        elif others.any():
+            out[k] = (y[others].mean(0), f"OOF labels of the other folds ({int(others.sum())} studies)")
+        else:
+            out[k] = (None, "unknown (no oof_summary.json, no other fold in the OOF)")
+    return out
+
+
+def train_fold_baseline(y: np.ndarray, folds: np.ndarray, prevalence: dict) -> dict | None:
+    """The prevalence baseline without peeking: each study predicted with its fold's training-fold prevalence
+    (`train_fold_prevalence`), scored like the models. None when a fold's prevalence is unknown."""
+    if any(prevalence[int(k)][0] is None for k in np.unique(folds)):
+        return None
+    pred = np.stack([prevalence[int(k)][0] for k in folds])
+    return {
+        "n_studies": int(len(y)),
+        "score_row": competition_score(y, pred, normalise="row"),
+        "score_global": competition_score(y, pred, normalise="global"),
+        "per_target_row": competition_score(y, pred, normalise="row", per_target=True).to_dict(),
+        "per_fold": {int(k): competition_score(y[folds == k], pred[folds == k]) for k in np.unique(folds)},
+        "sources": {int(k): src for k, (_, src) in prevalence.items()},
+    }
+
+
+def read_answers(answers_dir: PathLike) -> pd.DataFrame:
+    """The synthetic generator's answer table `<answers_dir>/fractures.csv` (one row per fracture).
+
+    Columns `StudyInstanceUID, split, vertebra, kind, subtlety, z_first, z_last`; `vertebra` as "C1".."C7"
+    (1..7 is accepted and converted).
+
+    Raises:
+        FileNotFoundError: no fractures.csv.
+        ValueError: missing columns or a vertebra outside C1..C7.
+    """
+    path = Path(answers_dir) / ANSWERS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {ANSWERS_NAME} in {answers_dir}; the synthetic generator writes it with "
+                                "the data")
+    table = pd.read_csv(path, dtype={UID: str})
+    missing = [c for c in ANSWER_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: missing columns {missing}; expected {list(ANSWER_COLUMNS)}")
+    vertebra = table["vertebra"].astype(str).str.strip()
+    vertebra = vertebra.where(~vertebra.isin([str(i) for i in range(1, 8)]), "C" + vertebra)
+    bad = sorted(set(vertebra) - set(VERTEBRAE))
+    if bad:
+        raise ValueError(f"{path}: vertebra must be one of {', '.join(VERTEBRAE)}; got {bad[:5]}")
+    return table.assign(vertebra=vertebra)
+
+
+def _subtlety_groups(subtlety: pd.Series) -> pd.Series:
+    """Subtlety as groups: its values when few (<= 5 distinct or not numeric), else `SUBTLETY_BINS` equal-count
+    bins named by the range of values they hold ("0.1 to 0.35")."""
+    numeric = pd.to_numeric(subtlety, errors="coerce")
+    if numeric.notna().all() and numeric.nunique() > 5:
+        codes = pd.qcut(numeric, SUBTLETY_BINS, labels=False, duplicates="drop")
+        spans = numeric.groupby(codes).agg(["min", "max"])
+        names = {c: f"{lo:.3g} to {hi:.3g}" for c, (lo, hi) in spans.iterrows()}
+        return codes.map(names).astype(str)
+    return subtlety.astype(str)
+
+
+def fracture_recall(oof: pd.DataFrame, answers: pd.DataFrame, preds: dict[str, np.ndarray],
+                    threshold: float = RECALL_THRESHOLD) -> dict[str, pd.DataFrame]:
+    """Recall of fractured vertebrae by fracture kind and by subtlety (synthetic data).
+
+    A fracture counts as detected when its vertebra's predicted probability is above `threshold`; recall is
+    the share detected among the answer rows whose study is in the OOF. A vertebra with two fractures counts
+    once per fracture (in each fracture's kind).
+
+    Args:
+        oof: the OOF table (its `StudyInstanceUID` order is the order of the rows of `preds`).
+        answers: `read_answers` output.
+        preds: {model: (N, 8) probabilities in TARGETS order, rows as `oof`}.
+        threshold: detection threshold.
+
+    Returns:
+        {"kind": DataFrame, "subtlety": DataFrame}: one row per group with `fractures` and, per model,
+        the recall.
+    """
+    row_of = {u: i for i, u in enumerate(oof[UID])}
+    rows = answers[answers[UID].isin(row_of)].reset_index(drop=True)
+    index = rows[UID].map(row_of).to_numpy()
+    column = rows["vertebra"].map(TARGETS.index).to_numpy()
+    groups = {"kind": rows["kind"].astype(str), "subtlety": _subtlety_groups(rows["subtlety"])}
+    out = {}
+    for by, keys in groups.items():
+        table = pd.DataFrame({by: keys})
+        for name, p in preds.items():
+            table[name] = (p[index, column] > threshold).astype(np.float64) if len(rows) else []
+        grouped = table.groupby(by, sort=True)
+        result = grouped.size().rename("fractures").to_frame()
+        for name in preds:
+            result[name] = grouped[name].mean()
+        out[by] = result.reset_index()
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------
@@ -307,16 +434,32 @@ def _markdown(result: dict, slug: dict) -> str:
     models = result["models"]
     base = result["baseline"]
     lines = [f"# OOF report: {', '.join(result['runs'])}", ""]
+    fair = result.get("baseline_from_train_folds")
     lines += [f"{base['n_studies']} studies with out-of-fold predictions in all runs. Competition metric: weighted "
               "multi-label log loss, lower is better. **row** = per-study normalised (public reference form), "
-              "**global** = total weighted loss / total weight. The baseline predicts each target's OOF "
-              "prevalence for every study.", ""]
+              "**global** = total weighted loss / total weight. Two prevalence baselines predict the same "
+              "constants for every study: **training folds** = each fold's studies get the prevalence of the "
+              "studies its model trained on (what a model could have known; the gains are against it), "
+              "**in-sample** = the OOF's own prevalence (peeks at the held-out labels, so it is a little "
+              "optimistic).", ""]
+    if fair is None:
+        lines += ["The training folds' prevalence is unknown for some fold (no `oof_summary.json` with "
+                  "`train_prevalence`, and no other fold in the OOF): gains are against the in-sample "
+                  "baseline.", ""]
+    else:
+        sources = sorted(set(fair["sources"].values()))
+        lines += [f"Training-fold prevalence from: {'; '.join(sources)}.", ""]
     lines += ["## Summary", ""]
     best = min(m["score_row"] for m in models.values())
-    rows = [["prevalence baseline", str(base["n_studies"]), _f(base["score_row"]), _f(base["score_global"]),
-             "–", "0.500", "0.500"]]
+    reference = fair if fair is not None else base
+    rows = []
+    if fair is not None:
+        rows.append(["prevalence baseline (training folds)", str(fair["n_studies"]), _f(fair["score_row"]),
+                     _f(fair["score_global"]), "–", "0.500", "0.500"])
+    rows.append(["prevalence baseline (in-sample)", str(base["n_studies"]), _f(base["score_row"]),
+                 _f(base["score_global"]), "–", "0.500", "0.500"])
     for name, m in models.items():
-        gain = base["score_row"] - m["score_row"]
+        gain = reference["score_row"] - m["score_row"]
         score = _f(m["score_row"])
         rows.append([name, str(m["n_studies"]), f"**{score}**" if m["score_row"] == best else score,
                      _f(m["score_global"]), f"{gain:+.4f}", _f(m["auc"]["patient_overall"], 3), _f(m["mean_auc"], 3)])
@@ -331,11 +474,13 @@ def _markdown(result: dict, slug: dict) -> str:
     names = list(models)
     lines += ["## Per target", "", "### Contribution to the row score", "",
               "Each column sums to the model's score: where the loss comes from.", ""]
-    rows = [[t, _f(base["prevalence"][t], 3), _f(base["per_target_row"][t])]
+    fair_part = (lambda t: [_f(fair["per_target_row"][t])]) if fair is not None else (lambda t: [])
+    rows = [[t, _f(base["prevalence"][t], 3), *fair_part(t), _f(base["per_target_row"][t])]
             + [_f(models[n]["per_target_row"][t]) for n in names] for t in TARGETS]
-    rows.append(["**total**", "", f"**{_f(base['score_row'])}**"]
-                + [f"**{_f(models[n]['score_row'])}**" for n in names])
-    lines += [_table(["target", "prevalence", "baseline", *names], rows), ""]
+    rows.append(["**total**", "", *([f"**{_f(fair['score_row'])}**"] if fair is not None else []),
+                 f"**{_f(base['score_row'])}**"] + [f"**{_f(models[n]['score_row'])}**" for n in names])
+    lines += [_table(["target", "prevalence", *(["baseline (training folds)"] if fair is not None else []),
+                      "baseline (in-sample)", *names], rows), ""]
     lines += ["### ROC AUC and mean prediction", "",
               "AUC per target (– where a target has one class); in brackets the mean predicted probability, "
               "to compare with the prevalence.", ""]
@@ -349,8 +494,11 @@ def _markdown(result: dict, slug: dict) -> str:
     header = ["model"] + [f"fold {k}" for k in folds] + ["mean ± sd", "all (row)"]
     rows = []
     fold_base = {f["fold"]: f for f in next(iter(models.values()))["per_fold"]}
-    rows.append(["prevalence baseline"] + [_f(fold_base[k]["baseline_row"]) if k in fold_base else "–"
-                                           for k in folds] + ["", _f(base["score_row"])])
+    if fair is not None:
+        rows.append(["prevalence baseline (training folds)"] + [_f(fair["per_fold"].get(k)) for k in folds]
+                    + ["", _f(fair["score_row"])])
+    rows.append(["prevalence baseline (in-sample)"] + [_f(fold_base[k]["baseline_row"]) if k in fold_base
+                                                       else "–" for k in folds] + ["", _f(base["score_row"])])
     for name, m in models.items():
         by = {f["fold"]: f["score_row"] for f in m["per_fold"]}
         vals = np.array(list(by.values()))
@@ -358,7 +506,22 @@ def _markdown(result: dict, slug: dict) -> str:
                     + [f"{vals.mean():.4f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.4f}", _f(m["score_row"])])
     counts = ["studies"] + [str(fold_base[k]["n_studies"]) if k in fold_base else "–" for k in folds] + ["", ""]
     rows.append(counts)
-    lines += [_table(header, rows), "", "Row-normalised scores; the baseline uses the prevalence over all folds.", ""]
+    lines += [_table(header, rows), "", "Row-normalised scores; the in-sample baseline uses the prevalence over all "
+              "folds of the OOF, the training-folds baseline each fold's own training prevalence.", ""]
+
+    recall = result.get("recall")
+    if recall is not None:
+        lines += ["## Recall by fracture (synthetic answers)", "",
+                  f"From `{result['answers_dir']}/{ANSWERS_NAME}`: the share of fractures whose vertebra is predicted "
+                  f"p > {RECALL_THRESHOLD} (a vertebra with two fractures counts once per fracture).", ""]
+        for by in ("kind", "subtlety"):
+            table = recall[by]
+            lines += [f"### By {by}", ""]
+            if not table:
+                lines += ["No fracture of the answers is among the OOF studies.", ""]
+                continue
+            rows = [[str(r[by]), str(int(r["fractures"]))] + [_f(r[n], 3) for n in models] for r in table]
+            lines += [_table([by, "fractures", *models], rows), ""]
 
     lines += ["## Plots", ""]
     for name in models:
@@ -391,22 +554,29 @@ def _jsonable(x):
     return x
 
 
-def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None = None, *, labels=None) -> dict:
+def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None = None, *, labels=None,
+               answers_dir: PathLike | None = None) -> dict:
     """Score one or several runs' OOF predictions and write `report.md`, `report.json` and PNG plots.
 
-    For each run: row and global scores, per-target contributions and AUCs, per-fold scores, each next to the
-    prevalence baseline; ROC curves, reliability diagrams and prediction histograms. With several runs, also
-    the mean blend and a blend whose weights are fitted on the OOF itself (optimistic), over the studies all
-    runs share.
+    For each run: row and global scores, per-target contributions and AUCs, per-fold scores, each next to two
+    prevalence baselines: the in-sample one (the OOF's own prevalence, which a model cannot know) and the one
+    from the training folds (`train_fold_baseline`: each fold's studies predicted with the prevalence of the
+    studies its model trained on; the fair reference). ROC curves, reliability diagrams and prediction
+    histograms. With several runs, also the mean blend and a blend whose weights are fitted on the OOF itself
+    (optimistic), over the studies all runs share. With `answers_dir` (synthetic data), the recall of
+    fractured vertebrae by fracture kind and subtlety (`fracture_recall`).
 
     Args:
         run_dirs: one run folder or several (`runs/<name>` holding `fold<k>/oof.csv` or `oof.csv`).
         out_dir: where to write; default the run folder for one run, `reports/<name>+<name>...` for several.
         labels: optional label table (DataFrame, train.csv path or data root) used for the `_true` columns.
+        answers_dir: folder of the synthetic generator's `fractures.csv`; None: no recall tables.
 
     Returns:
         dict with `out_dir`, `report_md`, `report_json`, `pngs` (list of paths), `scores`
-        ({model: {"row", "global"}}), `baseline`, `models` (full numbers per model), `blend_weights`, `runs`.
+        ({model: {"row", "global"}}), `baseline` (in-sample), `baseline_from_train_folds` (None when a fold's
+        training prevalence is unknown), `models` (full numbers per model), `blend_weights`, `runs`,
+        `recall` ({"kind": [...], "subtlety": [...]} records, or None).
     """
     run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(r) for r in run_dirs]
     if not run_dirs:
@@ -456,6 +626,11 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         "per_target_row": competition_score(y, prev.to_numpy(), normalise="row", per_target=True).to_dict(),
     }
     models = {n: _model_summary(y, p, folds[n]) for n, p in preds.items()}
+    fold_prev = train_fold_prevalence(run_dirs[0], oofs[names[0]])
+    fair = train_fold_baseline(y, folds[names[0]], fold_prev)
+    recall = None
+    if answers_dir is not None:
+        recall = fracture_recall(aligned[names[0]].reset_index(), read_answers(answers_dir), preds)
 
     if out_dir is None:
         out_dir = run_dirs[0] if len(run_dirs) == 1 else Path("reports") / "+".join(_slug(n) for n in names)
@@ -474,9 +649,12 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         "out_dir": str(out_dir),
         "scores": {n: {"row": m["score_row"], "global": m["score_global"]} for n, m in models.items()},
         "baseline": baseline,
+        "baseline_from_train_folds": fair,
         "models": models,
         "blend_weights": blend_weights,
         "pngs": [str(p) for p in pngs],
+        "recall": None if recall is None else {k: t.to_dict(orient="records") for k, t in recall.items()},
+        "answers_dir": None if answers_dir is None else str(answers_dir),
     }
     md_path = out_dir / "report.md"
     md_path.write_text(_markdown(result, slug) + "\n")
@@ -1129,12 +1307,15 @@ def register_report(task: str, columns: Sequence[str], layout: str, *, combine: 
 
 @register_report("cls", (UID, "fold", *TARGETS), "StudyInstanceUID, fold, patient_overall, C1..C7 "
                  "(probabilities), <target>_true", combine=True)
-def _write_cls(run_dirs: Sequence[Path], out_dir: PathLike | None, *, labels=None, **_) -> dict:
-    result = oof_report(run_dirs, out_dir, labels=labels)
+def _write_cls(run_dirs: Sequence[Path], out_dir: PathLike | None, *, labels=None, answers_dir=None, **_) -> dict:
+    result = oof_report(run_dirs, out_dir, labels=labels, answers_dir=answers_dir)
     base = result["baseline"]["score_row"]
+    fair = result["baseline_from_train_folds"]
     scores = ", ".join(f"{n} {s['row']:.4f}" for n, s in result["scores"].items())
+    baselines = (f"prevalence baseline {fair['score_row']:.4f} (training folds), {base:.4f} (in-sample)"
+                 if fair is not None else f"prevalence baseline {base:.4f} (in-sample)")
     return {**result, "kind": "cls", "run": "+".join(result["runs"]), "n_studies": result["baseline"]["n_studies"],
-            "headline": f"score (row) {scores} | prevalence baseline {base:.4f}"}
+            "headline": f"score (row) {scores} | {baselines}"}
 
 
 @register_report("seg", SEG_COLUMNS[2:], "StudyInstanceUID, fold, epoch, slices, dice_C1..dice_C7, dice_mean, "
@@ -1192,7 +1373,7 @@ def run_task(run_dir: PathLike) -> str:
 
 
 def run_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None = None, *, n_worst: int = 5,
-               labels=None) -> list[dict]:
+               labels=None, answers_dir: PathLike | None = None) -> list[dict]:
     """The report of any runs (what `kit report` calls): each run gets the report of its kind (`run_task`).
 
     Segmenter (`seg_report`) and level-model (`level_report`) runs get one report each; classifier-format
@@ -1204,6 +1385,8 @@ def run_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
             classifier runs). With several reports, each goes to `out_dir/<run name>`.
         n_worst: worst studies listed (and pictured, for a segmenter) per seg / level report.
         labels: label table for classifier OOF files without `_true` columns (see `load_oof`).
+        answers_dir: the synthetic generator's answers folder (`fractures.csv`): classifier reports add the
+            recall by fracture kind and subtlety (see `oof_report`).
 
     Returns:
         One result dict per report, each with at least `kind`, `run`, `n_studies`, `headline`, `out_dir`,
@@ -1225,7 +1408,7 @@ def run_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         dest = out_dir
         if out_dir is not None and len(groups) > 1:
             dest = Path(out_dir) / "+".join(_slug(r.resolve().name) for r in runs)
-        results.append(REPORT_KINDS[task].write(runs, dest, n_worst=n_worst, labels=labels))
+        results.append(REPORT_KINDS[task].write(runs, dest, n_worst=n_worst, labels=labels, answers_dir=answers_dir))
     return results
 
 

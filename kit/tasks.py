@@ -22,6 +22,7 @@ competition targets for the classifier); `kit.report` reads them.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,11 @@ import torch
 from torch import nn
 
 from . import data as kdata
-from .constants import VERTEBRAE
-from .losses import level_loss, seg_loss
+from .constants import TARGETS, VERTEBRAE
+from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
 from .slices import LevelRecipe, SegRecipe, true_presence
+
+log = logging.getLogger("kit.tasks")
 
 TASKS: dict[str, type] = {}
 
@@ -227,5 +230,220 @@ class LevelTask:
                    "mean_iou": _nan_mean(table["iou_mean"]),
                    "per_vertebra": {v: _nan_mean(table[f"iou_{v}"]) for v in VERTEBRAE},
                    "n_studies": len(table), "fold": self.cfg.data.fold, "epoch": epoch}
+        (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2: the fracture classifier
+# ---------------------------------------------------------------------------------------------------------
+
+PER_STUDY_MODELS = ("cls_patient_gru",)  # models that take whole studies (7 stacks) and have a patient head
+FALLBACK_CLIP = 1e-4  # a fallback prevalence of 0 or 1 is clipped to [1e-4, 1 - 1e-4] (finite logits)
+TRUE_SUFFIX = "_true"
+
+
+def _none_if_nan(values: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}
+
+
+@register_task("cls")
+class ClsTask:
+    """Stage 2: fracture classification on the crop cache (`kit crops`, `kit.data.CropDataset`).
+
+    Studies: the crop manifest's studies that have crops; training = those whose fold (`data.folds_csv`) is not
+    `data.fold`, held out = that fold. Labels come from `train.csv` in `data.data_root`.
+
+    Layout, by the model's name: a model in `PER_STUDY_MODELS` (`cls_patient_gru`) trains on whole studies,
+    the vertebrae not found passed as `vertebra_mask` (studies with none found are left out of training);
+    any other (`cls_gru`) trains on single vertebrae, the ones not found left out.
+
+    Loss, plus `loss.slice_weight` x the slice BCE (`slice_bce_loss`) over the sampled slices whose target is
+    known (studies with fracture boxes):
+    - per study: `competition_loss` on the 8 logits [patient head, C1..C7] (`combine_logits`), normalised as
+      `loss.normalise`: on the same predictions it equals `kit.metrics.competition_score`. A vertebra not
+      found still counts with its label: its logit is then the head's bias, which learns a fallback.
+    - per vertebra: a batch mixes vertebrae of different studies, so there is no study row to normalise by;
+      `vertebra_loss` is the metric's weighted BCE with the vertebra weights (1 negative, 2 positive),
+      sum(w * BCE) / sum(w) over the batch (the vertebra part of the metric's global form). patient_overall
+      is not trained: it is 1 - prod(1 - p_Ci).
+
+    Validation (eval mode, no augmentation) predicts all 7 vertebrae of every held-out study. The per-vertebra
+    model predicts a fallback for a vertebra not found: the training folds' prevalence of that vertebra.
+    patient_overall comes from the patient head when the model has one, else 1 - prod(1 - p_Ci); both go to
+    the OOF (`patient_overall_from_vertebrae`). The validation loss is the row metric of each study's 8
+    logits (`competition_loss`), the score the negated `competition_score` (higher is better for the loop;
+    `log.csv` calls it `val_neg_score`).
+    """
+
+    metric_name = "neg_score"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.per_study = cfg.model.name in PER_STUDY_MODELS
+        self.held_out: kdata.CropDataset | None = None
+        self.train_prevalence = np.full(len(TARGETS), np.nan)
+
+    # ----- data -----
+    def split(self) -> tuple[list[str], list[str]]:
+        """(training, held-out) studies of the crop cache for `data.fold`.
+
+        Raises:
+            ValueError: cached studies without a fold, or an empty side.
+        """
+        d = self.cfg.data
+        folds = kdata.read_folds(d)
+        fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"]))
+        uids = kdata.crop_uids(d.crop_dir)
+        unknown = [u for u in uids if u not in fold_of]
+        if unknown:
+            raise ValueError(f"{len(unknown)} studies in {d.crop_dir} have no fold (e.g. {unknown[:3]}); is "
+                             "data.folds_csv made from the same train table as the crops?")
+        train = [u for u in uids if fold_of[u] != d.fold]
+        held_out = [u for u in uids if fold_of[u] == d.fold]
+        if not train or not held_out:
+            raise ValueError(f"fold {d.fold}: {len(train)} training and {len(held_out)} held-out studies among the "
+                             f"{len(uids)} in {d.crop_dir}; need both")
+        return train, held_out
+
+    def build(self) -> tuple[kdata.CropDataset, list[str]]:
+        """The training dataset and the held-out study ids (their crops stay available for validation)."""
+        from .rsna import load_train
+
+        d = self.cfg.data
+        train_uids, held_out = self.split()
+        labels = load_train(d.data_root)
+        self.train_prevalence = labels.set_index("StudyInstanceUID").loc[train_uids, list(TARGETS)].to_numpy(
+            np.float64).mean(0)
+        common = dict(mask_channel=d.with_mask, per_study=self.per_study)
+        train = kdata.CropDataset(d.crop_dir, train_uids, labels, skip_missing=True, augment=d.augment,
+                                  reverse_slices=d.reverse_slices, seed=self.cfg.seed, **common)
+        self.held_out = kdata.CropDataset(d.crop_dir, held_out, labels, skip_missing=False, augment=None, **common)
+        self._check_shape(held_out[0])
+        if len(train) == 0:
+            raise ValueError(f"fold {d.fold}: no vertebra was found in any of the {len(train_uids)} training "
+                             f"studies of {d.crop_dir}; nothing to train on")
+        return train, held_out
+
+    def _check_shape(self, uid: str) -> None:
+        d = self.cfg.data
+        crops = self.held_out._arrays(uid)["crops"]
+        if crops.shape[2] != self.cfg.in_channels:
+            raise ValueError(f"{d.crop_dir}/{uid}.npz holds {crops.shape[2]} channels per slice but the config "
+                             f"needs {self.cfg.in_channels} ((2 x data.n_neighbours + 1) x {len(d.windows)} windows"
+                             f"{' + mask' if d.with_mask else ''}); rebuild the crops with this config")
+        if crops.shape[1] != d.n_slices or crops.shape[-1] != d.image_size:
+            log.warning("%s: crops of %d slices at %d px, the config says data.n_slices=%d, data.image_size=%d; "
+                        "the cache is used as it is", d.crop_dir, crops.shape[1], crops.shape[-1], d.n_slices,
+                        d.image_size)
+
+    @property
+    def fallback_logits(self) -> torch.Tensor:
+        """(7,) logits of the training folds' prevalence of C1..C7, for vertebrae not found."""
+        p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
+        return torch.from_numpy(np.log(p / (1.0 - p))).float()
+
+    # ----- training -----
+    def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Competition loss (per study) or weighted vertebra BCE (per vertebra), plus the slice BCE."""
+        if self.per_study:
+            out = model(batch["image"], batch["mask"], batch["vertebra_mask"])
+            logits = combine_logits(out["logit"].float(), out["patient_logit"].float())
+            main = competition_loss(logits, batch["label"], normalise=self.cfg.loss.normalise)
+            slices, target, known = (out["slice_logits"].flatten(0, 1), batch["slice_target"].flatten(0, 1),
+                                     batch["slice_known"].flatten(0, 1))
+        else:
+            out = model(batch["image"], batch["mask"])
+            main = vertebra_loss(out["logit"], batch["label"])
+            slices, target, known = out["slice_logits"], batch["slice_target"], batch["slice_known"]
+        if self.cfg.loss.slice_weight > 0:
+            main = main + self.cfg.loss.slice_weight * slice_bce_loss(slices, target, known)
+        return main
+
+    # ----- validation -----
+    def predict_study(self, model: nn.Module, sample: dict, device: torch.device, autocast
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
+        found = sample["found"]
+        if self.per_study:
+            with autocast():
+                out = model(sample["image"][None].to(device), sample["mask"][None].to(device),
+                            sample["vertebra_mask"][None].to(device))
+            return (combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0],
+                    out["attention"][0].float().cpu())
+        logits = self.fallback_logits.clone()
+        attention = torch.zeros(sample["mask"].shape)
+        if found.any():
+            with autocast():
+                out = model(sample["image"][found].to(device), sample["mask"][found].to(device))
+            logits[found] = out["logit"].float().cpu()
+            attention[found] = out["attention"].float().cpu()
+        return combine_logits(logits[None])[0], attention
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
+        """Predict the 7 vertebrae and patient_overall of each study of `uids` (one OOF row each)."""
+        loss_sum, count, rows = 0.0, 0, []
+        for uid in uids:
+            sample = self.held_out.study(uid)
+            logits, attention = self.predict_study(model, sample, device, autocast)
+            label = sample["label"]
+            loss_sum += float(competition_loss(logits[None], label[None], normalise=self.cfg.loss.normalise))
+            count += 1
+            p = torch.sigmoid(logits.double()).numpy()
+            found = sample["found"].numpy()
+            peaks = attention.argmax(1).numpy()
+            rows.append({"StudyInstanceUID": uid,
+                         **{t: float(p[j]) for j, t in enumerate(TARGETS)},
+                         "patient_overall_from_vertebrae": float(1.0 - np.prod(1.0 - p[1:])),
+                         **{f"{t}{TRUE_SUFFIX}": int(label[j]) for j, t in enumerate(TARGETS)},
+                         **{f"found_{v}": int(found[i]) for i, v in enumerate(VERTEBRAE)},
+                         **{f"attn_peak_{v}": int(peaks[i]) if found[i] else -1 for i, v in enumerate(VERTEBRAE)}})
+        return EvalResult(loss_sum, count, rows)
+
+    @staticmethod
+    def _arrays(rows_or_table) -> tuple[np.ndarray, np.ndarray]:
+        table = pd.DataFrame(rows_or_table)
+        return (table[[f"{t}{TRUE_SUFFIX}" for t in TARGETS]].to_numpy(np.float64),
+                table[list(TARGETS)].to_numpy(np.float64))
+
+    @classmethod
+    def score(cls, rows: list[dict]) -> float:
+        """-competition_score (row form) of the rows (higher is better); NaN without rows."""
+        from .metrics import competition_score
+
+        if not rows:
+            return float("nan")
+        return -competition_score(*cls._arrays(rows))
+
+    def write_oof(self, rows: list[dict], run_dir: Path, epoch: int) -> dict:
+        """`oof.csv` (per held-out study: the 8 TARGETS probabilities, `patient_overall_from_vertebrae`, the 8
+        `<target>_true` labels, `found_C1..C7`, `attn_peak_C1..C7` = the sampled slice 0..T-1 with the highest
+        attention, -1 where not found) and `oof_summary.json` (`score`, `baseline_score`: the training folds'
+        prevalence scored on the held-out labels, same metric and weights; per-target scores and AUCs)."""
+        from .metrics import competition_score, prevalence_baseline, roc_auc, roc_auc_per_target
+
+        table = _write_table(rows, run_dir, self.cfg.data.fold, epoch)
+        y, p = self._arrays(table)
+        from_vertebrae = p.copy()
+        from_vertebrae[:, 0] = table["patient_overall_from_vertebrae"].to_numpy()
+        found = table[[f"found_{v}" for v in VERTEBRAE]].to_numpy()
+        summary = {
+            "metric": "competition weighted log loss (row-normalised, lower is better)",
+            "score": competition_score(y, p),
+            "score_global": competition_score(y, p, normalise="global"),
+            "baseline_score": competition_score(y, self.train_prevalence),
+            "baseline_in_sample": prevalence_baseline(y)[0],
+            "train_prevalence": dict(zip(TARGETS, self.train_prevalence.tolist())),
+            "patient_overall_source": "patient head" if self.per_study else "1 - prod(1 - p_Ci)",
+            "score_patient_from_vertebrae": competition_score(y, from_vertebrae),
+            "per_target": competition_score(y, p, per_target=True).to_dict(),
+            "auc": _none_if_nan(roc_auc_per_target(y, p).to_dict()),
+            "auc_patient_from_vertebrae": _none_if_nan({"auc": roc_auc(y[:, 0], from_vertebrae[:, 0])})["auc"],
+            "vertebrae_not_found": int((found == 0).sum()),
+            "not_found_prediction": "the model's output with the vertebra masked" if self.per_study
+            else "training folds' prevalence of that vertebra",
+            "n_studies": len(table), "fold": self.cfg.data.fold, "epoch": epoch,
+        }
         (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))
         return summary

@@ -16,10 +16,12 @@ from kit.report import (
     FITTED_BLEND,
     MEAN_BLEND,
     fit_blend_weights,
+    fracture_recall,
     level_report,
     load_oof,
     oof_report,
     plot_segmentation,
+    read_answers,
     run_report,
     run_task,
     seg_report,
@@ -356,3 +358,93 @@ def test_seg_report_pictures_a_real_run(tmp_path):
     assert list(result["pictures"]) == [held_out[0]] and result["missing_pictures"] == {}
     assert_png(result["pictures"][held_out[0]])
     assert f"]({Path(result['pictures'][held_out[0]]).name})" in Path(result["report_md"]).read_text()
+
+
+# --------------------------------------------------------------------------------------------------------- classifier:
+# the baseline from the training folds, and recall by fracture kind on synthetic answers
+
+
+def write_oof_table(run_dir: Path, uids, y: np.ndarray, p: np.ndarray, folds) -> None:
+    """Hand-made classifier OOF files, one per fold."""
+    table = pd.DataFrame(p, columns=list(TARGETS))
+    table.insert(0, "fold", folds)
+    table.insert(0, UID, uids)
+    for j, t in enumerate(TARGETS):
+        table[f"{t}_true"] = y[:, j].astype(int)
+    for k in sorted(set(folds)):
+        (run_dir / f"fold{k}").mkdir(parents=True, exist_ok=True)
+        table[table["fold"] == k].to_csv(run_dir / f"fold{k}" / "oof.csv", index=False)
+
+
+def test_baseline_from_training_folds_is_not_the_in_sample_one(tmp_path):
+    uids = [f"1.2.826.0.1.3680043.{900 + i}" for i in range(6)]
+    v = np.zeros((6, 7), int)
+    v[:3, 0] = 1  # fold 0 holds every C1 fracture, fold 1 none; C2 is fractured once in each fold
+    v[0, 1] = v[3, 1] = 1
+    y = np.c_[v.max(1), v]
+    folds = np.array([0, 0, 0, 1, 1, 1])
+    run = tmp_path / "cls_hand"
+    write_oof_table(run, uids, y, np.full((6, 8), 0.4), folds)
+    # fold 1's model trained on more studies than the OOF shows: its summary says so
+    stored = dict(zip(TARGETS, [0.5, 0.25, 0.2, 0.1, 0.1, 0.1, 0.1, 0.1]))
+    (run / "fold1" / "oof_summary.json").write_text(json.dumps({"train_prevalence": stored}))
+    result = oof_report(run)
+
+    fair, in_sample = result["baseline_from_train_folds"], result["baseline"]
+    # by hand: fold 0 studies get the prevalence of fold 1's labels, fold 1 studies the stored one
+    pred = np.vstack([np.repeat(y[3:].mean(0, keepdims=True), 3, 0),
+                      np.repeat(np.array([list(stored.values())]), 3, 0)])
+    assert fair["score_row"] == pytest.approx(competition_score(y, pred), abs=1e-9)
+    assert in_sample["score_row"] == pytest.approx(prevalence_baseline(y)[0], abs=1e-9)
+    assert fair["score_row"] > in_sample["score_row"] + 1.0  # fold 0's training folds never saw a C1 fracture
+    assert fair["per_fold"][1] == pytest.approx(competition_score(y[3:], pred[3:]), abs=1e-9)
+    assert "fold1/oof_summary.json" in fair["sources"][1] and "other folds" in fair["sources"][0]
+    md = Path(result["report_md"]).read_text()
+    assert "prevalence baseline (training folds)" in md and "prevalence baseline (in-sample)" in md
+    stored_json = json.loads(Path(result["report_json"]).read_text())
+    assert stored_json["baseline_from_train_folds"]["score_row"] == pytest.approx(fair["score_row"])
+
+    # a single fold without a summary: the training folds' prevalence is unknown, and the report says so
+    single = tmp_path / "cls_single_fold"
+    write_oof_table(single, uids[:3], y[:3], np.full((3, 8), 0.4), folds[:3])
+    alone = oof_report(single)
+    assert alone["baseline_from_train_folds"] is None
+    assert "unknown for some fold" in Path(alone["report_md"]).read_text()
+
+
+def test_recall_by_fracture_kind_and_subtlety(tmp_path):
+    uids = [f"1.2.826.0.1.3680043.{950 + i}" for i in range(3)]
+    v = np.zeros((3, 7), int)
+    v[0, [0, 1]] = v[1, 4] = v[2, 6] = 1
+    y = np.c_[v.max(1), v]
+    p = np.full((3, 8), 0.1)
+    p[0, 1], p[0, 2], p[1, 5], p[2, 7] = 0.9, 0.3, 0.6, 0.4  # C1 and C5 found, C2 and C7 missed
+    run = tmp_path / "cls_synthetic"
+    write_oof_table(run, uids, y, p, [0, 1, 2])
+    answers = tmp_path / "answers"
+    answers.mkdir()
+    pd.DataFrame({UID: [*uids[:1], uids[0], uids[1], uids[2], "1.2.826.0.1.3680043.999"],
+                  "split": "train", "vertebra": ["C1", "C2", "C5", "7", "C3"],
+                  "kind": ["compression", "burst", "compression", "burst", "burst"],
+                  "subtlety": ["subtle", "obvious", "obvious", "subtle", "subtle"],
+                  "z_first": 1, "z_last": 3}).to_csv(answers / "fractures.csv", index=False)
+    (result,) = run_report(run, answers_dir=answers)
+    kind = {r["kind"]: r for r in result["recall"]["kind"]}
+    assert kind["compression"]["fractures"] == 2 and kind["compression"]["cls_synthetic"] == 1.0
+    # the 5th answer row's study is not in the OOF: 2 burst fractures, both missed
+    assert kind["burst"]["fractures"] == 2 and kind["burst"]["cls_synthetic"] == 0.0
+    subtlety = {r["subtlety"]: r["cls_synthetic"] for r in result["recall"]["subtlety"]}
+    assert subtlety == {"obvious": 0.5, "subtle": 0.5}
+    md = Path(result["report_md"]).read_text()
+    assert "## Recall by fracture" in md and "| compression | 2 | 1.000 |" in md
+    assert oof_report(run)["recall"] is None  # no answers, no recall
+
+    # numeric subtlety with many values: equal-count bins named by their ranges
+    rows = read_answers(answers).iloc[:4]
+    rows = pd.concat([rows, rows], ignore_index=True).assign(subtlety=np.arange(1, 9) / 10)
+    oof = load_oof(run)
+    binned = fracture_recall(oof, rows, {"m": oof[list(TARGETS)].to_numpy()})["subtlety"]
+    assert binned["subtlety"].tolist() == ["0.1 to 0.3", "0.4 to 0.5", "0.6 to 0.8"]
+    assert binned["fractures"].tolist() == [3, 2, 3]
+    # rows (subtlety 0.1 .. 0.8): C1 hit, C2 miss, C5 hit, C7 miss, then the same four again
+    assert binned["m"].tolist() == pytest.approx([2 / 3, 1 / 2, 1 / 3])

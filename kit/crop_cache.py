@@ -1,0 +1,419 @@
+"""The stage-2 crop cache (`kit crops`): every study -> its seven vertebra slice stacks, cut from the original
+DICOM grid, with per-slice fracture targets.
+
+For each study, ONE DICOM read (`kit.dicom.read_series`, in a spawned prefetch worker while the previous study
+is segmented) gives both the stage-1 input (`kit.cache.prepare_arrays` at the segmenter's size and window) and
+the full-resolution HU volume the crops are cut from (`kit.crops.crop_study`). The vertebrae come from:
+
+- the ground truth, with `data.true_masks` and a `segmentations/<uid>.nii` (`kit.dicom.read_mask`, resized to
+  the prepared grid with `resize_slices(..., nearest=True)`; one that cannot be read fails the study): mask
+  source "truth";
+- else the stage-1 runs of `data.seg_runs` (segmenter and level-model runs, every fold loaded once): a training
+  study with a segmentation (the studies stage 1 trains on) is segmented by the models of the fold that held
+  it out, "oof fold k"; every other study (test split, training studies without a segmentation, which no
+  fold trained on) by the whole fold ensemble, "ensemble". A segmented training study whose fold no run held
+  out was trained on by every model: "ensemble (trained on it: ...)", with a warning.
+
+Cache format (`<crop_dir>/`; the contract with the classifier's dataset):
+
+- `<uid>.npz`, written atomically (a temporary name, then `os.replace`):
+  `crops` uint8 (7, T, C, S, S) C1..C7, T slices each head to feet, C channels in the order of
+  `kit.crops.stack_channel_names` ((2n+1) slices per window of `data.windows`, then the mask, 0 / 255, with
+  `data.with_mask`), all zeros for a vertebra not found; `found` bool (7,); `positions` int32 (7, T) slice
+  index into the sorted series (head first) of each sampled slice, -1 when not found; `slice_targets` float32
+  (7, T) 1 / 0 per sampled slice from the fracture boxes (`kit.crops.vertebra_targets`), NaN everywhere when
+  no box row of the study matched a slice (unknown, not negative); `instance_numbers` int32 (Z,),
+  `spacing` float32 (dz, dy, dx) mm and `orig_hw` int32 (H, W) of the original series.
+- `manifest.csv`: one row per study built: StudyInstanceUID, split, found ("C1 C2 ..."), missing
+  ("C3: not found by the segmenter; ..."), mask_source, n_boxes, unmatched_boxes, seconds.
+- `failures.csv`: StudyInstanceUID, error (studies that could not be read, segmented or cropped).
+- `unmatched_boxes.csv`: every box row that gives no target, with its reason: it matched no slice
+  (`kit.crops.match_boxes_to_slices`), or its slice shows no vertebra under it.
+
+Labels are not in the cache: the dataset joins `train.csv` by StudyInstanceUID. This module imports torch only
+inside `build_crops` when stage-1 runs are used, so its reader runs in a light spawned worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import zipfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .cache import merge_csv, prepare_arrays
+from .constants import VERTEBRAE
+from .crops import (assign_boxes_to_vertebrae, crop_study, grid_scale, match_boxes_to_slices, slice_positions,
+                    vertebra_extents, vertebra_targets)
+from .dicom import read_mask, read_series, resize_slices
+
+log = logging.getLogger("kit.crop_cache")
+
+PathLike = str | os.PathLike
+MANIFEST = "manifest.csv"
+FAILURES = "failures.csv"
+UNMATCHED = "unmatched_boxes.csv"
+CROP_KEYS = ("crops", "found", "positions", "slice_targets", "instance_numbers", "spacing", "orig_hw")
+MANIFEST_COLUMNS = ("StudyInstanceUID", "split", "found", "missing", "mask_source", "n_boxes", "unmatched_boxes",
+                    "seconds")
+UNMATCHED_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number", "reason")
+TRUTH_GRID_SIZE = 128  # prepared grid of ground-truth masks when no segmenter sets one (kit prepare's default)
+
+
+def crop_path(crop_dir: PathLike, uid: str) -> Path:
+    """`<crop_dir>/<uid>.npz`."""
+    return Path(crop_dir) / f"{uid}.npz"
+
+
+def load_crops(crop_dir: PathLike, uid: str) -> dict[str, np.ndarray]:
+    """One study's cached crops (the keys of `CROP_KEYS`, see the module docstring).
+
+    Raises:
+        FileNotFoundError: no `<crop_dir>/<uid>.npz` (names the file; build it with `kit crops`).
+        ValueError: the file is not a readable npz or lacks keys (names the file and the keys).
+    """
+    path = crop_path(crop_dir, uid)
+    if not path.is_file():
+        raise FileNotFoundError(f"study {uid}: no crops at {path}; build them with `kit crops --config <cls config>`")
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"study {uid}: crop file {path} is corrupt ({type(exc).__name__}: {exc}); delete it and "
+                         "run `kit crops` again") from exc
+    absent = [k for k in CROP_KEYS if k not in arrays]
+    if absent:
+        raise ValueError(f"study {uid}: crop file {path} lacks {absent} (has {sorted(arrays)}); delete it and run "
+                         "`kit crops` again")
+    return arrays
+
+
+def read_study(uid: str, *, image_dir: str, seg_dir: str | None, size: int, window_name: str,
+               segment: bool) -> dict:
+    """The prefetch worker's reader (numpy only): one DICOM read -> what building one study's crops needs.
+
+    Args:
+        uid: the study (its folder under `image_dir`).
+        image_dir: `<data_root>/<split>_images`.
+        seg_dir: `<data_root>/segmentations` when ground-truth masks are wanted, else None.
+        size: the prepared grid's in-plane size (the segmenter's image size).
+        window_name: the segmenter's HU window.
+        segment: a segmenter is available (prepare its input when there is no ground truth).
+
+    Returns:
+        `series` (`kit.dicom.Series`), and either `truth` (uint8 (Z, size, size) labels) or `prepared`
+        (`kit.cache.prepare_arrays` output).
+
+    Raises:
+        ValueError: no ground truth for the study and no segmenter to find its vertebrae.
+        DicomError: the series, or its ground truth, cannot be read (a broken ground truth fails the study; it
+            never falls back to predictions silently).
+    """
+    series = read_series(Path(image_dir) / uid)
+    nii = None if seg_dir is None else Path(seg_dir) / f"{uid}.nii"
+    if nii is not None and nii.is_file():
+        labels = read_mask(nii, series)
+        labels = np.where((labels >= 0) & (labels <= len(VERTEBRAE)), labels, 0).astype(np.uint8)  # C1..C7 only
+        return {"series": series, "truth": resize_slices(labels, size, nearest=True)}
+    if not segment:
+        raise ValueError(f"study {uid}: no ground-truth segmentation ({nii}) and no data.seg_runs to segment it; "
+                         "add stage-1 runs to data.seg_runs or build only the segmented studies")
+    return {"series": series, "prepared": prepare_arrays(series, size, window_name)}
+
+
+def study_targets(boxes: pd.DataFrame, instance_numbers: np.ndarray, extents: dict, labels: np.ndarray,
+                  scale: tuple[float, float], dz: float, n_slices: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """Per-slice targets of one study and the box rows that give none.
+
+    Args:
+        boxes: the study's `train_bounding_boxes.csv` rows (x, y, width, height, slice_number).
+        instance_numbers: (Z,) of the sorted series.
+        extents: {"C1": VertebraExtent, ...} on the prepared grid of `labels`.
+        labels: (Z, s, s) prepared-grid labels.
+        scale: (sy, sx) original pixels per prepared pixel.
+        dz: slice spacing in mm.
+        n_slices: T.
+
+    Returns:
+        targets: float32 (7, T) (`kit.crops.vertebra_targets`), NaN everywhere when no row matched a slice;
+        unmatched: rows without a target, columns of `UNMATCHED_COLUMNS` but the uid: those that matched no
+        slice and those whose slice shows no vertebra under the box.
+    """
+    nan = np.full((len(VERTEBRAE), n_slices), np.nan, np.float32)
+    if len(boxes) == 0:
+        return nan, pd.DataFrame(columns=list(UNMATCHED_COLUMNS[1:]))
+    matched, unmatched = match_boxes_to_slices(boxes, instance_numbers)
+    if len(matched) == 0:
+        return nan, unmatched
+    assigned = assign_boxes_to_vertebrae(matched, labels, scale)
+    off = assigned[assigned["vertebra"] == 0].copy()
+    off["reason"] = [f"slice_number {int(n)} (slice {int(z)}) shows no C1..C7 under the box"
+                     for n, z in zip(off["slice_number"], off["z"])]
+    targets = vertebra_targets(extents, labels, scale, matched, dz, n_slices=n_slices)
+    rows = pd.concat([unmatched, off[[*unmatched.columns]]]) if len(off) else unmatched
+    return targets, rows
+
+
+def choose_models(uid: str, split: str, fold_of: dict[str, int], segmented: bool, runs: Sequence[Sequence]
+                  ) -> tuple[list, str]:
+    """Which stage-1 models segment a study, and the manifest's mask source.
+
+    A training study with a segmentation (what stage 1 trains and validates on) goes to the models of the fold
+    that held it out, when every run has that fold ("oof fold k"); any other study to all models ("ensemble").
+    A segmented training study that no run held out was trained on by every model: the ensemble is used and
+    the source says so.
+
+    Args:
+        uid: the study.
+        split: "train" or "test".
+        fold_of: {uid: fold} of the folds table.
+        segmented: the study has a ground-truth segmentation.
+        runs: one list of `LoadedModel` per run of `data.seg_runs` (segmenters and level models).
+
+    Returns:
+        (models, mask_source).
+    """
+    every = [m for run in runs for m in run]
+    if split != "train" or not segmented:
+        return every, "ensemble"
+    fold = fold_of.get(uid)
+    held_out = set.intersection(*({m.fold for m in run} for run in runs)) if runs else set()
+    if fold in held_out:
+        return [m for m in every if m.fold == fold], f"oof fold {fold}"
+    why = "it has no fold" if fold is None else f"no run holds fold {fold} out"
+    return every, f"ensemble (trained on it: {why})"
+
+
+def _load_runs(cfg, device) -> list[list]:
+    """`load_run` of every run in `data.seg_runs`, each fold once."""
+    from .infer import load_run
+
+    runs = [load_run(run, device=device) for run in cfg.data.seg_runs]
+    segmenters = [m for run in runs for m in run if m.provides == "vertebra_probs"]
+    if not segmenters:
+        raise ValueError(f"data.seg_runs={cfg.data.seg_runs} holds no segmenter run (only level models)")
+    return runs
+
+
+def _fold_table(cfg, runs: Sequence[Sequence]) -> dict[str, int]:
+    """{uid: fold} of the classifier's folds table, checked against the split each stage-1 run trained on."""
+    from .rsna import folds_for, load_folds
+
+    d = cfg.data
+    folds = folds_for(d.data_root, path=d.folds_csv, n_folds=d.n_folds, seed=d.folds_seed)
+    fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"].astype(int)))
+    for run in runs:
+        m = run[0]
+        if m.config.data.n_folds != d.n_folds:
+            raise ValueError(f"stage-1 run {m.path.parent.parent} has data.n_folds={m.config.data.n_folds} but the "
+                             f"classifier's data.n_folds={d.n_folds}: both stages must share one split")
+        theirs = m.config.data.folds_csv
+        if theirs and Path(theirs).is_file():
+            table = load_folds(theirs)
+            other = dict(zip(table["StudyInstanceUID"], table["fold"]))
+            differ = [u for u, k in fold_of.items() if u in other and int(other[u]) != k]
+            if differ:
+                raise ValueError(f"stage-1 run {m.path.parent.parent} was trained on the split {theirs}, which puts "
+                                 f"{len(differ)} studies (e.g. {differ[0]}) in other folds than the classifier's "
+                                 f"folds table ({d.folds_csv}): out-of-fold masks need one shared split")
+    return fold_of
+
+
+def _study_boxes(root: Path, split: str) -> pd.DataFrame:
+    """The split's box rows (`kit.rsna.load_boxes`); none for the test split or without the CSV."""
+    from .rsna import load_boxes
+
+    if split != "train" or not (root / "train_bounding_boxes.csv").is_file():
+        if split == "train":
+            log.warning("no %s: slice targets are NaN (unknown) for every study", root / "train_bounding_boxes.csv")
+        return pd.DataFrame(columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
+    return load_boxes(root)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A compressed npz (what `np.savez_compressed` writes, read by `np.load`) under a temporary name, then
+    renamed, so a file at `path` is always complete. zlib level 1: a default study's crops (7 x 15 x 6 x 224^2,
+    31 MB raw) compress 4x faster than at `savez_compressed`'s level 6 and come out ~20 % larger (10 MB)."""
+    tmp = path.with_name(path.name + ".tmp.npz")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        for key, value in arrays.items():
+            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_source: str = "truth",
+                boxes: pd.DataFrame | None = None, device=None) -> tuple[dict[str, np.ndarray], dict, pd.DataFrame]:
+    """One study's crop arrays, manifest row (without split and seconds) and box rows without a target.
+
+    Args:
+        uid: the study.
+        study: `read_study` output (`series` and `truth` or `prepared`).
+        cfg: a `ClsConfig` (its `data` section sets the crop geometry).
+        models: stage-1 models (`choose_models`) when `study` has no `truth`.
+        mask_source: the manifest's mask source for those models.
+        boxes: the study's box rows (empty or None: targets NaN).
+        device: where the models run (default: where they are).
+
+    Returns:
+        (arrays of `CROP_KEYS`, manifest fields, unmatched box rows).
+    """
+    d = cfg.data
+    series = study["series"]
+    if "truth" in study:
+        labels, dropped, mask_source = study["truth"], {}, "truth"
+        extents = vertebra_extents(labels)
+    else:
+        from .infer import segment_study
+
+        result = segment_study({**study["prepared"], "uid": uid}, models, uid=uid, device=device)
+        labels, extents, dropped = result.labels, result.extents, result.dropped
+    dz = float(series.spacing[0])
+    crops, found, reasons = crop_study(
+        series.hu, labels, extents, dropped=dropped, n_slices=d.n_slices, n_neighbours=d.n_neighbours,
+        neighbour_mm=d.neighbour_mm, dz=dz, size=d.image_size, windows=tuple(d.windows), margin=d.margin,
+        with_mask=d.with_mask)
+    if mask_source == "truth":
+        reasons = {name: "not in the ground-truth segmentation" for name in reasons}
+    positions = np.full((len(VERTEBRAE), d.n_slices), -1, np.int32)
+    for i, name in enumerate(VERTEBRAE):
+        if name in extents:
+            positions[i] = slice_positions(extents[name], d.n_slices)
+    scale = grid_scale(series.hu.shape[1:], labels.shape[1:])
+    boxes = boxes if boxes is not None else pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])
+    targets, unmatched = study_targets(boxes, series.instance_numbers, extents, labels, scale, dz, d.n_slices)
+    arrays = {"crops": crops, "found": found, "positions": positions, "slice_targets": targets,
+              "instance_numbers": np.asarray(series.instance_numbers, np.int32),
+              "spacing": np.asarray(series.spacing, np.float32), "orig_hw": np.asarray(series.hu.shape[1:], np.int32)}
+    row = {"StudyInstanceUID": uid, "found": " ".join(n for n, f in zip(VERTEBRAE, found) if f),
+           "missing": "; ".join(f"{n}: {why}" for n, why in reasons.items()), "mask_source": mask_source,
+           "n_boxes": len(boxes), "unmatched_boxes": len(unmatched)}
+    unmatched = unmatched.assign(StudyInstanceUID=uid)
+    return arrays, row, unmatched.reindex(columns=list(UNMATCHED_COLUMNS))
+
+
+def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None, progress: bool = True,
+                prefetch: bool = True, device=None, grid_size: int = TRUTH_GRID_SIZE) -> dict:
+    """Build the crop cache of a split, resumably, one failure never stopping the rest.
+
+    Studies whose `<crop_dir>/<uid>.npz` exists are skipped. Each other study is read once (in a spawned
+    prefetch worker while the previous one is segmented and cropped), gets its vertebrae from the ground truth
+    or the stage-1 runs (module docstring), and is written as `<uid>.npz` with a row in `manifest.csv`; its
+    box rows that give no target go to `unmatched_boxes.csv`; a study that fails goes to `failures.csv` with
+    the error (and leaves it when a later run builds it). The CSVs are written when the loop ends, also when
+    it is interrupted.
+
+    Args:
+        cfg: a `ClsConfig`; `data` gives data_root, crop_dir, seg_runs, true_masks, the folds table and the crop
+            geometry (n_slices, n_neighbours, neighbour_mm, windows, with_mask, image_size, margin).
+        split: "train" or "test" (`<data_root>/<split>_images/`).
+        uids: restrict to these studies (default: every folder of the split).
+        progress: a tqdm bar (only on a terminal).
+        prefetch: read the next study in a spawned worker process.
+        device: where stage-1 models run (default CUDA when available, else CPU).
+        grid_size: prepared grid of ground-truth masks when `data.seg_runs` is empty (with runs, the
+            segmenter's image size is used, so true and predicted masks share one grid).
+
+    Returns:
+        Counts `built`, `skipped`, `failed`, the `failures` {uid: error}, `in_sample` (studies segmented by
+        models trained on them), `seconds`, `seconds_per_study` and `crop_dir`.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r}; valid: train, test")
+    start = time.perf_counter()
+    d = cfg.data
+    root, crop_dir = Path(d.data_root), Path(d.crop_dir)
+    image_dir = root / f"{split}_images"
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"no {split}_images/ folder under data.data_root={root}")
+    uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir()) if uids is None else list(uids)
+    crop_dir.mkdir(parents=True, exist_ok=True)
+    todo = [u for u in uids if not crop_path(crop_dir, u).is_file()]
+    skipped = len(uids) - len(todo)
+    seg_dir = root / "segmentations"
+
+    runs, fold_of, size, window_name = [], {}, grid_size, d.window
+    if d.seg_runs and todo:
+        import torch
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runs = _load_runs(cfg, device)
+        segmenter = next(m for run in runs for m in run if m.provides == "vertebra_probs")
+        size, window_name = segmenter.image_size, segmenter.window
+        if split == "train":
+            fold_of = _fold_table(cfg, runs)
+    boxes = _study_boxes(root, split) if todo else None
+    read = partial(read_study, image_dir=str(image_dir), seg_dir=str(seg_dir) if d.true_masks else None,
+                   size=size, window_name=window_name, segment=bool(runs))
+
+    from .prefetch import prefetch as run_ahead
+
+    rows, unmatched, failures, in_sample = [], [], {}, []
+    if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
+        for uid in [u for u in todo if not (d.true_masks and (seg_dir / f"{u}.nii").is_file())]:
+            failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "
+                             f"{seg_dir / (uid + '.nii')}) and no data.seg_runs to segment it")
+            log.warning("study %s: no crops: %s", uid, failures[uid])
+        todo = [u for u in todo if u not in failures]
+    studies = run_ahead(read, todo, ahead=1, processes=prefetch and len(todo) > 1)
+    bar = tqdm(studies, total=len(todo), desc=f"crops {split}", unit="study",
+               disable=not progress or not sys.stderr.isatty())
+    try:
+        for uid, study, error, read_seconds in bar:
+            t0 = time.perf_counter()
+            try:
+                if error is not None:
+                    raise RuntimeError(f"reading {image_dir / uid}: {error}")
+                models, source = None, "truth"
+                if "truth" not in study:
+                    models, source = choose_models(uid, split, fold_of, (seg_dir / f"{uid}.nii").is_file(), runs)
+                arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
+                                                boxes=boxes[boxes["StudyInstanceUID"] == uid], device=device)
+                del study
+                _write_npz(crop_path(crop_dir, uid), arrays)
+            except Exception as exc:  # one broken study must not stop the others
+                failures[uid] = f"{type(exc).__name__}: {exc}"
+                log.warning("study %s: no crops: %s", uid, failures[uid])
+                continue
+            if source.startswith("ensemble (trained"):
+                in_sample.append(uid)
+                log.warning("study %s: segmented by models trained on it (%s)", uid, source)
+            rows.append({**row, "split": split, "seconds": round(read_seconds + time.perf_counter() - t0, 3)})
+            unmatched.append(lost)
+    finally:  # an interrupted run still records what it did
+        bar.close()
+        if hasattr(studies, "close"):
+            studies.close()
+        _write_reports(crop_dir, rows, unmatched, failures)
+    seconds = time.perf_counter() - start
+    summary = {"built": len(rows), "skipped": skipped, "failed": len(failures), "failures": failures,
+               "in_sample": in_sample, "seconds": round(seconds, 2),
+               "seconds_per_study": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 3),
+               "crop_dir": str(crop_dir)}
+    log.info("crops %s: %d built, %d skipped, %d failed in %.1f s (%.2f s a study) -> %s", split, summary["built"],
+             summary["skipped"], summary["failed"], seconds, summary["seconds_per_study"], crop_dir)
+    return summary
+
+
+def _write_reports(crop_dir: Path, rows: list[dict], unmatched: list[pd.DataFrame], failures: dict[str, str]) -> None:
+    """Merge this run's rows into manifest.csv, failures.csv and unmatched_boxes.csv (each always present)."""
+    done = [r["StudyInstanceUID"] for r in rows]
+    tables = {
+        MANIFEST: (pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), []),
+        FAILURES: (pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}), done),
+        UNMATCHED: (pd.concat([u for u in unmatched if len(u)] or [pd.DataFrame(columns=list(UNMATCHED_COLUMNS))],
+                              ignore_index=True), done),
+    }
+    for name, (new, drop) in tables.items():
+        path = crop_dir / name
+        if not path.is_file():
+            new.iloc[:0].to_csv(path, index=False)
+        merge_csv(path, new, drop=drop)

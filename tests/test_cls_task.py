@@ -1,0 +1,270 @@
+"""Stage 2 training: the crop dataset (layouts, augmentation), the classifier loss against the metric, and a
+tiny fit_fold whose OOF `kit report` reads. Fake crop caches are written here in the `kit crops` format."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from kit.config import AugmentConfig, load_config
+from kit.constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
+from kit.data import CropDataset, augment_stack, crop_uids, crops_nbytes, load_crops
+from kit.losses import competition_loss, vertebra_loss
+from kit.metrics import competition_score
+from kit.tasks import ClsTask, make_task
+
+torch.set_num_threads(1)
+UID = "StudyInstanceUID"
+N_STUDIES, T, S, C, N_FOLDS = 12, 4, 32, 6, 3
+MISSING = (0, 2)  # study 0's C3 is not found by the segmenter
+
+
+def write_crop_cache(root: Path, n: int = N_STUDIES, seed: int = 0) -> dict:
+    """A data root (train.csv), a folds CSV and a crop cache of n studies in the `kit crops` format.
+
+    Fractured vertebrae show a bright square on the slices their slice targets mark; study 0's C3 is not
+    found; even studies have no box rows (slice targets NaN).
+    """
+    rng = np.random.default_rng(seed)
+    uids = [f"1.2.826.0.1.3680043.{500 + i}" for i in range(n)]
+    y = (rng.random((n, 7)) < 0.3).astype(np.int64)
+    y[1, :2], y[2, :] = 1, 0  # both classes in every fold's training part
+    table = pd.DataFrame(np.c_[y.max(1), y], columns=list(TARGETS))
+    table.insert(0, UID, uids)
+    (root / "data").mkdir(parents=True)
+    table.to_csv(root / "data" / "train.csv", index=False)
+    pd.DataFrame({UID: uids, "fold": np.arange(n) % N_FOLDS}).to_csv(root / "folds.csv", index=False)
+    crop_dir = root / "crops"
+    crop_dir.mkdir()
+    yy, xx = np.mgrid[:S, :S]
+    disk = ((yy - S / 2) ** 2 + (xx - S / 2) ** 2 < (S / 3) ** 2).astype(np.uint8) * 255
+    for i, uid in enumerate(uids):
+        crops = (rng.random((7, T, C, S, S)) * 60).astype(np.uint8)
+        crops[:, :, -1] = disk
+        found = np.ones(7, bool)
+        positions = np.tile(np.arange(T, dtype=np.int32), (7, 1)) + 10 * np.arange(7, dtype=np.int32)[:, None]
+        targets = np.zeros((7, T), np.float32)
+        for v in range(7):
+            if y[i, v]:
+                z = rng.integers(0, T - 1)
+                crops[v, z:z + 2, :-1, 10:20, 10:20] = 220
+                targets[v, z:z + 2] = 1.0
+        if i == MISSING[0]:
+            found[MISSING[1]] = False
+            crops[MISSING[1]] = 0
+            positions[MISSING[1]] = -1
+        if i % 2 == 0:
+            targets[:] = np.nan
+        tmp = crop_dir / f"{uid}.tmp.npz"
+        np.savez(tmp, crops=crops, found=found, positions=positions, slice_targets=targets,
+                 instance_numbers=np.arange(1, 80, dtype=np.int32), spacing=np.ones(3, np.float32),
+                 orig_hw=np.array([64, 64], np.int32))
+        os.replace(tmp, crop_dir / f"{uid}.npz")
+    pd.DataFrame({UID: uids, "split": "train", "found": [" ".join(VERTEBRAE)] * n, "missing": "",
+                  "mask_source": "truth", "n_boxes": 0, "unmatched_boxes": 0, "seconds": 0.1}
+                 ).to_csv(crop_dir / "manifest.csv", index=False)
+    return {"root": root, "crop_dir": crop_dir, "labels": table, "uids": uids}
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return write_crop_cache(tmp_path_factory.mktemp("cls"))
+
+
+NO_AUG = AugmentConfig(p_affine=0.0, hflip=0.0, brightness=0.0, contrast=0.0)
+
+
+def test_crop_dataset_layouts(cache):
+    uids, labels = cache["uids"], cache["labels"]
+    assert crop_uids(cache["crop_dir"]) == uids
+    per_vertebra = CropDataset(cache["crop_dir"], uids, labels)
+    assert len(per_vertebra) == 7 * N_STUDIES - 1  # the vertebra not found is left out
+    s = per_vertebra[3]  # study 0, C5 (C3 skipped)
+    assert s["image"].shape == (T, C, S, S) and s["image"].dtype == torch.float32
+    assert float(s["image"].min()) >= 0.0 and float(s["image"].max()) <= 1.0
+    assert set(torch.unique(s["image"][:, -1]).tolist()) == {0.0, 1.0}  # the mask channel, 0/255 -> 0/1
+    assert s["uid"] == uids[0] and s["vertebra"] == 4 and s["found"]
+    assert float(s["label"]) == labels.loc[0, "C5"]
+    assert s["mask"].all() and not s["slice_known"].any()  # study 0 has no box rows: targets unknown
+    odd = per_vertebra[7 * 1 - 1 + 0]  # study 1, C1: fractured, targets known
+    assert odd["uid"] == uids[1] and odd["vertebra"] == 0 and odd["slice_known"].all()
+    assert float(odd["slice_target"].sum()) == 2.0 and float(odd["label"]) == 1.0
+
+    assert per_vertebra.cache is not None and crops_nbytes(cache["crop_dir"] / f"{uids[0]}.npz") == 7 * T * C * S * S
+    from_disk = CropDataset(cache["crop_dir"], uids, labels, in_memory=False)
+    assert from_disk.cache is None and len(from_disk) == len(per_vertebra)
+    assert torch.equal(from_disk[3]["image"], per_vertebra[3]["image"]) and from_disk[3]["vertebra"] == 4
+
+    kept = CropDataset(cache["crop_dir"], uids, labels, skip_missing=False)
+    assert len(kept) == 7 * N_STUDIES and not kept[MISSING[1]]["found"] and not kept[MISSING[1]]["mask"].any()
+
+    per_study = CropDataset(cache["crop_dir"], uids, labels, per_study=True)
+    s = per_study[0]
+    assert len(per_study) == N_STUDIES and s["image"].shape == (7, T, C, S, S)
+    assert s["vertebra_mask"].tolist() == [v != MISSING[1] for v in range(7)]
+    assert s["mask"].shape == (7, T) and not s["mask"][MISSING[1]].any() and s["mask"].sum() == 6 * T
+    np.testing.assert_array_equal(s["label"].numpy(), labels.loc[0, list(TARGETS)].to_numpy(np.float32))
+    raw = load_crops(cache["crop_dir"], uids[0])["crops"]
+    np.testing.assert_array_equal(per_study.study(uids[0])["image"].numpy(), raw.astype(np.float32) / 255.0)
+    with pytest.raises(ValueError, match="have no labels"):
+        CropDataset(cache["crop_dir"], uids, labels.iloc[1:])
+
+
+def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
+    aug = AugmentConfig(p_affine=1.0, rotate_deg=20.0, scale=0.1, shift=0.1, hflip=0.5, brightness=0.2,
+                        contrast=0.2)
+    ds = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=aug, reverse_slices=0.5, seed=3)
+    first = ds[5]["image"]
+    assert torch.equal(first, ds[5]["image"])  # same (seed, epoch, index): same draw
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds[5]["image"])
+    ds.set_epoch(0)
+    assert torch.equal(first, ds[5]["image"])  # epochs replay exactly (resume)
+    plain = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"])[5]["image"]
+    assert not torch.equal(first, plain)
+    for i in range(6):
+        mask = ds[i]["image"][:, -1]
+        assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}  # nearest neighbour: still a mask
+        assert 0 < mask.mean() < float(plain[:, -1].mean()) * 1.6
+
+    stack = plain.numpy()
+    rng = np.random.default_rng(0)
+    bright = augment_stack(stack, rng, AugmentConfig(p_affine=0.0, brightness=0.3, contrast=0.0))
+    np.testing.assert_array_equal(bright[:, -1], stack[:, -1])  # intensity never touches the mask channel
+    assert not np.allclose(bright[:, :-1], stack[:, :-1])
+    flipped = augment_stack(stack, rng, AugmentConfig(p_affine=1.0, rotate_deg=0.0, scale=0.0, shift=0.0, hflip=1.0,
+                                                      brightness=0.0, contrast=0.0))
+    np.testing.assert_allclose(flipped, stack[..., ::-1], atol=1e-5)  # every slice and channel alike
+
+    reverse = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=NO_AUG, reverse_slices=1.0)
+    normal = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"])
+    a, b = reverse[7], normal[7]  # study 1, C2 (boxes known)
+    assert torch.equal(a["image"], b["image"].flip(0))
+    assert torch.equal(a["slice_target"], b["slice_target"].flip(0))
+
+
+class FixedLogits(nn.Module):
+    """A stand-in model whose outputs are given logits (for the loss wiring)."""
+
+    def __init__(self, out: dict) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args) -> dict:
+        return self.out
+
+
+def test_losses_equal_the_metric():
+    rng = np.random.default_rng(0)
+    y = (rng.random((16, 8)) < 0.4).astype(np.float64)
+    y[:, 0] = y[:, 1:].max(1)
+    x = rng.normal(0, 2, (16, 8))
+    p = 1 / (1 + np.exp(-x))
+    for normalise in ("row", "global"):
+        loss = competition_loss(torch.from_numpy(x), torch.from_numpy(y), normalise=normalise)
+        assert float(loss) == pytest.approx(competition_score(y, p, normalise=normalise), abs=1e-6)
+    # per vertebra: the vertebra part of the global metric, renormalised to the vertebra weights
+    w = y * np.array(POSITIVE_WEIGHTS) + (1 - y) * np.array(NEGATIVE_WEIGHTS)
+    parts = competition_score(y, p, normalise="global", per_target=True)
+    expected = parts[list(VERTEBRAE)].sum() * w.sum() / w[:, 1:].sum()
+    got = vertebra_loss(torch.from_numpy(x[:, 1:].ravel()), torch.from_numpy(y[:, 1:].ravel()))
+    assert float(got) == pytest.approx(expected, abs=1e-6)
+    assert float(vertebra_loss(torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0]))) == pytest.approx(np.log(2))
+
+    # the task's per-study loss on a batch of whole studies is the metric on the same predictions
+    cfg = load_config("demo_cls", **{"model.name": "cls_patient_gru", "loss.slice_weight": 0.0})
+    task = ClsTask(cfg)
+    model = FixedLogits({"logit": torch.from_numpy(x[:, 1:]).float(),
+                         "patient_logit": torch.from_numpy(x[:, 0]).float(), "slice_logits": torch.zeros(16, 7, T)})
+    batch = {"image": None, "mask": None, "vertebra_mask": None, "label": torch.from_numpy(y).float(),
+             "slice_target": torch.zeros(16, 7, T), "slice_known": torch.zeros(16, 7, T, dtype=torch.bool)}
+    assert float(task.loss(model, batch)) == pytest.approx(competition_score(y, p), abs=1e-5)
+    # the slice term adds slice_weight x BCE over the known slices only
+    task.cfg.loss.slice_weight = 0.5
+    batch["slice_known"][0, 0, :2] = True
+    batch["slice_target"][0, 0, 0] = 1.0  # logit 0: BCE ln 2 whatever the target
+    assert float(task.loss(model, batch)) == pytest.approx(competition_score(y, p) + 0.5 * np.log(2), abs=1e-5)
+
+
+def tiny_config(cache, tmp_path, **overrides):
+    root = cache["root"]
+    values = {"data.data_root": str(root / "data"), "data.crop_dir": str(cache["crop_dir"]),
+              "data.folds_csv": str(root / "folds.csv"), "data.n_folds": N_FOLDS, "data.fold": 0,
+              "data.image_size": S, "data.n_slices": T, "model.encoder": "mobilenetv3_small_050",
+              "model.hidden": 16, "train.epochs": 2, "train.val_every": 1, "train.batch_size": 8,
+              "train.threads": 1, "train.progress": False, "train.ema": False, "out_dir": str(tmp_path / "runs"),
+              **overrides}
+    return load_config("demo_cls", **values)
+
+
+def test_fit_fold_writes_the_oof_contract_and_report_reads_it(cache, tmp_path):
+    from kit.report import run_report
+    from kit.train import fit_fold
+
+    cfg = tiny_config(cache, tmp_path)
+    summary = fit_fold(cfg)
+    assert summary["finished"] and summary["epochs_done"] == 2
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})
+    held_out = [u for i, u in enumerate(cache["uids"]) if i % N_FOLDS == 0]
+    assert sorted(oof[UID]) == held_out and (oof["fold"] == 0).all()
+    for column in (*TARGETS, *(f"{t}_true" for t in TARGETS), "patient_overall_from_vertebrae",
+                   *(f"attn_peak_{v}" for v in VERTEBRAE), *(f"found_{v}" for v in VERTEBRAE)):
+        assert column in oof.columns, column
+    p = oof[list(TARGETS)].to_numpy()
+    assert ((p > 0) & (p < 1)).all()
+    truth = cache["labels"].set_index(UID).loc[oof[UID], list(TARGETS)].to_numpy()
+    np.testing.assert_array_equal(oof[[f"{t}_true" for t in TARGETS]].to_numpy(), truth)
+    # no patient head: patient_overall is 1 - prod(1 - p_Ci), reported in both columns
+    np.testing.assert_allclose(oof["patient_overall"], 1 - np.prod(1 - p[:, 1:], axis=1), atol=1e-6)
+    np.testing.assert_allclose(oof["patient_overall"], oof["patient_overall_from_vertebrae"], atol=1e-9)
+    # the vertebra not found gets the training folds' prevalence, and no attention peak
+    train = cache["labels"][[i % N_FOLDS != 0 for i in range(N_STUDIES)]]
+    prevalence = train[list(TARGETS)].to_numpy(np.float64).mean(0)
+    row = oof.set_index(UID).loc[cache["uids"][MISSING[0]]]
+    assert row[VERTEBRAE[MISSING[1]]] == pytest.approx(prevalence[1 + MISSING[1]], abs=1e-6)
+    assert row[f"found_{VERTEBRAE[MISSING[1]]}"] == 0 and row[f"attn_peak_{VERTEBRAE[MISSING[1]]}"] == -1
+    peaks = oof[[f"attn_peak_{v}" for v in VERTEBRAE]].to_numpy()
+    assert ((peaks >= -1) & (peaks < T)).all() and (peaks >= 0).sum() == 7 * len(oof) - 1
+
+    stored = json.loads((cfg.run_dir / "oof_summary.json").read_text())
+    y = truth.astype(np.float64)
+    assert stored["score"] == pytest.approx(competition_score(y, p), abs=1e-6)
+    assert stored["baseline_score"] == pytest.approx(competition_score(y, prevalence), abs=1e-9)
+    assert stored["train_prevalence"]["C1"] == pytest.approx(prevalence[1])
+    assert set(stored["per_target"]) == set(TARGETS) and set(stored["auc"]) == set(TARGETS)
+    assert sum(stored["per_target"].values()) == pytest.approx(stored["score"], abs=1e-9)
+    assert stored["vertebrae_not_found"] == 1
+    log = pd.read_csv(cfg.run_dir / "log.csv")
+    assert "val_neg_score" in log.columns and len(log) == 2
+
+    (result,) = run_report(cfg.run_dir.parent)
+    assert result["kind"] == "cls" and result["n_studies"] == len(held_out)
+    assert result["scores"][cfg.name]["row"] == pytest.approx(stored["score"], abs=1e-6)
+    assert result["baseline_from_train_folds"]["score_row"] == pytest.approx(stored["baseline_score"], abs=1e-9)
+
+
+def test_patient_model_trains_on_whole_studies(cache, tmp_path):
+    from kit.train import fit_fold
+
+    cfg = tiny_config(cache, tmp_path, **{"model.name": "cls_patient_gru", "train.epochs": 1,
+                                          "train.batch_size": 4, "name": "cls_patient"})
+    task = make_task(cfg)
+    assert task.per_study
+    fit_fold(cfg, task)
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})
+    p = oof[list(TARGETS)].to_numpy()
+    from_vertebrae = 1 - np.prod(1 - p[:, 1:], axis=1)
+    np.testing.assert_allclose(oof["patient_overall_from_vertebrae"], from_vertebrae, atol=1e-6)
+    assert not np.allclose(oof["patient_overall"], from_vertebrae, atol=1e-3)  # the patient head's own output
+    stored = json.loads((cfg.run_dir / "oof_summary.json").read_text())
+    assert stored["patient_overall_source"] == "patient head"
+    y = oof[[f"{t}_true" for t in TARGETS]].to_numpy(np.float64)
+    assert stored["score_patient_from_vertebrae"] == pytest.approx(
+        competition_score(y, np.c_[from_vertebrae, p[:, 1:]]), abs=1e-6)
