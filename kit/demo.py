@@ -1,7 +1,8 @@
 """`kit demo`: the whole pipeline on an RSNA-format synthetic dataset, on CPU, end to end.
 
 Steps, each resumable (a second run reuses what the first one wrote):
-1. `kit.synthetic.make_dataset` writes `<out>/data` in the competition layout;
+1. `kit.synthetic.make_dataset` writes `<out>/data` in the competition layout, and the generator's answers
+   (test labels, every fracture and look-alike) to `<out>/answers`, outside it;
 2. `kit.cache.prepare_studies` reads every study back through the kit into `<out>/cache`, and a summary
    of what was read is printed;
 3. the segmenter trains on the studies that have segmentations, fold by fold, and its out-of-fold Dice
@@ -59,7 +60,7 @@ def describe_dataset(root: Path, cache_dir: Path) -> dict:
     }
 
 
-def run_demo(out: str | Path = "demo", *, n_train: int = 60, seed: int = 0, size: int = 128,
+def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, seed: int = 0, size: int = 128,
              seg_folds: int | None = 1) -> dict:
     """Run the demo pipeline; returns the summary written to `runs/demo/summary.json`.
 
@@ -75,7 +76,7 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, seed: int = 0, size
     start = time.perf_counter()
     if not (data / "train.csv").is_file():
         print(f"[1/3] synthetic dataset: {n_train} train studies at {size}x{size} -> {data}")
-        made = make_dataset(data, n_train=n_train, n_test=3, size=size, seed=seed)
+        made = make_dataset(data, n_train=n_train, n_test=n_test, size=size, seed=seed, answers_dir=out / "answers")
         print(f"      written in {made.get('seconds', float('nan')):.1f} s")
     else:
         print(f"[1/3] synthetic dataset: reusing {data}")
