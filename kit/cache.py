@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
@@ -187,7 +187,7 @@ def prepare_studies(
             for u in todo]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     rows, failures = [], {}
-    bar = tqdm(total=len(jobs), desc=f"prepare {split}", unit="study", disable=not progress)
+    bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="study", enabled=progress)
     if workers == 1:
         results = (_prepare_one(job) for job in jobs)
         for uid, row, error in results:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .cache import merge_csv, prepare_arrays
 from .constants import VERTEBRAE
@@ -364,8 +364,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
             log.warning("study %s: no crops: %s", uid, failures[uid])
         todo = [u for u in todo if u not in failures]
     studies = run_ahead(read, todo, ahead=1, processes=prefetch and len(todo) > 1)
-    bar = tqdm(studies, total=len(todo), desc=f"crops {split}", unit="study",
-               disable=not progress or not sys.stderr.isatty())
+    bar = progress_bar(studies, total=len(todo), desc=f"crops {split}", unit="study", enabled=progress)
     try:
         for uid, study, error, read_seconds in bar:
             t0 = time.perf_counter()

@@ -144,13 +144,13 @@ def study_table(root, split: str = "train", *, max_studies: int | None = None) -
     """
     from pathlib import Path
 
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     from .dicom import scan_series
 
     folders = sorted(p for p in (Path(root) / f"{split}_images").iterdir() if p.is_dir())[:max_studies]
     rows = []
-    for folder in tqdm(folders, desc=f"scan {split} headers", unit="study"):
+    for folder in progress_bar(folders, desc=f"scan {split} headers", unit="study"):
         try:
             rows.append(scan_series(folder))
         except ValueError as exc:  # a broken study is reported, not fatal

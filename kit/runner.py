@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .cache import load_prepared, merge_csv
 from .infer import load_run, segment_study
@@ -119,8 +119,8 @@ def segment_studies(
     rows, failures, missing = [], {}, {}
     studies = _read_ahead(read, todo, prefetch and len(todo) > 1)
     try:
-        for uid, study, error in tqdm(studies, total=len(todo), desc=f"segment {split}", unit="study",
-                                      disable=not progress):
+        for uid, study, error in progress_bar(studies, total=len(todo), desc=f"segment {split}", unit="study",
+                                      enabled=progress):
             try:
                 if error is not None:
                     raise RuntimeError(f"reading {folder / uid}: {error}")

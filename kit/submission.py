@@ -48,7 +48,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .constants import TARGETS, TRAIN_PREVALENCE
 from .dicom import Series, read_series
@@ -525,7 +525,7 @@ def write_submission(uids: Sequence[str], predict: Predictor, out_path: PathLike
     read = _reader(read, images_dir)
     deadline = started + float(time_budget) if time_budget is not None else None
     outcomes = _unlisted_outcomes(unlisted)
-    bar = tqdm(total=len(todo), desc="submission", unit="study", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="submission", unit="study", enabled=progress)
     try:
         for outcome in predict_studies(todo, predict, read, deadline=deadline, prefetch=prefetch):
             outcomes[outcome.uid] = outcome
@@ -696,7 +696,8 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
     deadline = started + float(time_budget) if time_budget is not None else None
     outcomes = _unlisted_outcomes(unlisted)
     shares = split_studies(todo, len(devices))
-    bar = tqdm(total=len(todo), desc=f"submission ({len(devices)} devices)", unit="study", disable=not progress)
+    bar = progress_bar(total=len(todo), desc=f"submission ({len(devices)} devices)", unit="study",
+                       enabled=progress)
     try:
         failed = _run_devices(shares, devices, make_predictor, read, deadline, prefetch, outcomes, bar)
     finally:

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+from .progress import progress_bar
 
 from .config import config_to_dict, load_config, save_config
 from .models import create_model
@@ -293,8 +293,8 @@ def _fit(cfg, task, info: DistInfo) -> dict:
             sampler.set_epoch(epoch)
         net.train()
         loss_sum, n_batches, n = 0.0, 0, len(loader)
-        bar = tqdm(loader, desc=f"{cfg.name} fold{cfg.data.fold} epoch {epoch + 1}/{tc.epochs}", leave=False,
-                   disable=not (info.main and tc.progress))
+        bar = progress_bar(loader, desc=f"{cfg.name} fold{cfg.data.fold} epoch {epoch + 1}/{tc.epochs}", leave=False,
+                           enabled=info.main and tc.progress)
         for i, batch in enumerate(bar):
             batch = {k: _to_device(v, device, tc.channels_last) for k, v in batch.items()}
             group = min(tc.accum_steps, n - (i // tc.accum_steps) * tc.accum_steps)  # last group may be short

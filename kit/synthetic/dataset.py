@@ -110,9 +110,9 @@ def _run(tasks: list[dict], workers: int, progress: bool) -> list[dict]:
     results = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=len(tasks), desc="synthetic studies", unit="study")
+        bar = progress_bar(total=len(tasks), desc="synthetic studies", unit="study")
     if workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             results.append(_study_task(task))
