@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 import zipfile
 from collections.abc import Sequence
