@@ -50,8 +50,8 @@ from .progress import progress_bar
 
 from .cache import merge_csv, prepare_arrays
 from .constants import VERTEBRAE
-from .crops import (assign_boxes_to_vertebrae, crop_study, grid_scale, match_boxes_to_slices, slice_positions,
-                    vertebra_extents, vertebra_targets)
+from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_path, crop_study, grid_scale, load_crops,  # noqa: F401
+                    match_boxes_to_slices, slice_positions, vertebra_extents, vertebra_targets)
 from .dicom import read_mask, read_series, resize_slices
 
 log = logging.getLogger("kit.crop_cache")
@@ -60,39 +60,10 @@ PathLike = str | os.PathLike
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
 UNMATCHED = "unmatched_boxes.csv"
-CROP_KEYS = ("crops", "found", "positions", "slice_targets", "instance_numbers", "spacing", "orig_hw")
 MANIFEST_COLUMNS = ("StudyInstanceUID", "split", "found", "missing", "mask_source", "n_boxes", "unmatched_boxes",
                     "seconds")
 UNMATCHED_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number", "reason")
 TRUTH_GRID_SIZE = 128  # prepared grid of ground-truth masks when no segmenter sets one (kit prepare's default)
-
-
-def crop_path(crop_dir: PathLike, uid: str) -> Path:
-    """`<crop_dir>/<uid>.npz`."""
-    return Path(crop_dir) / f"{uid}.npz"
-
-
-def load_crops(crop_dir: PathLike, uid: str) -> dict[str, np.ndarray]:
-    """One study's cached crops (the keys of `CROP_KEYS`, see the module docstring).
-
-    Raises:
-        FileNotFoundError: no `<crop_dir>/<uid>.npz` (names the file; build it with `kit crops`).
-        ValueError: the file is not a readable npz or lacks keys (names the file and the keys).
-    """
-    path = crop_path(crop_dir, uid)
-    if not path.is_file():
-        raise FileNotFoundError(f"study {uid}: no crops at {path}; build them with `kit crops --config <cls config>`")
-    try:
-        with np.load(path) as data:
-            arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"study {uid}: crop file {path} is corrupt ({type(exc).__name__}: {exc}); delete it and "
-                         "run `kit crops` again") from exc
-    absent = [k for k in CROP_KEYS if k not in arrays]
-    if absent:
-        raise ValueError(f"study {uid}: crop file {path} lacks {absent} (has {sorted(arrays)}); delete it and run "
-                         "`kit crops` again")
-    return arrays
 
 
 def read_study(uid: str, *, image_dir: str, seg_dir: str | None, size: int, window_name: str,

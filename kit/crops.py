@@ -28,6 +28,7 @@ import of a sibling module here, made so the two stages cannot window differentl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -810,3 +811,53 @@ def vertebra_targets(
             out[i] = slice_targets(slice_positions(extents[name], n_slices), i + 1, labels_small, scale, boxes,
                                    dz, tolerance_mm=tolerance_mm)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The crop cache's files (written by `kit.crop_cache`, read by the classifier's dataset and the reports)
+# ---------------------------------------------------------------------------------------------------------
+
+CROP_KEYS = ("crops", "found", "positions", "slice_targets", "instance_numbers", "spacing", "orig_hw")
+
+
+def crop_path(crop_dir, uid: str) -> Path:
+    """`<crop_dir>/<uid>.npz`."""
+    return Path(crop_dir) / f"{uid}.npz"
+
+
+def load_crops(crop_dir, uid: str) -> dict[str, np.ndarray]:
+    """One study's cached crops: `crops` uint8 (7, T, C, S, S), `found` bool (7,), `positions` int32 (7, T)
+    (slice index in the series, -1 where not found), `slice_targets` float32 (7, T) (NaN = unknown),
+    `instance_numbers`, `spacing`, `orig_hw` of the series.
+
+    Raises:
+        FileNotFoundError: no `<crop_dir>/<uid>.npz` (names the file; build it with `kit crops`).
+        ValueError: the file is not a readable npz, lacks keys or its shapes disagree (names the file).
+    """
+    import zipfile
+
+    path = crop_path(crop_dir, uid)
+    if not path.is_file():
+        raise FileNotFoundError(f"study {uid}: no crops at {path}; build them with `kit crops --config <cls config>`")
+    try:
+        with np.load(path) as data:
+            arrays = {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"study {uid}: crop file {path} is corrupt ({type(exc).__name__}: {exc}); delete it and "
+                         "run `kit crops` again") from exc
+    absent = [k for k in CROP_KEYS if k not in arrays]
+    if absent:
+        raise ValueError(f"study {uid}: crop file {path} lacks {absent} (has {sorted(arrays)}); delete it and run "
+                         "`kit crops` again")
+    crops = arrays["crops"]
+    if crops.ndim != 5 or crops.shape[0] != N_VERTEBRAE or crops.dtype != np.uint8:
+        raise ValueError(f"{path}: crops must be uint8 ({N_VERTEBRAE}, T, C, S, S); got {crops.dtype} {crops.shape}")
+    t = crops.shape[1]
+    for key, shape in (("found", (N_VERTEBRAE,)), ("positions", (N_VERTEBRAE, t)),
+                       ("slice_targets", (N_VERTEBRAE, t))):
+        if arrays[key].shape != shape:
+            raise ValueError(f"{path}: {key} must have shape {shape} to match crops {crops.shape}; "
+                             f"got {arrays[key].shape}")
+    arrays["found"] = arrays["found"].astype(bool)
+    arrays["slice_targets"] = arrays["slice_targets"].astype(np.float32)
+    return arrays

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import load_cached
+from .crops import load_crops
 from .config import AugmentConfig, DataConfig
 from .constants import TARGETS, VERTEBRAE
 from .dicom import resize_slices
@@ -408,7 +409,6 @@ class LevelSequenceDataset(Dataset):
 # The classifier's data: vertebra crops from `kit crops`
 # ---------------------------------------------------------------------------------------------------------
 
-CROP_KEYS = ("crops", "found", "positions", "slice_targets")
 CROP_MANIFEST = "manifest.csv"
 IN_MEMORY_BYTES = 2 * 1024**3  # crop caches whose `crops` arrays add up to this are held in memory by default
 
@@ -437,36 +437,6 @@ def crops_nbytes(path: str | os.PathLike) -> int:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(f)
     return int(np.prod(shape)) * np.dtype(dtype).itemsize
-
-
-def load_crops(crop_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]:
-    """One study's crop arrays: `crops` uint8 (7, T, C, S, S), `found` bool (7,), `positions` int32 (7, T)
-    (slice index in the series, -1 where not found) and `slice_targets` float32 (7, T) (NaN = unknown).
-
-    Raises:
-        FileNotFoundError: no `<crop_dir>/<uid>.npz`.
-        ValueError: a key is missing or the shapes disagree (names the file).
-    """
-    path = Path(crop_dir) / f"{uid}.npz"
-    if not path.is_file():
-        raise FileNotFoundError(f"study {uid}: no crops at {path}; run `kit crops` for this study")
-    with np.load(path) as data:
-        missing = [k for k in CROP_KEYS if k not in data.files]
-        if missing:
-            raise ValueError(f"{path}: missing keys {missing}; a crop file holds {list(CROP_KEYS)}")
-        arrays = {k: data[k] for k in CROP_KEYS}
-    crops = arrays["crops"]
-    v = N_VERTEBRAE
-    if crops.ndim != 5 or crops.shape[0] != v or crops.dtype != np.uint8:
-        raise ValueError(f"{path}: crops must be uint8 ({v}, T, C, S, S); got {crops.dtype} {crops.shape}")
-    t = crops.shape[1]
-    for key, shape in (("found", (v,)), ("positions", (v, t)), ("slice_targets", (v, t))):
-        if arrays[key].shape != shape:
-            raise ValueError(f"{path}: {key} must have shape {shape} to match crops {crops.shape}; "
-                             f"got {arrays[key].shape}")
-    arrays["found"] = arrays["found"].astype(bool)
-    arrays["slice_targets"] = arrays["slice_targets"].astype(np.float32)
-    return arrays
 
 
 def augment_stack(stack: np.ndarray, rng: np.random.Generator, aug: AugmentConfig, *,
