@@ -201,7 +201,8 @@ def _cmd_crops(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, n_train=args.n_train, seed=args.seed, seg_folds=args.seg_folds or None)
+    run_demo(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, seg_folds=args.seg_folds or None,
+             cls_folds=args.cls_folds or None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo")
     p.add_argument("--n-train", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seg-folds", type=int, default=1, help="segmenter folds to train and score (0: all)")
+    p.add_argument("--n-test", type=int, default=20)
+    p.add_argument("--seg-folds", type=int, default=1, help="stage-1 folds to train and score (0: all)")
+    p.add_argument("--cls-folds", type=int, default=0, help="classifier folds to train (0: all)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

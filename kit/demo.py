@@ -61,39 +61,52 @@ def describe_dataset(root: Path, cache_dir: Path) -> dict:
 
 
 def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, seed: int = 0, size: int = 128,
-             seg_folds: int | None = 1) -> dict:
+             seg_folds: int | None = 1, cls_folds: int | None = None, progress: bool = True) -> dict:
     """Run the demo pipeline; returns the summary written to `runs/demo/summary.json`.
 
     Args:
-        seg_folds: train and score the segmenter on folds 0..seg_folds-1 (None: every fold of the config);
-            one keeps the demo near ten minutes on a 2-core CPU, the held-out studies of those folds are scored.
+        seg_folds: train and score stage 1 on folds 0..seg_folds-1 (None: every fold of the config); one keeps
+            the demo within its budget on a 2-core CPU, the held-out studies of those folds are scored.
+        cls_folds: classifier folds to train (None: all, so every training study gets an out-of-fold score).
     """
     from .cache import prepare_studies
     from .synthetic import make_dataset
 
     out = Path(out)
-    data, cache = out / "data", out / "cache"
+    data, cache, answers = out / "data", out / "cache", out / "answers"
+    seconds: dict[str, float] = {}
     start = time.perf_counter()
     if not (data / "train.csv").is_file():
-        print(f"[1/3] synthetic dataset: {n_train} train studies at {size}x{size} -> {data}")
-        made = make_dataset(data, n_train=n_train, n_test=n_test, size=size, seed=seed, answers_dir=out / "answers")
+        print(f"[1/4] synthetic dataset: {n_train} train + {n_test} test studies at {size}x{size} -> {data} "
+              f"(answers -> {answers})")
+        made = make_dataset(data, n_train=n_train, n_test=n_test, size=size, seed=seed, answers_dir=answers,
+                            progress=progress)
         print(f"      written in {made.get('seconds', float('nan')):.1f} s")
     else:
-        print(f"[1/3] synthetic dataset: reusing {data}")
-    print(f"[2/3] reading every study back through kit.dicom into {cache}")
+        print(f"[1/4] synthetic dataset: reusing {data}")
+    print(f"[2/4] reading every study back through kit.dicom into {cache}")
     for split in ("train", "test"):
-        result = prepare_studies(data, cache / split, split=split, size=size)
+        result = prepare_studies(data, cache / split, split=split, size=size, progress=progress)
         if result["failed"]:
             print(f"      {result['failed']} {split} studies failed: {result['failures']}")
     described = describe_dataset(data, cache / "train")
     print(pd.Series(described).to_string())
-    _update_summary({"dataset": described, "data_seconds": round(time.perf_counter() - start, 1)})
+    seconds["data"] = round(time.perf_counter() - start, 1)
+    _update_summary({"dataset": described, "n_train": n_train, "n_test": n_test})
 
-    print("[3/3] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
-          "Dice and z-ranges of both fused")
+    print("[3/4] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
+          "Dice and z-ranges")
     seg = run_segmenter_stage(data, cache / "train", out / "folds.csv", n_folds_trained=seg_folds)
     print(pd.Series({k: v for k, v in seg.items() if not isinstance(v, dict)}).to_string())
-    summary = _update_summary(seg)
+    seconds["stage1"] = seg["seg_seconds"]
+    _update_summary(seg)
+
+    print("[4/4] stage 2: vertebra crops (kit crops), the classifier's folds (demo_cls), out-of-fold report")
+    cls = run_classifier_stage(data, out / "folds.csv", answers, n_folds_trained=cls_folds, progress=progress)
+    print(pd.Series({k: v for k, v in cls.items() if not isinstance(v, dict)}).to_string())
+    seconds["stage2"] = cls["cls_seconds"]
+    seconds["total"] = round(time.perf_counter() - start, 1)
+    summary = _update_summary({**cls, "seconds": seconds})
     print(f"summary -> {SUMMARY}")
     return summary
 
@@ -197,3 +210,66 @@ def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> 
         "seg_heldout_studies": int(dice["StudyInstanceUID"].nunique()),
         "seg_folds_trained": int(dice["fold"].nunique()),
     }
+
+
+def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None = None, config: str = "demo_cls",
+                         n_folds_trained: int | None = None, progress: bool = True, **overrides) -> dict:
+    """Stage 2 of the demo: crop every training study (`kit.crop_cache.build_crops`), train folds of the
+    classifier `config` (default all), and score their out-of-fold predictions (`kit.report.oof_report`).
+
+    `overrides` are passed to `load_config` (dotted keys as strings: `**{"train.epochs": 1}`).
+
+    Returns:
+        `oof_score` (row-normalised competition metric over the out-of-fold studies), `baseline_score` (the
+        same labels and weights, each fold's studies predicted with the prevalence of the studies its model
+        trained on), the patient figure from 1 - prod(1 - p) beside it, per-target AUCs, with the generator's
+        answers `attention_hit_rate` and the recall by fracture kind, the crop figures and `cls_seconds`.
+    """
+    from .config import load_config
+    from .crop_cache import build_crops
+    from .report import attention_hit_rate, load_oof, oof_report, read_answers
+    from .train import fit_fold
+
+    start = time.perf_counter()
+    paths = {"data.data_root": str(data), "data.folds_csv": str(folds_csv)}
+    base = load_config(config, **paths, **overrides)
+    crops = build_crops(base, split="train", progress=progress)
+    folds = range(min(n_folds_trained or base.data.n_folds, base.data.n_folds))
+    for fold in folds:
+        fit_fold(load_config(config, **paths, **overrides, **{"data.fold": fold}))
+    run_dir = base.run_dir.parent
+    report = oof_report(run_dir, answers_dir=answers_dir)
+    name = next(iter(report["scores"]))
+    model = report["models"][name]
+    fair = report["baseline_from_train_folds"]
+    out = {
+        "oof_score": round(float(report["scores"][name]["row"]), 4),
+        "baseline_score": round(float(fair["score_row"]), 4) if fair else None,
+        "baseline_in_sample_score": round(float(report["baseline"]["score_row"]), 4),
+        "cls_auc": {t: round(float(v), 3) for t, v in model["auc"].items()},
+        "cls_folds_trained": len(folds),
+        "cls_oof_studies": int(model["n_studies"]),
+        "crops_built": crops["built"], "crops_failed": crops["failed"],
+        "crops_in_sample": len(crops["in_sample"]),
+        "cls_report": report["report_md"],
+    }
+    oof = load_oof(run_dir)
+    raw = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in sorted(run_dir.glob("fold*/oof.csv"))])
+    if "patient_overall_from_vertebrae" in raw.columns:
+        from .metrics import competition_score
+
+        derived = raw.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"]]
+        p = oof[list(TARGETS)].to_numpy(dtype=float)
+        p[:, 0] = derived["patient_overall_from_vertebrae"].to_numpy(dtype=float)
+        out["oof_score_patient_from_vertebrae"] = round(float(competition_score(
+            oof[[f"{t}_true" for t in TARGETS]].to_numpy(), p)), 4)
+    if answers_dir is not None and (Path(answers_dir) / "fractures.csv").is_file():
+        hits = attention_hit_rate(raw.drop_duplicates("StudyInstanceUID"), base.data.crop_dir, read_answers(answers_dir))
+        out["attention_hit_rate"] = round(hits["attention_hit_rate"], 4) if hits["n_detected"] else None
+        out["attention_detected_boxed"] = f"{hits['n_detected']} of {hits['n_boxed']}"
+        if report.get("recall"):
+            out["recall_by_kind"] = {r["kind"]: round(float(r[name]), 3) for r in report["recall"]["kind"]}
+            out["recall_by_subtlety"] = {str(r["subtlety"]): round(float(r[name]), 3)
+                                         for r in report["recall"]["subtlety"]}
+    out["cls_seconds"] = round(time.perf_counter() - start, 1)
+    return out

@@ -289,6 +289,44 @@ def _subtlety_groups(subtlety: pd.Series) -> pd.Series:
     return subtlety.astype(str)
 
 
+def attention_hit_rate(oof: pd.DataFrame, crop_dir: PathLike, answers: pd.DataFrame,
+                       threshold: float = RECALL_THRESHOLD) -> dict:
+    """Does the classifier look where the fracture is? Over the fractured vertebrae that have fracture boxes
+    (answers' `in_bounding_boxes`) and that the OOF detects (p > threshold): the share whose attention peak
+    (`attn_peak_<vertebra>`, the sampled slice with the highest attention weight) lies within one of that
+    vertebra's fracture slice ranges [z_first, z_last], widened by half the vertebra's sampling step (so the
+    sample nearest a fracture thinner than the step counts).
+
+    Args:
+        oof: a classifier OOF table (`attn_peak_C1..C7` and the C1..C7 probabilities).
+        crop_dir: the crop cache the OOF was made from (its `positions` map sampled slices to series slices).
+        answers: `read_answers` output (synthetic data).
+
+    Returns:
+        {"attention_hit_rate": share or NaN, "n_detected": int, "n_boxed": int, "rows": DataFrame (one row per
+        detected vertebra: uid, vertebra, p, peak slice, fracture ranges, hit)}.
+    """
+    from .crops import load_crops
+
+    boxed = answers[answers["in_bounding_boxes"].astype(bool) & answers[UID].isin(set(oof[UID]))]
+    by_uid = oof.set_index(UID)
+    rows = []
+    for (uid, name), group in boxed.groupby([UID, "vertebra"]):
+        p, peak = float(by_uid.at[uid, name]), int(by_uid.at[uid, f"attn_peak_{name}"])
+        if p <= threshold or peak < 0:
+            continue
+        positions = load_crops(crop_dir, uid)["positions"][VERTEBRAE.index(name)]
+        step = float(np.median(np.diff(positions))) if len(positions) > 1 else 1.0
+        z, tol = int(positions[peak]), max(step, 1.0) / 2.0
+        ranges = list(zip(group["z_first"].astype(int), group["z_last"].astype(int)))
+        rows.append({UID: uid, "vertebra": name, "p": p, "peak_slice": z, "ranges": ranges,
+                     "hit": any(first - tol <= z <= last + tol for first, last in ranges)})
+    table = pd.DataFrame(rows, columns=[UID, "vertebra", "p", "peak_slice", "ranges", "hit"])
+    n_boxed = int(boxed.groupby([UID, "vertebra"]).ngroups)
+    return {"attention_hit_rate": float(table["hit"].mean()) if len(table) else float("nan"),
+            "n_detected": len(table), "n_boxed": n_boxed, "rows": table}
+
+
 def fracture_recall(oof: pd.DataFrame, answers: pd.DataFrame, preds: dict[str, np.ndarray],
                     threshold: float = RECALL_THRESHOLD) -> dict[str, pd.DataFrame]:
     """Recall of fractured vertebrae by fracture kind and by subtlety (synthetic data).

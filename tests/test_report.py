@@ -448,3 +448,30 @@ def test_recall_by_fracture_kind_and_subtlety(tmp_path):
     assert binned["fractures"].tolist() == [3, 2, 3]
     # rows (subtlety 0.1 .. 0.8): C1 hit, C2 miss, C5 hit, C7 miss, then the same four again
     assert binned["m"].tolist() == pytest.approx([2 / 3, 1 / 2, 1 / 3])
+
+
+def test_attention_hit_rate_on_a_hand_made_case(tmp_path):
+    from kit.report import attention_hit_rate
+
+    t, uids = 4, ["1.2.1", "1.2.2"]
+    for uid in uids:  # C2 sampled at slices 10, 13, 16, 19 (step 3: a peak within 1.5 slices of a range counts)
+        positions = np.full((7, t), -1, np.int32)
+        positions[1] = [10, 13, 16, 19]
+        np.savez(tmp_path / f"{uid}.npz", crops=np.zeros((7, t, 2, 4, 4), np.uint8), found=np.arange(7) == 1,
+                 positions=positions, slice_targets=np.full((7, t), np.nan, np.float32),
+                 instance_numbers=np.arange(30, dtype=np.int32), spacing=np.ones(3, np.float32),
+                 orig_hw=np.array([4, 4], np.int32))
+    oof = pd.DataFrame({"StudyInstanceUID": uids, "C1": [0.1, 0.1], "C2": [0.9, 0.8], "C3": [0.7, 0.1],
+                        **{f"attn_peak_C{i}": [-1, -1] for i in (1, 3, 4, 5, 6, 7)},
+                        "attn_peak_C2": [2, 0]})
+    answers = pd.DataFrame({"StudyInstanceUID": ["1.2.1", "1.2.2", "1.2.2", "1.2.1"],
+                            "vertebra": ["C2", "C2", "C2", "C3"], "z_first": [17, 25, 11, 30], "z_last": [18, 27, 12, 31],
+                            "in_bounding_boxes": [True, True, True, True]})
+    result = attention_hit_rate(oof, tmp_path, answers)
+    # study 1: peak at slice 16, fracture 17..18 -> within 1.5: hit; study 2: peak at 10, ranges 25..27 and 11..12: hit
+    # (the second range); C3 of study 1 is detected but has no attention peak (not found): left out
+    assert result["n_boxed"] == 3 and result["n_detected"] == 2 and result["attention_hit_rate"] == 1.0
+    answers.loc[2, ["z_first", "z_last"]] = [14, 14]  # now 4 slices from the peak: a miss
+    assert attention_hit_rate(oof, tmp_path, answers)["attention_hit_rate"] == 0.5
+    oof.loc[0, "C2"] = 0.3  # not detected: not counted
+    assert attention_hit_rate(oof, tmp_path, answers)["n_detected"] == 1
