@@ -8,11 +8,16 @@ import numpy as np
 
 from kit.cache import prepare_studies
 from kit.config import load_config
-from kit.constants import VERTEBRAE
+from kit.constants import TARGETS, VERTEBRAE
 from kit.demo import describe_dataset, run_segmenter_stage
 
 
-def test_segmenter_stage_scores_heldout_studies(synthetic_root, tmp_path, monkeypatch):
+def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatch):
+    """Stage 1 trains, reloads through kit.infer and scores held-out studies; stage 2 crops (true masks where the
+    study has them, the 1-epoch stage-1 runs elsewhere), trains 2 classifier folds and scores them out of fold."""
+    from kit.demo import run_classifier_stage
+    from kit.synthetic import default_answers_dir
+
     monkeypatch.chdir(tmp_path)
     cache = tmp_path / "cache"
     prepare_studies(synthetic_root, cache, size=32, workers=1, progress=False)
@@ -39,3 +44,16 @@ def test_segmenter_stage_scores_heldout_studies(synthetic_root, tmp_path, monkey
     for fold in (0, 1):
         run = tmp_path / "runs" / "demo_seg" / f"fold{fold}"
         assert (run / "model.pt").is_file() and json.loads((run / "oof_summary.json").read_text())["fold"] == fold
+
+    runs = tmp_path / "runs"
+    cls = run_classifier_stage(synthetic_root, tmp_path / "folds.csv", default_answers_dir(synthetic_root),
+                               progress=False, **{"out_dir": str(runs), "data.n_folds": 2, "data.true_masks": True,
+                                                  "data.crop_dir": str(tmp_path / "crops"),
+                                                  "data.seg_runs": [str(runs / "demo_seg"), str(runs / "demo_level")],
+                                                  "data.image_size": 32, "data.n_slices": 4, "train.epochs": 1,
+                                                  "train.batch_size": 4, "train.progress": False})
+    assert cls["cls_folds_trained"] == 2 and cls["crops_built"] == 8 and cls["crops_failed"] == 0
+    assert cls["cls_oof_studies"] == 8  # every training study scored out of fold
+    assert 0 < cls["oof_score"] < 5 and 0 < cls["baseline_score"] < 5
+    assert set(cls["cls_auc"]) == set(TARGETS) and cls["cls_seconds"] > 0
+    assert (runs / "demo_cls" / "report.md").is_file()
