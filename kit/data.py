@@ -87,18 +87,31 @@ def split_segmentation_studies(cfg: DataConfig) -> tuple[list[str], list[str]]:
     Raises:
         ValueError: a side is empty, or cached segmented studies are missing from the folds table.
     """
+    return split_by_fold(cfg, cached_uids(cfg.cache_dir, with_mask=True), f"segmented studies in {cfg.cache_dir}")
+
+
+def split_by_fold(cfg, uids: Sequence[str], what: str) -> tuple[list[str], list[str]]:
+    """(train, held-out) of `uids` for `cfg.fold` of the shared folds table (`read_folds(cfg)`).
+
+    Args:
+        cfg: a data config section (folds_csv, data_root, n_folds, folds_seed, fold).
+        uids: the studies available to this stage.
+        what: how to name them in errors, e.g. "segmented studies in cache/train".
+
+    Raises:
+        ValueError: a study has no fold, or a side is empty.
+    """
     folds = read_folds(cfg)
     fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"]))
-    segmented = cached_uids(cfg.cache_dir, with_mask=True)
-    unknown = [u for u in segmented if u not in fold_of]
+    unknown = [u for u in uids if u not in fold_of]
     if unknown:
-        raise ValueError(f"{len(unknown)} segmented studies in {cfg.cache_dir} have no fold "
-                         f"(e.g. {unknown[:3]}); is data.folds_csv made from the same train table?")
-    train = [u for u in segmented if fold_of[u] != cfg.fold]
-    held_out = [u for u in segmented if fold_of[u] == cfg.fold]
+        raise ValueError(f"{len(unknown)} {what} have no fold (e.g. {unknown[:3]}); is data.folds_csv made from "
+                         "the same train table?")
+    train = [u for u in uids if fold_of[u] != cfg.fold]
+    held_out = [u for u in uids if fold_of[u] == cfg.fold]
     if not train or not held_out:
-        raise ValueError(f"fold {cfg.fold}: {len(train)} training and {len(held_out)} held-out studies with a "
-                         f"segmentation among {len(segmented)} in {cfg.cache_dir}; need both")
+        raise ValueError(f"fold {cfg.fold}: {len(train)} training and {len(held_out)} held-out studies among the "
+                         f"{len(uids)} {what}; need both")
     return train, held_out
 
 

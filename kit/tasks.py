@@ -292,19 +292,7 @@ class ClsTask:
             ValueError: cached studies without a fold, or an empty side.
         """
         d = self.cfg.data
-        folds = kdata.read_folds(d)
-        fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"]))
-        uids = kdata.crop_uids(d.crop_dir)
-        unknown = [u for u in uids if u not in fold_of]
-        if unknown:
-            raise ValueError(f"{len(unknown)} studies in {d.crop_dir} have no fold (e.g. {unknown[:3]}); is "
-                             "data.folds_csv made from the same train table as the crops?")
-        train = [u for u in uids if fold_of[u] != d.fold]
-        held_out = [u for u in uids if fold_of[u] == d.fold]
-        if not train or not held_out:
-            raise ValueError(f"fold {d.fold}: {len(train)} training and {len(held_out)} held-out studies among the "
-                             f"{len(uids)} in {d.crop_dir}; need both")
-        return train, held_out
+        return kdata.split_by_fold(d, kdata.crop_uids(d.crop_dir), f"studies in {d.crop_dir}")
 
     def build(self) -> tuple[kdata.CropDataset, list[str]]:
         """The training dataset and the held-out study ids (their crops stay available for validation)."""
