@@ -462,6 +462,11 @@ def segment_study(
 # ---------------------------------------------------------------------------------------------------------
 
 MEANS = ("prob", "logit")
+
+
+class ClassificationError(RuntimeError):
+    """A classifier gave a non-finite output for a study; the message names the study and the checkpoint."""
+
 _EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before a logit, so every logit is finite
 
 
@@ -618,6 +623,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
 
     Raises:
         ValueError: no classifier among the models, an unknown `mean`, bad `weights`.
+        ClassificationError: a classifier gave NaN / inf for a vertebra found.
     """
     if mean not in MEANS:
         raise ValueError(f"mean must be one of {MEANS}; got {mean!r}")
@@ -651,7 +657,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
             vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
             if not np.isfinite(vertebra_logits[:, found]).all() or (
                     patient_logits is not None and not np.isfinite(patient_logits).all()):
-                raise SegmentationError(f"study {uid}: non-finite output of classifier {m.path}")
+                raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
             values[i] = _model_values(vertebra_logits, patient_logits, found, mean)
     w = np.asarray(model_weights)[:, None]
     combined = (w * values).sum(0)
@@ -708,7 +714,7 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
 
     Raises:
         ValueError: no classifier, or no segmenter and no `seg`; bad `mean` or `weights`.
-        SegmentationError: a model produced NaN.
+        SegmentationError, ClassificationError: a model produced NaN.
         kit.dicom.DicomError: the folder cannot be read.
     """
     from .cache import prepare_arrays

@@ -141,6 +141,8 @@ def test_predict_study_gives_eight_probabilities(models, segmented):
 
     patient = infer.predict_study(series, [models["patient"]], seg=seg)
     assert patient["patient_source"] == "patient head" and np.isfinite(patient["probs"]).all()
+    flipped = infer.predict_study(series, [models["patient"]], seg=seg, tta_flip=True)  # a batch of 2 studies
+    assert np.isfinite(flipped["probs"]).all() and not np.allclose(flipped["probs"], patient["probs"])
     assert abs(patient["probs"][0] - (1 - np.prod(1 - patient["probs"][1:]))) > 1e-6  # the head's own value
 
 
@@ -244,8 +246,12 @@ def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_
     log = pd.read_csv(out.with_name("submission_log.csv"))
     assert (log["reason"] == "partial").sum() == 2 and (log["fallback_values"] == 6).all()  # C2..C7 each
 
+    # two CPU workers, the runs read back from a kit export folder (export/*: manifest.json among them)
+    from kit.export import export_runs
+
+    export_runs([trained["seg_c1"], trained["cls"]], tmp_path / "export")
     two = tmp_path / "two" / "submission.csv"
-    summary = submit(synthetic_root, [trained["seg_c1"], trained["cls"]], two, devices=["cpu", "cpu"],
+    summary = submit(synthetic_root, sorted((tmp_path / "export").iterdir()), two, devices=["cpu", "cpu"],
                      progress=False, threads=1)
     assert summary["devices"] == ["cpu", "cpu"] and summary["studies"] == 2
     pd.testing.assert_frame_equal(check_submission(two, synthetic_root), one)
