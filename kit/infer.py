@@ -9,6 +9,9 @@ Never imports `kit.train`: a run folder (`runs/<config name>/fold<k>/model.pt`) 
   own recipe (`LoadedModel.recipe`, `kit.slices`), the very code training and validation use.
 - `segment_study` runs a fold ensemble over one study and turns the mean per-vertebra probabilities into
   clean labels and vertebra extents (`kit.crops`): a `kit.results.SegResult`.
+- `classify_study` cuts the vertebra crops of a segmented study (`kit.crops.crop_study`, the call `kit crops`
+  makes, geometry from each classifier's config: `crop_geometry`) and runs a classifier ensemble on all
+  vertebrae at once; `predict_study` is the whole pipeline for one study: DICOM in, 8 probabilities out.
 
 Batch runs over a split (`segment_studies`) live in `kit.runner`, stored results in `kit.results`, plots in
 `kit.report`.

@@ -146,10 +146,16 @@ def test_predict_study_gives_eight_probabilities(models, segmented):
     assert abs(patient["probs"][0] - (1 - np.prod(1 - patient["probs"][1:]))) > 1e-6  # the head's own value
 
 
-def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root):
+def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monkeypatch):
+    import kit.dicom
+
     study = sorted((synthetic_root / "test_images").iterdir())[0]
+    reads = []
+    read_series_once = kit.dicom.read_series
+    monkeypatch.setattr(kit.dicom, "read_series", lambda *a, **k: reads.append(a) or read_series_once(*a, **k))
     # the trained one-epoch segmenter: whatever it finds, NaN exactly for the vertebrae it does not
     result = infer.predict_study(study, [models["seg"], models["cls"]])
+    assert len(reads) == 1  # one DICOM read serves stage 1's input and the full-resolution crops
     assert result["uid"] == study.name and result["probs"].shape == (8,)
     assert result["seg"].labels.shape[1:] == (64, 64)  # stage 1 at the segmenter's size (prepare_arrays)
     np.testing.assert_array_equal(np.isnan(result["probs"][1:]), ~result["found"])
