@@ -26,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -507,7 +507,7 @@ def _model_weights(runs: dict[str, list[LoadedModel]], weights) -> list[float]:
     keys = list(runs)
     if weights is None:
         per_run = [1.0] * len(keys)
-    elif isinstance(weights, dict):
+    elif isinstance(weights, Mapping):
         unknown = [k for k in weights if k not in keys and k not in {Path(r).name for r in keys}]
         if unknown:
             raise ValueError(f"weights name runs {unknown} that are not among the classifier runs "

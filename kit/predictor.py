@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +103,10 @@ class PredictorFactory:
 
     runs: tuple[str, ...]
     mean: str = "prob"
-    weights: tuple[float, ...] | None = None
+    weights: Sequence[float] | Mapping[str, float] | None = None
     tta_flip: bool = False
     amp: bool | None = None
     threads: int | None = None
-    named_weights: dict = field(default_factory=dict)
 
     def __call__(self, device: str) -> StudyPredictor:
         import torch
@@ -115,9 +114,8 @@ class PredictorFactory:
         if self.threads:
             torch.set_num_threads(int(self.threads))
         runs = load_runs(self.runs, device=device)
-        weights = dict(self.named_weights) if self.named_weights else self.weights
         log.info("predictor on %s: %s", device, _stages(runs))
-        return StudyPredictor(runs, mean=self.mean, weights=weights, tta_flip=self.tta_flip, device=device,
+        return StudyPredictor(runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip, device=device,
                               amp=self.amp)
 
 
@@ -187,9 +185,9 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
     cpu_workers = sum(str(d).startswith("cpu") for d in devices)
     if threads is None and cpu_workers > 1:
         threads = max(1, (os.cpu_count() or 1) // cpu_workers)
-    named = dict(weights) if isinstance(weights, Mapping) else {}
-    factory = PredictorFactory(paths, mean=mean, weights=None if weights is None or named else tuple(weights),
-                               tta_flip=tta_flip, amp=amp, threads=threads, named_weights=named)
+    if weights is not None:
+        weights = dict(weights) if isinstance(weights, Mapping) else tuple(float(w) for w in weights)
+    factory = PredictorFactory(paths, mean=mean, weights=weights, tta_flip=tta_flip, amp=amp, threads=threads)
     uids, _ = studies_to_predict(root)
     sample = root / "sample_submission.csv"
     return write_submission_parallel(uids, factory, devices, out, sample_submission=sample if sample.is_file()

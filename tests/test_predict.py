@@ -21,7 +21,7 @@ from torch import nn
 
 from kit import infer
 from kit.config import load_config
-from kit.constants import TARGETS, VERTEBRAE
+from kit.constants import VERTEBRAE
 from kit.crops import crop_study, missing_vertebrae, vertebra_extents
 from kit.dicom import read_mask, read_series, resize_slices
 from kit.predictor import load_runs, resolve_runs, submit
@@ -227,6 +227,19 @@ def test_a_fold_folder_is_a_run(trained, models, segmented):
         resolve_runs([trained["cls"].parent])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_runs([trained["cls"] / "fold7"])
+
+
+def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, models, synthetic_root):
+    import pickle
+
+    from kit.predictor import PredictorFactory
+
+    factory = PredictorFactory((str(trained["seg_c1"]), str(trained["cls"])), weights={"demo_cls": 2.0}, threads=1)
+    predictor = pickle.loads(pickle.dumps(factory))("cpu")  # what each device worker does
+    study = sorted((synthetic_root / "test_images").iterdir())[1]
+    series = read_series(study)
+    expected = infer.predict_study(series, [models["seg_c1"], models["cls"]])["probs"]
+    np.testing.assert_array_equal(predictor(study.name, series), expected)
 
 
 def check_submission(path: Path, root: Path) -> pd.DataFrame:

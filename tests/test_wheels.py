@@ -48,7 +48,8 @@ def _clean_env(**extra) -> dict:
 
 def _run(cmd: list, **kwargs) -> subprocess.CompletedProcess:
     result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kwargs)
-    assert result.returncode == 0, f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert result.returncode == 0, (f"{cmd} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                                    f"{result.stderr[-3000:]}")
     return result
 
 
@@ -89,7 +90,7 @@ def test_offline_install_from_the_wheelhouse(tmp_path):
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip())
-    if any(site.glob("setuptools-*.dist-info")):  # ensurepip's old copy would hide the image's (torch needs a recent one)
+    if any(site.glob("setuptools-*.dist-info")):  # ensurepip's old copy would hide the image's (torch needs >= 77)
         _run([python, "-m", "pip", "uninstall", "-y", "-q", "setuptools"], env=_clean_env())
     (site / "kaggle_image.pth").write_text(str(preinstalled_folder(tmp_path / "image")) + "\n")
     assert _run([python, "-c", "import torch, timm, numpy; print(torch.__version__)"], cwd=tmp_path).stdout
