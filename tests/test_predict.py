@@ -253,6 +253,7 @@ def check_submission(path: Path, root: Path) -> pd.DataFrame:
     return sub
 
 
+@pytest.mark.slow  # ~35 s: three spawned workers (and their prefetch readers) each import torch and load the runs
 def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_root, tmp_path, capsys):
     from kit.cli import main
 
