@@ -205,6 +205,25 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              cls_folds=args.cls_folds or None)
 
 
+def _cmd_submit(args: argparse.Namespace) -> None:
+    from .predictor import submit
+
+    weights = None
+    if args.weights:
+        weights = [float(w) for w in args.weights]
+    submit(args.data_root, args.runs, args.out, time_budget=args.time_budget, devices=args.devices, mean=args.mean,
+           weights=weights, tta_flip=args.tta_flip, prefetch=not args.no_prefetch, threads=args.threads)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import export_runs
+
+    manifest = export_runs(args.runs, args.out)
+    for name, run in manifest["runs"].items():
+        print(f"{name}: task {run['task']}, folds {run['folds']} <- {run['source']}")
+    print(f"{len(manifest['files'])} files with SHA-256 in {Path(args.out) / 'manifest.json'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `kit` command."""
     parser = argparse.ArgumentParser(prog="kit", description="RSNA 2022 cervical spine fracture kit")
@@ -289,6 +308,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-folds", type=int, default=1, help="stage-1 folds to train and score (0: all)")
     p.add_argument("--cls-folds", type=int, default=0, help="classifier folds to train (0: all)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("submit", help="predict the test studies with trained runs and write submission.csv",
+                       description="Predict every test study (kit.rsna.studies_to_predict) with segmenter, level "
+                                   "and classifier runs and write a complete, validated submission.csv plus "
+                                   "its log; failures get fallbacks, never a missing row.")
+    p.add_argument("--data-root", required=True, help="competition folder (test_images/, test.csv, "
+                                                      "sample_submission.csv)")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN",
+                   help="runs/<config name> (all folds), runs/<config name>/fold<k>, or an export's folders "
+                        "(export/*); each run's stage comes from its config")
+    p.add_argument("--out", default="submissions/submission.csv", help="the submission CSV (log beside it)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="remaining studies get fallbacks once the projected finish passes this")
+    p.add_argument("--devices", nargs="+", default=None,
+                   help="one worker per device, e.g. cuda:0 cuda:1 (default: every GPU, else cpu)")
+    p.add_argument("--mean", default="prob", choices=["prob", "logit"], help="how the classifier ensemble averages")
+    p.add_argument("--weights", nargs="+", type=float, default=None,
+                   help="one weight per classifier run, in the order given")
+    p.add_argument("--tta-flip", action="store_true", help="left-right flip TTA for the classifier")
+    p.add_argument("--no-prefetch", action="store_true", help="read each study in this process, not ahead")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    p.set_defaults(func=_cmd_submit)
+
+    p = sub.add_parser("export", help="gather runs' configs and best weights with checksums, for a Kaggle dataset")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="runs/<config name> or runs/<config name>/fold<k>")
+    p.add_argument("--out", required=True, help="the export folder (manifest.json + <run>/fold<k>/)")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -9,6 +9,9 @@ Never imports `kit.train`: a run folder (`runs/<config name>/fold<k>/model.pt`) 
   own recipe (`LoadedModel.recipe`, `kit.slices`), the very code training and validation use.
 - `segment_study` runs a fold ensemble over one study and turns the mean per-vertebra probabilities into
   clean labels and vertebra extents (`kit.crops`): a `kit.results.SegResult`.
+- `classify_study` cuts the vertebra crops of a segmented study (`kit.crops.crop_study`, the call `kit crops`
+  makes, geometry from each classifier's config: `crop_geometry`) and runs a classifier ensemble on all
+  vertebrae at once; `predict_study` is the whole pipeline for one study: DICOM in, 8 probabilities out.
 
 Batch runs over a split (`segment_studies`) live in `kit.runner`, stored results in `kit.results`, plots in
 `kit.report`.
@@ -23,7 +26,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,8 +34,8 @@ import numpy as np
 import torch
 
 from .config import ConfigError, config_from_dict
-from .constants import VERTEBRAE
-from .crops import clean_vertebra_probs, missing_vertebrae, vertebra_extents
+from .constants import TARGETS, VERTEBRAE
+from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
 from .results import SegResult
 
 log = logging.getLogger("kit.infer")
@@ -455,3 +458,294 @@ def segment_study(
                      timing=timing, orig_hw=tuple(int(v) for v in meta["orig_hw"]),
                      instance_numbers=None if numbers is None else np.asarray(numbers),
                      spacing=meta["spacing"], probs=probs if keep_probs else None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage 2: classify the vertebrae of a study; the whole pipeline for one study
+# ---------------------------------------------------------------------------------------------------------
+
+MEANS = ("prob", "logit")
+
+
+class ClassificationError(RuntimeError):
+    """A classifier gave a non-finite output for a study; the message names the study and the checkpoint."""
+
+_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before a logit, so every logit is finite
+
+
+def crop_geometry(config) -> dict:
+    """The `kit.crops.crop_study` keyword arguments a classifier config fixes (all but `dz`, the series').
+
+    The one place inference reads the crop geometry from a `ClsConfig`; `kit crops` (`kit.crop_cache`) passes
+    the same fields of the same config, so training and inference crops are identical (tests/test_predict.py
+    compares them).
+    """
+    d = config.data
+    return {"n_slices": d.n_slices, "n_neighbours": d.n_neighbours, "neighbour_mm": d.neighbour_mm,
+            "size": d.image_size, "windows": tuple(d.windows), "margin": d.margin, "with_mask": d.with_mask}
+
+
+def run_key(m: LoadedModel) -> str:
+    """The run a fold model belongs to: its `runs/<config name>` folder (`path.parent.parent`)."""
+    return str(Path(m.path).parent.parent)
+
+
+def group_runs(models: Sequence[LoadedModel]) -> dict[str, list[LoadedModel]]:
+    """{run folder: its fold models}, runs in order of first appearance (see `run_key`)."""
+    runs: dict[str, list[LoadedModel]] = {}
+    for m in models:
+        runs.setdefault(run_key(m), []).append(m)
+    return runs
+
+
+def _model_weights(runs: dict[str, list[LoadedModel]], weights) -> list[float]:
+    """One weight per model: its run's weight shared equally among the run's folds, normalised to sum 1.
+
+    `weights`: None (every run 1), a sequence with one value per run (in `runs` order), or a mapping from the
+    run's folder name (or full path) to its weight (runs not named: 1).
+    """
+    keys = list(runs)
+    if weights is None:
+        per_run = [1.0] * len(keys)
+    elif isinstance(weights, Mapping):
+        unknown = [k for k in weights if k not in keys and k not in {Path(r).name for r in keys}]
+        if unknown:
+            raise ValueError(f"weights name runs {unknown} that are not among the classifier runs "
+                             f"{[Path(k).name for k in keys]}")
+        per_run = [float(weights.get(k, weights.get(Path(k).name, 1.0))) for k in keys]
+    else:
+        per_run = [float(w) for w in weights]
+        if len(per_run) != len(keys):
+            raise ValueError(f"weights has {len(per_run)} values for {len(keys)} classifier runs "
+                             f"({', '.join(Path(k).name for k in keys)}); give one per run, in that order")
+    if any(not np.isfinite(w) or w < 0 for w in per_run) or sum(per_run) <= 0:
+        raise ValueError(f"weights must be finite, >= 0 and not all 0; got {per_run}")
+    flat = [w / len(runs[k]) for k, w in zip(keys, per_run) for _ in runs[k]]
+    total = sum(flat)
+    return [w / total for w in flat]
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def _is_per_study(m: LoadedModel) -> bool:
+    from .tasks import PER_STUDY_MODELS
+
+    return m.config.model.name in PER_STUDY_MODELS
+
+
+def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor, tta_flip: bool,
+                      device: torch.device, amp: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """One classifier on one study's stacks, all vertebrae (and both views with `tta_flip`) in one batch.
+
+    Args:
+        stacks: float32 (7, T, C, S, S) in [0, 1] on `device` (the crop cache's uint8 / 255).
+        found: bool (7,) on `device`.
+
+    Returns:
+        vertebra logits float64 (V, 7) per view (V = 2 with the flip, 1 without), NaN where not found; the
+        patient logits (V,) of a model with a patient head, else None.
+    """
+    views = [stacks, stacks.flip(-1)] if tta_flip else [stacks]  # left-right: the crops' W axis
+    n_views = len(views)
+    out = np.full((n_views, len(VERTEBRAE)), np.nan)
+    found_np = found.cpu().numpy()
+    with torch.inference_mode(), _autocast(device, amp):
+        if _is_per_study(m):
+            x = torch.stack(views)  # (V, 7, T, C, S, S)
+            vertebra_mask = found[None].expand(n_views, -1)
+            result = m.model(x, None, vertebra_mask)
+            out[:, found_np] = result["logit"].float().cpu().numpy().astype(np.float64)[:, found_np]
+            return out, result["patient_logit"].float().cpu().numpy().astype(np.float64)
+        x = torch.cat([v[found] for v in views])  # (V * N, T, C, S, S): every found vertebra, every view
+        result = m.model(x)
+        logits = result["logit"].float().cpu().numpy().astype(np.float64).reshape(n_views, -1)
+        out[:, found_np] = logits
+        return out, None
+
+
+def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None, found: np.ndarray,
+                  mean: str) -> np.ndarray:
+    """One model's (8,) values in TARGETS order in the space of `mean` ("prob" or "logit"), views averaged
+    in that space; NaN for vertebrae not found. Without a patient head, patient_overall = 1 - prod(1 - p)
+    over the found vertebrae' probabilities (NaN when none is found)."""
+    if mean == "logit":
+        vertebrae = vertebra_logits.mean(0)
+        patient = patient_logits.mean() if patient_logits is not None else None
+        p_vertebrae = _sigmoid(vertebrae)
+    else:
+        vertebrae = _sigmoid(vertebra_logits).mean(0)
+        patient = _sigmoid(patient_logits).mean() if patient_logits is not None else None
+        p_vertebrae = vertebrae
+    if patient is None or not found.any():
+        patient_p = 1.0 - np.prod(1.0 - p_vertebrae[found]) if found.any() else np.nan
+        patient = _logit(patient_p) if mean == "logit" and found.any() else patient_p
+    return np.concatenate([[patient], vertebrae])
+
+
+def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", weights=None,
+                   tta_flip: bool = False, device: str | torch.device | None = None, amp: bool | None = None,
+                   uid: str | None = None) -> dict:
+    """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == "fractures"`).
+
+    The crops are `kit.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
+    **crop_geometry(config))`, the very call `kit crops` makes, cut once per distinct crop geometry among the
+    models. A model sees them as the classifier's dataset shows them (uint8 / 255): a per-vertebra model
+    (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`) the
+    whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
+    the same batch.
+
+    Each model gives 8 values (TARGETS order): its vertebra probabilities (NaN for a vertebra not found) and
+    patient_overall from its patient head when it has one, else 1 - prod(1 - p) over the vertebrae found
+    (NaN when none is). The flip views are averaged first, then the models, in the space of `mean`: "prob"
+    averages probabilities, "logit" averages logits and takes the sigmoid of the mean. A run's folds share its
+    weight equally (`weights`, see `_model_weights`).
+
+    Args:
+        hu: (Z, H, W) HU volume of the original series (`kit.dicom.Series.hu`).
+        seg: the stage-1 result (`kit.results.SegResult`: `labels`, `extents`, `dropped`), e.g. `segment_study`.
+        runs: classifier models (`load_run` output, several, nested, or run folders).
+        dz: the series' slice spacing in mm (`Series.spacing[0]`).
+        mean: "prob" or "logit".
+        weights: None (every run alike), one value per run (order of first appearance), or {run name: weight}.
+        tta_flip: add the left-right flipped crops as a second view.
+        device: where to run (default: the first model's device).
+        amp: autocast on CUDA (default on there; CPU runs float32).
+        uid: study name for messages.
+
+    Returns:
+        `probs` float64 (8,) TARGETS order, NaN where there is no answer; `found` bool (7,); `missing`
+        {name: why}; `patient_source`; `models` [{"run", "fold", "probs" (8,)}] per model; `runs` {run folder:
+        (8,) probabilities of its folds' mean}; `timing` (`crop_s`, `classify_s`).
+
+    Raises:
+        ValueError: no classifier among the models, an unknown `mean`, bad `weights`.
+        ClassificationError: a classifier gave NaN / inf for a vertebra found.
+    """
+    if mean not in MEANS:
+        raise ValueError(f"mean must be one of {MEANS}; got {mean!r}")
+    models = [m for m in _flatten_models(runs) if m.provides == "fractures"]
+    if not models:
+        raise ValueError("no classifier (a run whose config provides 'fractures') among the models given")
+    grouped = group_runs(models)
+    models = [m for run in grouped.values() for m in run]
+    model_weights = _model_weights(grouped, weights)
+    device = torch.device(device) if device is not None else models[0].device
+    amp = device.type == "cuda" if amp is None else amp
+    t0 = time.perf_counter()
+    crops: dict[tuple, tuple] = {}
+    for m in models:
+        geometry = crop_geometry(m.config)
+        key = tuple(sorted(geometry.items()))
+        if key not in crops:
+            stacks, found, missing = crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=float(dz),
+                                                **geometry)
+            crops[key] = (stacks, found, missing)
+    _, found, missing = next(iter(crops.values()))
+    t1 = time.perf_counter()
+    values = np.full((len(models), len(TARGETS)), np.nan)
+    if found.any():
+        tensors = {key: (torch.from_numpy(stacks).to(device).float() / 255.0, torch.from_numpy(f).to(device))
+                   for key, (stacks, f, _) in crops.items()}
+        for i, m in enumerate(models):
+            if m.device != device:
+                m.model.to(device)
+            stacks, found_t = tensors[tuple(sorted(crop_geometry(m.config).items()))]
+            vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
+            if not np.isfinite(vertebra_logits[:, found]).all() or (
+                    patient_logits is not None and not np.isfinite(patient_logits).all()):
+                raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
+            values[i] = _model_values(vertebra_logits, patient_logits, found, mean)
+    w = np.asarray(model_weights)[:, None]
+    combined = (w * values).sum(0)
+    to_probs = _sigmoid if mean == "logit" else np.asarray
+    heads = {_is_per_study(m) for m in models}
+    patient_source = ("patient head" if heads == {True} else "1 - prod(1 - p) over the vertebrae found"
+                      if heads == {False} else "mean of patient heads and 1 - prod(1 - p) over the vertebrae found")
+    per_run, start = {}, 0
+    for key, run in grouped.items():
+        share = np.asarray(model_weights[start:start + len(run)])[:, None]
+        per_run[key] = to_probs((share * values[start:start + len(run)]).sum(0) / share.sum())
+        start += len(run)
+    return {"probs": np.asarray(to_probs(combined), dtype=np.float64), "found": found, "missing": missing,
+            "patient_source": patient_source,
+            "models": [{"run": run_key(m), "fold": m.fold, "probs": to_probs(v)} for m, v in zip(models, values)],
+            "runs": per_run,
+            "timing": {"crop_s": round(t1 - t0, 4), "classify_s": round(time.perf_counter() - t1, 4)}}
+
+
+def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bool = False,
+                  device: str | torch.device | None = None, amp: bool | None = None, seg=None,
+                  threshold: float = 0.5, batch_size: int = 16, uid: str | None = None) -> dict:
+    """One study, DICOM in, the competition's 8 probabilities out.
+
+    One DICOM read (`kit.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is
+    `kit.cache.prepare_arrays(series, size, window)` at the segmenters' size and window (what `kit prepare`
+    caches for training), segmented by the stage-1 runs (`segment_study`: segmenters, level models fused in);
+    stage 2 crops the full-resolution `series.hu` (`classify_study`).
+
+    A vertebra not found is NaN in `probs`: the submission writer gives it the fallback and logs the study as
+    "partial" (`kit.submission`). patient_overall comes from the patient head of a classifier that has one
+    (`cls_patient_gru`), else it is 1 - prod(1 - p) over the vertebrae found; no vertebra found: all NaN.
+
+    Args:
+        study: a study folder of DICOM files, or a `kit.dicom.Series` already read.
+        runs: `load_run` outputs (stage 1 and stage 2 together, nested lists allowed) or run folders; each
+            model's stage is its config's `provides`: "vertebra_probs" (segmenter), "levels" (level model),
+            "fractures" (classifier). Any number of folds and runs per stage.
+        mean: how the classifier ensemble (folds, runs, flip views) is averaged: "prob" or "logit". Stage 1
+            averages probabilities (`segment_study`).
+        weights: classifier run weights (`classify_study`).
+        tta_flip: left-right flip TTA for the classifier.
+        device: where the models run (default: where they are).
+        amp: autocast on CUDA (default: on there; always off on CPU).
+        seg: a stage-1 result to use instead of running the stage-1 models (e.g. from the ground truth).
+        threshold: stage 1's clean-up threshold.
+        batch_size: stage-1 slices per forward pass.
+        uid: study name (default: the series').
+
+    Returns:
+        `uid`; `probs` float64 (8,) in TARGETS order, NaN where there is no answer; `found` bool (7,);
+        `missing` {name: why}; `patient_source`; `models` and `runs` (per-model and per-run probabilities);
+        `seg` (the `SegResult`); `timing` seconds (`read_s`, `segment_s`, `crop_s`, `classify_s`, `total_s`).
+
+    Raises:
+        ValueError: no classifier, or no segmenter and no `seg`; bad `mean` or `weights`.
+        SegmentationError, ClassificationError: a model produced NaN.
+        kit.dicom.DicomError: the folder cannot be read.
+    """
+    from .cache import prepare_arrays
+    from .dicom import read_series
+
+    start = time.perf_counter()
+    series = study if hasattr(study, "hu") else read_series(study)
+    uid = uid or getattr(series, "uid", None)
+    t_read = time.perf_counter()
+    models = _flatten_models(runs)
+    unknown = sorted({m.provides for m in models} - {"vertebra_probs", "levels", "fractures"})
+    if unknown:
+        raise ValueError(f"models that provide {unknown}: predict_study uses segmenters (vertebra_probs), level "
+                         "models (levels) and classifiers (fractures)")
+    stage1 = [m for m in models if m.provides in ("vertebra_probs", "levels")]
+    classifiers = [m for m in models if m.provides == "fractures"]
+    if not classifiers:
+        raise ValueError("no classifier run among the runs given (a run whose config provides 'fractures')")
+    if seg is None:
+        segmenters = [m for m in stage1 if m.provides == "vertebra_probs"]
+        if not segmenters:
+            raise ValueError("no segmenter run among the runs given, and no seg= result to use instead")
+        prepared = prepare_arrays(series, segmenters[0].image_size, segmenters[0].window)
+        seg = segment_study({**prepared, "uid": uid}, stage1, batch_size=batch_size, device=device, amp=amp,
+                            threshold=threshold, uid=uid)
+    t_seg = time.perf_counter()
+    result = classify_study(series.hu, seg, classifiers, dz=float(series.spacing[0]), mean=mean, weights=weights,
+                            tta_flip=tta_flip, device=device, amp=amp, uid=uid)
+    timing = {"read_s": round(t_read - start, 4), "segment_s": round(t_seg - t_read, 4), **result.pop("timing"),
+              "total_s": round(time.perf_counter() - start, 4)}
+    return {"uid": uid, **result, "seg": seg, "timing": timing}

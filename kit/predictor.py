@@ -1,0 +1,195 @@
+"""The submission predictor: trained runs -> `kit.infer.predict_study` per study -> `kit.submission`'s writer.
+
+- `load_runs(paths, device)`: RUN folders as `kit submit --runs` takes them: `runs/<config name>` (all its
+  trained folds), one `runs/<config name>/fold<k>` folder, or the runs of a `kit export` folder (`export/*`:
+  its `manifest.json` is skipped, every file loaded is checked against its SHA-256 first). Each run's stage
+  (segmenter, level model, classifier) comes from its saved config, never from the command line.
+- `StudyPredictor`: the writer's `Predictor` (`predict(uid, series) -> 8 probabilities`, NaN for a vertebra
+  not found) over loaded runs.
+- `PredictorFactory`: a picklable `device -> StudyPredictor`, so `write_submission_parallel` can build one
+  predictor per device in its spawned workers (`--devices cuda:0 cuda:1` on Kaggle's T4 x 2).
+- `submit(data_root, runs, out, ...)`: the whole `kit submit`, for the notebook too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .export import is_manifest, resolve_run, verify_run
+
+log = logging.getLogger("kit.predictor")
+
+PathLike = str | os.PathLike
+
+
+def resolve_runs(paths: Sequence[PathLike]) -> list[tuple[Path, list[int]]]:
+    """RUN arguments -> [(run folder, folds)], manifests skipped, exported runs checked against their checksums.
+
+    Raises:
+        FileNotFoundError: a RUN is neither a run folder nor a fold folder, or no RUN is left.
+        kit.export.ChecksumError: an exported file is missing or differs from its manifest's SHA-256.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    resolved: dict[Path, list[int]] = {}
+    for path in paths:
+        if is_manifest(path):
+            continue
+        run_dir, folds = resolve_run(path)
+        verify_run(run_dir, folds)
+        known = resolved.setdefault(run_dir, [])
+        known.extend(k for k in folds if k not in known)
+    if not resolved:
+        raise FileNotFoundError(f"no run among {[str(p) for p in paths]}")
+    return [(run_dir, sorted(folds)) for run_dir, folds in resolved.items()]
+
+
+def load_runs(paths: Sequence[PathLike], device: str = "cpu") -> list[list]:
+    """Load RUN folders (`resolve_runs`) with `kit.infer.load_run`: one list of fold models per run.
+
+    Raises:
+        FileNotFoundError, kit.export.ChecksumError: as `resolve_runs`.
+        RuntimeError: a checkpoint cannot be rebuilt (`load_run`).
+    """
+    from .infer import load_run
+
+    return [load_run(run_dir, folds=folds, device=device) for run_dir, folds in resolve_runs(paths)]
+
+
+def _stages(runs: list[list]) -> dict[str, list[str]]:
+    stages: dict[str, list[str]] = {}
+    for run in runs:
+        stages.setdefault(run[0].provides, []).append(f"{Path(run[0].path).parent.parent.name} (folds "
+                                                      f"{', '.join(str(m.fold) for m in run)})")
+    return stages
+
+
+@dataclass
+class StudyPredictor:
+    """The writer's predictor: `predictor(uid, series)` -> (8,) probabilities in TARGETS order, NaN where there
+    is no answer (a vertebra not found). Options as `kit.infer.predict_study`."""
+
+    runs: list
+    mean: str = "prob"
+    weights: Sequence[float] | Mapping[str, float] | None = None
+    tta_flip: bool = False
+    device: str | None = None
+    amp: bool | None = None
+
+    def __call__(self, uid: str, study) -> np.ndarray:
+        from .infer import predict_study
+
+        result = predict_study(study, self.runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip,
+                               device=self.device, amp=self.amp, uid=uid)
+        return result["probs"]
+
+
+@dataclass(frozen=True)
+class PredictorFactory:
+    """Picklable `device -> StudyPredictor`: loads the runs on that device (in a spawned worker, once).
+
+    Attributes:
+        runs: RUN folders (`resolve_runs`).
+        mean, weights, tta_flip, amp: as `kit.infer.predict_study`.
+        threads: torch CPU threads in the process that builds the predictor (None: torch's default); several
+            CPU workers on one machine should share the cores.
+    """
+
+    runs: tuple[str, ...]
+    mean: str = "prob"
+    weights: Sequence[float] | Mapping[str, float] | None = None
+    tta_flip: bool = False
+    amp: bool | None = None
+    threads: int | None = None
+
+    def __call__(self, device: str) -> StudyPredictor:
+        import torch
+
+        if self.threads:
+            torch.set_num_threads(int(self.threads))
+        runs = load_runs(self.runs, device=device)
+        log.info("predictor on %s: %s", device, _stages(runs))
+        return StudyPredictor(runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip, device=device,
+                              amp=self.amp)
+
+
+def default_devices() -> list[str]:
+    """Every visible GPU (`cuda:0`, `cuda:1`, ...; Kaggle's T4 x 2 -> two workers), else `["cpu"]`."""
+    import torch
+
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def _check_stages(paths: Sequence[PathLike]) -> None:
+    """Fail early, before any worker starts, when the runs cannot make a submission (no classifier or no
+    segmenter), reading each run's config only."""
+    import yaml
+
+    from .config import config_from_dict
+
+    provides = set()
+    for run_dir, folds in resolve_runs(paths):
+        with open(run_dir / f"fold{folds[0]}" / "config.yaml") as f:
+            provides.add(type(config_from_dict(yaml.safe_load(f))).provides)
+    lacking = [name for stage, name in (("vertebra_probs", "a segmenter run"), ("fractures", "a classifier run"))
+               if stage not in provides]
+    if lacking:
+        raise ValueError(f"--runs {[str(p) for p in paths]} lack {' and '.join(lacking)}: a submission needs "
+                         "stage 1 (segmenter, optionally level model) and stage 2 (classifier)")
+
+
+def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submissions/submission.csv", *,
+           time_budget: float | None = None, devices: Sequence[str] | None = None, mean: str = "prob",
+           weights: Sequence[float] | Mapping[str, float] | None = None, tta_flip: bool = False,
+           amp: bool | None = None, prefetch: bool = True, progress: bool = True,
+           threads: int | None = None) -> dict:
+    """Predict the test studies of `data_root` with `runs` and write a complete, validated submission.
+
+    Studies come from `kit.rsna.studies_to_predict(data_root)`, rows and their order from
+    `<data_root>/sample_submission.csv` when it exists; each study is read once (`DicomStudyReader` in a
+    prefetch process) and predicted by `StudyPredictor`; every failure gets fallbacks and a line in
+    `<out stem>_log.csv` (`kit.submission`).
+
+    Args:
+        data_root: the competition folder (`test_images/`, `test.csv`, `sample_submission.csv`), e.g.
+            `/kaggle/input/rsna-2022-cervical-spine-fracture-detection`.
+        runs: RUN folders (`load_runs`): segmenter (+ level model) and classifier runs, or an export's `*`.
+        out: the submission CSV.
+        time_budget: seconds from the call (model loading included); past the projected end, the remaining
+            studies get fallbacks.
+        devices: one worker per entry (`["cuda:0", "cuda:1"]`); default `default_devices()`.
+        mean, weights, tta_flip, amp: as `kit.infer.predict_study`.
+        prefetch: read the next study in a separate process while this one is predicted.
+        progress: progress bar and the writer's one-line summary.
+        threads: torch threads per worker; default: the CPU cores shared among the CPU workers.
+
+    Returns:
+        The writer's summary (`studies`, `predicted`, `fallback_studies`, `fallbacks`, `seconds`, paths,
+        `devices`).
+    """
+    from .rsna import studies_to_predict
+    from .submission import write_submission_parallel
+
+    root = Path(data_root)
+    paths = tuple(str(p) for p in ([runs] if isinstance(runs, (str, os.PathLike)) else runs))
+    _check_stages(paths)
+    devices = list(devices) if devices else default_devices()
+    cpu_workers = sum(str(d).startswith("cpu") for d in devices)
+    if threads is None and cpu_workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // cpu_workers)
+    if weights is not None:
+        weights = dict(weights) if isinstance(weights, Mapping) else tuple(float(w) for w in weights)
+    factory = PredictorFactory(paths, mean=mean, weights=weights, tta_flip=tta_flip, amp=amp, threads=threads)
+    uids, _ = studies_to_predict(root)
+    sample = root / "sample_submission.csv"
+    return write_submission_parallel(uids, factory, devices, out, sample_submission=sample if sample.is_file()
+                                     else None, images_dir=root / "test_images", time_budget=time_budget,
+                                     prefetch=prefetch, progress=progress)

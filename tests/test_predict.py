@@ -1,0 +1,283 @@
+"""kit.infer.predict_study / classify_study and kit.predictor (kit submit) on tiny runs trained here for one
+epoch: a stage-1 segmenter on a `seg_fixtures` cache, classifiers (`demo_cls`, per vertebra and per study) on a
+fake crop cache (`test_cls_task.write_crop_cache`), studies from the `synthetic_root` fixture (64 px).
+
+One-epoch segmenters find no vertebra on the synthetic studies, so the tests that need found vertebrae take
+stage 1 from the ground-truth segmentation (`seg=`, the way `kit crops` builds truth crops) or from `seg_c1`: the
+trained segmenter with its head's biases set so that it claims every pixel as C1 (a real checkpoint loaded by
+`load_run`, degenerate on purpose: C1 found, C2..C7 not).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from kit import infer
+from kit.config import load_config
+from kit.constants import VERTEBRAE
+from kit.crops import crop_study, missing_vertebrae, vertebra_extents
+from kit.dicom import read_mask, read_series, resize_slices
+from kit.predictor import load_runs, resolve_runs, submit
+from kit.results import SegResult
+from seg_fixtures import make_cache, tiny_overrides
+from test_cls_task import tiny_config, write_crop_cache
+
+torch.set_num_threads(1)
+UID = "StudyInstanceUID"
+TRUTH_GRID = 32  # prepared grid of the ground-truth labels: half the 64 px series, so crops map boxes x2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{"seg": run folder (folds 0, 1), "seg_c1": C1-everywhere run, "cls": demo_cls (folds 0, 1),
+    "patient": cls_patient_gru (fold 0)}."""
+    from kit.train import fit_fold
+
+    base = tmp_path_factory.mktemp("predict_runs")
+    cache = base / "seg_cache"
+    _, folds_csv = make_cache(cache, n_studies=4, n_unsegmented=0, n_folds=2, z=16)
+    for fold in (0, 1):
+        fit_fold(load_config("demo_seg", **tiny_overrides(cache, folds_csv, base / "runs", n_folds=2,
+                                                           **{"data.fold": fold, "train.epochs": 1})))
+    seg = base / "runs" / "demo_seg"
+    seg_c1 = base / "runs" / "seg_c1"
+    (seg_c1 / "fold0").mkdir(parents=True)
+    ckpt = torch.load(seg / "fold0" / "model.pt", weights_only=True)
+    bias = ckpt["model"]["net.segmentation_head.0.bias"]
+    bias[:] = -30.0
+    bias[0] = 30.0  # C1 everywhere, every other vertebra nowhere
+    torch.save(ckpt, seg_c1 / "fold0" / "model.pt")
+    shutil.copy(seg / "fold0" / "config.yaml", seg_c1 / "fold0" / "config.yaml")
+
+    crop_cache = write_crop_cache(base / "cls")
+    for fold in (0, 1):
+        fit_fold(tiny_config(crop_cache, base, **{"data.fold": fold, "train.epochs": 1, "train.ema": False}))
+    fit_fold(tiny_config(crop_cache, base, **{"model.name": "cls_patient_gru", "name": "cls_patient",
+                                              "train.epochs": 1, "train.batch_size": 4}))
+    return {"seg": seg, "seg_c1": seg_c1, "cls": base / "runs" / "demo_cls", "patient": base / "runs" / "cls_patient"}
+
+
+@pytest.fixture(scope="module")
+def models(trained):
+    return {name: infer.load_run(path) for name, path in trained.items()}
+
+
+def truth_seg(root: Path, uid: str, series) -> SegResult:
+    """Stage 1 from the ground truth, as `kit crops` builds it: C1..C7 labels resized (nearest) to the grid."""
+    labels = read_mask(root / "segmentations" / f"{uid}.nii", series)
+    labels = resize_slices(np.where((labels >= 0) & (labels <= 7), labels, 0).astype(np.uint8), TRUTH_GRID,
+                           nearest=True)
+    extents = vertebra_extents(labels)
+    return SegResult(uid=uid, labels=labels, extents=extents, missing=missing_vertebrae(extents),
+                     orig_hw=tuple(series.hu.shape[1:]))
+
+
+@pytest.fixture(scope="module")
+def segmented(synthetic_root):
+    """(series, truth SegResult) of a synthetic training study with a segmentation showing C1..C7."""
+    for nii in sorted((synthetic_root / "segmentations").glob("*.nii")):
+        uid = nii.stem
+        series = read_series(synthetic_root / "train_images" / uid)
+        seg = truth_seg(synthetic_root, uid, series)
+        if not seg.missing:
+            return series, seg
+    pytest.fail("no synthetic study whose segmentation shows all of C1..C7")
+
+
+class Recorder(nn.Module):
+    """A stand-in classifier that keeps its input; logit = mean of the left half minus the right half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(4.0))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, mask=None) -> dict:
+        self.seen.append(x.clone())
+        half = x.shape[-1] // 2
+        return {"logit": self.scale * (x[..., :half].mean((1, 2, 3, 4)) - x[..., half:].mean((1, 2, 3, 4)))}
+
+
+def recorder_model(config, path: Path) -> infer.LoadedModel:
+    return infer.LoadedModel(model=Recorder().eval(), config=config, fold=0, path=path / "fold0" / "model.pt",
+                             model_name="recorder")
+
+
+def test_inference_crops_are_the_crop_cache_crops(models, segmented, tmp_path):
+    series, seg = segmented
+    config = models["cls"][0].config
+    d = config.data
+    # the call kit crops makes (kit.crop_cache.build_study), field by field from the same config
+    direct, found, _ = crop_study(series.hu, seg.labels, seg.extents, dropped=seg.dropped, n_slices=d.n_slices,
+                                  n_neighbours=d.n_neighbours, neighbour_mm=d.neighbour_mm,
+                                  dz=float(series.spacing[0]), size=d.image_size, windows=tuple(d.windows),
+                                  margin=d.margin, with_mask=d.with_mask)
+    assert found.all() and direct.shape == (7, d.n_slices, config.in_channels, d.image_size, d.image_size)
+    stand_in = recorder_model(config, tmp_path / "rec")
+    infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]))
+    (seen,) = stand_in.model.seen
+    # what the model sees: every found vertebra in one batch, as the crop dataset shows it (uint8 / 255)
+    expected = torch.from_numpy(direct.astype(np.float32) / 255.0)
+    assert seen.shape == expected.shape and torch.equal(seen, expected)
+
+
+def test_predict_study_gives_eight_probabilities(models, segmented):
+    series, seg = segmented
+    result = infer.predict_study(series, [models["cls"]], seg=seg)
+    p = result["probs"]
+    assert p.shape == (8,) and np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
+    assert result["found"].all() and result["patient_source"] == "1 - prod(1 - p) over the vertebrae found"
+    for m in result["models"]:  # each model's patient_overall from its own vertebrae, then the folds' mean
+        assert m["probs"][0] == pytest.approx(1 - np.prod(1 - m["probs"][1:]), abs=1e-12)
+    assert p[0] == pytest.approx(np.mean([m["probs"][0] for m in result["models"]]), abs=1e-12)
+    assert set(result["timing"]) == {"read_s", "segment_s", "crop_s", "classify_s", "total_s"}
+
+    patient = infer.predict_study(series, [models["patient"]], seg=seg)
+    assert patient["patient_source"] == "patient head" and np.isfinite(patient["probs"]).all()
+    flipped = infer.predict_study(series, [models["patient"]], seg=seg, tta_flip=True)  # a batch of 2 studies
+    assert np.isfinite(flipped["probs"]).all() and not np.allclose(flipped["probs"], patient["probs"])
+    assert abs(patient["probs"][0] - (1 - np.prod(1 - patient["probs"][1:]))) > 1e-6  # the head's own value
+
+
+def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monkeypatch):
+    import kit.dicom
+
+    study = sorted((synthetic_root / "test_images").iterdir())[0]
+    reads = []
+    read_series_once = kit.dicom.read_series
+    monkeypatch.setattr(kit.dicom, "read_series", lambda *a, **k: reads.append(a) or read_series_once(*a, **k))
+    # the trained one-epoch segmenter: whatever it finds, NaN exactly for the vertebrae it does not
+    result = infer.predict_study(study, [models["seg"], models["cls"]])
+    assert len(reads) == 1  # one DICOM read serves stage 1's input and the full-resolution crops
+    assert result["uid"] == study.name and result["probs"].shape == (8,)
+    assert result["seg"].labels.shape[1:] == (64, 64)  # stage 1 at the segmenter's size (prepare_arrays)
+    np.testing.assert_array_equal(np.isnan(result["probs"][1:]), ~result["found"])
+    assert sorted(result["missing"]) == [v for v, f in zip(VERTEBRAE, result["found"]) if not f]
+    # the C1-everywhere segmenter: C1 found (the whole volume), C2..C7 NaN, patient_overall from C1 alone
+    c1 = infer.predict_study(study, [models["seg_c1"], models["cls"]])
+    assert c1["found"].tolist() == [True] + [False] * 6
+    p = c1["probs"]
+    assert np.isfinite(p[:2]).all() and np.isnan(p[2:]).all() and p[0] == pytest.approx(p[1], abs=1e-12)
+    assert c1["missing"]["C2"].startswith("not found")
+
+
+def test_mean_of_logits_or_probabilities_and_weights(models, segmented):
+    series, seg = segmented
+    runs = [models["cls"], models["patient"]]
+    probs = infer.predict_study(series, runs, seg=seg, mean="prob")
+    logits = infer.predict_study(series, runs, seg=seg, mean="logit")
+    per_model = np.stack([m["probs"] for m in probs["models"]])  # (3, 8): cls folds 0, 1, patient fold 0
+    assert per_model.shape == (3, 8) and [m["fold"] for m in probs["models"]] == [0, 1, 0]
+    np.testing.assert_allclose(np.stack([m["probs"] for m in logits["models"]]), per_model, atol=1e-12)
+    # each run counts once (its folds share its weight): cls folds 1/4 each, the patient run 1/2
+    w = np.array([0.25, 0.25, 0.5])[:, None]
+    np.testing.assert_allclose(probs["probs"], (w * per_model).sum(0), atol=1e-12)
+    x = np.log(per_model) - np.log1p(-per_model)
+    np.testing.assert_allclose(logits["probs"], 1 / (1 + np.exp(-(w * x).sum(0))), atol=1e-12)
+    spread = per_model.max(0) - per_model.min(0)
+    assert (np.abs(probs["probs"] - logits["probs"]) > 0)[spread > 1e-3].all()  # they differ where models do
+    # a run's own line is its folds' mean
+    cls_key = str(Path(models["cls"][0].path).parent.parent)
+    np.testing.assert_allclose(probs["runs"][cls_key], per_model[:2].mean(0), atol=1e-12)
+
+    weighted = infer.predict_study(series, runs, seg=seg, weights=[3.0, 1.0])
+    np.testing.assert_allclose(weighted["probs"], (np.array([3 / 8, 3 / 8, 1 / 4])[:, None] * per_model).sum(0),
+                               atol=1e-12)
+    by_name = infer.predict_study(series, runs, seg=seg, weights={"demo_cls": 3.0})
+    np.testing.assert_allclose(by_name["probs"], weighted["probs"], atol=1e-12)
+    with pytest.raises(ValueError, match="2 classifier runs"):
+        infer.predict_study(series, runs, seg=seg, weights=[1.0])
+    with pytest.raises(ValueError, match="mean must be one of"):
+        infer.predict_study(series, runs, seg=seg, mean="median")
+
+
+def test_flip_tta_mirrors_the_crops_in_the_same_batch(models, segmented, tmp_path):
+    series, seg = segmented
+    stand_in = recorder_model(models["cls"][0].config, tmp_path / "rec")
+    plain = infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]))
+    flipped = infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]), tta_flip=True)
+    first, both = stand_in.model.seen
+    assert both.shape[0] == 2 * first.shape[0] == 14  # one forward pass: 7 vertebrae x 2 views
+    assert torch.equal(both[:7], first) and torch.equal(both[7:], first.flip(-1))  # left-right: the W axis
+    logit = 4.0 * (first[..., :first.shape[-1] // 2].mean((1, 2, 3, 4)) - first[..., first.shape[-1] // 2:].mean(
+        (1, 2, 3, 4))).double().numpy()
+    p, q = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(logit))  # the mirrored view swaps the halves
+    np.testing.assert_allclose(plain["probs"][1:], p, atol=1e-6)
+    np.testing.assert_allclose(flipped["probs"][1:], (p + q) / 2, atol=1e-6)  # = 0.5: this model is odd in x
+    assert not np.allclose(plain["probs"][1:], flipped["probs"][1:])
+
+
+def test_a_fold_folder_is_a_run(trained, models, segmented):
+    series, seg = segmented
+    runs = load_runs([trained["cls"] / "fold1", trained["seg"]])
+    assert [[m.fold for m in run] for run in runs] == [[1], [0, 1]]
+    assert [run[0].provides for run in runs] == ["fractures", "vertebra_probs"]
+    both = infer.predict_study(series, [models["cls"]], seg=seg)
+    one = infer.predict_study(series, runs, seg=seg)
+    np.testing.assert_allclose(one["probs"], both["models"][1]["probs"], atol=1e-12)
+    assert resolve_runs([trained["cls"] / "fold0", trained["cls"] / "fold1"]) == [(trained["cls"], [0, 1])]
+    with pytest.raises(FileNotFoundError, match="no fold"):
+        resolve_runs([trained["cls"].parent])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_runs([trained["cls"] / "fold7"])
+
+
+def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, models, synthetic_root):
+    import pickle
+
+    from kit.predictor import PredictorFactory
+
+    factory = PredictorFactory((str(trained["seg_c1"]), str(trained["cls"])), weights={"demo_cls": 2.0}, threads=1)
+    predictor = pickle.loads(pickle.dumps(factory))("cpu")  # what each device worker does
+    study = sorted((synthetic_root / "test_images").iterdir())[1]
+    series = read_series(study)
+    expected = infer.predict_study(series, [models["seg_c1"], models["cls"]])["probs"]
+    np.testing.assert_array_equal(predictor(study.name, series), expected)
+
+
+def check_submission(path: Path, root: Path) -> pd.DataFrame:
+    from kit.rsna import studies_to_predict
+
+    sub = pd.read_csv(path, dtype={"row_id": str})
+    _, rows = studies_to_predict(root)
+    assert list(sub.columns) == ["row_id", "fractured"]
+    assert sub["row_id"].tolist() == rows["row_id"].tolist()  # every row once, in order
+    assert np.isfinite(sub["fractured"]).all() and sub["fractured"].between(1e-4, 1 - 1e-4).all()
+    return sub
+
+
+@pytest.mark.slow  # ~35 s: three spawned workers (and their prefetch readers) each import torch and load the runs
+def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_root, tmp_path, capsys):
+    from kit.cli import main
+
+    out = tmp_path / "one" / "submission.csv"
+    main(["submit", "--data-root", str(synthetic_root), "--runs", str(trained["seg_c1"]), str(trained["cls"]),
+          "--out", str(out), "--devices", "cpu", "--threads", "1"])
+    printed = capsys.readouterr().out
+    assert "submission: 2 studies, 0 predicted, 2 with fallbacks (partial 2)" in printed
+    one = check_submission(out, synthetic_root)
+    log = pd.read_csv(out.with_name("submission_log.csv"))
+    assert (log["reason"] == "partial").sum() == 2 and (log["fallback_values"] == 6).all()  # C2..C7 each
+
+    # two CPU workers, the runs read back from a kit export folder (export/*: manifest.json among them)
+    from kit.export import export_runs
+
+    export_runs([trained["seg_c1"], trained["cls"]], tmp_path / "export")
+    two = tmp_path / "two" / "submission.csv"
+    summary = submit(synthetic_root, sorted((tmp_path / "export").iterdir()), two, devices=["cpu", "cpu"],
+                     progress=False, threads=1)
+    assert summary["devices"] == ["cpu", "cpu"] and summary["studies"] == 2
+    pd.testing.assert_frame_equal(check_submission(two, synthetic_root), one)
+    assert two.read_bytes() == out.read_bytes()
+
+
+def test_submit_needs_both_stages(trained, synthetic_root, tmp_path):
+    with pytest.raises(ValueError, match="lack a segmenter run"):
+        submit(synthetic_root, [trained["cls"]], tmp_path / "s.csv", devices=["cpu"], progress=False)
