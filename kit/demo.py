@@ -61,7 +61,8 @@ def describe_dataset(root: Path, cache_dir: Path) -> dict:
 
 
 def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, seed: int = 0, size: int = 128,
-             seg_folds: int | None = 1, cls_folds: int | None = None, progress: bool = True) -> dict:
+             seg_folds: int | None = 1, cls_folds: int | None = None, progress: bool = True,
+             submission_csv: str | Path = "submissions/demo/submission.csv") -> dict:
     """Run the demo pipeline; returns the summary written to `runs/demo/summary.json`.
 
     Args:
@@ -77,14 +78,14 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     if not (data / "train.csv").is_file():
-        print(f"[1/4] synthetic dataset: {n_train} train + {n_test} test studies at {size}x{size} -> {data} "
+        print(f"[1/5] synthetic dataset: {n_train} train + {n_test} test studies at {size}x{size} -> {data} "
               f"(answers -> {answers})")
         made = make_dataset(data, n_train=n_train, n_test=n_test, size=size, seed=seed, answers_dir=answers,
                             progress=progress)
         print(f"      written in {made.get('seconds', float('nan')):.1f} s")
     else:
-        print(f"[1/4] synthetic dataset: reusing {data}")
-    print(f"[2/4] reading every study back through kit.dicom into {cache}")
+        print(f"[1/5] synthetic dataset: reusing {data}")
+    print(f"[2/5] reading every study back through kit.dicom into {cache}")
     for split in ("train", "test"):
         result = prepare_studies(data, cache / split, split=split, size=size, progress=progress)
         if result["failed"]:
@@ -94,21 +95,50 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
     seconds["data"] = round(time.perf_counter() - start, 1)
     _update_summary({"dataset": described, "n_train": n_train, "n_test": n_test})
 
-    print("[3/4] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
+    print("[3/5] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
           "Dice and z-ranges")
     seg = run_segmenter_stage(data, cache / "train", out / "folds.csv", n_folds_trained=seg_folds)
     print(pd.Series({k: v for k, v in seg.items() if not isinstance(v, dict)}).to_string())
     seconds["stage1"] = seg["seg_seconds"]
     _update_summary(seg)
 
-    print("[4/4] stage 2: vertebra crops (kit crops), the classifier's folds (demo_cls), out-of-fold report")
+    print("[4/5] stage 2: vertebra crops (kit crops), the classifier's folds (demo_cls), out-of-fold report")
     cls = run_classifier_stage(data, out / "folds.csv", answers, n_folds_trained=cls_folds, progress=progress)
     print(pd.Series({k: v for k, v in cls.items() if not isinstance(v, dict)}).to_string())
     seconds["stage2"] = cls["cls_seconds"]
+    _update_summary(cls)
+
+    print(f"[5/5] submission: the test split through both stages -> {submission_csv}")
+    runs = Path("runs")
+    sub = run_submission_stage(data, [runs / "demo_seg", runs / "demo_level", runs / "demo_cls"], answers,
+                               Path(submission_csv), progress=progress)
+    seconds["submission"] = sub["submit_seconds"]
     seconds["total"] = round(time.perf_counter() - start, 1)
-    summary = _update_summary({**cls, "seconds": seconds})
-    print(f"summary -> {SUMMARY}")
+    summary = _update_summary({**sub, "seconds": seconds})
+    print_summary(summary)
     return summary
+
+
+def print_summary(summary: dict) -> None:
+    """The demo's closing table: each figure, its target, where the artefacts are."""
+    def fig(key, digits=3):
+        value = summary.get(key)
+        return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    s = summary.get("seconds", {})
+    rows = [
+        ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),
+        ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
+        ("classifier OOF score", fig("oof_score", 4), f"<= 0.5 x baseline {fig('baseline_score', 4)}"),
+        ("attention hit rate", fig("attention_hit_rate"), ">= 0.70"),
+        ("test score", fig("test_score", 4), f"< baseline {fig('test_baseline_score', 4)}"),
+        ("seconds: data / stage 1 / stage 2 / submission / total",
+         " / ".join(str(s.get(k, "–")) for k in ("data", "stage1", "stage2", "submission", "total")), ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print("\n" + "\n".join(f"{name:<{width}}  {value:>18}  {target}" for name, value, target in rows))
+    print(f"artefacts: runs/demo_seg, runs/demo_level, runs/demo_cls (report.md), {summary.get('submission')}, "
+          f"summary {SUMMARY}")
 
 
 def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: str = "demo_seg",
@@ -272,4 +302,38 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
             out["recall_by_subtlety"] = {str(r["subtlety"]): round(float(r[name]), 3)
                                          for r in report["recall"]["subtlety"]}
     out["cls_seconds"] = round(time.perf_counter() - start, 1)
+    return out
+
+
+def run_submission_stage(data: Path, run_dirs: list[Path], answers_dir: Path | None, out_csv: Path,
+                         progress: bool = True) -> dict:
+    """The demo's submission: `kit.predictor.submit` over the test split (stage 1, crops and the classifier's
+    fold ensemble, every failure a logged fallback), then, with the generator's answers, `test_score` against
+    `test_baseline_score` (the training labels' prevalence for every row), both by `metrics.score_submission`.
+    """
+    from .metrics import score_submission
+    from .predictor import submit
+    from .rsna import load_train, wide_to_long
+
+    from .rsna import split_row_id
+    from .submission import default_log_path
+
+    start = time.perf_counter()
+    newest = max((p.stat().st_mtime for r in run_dirs for p in Path(r).glob("fold*/model.pt")), default=0.0)
+    out = {"submission": str(out_csv), "submission_log": str(default_log_path(out_csv))}
+    if out_csv.is_file() and out_csv.stat().st_mtime > newest:  # a second demo run: the models have not changed
+        print(f"      reusing {out_csv} (newer than every model.pt)")
+    else:
+        written = submit(data, [str(r) for r in run_dirs], out_csv, progress=progress)
+        out.update({"test_studies": written["studies"], "test_predicted": written["predicted"],
+                    "test_fallbacks": written["fallbacks"]})
+    labels = Path(answers_dir) / "test_labels.csv" if answers_dir is not None else None
+    if labels is not None and labels.is_file():
+        solution = wide_to_long(pd.read_csv(labels, dtype={"StudyInstanceUID": str}))
+        submission = pd.read_csv(out_csv, dtype={"row_id": str})
+        prevalence = load_train(data)[list(TARGETS)].mean()
+        baseline = solution[["row_id"]].assign(fractured=[prevalence[split_row_id(r)[1]] for r in solution["row_id"]])
+        out["test_score"] = round(float(score_submission(submission, solution)), 4)
+        out["test_baseline_score"] = round(float(score_submission(baseline, solution)), 4)
+    out["submit_seconds"] = round(time.perf_counter() - start, 1)
     return out
