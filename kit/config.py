@@ -392,7 +392,7 @@ class LevelConfig(_RunConfig):
 
     def model_spec(self) -> tuple[str, dict]:
         """Registered model name and its plain kwargs, from this config alone."""
-        d, m = self.data, self.model
+        m = self.model
         return m.name, {"in_channels": self.recipe().n_channels, "classes": 7, "encoder": m.encoder,
                         "hidden": m.hidden}
 
@@ -509,6 +509,14 @@ class ClsConfig(_RunConfig):
     train: TrainConfig = field(default_factory=TrainConfig)
 
     provides = "fractures"
+
+    def crop_geometry(self) -> dict:
+        """The `kit.crops.crop_study` keyword arguments this config fixes (all but `dz`, the series'): the one
+        place `kit crops` (training crops) and inference (`kit.infer.classify_study`) read them from, so their
+        crops are identical."""
+        d = self.data
+        return {"n_slices": d.n_slices, "n_neighbours": d.n_neighbours, "neighbour_mm": d.neighbour_mm,
+                "size": d.image_size, "windows": tuple(d.windows), "margin": d.margin, "with_mask": d.with_mask}
 
     @property
     def in_channels(self) -> int:

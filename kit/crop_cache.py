@@ -247,10 +247,7 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
         result = segment_study({**study["prepared"], "uid": uid}, models, uid=uid, device=device)
         labels, extents, dropped = result.labels, result.extents, result.dropped
     dz = float(series.spacing[0])
-    crops, found, reasons = crop_study(
-        series.hu, labels, extents, dropped=dropped, n_slices=d.n_slices, n_neighbours=d.n_neighbours,
-        neighbour_mm=d.neighbour_mm, dz=dz, size=d.image_size, windows=tuple(d.windows), margin=d.margin,
-        with_mask=d.with_mask)
+    crops, found, reasons = crop_study(series.hu, labels, extents, dropped=dropped, dz=dz, **cfg.crop_geometry())
     if mask_source == "truth":
         reasons = {name: "not in the ground-truth segmentation" for name in reasons}
     positions = np.full((len(VERTEBRAE), d.n_slices), -1, np.int32)

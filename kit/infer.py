@@ -10,7 +10,7 @@ Never imports `kit.train`: a run folder (`runs/<config name>/fold<k>/model.pt`) 
 - `segment_study` runs a fold ensemble over one study and turns the mean per-vertebra probabilities into
   clean labels and vertebra extents (`kit.crops`): a `kit.results.SegResult`.
 - `classify_study` cuts the vertebra crops of a segmented study (`kit.crops.crop_study`, the call `kit crops`
-  makes, geometry from each classifier's config: `crop_geometry`) and runs a classifier ensemble on all
+  makes, geometry from each classifier's config: `ClsConfig.crop_geometry`) and runs a classifier ensemble on all
   vertebrae at once; `predict_study` is the whole pipeline for one study: DICOM in, 8 probabilities out.
 
 Batch runs over a split (`segment_studies`) live in `kit.runner`, stored results in `kit.results`, plots in
@@ -473,18 +473,6 @@ class ClassificationError(RuntimeError):
 _EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before a logit, so every logit is finite
 
 
-def crop_geometry(config) -> dict:
-    """The `kit.crops.crop_study` keyword arguments a classifier config fixes (all but `dz`, the series').
-
-    The one place inference reads the crop geometry from a `ClsConfig`; `kit crops` (`kit.crop_cache`) passes
-    the same fields of the same config, so training and inference crops are identical (tests/test_predict.py
-    compares them).
-    """
-    d = config.data
-    return {"n_slices": d.n_slices, "n_neighbours": d.n_neighbours, "neighbour_mm": d.neighbour_mm,
-            "size": d.image_size, "windows": tuple(d.windows), "margin": d.margin, "with_mask": d.with_mask}
-
-
 def run_key(m: LoadedModel) -> str:
     """The run a fold model belongs to: its `runs/<config name>` folder (`path.parent.parent`)."""
     return str(Path(m.path).parent.parent)
@@ -595,7 +583,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == "fractures"`).
 
     The crops are `kit.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
-    **crop_geometry(config))`, the very call `kit crops` makes, cut once per distinct crop geometry among the
+    **config.crop_geometry())`, the very call `kit crops` makes, cut once per distinct crop geometry among the
     models. A model sees them as the classifier's dataset shows them (uint8 / 255): a per-vertebra model
     (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`) the
     whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
@@ -641,7 +629,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     t0 = time.perf_counter()
     crops: dict[tuple, tuple] = {}
     for m in models:
-        geometry = crop_geometry(m.config)
+        geometry = m.config.crop_geometry()
         key = tuple(sorted(geometry.items()))
         if key not in crops:
             stacks, found, missing = crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=float(dz),
@@ -656,7 +644,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         for i, m in enumerate(models):
             if m.device != device:
                 m.model.to(device)
-            stacks, found_t = tensors[tuple(sorted(crop_geometry(m.config).items()))]
+            stacks, found_t = tensors[tuple(sorted(m.config.crop_geometry().items()))]
             vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
             if not np.isfinite(vertebra_logits[:, found]).all() or (
                     patient_logits is not None and not np.isfinite(patient_logits).all()):

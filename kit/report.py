@@ -822,6 +822,15 @@ def zrange_errors(oof: pd.DataFrame, tolerance: float = Z_TOLERANCE) -> dict:
             "all": row(oof, "all")}
 
 
+def _lowest_vertebra(row: pd.Series, prefix: str) -> str:
+    """"C4 0.812": the vertebra with the lowest `<prefix>_<vertebra>` score of an OOF row, or "–"."""
+    scores = {v: row[f"{prefix}_{v}"] for v in VERTEBRAE if pd.notna(row[f"{prefix}_{v}"])}
+    if not scores:
+        return "–"
+    low = min(scores, key=scores.get)
+    return f"{low} {_f(scores[low], 3)}"
+
+
 def worst_studies(oof: pd.DataFrame, column: str, n: int) -> pd.DataFrame:
     """The `n` rows with the lowest `column` (NaN last), lowest first."""
     return oof.sort_values([column, UID], na_position="last").head(max(int(n), 0)).reset_index(drop=True)
@@ -1219,12 +1228,9 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
     lines += ["## Worst studies", "", f"The {len(worst)} held-out studies with the lowest mean Dice.", ""]
     table_rows = []
     for i, r in worst.iterrows():
-        d = {v: r[f"dice_{v}"] for v in VERTEBRAE if pd.notna(r[f"dice_{v}"])}
-        low = min(d, key=d.get) if d else None
         missed = [v for v in VERTEBRAE if "slices" in r and pd.notna(r[f"zerr_{v}"]) and r[f"zerr_{v}"] >= r["slices"]]
         table_rows.append([str(i + 1), f"`{r[UID]}`", str(int(r["fold"])), _f(r["dice_mean"], 3),
-                           f"{low} {_f(d[low], 3)}" if low else "–", _f(r["zerr_max"], 0),
-                           ", ".join(missed) or "–"])
+                           _lowest_vertebra(r, "dice"), _f(r["zerr_max"], 0), ", ".join(missed) or "–"])
     lines += [_table(["rank", "study", "fold", "mean Dice", "lowest vertebra", "max z-error", "missed"],
                      table_rows, "rlrrlrl"), ""]
     loaders, shown, missing = _fold_loaders(run_dir), {}, {}
@@ -1294,10 +1300,8 @@ def level_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst:
     lines += ["## Worst studies", "", f"The {len(worst)} held-out studies with the lowest mean IoU.", ""]
     rows = []
     for i, r in worst.iterrows():
-        d = {v: r[f"iou_{v}"] for v in VERTEBRAE if pd.notna(r[f"iou_{v}"])}
-        lowest = min(d, key=d.get) if d else None
         rows.append([str(i + 1), f"`{r[UID]}`", str(int(r["fold"])), str(int(r["steps"])) if "steps" in r else "–",
-                     _f(r["iou_mean"], 3), f"{lowest} {_f(d[lowest], 3)}" if lowest else "–"])
+                     _f(r["iou_mean"], 3), _lowest_vertebra(r, "iou")])
     lines += [_table(["rank", "study", "fold", "steps", "mean IoU", "lowest vertebra"], rows, "rlrrrl"), ""]
 
     result = {"kind": "level", "run": run_dir.resolve().name, "run_dir": str(run_dir), "out_dir": str(out_dir),

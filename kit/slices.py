@@ -157,10 +157,10 @@ def jitter_presence(presence: np.ndarray, dz: float, jitter_mm: float, rng: np.r
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _resize(volume: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+def _resize(volume: np.ndarray, size: int) -> np.ndarray:
     from .dicom import resize_slices
 
-    return resize_slices(volume, size, nearest=nearest)
+    return resize_slices(volume, size)
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,9 @@ class SegRecipe:
         """int (n_slices,) slice offsets for a study of slice spacing dz mm."""
         return offsets_to_slices(self.offsets_mm, dz)
 
-    def resize(self, volume: np.ndarray, *, nearest: bool = False) -> np.ndarray:
-        """(Z, H, W) -> (Z, S, S) (`kit.dicom.resize_slices`; `nearest` for labels)."""
-        return _resize(volume, self.image_size, nearest)
+    def resize(self, volume: np.ndarray) -> np.ndarray:
+        """(Z, H, W) image -> (Z, S, S) (`kit.dicom.resize_slices`)."""
+        return _resize(volume, self.image_size)
 
     def planes(self, presence: np.ndarray, dz: float, rng: np.random.Generator | None = None) -> np.ndarray:
         """float32 (7, Z): the level planes of every slice from a (7, Z) presence (true 0/1 ranges, or the level
