@@ -397,9 +397,11 @@ def plot_explanation(explanations: VertebraExplanation | Sequence[VertebraExplan
 
     Each panel is titled with the sampled slice's index t, its series slice z, its attention weight `a` and slice
     logit `s` (the attention peak in bold red); the saliency colours the slice with an opacity that grows with its
-    value (up to `alpha`); the vertebra's mask is outlined in cyan; a slice with a fracture box row has a red
-    frame and, when the cache stores the crop box, the box itself in red. The row title gives the probability,
-    the true label when known, and the fold.
+    value (up to `alpha`); the vertebra's mask is outlined in cyan; a slice with a fracture box row has a coloured
+    frame and, when the cache stores the crop box, the box itself: red where the cache's slice target says the
+    fracture is this vertebra's (`kit crops` gives a box to the vertebra with most mask under it), dashed orange
+    where it is another's (e.g. C2's dens fracture seen in a C1 slice). The row title gives the probability, the
+    true label when known, and the fold.
 
     Args:
         explanations: `explain_study` output (or one of its items).
@@ -413,13 +415,20 @@ def plot_explanation(explanations: VertebraExplanation | Sequence[VertebraExplan
     if not rows:
         raise ValueError("no explanation to plot: explain_study returned none")
     t = max(len(e.attention) for e in rows)
-    fig = Figure(figsize=(1.35 * t + 0.3, 1.75 * len(rows) + 0.2), layout="constrained")
+    # a fixed layout in inches (a layout engine costs seconds on a 7 x 15 grid): square panels, room above each
+    # row for its title and the panels' two-line titles
+    panel, gap, row_gap, top, side = 1.25, 0.08, 0.75, 0.9, 0.1
+    width, height = 2 * side + t * panel + (t - 1) * gap, top + side + len(rows) * panel + (len(rows) - 1) * row_gap
+    fig = Figure(figsize=(width, height))
     FigureCanvasAgg(fig)
-    fig.suptitle("a: attention, s: slice logit, colour: Grad-CAM, red: fracture box", fontsize=7)
-    subfigs = fig.subfigures(len(rows), 1, squeeze=False)[:, 0]
-    for sub, e in zip(subfigs, rows):
-        sub.suptitle(_row_title(e), fontsize=8)
-        axes = sub.subplots(1, t, squeeze=False)[0]
+    grid = fig.subplots(len(rows), t, squeeze=False, gridspec_kw={
+        "left": side / width, "right": 1 - side / width, "bottom": side / height, "top": 1 - top / height,
+        "wspace": gap / panel, "hspace": row_gap / panel})
+    fig.text(0.5, 1 - 0.06 / height, "a: attention, s: slice logit, colour: Grad-CAM\nfracture boxes: red on this "
+             "vertebra, dashed orange on another", ha="center", va="top", fontsize=7)
+    for axes, e in zip(grid, rows):
+        axes[0].text(0.0, 1 + 0.38 / panel, _row_title(e), transform=axes[0].transAxes, ha="left", va="bottom",
+                     fontsize=8)
         size = e.image.shape[-1]
         for i, ax in enumerate(axes):
             ax.set_xticks([])
@@ -432,15 +441,16 @@ def plot_explanation(explanations: VertebraExplanation | Sequence[VertebraExplan
                       interpolation="bilinear")
             if show_mask and e.mask is not None and e.mask[i].any() and not e.mask[i].all():
                 ax.contour(e.mask[i].astype(np.float32), levels=[0.5], colors="cyan", linewidths=0.5)
+            own = e.slice_targets[i] == 1  # kit crops gave this slice the vertebra's fracture
             if e.boxes is not None:
                 for x0, y0, x1, y1 in e.boxes[i]:
-                    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red",
-                                           linewidth=1.2))
+                    ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, linewidth=1.2,
+                                           edgecolor="red" if own else "orange", linestyle="-" if own else "--"))
             ax.set_xlim(-0.5, size - 0.5)
             ax.set_ylim(size - 0.5, -0.5)
             if e.box_slices[i]:
                 for spine in ax.spines.values():
-                    spine.set(edgecolor="red", linewidth=2.0)
+                    spine.set(edgecolor="red" if own else "orange", linewidth=2.0)
             is_peak = i == e.peak
             ax.set_title(f"t{i} z{e.positions[i]}\na {e.attention[i]:.2f}  s {e.slice_logits[i]:+.1f}", fontsize=7,
                          color="red" if is_peak else "black", fontweight="bold" if is_peak else "normal")
@@ -473,7 +483,7 @@ def write_explanations(run: PathLike, uid: str, out_dir: PathLike | None = None,
     written = []
     for e in explanations:
         path = out_dir / f"{uid}_{e.vertebra}.png"
-        plot_explanation(e).savefig(path, dpi=110)
+        plot_explanation(e).savefig(path, dpi=110, bbox_inches="tight")
         written.append({"vertebra": e.vertebra, "prob": e.prob, "label": e.label, "fold": e.fold,
                         "held_out": e.held_out, "peak": e.peak, "peak_slice": int(e.positions[e.peak]), "png": path})
     return written

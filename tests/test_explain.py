@@ -152,27 +152,33 @@ def test_saliency_matches_an_independent_grad_cam_for_either_sign(tiny_run):
 
 
 def test_fracture_boxes_on_sampled_slices_are_mapped_into_the_crop(tiny_run, tmp_path):
-    """A copy of a study's crops with the crop boxes stored, and two box rows: one on a sampled slice of C2,
-    one on a slice no vertebra samples."""
+    """A copy of a study's crops with the crop boxes stored and C2's slice targets set to its slice t2; box rows on
+    C2's sampled slices t1 and t2, one on a slice no vertebra samples, one of another study."""
     uid = tiny_run["uids"][3]
     arrays = load_crops(tiny_run["crop_dir"], uid)
     crop_boxes = np.tile(np.array([[8, 56, 4, 52]], np.int32), (7, 1))  # 48 original px shown at S=32
+    arrays["slice_targets"][1] = [0, 0, 1, 0]  # kit crops gave the t2 box to C2, the t1 box to another vertebra
     np.savez(tmp_path / f"{uid}.npz", **arrays, crop_boxes=crop_boxes)
     c2 = arrays["positions"][1]
-    number = int(arrays["instance_numbers"][c2[2]])
-    boxes = pd.DataFrame({UID: [uid, uid, "1.2.3"], "x": [16.0, 10.0, 0.0], "y": [20.0, 10.0, 0.0],
-                          "width": [12.0, 5.0, 5.0], "height": [6.0, 5.0, 5.0],
-                          "slice_number": [number, 79, number]})
+    t1, t2 = (int(arrays["instance_numbers"][c2[t]]) for t in (1, 2))
+    boxes = pd.DataFrame({UID: [uid, uid, uid, "1.2.3"], "x": [16.0, 30.0, 10.0, 0.0], "y": [20.0, 30.0, 10.0, 0.0],
+                          "width": [12.0, 4.0, 5.0, 5.0], "height": [6.0, 4.0, 5.0, 5.0],
+                          "slice_number": [t2, t1, 79, t2]})
     (e,) = explain_study(tiny_run["run"], tmp_path, uid, vertebrae=["C2"], boxes=boxes)
-    assert e.box_slices.tolist() == [t == 2 for t in range(T)]
-    assert [len(b) for b in e.boxes] == [0, 0, 1, 0]
+    assert e.box_slices.tolist() == [False, True, True, False]
+    assert [len(b) for b in e.boxes] == [0, 1, 1, 0]
     np.testing.assert_allclose(e.boxes[2], [[(16 - 4) * 32 / 48, (20 - 8) * 32 / 48, (28 - 4) * 32 / 48,
                                              (26 - 8) * 32 / 48]])
-    fig = plot_explanation(e)
-    frame = fig.axes[2]
-    assert len(frame.patches) == 1 and frame.spines["top"].get_edgecolor()[:3] == (1.0, 0.0, 0.0)
-    assert all(len(ax.patches) == 0 for i, ax in enumerate(fig.axes) if i != 2)
-    # the older cache (no crop_boxes): the slice is still marked, the box cannot be placed
+    np.testing.assert_allclose(e.boxes[1], [[(30 - 4) * 32 / 48, (30 - 8) * 32 / 48, (34 - 4) * 32 / 48,
+                                             (34 - 8) * 32 / 48]])
+    axes = plot_explanation(e).axes
+    red, orange = (1.0, 0.0, 0.0), (1.0, 0.6470588235294118, 0.0)
+    for t, colour in ((1, orange), (2, red)):
+        (patch,) = axes[t].patches
+        assert patch.get_edgecolor()[:3] == pytest.approx(colour)
+        assert axes[t].spines["top"].get_edgecolor()[:3] == pytest.approx(colour)
+    assert not axes[0].patches and not axes[3].patches
+    # the older cache (no crop_boxes): the slices are still marked, the boxes cannot be placed
     (old,) = explain_study(tiny_run["run"], None, uid, vertebrae=["C2"], boxes=boxes)
     assert old.boxes is None and old.box_slices.tolist() == e.box_slices.tolist()
 
@@ -186,8 +192,8 @@ def test_plot_explanation_one_row_per_vertebra(tiny_run):
         for t, ax in enumerate(row):
             assert f"a {e.attention[t]:.2f}" in ax.get_title()
             assert ax.get_title(loc="center").startswith(f"t{t} z{e.positions[t]}")
-    titles = [sub._suptitle.get_text() for sub in fig.subfigs]
-    assert titles[0].startswith(f"{tiny_run['uids'][0]} C1: p = {explanations[0].prob:.3f}")
+    for e, first in zip(explanations, (axes[0], axes[T])):  # the row title above the first panel
+        assert first.texts[0].get_text().startswith(f"{e.uid} {e.vertebra}: p = {e.prob:.3f} (true {e.label})")
 
 
 def test_cli_explain_writes_the_most_likely_vertebra(tiny_run, tmp_path, capsys):
