@@ -8,7 +8,9 @@ For one study's cached crops (`kit.crops.load_crops`) and one fold of a classifi
   respect to the last feature map of the timm backbone (its `forward_features` output, (K, h, w) per slice),
   averaged over each map into one weight per channel; the ReLU of the weighted sum of the maps, upsampled
   (bilinear) to the crop size S. The logit reads all T slices through the BiGRU, so every slice gets its own map;
-  they are scaled together, by their maximum over the vertebra's T slices, so a slice the model ignores stays dark;
+  they are scaled together, by their maximum over the vertebra's T slices, so a slice the model ignores stays dark.
+  The map is as coarse as the backbone's last stage: S / 32 for most timm CNNs (2 x 2 on the demo's 64 px crops,
+  7 x 7 at 224 px); all 0 when no channel of it raises the logit (e.g. a model that has not learnt yet);
 - the true fracture boxes: `train_bounding_boxes.csv` rows matched to the sampled slices by InstanceNumber
   (`kit.crops.match_boxes_to_slices`, as `kit crops` does) and mapped from original pixels into crop pixels
   through the crop box the cache stores (`crop_boxes`; `box_to_crop`).
@@ -267,6 +269,39 @@ def _forward_with_maps(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tens
     return {k: v.detach() for k, v in out.items()}, [m.detach() for m in maps], grads
 
 
+def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], device: torch.device) -> dict[int, dict]:
+    """One forward and backward pass of a classifier over the cached crops of the vertebrae `index` (0..6).
+
+    Returns:
+        {vertebra index: {"logit": float, "slice_logits": (T,), "attention": (T,), "cam": float32 (T, S, S)
+        unscaled Grad-CAM}}, in the order of `index`.
+    """
+    from .tasks import PER_STUDY_MODELS
+
+    crops = arrays["crops"]
+    t, size = crops.shape[1], crops.shape[-1]
+    stacks = torch.from_numpy(crops).to(device).float() / 255.0  # (7, T, C, S, S), as the dataset gives them
+    real = torch.from_numpy(arrays["positions"] >= 0).to(device)  # (7, T)
+    per_study = m.config.model.name in PER_STUDY_MODELS
+    if per_study:  # the whole study: batch row 0, vertebra v
+        x, mask, rows = stacks[None], real[None], index
+    else:  # the asked vertebrae are the batch: row i is vertebra index[i]
+        x, mask, rows = stacks[index], real[index], list(range(len(index)))
+    out, maps, grads = _forward_with_maps(m.model, x, mask, per_study, rows)
+    # the CNN saw the real slices only, in (batch, vertebra, slice) order: put each map back in its place
+    cams = np.zeros((mask.numel(), size, size), np.float32)
+    cams[mask.flatten().cpu().numpy()] = torch.cat([grad_cam(a, g, size) for a, g in zip(maps, grads)]).cpu().numpy()
+    cams = cams.reshape(-1, t, size, size)
+    result = {}
+    for i, v in enumerate(index):
+        where = (0, v) if per_study else (i,)
+        result[v] = {"logit": float(out["logit"][where]),
+                     "slice_logits": out["slice_logits"][where].float().cpu().numpy(),
+                     "attention": out["attention"][where].float().cpu().numpy(),
+                     "cam": cams[v if per_study else i]}
+    return result
+
+
 def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[str] | None = None,
                   fold: int | None = None, device: str | torch.device = "cpu", *,
                   boxes: pd.DataFrame | None = None) -> list[VertebraExplanation]:
@@ -319,31 +354,10 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     if absent:
         raise ValueError(f"study {uid}: {', '.join(absent)} not found in its crops (see {crop_dir}/manifest.csv); "
                          f"found: {', '.join(found_names)}")
-    index = [VERTEBRAE.index(v) for v in wanted]
-
-    from .tasks import PER_STUDY_MODELS
-
-    per_study = cfg.model.name in PER_STUDY_MODELS
-    stacks = torch.from_numpy(crops).to(device).float() / 255.0  # (7, T, C, S, S)
-    real = torch.from_numpy(arrays["positions"] >= 0).to(device)  # (7, T)
-    if per_study:
-        x, mask, rows = stacks[None], real[None], index
-        computed = real.flatten()  # which (vertebra, slice) images reach the CNN, in order
-    else:
-        x, mask, rows = stacks[index], real[index], list(range(len(index)))
-        computed = real[index].flatten()
-    model = m.model
-    out, maps, grads = _forward_with_maps(model, x, mask, per_study, rows)
-    size = crops.shape[-1]
-    cams_computed = torch.cat([grad_cam(a, g, size) for a, g in zip(maps, grads)]).cpu().numpy()
-    t = crops.shape[1]
-    cams = np.zeros((len(computed), size, size), np.float32)
-    cams[computed.cpu().numpy()] = cams_computed
-    cams = cams.reshape(-1, t, size, size)  # (vertebrae in x, T, S, S)
+    outputs = _explain_vertebrae(m, arrays, [VERTEBRAE.index(v) for v in wanted], device)
 
     names = stack_channel_names(tuple(d.windows), d.n_neighbours, d.with_mask)
-    window = "bone" if "bone" in d.windows else d.windows[0]
-    image_channel = names.index(f"{window}+0")
+    image_channel = names.index(f"{'bone' if 'bone' in d.windows else d.windows[0]}+0")
     labels = _true_labels(Path(d.data_root), uid)
     study_boxes = _study_boxes(boxes, Path(d.data_root), uid)
     if len(study_boxes):
@@ -356,28 +370,20 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
                     "their boxes cannot be placed; rebuild the crops (kit crops) to draw them", uid, crop_dir)
 
     result = []
-    for row, v in zip(rows, index):
-        cam = cams[v] if per_study else cams[row]
-        peak = float(cam.max())
+    for v, o in outputs.items():
         positions = arrays["positions"][v].astype(np.int64)
-        on_slice = [matched[matched["z"] == z] for z in positions]
-        boxes_crop = None
-        if crop_boxes is not None:
-            boxes_crop = [box_to_crop(rows_z[["x", "y", "width", "height"]].to_numpy(float), crop_boxes[v], size)
-                          for rows_z in on_slice]
-        logit = float(out["logit"][0, v] if per_study else out["logit"][row])
-        slice_logits = out["slice_logits"][0, v] if per_study else out["slice_logits"][row]
-        attention = out["attention"][0, v] if per_study else out["attention"][row]
+        on_slice = [matched[matched["z"] == z][["x", "y", "width", "height"]].to_numpy(float) for z in positions]
+        peak = float(o["cam"].max())
         result.append(VertebraExplanation(
-            uid=uid, vertebra=VERTEBRAE[v], fold=m.fold, held_out=held_out, logit=logit,
-            prob=float(1.0 / (1.0 + np.exp(-logit))), label=None if labels is None else labels[VERTEBRAE[v]],
-            attention=attention.float().cpu().numpy(), slice_logits=slice_logits.float().cpu().numpy(),
-            saliency=(cam / peak if peak > 0 else cam).astype(np.float32), saliency_max=peak,
-            image=crops[v, :, image_channel].copy(),
-            mask=crops[v, :, -1] > 127 if d.with_mask else None,
+            uid=uid, vertebra=VERTEBRAE[v], fold=m.fold, held_out=held_out, logit=o["logit"],
+            prob=float(1.0 / (1.0 + np.exp(-o["logit"]))), label=None if labels is None else labels[VERTEBRAE[v]],
+            attention=o["attention"], slice_logits=o["slice_logits"],
+            saliency=o["cam"] / peak if peak > 0 else o["cam"], saliency_max=peak,
+            image=crops[v, :, image_channel].copy(), mask=crops[v, :, -1] > 127 if d.with_mask else None,
             positions=positions, slice_numbers=arrays["instance_numbers"][positions].astype(np.int64),
             slice_targets=arrays["slice_targets"][v].astype(np.float32),
-            box_slices=np.array([len(r) > 0 for r in on_slice]), boxes=boxes_crop))
+            box_slices=np.array([len(b) > 0 for b in on_slice]),
+            boxes=None if crop_boxes is None else [box_to_crop(b, crop_boxes[v], crops.shape[-1]) for b in on_slice]))
     return result
 
 

@@ -84,21 +84,28 @@ def tiny_run(tmp_path_factory):
     return {**cache, "cfg": cfg, "run": cfg.run_dir.parent}
 
 
-def _independent_cam(model, crops: np.ndarray, v: int) -> np.ndarray:
-    """Grad-CAM of vertebra v alone, by a forward hook on the backbone's last block and `retain_grad`: (T, S, S),
-    unscaled."""
+def _independent_cam(blocks: torch.nn.Module, logit, rows: slice) -> np.ndarray:
+    """Grad-CAM by another route: a forward hook on the backbone's last block (`blocks`), `retain_grad` and one
+    backward pass of the scalar `logit()`; the images `rows` of the CNN's batch -> (T, S, S), unscaled."""
     kept = []
-    handle = model.cnn.blocks.register_forward_hook(lambda module, inputs, output: kept.append(output))
+    handle = blocks.register_forward_hook(lambda module, inputs, output: kept.append(output))
     try:
         with torch.enable_grad():
-            out = model(torch.from_numpy(crops[v:v + 1]).float() / 255.0)
+            value = logit()
             kept[0].retain_grad()
-            out["logit"].sum().backward()
+            value.backward()
     finally:
         handle.remove()
-    a, g = kept[0].detach(), kept[0].grad
+    a, g = kept[0].detach()[rows], kept[0].grad[rows]
     cam = torch.relu((g.mean(dim=(2, 3), keepdim=True) * a).sum(1, keepdim=True))
-    return F.interpolate(cam, size=crops.shape[-2:], mode="bilinear", align_corners=False)[:, 0].numpy()
+    return F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def _flip_head(head: torch.nn.Linear) -> None:
+    """Negate a logit head: the raw Grad-CAM changes sign, so what the ReLU drops and keeps swaps."""
+    with torch.no_grad():
+        head.weight.neg_()
+        head.bias.neg_()
 
 
 def test_explain_study_attention_saliency_and_prediction(tiny_run):
@@ -133,19 +140,54 @@ def test_explain_study_attention_saliency_and_prediction(tiny_run):
 
 def test_saliency_matches_an_independent_grad_cam_for_either_sign(tiny_run):
     """Every vertebra explained in one batch gets the Grad-CAM of its own logit, computed alone by another route;
-    the head's sign flipped swaps which parts of the raw map survive the ReLU, so one of the two is not all 0."""
+    with the head's sign flipped too, so that one of the two runs has maps that are not all 0."""
     uid = tiny_run["uids"][1]
-    crops = load_crops(tiny_run["crop_dir"], uid)["crops"]
+    crops = torch.from_numpy(load_crops(tiny_run["crop_dir"], uid)["crops"]).float() / 255.0
     m = load_run(tiny_run["run"], folds=[0])[0]
     totals = []
-    for sign in (1.0, -1.0):
-        with torch.no_grad():
-            m.model.logit_head.weight.mul_(sign)
-            m.model.logit_head.bias.mul_(sign)
+    for flipped in (False, True):
+        if flipped:
+            _flip_head(m.model.logit_head)
         explanations = explain_study([m], tiny_run["crop_dir"], uid)
         assert explanations[0].held_out is False  # fold 0 trained on study 1
         for e in explanations:
-            expected = _independent_cam(m.model, crops, VERTEBRAE.index(e.vertebra))
+            v = VERTEBRAE.index(e.vertebra)
+            expected = _independent_cam(m.model.cnn.blocks, lambda: m.model(crops[v:v + 1])["logit"][0], slice(None))
+            np.testing.assert_allclose(e.saliency * e.saliency_max, expected, rtol=1e-4, atol=1e-6)
+        totals.append(sum(e.saliency_max for e in explanations))
+    assert max(totals) > 0
+
+
+def test_patient_model_explained_on_the_whole_study(tiny_run, tmp_path):
+    """cls_patient_gru sees all seven vertebrae at once: each asked vertebra still gets its own logit's Grad-CAM
+    (checked as above, for either sign of the head), its attention sums to 1, and its probability is the one
+    validation wrote."""
+    from kit.train import fit_fold
+
+    cfg = tiny_config(tiny_run, tmp_path, **{"model.name": "cls_patient_gru", "train.epochs": 1,
+                                             "train.batch_size": 4, "name": "cls_patient"})
+    fit_fold(cfg)
+    uid = tiny_run["uids"][MISSING[0]]
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str}).set_index(UID).loc[uid]
+    m = load_run(cfg.run_dir.parent, folds=[0])[0]
+    crops = torch.from_numpy(load_crops(tiny_run["crop_dir"], uid)["crops"]).float()[None] / 255.0
+    found = torch.ones(1, 7, dtype=torch.bool)
+    found[0, MISSING[1]] = False
+    totals = []
+    for flipped in (False, True):
+        if flipped:
+            _flip_head(m.model.vertebra.logit_head)
+        explanations = explain_study([m], None, uid, vertebrae=["C2", "C7"])
+        assert [e.vertebra for e in explanations] == ["C2", "C7"]
+        for e in explanations:
+            v = VERTEBRAE.index(e.vertebra)
+            assert e.held_out and e.attention.sum() == pytest.approx(1.0, abs=1e-5)
+            assert e.prob == pytest.approx(oof[e.vertebra] if not flipped else 1 - oof[e.vertebra], abs=1e-5)
+            assert e.saliency.shape == (T, S, S) and np.isfinite(e.saliency).all() and e.saliency.min() >= 0.0
+            start = (v - int(v > MISSING[1])) * T  # the CNN ran on the found vertebrae's slices only
+            expected = _independent_cam(m.model.vertebra.cnn.blocks,
+                                        lambda: m.model(crops, vertebra_mask=found)["logit"][0, v],
+                                        slice(start, start + T))
             np.testing.assert_allclose(e.saliency * e.saliency_max, expected, rtol=1e-4, atol=1e-6)
         totals.append(sum(e.saliency_max for e in explanations))
     assert max(totals) > 0
