@@ -255,3 +255,22 @@ def test_cli_explain_writes_the_most_likely_vertebra(tiny_run, tmp_path, capsys)
     main(["explain", str(tiny_run["run"]), "--uid", uid, "--vertebra", "C7", "C1", "--fold", "0"])
     written = sorted(p.name for p in (Path(tiny_run["run"]) / "explain").iterdir())
     assert written == [f"{uid}_C1.png", f"{uid}_C7.png"]
+
+
+@pytest.mark.parametrize("encoder", ["resnet18d", "efficientnet_b0", "tf_efficientnetv2_b0", "convnext_atto",
+                                     "mobilenetv3_small_050"])
+def test_feature_maps_are_captured_for_every_backbone_family(encoder):
+    """The saliency's hook sees one (N, K, h, w) map per CNN call in each family the classifier supports (chunked
+    calls too), changes no output, and leaves the backbone as it was."""
+    from kit.explain import capture_feature_maps
+    from kit.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cls_gru", in_channels=6, encoder=encoder, hidden=8, chunk=3).eval()
+    x = torch.rand(1, 5, 6, 64, 64)
+    with torch.no_grad():
+        plain = model(x)["logit"]
+        with capture_feature_maps(model.cnn) as maps:
+            hooked = model(x)["logit"]
+    assert [m.shape[0] for m in maps] == [3, 2] and all(m.ndim == 4 and m.shape[-1] >= 1 for m in maps)
+    assert torch.equal(plain, hooked) and "forward_features" not in vars(model.cnn)
