@@ -224,6 +224,18 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"{len(manifest['files'])} files with SHA-256 in {Path(args.out) / 'manifest.json'}")
 
 
+def _cmd_explain(args: argparse.Namespace) -> None:
+    from .explain import write_explanations
+
+    written = write_explanations(args.run, args.uid, args.out, crop_dir=args.crop_dir, vertebrae=args.vertebra,
+                                 fold=args.fold, device=args.device)
+    for w in written:
+        label = "" if w["label"] is None else f" (true {w['label']})"
+        fold = f"fold {w['fold']}" + (", held out" if w["held_out"] else "")
+        print(f"{args.uid} {w['vertebra']}: p={w['prob']:.3f}{label}, {fold}, attention peak on sampled slice "
+              f"{w['peak']} (series slice {w['peak_slice']}) -> {w['png']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `kit` command."""
     parser = argparse.ArgumentParser(prog="kit", description="RSNA 2022 cervical spine fracture kit")
@@ -282,6 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "test"])
     p.add_argument("overrides", type=_override, nargs="*", help="dotted overrides, e.g. data.image_size=128")
     p.set_defaults(func=_cmd_crops, smoke_overrides=[])
+
+    from .constants import VERTEBRAE  # a plain tuple: --help stays fast
+
+    p = sub.add_parser("explain", help="attention and Grad-CAM saliency of a classifier run on one study (PNG)",
+                       description="Per vertebra, the sampled slices of its cached crops with the classifier's "
+                                   "attention weight and slice logit, a Grad-CAM saliency of the CNN and the true "
+                                   "fracture boxes (kit.explain); one PNG per vertebra.")
+    p.add_argument("run", metavar="RUN", help="classifier run folder, e.g. runs/demo_cls")
+    p.add_argument("--uid", required=True, help="StudyInstanceUID of a study in the crop cache")
+    p.add_argument("--vertebra", nargs="+", default=None, choices=VERTEBRAE,
+                   help="vertebrae to explain (default: the most likely fractured one)")
+    p.add_argument("--out", default=None, help="folder for <uid>_<vertebra>.png (default RUN/explain)")
+    p.add_argument("--fold", type=int, default=None, help="fold to use (default: the one that held the study out)")
+    p.add_argument("--crop-dir", default=None, help="crop cache (default: the run's data.crop_dir)")
+    p.add_argument("--device", default="cpu", help="e.g. cpu, cuda:0")
+    p.set_defaults(func=_cmd_explain)
 
     p = sub.add_parser("report", help="report of trained runs (markdown + PNG + JSON): segmenter, level model "
                                       "or classifier, chosen by each run's config")

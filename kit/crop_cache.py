@@ -23,7 +23,11 @@ Cache format (`<crop_dir>/`; the contract with the classifier's dataset):
   index into the sorted series (head first) of each sampled slice, -1 when not found; `slice_targets` float32
   (7, T) 1 / 0 per sampled slice from the fracture boxes (`kit.crops.vertebra_targets`), NaN everywhere when
   no box row of the study matched a slice (unknown, not negative); `instance_numbers` int32 (Z,),
-  `spacing` float32 (dz, dy, dx) mm and `orig_hw` int32 (H, W) of the original series.
+  `spacing` float32 (dz, dy, dx) mm and `orig_hw` int32 (H, W) of the original series; `crop_boxes` int32 (7, 4)
+  the in-plane box (y0, y1, x0, x1) each vertebra's crop was cut from, in original pixels, half-open, not clipped
+  to the image (`kit.crops.crop_box_original`), zeros for a vertebra not found: it maps original-grid positions
+  (e.g. the fracture boxes) into crop pixels, `(x - x0) * S / (x1 - x0)` (`kit.explain`). Caches written before
+  it lack it.
 - `manifest.csv`: one row per study built: StudyInstanceUID, split, found ("C1 C2 ..."), missing
   ("C3: not found by the segmenter; ..."), mask_source, n_boxes, unmatched_boxes, seconds.
 - `failures.csv`: StudyInstanceUID, error (studies that could not be read, segmented or cropped).
@@ -50,8 +54,9 @@ from .progress import progress_bar
 
 from .cache import merge_csv, prepare_arrays
 from .constants import VERTEBRAE
-from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_path, crop_study, grid_scale, load_crops,  # noqa: F401
-                    match_boxes_to_slices, slice_positions, vertebra_extents, vertebra_targets)
+from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, crop_path, crop_study,  # noqa: F401
+                    grid_scale, load_crops, match_boxes_to_slices, slice_positions, vertebra_extents,
+                    vertebra_targets)
 from .dicom import read_mask, read_series, resize_slices
 
 log = logging.getLogger("kit.crop_cache")
@@ -250,16 +255,19 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
     crops, found, reasons = crop_study(series.hu, labels, extents, dropped=dropped, dz=dz, **cfg.crop_geometry())
     if mask_source == "truth":
         reasons = {name: "not in the ground-truth segmentation" for name in reasons}
-    positions = np.full((len(VERTEBRAE), d.n_slices), -1, np.int32)
-    for i, name in enumerate(VERTEBRAE):
-        if name in extents:
-            positions[i] = slice_positions(extents[name], d.n_slices)
     scale = grid_scale(series.hu.shape[1:], labels.shape[1:])
+    positions = np.full((len(VERTEBRAE), d.n_slices), -1, np.int32)
+    crop_boxes = np.zeros((len(VERTEBRAE), 4), np.int32)
+    for i, name in enumerate(VERTEBRAE):
+        if name in extents:  # what crop_study samples and cuts
+            positions[i] = slice_positions(extents[name], d.n_slices)
+            crop_boxes[i] = crop_box_original(extents[name], scale, series.hu.shape[1:], d.margin)
     boxes = boxes if boxes is not None else pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])
     targets, unmatched = study_targets(boxes, series.instance_numbers, extents, labels, scale, dz, d.n_slices)
     arrays = {"crops": crops, "found": found, "positions": positions, "slice_targets": targets,
               "instance_numbers": np.asarray(series.instance_numbers, np.int32),
-              "spacing": np.asarray(series.spacing, np.float32), "orig_hw": np.asarray(series.hu.shape[1:], np.int32)}
+              "spacing": np.asarray(series.spacing, np.float32), "orig_hw": np.asarray(series.hu.shape[1:], np.int32),
+              "crop_boxes": crop_boxes}
     row = {"StudyInstanceUID": uid, "found": " ".join(n for n, f in zip(VERTEBRAE, found) if f),
            "missing": "; ".join(f"{n}: {why}" for n, why in reasons.items()), "mask_source": mask_source,
            "n_boxes": len(boxes), "unmatched_boxes": len(unmatched)}

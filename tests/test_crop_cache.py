@@ -58,7 +58,8 @@ def test_truth_cache_arrays_found_positions_and_mask(truth_cache, synthetic_root
         arrays = load_crops(cfg.data.crop_dir, uid)
         series, labels = truth_labels(synthetic_root, uid)
         z = len(labels)
-        assert set(arrays) == set(CROP_KEYS)
+        assert set(arrays) == {*CROP_KEYS, "crop_boxes"}
+        assert arrays["crop_boxes"].dtype == np.int32 and arrays["crop_boxes"].shape == (7, 4)
         assert arrays["crops"].dtype == np.uint8 and arrays["crops"].shape == (7, T, 2 * N + 2, S, S)
         assert arrays["found"].dtype == bool and arrays["found"].shape == (7,)
         assert arrays["positions"].dtype == np.int32 and arrays["positions"].shape == (7, T)
@@ -75,7 +76,7 @@ def test_truth_cache_arrays_found_positions_and_mask(truth_cache, synthetic_root
         for i in range(7):
             pos, crops = arrays["positions"][i], arrays["crops"][i]
             if not present[i]:
-                assert (pos == -1).all() and not crops.any()
+                assert (pos == -1).all() and not crops.any() and not arrays["crop_boxes"][i].any()
                 continue
             zs = np.nonzero((labels == i + 1).any(axis=(1, 2)))[0]
             assert pos[0] == zs.min() and pos[-1] == zs.max() and (np.diff(pos) >= 0).all()
@@ -83,6 +84,7 @@ def test_truth_cache_arrays_found_positions_and_mask(truth_cache, synthetic_root
             # the mask channel, cut independently from the truth on the original grid (= the prepared grid here)
             extent = vertebra_extents(labels)[VERTEBRAE[i]]
             y0, y1, x0, x1 = crop_box_original(extent, (1.0, 1.0), labels.shape[1:], cfg.data.margin, True)
+            assert tuple(arrays["crop_boxes"][i]) == (y0, y1, x0, x1)
             rows = y0 + centred_nearest_index(y1 - y0, S)
             cols = x0 + centred_nearest_index(x1 - x0, S)
             inside = ((rows >= 0) & (rows < labels.shape[1]))[:, None] & ((cols >= 0) & (cols < labels.shape[2]))

@@ -47,3 +47,19 @@ def test_01_train_segmenter(synthetic_root, tmp_path):
     assert (tmp_path / "runs" / "demo_seg" / "fold0" / "model.pt").is_file()
     assert (tmp_path / "runs" / "demo_seg" / "fold0" / "oof.csv").is_file()
     assert (tmp_path / "runs" / "demo_level" / "fold0" / "model.pt").is_file()
+
+
+def test_03_train_classifier(synthetic_root, tmp_path, monkeypatch):
+    import os
+
+    # the kernel imports this checkout's kit (not another editable install's)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(NOTEBOOKS.parent), os.getenv("PYTHONPATH")])))
+    params = {"DATA_ROOT": str(synthetic_root), "SMOKE": True, "RUN_ROOT": str(tmp_path / "runs")}
+    nb = run_notebook(NOTEBOOKS / "03_train_classifier.ipynb", params, tmp_path)
+    assert _images(nb) == 3  # training curves, the explained vertebra, every vertebra of its study
+    fold = tmp_path / "runs" / "demo_cls" / "fold0"
+    for name in ("config.yaml", "model.pt", "log.csv", "oof.csv", "oof_summary.json"):
+        assert (fold / name).is_file(), name
+    # SMOKE cuts crops from the ground truth: exactly the studies with a segmentation
+    cut = sorted(p.name[:-4] for p in (tmp_path / "cache" / "smoke" / "crops").glob("*.npz"))
+    assert cut == sorted(p.name[:-4] for p in (synthetic_root / "segmentations").glob("*.nii"))
