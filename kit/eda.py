@@ -216,7 +216,7 @@ def _vertebra_under(labels: np.ndarray | None, span) -> str:
 
 def plot_fracture_boxes(hu: np.ndarray, spacing: tuple[float, float, float], boxes: pd.DataFrame, *,
                         labels: np.ndarray | None = None, window: str = "bone", max_panels: int = 4,
-                        title: str = "") -> plt.Figure:
+                        context_mm: float = 25.0, title: str = "") -> plt.Figure:
     """Each fracture's boxes on a sagittal plane through it: its slice range x its y-extent.
 
     One panel per fracture (`fracture_spans`), on the sagittal plane at the column through the centre of its
@@ -229,15 +229,20 @@ def plot_fracture_boxes(hu: np.ndarray, spacing: tuple[float, float, float], box
         boxes: one study's rows with `slice_index, x, y, width, height` (`boxes_for_series`).
         labels: (Z, H, W) labels aligned with `hu` (1..7 = C1..C7), to name the vertebra of each fracture.
         max_panels: show at most this many fractures.
+        context_mm: neck shown above and below each fracture.
     """
     spans = fracture_spans(boxes)
     n = max(1, min(len(spans), max_panels))
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 6.5), squeeze=False)
+    pad = int(round(context_mm / spacing[0]))  # slices shown above and below each fracture
+    windows = [(max(0, int(sp.slice_first) - pad), min(len(hu) - 1, int(sp.slice_last) + pad))
+               for sp in spans.head(n).itertuples()] or [(0, len(hu) - 1)]
     aspect = spacing[0] / spacing[1]
+    tallest = max(z1 - z0 + 1 for z0, z1 in windows) * aspect / hu.shape[1]  # panel height / width
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, float(np.clip(4.5 * tallest, 1.5, 9.0)) + 1.2), squeeze=False)
     if len(spans) == 0:
         axes[0, 0].imshow(_windowed(hu[:, :, hu.shape[2] // 2], window), cmap="gray", aspect=aspect)
         axes[0, 0].set_title("no fracture boxes in this study", fontsize=10)
-    for ax, span in zip(axes[0], spans.head(n).itertuples()):
+    for ax, span, (z0, z1) in zip(axes[0], spans.head(n).itertuples(), windows):
         column = int(np.clip(round((span.x0 + span.x1) / 2), 0, hu.shape[2] - 1))
         ax.imshow(_windowed(hu[:, :, column], window), cmap="gray", aspect=aspect)
         if labels is not None:
@@ -246,11 +251,10 @@ def plot_fracture_boxes(hu: np.ndarray, spacing: tuple[float, float, float], box
                       interpolation="nearest")
         inside = boxes[boxes["slice_index"].between(span.slice_first, span.slice_last)]
         for b in inside.itertuples():
-            ax.plot([b.y, b.y + b.height], [b.slice_index, b.slice_index], color="yellow", lw=0.8)
+            ax.plot([b.y, b.y + b.height], [b.slice_index, b.slice_index], color="yellow", lw=0.6, alpha=0.7)
         ax.add_patch(Rectangle((span.y0, span.slice_first - 0.5), span.y1 - span.y0,
                                span.slice_last - span.slice_first + 1, fill=False, ec="red", lw=1.6))
-        margin = max(20, 2 * (span.slice_last - span.slice_first))
-        ax.set_ylim(min(len(hu) - 0.5, span.slice_last + margin), max(-0.5, span.slice_first - margin))
+        ax.set_ylim(z1 + 0.5, z0 - 0.5)
         name = _vertebra_under(labels, span)
         ax.set_title(f"{name + ': ' if name else ''}slices {span.slice_first}-{span.slice_last}, "
                      f"{span.rows} boxes\nsagittal plane at column {column}", fontsize=9)
@@ -270,9 +274,9 @@ def plot_fracture_mix(fractures: pd.DataFrame, lookalikes: pd.DataFrame | None =
     """
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
     by_kind = pd.crosstab(fractures["kind"], fractures["subtlety"].fillna("").replace("", "?"))
-    order = [s for s in ("subtle", "moderate", "obvious") if s in by_kind.columns]
-    by_kind[order + [c for c in by_kind.columns if c not in order]].plot.bar(
-        stacked=True, ax=axes[0], color=["tab:red", "tab:orange", "tab:green", "tab:gray"][:by_kind.shape[1]], rot=0)
+    colors = {"subtle": "tab:red", "moderate": "tab:orange", "obvious": "tab:green"}
+    order = [s for s in colors if s in by_kind.columns] + [c for c in by_kind.columns if c not in colors]
+    by_kind[order].plot.bar(stacked=True, ax=axes[0], color=[colors.get(c, "tab:gray") for c in order], rot=0)
     axes[0].set(title=f"Fractures by kind and subtlety ({len(fractures)})", xlabel="", ylabel="fractures")
     by_vertebra = pd.crosstab(fractures["vertebra"].astype(str), fractures["kind"]).reindex(list(VERTEBRAE),
                                                                                              fill_value=0)
