@@ -767,7 +767,8 @@ def oof_tables(result: dict) -> dict[str, pd.DataFrame]:
                     "score (row)": base["score_row"], "score (global)": base["score_global"]})
     for name, m in models.items():
         summary.append({"model": name, "studies": m["n_studies"], "score (row)": m["score_row"],
-                        "score (global)": m["score_global"], "gain vs baseline": reference["score_row"] - m["score_row"],
+                        "score (global)": m["score_global"],
+                        "gain vs baseline": reference["score_row"] - m["score_row"],
                         "AUC patient": m["auc"]["patient_overall"], "mean AUC": m["mean_auc"]})
     per_target = pd.DataFrame({"prevalence": pd.Series(base["prevalence"])}, index=list(TARGETS))
     if fair is not None:

@@ -57,7 +57,8 @@ def smoke_runs(synthetic_root, tmp_path_factory):
            "data.seg_runs": [str(run_root / "demo_seg"), str(run_root / "demo_level")],
            "data.image_size": 32, "data.n_slices": 5, "model.hidden": 8, "train.batch_size": 8}
     build_crops(load_config("demo_cls", **cls), progress=False, prefetch=False)
-    for name, extra in (("demo_cls", {}), ("demo_cls_patient", {"model.name": "cls_patient_gru", "train.batch_size": 2})):
+    patient = {"model.name": "cls_patient_gru", "train.batch_size": 2}  # one sample a study: 2 make a batch
+    for name, extra in (("demo_cls", {}), ("demo_cls_patient", patient)):
         for fold in (0, 1):
             fit_fold(load_config("demo_cls", **{**cls, **extra, "name": name, "data.fold": fold}))
     return {"data_root": synthetic_root, "answers_dir": default_answers_dir(synthetic_root), "run_root": run_root,

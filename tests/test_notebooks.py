@@ -120,4 +120,5 @@ def test_05_submission(smoke_runs, tmp_path):
     log = pd.read_csv(out.parent / "submission_log.csv", dtype={"StudyInstanceUID": str})
     assert set(log.StudyInstanceUID) <= set(uids)
     scores = score_test_submission(out, smoke_runs["answers_dir"], root)
-    assert f"test score {scores['test_score']:.4f} vs prevalence baseline {scores['test_baseline_score']:.4f}" in _text(nb)
+    shown = f"test score {scores['test_score']:.4f} vs prevalence baseline {scores['test_baseline_score']:.4f}"
+    assert shown in _text(nb)
