@@ -861,3 +861,22 @@ def load_crops(crop_dir, uid: str) -> dict[str, np.ndarray]:
     arrays["found"] = arrays["found"].astype(bool)
     arrays["slice_targets"] = arrays["slice_targets"].astype(np.float32)
     return arrays
+
+
+def missing_table(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The vertebrae not found, one row each, from a crop cache's `manifest.csv` (`kit.crop_cache`).
+
+    Args:
+        manifest: its rows; `missing` holds "C3: reason; C7: reason" (empty when all seven were found).
+
+    Returns:
+        Columns `StudyInstanceUID, vertebra, reason, mask_source`, in manifest then C1..C7 order.
+    """
+    rows = []
+    for record in manifest.itertuples(index=False):
+        text = record.missing if isinstance(record.missing, str) else ""
+        for part in filter(None, (p.strip() for p in text.split(";"))):
+            name, _, reason = part.partition(":")
+            rows.append({"StudyInstanceUID": record.StudyInstanceUID, "vertebra": name.strip(),
+                         "reason": reason.strip(), "mask_source": record.mask_source})
+    return pd.DataFrame(rows, columns=["StudyInstanceUID", "vertebra", "reason", "mask_source"])

@@ -277,6 +277,49 @@ def read_answers(answers_dir: PathLike) -> pd.DataFrame:
     return table.assign(vertebra=vertebra)
 
 
+def find_answers_dir(data_root: PathLike) -> Path | None:
+    """The synthetic generator's answers folder of a data root, or None (competition data has none).
+
+    Looks at `<data_root>_answers` (where `kit synth --out DIR` writes them) and `<data_root>/../answers`
+    (`kit demo`'s `demo/answers` beside `demo/data`); a folder counts when it holds `fractures.csv`.
+    """
+    root = Path(data_root).resolve()
+    for folder in (root.parent / f"{root.name}_answers", root.parent / "answers"):
+        if (folder / ANSWERS_NAME).is_file():
+            return folder
+    return None
+
+
+def score_test_submission(submission: PathLike | pd.DataFrame, answers_dir: PathLike, data_root: PathLike) -> dict:
+    """A submission of the synthetic test split scored against the generator's test labels, next to the
+    prevalence baseline (the training labels' prevalence for every row), both by `metrics.score_submission`.
+
+    Args:
+        submission: `submission.csv` (path or DataFrame: `row_id, fractured`).
+        answers_dir: the generator's answers folder (`test_labels.csv`).
+        data_root: the data root, for the training labels (`train.csv`).
+
+    Returns:
+        {"test_score", "test_baseline_score", "n_studies"}.
+
+    Raises:
+        FileNotFoundError: no `test_labels.csv` in `answers_dir`.
+        ValueError: the submission fails `score_submission`'s checks (rows missing, unknown or not numbers).
+    """
+    from .metrics import score_submission
+    from .rsna import split_row_id, wide_to_long
+
+    labels = Path(answers_dir) / "test_labels.csv"
+    if not labels.is_file():
+        raise FileNotFoundError(f"no test_labels.csv in {answers_dir}; the synthetic generator writes it")
+    solution = wide_to_long(pd.read_csv(labels, dtype={UID: str}))
+    prevalence = load_train(data_root)[list(TARGETS)].mean()
+    baseline = solution[["row_id"]].assign(fractured=[prevalence[split_row_id(r)[1]] for r in solution["row_id"]])
+    return {"test_score": score_submission(submission, solution),
+            "test_baseline_score": score_submission(baseline, solution),
+            "n_studies": int(len(solution) // len(TARGETS))}
+
+
 def _subtlety_groups(subtlety: pd.Series) -> pd.Series:
     """Subtlety as groups: its values when few (<= 5 distinct or not numeric), else `SUBTLETY_BINS` equal-count
     bins named by the range of values they hold ("0.1 to 0.35")."""
@@ -701,6 +744,50 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
     json_path.write_text(json.dumps(_jsonable(result), indent=2) + "\n")
     log.info("OOF report for %s -> %s", ", ".join(names), md_path)
     return result
+
+
+def oof_tables(result: dict) -> dict[str, pd.DataFrame]:
+    """The numbers of an `oof_report` result (or its `report.json`) as DataFrames, for a notebook.
+
+    Returns:
+        "summary": one row per baseline and model: studies, row and global score, gain against the
+        training-fold baseline (the in-sample one when that is unknown), AUC of patient_overall, mean AUC;
+        "per_target": rows TARGETS: prevalence, the baselines' and each model's contribution to the row score
+        (`<model>` columns) and AUC (`AUC <model>`); "per_fold": the row score of each model and baseline per
+        fold (columns "fold k"); "blend_weights": the fitted blend's weight per run (empty with one run);
+        with the generator's answers, "recall_kind" and "recall_subtlety" (share of fractures detected).
+    """
+    base, fair, models = result["baseline"], result.get("baseline_from_train_folds"), result["models"]
+    reference = fair if fair is not None else base
+    summary = []
+    if fair is not None:
+        summary.append({"model": "prevalence baseline (training folds)", "studies": fair["n_studies"],
+                        "score (row)": fair["score_row"], "score (global)": fair["score_global"]})
+    summary.append({"model": "prevalence baseline (in-sample)", "studies": base["n_studies"],
+                    "score (row)": base["score_row"], "score (global)": base["score_global"]})
+    for name, m in models.items():
+        summary.append({"model": name, "studies": m["n_studies"], "score (row)": m["score_row"],
+                        "score (global)": m["score_global"],
+                        "gain vs baseline": reference["score_row"] - m["score_row"],
+                        "AUC patient": m["auc"]["patient_overall"], "mean AUC": m["mean_auc"]})
+    per_target = pd.DataFrame({"prevalence": pd.Series(base["prevalence"])}, index=list(TARGETS))
+    if fair is not None:
+        per_target["baseline (training folds)"] = pd.Series(fair["per_target_row"])
+    per_target["baseline (in-sample)"] = pd.Series(base["per_target_row"])
+    for name, m in models.items():
+        per_target[name] = pd.Series(m["per_target_row"])
+    for name, m in models.items():
+        per_target[f"AUC {name}"] = pd.Series(m["auc"], dtype=float)
+    per_fold = {name: {f"fold {f['fold']}": f["score_row"] for f in m["per_fold"]} for name, m in models.items()}
+    if fair is not None:
+        per_fold = {"prevalence baseline (training folds)": {f"fold {k}": v for k, v in fair["per_fold"].items()},
+                    **per_fold}
+    tables = {"summary": pd.DataFrame(summary).set_index("model"), "per_target": per_target,
+              "per_fold": pd.DataFrame(per_fold).T,
+              "blend_weights": pd.Series(result.get("blend_weights") or {}, name="weight", dtype=float)}
+    for by, records in (result.get("recall") or {}).items():
+        tables[f"recall_{by}"] = pd.DataFrame(records)
+    return tables
 
 
 # ---------------------------------------------------------------------------------------------------------

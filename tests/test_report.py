@@ -475,3 +475,45 @@ def test_attention_hit_rate_on_a_hand_made_case(tmp_path):
     assert attention_hit_rate(oof, tmp_path, answers)["attention_hit_rate"] == 0.5
     oof.loc[0, "C2"] = 0.3  # not detected: not counted
     assert attention_hit_rate(oof, tmp_path, answers)["n_detected"] == 1
+
+
+def test_oof_tables_hold_the_report_numbers(two_run_report):
+    from kit.report import oof_tables
+
+    result, table, a, *_ = two_run_report
+    tables = oof_tables(result)
+    summary = tables["summary"]
+    models = ["cls_a", "cls_b", MEAN_BLEND, FITTED_BLEND]
+    assert list(summary.index) == ["prevalence baseline (training folds)", "prevalence baseline (in-sample)", *models]
+    fair = result["baseline_from_train_folds"]["score_row"]
+    y = table[list(TARGETS)].to_numpy()
+    assert summary.at["cls_a", "score (row)"] == pytest.approx(competition_score(y, a[list(TARGETS)].to_numpy()))
+    assert summary.at["cls_a", "gain vs baseline"] == pytest.approx(fair - summary.at["cls_a", "score (row)"])
+    per_target = tables["per_target"]
+    assert list(per_target.index) == list(TARGETS)
+    assert per_target["cls_b"].sum() == pytest.approx(summary.at["cls_b", "score (row)"])  # contributions sum up
+    assert per_target["AUC cls_a"].between(0, 1).all()
+    assert tables["per_fold"].shape == (1 + len(models), N_FOLDS)
+    assert tables["blend_weights"].sum() == pytest.approx(1.0) and "recall_kind" not in tables
+
+
+def test_find_answers_dir_and_score_test_submission(tmp_path):
+    from kit.report import find_answers_dir, score_test_submission
+    from kit.rsna import wide_to_long
+
+    root, answers = tmp_path / "data", tmp_path / "data_answers"
+    root.mkdir()
+    assert find_answers_dir(root) is None  # competition data: no answers
+    answers.mkdir()
+    (answers / "fractures.csv").write_text(",".join(c for c in ("StudyInstanceUID", "vertebra")) + "\n")
+    assert find_answers_dir(root) == answers.resolve()
+    train, test = labels(40, seed=3), labels(10, seed=4)
+    train.to_csv(root / "train.csv", index=False)
+    test.to_csv(answers / "test_labels.csv", index=False)
+    truth = wide_to_long(test)
+    perfect = truth.assign(fractured=truth["fractured"].clip(1e-4, 1 - 1e-4))
+    scores = score_test_submission(perfect, answers, root)
+    assert scores["n_studies"] == 10 and scores["test_score"] < 1e-3
+    prevalence = train[list(TARGETS)].mean().to_numpy()
+    assert scores["test_baseline_score"] == pytest.approx(
+        competition_score(test[list(TARGETS)].to_numpy(), np.tile(prevalence, (10, 1))))
