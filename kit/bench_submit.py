@@ -10,7 +10,8 @@ seven vertebrae and the classifier), which is what a trained segmenter gives it.
 memory only.
 
 Each configuration runs in a fresh Python process, so its peak RSS (`VmHWM`, see `_peak_rss_mb`) is its own: the
-main process (models, the study, stage 1 and 2) and, separately, the prefetch reader process.
+main process (models, the study, stage 1 and 2); the prefetch reader process (and its decode workers) and the sum
+of all are sampled by `RssMonitor`.
 Figures measured with it are recorded in docs/benchmarks.md.
 """
 
@@ -21,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -131,20 +133,65 @@ class StagePredictor:
         return result["probs"]
 
 
-@dataclass(frozen=True)
-class PeakReader:
-    """`kit.submission.DicomStudyReader` that also leaves its process's peak RSS in `<peak_dir>/reader_<pid>.mb`
-    after each study (the prefetch reader's own figure; picklable, numpy-only like the reader it wraps)."""
+def _rss_mb(pid: int) -> float:
+    """VmRSS of a process in MB (Linux /proc), 0 when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
-    images_dir: str
-    peak_dir: str
 
-    def __call__(self, uid: str):
-        from .submission import read_dicom_study
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children ...), from /proc/<n>/stat."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += children.get(child, [])
+    return found
 
-        series = read_dicom_study(Path(self.images_dir) / uid)
-        Path(self.peak_dir, f"reader_{os.getpid()}.mb").write_text(str(_peak_rss_mb()))
-        return series
+
+class RssMonitor:
+    """Samples the resident memory of this process and of its descendants (the prefetch reader and its decode
+    workers) every `interval` seconds, in a thread, on Linux; elsewhere the peaks stay None.
+
+    Attributes after the `with` block: `children_mb` (largest single descendant), `total_mb` (largest sum of
+    this process and all descendants at one sample: an upper bound, since pages shared between processes,
+    such as the decode workers' volume, count once per process).
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.children_mb, self.total_mb = interval, None, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            sizes = [_rss_mb(pid) for pid in _descendants(me)]
+            self.children_mb = max([self.children_mb or 0.0, *sizes])
+            self.total_mb = max(self.total_mb or 0.0, _rss_mb(me) + sum(sizes))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "RssMonitor":
+        if Path(f"/proc/{os.getpid()}/status").is_file():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def _peak_rss_mb() -> float:
@@ -170,17 +217,19 @@ def run_configuration(spec: dict) -> dict:
 
     spec: {"runs": [run folders], "root": data root, "uids": [...], "prefetch": bool, "warmup": bool,
     "device": str, "batch_size": int}. Loads the runs (`kit.predictor.load_runs`), optionally predicts the first
-    study once untimed, then times `kit.submission.predict_studies` over the studies with `PeakReader`.
+    study once untimed, then times `kit.submission.predict_studies` over the studies with the submission's
+    reader (`DicomStudyReader`) while `RssMonitor` samples the memory of the processes.
 
     Returns:
         {"load_s" (imports included), "wall_s" (the whole loop, the reader process's start included),
         "steady_s" (from the first study's result to the end: studies 2..n), "studies": [per study: uid, slices,
         read_s, stage1_s, crop_s, classify_s, predict_s, found], "notes" (log lines of the loop, none expected),
-        "peak_rss_mb" (this process, `_peak_rss_mb`), "reader_peak_rss_mb" (the prefetch reader's; None without
-        prefetch)}.
+        "peak_rss_mb" (this process, `_peak_rss_mb`, exact), "reader_peak_rss_mb" (the largest descendant process,
+        sampled: the prefetch reader or one of its decode workers; None without prefetch), "total_peak_rss_mb"
+        (this process and its descendants together, sampled; None off Linux)}.
     """
     from .predictor import load_runs
-    from .submission import predict_studies, read_dicom_study
+    from .submission import DicomStudyReader, predict_studies, read_dicom_study
 
     root = Path(spec["root"])
     t0 = time.perf_counter()
@@ -191,16 +240,15 @@ def run_configuration(spec: dict) -> dict:
     if spec.get("warmup"):
         predictor(uids[0], read_dicom_study(root / "test_images" / uids[0]))
         predictor.timings.clear()
-    with tempfile.TemporaryDirectory(prefix="kit-bench-reader-") as peak_dir:
-        reader = PeakReader(str(root / "test_images"), peak_dir)
-        rows, notes, marks = [], [], []
+    rows, notes, marks = [], [], []
+    with RssMonitor() as monitor:
         start = time.perf_counter()
-        for outcome in predict_studies(uids, predictor, reader, prefetch=spec["prefetch"]):
+        for outcome in predict_studies(uids, predictor, DicomStudyReader(root / "test_images"),
+                                       prefetch=spec["prefetch"]):
             marks.append(time.perf_counter())
             notes += outcome.notes
             rows.append({"uid": outcome.uid, "read_s": outcome.read_seconds, "predict_s": outcome.predict_seconds})
         end = time.perf_counter()
-        peaks = [float(p.read_text()) for p in Path(peak_dir).glob("reader_*.mb") if int(p.stem[7:]) != os.getpid()]
     timings = {t["uid"]: t for t in predictor.timings}
     lacking = [r["uid"] for r in rows if r["uid"] not in timings]
     if lacking:
@@ -208,7 +256,8 @@ def run_configuration(spec: dict) -> dict:
     for row in rows:
         row.update({k: timings[row["uid"]][k] for k in ("slices", "stage1_s", "crop_s", "classify_s", "found")})
     return {"load_s": load_s, "wall_s": end - start, "steady_s": end - marks[0], "studies": rows, "notes": notes,
-            "peak_rss_mb": _peak_rss_mb(), "reader_peak_rss_mb": max(peaks) if peaks else None}
+            "peak_rss_mb": _peak_rss_mb(), "reader_peak_rss_mb": monitor.children_mb if spec["prefetch"] else None,
+            "total_peak_rss_mb": monitor.total_mb}
 
 
 def _in_fresh_process(spec: dict, *, tmp: Path, name: str) -> dict:
@@ -286,11 +335,12 @@ def _stage_means(result: dict) -> dict[str, float]:
     rows = result["studies"]
     means = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in (*STAGES, "predict_s")}
     steady = result["steady_s"] / (len(rows) - 1) if len(rows) > 1 else result["wall_s"]
-    reader = result["reader_peak_rss_mb"]
+    reader, total = result["reader_peak_rss_mb"], result["total_peak_rss_mb"]
     return {**means, "wall_s_per_study": round(result["wall_s"] / len(rows), 3),
             "steady_s_per_study": round(steady, 3), "wall_s": round(result["wall_s"], 2),
             "load_s": round(result["load_s"], 2), "peak_rss_mb": round(result["peak_rss_mb"]),
-            "reader_peak_rss_mb": None if reader is None else round(reader), "notes": len(result["notes"])}
+            "reader_peak_rss_mb": None if reader is None else round(reader),
+            "total_peak_rss_mb": None if total is None else round(total), "notes": len(result["notes"])}
 
 
 def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple[int, ...] = (50, 100, 200),
@@ -402,7 +452,9 @@ def _memory_run(tmp: Path, run, configs: tuple[str, ...], study: tuple[int, int]
     row = r["studies"][0]
     return {"configs": list(configs), "study": info, **{k: round(row[k], 2) for k in (*STAGES, "predict_s")},
             "wall_s": round(r["wall_s"], 2), "load_s": round(r["load_s"], 2), "peak_rss_mb": round(r["peak_rss_mb"]),
-            "reader_peak_rss_mb": round(r["reader_peak_rss_mb"] or 0), "found": row["found"], "notes": len(r["notes"])}
+            "reader_peak_rss_mb": None if r["reader_peak_rss_mb"] is None else round(r["reader_peak_rss_mb"]),
+            "total_peak_rss_mb": None if r["total_peak_rss_mb"] is None else round(r["total_peak_rss_mb"]),
+            "found": row["found"], "notes": len(r["notes"])}
 
 
 def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
@@ -412,14 +464,15 @@ def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
           + ("each configuration in a fresh process" if out["isolated"] else
              "configurations in this process one after another: peak RSS = this process's so far"))
     header = (f"{'configuration':<12} {'read s':>7} {'stage 1 s':>9} {'crops s':>8} {'classify s':>10} "
-              f"{'s/study':>8} {'steady s/study':>14} {'peak RSS MB':>11} {'reader MB':>9}")
+              f"{'s/study':>8} {'steady s/study':>14} {'peak RSS MB':>11} {'reader MB':>9} {'all MB':>7}")
     print(header)
     print("-" * len(header))
     for mode in ("sequential", "prefetch"):
         r = out[mode]
         print(f"{mode:<12} {r['read_s']:>7.2f} {r['stage1_s']:>9.2f} {r['crop_s']:>8.2f} {r['classify_s']:>10.2f} "
               f"{r['wall_s_per_study']:>8.2f} {r['steady_s_per_study']:>14.2f} {r['peak_rss_mb']:>11} "
-              f"{r['reader_peak_rss_mb'] if r['reader_peak_rss_mb'] is not None else '-':>9}")
+              f"{r['reader_peak_rss_mb'] if r['reader_peak_rss_mb'] is not None else '-':>9} "
+              f"{r['total_peak_rss_mb'] if r['total_peak_rss_mb'] is not None else '-':>7}")
     verdict = "met" if out["prefetch_speedup"] >= 1.3 else "NOT met"
     print("s/study: the whole loop (with prefetch: the reader process's start included); steady: from the first "
           "study's result to the end (studies 2..n). read s with prefetch: in the reader process, overlapped.")
@@ -438,7 +491,8 @@ def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
         print(f"\nmemory: {s['slices']} x {s['rows']} x {s['cols']} JPEG Lossless study ({s['mb_on_disk']} MB on disk), "
               f"{', '.join(m['configs'])}, prefetch on: read {m['read_s']:.1f} s, stage 1 {m['stage1_s']:.1f} s, "
               f"crops {m['crop_s']:.1f} s, classify {m['classify_s']:.1f} s; peak RSS {m['peak_rss_mb']} MB main "
-              f"process (target <= 3 GB: {ok}), {m['reader_peak_rss_mb']} MB reader process")
+              f"process (target <= 3 GB: {ok}), {m['reader_peak_rss_mb']} MB largest reader process, "
+              f"{m['total_peak_rss_mb']} MB all processes together (sampled; shared pages counted per process)")
     print(f"\nGFLOPs per study of {out['flop_slices']} slices (forward, one fold, no TTA; FlopCounterMode):")
     for name, gf in out["gflops"].items():
         print(f"  {name:<22} {gf:10.1f}")

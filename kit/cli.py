@@ -88,22 +88,23 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
     if args.what == "read":
-        bench.bench_read(args.series_dir, n_slices=args.slices, size=args.size or 512, workers=args.workers)
+        bench.bench_read(args.series_dir, n_slices=args.slices, size=args.size, workers=args.workers)
     elif args.what == "seg":
         chosen = {"config_names": args.configs, "slice_counts": args.slice_counts}
         bench.bench_seg(**{k: tuple(v) for k, v in chosen.items() if v})
     elif args.what == "crops":
         from .bench_crops import bench_crops
 
-        chosen = {"config_names": tuple(args.configs or ()), "n_studies": args.studies, "study_size": args.size}
+        chosen = {"config_names": tuple(args.configs or ()), "n_studies": args.studies}
         bench_crops(**{k: v for k, v in chosen.items() if v}, quick=args.quick)
     else:
         from .bench_submit import bench_submit
 
-        memory = None if args.memory_configs is None else tuple(c for c in args.memory_configs if c != "none")
-        chosen = {"configs": tuple(args.configs or ()), "slice_counts": tuple(args.slice_counts or ()),
-                  "size": args.size, "memory_configs": memory}
-        bench_submit(**{k: v for k, v in chosen.items() if v is not None and v != ()}, quick=args.quick)
+        chosen = {"configs": tuple(args.configs or ()), "slice_counts": tuple(args.slice_counts or ())}
+        kwargs = {k: v for k, v in chosen.items() if v}
+        if args.memory_configs is not None:  # "none": no memory run
+            kwargs["memory_configs"] = tuple(c for c in args.memory_configs if c.lower() != "none") or None
+        bench_submit(**kwargs, quick=args.quick)
 
 
 def _fold_or_override(token: str) -> int | str:
@@ -310,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["read", "seg", "crops", "submit"])
     p.add_argument("--series-dir", default=None, help="read: an existing series (default: a synthetic one)")
     p.add_argument("--slices", type=int, default=200)
-    p.add_argument("--size", type=int, default=None,
-                   help="synthetic studies' pixels (default: read 512, crops 256, submit 128)")
+    p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--configs", nargs="+", default=None,
                    help="seg: segmenter configs; crops: classifier configs; submit: stage 1 + stage 2 configs "
