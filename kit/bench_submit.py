@@ -98,7 +98,8 @@ class StagePredictor:
     Stage 1 runs as in `kit.infer.predict_study` (`prepare_arrays` at the segmenter's size and window, then
     `segment_study` with every stage-1 model); its labels are then replaced by the study's true labels
     (`truth_dir/<uid>.npy`, loaded outside the timed stages) so that stage 2 (`classify_study`) crops and
-    classifies all seven vertebrae, as after a trained segmenter. Per-study seconds go to `timings`.
+    classifies all seven vertebrae, as after a trained segmenter. Per-study seconds go to `timings` (stage 1's
+    `forward_s` and `cleanup_s` from `segment_study`'s own timing too).
     """
 
     runs: list
@@ -118,7 +119,7 @@ class StagePredictor:
         segmenter = next(m for m in stage1 if m.provides == "vertebra_probs")
         t0 = time.perf_counter()
         prepared = prepare_arrays(series, segmenter.image_size, segmenter.window)
-        segment_study({**prepared, "uid": uid}, stage1, batch_size=self.batch_size, device=self.device, uid=uid)
+        seg1 = segment_study({**prepared, "uid": uid}, stage1, batch_size=self.batch_size, device=self.device, uid=uid)
         t1 = time.perf_counter()
         labels = np.load(Path(self.truth_dir) / f"{uid}.npy")
         extents = vertebra_extents(labels, prepared["spacing"])
@@ -128,6 +129,7 @@ class StagePredictor:
         result = classify_study(series.hu, seg, [m for m in models if m.provides == "fractures"],
                                 dz=float(series.spacing[0]), device=self.device, uid=uid)
         self.timings.append({"uid": uid, "slices": int(series.hu.shape[0]), "stage1_s": t1 - t0,
+                             "forward_s": seg1.timing["forward_s"], "cleanup_s": seg1.timing["cleanup_s"],
                              "crop_s": result["timing"]["crop_s"], "classify_s": result["timing"]["classify_s"],
                              "truth_s": t2 - t1, "found": int(result["found"].sum())})
         return result["probs"]
@@ -254,7 +256,8 @@ def run_configuration(spec: dict) -> dict:
     if lacking:
         raise RuntimeError(f"bench submit: no prediction for {lacking}: {notes}")
     for row in rows:
-        row.update({k: timings[row["uid"]][k] for k in ("slices", "stage1_s", "crop_s", "classify_s", "found")})
+        row.update({k: timings[row["uid"]][k] for k in ("slices", "stage1_s", "forward_s", "cleanup_s", "crop_s",
+                                                         "classify_s", "found")})
     return {"load_s": load_s, "wall_s": end - start, "steady_s": end - marks[0], "studies": rows, "notes": notes,
             "peak_rss_mb": _peak_rss_mb(), "reader_peak_rss_mb": monitor.children_mb if spec["prefetch"] else None,
             "total_peak_rss_mb": monitor.total_mb}
@@ -333,7 +336,8 @@ def t4_projection(gflops: float, utilisation: tuple[float, ...] = (0.25, 0.40)) 
 def _stage_means(result: dict) -> dict[str, float]:
     """Mean seconds per study by stage, the loop's wall seconds per study, and the steady state's (studies 2..n)."""
     rows = result["studies"]
-    means = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in (*STAGES, "predict_s")}
+    means = {k: round(float(np.mean([r[k] for r in rows])), 3) for k in (*STAGES, "forward_s", "cleanup_s",
+                                                                         "predict_s")}
     steady = result["steady_s"] / (len(rows) - 1) if len(rows) > 1 else result["wall_s"]
     reader, total = result["reader_peak_rss_mb"], result["total_peak_rss_mb"]
     return {**means, "wall_s_per_study": round(result["wall_s"] / len(rows), 3),
@@ -367,7 +371,8 @@ def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple
         isolate: each configuration in a fresh process (default; peak RSS per configuration). False runs them
             here, one after the other, so the peak RSS figures are this process's peak so far (tests).
         quick: a smoke-size run for tests: 2 studies of 16 and 32 slices at 64 px, a 32-slice 64 px memory study
-            with the demo configs, FLOPs of the demo configs, in this process unless `isolate` says otherwise.
+            with the demo configs, FLOPs of the demo configs, no warm-up study, in this process unless `isolate`
+            says otherwise.
 
     Returns:
         {"device", "threads", "load_average", "weights", "configs", "studies", "isolated", "sequential",
@@ -397,7 +402,7 @@ def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple
                    for r in range(rounds) for i, n in enumerate(slice_counts)]
         runs = [str(save_random_run(c, tmp / "runs", seed=seed)) for c in configs]
         base = {"runs": runs, "root": str(root), "uids": [s["uid"] for s in studies], "device": device,
-                "batch_size": batch_size, "warmup": True}
+                "batch_size": batch_size, "warmup": not quick}
         results = {}
         for mode in ("sequential", "prefetch"):
             print(f"{mode}: {len(studies)} studies{' in a fresh process' if isolate else ''} ...", flush=True)
@@ -450,7 +455,8 @@ def _memory_run(tmp: Path, run, configs: tuple[str, ...], study: tuple[int, int]
     r = run({"runs": runs, "root": str(root), "uids": [info["uid"]], "device": device, "batch_size": batch_size,
              "warmup": False, "prefetch": True}, name="memory")
     row = r["studies"][0]
-    return {"configs": list(configs), "study": info, **{k: round(row[k], 2) for k in (*STAGES, "predict_s")},
+    return {"configs": list(configs), "study": info,
+            **{k: round(row[k], 2) for k in (*STAGES, "forward_s", "cleanup_s", "predict_s")},
             "wall_s": round(r["wall_s"], 2), "load_s": round(r["load_s"], 2), "peak_rss_mb": round(r["peak_rss_mb"]),
             "reader_peak_rss_mb": None if r["reader_peak_rss_mb"] is None else round(r["reader_peak_rss_mb"]),
             "total_peak_rss_mb": None if r["total_peak_rss_mb"] is None else round(r["total_peak_rss_mb"]),
@@ -489,7 +495,8 @@ def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
         s = m["study"]
         ok = "met" if m["peak_rss_mb"] <= 3072 else "NOT met"
         print(f"\nmemory: {s['slices']} x {s['rows']} x {s['cols']} JPEG Lossless study ({s['mb_on_disk']} MB on disk), "
-              f"{', '.join(m['configs'])}, prefetch on: read {m['read_s']:.1f} s, stage 1 {m['stage1_s']:.1f} s, "
+              f"{', '.join(m['configs'])}, prefetch on: read {m['read_s']:.1f} s, stage 1 {m['stage1_s']:.1f} s "
+              f"(networks {m['forward_s']:.1f} s, clean-up {m['cleanup_s']:.1f} s), "
               f"crops {m['crop_s']:.1f} s, classify {m['classify_s']:.1f} s; peak RSS {m['peak_rss_mb']} MB main "
               f"process (target <= 3 GB: {ok}), {m['reader_peak_rss_mb']} MB largest reader process, "
               f"{m['total_peak_rss_mb']} MB all processes together (sampled; shared pages counted per process)")

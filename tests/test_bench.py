@@ -57,6 +57,7 @@ def test_bench_submit_quick():
     memory = result["memory"]
     assert memory["study"]["slices"] == 32 and memory["study"]["rows"] == 64
     assert memory["found"] == 7 and positive(memory["peak_rss_mb"]) and positive(memory["stage1_s"])
+    assert memory["forward_s"] + memory["cleanup_s"] <= memory["stage1_s"] + 0.02  # parts of stage 1
     assert set(result["gflops"]) == {"demo_seg", "demo_level", "demo_cls"}
     assert all(positive(v) for v in result["gflops"].values())
     total = sum(result["gflops"].values()) * 1e9
