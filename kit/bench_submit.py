@@ -488,13 +488,14 @@ def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
           f"{'x slices':>8} {'x time':>7}   (sequential run)")
     first = out["by_slices"][0]
     for r in out["by_slices"]:
-        print(f"{r['slices']:>6} {r['read_s']:>7.2f} {r['stage1_s']:>9.2f} {r['crop_s']:>8.2f} {r['classify_s']:>10.2f} "
-              f"{r['total_s']:>8.2f} {r['slices'] / first['slices']:>8.2f} {r['total_s'] / first['total_s']:>7.2f}")
+        print(f"{r['slices']:>6} {r['read_s']:>7.2f} {r['stage1_s']:>9.2f} {r['crop_s']:>8.2f} "
+              f"{r['classify_s']:>10.2f} {r['total_s']:>8.2f} {r['slices'] / first['slices']:>8.2f} {r['total_s'] / first['total_s']:>7.2f}")
     m = out["memory"]
     if m:
         s = m["study"]
         ok = "met" if m["peak_rss_mb"] <= 3072 else "NOT met"
-        print(f"\nmemory: {s['slices']} x {s['rows']} x {s['cols']} JPEG Lossless study ({s['mb_on_disk']} MB on disk), "
+        print(f"\nmemory: {s['slices']} x {s['rows']} x {s['cols']} JPEG Lossless study ({s['mb_on_disk']} MB on "
+              "disk), "
               f"{', '.join(m['configs'])}, prefetch on: read {m['read_s']:.1f} s, stage 1 {m['stage1_s']:.1f} s "
               f"(networks {m['forward_s']:.1f} s, clean-up {m['cleanup_s']:.1f} s), "
               f"crops {m['crop_s']:.1f} s, classify {m['classify_s']:.1f} s; peak RSS {m['peak_rss_mb']} MB main "
