@@ -489,7 +489,8 @@ def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
     first = out["by_slices"][0]
     for r in out["by_slices"]:
         print(f"{r['slices']:>6} {r['read_s']:>7.2f} {r['stage1_s']:>9.2f} {r['crop_s']:>8.2f} "
-              f"{r['classify_s']:>10.2f} {r['total_s']:>8.2f} {r['slices'] / first['slices']:>8.2f} {r['total_s'] / first['total_s']:>7.2f}")
+              f"{r['classify_s']:>10.2f} {r['total_s']:>8.2f} {r['slices'] / first['slices']:>8.2f} "
+              f"{r['total_s'] / first['total_s']:>7.2f}")
     m = out["memory"]
     if m:
         s = m["study"]
