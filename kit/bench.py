@@ -1,4 +1,5 @@
-"""Benchmarks behind `kit bench`: DICOM reading (`bench_read`) and segmentation (`bench_seg`).
+"""Benchmarks behind `kit bench`: DICOM reading (`bench_read`) and segmentation (`bench_seg`); stage-2 crops
+(`kit.bench_crops.bench_crops`) and the submission loop (`kit.bench_submit.bench_submit`) have modules of their own.
 
 Figures measured with them are recorded in docs/benchmarks.md.
 """

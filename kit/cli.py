@@ -20,6 +20,8 @@ SMOKE_ARGS: dict[str, dict] = {
     "prepare": {"size": 64},
     "bench read": {"slices": 16, "size": 64},
     "bench seg": {"configs": ["demo_seg"], "slice_counts": [8, 16, 32]},
+    "bench crops": {"quick": True},
+    "bench submit": {"quick": True},
     # config overrides appended after the command line's: small crops of few slices
     "crops": {"smoke_overrides": ["data.image_size=32", "data.n_slices=5"]},
 }
@@ -87,9 +89,22 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
     if args.what == "read":
         bench.bench_read(args.series_dir, n_slices=args.slices, size=args.size, workers=args.workers)
-    else:
+    elif args.what == "seg":
         chosen = {"config_names": args.configs, "slice_counts": args.slice_counts}
         bench.bench_seg(**{k: tuple(v) for k, v in chosen.items() if v})
+    elif args.what == "crops":
+        from .bench_crops import bench_crops
+
+        chosen = {"config_names": tuple(args.configs or ()), "n_studies": args.studies}
+        bench_crops(**{k: v for k, v in chosen.items() if v}, quick=args.quick)
+    else:
+        from .bench_submit import bench_submit
+
+        chosen = {"configs": tuple(args.configs or ()), "slice_counts": tuple(args.slice_counts or ())}
+        kwargs = {k: v for k, v in chosen.items() if v}
+        if args.memory_configs is not None:  # "none": no memory run
+            kwargs["memory_configs"] = tuple(c for c in args.memory_configs if c.lower() != "none") or None
+        bench_submit(**kwargs, quick=args.quick)
 
 
 def _fold_or_override(token: str) -> int | str:
@@ -318,14 +333,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, default=5, help="worst studies listed (with a picture for a segmenter)")
     p.set_defaults(func=_cmd_report)
 
-    p = sub.add_parser("bench", help="benchmarks: read (DICOM decoding) or seg (segment_study)")
-    p.add_argument("what", choices=["read", "seg"])
+    p = sub.add_parser("bench", help="benchmarks: read (DICOM decoding), seg (segment_study), crops (crop building "
+                                     "and loading vs classifier training) or submit (seconds per study by stage, "
+                                     "prefetch, peak RSS, FLOPs)")
+    p.add_argument("what", choices=["read", "seg", "crops", "submit"])
     p.add_argument("--series-dir", default=None, help="read: an existing series (default: a synthetic one)")
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--configs", nargs="+", default=None, help="seg: segmenter configs (default: kit.bench's)")
-    p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg: study lengths to time")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="seg: segmenter configs; crops: classifier configs; submit: stage 1 + stage 2 configs "
+                        "(defaults: kit.bench*'s)")
+    p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg, submit: study lengths to time")
+    p.add_argument("--studies", type=int, default=None, help="crops: synthetic studies (default 3)")
+    p.add_argument("--memory-configs", nargs="+", default=None,
+                   help="submit: configs of the 600-slice memory run (default: the full-scale ones; none: skip it)")
+    p.add_argument("--quick", action="store_true", help="crops, submit: a smoke-size run (seconds)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic dataset")
