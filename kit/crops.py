@@ -182,7 +182,9 @@ def clean_vertebra_probs(
         raise ValueError(f"probs must be ({N_VERTEBRAE}, Z, H, W) for C1..C7; got shape {probs.shape}")
     shape = probs.shape[1:]
     labels = np.zeros(shape, dtype=np.uint8)
-    best = np.zeros(shape, dtype=np.float32)
+    # the winner's probability so far, in the input's own float type: comparing float16 values needs no
+    # float32 copy of the volume (a 600-slice 384 px study: 0.35 GB less at the peak), same result
+    best = np.zeros(shape, dtype=probs.dtype if np.issubdtype(probs.dtype, np.floating) else np.float32)
     dropped: dict[str, str] = {}
     for c in range(N_VERTEBRAE):
         mask = largest_component(probs[c] > threshold)
@@ -192,7 +194,7 @@ def clean_vertebra_probs(
         if n < min_voxels:
             dropped[VERTEBRAE[c]] = f"{n} voxels < min_voxels={min_voxels}"
             continue
-        p = probs[c].astype(np.float32, copy=False)
+        p = probs[c].astype(best.dtype, copy=False)
         win = mask & (p > best)
         labels[win] = c + 1
         best[win] = p[win]

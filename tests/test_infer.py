@@ -343,6 +343,31 @@ def test_fuse_levels_lets_the_level_model_name_the_vertebra():
     assert out[6].sum() == 0 and out[:, :, 0, 1][[0, 1, 3, 4, 5, 6]].sum() == 0  # nothing appears from nowhere
 
 
+def test_fuse_levels_by_blocks_in_place_and_without_whole_volume_temporaries():
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    z = 20 * infer.FUSE_BLOCK + 5  # not a multiple of the block
+    probs = rng.random((7, z, 16, 16), dtype=np.float32).astype(np.float16)
+    levels = rng.random((7, z)).astype(np.float32)
+    # the whole-volume formula, written out
+    p = probs.astype(np.float32)
+    weighted = p * np.clip(levels, 1e-3, 1.0)[:, :, None, None]
+    expected = (p.max(axis=0) * weighted / np.maximum(weighted.sum(axis=0), 1e-12)).astype(np.float16)
+    np.testing.assert_array_equal(infer.fuse_levels(probs, levels), expected)
+    tracemalloc.start()
+    inplace = infer.fuse_levels(probs, levels, out=probs)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert inplace is probs
+    np.testing.assert_array_equal(probs, expected)
+    # float32 temporaries of one block (a few x 7 x FUSE_BLOCK slices), never of the whole volume (its float32
+    # copy alone would be 2 x probs.nbytes)
+    assert peak < 0.75 * probs.nbytes, (peak, probs.nbytes)
+    with pytest.raises(ValueError, match="float16"):
+        infer.fuse_levels(probs, levels, out=np.empty(probs.shape, np.float32))
+
+
 def test_segment_study_fuses_the_level_model(registry, tmp_path):
     write_checkpoint(tmp_path / "seg", 0, seed=0)
     write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
