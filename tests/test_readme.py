@@ -75,7 +75,8 @@ def _case(index: int, line: str):
 
 def test_readme_block_holds_the_pipeline_in_order():
     verbs = [shlex.split(line)[1] for line in COMMANDS]
-    assert verbs == ["synth", "prepare", "train", "train", "segment", "report", "bench", "bench"]
+    assert verbs == ["synth", "prepare", "train", "train", "segment", "crops", "train", "report", "submit",
+                     "bench", "bench", "bench", "bench"]
     assert "kit train --config demo_seg --folds 0 1 2 train.epochs=3" in COMMANDS  # the line that once failed
     with pytest.raises(ValueError, match="is not a `kit ...` line"):
         readme_commands("## Command line\n\n```bash\npython -m kit.cli synth\n```\n")
@@ -125,6 +126,12 @@ def check_artefacts(argv: list[str], ws: Path, stdout: str) -> None:
         out = ws / _value(argv, "--out")
         summary = pd.read_csv(out / "summary.csv")
         assert len(summary) == 2 and len(list(out.glob("*.npz"))) == 2  # the 2 smoke test studies
+    elif verb == "crops":
+        manifest = pd.read_csv(ws / "demo" / "crops" / "manifest.csv")  # demo_cls's data.crop_dir
+        assert len(manifest) == 10 and len(list((ws / "demo" / "crops").glob("*.npz"))) == 10
+    elif verb == "submit":
+        submission = pd.read_csv(ws / _value(argv, "--out"))
+        assert len(submission) == 2 * 8 and submission["fractured"].between(0, 1).all()  # the 2 smoke test studies
     elif verb == "report":
         reports = list((ws / argv[2]).rglob("report.md"))
         assert reports, f"no report.md under {ws / argv[2]}"
