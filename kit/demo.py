@@ -311,11 +311,8 @@ def run_submission_stage(data: Path, run_dirs: list[Path], answers_dir: Path | N
     fold ensemble, every failure a logged fallback), then, with the generator's answers, `test_score` against
     `test_baseline_score` (the training labels' prevalence for every row), both by `metrics.score_submission`.
     """
-    from .metrics import score_submission
     from .predictor import submit
-    from .rsna import load_train, wide_to_long
-
-    from .rsna import split_row_id
+    from .report import score_test_submission
     from .submission import default_log_path
 
     start = time.perf_counter()
@@ -327,13 +324,10 @@ def run_submission_stage(data: Path, run_dirs: list[Path], answers_dir: Path | N
         written = submit(data, [str(r) for r in run_dirs], out_csv, progress=progress)
         out.update({"test_studies": written["studies"], "test_predicted": written["predicted"],
                     "test_fallbacks": written["fallbacks"]})
-    labels = Path(answers_dir) / "test_labels.csv" if answers_dir is not None else None
-    if labels is not None and labels.is_file():
-        solution = wide_to_long(pd.read_csv(labels, dtype={"StudyInstanceUID": str}))
+    if answers_dir is not None and (Path(answers_dir) / "test_labels.csv").is_file():
         submission = pd.read_csv(out_csv, dtype={"row_id": str})
-        prevalence = load_train(data)[list(TARGETS)].mean()
-        baseline = solution[["row_id"]].assign(fractured=[prevalence[split_row_id(r)[1]] for r in solution["row_id"]])
-        out["test_score"] = round(float(score_submission(submission, solution)), 4)
-        out["test_baseline_score"] = round(float(score_submission(baseline, solution)), 4)
+        scores = score_test_submission(submission, answers_dir, data)
+        out["test_score"] = round(float(scores["test_score"]), 4)
+        out["test_baseline_score"] = round(float(scores["test_baseline_score"]), 4)
     out["submit_seconds"] = round(time.perf_counter() - start, 1)
     return out
