@@ -58,9 +58,7 @@ def write_synthetic_root(root: str | os.PathLike, n_studies: int, *, size: int, 
         write_study(study, root / "train_images" / study.uid, transfer_syntax=transfer_syntax)
         write_segmentation(study, root / "segmentations" / f"{study.uid}.nii")
         rows.append(study.label_row())
-        numbers = study.instance_numbers(head_first=True)
-        boxes += [{"StudyInstanceUID": study.uid, "x": b["x"], "y": b["y"], "width": b["width"],
-                   "height": b["height"], "slice_number": int(numbers[b["slice_index"]])} for b in study.boxes]
+        boxes += study.box_rows(head_first=True)
     pd.DataFrame(rows, columns=["StudyInstanceUID", *TARGETS]).to_csv(root / "train.csv", index=False)
     pd.DataFrame(boxes, columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"]).to_csv(
         root / "train_bounding_boxes.csv", index=False)

@@ -78,8 +78,7 @@ def _study_task(task: dict) -> dict:
     if task["segmentation"]:
         write_segmentation(study, task["seg_path"], head_first=v["head_first"])
     inst = study.instance_numbers(v["head_first"])
-    boxes = [dict(StudyInstanceUID=study.uid, x=b["x"], y=b["y"], width=b["width"], height=b["height"],
-                  slice_number=int(inst[b["slice_index"]])) for b in study.boxes]
+    boxes = study.box_rows(v["head_first"])
     present = [n for n in LEVELS if (study.labels == LEVEL_LABELS[n]).any()]
     ids = dict(StudyInstanceUID=study.uid, split=task["split"])
     fractures = [dict(**ids, vertebra=f["vertebra"], kind=f["kind"], site=f["site"], subtlety=f["subtlety"],

@@ -109,6 +109,13 @@ class SyntheticStudy:
         return {"StudyInstanceUID": self.uid, "patient_overall": self.patient_overall,
                 **{v: int(self.fractures[v]) for v in VERTEBRAE}}
 
+    def box_rows(self, head_first: bool = True) -> list[dict[str, Any]]:
+        """This study's train_bounding_boxes.csv rows, slices named by InstanceNumber as written with
+        `head_first`."""
+        numbers = self.instance_numbers(head_first)
+        return [{"StudyInstanceUID": self.uid, "x": b["x"], "y": b["y"], "width": b["width"], "height": b["height"],
+                 "slice_number": int(numbers[b["slice_index"]])} for b in self.boxes]
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Look-alike plan of a study
