@@ -228,22 +228,23 @@ def _choose_model(run, uid: str, fold: int | None, device: str | torch.device):
 
 
 def _true_labels(data_root: Path, uid: str) -> dict[str, int] | None:
-    path = data_root / "train.csv"
-    if not path.is_file():
+    """The study's C1..C7 labels from `train.csv` (`kit.rsna.load_train`), None without the file or the study."""
+    from .rsna import load_train
+
+    if not (data_root / "train.csv").is_file():
         return None
-    table = pd.read_csv(path, dtype={UID: str}).set_index(UID)
+    table = load_train(data_root).set_index(UID)
     return None if uid not in table.index else {v: int(table.at[uid, v]) for v in VERTEBRAE}
 
 
 def _study_boxes(boxes: pd.DataFrame | None, data_root: Path, uid: str) -> pd.DataFrame:
-    """The study's box rows: from `boxes`, else `<data_root>/train_bounding_boxes.csv` when it exists."""
+    """The study's box rows: from `boxes`, else `<data_root>/train_bounding_boxes.csv` (`kit.rsna.load_boxes`)
+    when it exists; none without it."""
     if boxes is None:
-        path = data_root / "train_bounding_boxes.csv"
-        if not path.is_file():
-            return pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])
-        from .rsna import load_boxes
+        from .crop_cache import _study_boxes as split_boxes
 
-        boxes = load_boxes(data_root)
+        has_file = (data_root / "train_bounding_boxes.csv").is_file()
+        boxes = split_boxes(data_root, "train" if has_file else "test")
     if UID in boxes.columns:
         boxes = boxes[boxes[UID].astype(str) == uid]
     return boxes
