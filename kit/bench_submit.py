@@ -105,7 +105,7 @@ class StagePredictor:
     runs: list
     truth_dir: Path
     device: str = "cpu"
-    batch_size: int = 16
+    batch_size: int | None = None  # stage-1 slices per forward pass; None: `kit.infer.stage1_batch_size`
     timings: list = field(default_factory=list)
 
     def __call__(self, uid: str, series) -> np.ndarray:
@@ -218,7 +218,7 @@ def run_configuration(spec: dict) -> dict:
     """One configuration, meant to run alone in a fresh process (`python -m kit.bench_submit spec.json out.json`).
 
     spec: {"runs": [run folders], "root": data root, "uids": [...], "prefetch": bool, "warmup": bool,
-    "device": str, "batch_size": int}. Loads the runs (`kit.predictor.load_runs`), optionally predicts the first
+    "device": str, "batch_size": int or None}. Loads the runs (`kit.predictor.load_runs`), optionally predicts the first
     study once untimed, then times `kit.submission.predict_studies` over the studies with the submission's
     reader (`DicomStudyReader`) while `RssMonitor` samples the memory of the processes.
 
@@ -350,7 +350,7 @@ def _stage_means(result: dict) -> dict[str, float]:
 def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple[int, ...] = (50, 100, 200),
                  size: int = 128, rounds: int = 2, memory_configs: tuple[str, ...] | None = FULL_SCALE_CONFIGS,
                  memory_study: tuple[int, int] = (600, 512), flop_configs: tuple[str, ...] = FULL_SCALE_CONFIGS,
-                 flop_slices: int = 250, device: str | None = None, batch_size: int = 16, seed: int = 0,
+                 flop_slices: int = 250, device: str | None = None, batch_size: int | None = None, seed: int = 0,
                  isolate: bool | None = None, quick: bool = False) -> dict:
     """Seconds per study by stage with prefetch off and on, time against slice count, peak RSS on a full-scale
     study, and GFLOPs per study of the full-scale configs with a T4 projection, in one run.
@@ -366,7 +366,8 @@ def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple
         flop_configs: configs whose GFLOPs per study are counted and projected for a T4.
         flop_slices: slices of the study whose FLOPs are counted (dz 0.75 mm).
         device: where the models run (default CUDA when available).
-        batch_size: stage-1 slices per forward pass.
+        batch_size: stage-1 slices per forward pass (default `kit.infer.stage1_batch_size`: 32 at 128 px and 4
+            at 384 px on a CPU, 16 on CUDA).
         seed: study and weight seed.
         isolate: each configuration in a fresh process (default; peak RSS per configuration). False runs them
             here, one after the other, so the peak RSS figures are this process's peak so far (tests).
@@ -442,7 +443,7 @@ def _segmenter_size(configs: tuple[str, ...]) -> int:
     raise ValueError(f"configs {list(configs)} hold no segmenter config (task: seg)")
 
 
-def _memory_run(tmp: Path, run, configs: tuple[str, ...], study: tuple[int, int], device: str, batch_size: int,
+def _memory_run(tmp: Path, run, configs: tuple[str, ...], study: tuple[int, int], device: str, batch_size: int | None,
                 seed: int) -> dict:
     """The memory configuration: one `study` = (slices, px) study through `configs`, prefetch on, fresh process."""
     n_slices, px = study

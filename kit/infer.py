@@ -242,7 +242,32 @@ def _to_model(x: np.ndarray, m: LoadedModel, device: torch.device) -> torch.Tens
     return xt
 
 
-def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, batch_size: int = 16,
+#: stage-1 forward passes on a CPU hold at most about this many pixels (slices x S x S) of input at once: the
+#: activations of a 384 px Unet grow with the batch (~1.1 GB above the model at 16 slices, ~0.3 GB at 4), and on a
+#: CPU they are the process's own memory; 4 slices at 384 px, 32 (the cap) at 128 px.
+CPU_BATCH_PIXELS = 4 * 384 * 384
+GPU_BATCH_SIZE = 16  # slices per forward pass on CUDA (activations in GPU memory, not the process's)
+PROB_SCALE = 255  # stage-1 probabilities are stored as uint8 in steps of 1/255 (`predict_vertebra_probs`)
+
+
+def stage1_batch_size(image_size: int, device: str | torch.device | None) -> int:
+    """The default stage-1 batch: `GPU_BATCH_SIZE` slices on CUDA; on a CPU as many slices as fit in
+    `CPU_BATCH_PIXELS` (at least 1, at most 32). The batch never changes the result, only time and memory."""
+    if device is not None and torch.device(device).type == "cuda":
+        return GPU_BATCH_SIZE
+    return int(min(32, max(1, CPU_BATCH_PIXELS // (int(image_size) ** 2))))
+
+
+def probs_to_float(probs: np.ndarray) -> np.ndarray:
+    """Stage-1 probabilities as float32 in [0, 1]: uint8 ones (`predict_vertebra_probs`) divided by
+    `PROB_SCALE`, float ones as they are."""
+    probs = np.asarray(probs)
+    if probs.dtype == np.uint8:
+        return probs.astype(np.float32) / PROB_SCALE
+    return probs.astype(np.float32, copy=False)
+
+
+def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, batch_size: int | None = None,
                            device: str | torch.device | None = None, amp: bool | None = None,
                            uid: str | None = None, dz: float | None = None,
                            levels: np.ndarray | None = None) -> np.ndarray:
@@ -255,7 +280,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     Args:
         image: uint8 (Z, S, S), S = the models' image size.
         models: the ensemble (each may have its own recipe).
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass; default `stage1_batch_size` (4 at 384 px on a CPU). It does not
+            change the result.
         device: where to run (default: the first model's device; models are moved there if needed).
         amp: autocast (bf16, else fp16) on CUDA; default on for CUDA, always off on CPU.
         uid: study name for error messages.
@@ -264,7 +290,9 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
             level-conditioned models.
 
     Returns:
-        float16 (7, Z, S, S) probabilities of C1..C7.
+        uint8 (7, Z, S, S) probabilities of C1..C7 in steps of 1/255 (p = value / `PROB_SCALE`, rounded to the
+        nearest step; `probs_to_float` converts): half the memory of float16 (a 600-slice 384 px study:
+        0.62 GB instead of 1.24), and the clean-up's 0.5 threshold falls between two steps.
 
     Raises:
         SegmentationError: a model gave NaN, or fewer than 7 channels, or another spatial size.
@@ -276,6 +304,7 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         if m.device != device:
             m.model.to(device)
     z, s_y, s_x = image.shape
+    batch_size = batch_size or stage1_batch_size(s_y, device)
     planes = []
     for m in models:
         if not m.recipe.level_input:
@@ -288,7 +317,7 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         if levels.shape != (len(VERTEBRAE), z):
             raise ValueError(f"study {uid}: levels {tuple(levels.shape)}; expected ({len(VERTEBRAE)}, {z})")
         planes.append(m.recipe.planes(levels, dz))
-    probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.float16)
+    probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.uint8)
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
             centres = np.arange(z0, min(z0 + batch_size, z))
@@ -304,7 +333,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
                     raise SegmentationError(f"study {uid}: NaN in the output of {m.path} at slices "
                                             f"{z0}..{int(centres[-1])}")
                 total = p if total is None else total + p
-            probs[:, z0:z0 + len(centres)] = (total / len(models)).transpose(0, 1).to(torch.float16).cpu().numpy()
+            mean = (total / len(models)).transpose(0, 1)
+            probs[:, z0:z0 + len(centres)] = mean.mul(PROB_SCALE).round_().to(torch.uint8).cpu().numpy()
     return probs
 
 
@@ -364,26 +394,31 @@ def fuse_levels(probs: np.ndarray, levels: np.ndarray, eps: float = 1e-3, *, out
     Where every L is tiny the clip makes the split fall back to the segmenter's own.
 
     Args:
-        probs: (7, Z, H, W) segmenter probabilities of C1..C7.
+        probs: (7, Z, H, W) segmenter probabilities of C1..C7: uint8 in steps of 1/255 (`predict_vertebra_probs`)
+            or float.
         levels: (7, Z) per-slice presence from `predict_levels`.
-        out: a float16 (7, Z, H, W) array to write into, e.g. `probs` itself (block by block, each read before
-            it is written), so that no second volume is held; default a new array.
+        out: an array of the result's dtype and shape to write into, e.g. `probs` itself (block by block, each
+            read before it is written), so that no second volume is held; default a new array.
 
     Returns:
-        float16 (7, Z, H, W) (`out` when given). Computed in float32 a block of `FUSE_BLOCK` slices at a time,
-        so the extra memory is a few blocks (a 600-slice 384 px study: ~0.1 GB beside the float16 volume, not
-        the ~10 GB of whole-volume float32 temporaries); the values do not depend on the block size.
+        (7, Z, H, W) (`out` when given): uint8 in steps of 1/255 for uint8 `probs`, else float16. Computed in
+        float32 a block of `FUSE_BLOCK` slices at a time, so the extra memory is a few blocks (a 600-slice
+        384 px study: ~0.1 GB beside the volume, not the ~10 GB of whole-volume float32 temporaries); the
+        values do not depend on the block size.
     """
     clipped = np.clip(levels.astype(np.float32), eps, 1.0)
-    fused = np.empty(probs.shape, dtype=np.float16) if out is None else out
-    if fused.shape != probs.shape or fused.dtype != np.float16:
-        raise ValueError(f"out must be float16 {probs.shape}; got {fused.dtype} {fused.shape}")
+    dtype = np.uint8 if probs.dtype == np.uint8 else np.float16
+    fused = np.empty(probs.shape, dtype=dtype) if out is None else out
+    if fused.shape != probs.shape or fused.dtype != dtype:
+        raise ValueError(f"out must be {np.dtype(dtype).name} {probs.shape} for {probs.dtype} probs; "
+                         f"got {fused.dtype} {fused.shape}")
     for z0 in range(0, probs.shape[1], FUSE_BLOCK):
         block = slice(z0, z0 + FUSE_BLOCK)
-        p = probs[:, block].astype(np.float32)
+        p = probs_to_float(probs[:, block])
         weighted = p * clipped[:, block, None, None]
         total = weighted.sum(axis=0)
-        fused[:, block] = p.max(axis=0) * weighted / np.maximum(total, 1e-12)
+        value = p.max(axis=0) * weighted / np.maximum(total, 1e-12)
+        fused[:, block] = np.rint(value * PROB_SCALE) if dtype == np.uint8 else value
     return fused
 
 
@@ -391,7 +426,7 @@ def segment_study(
     source,
     runs,
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = None,
     threshold: float = 0.5,
@@ -416,11 +451,12 @@ def segment_study(
         runs: `load_run` output, several of them (nested lists), or run folders (loaded on every call:
             load once with `load_run` when segmenting many studies). Level models among them
             (`provides == "levels"`) are used as `levels`.
-        batch_size: slices per forward pass (does not change the result).
+        batch_size: slices per forward pass (does not change the result); default `stage1_batch_size`.
         device: where to run (default: where the models are).
         amp: autocast on CUDA (default: on there; CPU always runs float32).
         threshold: probability threshold of the clean-up.
-        keep_probs: keep the float16 (7, Z, S, S) probabilities on the result (after level fusion).
+        keep_probs: keep the uint8 (7, Z, S, S) probabilities (steps of 1/255, `probs_to_float`) on the result
+            (after level fusion).
         uid: study name (default: the source's).
         levels: more level models (`load_run` of a level run, or its folder), or a (7, Z) presence array in
             their place (e.g. `kit.slices.true_presence`). Their per-slice presence goes into
@@ -459,7 +495,7 @@ def segment_study(
     if fuse is None:
         fuse = not all(m.recipe.level_input for m in models)
     if presence is not None and fuse:
-        probs = fuse_levels(probs, presence, out=probs if probs.dtype == np.float16 else None)
+        probs = fuse_levels(probs, presence, out=probs)
     t_fwd = time.perf_counter()
     labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)
     extents = vertebra_extents(labels, meta["spacing"])
@@ -685,7 +721,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
 
 def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bool = False,
                   device: str | torch.device | None = None, amp: bool | None = None, seg=None,
-                  threshold: float = 0.5, batch_size: int = 16, uid: str | None = None) -> dict:
+                  threshold: float = 0.5, batch_size: int | None = None, uid: str | None = None) -> dict:
     """One study, DICOM in, the competition's 8 probabilities out.
 
     One DICOM read (`kit.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is
@@ -710,7 +746,7 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
         amp: autocast on CUDA (default: on there; always off on CPU).
         seg: a stage-1 result to use instead of running the stage-1 models (e.g. from the ground truth).
         threshold: stage 1's clean-up threshold.
-        batch_size: stage-1 slices per forward pass.
+        batch_size: stage-1 slices per forward pass (default `stage1_batch_size`).
         uid: study name (default: the series').
 
     Returns:

@@ -37,7 +37,8 @@ class SegResult:
         orig_hw: (H, W) of the original slices; `scale` maps prepared pixels to original ones.
         instance_numbers: (Z,) DICOM InstanceNumber of each slice, when known.
         spacing: (dz, dy, dx) mm in the prepared scale, when known.
-        probs: float16 (7, Z, S, S) ensemble probabilities, only with `keep_probs=True`.
+        probs: uint8 (7, Z, S, S) ensemble probabilities in steps of 1/255 (`kit.infer.probs_to_float`), only with
+            `keep_probs=True`.
     """
 
     uid: str | None

@@ -67,7 +67,7 @@ def segment_studies(
     *,
     split: str = "train",
     uids: Sequence[str] | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = None,
     threshold: float = 0.5,
@@ -90,7 +90,7 @@ def segment_studies(
         out_dir: where `<uid>.npz` / `<uid>.json` and the CSVs go.
         split: "train" or "test".
         uids: restrict to these studies (default: all in the split).
-        batch_size: slices per forward pass.
+        batch_size: slices per forward pass (default `kit.infer.stage1_batch_size`).
         device: default CUDA when available, else CPU.
         amp: autocast on CUDA (default on there).
         threshold: clean-up probability threshold.

@@ -78,6 +78,24 @@ def test_clean_drops_spurious_blob_and_resolves_overlap():
     np.testing.assert_array_equal(out, labels)
 
 
+def test_clean_on_uint8_steps_matches_float():
+    """Stage 1 stores probabilities as uint8 steps of 1/255: the 0.5 threshold falls between steps 127 and 128,
+    so the same probabilities give the same labels stored either way (ties within one step aside)."""
+    labels = stacked_blobs()
+    rng = np.random.default_rng(3)
+    probs = np.clip(one_hot(labels) * rng.uniform(0.45, 1.0, labels.shape) + rng.uniform(0, 0.55, (7, *labels.shape))
+                    * (rng.random((7, *labels.shape)) < 0.02), 0, 1).astype(np.float32)
+    probs[2, 60:63, 0:3, 0:3] = 0.99  # a spurious blob, dropped either way
+    stored = np.rint(probs * 255).astype(np.uint8)
+    np.testing.assert_array_equal(stored > 127, probs > 0.5)
+    out_float, dropped_float = clean_vertebra_probs(probs, return_dropped=True)
+    out_u8, dropped_u8 = clean_vertebra_probs(stored, return_dropped=True)
+    top2 = np.sort(probs, axis=0)[-2:]
+    near_tie = (top2[1] - top2[0]) * 255 < 1
+    assert ((out_u8 != out_float) <= near_tie).all()
+    assert dropped_u8 == dropped_float and (out_u8 > 0).sum() == (out_float > 0).sum()
+
+
 def test_clean_overlap_goes_to_highest_probability():
     labels = stacked_blobs()
     probs = one_hot(labels) * 0.6

@@ -29,6 +29,10 @@ class TinySeg(nn.Module):
         return self.conv(x * 8.0 - 4.0)
 
 
+# stage-1 probabilities are stored as uint8 in steps of 1/255 (kit.infer.predict_vertebra_probs)
+HALF_STEP = 0.5 / 255 + 1e-4  # a stored probability against the exact one: rounding, plus float noise
+ONE_STEP = 1 / 255 + 1e-4  # two stored ones whose float inputs differ by noise may round to neighbouring steps
+
 def tiny_create_model(name: str, **kwargs) -> nn.Module:
     if name.startswith("level_"):  # real level models: small enough as they are
         return create_model(name, **kwargs)
@@ -121,7 +125,7 @@ def test_real_segmenter_checkpoint_round_trip(tmp_path):
     vol = toy_volume(z=6)
     result = infer.segment_study(cached(vol), [loaded], batch_size=4, keep_probs=True)
     model.eval()
-    np.testing.assert_allclose(result.probs[:, 3].astype(np.float32), sigmoid_at(model, vol, 3, 1), atol=1e-3)
+    np.testing.assert_allclose(infer.probs_to_float(result.probs[:, 3]), sigmoid_at(model, vol, 3, 1), atol=HALF_STEP)
     assert result.labels.shape == (6, 32, 32)
 
 
@@ -158,19 +162,19 @@ def test_segment_study_ensemble_and_batching(registry, tmp_path):
     vol = toy_volume()
     result = infer.segment_study(cached(vol), models, batch_size=5, keep_probs=True, uid="s1")
     assert result.uid == "s1" and result.labels.shape == vol.shape and result.labels.dtype == np.uint8
-    assert result.probs.shape == (7, *vol.shape) and result.probs.dtype == np.float16
+    assert result.probs.shape == (7, *vol.shape) and result.probs.dtype == np.uint8
     assert set(result.extents) | set(result.missing) == set(VERTEBRAE)
     assert set(np.unique(result.labels)) <= set(range(8))
     assert result.timing["slices_per_s"] > 0 and result.timing["forward_s"] > 0
     # Ensemble = mean of the two folds' sigmoids, with stacks clamped at both ends of the volume.
     for z in (0, 1, 12, 23):
         expected = (sigmoid_at(models[0].model, vol, z, 1) + sigmoid_at(models[1].model, vol, z, 2)) / 2
-        np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
-    spread = result.probs.astype(np.float32)
+        np.testing.assert_allclose(infer.probs_to_float(result.probs[:, z]), expected, atol=HALF_STEP)
+    spread = infer.probs_to_float(result.probs)
     assert spread.min() < 0.4 and spread.max() > 0.6  # not a constant output
     # Batch size does not change the result.
     other = infer.segment_study(cached(vol), models, batch_size=24, keep_probs=True)
-    np.testing.assert_allclose(other.probs.astype(np.float32), result.probs.astype(np.float32), atol=1e-3)
+    np.testing.assert_allclose(infer.probs_to_float(other.probs), infer.probs_to_float(result.probs), atol=ONE_STEP)
     assert (other.labels != result.labels).mean() < 1e-3
 
 
@@ -299,7 +303,7 @@ def test_segment_study_uses_the_training_offsets_in_mm(registry, tmp_path):
     result = infer.segment_study(cached(vol, 0.5), models, keep_probs=True, uid="offsets")
     for z in (0, 3, 12, 23):
         expected = sigmoid_at(models[0].model, vol, z, 0, offsets=[-12, -2, 0, 2, 12])
-        np.testing.assert_allclose(result.probs[:, z].astype(np.float32), expected, atol=1e-3)
+        np.testing.assert_allclose(infer.probs_to_float(result.probs[:, z]), expected, atol=HALF_STEP)
 
 
 def test_old_configs_fail_with_the_new_key_named(registry, tmp_path):
@@ -366,6 +370,26 @@ def test_fuse_levels_by_blocks_in_place_and_without_whole_volume_temporaries():
     assert peak < 0.75 * probs.nbytes, (peak, probs.nbytes)
     with pytest.raises(ValueError, match="float16"):
         infer.fuse_levels(probs, levels, out=np.empty(probs.shape, np.float32))
+    # uint8 probabilities (what predict_vertebra_probs stores) give uint8, the same formula rounded to 1/255 steps
+    stored = rng.integers(0, 256, (7, z, 16, 16), dtype=np.uint8)
+    p = stored.astype(np.float32) / 255
+    weighted = p * np.clip(levels, 1e-3, 1.0)[:, :, None, None]
+    exact = p.max(axis=0) * weighted / np.maximum(weighted.sum(axis=0), 1e-12)
+    fused = infer.fuse_levels(stored, levels, out=stored)
+    assert fused is stored and fused.dtype == np.uint8
+    assert np.abs(fused.astype(np.float32) - exact * 255).max() <= 0.5 + 1e-3
+    with pytest.raises(ValueError, match="uint8"):
+        infer.fuse_levels(stored, levels, out=np.empty(stored.shape, np.float16))
+
+
+def test_stage1_batch_size_bounds_cpu_pixels_and_probs_to_float():
+    assert infer.stage1_batch_size(384, "cpu") == 4  # ~0.3 GB of Unet activations, not ~1.1 GB at 16
+    assert infer.stage1_batch_size(128, None) == 32  # capped
+    assert infer.stage1_batch_size(2048, "cpu") == 1
+    assert infer.stage1_batch_size(384, "cuda:0") == infer.GPU_BATCH_SIZE
+    stored = np.array([0, 127, 128, 255], np.uint8)
+    np.testing.assert_allclose(infer.probs_to_float(stored), [0, 127 / 255, 128 / 255, 1])
+    assert infer.probs_to_float(np.array([0.25], np.float16)).dtype == np.float32
 
 
 def test_segment_study_fuses_the_level_model(registry, tmp_path):
@@ -386,8 +410,8 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
     np.testing.assert_allclose(presence[:, grid], direct.T, atol=1e-5)
     plain = infer.segment_study(study, seg, keep_probs=True, uid="plain")
     fused = infer.segment_study(study, seg, keep_probs=True, uid="fused", levels=levels)
-    np.testing.assert_allclose(fused.probs.astype(np.float32),
-                               infer.fuse_levels(plain.probs, presence).astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(infer.probs_to_float(fused.probs),
+                               infer.probs_to_float(infer.fuse_levels(plain.probs, presence)), atol=ONE_STEP)
     with pytest.raises(ValueError, match="slice spacing"):
         infer.predict_levels(vol, None, levels)
 
@@ -402,16 +426,16 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     vol = toy_volume()
     study = cached(vol)
     presence = infer.predict_levels(vol, 1.0, levels)
-    probs = infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence).astype(np.float32)
+    probs = infer.probs_to_float(infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence))
     planes = seg[0].recipe.planes(presence, 1.0)
     for z in (0, 7, 23):
         x = np.concatenate([vol[np.clip(z + np.arange(-1, 2), 0, len(vol) - 1)] / 255.0,
                             np.broadcast_to(planes[:, z, None, None], (7, *vol.shape[1:]))])
         with torch.no_grad():
             expected = torch.sigmoid(seg[0].model(torch.from_numpy(x).float()[None]))[0, :7].numpy()
-        np.testing.assert_allclose(probs[:, z], expected, atol=1e-3)
+        np.testing.assert_allclose(probs[:, z], expected, atol=HALF_STEP)
     # the planes matter: other presences, other probabilities
-    other = infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence[::-1].copy()).astype(np.float32)
+    other = infer.probs_to_float(infer.predict_vertebra_probs(vol, seg, dz=1.0, levels=presence[::-1].copy()))
     assert np.abs(other - probs).max() > 1e-3
     with pytest.raises(ValueError, match="conditioned on the level model"):
         infer.predict_vertebra_probs(vol, seg, dz=1.0)
@@ -421,10 +445,10 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
         infer.segment_study(study, seg, uid="no-levels")
     # segment_study: the level run's presence goes in; no fusion on top by default (fuse=True adds it)
     result = infer.segment_study(study, [seg, levels], keep_probs=True, uid="with-levels")
-    np.testing.assert_allclose(result.probs.astype(np.float32), probs, atol=2e-3)
+    np.testing.assert_allclose(infer.probs_to_float(result.probs), probs, atol=ONE_STEP)
     fused = infer.segment_study(study, seg, levels=levels, fuse=True, keep_probs=True, uid="fused")
-    np.testing.assert_allclose(fused.probs.astype(np.float32),
-                               infer.fuse_levels(probs, presence).astype(np.float32), atol=2e-3)
+    np.testing.assert_allclose(infer.probs_to_float(fused.probs),
+                               infer.fuse_levels(probs, presence).astype(np.float32), atol=ONE_STEP)
     # or a presence array in place of level models, e.g. the true ranges
     given = infer.segment_study(study, seg, levels=presence, keep_probs=True, uid="given")
-    np.testing.assert_allclose(given.probs.astype(np.float32), probs, atol=2e-3)
+    np.testing.assert_allclose(infer.probs_to_float(given.probs), probs, atol=ONE_STEP)
