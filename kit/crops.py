@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .constants import VERTEBRAE, WINDOWS
+from .constants import PROB_SCALE, VERTEBRAE, WINDOWS
 from .dicom import window
 
 N_VERTEBRAE = len(VERTEBRAE)
@@ -169,7 +169,7 @@ def clean_vertebra_probs(
 
     Args:
         probs: (7, Z, H, W) probabilities of C1..C7: float (any float dtype, float16 is fine) or uint8 in steps of
-            1/255 (`kit.infer.predict_vertebra_probs`; value / 255 is the probability).
+            1/255 (`kit.infer.predict_vertebra_probs`; value / `PROB_SCALE` is the probability).
         threshold: probability above which a voxel belongs to a vertebra (for uint8 probs: above threshold x 255).
         min_voxels: smallest kept component.
         return_dropped: also return the vertebrae removed and why.
@@ -187,7 +187,7 @@ def clean_vertebra_probs(
     # volume (a 600-slice 384 px study: 0.35 GB less at the peak), same result
     own = probs.dtype == np.uint8 or np.issubdtype(probs.dtype, np.floating)
     best = np.zeros(shape, dtype=probs.dtype if own else np.float32)
-    cut = threshold * 255 if probs.dtype == np.uint8 else threshold
+    cut = threshold * PROB_SCALE if probs.dtype == np.uint8 else threshold
     dropped: dict[str, str] = {}
     for c in range(N_VERTEBRAE):
         mask = largest_component(probs[c] > cut)

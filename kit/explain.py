@@ -239,12 +239,13 @@ def _true_labels(data_root: Path, uid: str) -> dict[str, int] | None:
 
 def _study_boxes(boxes: pd.DataFrame | None, data_root: Path, uid: str) -> pd.DataFrame:
     """The study's box rows: from `boxes`, else `<data_root>/train_bounding_boxes.csv` (`kit.rsna.load_boxes`)
-    when it exists; none without it."""
+    when it exists."""
     if boxes is None:
-        from .crop_cache import _study_boxes as split_boxes
+        if not (data_root / "train_bounding_boxes.csv").is_file():
+            return pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])
+        from .rsna import load_boxes
 
-        has_file = (data_root / "train_bounding_boxes.csv").is_file()
-        boxes = split_boxes(data_root, "train" if has_file else "test")
+        boxes = load_boxes(data_root)
     if UID in boxes.columns:
         boxes = boxes[boxes[UID].astype(str) == uid]
     return boxes

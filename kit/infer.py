@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, config_from_dict
-from .constants import TARGETS, VERTEBRAE
+from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
 from .results import SegResult
 
@@ -247,7 +247,6 @@ def _to_model(x: np.ndarray, m: LoadedModel, device: torch.device) -> torch.Tens
 #: CPU they are the process's own memory; 4 slices at 384 px, 32 (the cap) at 128 px.
 CPU_BATCH_PIXELS = 4 * 384 * 384
 GPU_BATCH_SIZE = 16  # slices per forward pass on CUDA (activations in GPU memory, not the process's)
-PROB_SCALE = 255  # stage-1 probabilities are stored as uint8 in steps of 1/255 (`predict_vertebra_probs`)
 
 
 def stage1_batch_size(image_size: int, device: str | torch.device | None) -> int:
