@@ -105,6 +105,10 @@ class DataConfig:
         background_fraction: share of the slices without any vertebra drawn each epoch (redrawn per epoch).
         foreground_fraction: share of the slices showing a vertebra drawn each epoch (redrawn per epoch);
             below 1 makes epochs shorter, not the data smaller.
+        end_weight: with `foreground_fraction` below 1, how much likelier a slice within `end_mm` of a
+            vertebra's first or last slice is drawn than another vertebra slice (1: all alike). A vertebra's
+            end slices show a few pixels of it beside its neighbour; they decide its z-range.
+        end_mm: how near a vertebra's end a slice counts as an end slice (at least the end slice itself).
         num_workers: DataLoader worker processes.
         augment: training augmentations.
     """
@@ -125,6 +129,8 @@ class DataConfig:
     level_ramp_mm: float = 2.5
     background_fraction: float = 0.1
     foreground_fraction: float = 1.0
+    end_weight: float = 1.0
+    end_mm: float = 2.0
     num_workers: int = 4
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -310,6 +316,8 @@ class SegConfig(_RunConfig):
         for key in ("background_fraction", "foreground_fraction"):
             if not 0.0 <= getattr(d, key) <= 1.0:
                 raise ConfigError(f"data.{key} must be in [0, 1]; got {getattr(d, key)}")
+        if d.end_weight < 1.0 or d.end_mm < 0.0:
+            raise ConfigError(f"data.end_weight must be >= 1 and data.end_mm >= 0; got {d.end_weight}, {d.end_mm}")
         self._check_train_and_name()
 
 

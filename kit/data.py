@@ -213,6 +213,18 @@ class SegAugment:
         return {**sample, "image": image, "labels": labels}
 
 
+def end_slices(labels: np.ndarray, end_mm: float, dz: float) -> np.ndarray:
+    """(Z,) bool: slices within `end_mm` (and at least the slice itself) of some C1..C7's first or last slice."""
+    z = np.arange(len(labels))
+    near = np.zeros(len(labels), dtype=bool)
+    reach = end_mm / dz if dz > 0 else 0.0
+    for lab in range(1, N_VERTEBRAE + 1):
+        zs = np.nonzero((labels == lab).any(axis=(1, 2)))[0]
+        for end in zs[:1].tolist() + zs[-1:].tolist():
+            near |= np.abs(z - end) <= reach
+    return near
+
+
 def crop_around_labels(image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator,
                        top: int = N_VERTEBRAE) -> tuple[np.ndarray, np.ndarray]:
     """A size x size patch of image (C, H, W) and labels (H, W): centred on the bounding box of the pixels
@@ -285,6 +297,9 @@ class SegSliceDataset(Dataset):
             vertebra slices too.
         background_fraction: share of slices without a vertebra drawn per epoch.
         foreground_fraction: share of slices with a vertebra drawn per epoch.
+        end_weight: sampling weight of a vertebra slice within `end_mm` of some vertebra's first or last
+            slice, against 1 for the other vertebra slices (only matters with `foreground_fraction` < 1).
+        end_mm: how near an end a slice counts as an end slice (the end slice itself always does).
         augment: augmentation ranges, or None for none. With augmentation the level planes' ends are
             jittered too (`SegRecipe.planes(..., rng)`).
         seed: base seed of the background draw and the augmentations.
@@ -298,6 +313,8 @@ class SegSliceDataset(Dataset):
         other_vertebrae: bool = False,
         background_fraction: float = 0.1,
         foreground_fraction: float = 1.0,
+        end_weight: float = 1.0,
+        end_mm: float = 2.0,
         augment: AugmentConfig | None = None,
         seed: int = 0,
     ) -> None:
@@ -313,12 +330,19 @@ class SegSliceDataset(Dataset):
         self.seed = seed
         self.foreground: list[tuple[str, int]] = []
         self.background: list[tuple[str, int]] = []
-        for uid, (image, labels, _) in self.volumes.items():
+        weights = []
+        for uid, (image, labels, dz) in self.volumes.items():
             if image.shape != labels.shape:
                 raise ValueError(f"study {uid}: image {image.shape} and labels {labels.shape} differ")
             has = ((labels >= 1) & (labels <= top)).any(axis=(1, 2))
-            self.foreground += [(uid, int(z)) for z in np.nonzero(has)[0]]
+            zs = np.nonzero(has)[0]
+            self.foreground += [(uid, int(z)) for z in zs]
             self.background += [(uid, int(z)) for z in np.nonzero(~has)[0]]
+            if end_weight != 1.0:
+                near = end_slices(labels, end_mm, dz)
+                weights.append(np.where(near[zs], end_weight, 1.0))
+        self.end_weight = end_weight
+        self.foreground_p = np.concatenate(weights) / np.concatenate(weights).sum() if weights else None
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -326,9 +350,10 @@ class SegSliceDataset(Dataset):
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
         self.index = []
-        for pool, fraction in ((self.foreground, self.foreground_fraction), (self.background, self.background_fraction)):
+        for pool, fraction, p in ((self.foreground, self.foreground_fraction, self.foreground_p),
+                                  (self.background, self.background_fraction, None)):
             n = int(round(fraction * len(pool)))
-            picked = range(len(pool)) if n == len(pool) else sorted(rng.choice(len(pool), size=n, replace=False))
+            picked = range(len(pool)) if n == len(pool) else sorted(rng.choice(len(pool), size=n, replace=False, p=p))
             self.index += [pool[i] for i in picked]
 
     def __len__(self) -> int:

@@ -13,6 +13,7 @@ Figures go to `runs/demo/summary.json`.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -97,13 +98,16 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
 
     print("[3/5] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
           "Dice and z-ranges")
-    seg = run_segmenter_stage(data, cache / "train", out / "folds.csv", n_folds_trained=seg_folds)
+    pairs = (os.cpu_count() or 1) > 1  # two trainings at a time, one thread each on 2 cores (fit_side_by_side)
+    seg = run_segmenter_stage(data, cache / "train", out / "folds.csv", n_folds_trained=seg_folds,
+                              side_by_side=pairs)
     print(pd.Series({k: v for k, v in seg.items() if not isinstance(v, dict)}).to_string())
     seconds["stage1"] = seg["seg_seconds"]
     _update_summary(seg)
 
     print("[4/5] stage 2: vertebra crops (kit crops), the classifier's folds (demo_cls), out-of-fold report")
-    cls = run_classifier_stage(data, out / "folds.csv", answers, n_folds_trained=cls_folds, progress=progress)
+    cls = run_classifier_stage(data, out / "folds.csv", answers, n_folds_trained=cls_folds, progress=progress,
+                               side_by_side=pairs)
     print(pd.Series({k: v for k, v in cls.items() if not isinstance(v, dict)}).to_string())
     seconds["stage2"] = cls["cls_seconds"]
     _update_summary(cls)
@@ -141,11 +145,60 @@ def print_summary(summary: dict) -> None:
           f"summary {SUMMARY}")
 
 
+def fit_side_by_side(configs) -> None:
+    """Train fold configs two at a time: the first of each pair in a spawned process, the second here, each
+    on half of this process's CPU threads (one each on 2 cores); an odd one out trains alone as configured.
+
+    On a small CPU two single-threaded trainings get more done than one after the other on two threads
+    (small convolutions do not scale to a second thread: ~1.4x, not 2x). The configs must be independent
+    (different runs or folds). A process of its own (spawned, never forked from a torch process) keeps each
+    run's RNG, threads and files its own; resuming works as for any run. The spawned run trains without a
+    progress bar, so that two bars do not share a terminal line.
+
+    Raises:
+        RuntimeError: a spawned run failed (naming its config, fold and run folder; its traceback is on stderr).
+    """
+    import dataclasses
+    import multiprocessing as mp
+
+    import torch
+
+    from .train import fit_fold
+
+    def half(cfg, progress: bool):  # half of this process's threads (torch's default: the physical cores)
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=max(1, threads // 2),
+                                                                  progress=cfg.train.progress and progress))
+
+    configs = list(configs)
+    for i in range(0, len(configs), 2):
+        if i + 1 == len(configs):
+            fit_fold(configs[i])
+            break
+        first, second = configs[i], configs[i + 1]
+        threads = torch.get_num_threads()
+        proc = mp.get_context("spawn").Process(target=fit_fold, args=(half(first, False),))
+        proc.start()
+        try:
+            fit_fold(half(second, True))
+        except BaseException:  # Ctrl-C or a failure here: stop the other run too (both resume from last.pt)
+            proc.terminate()
+            raise
+        finally:
+            proc.join()
+            torch.set_num_threads(threads)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"training {first.name} fold {first.data.fold} in its own process failed (exit "
+                               f"code {proc.exitcode}); its traceback is above, its run folder is {first.run_dir}")
+
+
 def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: str = "demo_seg",
                         n_folds_trained: int | None = None, level_config: str | None = "demo_level",
-                        level_overrides: dict | None = None, **overrides) -> dict:
+                        level_overrides: dict | None = None, side_by_side: bool = False, **overrides) -> dict:
     """Train folds of `config` and of the level model `level_config` (the first `n_folds_trained`, default
     all), then score their held-out studies, segmented with both fused (`kit.infer.segment_study`).
+    With `side_by_side` each fold's level model trains in a second process while the segmenter trains here,
+    one CPU thread each (`fit_side_by_side`: faster on a 2-core CPU; the same models as one after the other,
+    up to the threads' floating-point order).
 
     `overrides` are passed to `load_config` for `config` (dotted keys as strings: `**{"train.epochs": 1}`),
     `level_overrides` to the level model's (`out_dir` is shared unless `level_overrides` sets its own).
@@ -180,14 +233,17 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
     for fold in range(min(n_folds_trained or base.data.n_folds, base.data.n_folds)):
         cfg = load_config(config, **paths, **overrides, **{"data.fold": fold})
         level_models = []
+        t0 = time.perf_counter()
         if level_config:
             level_cfg = load_config(level_config, **paths, **level_overrides, **{"data.fold": fold})
-            t0 = time.perf_counter()
-            fit_fold(level_cfg)
-            train_seconds += time.perf_counter() - t0
+            if side_by_side:
+                fit_side_by_side([level_cfg, cfg])
+            else:
+                fit_fold(level_cfg)
+                fit_fold(cfg)
             level_models = load_run(level_cfg.run_dir.parent, folds=[fold])
-        t0 = time.perf_counter()
-        fit_fold(cfg)
+        else:
+            fit_fold(cfg)
         train_seconds += time.perf_counter() - t0
         models = load_run(cfg.run_dir.parent, folds=[fold])
         for uid in split_segmentation_studies(cfg.data)[1]:
@@ -243,11 +299,13 @@ def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> 
 
 
 def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None = None, config: str = "demo_cls",
-                         n_folds_trained: int | None = None, progress: bool = True, **overrides) -> dict:
+                         n_folds_trained: int | None = None, progress: bool = True, side_by_side: bool = False,
+                         **overrides) -> dict:
     """Stage 2 of the demo: crop every training study (`kit.crop_cache.build_crops`), train folds of the
     classifier `config` (default all), and score their out-of-fold predictions (`kit.report.oof_report`).
 
-    `overrides` are passed to `load_config` (dotted keys as strings: `**{"train.epochs": 1}`).
+    `overrides` are passed to `load_config` (dotted keys as strings: `**{"train.epochs": 1}`). With
+    `side_by_side` the folds train two at a time, one CPU thread each (`fit_side_by_side`).
 
     Returns:
         `oof_score` (row-normalised competition metric over the out-of-fold studies), `baseline_score` (the
@@ -265,8 +323,12 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
     base = load_config(config, **paths, **overrides)
     crops = build_crops(base, split="train", progress=progress)
     folds = range(min(n_folds_trained or base.data.n_folds, base.data.n_folds))
-    for fold in folds:
-        fit_fold(load_config(config, **paths, **overrides, **{"data.fold": fold}))
+    configs = [load_config(config, **paths, **overrides, **{"data.fold": fold}) for fold in folds]
+    if side_by_side:
+        fit_side_by_side(configs)
+    else:
+        for cfg in configs:
+            fit_fold(cfg)
     run_dir = base.run_dir.parent
     report = oof_report(run_dir, answers_dir=answers_dir)
     name = next(iter(report["scores"]))

@@ -108,7 +108,8 @@ class SegTask:
         train_uids, held_out = kdata.split_segmentation_studies(d)
         train = kdata.SegSliceDataset(kdata.load_volumes(d.cache_dir, train_uids, self.recipe), self.recipe,
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
-                                      foreground_fraction=d.foreground_fraction, augment=d.augment,
+                                      foreground_fraction=d.foreground_fraction, end_weight=d.end_weight,
+                                      end_mm=d.end_mm, augment=d.augment,
                                       seed=self.cfg.seed)
         self.held_out = kdata.load_volumes(d.cache_dir, held_out, self.recipe)
         return train, held_out

@@ -9,7 +9,7 @@ from seg_fixtures import make_cache, make_study
 
 from kit.config import AugmentConfig, DataConfig
 from kit.data import (LevelSequenceDataset, SegAugment, SegSliceDataset, SegVolume, affine_matrix, cached_uids,
-                      labels_to_channels, load_study, load_volumes, split_segmentation_studies, warp)
+                      end_slices, labels_to_channels, load_study, load_volumes, split_segmentation_studies, warp)
 from kit.slices import LevelRecipe, SegRecipe, true_presence
 
 
@@ -114,6 +114,28 @@ def test_dataset_samples_and_epochs(tmp_path):
     # the other-vertebra channel makes thoracic slices foreground too
     other = SegSliceDataset(volumes, recipe((-1, 0, 1)), other_vertebrae=True, background_fraction=0.0)
     assert other[0]["target"].shape == (8, 32, 32) and len(other.foreground) >= len(ds.foreground)
+
+
+def test_end_slices_and_end_weighted_draw():
+    labels = np.zeros((20, 4, 4), np.uint8)
+    labels[2:8, 1, 1] = 1   # C1: slices 2..7
+    labels[6:15, 2, 2] = 2  # C2: slices 6..14
+    np.testing.assert_array_equal(np.nonzero(end_slices(labels, 0.0, 1.0))[0], [2, 6, 7, 14])
+    np.testing.assert_array_equal(np.nonzero(end_slices(labels, 2.0, 2.0))[0], [1, 2, 3, 5, 6, 7, 8, 13, 14, 15])
+    np.testing.assert_array_equal(np.nonzero(end_slices(labels, 1.9, 2.0))[0], [2, 6, 7, 14])  # under a slice
+    image = np.zeros_like(labels)
+    volumes = {f"s{i}": (image, labels, 1.0) for i in range(20)}
+    rec = recipe((0,))
+    plain = SegSliceDataset(volumes, rec, background_fraction=0.0, foreground_fraction=0.3, seed=0)
+    ends = SegSliceDataset(volumes, rec, background_fraction=0.0, foreground_fraction=0.3, end_weight=8.0,
+                           end_mm=0.0, seed=0)
+    assert len(plain) == len(ends) == round(0.3 * 20 * 13)  # same epoch size
+    share = [np.mean([z in (2, 6, 7, 14) for _, z in ds.index]) for ds in (plain, ends)]
+    # 4 of 13 vertebra slices are ends: a uniform draw is ~31 % end slices, weight 8 over twice as many
+    assert share[0] < 0.4 and share[1] > 2 * share[0]
+    assert len(set(ends.index)) == len(ends)  # without replacement
+    full = SegSliceDataset(volumes, rec, background_fraction=0.0, end_weight=8.0, seed=0)
+    assert len(full) == 20 * 13  # foreground_fraction 1: every slice once, weights or not
 
 
 def test_split_uses_the_folds_csv_and_segmented_studies(tmp_path):

@@ -29,7 +29,9 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
             "model.encoder_depth": 3, "model.decoder_width": 16, "train.epochs": 1, "train.progress": False}
     tiny_level = {"data.image_size": 32, "data.seq_len": 16, "data.repeats": 1, "model.hidden": 8,
                   "train.batch_size": 2, "train.epochs": 1, "train.progress": False}
-    seg = run_segmenter_stage(synthetic_root, cache, tmp_path / "folds.csv", level_overrides=tiny_level, **tiny)
+    # as `kit demo` runs it: each fold's level model in a second process beside the segmenter
+    seg = run_segmenter_stage(synthetic_root, cache, tmp_path / "folds.csv", level_overrides=tiny_level,
+                              side_by_side=True, **tiny)
     assert seg["seg_folds_trained"] == 2 and seg["seg_heldout_studies"] == 4
     assert 0.0 <= seg["seg_dice"] <= 1.0 and set(seg["seg_dice_per_vertebra"]) == set(VERTEBRAE)
     assert seg["seg_z_error_slices"] >= 0 or np.isnan(seg["seg_z_error_slices"])
@@ -57,3 +59,24 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
     assert 0 < cls["oof_score"] < 5 and 0 < cls["baseline_score"] < 5
     assert set(cls["cls_auc"]) == set(TARGETS) and cls["cls_seconds"] > 0
     assert (runs / "demo_cls" / "report.md").is_file()
+
+
+def test_side_by_side_names_the_run_that_failed(tmp_path):
+    """A failure in the spawned training surfaces as an error naming its config and fold; the run beside it
+    still finishes."""
+    import pytest
+
+    from kit.demo import fit_side_by_side
+    from tests.seg_fixtures import make_cache
+
+    uids, folds_csv = make_cache(tmp_path / "cache", n_studies=4, n_unsegmented=0, n_folds=2, z=12, size=32)
+    common = {"data.cache_dir": str(tmp_path / "cache"), "data.folds_csv": str(folds_csv), "data.n_folds": 2,
+              "data.fold": 0, "out_dir": str(tmp_path / "runs"), "train.epochs": 1, "train.progress": False}
+    seg = load_config("demo_seg", **common, **{"data.image_size": 32, "data.slice_offsets_mm": [-1, 0, 1],
+                                               "data.augment.crop": None, "model.encoder_depth": 3,
+                                               "model.decoder_width": 16, "data.foreground_fraction": 1.0,
+                                               "train.batch_size": 2})
+    broken = load_config("demo_level", **{**common, "data.cache_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(RuntimeError, match="training demo_level fold 0 in its own process failed"):
+        fit_side_by_side([broken, seg])
+    assert (tmp_path / "runs" / "demo_seg" / "fold0" / "model.pt").is_file()
