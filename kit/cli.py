@@ -84,6 +84,16 @@ def _cmd_report(args: argparse.Namespace) -> None:
     print(summary_table(run_report(args.run_dirs, args.out, n_worst=args.worst)))
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from .calibration import calibrate_run
+
+    for run in args.run_dirs:
+        r = calibrate_run(run, ridge=args.ridge, only_if_better=args.only_if_better)
+        cv = "n/a (one fold)" if r["oof_score_cross_fitted"] is None else f"{r['oof_score_cross_fitted']:.4f}"
+        print(f"{run}: {r['n_studies']} OOF studies, folds {r['folds']}; OOF score {r['oof_score']:.4f}, "
+              f"calibrated (cross-fitted) {cv}; {'wrote ' + r['path'] if r['written'] else 'not calibrated'}")
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from . import bench
 
@@ -332,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: each run's own folder)")
     p.add_argument("--worst", type=int, default=5, help="worst studies listed (with a picture for a segmenter)")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("calibrate", help="fit a classifier run's calibration on its OOF predictions "
+                                         "(<run>/calibration.json, applied by kit submit and predict_study)")
+    p.add_argument("run_dirs", nargs="+", help="classifier run folders, e.g. runs/demo_cls")
+    p.add_argument("--ridge", type=float, default=1.0, help="pull of each slope towards 0 (the prevalence)")
+    p.add_argument("--only-if-better", action="store_true",
+                   help="write the calibration only when its cross-fitted OOF score beats the uncalibrated one")
+    p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("bench", help="benchmarks: read (DICOM decoding), seg (segment_study), crops (crop building "
                                      "and loading vs classifier training) or submit (seconds per study by stage, "

@@ -311,8 +311,12 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         `oof_score` (row-normalised competition metric over the out-of-fold studies), `baseline_score` (the
         same labels and weights, each fold's studies predicted with the prevalence of the studies its model
         trained on), the patient figure from 1 - prod(1 - p) beside it, per-target AUCs, with the generator's
-        answers `attention_hit_rate` and the recall by fracture kind, the crop figures and `cls_seconds`.
+        answers `attention_hit_rate` and the recall by fracture kind, the crop figures and `cls_seconds`;
+        `oof_score_calibrated_cross_fitted` and `calibration_used`: the run's calibration
+        (`kit.calibration.calibrate_run`) is kept for the submission only when it beats the raw OOF score out of
+        fold.
     """
+    from .calibration import calibrate_run
     from .config import load_config
     from .crop_cache import build_crops
     from .report import attention_hit_rate, load_oof, oof_report, read_answers
@@ -330,6 +334,7 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         for cfg in configs:
             fit_fold(cfg)
     run_dir = base.run_dir.parent
+    calibration = calibrate_run(run_dir, only_if_better=True)  # used by the submission only if it helps OOF
     report = oof_report(run_dir, answers_dir=answers_dir)
     name = next(iter(report["scores"]))
     model = report["models"][name]
@@ -344,6 +349,8 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         "crops_built": crops["built"], "crops_failed": crops["failed"],
         "crops_in_sample": len(crops["in_sample"]),
         "cls_report": report["report_md"],
+        "oof_score_calibrated_cross_fitted": calibration["oof_score_cross_fitted"],
+        "calibration_used": calibration["written"],
     }
     oof = load_oof(run_dir)
     raw = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in sorted(run_dir.glob("fold*/oof.csv"))])

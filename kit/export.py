@@ -8,6 +8,7 @@ best weights `model.pt` (never `last.pt`, the resume state) into
       manifest.json            {"format": "kit-export", "version": 1, "runs": {name: {...}}, "files": {...}}
       demo_seg/fold0/config.yaml, model.pt
       demo_cls/fold0/config.yaml, model.pt
+      demo_cls/calibration.json  (when the run has one: `kit calibrate`, applied at inference)
 
 `manifest.json` lists every file with its SHA-256 and size, and per run its task, folds and source folder.
 `kit submit --runs export/*` reads the folder back (`kit.predictor.load_runs`: the manifest file itself is
@@ -37,6 +38,7 @@ MANIFEST = "manifest.json"
 FORMAT = "kit-export"
 VERSION = 1
 FILES = ("config.yaml", "model.pt")  # per fold; model.pt = the best weights, never last.pt
+RUN_FILES = ("calibration.json",)  # per run, when it has one (kit.calibration.CALIBRATION_FILE)
 _FOLD = re.compile(r"fold(\d+)")
 _CHUNK = 1 << 20
 
@@ -121,19 +123,18 @@ def verify_run(run_dir: PathLike, folds: Sequence[int]) -> bool:
         raise ChecksumError(f"{run_dir}: run {name!r} is not in {run_dir.parent / MANIFEST} (runs: "
                             f"{', '.join(manifest.get('runs', {})) or 'none'}); export it with kit export")
     files = manifest.get("files", {})
-    for fold in folds:
-        for file in FILES:
-            rel = f"{name}/fold{fold}/{file}"
-            if rel not in files:
-                raise ChecksumError(f"{run_dir.parent / MANIFEST} lists no {rel}; export the run again")
-            path = run_dir.parent / rel
-            if not path.is_file():
-                raise ChecksumError(f"{path} is missing (listed in {run_dir.parent / MANIFEST})")
-            actual = sha256_file(path)
-            if actual != files[rel]["sha256"]:
-                raise ChecksumError(f"{path}: SHA-256 {actual} does not match the manifest's {files[rel]['sha256']} "
-                                    "(a corrupt or partial upload, or a file changed after export); upload the "
-                                    "export again")
+    listed_run_files = [f"{name}/{file}" for file in RUN_FILES if f"{name}/{file}" in files]
+    for rel in [f"{name}/fold{fold}/{file}" for fold in folds for file in FILES] + listed_run_files:
+        if rel not in files:
+            raise ChecksumError(f"{run_dir.parent / MANIFEST} lists no {rel}; export the run again")
+        path = run_dir.parent / rel
+        if not path.is_file():
+            raise ChecksumError(f"{path} is missing (listed in {run_dir.parent / MANIFEST})")
+        actual = sha256_file(path)
+        if actual != files[rel]["sha256"]:
+            raise ChecksumError(f"{path}: SHA-256 {actual} does not match the manifest's {files[rel]['sha256']} "
+                                "(a corrupt or partial upload, or a file changed after export); upload the "
+                                "export again")
     return True
 
 
@@ -185,6 +186,10 @@ def export_runs(runs: Sequence[PathLike], out_dir: PathLike) -> dict:
                 shutil.copyfile(source, target / f"fold{fold}" / file)
                 manifest["files"][f"{name}/fold{fold}/{file}"] = {"sha256": sha256_file(target / f"fold{fold}" / file),
                                                                   "bytes": source.stat().st_size}
+        if (run_dir / RUN_FILES[0]).is_file():  # the run's calibration (kit.calibration), fitted on its OOF
+            shutil.copyfile(run_dir / RUN_FILES[0], target / RUN_FILES[0])
+            manifest["files"][f"{name}/{RUN_FILES[0]}"] = {"sha256": sha256_file(target / RUN_FILES[0]),
+                                                          "bytes": (target / RUN_FILES[0]).stat().st_size}
         manifest["runs"][name] = {"task": _task(run_dir / f"fold{min(folds)}" / "config.yaml"),
                                   "folds": sorted(folds), "source": str(run_dir.resolve())}
         log.info("exported %s folds %s -> %s", run_dir, sorted(folds), target)

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import apply_calibration, read_calibration
 from .config import ConfigError, config_from_dict
 from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
@@ -657,10 +658,14 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         amp: autocast on CUDA (default on there; CPU runs float32).
         uid: study name for messages.
 
+    A run folder holding `calibration.json` (`kit.calibration`, fitted on the run's OOF predictions) has its
+    folds' mean mapped through it before the runs are combined; `calibrated_runs` lists those runs.
+
     Returns:
         `probs` float64 (8,) TARGETS order, NaN where there is no answer; `found` bool (7,); `missing`
-        {name: why}; `patient_source`; `models` [{"run", "fold", "probs" (8,)}] per model; `runs` {run folder:
-        (8,) probabilities of its folds' mean}; `timing` (`crop_s`, `classify_s`).
+        {name: why}; `patient_source`; `calibrated_runs`; `models` [{"run", "fold", "probs" (8,)}] per model
+        (uncalibrated); `runs` {run folder: (8,) probabilities of its folds' mean, calibrated where the run
+        is}; `timing` (`crop_s`, `classify_s`).
 
     Raises:
         ValueError: no classifier among the models, an unknown `mean`, bad `weights`.
@@ -706,13 +711,21 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     heads = {_is_per_study(m) for m in models}
     patient_source = ("patient head" if heads == {True} else "1 - prod(1 - p) over the vertebrae found"
                       if heads == {False} else "mean of patient heads and 1 - prod(1 - p) over the vertebrae found")
-    per_run, start = {}, 0
+    per_run, run_weights, start = {}, {}, 0
     for key, run in grouped.items():
         share = np.asarray(model_weights[start:start + len(run)])[:, None]
         per_run[key] = to_probs((share * values[start:start + len(run)]).sum(0) / share.sum())
+        run_weights[key] = float(share.sum())
         start += len(run)
+    calibrations = {key: read_calibration(key) for key in grouped}
+    calibrated = [key for key, cal in calibrations.items() if cal is not None]
+    if calibrated:  # each run's fold mean through its own calibration, then the runs combined as before
+        for key in calibrated:
+            per_run[key] = apply_calibration(per_run[key], calibrations[key])
+        space = _logit if mean == "logit" else np.asarray
+        combined = sum(run_weights[key] * space(per_run[key]) for key in grouped)
     return {"probs": np.asarray(to_probs(combined), dtype=np.float64), "found": found, "missing": missing,
-            "patient_source": patient_source,
+            "patient_source": patient_source, "calibrated_runs": calibrated,
             "models": [{"run": run_key(m), "fold": m.fold, "probs": to_probs(v)} for m, v in zip(models, values)],
             "runs": per_run,
             "timing": {"crop_s": round(t1 - t0, 4), "classify_s": round(time.perf_counter() - t1, 4)}}

@@ -109,3 +109,23 @@ def test_kit_export_command_line(runs, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "demo_cls: task cls, folds [0, 1]" in printed and "demo_seg: task seg, folds [0, 1, 2]" in printed
     assert "10 files with SHA-256" in printed
+
+
+def test_a_run_calibration_travels_with_the_export_and_is_checked(runs, tmp_path):
+    import shutil
+
+    from kit.calibration import read_calibration, write_calibration
+    from kit.constants import TARGETS
+    from kit.export import verify_run
+
+    run = tmp_path / "runs" / "demo_cls"
+    shutil.copytree(runs["cls"], run)
+    calibration = {t: {"a": 0.5, "b": -1.0} for t in TARGETS}
+    write_calibration(run, calibration)
+    out = tmp_path / "export"
+    manifest = export_runs([run / "fold1"], out)  # one fold: the run's calibration still goes along
+    assert "demo_cls/calibration.json" in manifest["files"]
+    assert read_calibration(out / "demo_cls") == calibration and verify_run(out / "demo_cls", [1])
+    (out / "demo_cls" / "calibration.json").write_text("{}")
+    with pytest.raises(ChecksumError, match="calibration.json"):
+        verify_run(out / "demo_cls", [1])

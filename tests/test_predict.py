@@ -281,3 +281,27 @@ def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_
 def test_submit_needs_both_stages(trained, synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="lack a segmenter run"):
         submit(synthetic_root, [trained["cls"]], tmp_path / "s.csv", devices=["cpu"], progress=False)
+
+
+def test_a_calibrated_run_maps_its_fold_mean_before_the_runs_are_combined(trained, segmented, tmp_path):
+    from kit.calibration import apply_calibration, write_calibration
+    from kit.constants import TARGETS
+
+    series, seg = segmented
+    run = tmp_path / "demo_cls"
+    shutil.copytree(trained["cls"], run)
+    plain = infer.predict_study(series, load_runs([run, trained["patient"]]), seg=seg)
+    assert plain["calibrated_runs"] == []
+    calibration = {t: {"a": 0.5, "b": -1.0} for t in TARGETS}
+    write_calibration(run, calibration)
+    calibrated = infer.predict_study(series, load_runs([run, trained["patient"]]), seg=seg)
+    assert len(calibrated["calibrated_runs"]) == 1
+    cls_key = calibrated["calibrated_runs"][0]
+    assert Path(cls_key).name == "demo_cls"
+    patient_key = next(k for k in calibrated["runs"] if k != cls_key)
+    np.testing.assert_allclose(calibrated["runs"][cls_key], apply_calibration(plain["runs"][cls_key], calibration),
+                               atol=1e-12)
+    np.testing.assert_allclose(calibrated["runs"][patient_key], plain["runs"][patient_key], atol=1e-12)
+    # the two runs weigh 1/2 each, as without calibration
+    np.testing.assert_allclose(calibrated["probs"], (calibrated["runs"][cls_key] + plain["runs"][patient_key]) / 2,
+                               atol=1e-12)

@@ -75,8 +75,8 @@ def _case(index: int, line: str):
 
 def test_readme_block_holds_the_pipeline_in_order():
     verbs = [shlex.split(line)[1] for line in COMMANDS]
-    assert verbs == ["synth", "prepare", "train", "train", "segment", "crops", "train", "report", "submit",
-                     "bench", "bench", "bench", "bench"]
+    assert verbs == ["synth", "prepare", "train", "train", "segment", "crops", "train", "report", "calibrate",
+                     "submit", "bench", "bench", "bench", "bench"]
     assert "kit train --config demo_seg --folds 0 1 2 train.epochs=3" in COMMANDS  # the line that once failed
     with pytest.raises(ValueError, match="is not a `kit ...` line"):
         readme_commands("## Command line\n\n```bash\npython -m kit.cli synth\n```\n")
@@ -135,6 +135,10 @@ def check_artefacts(argv: list[str], ws: Path, stdout: str) -> None:
     elif verb == "report":
         reports = list((ws / argv[2]).rglob("report.md"))
         assert reports, f"no report.md under {ws / argv[2]}"
+    elif verb == "calibrate":
+        assert "OOF score" in stdout and "cross-fitted" in stdout
+        written = (ws / argv[2] / "calibration.json").is_file()
+        assert written == ("wrote " in stdout)  # kept only when it helped out of fold, as printed
     elif verb == "bench":
         assert re.search(r"\d", stdout), "a benchmark prints its figures"
 
