@@ -147,7 +147,8 @@ def print_summary(summary: dict) -> None:
 
 def fit_side_by_side(configs) -> None:
     """Train fold configs two at a time: the first of each pair in a spawned process, the second here, each
-    on half of this process's CPU threads (one each on 2 cores); an odd one out trains alone as configured.
+    on half of this process's CPU threads (one each on 2 cores), the second on all of them from its first epoch
+    after the first has finished; an odd one out trains alone as configured. Put the longer run second.
 
     On a small CPU two single-threaded trainings get more done than one after the other on two threads
     (small convolutions do not scale to a second thread: ~1.4x, not 2x). The configs must be independent
@@ -178,8 +179,8 @@ def fit_side_by_side(configs) -> None:
         threads = torch.get_num_threads()
         proc = mp.get_context("spawn").Process(target=fit_fold, args=(half(first, False),))
         proc.start()
-        try:
-            fit_fold(half(second, True))
+        try:  # once the run beside has finished, this one takes every thread from its next epoch on
+            fit_fold(half(second, True), threads=lambda: max(1, threads // 2) if proc.is_alive() else threads)
         except BaseException:  # Ctrl-C or a failure here: stop the other run too (both resume from last.pt)
             proc.terminate()
             raise

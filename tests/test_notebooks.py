@@ -114,6 +114,13 @@ def test_04_oof_evaluation(smoke_runs, tmp_path):
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 3 * len(models)  # ROC, calibration, histograms per run and blend
     assert _images(nb) >= len(pngs)
+    # the calibration cell: kept (calibration.json) exactly where it says so; removed again so that the shared
+    # smoke runs stay as the other tests expect them
+    text = _text(nb)
+    for run in (smoke_runs["cls"], smoke_runs["cls_patient"]):
+        kept = (run / "calibration.json").is_file()
+        assert f"{run}: OOF " in text and (f"kept: {run / 'calibration.json'}" in text) == kept
+        (run / "calibration.json").unlink(missing_ok=True)
 
 
 def test_05_submission(smoke_runs, tmp_path):
