@@ -5,7 +5,7 @@ Why: a classifier trained on a few studies is often overconfident, and the compe
 harder than it rewards skill. Fitted on the OOF predictions (what each fold's model said about studies it never
 saw), the map keeps what ranks well and shrinks what does not towards the weighted prevalence: a model with no
 skill (a ~ 0) then predicts about the prevalence instead of its own noise. The fit is stored beside the folds as
-`<run>/calibration.json` (`kit.demo`, `kit report --calibrate`), and inference applies it to that run's fold mean
+`<run>/calibration.json` (`kit calibrate`, notebook 04, `kit.demo`), and inference applies it to that run's fold mean
 (`kit.infer.classify_study`); `kit export` carries it. Judge it by `cross_fitted` (each fold calibrated by a fit on
 the other folds), never by the in-sample fit.
 """

@@ -341,7 +341,6 @@ class SegSliceDataset(Dataset):
             if end_weight != 1.0:
                 near = end_slices(labels, end_mm, dz)
                 weights.append(np.where(near[zs], end_weight, 1.0))
-        self.end_weight = end_weight
         self.foreground_p = np.concatenate(weights) / np.concatenate(weights).sum() if weights else None
         self.set_epoch(0)
 
