@@ -130,15 +130,17 @@ def default_devices() -> list[str]:
 
 def _check_stages(paths: Sequence[PathLike]) -> None:
     """Fail early, before any worker starts, when the runs cannot make a submission (no classifier or no
-    segmenter), reading each run's config only."""
+    segmenter, or a broken `calibration.json`), reading each run's config and calibration only."""
     import yaml
 
+    from .calibration import read_calibration
     from .config import config_from_dict
 
     provides = set()
     for run_dir, folds in resolve_runs(paths):
         with open(run_dir / f"fold{folds[0]}" / "config.yaml") as f:
             provides.add(type(config_from_dict(yaml.safe_load(f))).provides)
+        read_calibration(run_dir)  # raises, naming the file, rather than failing every study later
     lacking = [name for stage, name in (("vertebra_probs", "a segmenter run"), ("fractures", "a classifier run"))
                if stage not in provides]
     if lacking:

@@ -281,6 +281,13 @@ def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_
 def test_submit_needs_both_stages(trained, synthetic_root, tmp_path):
     with pytest.raises(ValueError, match="lack a segmenter run"):
         submit(synthetic_root, [trained["cls"]], tmp_path / "s.csv", devices=["cpu"], progress=False)
+    # a broken calibration stops the run before any study, naming the file
+    run = tmp_path / "demo_cls"
+    shutil.copytree(trained["cls"], run)
+    (run / "calibration.json").write_text('{"targets": {"C1": {"a": 1, "b": 0}}}')
+    with pytest.raises(ValueError, match="calibration.json: no finite a, b"):
+        submit(synthetic_root, [trained["seg"], run], tmp_path / "s.csv", devices=["cpu"], progress=False)
+    assert not (tmp_path / "s.csv").exists()
 
 
 def test_a_calibrated_run_maps_its_fold_mean_before_the_runs_are_combined(trained, segmented, tmp_path):
