@@ -19,16 +19,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS
+from .constants import TARGETS
+from .metrics import logit, metric_weights, sigmoid
 
 CALIBRATION_FILE = "calibration.json"
-_EPS = 1e-6
+_EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before the logit
 PathLike = str | os.PathLike
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
 
 
 def fit_platt(p: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 1.0,
@@ -37,12 +33,12 @@ def fit_platt(p: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 
 
     The ridge pulls the slope towards 0 (the prevalence) when the OOF gives little evidence of skill.
     """
-    x, y, w = _logit(p), np.asarray(y, dtype=np.float64), np.asarray(weights, dtype=np.float64)
-    theta = np.array([0.0, _logit(np.clip((w * y).sum() / max(w.sum(), 1e-12), _EPS, 1 - _EPS))])
+    x, y, w = logit(p, _EPS), np.asarray(y, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    theta = np.array([0.0, float(logit((w * y).sum() / max(w.sum(), 1e-12), _EPS))])
     design = np.stack([x, np.ones_like(x)], axis=1)
     penalty = np.diag([ridge, 0.0])
     for _ in range(iterations):
-        q = 1.0 / (1.0 + np.exp(-(design @ theta)))
+        q = sigmoid(design @ theta)
         grad = design.T @ (w * (q - y)) + 2 * penalty @ theta
         hess = (design * (w * q * (1 - q))[:, None]).T @ design + 2 * penalty + 1e-9 * np.eye(2)
         step = np.linalg.solve(hess, grad)
@@ -56,11 +52,12 @@ def fit_calibration(oof: pd.DataFrame, ridge: float = 1.0) -> dict:
     """{target: {"a", "b"}} for every target, from an OOF table with TARGETS and `<target>_true` columns
     (`kit.report.load_oof`). Rows with a NaN prediction are left out of that target's fit."""
     out = {}
+    truth = oof[[f"{t}_true" for t in TARGETS]].to_numpy(dtype=float)
+    weights = metric_weights(truth)
     for i, t in enumerate(TARGETS):
-        p, y = oof[t].to_numpy(dtype=float), oof[f"{t}_true"].to_numpy(dtype=float)
+        p = oof[t].to_numpy(dtype=float)
         keep = np.isfinite(p)
-        w = np.where(y[keep] > 0.5, POSITIVE_WEIGHTS[i], NEGATIVE_WEIGHTS[i])
-        a, b = fit_platt(p[keep], y[keep], w, ridge)
+        a, b = fit_platt(p[keep], truth[keep, i], weights[keep, i], ridge)
         out[t] = {"a": round(a, 6), "b": round(b, 6)}
     return out
 
@@ -70,8 +67,7 @@ def apply_calibration(probs: np.ndarray, calibration: dict) -> np.ndarray:
     probs = np.asarray(probs, dtype=np.float64)
     a = np.array([calibration[t]["a"] for t in TARGETS])
     b = np.array([calibration[t]["b"] for t in TARGETS])
-    out = 1.0 / (1.0 + np.exp(-(a * _logit(probs) + b)))
-    return np.where(np.isnan(probs), np.nan, out)
+    return np.where(np.isnan(probs), np.nan, sigmoid(a * logit(probs, _EPS) + b))
 
 
 def cross_fitted(oof: pd.DataFrame, ridge: float = 1.0) -> pd.DataFrame:

@@ -341,7 +341,8 @@ class SegSliceDataset(Dataset):
             if end_weight != 1.0:
                 near = end_slices(labels, end_mm, dz)
                 weights.append(np.where(near[zs], end_weight, 1.0))
-        self.foreground_p = np.concatenate(weights) / np.concatenate(weights).sum() if weights else None
+        weights = np.concatenate(weights) if weights else None
+        self.foreground_p = None if weights is None else weights / weights.sum()
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:

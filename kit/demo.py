@@ -166,8 +166,8 @@ def fit_side_by_side(configs) -> None:
 
     from .train import fit_fold
 
-    def half(cfg, progress: bool):  # half of this process's threads (torch's default: the physical cores)
-        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=max(1, threads // 2),
+    def with_threads(cfg, n: int, progress: bool):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=n,
                                                                   progress=cfg.train.progress and progress))
 
     configs = list(configs)
@@ -176,11 +176,12 @@ def fit_side_by_side(configs) -> None:
             fit_fold(configs[i])
             break
         first, second = configs[i], configs[i + 1]
-        threads = torch.get_num_threads()
-        proc = mp.get_context("spawn").Process(target=fit_fold, args=(half(first, False),))
+        threads = torch.get_num_threads()  # torch's default: the physical cores
+        half = max(1, threads // 2)
+        proc = mp.get_context("spawn").Process(target=fit_fold, args=(with_threads(first, half, False),))
         proc.start()
         try:  # once the run beside has finished, this one takes every thread from its next epoch on
-            fit_fold(half(second, True), threads=lambda: max(1, threads // 2) if proc.is_alive() else threads)
+            fit_fold(with_threads(second, half, True), threads=lambda: half if proc.is_alive() else threads)
         except BaseException:  # Ctrl-C or a failure here: stop the other run too (both resume from last.pt)
             proc.terminate()
             raise

@@ -186,10 +186,11 @@ def export_runs(runs: Sequence[PathLike], out_dir: PathLike) -> dict:
                 shutil.copyfile(source, target / f"fold{fold}" / file)
                 manifest["files"][f"{name}/fold{fold}/{file}"] = {"sha256": sha256_file(target / f"fold{fold}" / file),
                                                                   "bytes": source.stat().st_size}
-        if (run_dir / RUN_FILES[0]).is_file():  # the run's calibration (kit.calibration), fitted on its OOF
-            shutil.copyfile(run_dir / RUN_FILES[0], target / RUN_FILES[0])
-            manifest["files"][f"{name}/{RUN_FILES[0]}"] = {"sha256": sha256_file(target / RUN_FILES[0]),
-                                                          "bytes": (target / RUN_FILES[0]).stat().st_size}
+        for file in RUN_FILES:  # per-run files, when the run has them
+            if (run_dir / file).is_file():
+                shutil.copyfile(run_dir / file, target / file)
+                manifest["files"][f"{name}/{file}"] = {"sha256": sha256_file(target / file),
+                                                       "bytes": (target / file).stat().st_size}
         manifest["runs"][name] = {"task": _task(run_dir / f"fold{min(folds)}" / "config.yaml"),
                                   "folds": sorted(folds), "source": str(run_dir.resolve())}
         log.info("exported %s folds %s -> %s", run_dir, sorted(folds), target)

@@ -37,6 +37,7 @@ from .calibration import apply_calibration, read_calibration
 from .config import ConfigError, config_from_dict
 from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
+from .metrics import logit, sigmoid
 from .results import SegResult
 
 log = logging.getLogger("kit.infer")
@@ -63,6 +64,7 @@ class LoadedModel:
         model_name: registry name given to `create_model`.
         epoch: epoch of the saved weights.
         metric: validation metric of the saved weights.
+        calibration: the run's `calibration.json` (`kit.calibration`), read once by `load_run`; None without one.
     """
 
     model: torch.nn.Module
@@ -72,6 +74,7 @@ class LoadedModel:
     model_name: str
     epoch: int | None = None
     metric: float | None = None
+    calibration: dict | None = None
 
     @property
     def provides(self) -> str:
@@ -129,6 +132,7 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
         FileNotFoundError: no run folder, no checkpoint at all, or a requested fold's `model.pt` is missing.
         RuntimeError: a checkpoint is corrupt, holds a config this kit cannot read, names an unknown model, or
             its weights do not fit the model (the message names the file).
+        ValueError: the run's `calibration.json` lacks a target or holds a non-finite number.
     """
     from .models import create_model
 
@@ -147,6 +151,7 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
         if absent:
             raise FileNotFoundError(f"missing checkpoint(s): {', '.join(absent)}")
     device = torch.device(device)
+    calibration = read_calibration(run_dir)
     loaded = []
     for fold, path in paths.items():
         ckpt = _read_checkpoint(path)
@@ -166,7 +171,7 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
         if config.train.channels_last:
             model.to(memory_format=torch.channels_last)
         loaded.append(LoadedModel(model=model, config=config, fold=fold, path=path, model_name=ckpt["model_name"],
-                                  epoch=ckpt.get("epoch"), metric=ckpt.get("metric")))
+                                  epoch=ckpt.get("epoch"), metric=ckpt.get("metric"), calibration=calibration))
     return loaded
 
 
@@ -521,9 +526,6 @@ MEANS = ("prob", "logit")
 class ClassificationError(RuntimeError):
     """A classifier gave a non-finite output for a study; the message names the study and the checkpoint."""
 
-_EPS = 1e-7  # probabilities are clipped to [eps, 1 - eps] before a logit, so every logit is finite
-
-
 def run_key(m: LoadedModel) -> str:
     """The run a fold model belongs to: its `runs/<config name>` folder (`path.parent.parent`)."""
     return str(Path(m.path).parent.parent)
@@ -562,15 +564,6 @@ def _model_weights(runs: dict[str, list[LoadedModel]], weights) -> list[float]:
     flat = [w / len(runs[k]) for k, w in zip(keys, per_run) for _ in runs[k]]
     total = sum(flat)
     return [w / total for w in flat]
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
-    return np.log(p) - np.log1p(-p)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
 
 
 def _is_per_study(m: LoadedModel) -> bool:
@@ -617,14 +610,14 @@ def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None
     if mean == "logit":
         vertebrae = vertebra_logits.mean(0)
         patient = patient_logits.mean() if patient_logits is not None else None
-        p_vertebrae = _sigmoid(vertebrae)
+        p_vertebrae = sigmoid(vertebrae)
     else:
-        vertebrae = _sigmoid(vertebra_logits).mean(0)
-        patient = _sigmoid(patient_logits).mean() if patient_logits is not None else None
+        vertebrae = sigmoid(vertebra_logits).mean(0)
+        patient = sigmoid(patient_logits).mean() if patient_logits is not None else None
         p_vertebrae = vertebrae
     if patient is None or not found.any():
         patient_p = 1.0 - np.prod(1.0 - p_vertebrae[found]) if found.any() else np.nan
-        patient = _logit(patient_p) if mean == "logit" and found.any() else patient_p
+        patient = logit(patient_p) if mean == "logit" and found.any() else patient_p
     return np.concatenate([[patient], vertebrae])
 
 
@@ -658,8 +651,9 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         amp: autocast on CUDA (default on there; CPU runs float32).
         uid: study name for messages.
 
-    A run folder holding `calibration.json` (`kit.calibration`, fitted on the run's OOF predictions) has its
-    folds' mean mapped through it before the runs are combined; `calibrated_runs` lists those runs.
+    A run loaded with a `calibration.json` (`kit.calibration`, fitted on the run's OOF predictions;
+    `LoadedModel.calibration`) has its folds' mean mapped through it before the runs are combined;
+    `calibrated_runs` lists those runs.
 
     Returns:
         `probs` float64 (8,) TARGETS order, NaN where there is no answer; `found` bool (7,); `missing`
@@ -707,7 +701,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
             values[i] = _model_values(vertebra_logits, patient_logits, found, mean)
     w = np.asarray(model_weights)[:, None]
     combined = (w * values).sum(0)
-    to_probs = _sigmoid if mean == "logit" else np.asarray
+    to_probs = sigmoid if mean == "logit" else np.asarray
     heads = {_is_per_study(m) for m in models}
     patient_source = ("patient head" if heads == {True} else "1 - prod(1 - p) over the vertebrae found"
                       if heads == {False} else "mean of patient heads and 1 - prod(1 - p) over the vertebrae found")
@@ -717,12 +711,11 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         per_run[key] = to_probs((share * values[start:start + len(run)]).sum(0) / share.sum())
         run_weights[key] = float(share.sum())
         start += len(run)
-    calibrations = {key: read_calibration(key) for key in grouped}
-    calibrated = [key for key, cal in calibrations.items() if cal is not None]
+    calibrated = [key for key, run in grouped.items() if run[0].calibration is not None]
     if calibrated:  # each run's fold mean through its own calibration, then the runs combined as before
         for key in calibrated:
-            per_run[key] = apply_calibration(per_run[key], calibrations[key])
-        space = _logit if mean == "logit" else np.asarray
+            per_run[key] = apply_calibration(per_run[key], grouped[key][0].calibration)
+        space = logit if mean == "logit" else np.asarray
         combined = sum(run_weights[key] * space(per_run[key]) for key in grouped)
     return {"probs": np.asarray(to_probs(combined), dtype=np.float64), "found": found, "missing": missing,
             "patient_source": patient_source, "calibrated_runs": calibrated,

@@ -109,6 +109,17 @@ def align_predictions(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
     return t, p
 
 
+def logit(p, eps: float = 1e-7) -> np.ndarray:
+    """log(p / (1 - p)) in float64, p clipped to [eps, 1 - eps] so that every logit is finite."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(x) -> np.ndarray:
+    """1 / (1 + exp(-x)) in float64."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
 def metric_weights(y_true: np.ndarray) -> np.ndarray:
     """(N, 8) metric weight of each label: `POSITIVE_WEIGHTS` where 1, `NEGATIVE_WEIGHTS` where 0."""
     y = np.asarray(y_true, dtype=np.float64)
