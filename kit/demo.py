@@ -130,10 +130,14 @@ def print_summary(summary: dict) -> None:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     s = summary.get("seconds", {})
+    ceilings = summary.get("oof_ceilings") or {}
+    plain = [v for k, v in ceilings.items() if "hairline" not in k]
+    ceiling = f"{plain[-1]:.4f}" if plain else "–"
     rows = [
         ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),
         ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
         ("classifier OOF score", fig("oof_score", 4), f"<= 0.5 x baseline {fig('baseline_score', 4)}"),
+        ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.report.score_ceilings)"),
         ("attention hit rate", fig("attention_hit_rate"), ">= 0.70"),
         ("test score", fig("test_score", 4), f"< baseline {fig('test_baseline_score', 4)}"),
         ("seconds: data / stage 1 / stage 2 / submission / total",
@@ -368,6 +372,8 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         hits = attention_hit_rate(raw.drop_duplicates("StudyInstanceUID"), base.data.crop_dir, read_answers(answers_dir))
         out["attention_hit_rate"] = round(hits["attention_hit_rate"], 4) if hits["n_detected"] else None
         out["attention_detected_boxed"] = f"{hits['n_detected']} of {hits['n_boxed']}"
+        if report.get("ceilings"):  # the score a perfect detector of the plainest kinds would reach
+            out["oof_ceilings"] = {r["found"]: round(float(r["score"]), 4) for r in report["ceilings"]}
         if report.get("recall"):
             out["recall_by_kind"] = {r["kind"]: round(float(r[name]), 3) for r in report["recall"]["kind"]}
             out["recall_by_subtlety"] = {str(r["subtlety"]): round(float(r[name]), 3)

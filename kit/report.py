@@ -15,7 +15,8 @@
   probabilities named exactly as TARGETS (`patient_overall, C1..C7`) and the 8 labels as `<target>_true`.
   Optional: `fold<k>/oof_summary.json` with `train_prevalence` (the training folds' prevalence of each target,
   written by `kit.tasks.ClsTask`) for the baseline from the training folds; on synthetic data, the generator's
-  answers (`<answers_dir>/fractures.csv`) for the recall by fracture kind and subtlety.
+  answers (`<answers_dir>/fractures.csv`) for the recall by fracture kind and subtlety and the score a perfect
+  detector of the plainest kinds would reach (`score_ceilings`).
 
 Each report writes `report.md`, `report.json` and PNGs (by default in the run folder) and returns what it wrote
 and its numbers. Every fold folder also holds `log.csv` (epoch, train_loss, val_loss, val_<metric>, lr,
@@ -406,6 +407,48 @@ def fracture_recall(oof: pd.DataFrame, answers: pd.DataFrame, preds: dict[str, n
     return out
 
 
+
+CEILING_KINDS = ("displaced", "compression", "cleft", "hairline")  # the generator's kinds, plainest first
+
+
+def score_ceilings(uids: Sequence[str], y: np.ndarray, answers: pd.DataFrame,
+                   kinds: Sequence[str] = CEILING_KINDS) -> pd.DataFrame:
+    """What a perfect detector of some fracture kinds would score on these studies (synthetic data): the
+    ceiling of a classifier that cannot see the other kinds.
+
+    For the first 1, 2, ... of `kinds`: every vertebra with a fracture of those kinds (in `answers`) gets
+    p = 1 - 1e-4, and so does patient_overall of its study; every other vertebra (and patient) gets the
+    share of fractured ones among the others, the best constant there (in-sample: a ceiling, not a model).
+
+    Args:
+        uids: the studies, in the row order of `y`.
+        y: (N, 8) labels in TARGETS order.
+        answers: `read_answers` output.
+        kinds: fracture kinds, added one at a time.
+
+    Returns:
+        one row per step: `found` (the kinds found, joined by " + "), `score` (row-normalised competition
+        score), `fractures_found` / `fractures` (answer rows of these studies).
+    """
+    y = np.asarray(y, dtype=np.float64)
+    row_of = {u: i for i, u in enumerate(uids)}
+    rows = answers[answers[UID].isin(row_of)]
+    index = rows[UID].map(row_of).to_numpy()
+    column = rows["vertebra"].map(TARGETS.index).to_numpy()
+    out = []
+    for k in range(1, len(kinds) + 1):
+        found = np.zeros_like(y, dtype=bool)
+        hit = rows["kind"].isin(kinds[:k]).to_numpy()
+        found[index[hit], column[hit]] = True
+        found[:, 0] = found[:, 1:].any(axis=1)
+        p = np.empty_like(y)
+        for c in range(y.shape[1]):
+            rest = ~found[:, c]
+            p[:, c] = np.where(found[:, c], 1.0 - 1e-4, y[rest, c].mean() if rest.any() else 0.5)
+        out.append({"found": " + ".join(kinds[:k]), "score": competition_score(y, p.clip(1e-4, 1 - 1e-4)),
+                    "fractures_found": int(hit.sum()), "fractures": len(rows)})
+    return pd.DataFrame(out)
+
 # ---------------------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------------------
@@ -604,6 +647,15 @@ def _markdown(result: dict, slug: dict) -> str:
             rows = [[str(r[by]), str(int(r["fractures"]))] + [_f(r[n], 3) for n in models] for r in table]
             lines += [_table([by, "fractures", *models], rows), ""]
 
+    ceilings = result.get("ceilings")
+    if ceilings:
+        lines += ["## Ceiling: a perfect detector of some fracture kinds (synthetic answers)", "",
+                  "The score if every fracture of these kinds were found (p = 1 - 1e-4 for its vertebra and its "
+                  "study) and every other vertebra got the best constant (in-sample): what a classifier that "
+                  "cannot see the remaining kinds could reach at most. Compare with the scores above.", ""]
+        rows = [[r["found"], f"{r['fractures_found']} of {r['fractures']}", _f(r["score"])] for r in ceilings]
+        lines += [_table(["kinds found", "fractures found", "score"], rows), ""]
+
     lines += ["## Plots", ""]
     for name in models:
         lines += [f"### {name}", ""]
@@ -709,9 +761,11 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
     models = {n: _model_summary(y, p, folds[n]) for n, p in preds.items()}
     fold_prev = train_fold_prevalence(run_dirs[0], oofs[names[0]])
     fair = train_fold_baseline(y, folds[names[0]], fold_prev)
-    recall = None
+    recall = ceilings = None
     if answers_dir is not None:
-        recall = fracture_recall(aligned[names[0]].reset_index(), read_answers(answers_dir), preds)
+        answers = read_answers(answers_dir)
+        recall = fracture_recall(aligned[names[0]].reset_index(), answers, preds)
+        ceilings = score_ceilings(uids, y, answers)
 
     if out_dir is None:
         out_dir = run_dirs[0] if len(run_dirs) == 1 else Path("reports") / "+".join(_slug(n) for n in names)
@@ -735,6 +789,7 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         "blend_weights": blend_weights,
         "pngs": [str(p) for p in pngs],
         "recall": None if recall is None else {k: t.to_dict(orient="records") for k, t in recall.items()},
+        "ceilings": None if ceilings is None else ceilings.to_dict(orient="records"),
         "answers_dir": None if answers_dir is None else str(answers_dir),
     }
     md_path = out_dir / "report.md"
@@ -755,7 +810,8 @@ def oof_tables(result: dict) -> dict[str, pd.DataFrame]:
         "per_target": rows TARGETS: prevalence, the baselines' and each model's contribution to the row score
         (`<model>` columns) and AUC (`AUC <model>`); "per_fold": the row score of each model and baseline per
         fold (columns "fold k"); "blend_weights": the fitted blend's weight per run (empty with one run);
-        with the generator's answers, "recall_kind" and "recall_subtlety" (share of fractures detected).
+        with the generator's answers, "recall_kind" and "recall_subtlety" (share of fractures detected) and
+        "ceilings" (`score_ceilings`: the score of a perfect detector of the plainest kinds).
     """
     base, fair, models = result["baseline"], result.get("baseline_from_train_folds"), result["models"]
     reference = fair if fair is not None else base
@@ -787,6 +843,8 @@ def oof_tables(result: dict) -> dict[str, pd.DataFrame]:
               "blend_weights": pd.Series(result.get("blend_weights") or {}, name="weight", dtype=float)}
     for by, records in (result.get("recall") or {}).items():
         tables[f"recall_{by}"] = pd.DataFrame(records)
+    if result.get("ceilings"):
+        tables["ceilings"] = pd.DataFrame(result["ceilings"])
     return tables
 
 

@@ -13,6 +13,7 @@ import yaml
 from kit.constants import TARGETS, TRAIN_PREVALENCE
 from kit.metrics import competition_score, prevalence_baseline
 from kit.report import (
+    CEILING_KINDS,
     FITTED_BLEND,
     MEAN_BLEND,
     fit_blend_weights,
@@ -24,6 +25,7 @@ from kit.report import (
     read_answers,
     run_report,
     run_task,
+    score_ceilings,
     seg_report,
 )
 
@@ -438,6 +440,7 @@ def test_recall_by_fracture_kind_and_subtlety(tmp_path):
     md = Path(result["report_md"]).read_text()
     assert "## Recall by fracture" in md and "| compression | 2 | 1.000 |" in md
     assert oof_report(run)["recall"] is None  # no answers, no recall
+    assert "## Ceiling: a perfect detector" in md and len(result["ceilings"]) == len(CEILING_KINDS)
 
     # numeric subtlety with many values: equal-count bins named by their ranges
     rows = read_answers(answers).iloc[:4]
@@ -517,3 +520,23 @@ def test_find_answers_dir_and_score_test_submission(tmp_path):
     prevalence = train[list(TARGETS)].mean().to_numpy()
     assert scores["test_baseline_score"] == pytest.approx(
         competition_score(test[list(TARGETS)].to_numpy(), np.tile(prevalence, (10, 1))))
+
+
+def test_score_ceilings_by_hand():
+    uids = ["s0", "s1", "s2", "s3"]
+    y = np.zeros((4, 8))
+    y[0, [0, 1]] = 1  # s0: C1, displaced
+    y[1, [0, 5]] = 1  # s1: C5, a hairline
+    answers = pd.DataFrame({UID: ["s0", "s1", "other"], "vertebra": ["C1", "C5", "C2"],
+                            "kind": ["displaced", "hairline", "cleft"]})
+    table = score_ceilings(uids, y, answers, kinds=("displaced", "hairline"))
+    assert table["found"].tolist() == ["displaced", "displaced + hairline"]
+    assert table["fractures_found"].tolist() == [1, 2] and table["fractures"].tolist() == [2, 2]
+    # displaced found: s0's C1 and patient sure; the rest the share fractured among the others
+    p = np.zeros((4, 8))
+    p[:, 0] = [1 - 1e-4, 1 / 3, 1 / 3, 1 / 3]
+    p[:, 1] = [1 - 1e-4, 0, 0, 0]
+    p[:, 5] = 0.25
+    assert table["score"][0] == pytest.approx(competition_score(y, p.clip(1e-4, 1 - 1e-4)))
+    assert 0.1 < table["score"][0] < prevalence_baseline(y)[0]
+    assert table["score"][1] < 1e-3  # every fracture found: the labels themselves
