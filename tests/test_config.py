@@ -71,6 +71,9 @@ def test_bad_values_raise():
         load_config("demo_seg", **{"data.slice_offsets_mm": [5.0, 0.0, -5.0]})
     with pytest.raises(ConfigError, match=r"data\.fold=5 must be in 0\.\.4"):
         load_config("demo_seg", **{"data.fold": 5})
+    with pytest.raises(ConfigError, match=r"data\.augment\.crop=72 must be a multiple of the segmenter's stride 16.*64 or 80"):
+        load_config("demo_seg", **{"data.augment.crop": 72})
+    assert load_config("demo_seg", **{"data.augment.crop": 72, "model.encoder_depth": 3}).data.augment.crop == 72
     with pytest.raises(ConfigError, match="is a section"):
         load_config("demo_seg", train=3)
     with pytest.raises(FileNotFoundError, match="packaged: .*demo_seg"):
