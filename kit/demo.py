@@ -216,13 +216,13 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         counted as the study's slice count: `kit.metrics.z_range_errors`), the per-vertebra
         figures behind both, the same two figures without the level model (`seg_alone_*`) or, for a
         level-conditioned segmenter (`data.level_input`), given the true level ranges instead of the level
-        model's (`seg_true_levels_*`: what a perfect level model would give), `seg_train_seconds`
+        model's (`seg_true_levels_*`: what a perfect level model would give; read from the segmenter's own
+        validation, `fold<k>/oof.csv`, which segments the same studies that way), `seg_train_seconds`
         (training both models) and `seg_seconds` (training and scoring).
     """
     from .cache import load_cached
     from .config import load_config
     from .data import split_segmentation_studies
-    from .slices import true_presence
     from .infer import load_run
     from .train import fit_fold
 
@@ -255,11 +255,10 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         for uid in split_segmentation_studies(cfg.data)[1]:
             cached = load_cached(cache_dir, uid)
             _score_study(cached, models, level_models, uid, fold, *rows["fused"])
-            if conditioned:
-                truth = true_presence(cached["mask"])
-                _score_study(cached, models, truth, uid, fold, *rows["alone"])
-            elif level_models:
+            if not conditioned and level_models:
                 _score_study(cached, models, [], uid, fold, *rows["alone"])
+        if conditioned:  # the trainer's validation segmented the same studies given their true level ranges
+            _validation_rows(cfg.run_dir / "oof.csv", fold, *rows["alone"])
     run_root = base.run_dir.parent
     out = _seg_figures(*rows["fused"], run_root, "")
     if rows["alone"][0]:
@@ -285,6 +284,19 @@ def _score_study(cached: dict, models, level_models, uid: str, fold: int, dice_r
         if np.isfinite(errors[name]):
             z_rows.append({"StudyInstanceUID": uid, "vertebra": name, "error": errors[name],
                            "missed": not result.extents.get(name)})
+
+
+def _validation_rows(oof_csv: Path, fold: int, dice_rows: list, z_rows: list) -> None:
+    """Append the Dice and z-range errors of a segmenter fold's own validation (`oof.csv`, written by
+    `kit.tasks.SegTask`: its held-out studies segmented given their true level ranges) in `_score_study`'s rows."""
+    table = pd.read_csv(oof_csv, dtype={"StudyInstanceUID": str})
+    for _, r in table.iterrows():
+        dice_rows.append({"StudyInstanceUID": r["StudyInstanceUID"], "fold": fold,
+                          **{v: r[f"dice_{v}"] for v in VERTEBRAE}, "mean": r["dice_mean"]})
+        for name in VERTEBRAE:
+            if np.isfinite(r[f"zerr_{name}"]):  # a missed vertebra counts as the study's slice count
+                z_rows.append({"StudyInstanceUID": r["StudyInstanceUID"], "vertebra": name,
+                               "error": r[f"zerr_{name}"], "missed": r[f"zerr_{name}"] >= r["slices"]})
 
 
 def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> dict:

@@ -46,6 +46,29 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
     for fold in (0, 1):
         run = tmp_path / "runs" / "demo_seg" / f"fold{fold}"
         assert (run / "model.pt").is_file() and json.loads((run / "oof_summary.json").read_text())["fold"] == fold
+    # the true-level figures come from the segmenter's own validation: the same as segmenting each held-out
+    # study given its true level ranges (up to the float16 of the stored probabilities)
+    import pandas as pd
+
+    from kit.cache import load_cached
+    from kit.demo import _score_study
+    from kit.infer import load_run
+    from kit.slices import true_presence
+
+    from_validation = pd.read_csv(tmp_path / "runs" / "demo_seg" / "oof_dice_true_levels.csv", dtype=str)
+    z_validation = pd.read_csv(tmp_path / "runs" / "demo_seg" / "oof_z_errors_true_levels.csv", dtype=str)
+    for fold, group in from_validation.groupby("fold"):
+        models = load_run(tmp_path / "runs" / "demo_seg", folds=[int(fold)])
+        for uid in group["StudyInstanceUID"]:
+            cached = load_cached(cache, uid)
+            dice_rows, z_rows = [], []
+            _score_study(cached, models, true_presence(cached["mask"]), uid, int(fold), dice_rows, z_rows)
+            row = group.set_index("StudyInstanceUID").loc[uid]
+            assert np.allclose([dice_rows[0][v] for v in VERTEBRAE], row[list(VERTEBRAE)].astype(float),
+                               atol=2e-3, equal_nan=True)
+            mine = {r["vertebra"]: r["error"] for r in z_rows}
+            theirs = z_validation[z_validation["StudyInstanceUID"] == uid].set_index("vertebra")["error"].astype(float)
+            assert mine == theirs.to_dict()
 
     runs = tmp_path / "runs"
     cls = run_classifier_stage(synthetic_root, tmp_path / "folds.csv", default_answers_dir(synthetic_root),
