@@ -407,7 +407,6 @@ def fracture_recall(oof: pd.DataFrame, answers: pd.DataFrame, preds: dict[str, n
     return out
 
 
-
 CEILING_KINDS = ("displaced", "compression", "cleft", "hairline")  # the generator's kinds, plainest first
 
 
@@ -418,7 +417,7 @@ def score_ceilings(uids: Sequence[str], y: np.ndarray, answers: pd.DataFrame,
 
     For the first 1, 2, ... of `kinds`: every vertebra with a fracture of those kinds (in `answers`) gets
     p = 1 - 1e-4, and so does patient_overall of its study; every other vertebra (and patient) gets the
-    share of fractured ones among the others, the best constant there (in-sample: a ceiling, not a model).
+    share of fractured ones among those others, their prevalence (in-sample: a ceiling, not a model).
 
     Args:
         uids: the studies, in the row order of `y`.
@@ -448,6 +447,7 @@ def score_ceilings(uids: Sequence[str], y: np.ndarray, answers: pd.DataFrame,
         out.append({"found": " + ".join(kinds[:k]), "score": competition_score(y, p.clip(1e-4, 1 - 1e-4)),
                     "fractures_found": int(hit.sum()), "fractures": len(rows)})
     return pd.DataFrame(out)
+
 
 # ---------------------------------------------------------------------------------------------------------
 # Plots
@@ -651,7 +651,7 @@ def _markdown(result: dict, slug: dict) -> str:
     if ceilings:
         lines += ["## Ceiling: a perfect detector of some fracture kinds (synthetic answers)", "",
                   "The score if every fracture of these kinds were found (p = 1 - 1e-4 for its vertebra and its "
-                  "study) and every other vertebra got the best constant (in-sample): what a classifier that "
+                  "study) and every other vertebra the prevalence among the rest (in-sample): what a classifier that "
                   "cannot see the remaining kinds could reach at most. Compare with the scores above.", ""]
         rows = [[r["found"], f"{r['fractures_found']} of {r['fractures']}", _f(r["score"])] for r in ceilings]
         lines += [_table(["kinds found", "fractures found", "score"], rows), ""]
