@@ -130,9 +130,10 @@ def print_summary(summary: dict) -> None:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     s = summary.get("seconds", {})
-    ceilings = summary.get("oof_ceilings") or {}
-    plain = [v for k, v in ceilings.items() if "hairline" not in k]
-    ceiling = f"{plain[-1]:.4f}" if plain else "–"
+    from .report import CEILING_KINDS
+
+    plain = (summary.get("oof_ceilings") or {}).get(" + ".join(CEILING_KINDS[:-1]))  # all kinds but hairlines
+    ceiling = "–" if plain is None else f"{plain:.4f}"
     rows = [
         ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),
         ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
