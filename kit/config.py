@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -614,6 +615,8 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{path} must be an integer; got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # PyYAML (YAML 1.1) reads `lr: 5e-3` as the string '5e-3'
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number; got {value!r}")
         return float(value)
@@ -624,6 +627,9 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{path} must be a string; got {value!r}")
         return value
     raise ConfigError(f"{path}: unsupported annotation {hint}")
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # `1e-3`: a float YAML 1.1 leaves a string
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -80,6 +80,18 @@ def test_bad_values_raise():
         load_config("no_such_config")
 
 
+def test_yaml11_exponent_floats_are_numbers(tmp_path):
+    # PyYAML reads `lr: 5e-3` (no dot) as the string '5e-3'; a float field takes it as the number
+    (tmp_path / "mine.yaml").write_text("optim:\n  lr: 5e-3\n  weight_decay: 1E-2\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg.optim.lr == 0.005 and cfg.optim.weight_decay == 0.01
+    assert yaml.safe_load("lr: 5e-3")["lr"] == "5e-3"  # the quirk this guards against
+    with pytest.raises(ConfigError, match="optim.lr must be a number; got 'fast'"):
+        load_config("demo_seg", **{"optim.lr": "fast"})
+    with pytest.raises(ConfigError, match="train.epochs must be an integer"):
+        load_config("demo_seg", **{"train.epochs": "1e1"})  # ints stay strict
+
+
 def test_objects_are_fresh():
     a, b = load_config("demo_seg"), load_config("demo_seg")
     a.train.epochs = 99
