@@ -345,6 +345,8 @@ class LevelDataConfig:
         z_jitter: training stretches the step by a random factor in 1 +- z_jitter (necks differ in height;
             the model must count levels, not millimetres).
         num_workers: DataLoader worker processes.
+        tta_flip: validation and inference average the model's presence over each study and its left-right
+            mirror (training flips half its windows); off: the study as it is.
     """
 
     data_root: str = "data"
@@ -361,6 +363,7 @@ class LevelDataConfig:
     repeats: int = 4
     z_jitter: float = 0.15
     num_workers: int = 0
+    tta_flip: bool = True
 
 
 @dataclass

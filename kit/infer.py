@@ -38,6 +38,7 @@ from .config import ConfigError, config_from_dict
 from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
 from .metrics import logit, sigmoid
+from .models.level import level_presence_probs
 from .results import SegResult
 
 log = logging.getLogger("kit.infer")
@@ -372,7 +373,7 @@ def predict_levels(image: np.ndarray, dz: float | None, models: Sequence[LoadedM
         grid = recipe.grid(z, dz)
         x = _to_model(recipe.inputs(recipe.resize(image), grid), m, dev)
         with torch.inference_mode():
-            p = torch.sigmoid(m.model(x[None])[0].float()).cpu().numpy()  # (T, 7)
+            p = level_presence_probs(m.model, x[None], recipe.tta_flip)[0].cpu().numpy()  # (T, 7)
         if np.isnan(p).any():
             raise SegmentationError(f"study {uid}: NaN in the output of level model {m.path}")
         for c in range(len(VERTEBRAE)):

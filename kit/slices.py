@@ -260,16 +260,19 @@ class LevelRecipe:
         slice_mm: spacing of the steps along the study.
         neighbours: n; each step sees 2n+1 steps as channels.
         image_size: in-plane size.
+        tta_flip: the model's presence is the mean over the study and its left-right mirror
+            (`kit.models.level.level_presence_probs`).
     """
 
     slice_mm: float
     neighbours: int
     image_size: int
+    tta_flip: bool = True
 
     @classmethod
     def from_config(cls, data) -> LevelRecipe:
         """From a `kit.config.LevelDataConfig`."""
-        return cls(float(data.slice_mm), int(data.neighbours), int(data.image_size))
+        return cls(float(data.slice_mm), int(data.neighbours), int(data.image_size), bool(data.tta_flip))
 
     @property
     def n_channels(self) -> int:

@@ -36,6 +36,7 @@ from torch import nn
 from . import data as kdata
 from .constants import TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
+from .models.level import level_presence_probs
 from .slices import LevelRecipe, SegRecipe, true_presence
 
 log = logging.getLogger("kit.tasks")
@@ -207,7 +208,8 @@ class LevelTask:
         for uid in uids:
             sample = self.held_out[self.held_out_index[uid]]
             with autocast():
-                logits = model(sample["image"][None].to(device))[0].float()
+                probs = level_presence_probs(model, sample["image"][None].to(device), self.recipe.tta_flip)[0]
+            logits = torch.logit(probs, eps=1e-6)
             target = sample["target"].to(device)
             loss_sum += float(level_loss(logits, target, sample["mask"].to(device)))
             count += 1

@@ -400,14 +400,20 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
     study = cached(vol)
     presence = infer.predict_levels(vol, 1.0, levels)
     assert presence.shape == (7, len(vol)) and ((presence > 0) & (presence < 1)).all()
-    # at the model's own steps (every 2nd slice) the presence is the model's sigmoid on the stacked steps
-    assert levels[0].provides == "levels"
+    # at the model's own steps (every 2nd slice) the presence is the model's sigmoid on the stacked steps, the
+    # mean of the study's and its left-right mirror's (data.tta_flip, on by default)
+    assert levels[0].provides == "levels" and levels[0].recipe.tta_flip
     grid = np.arange(0, len(vol), 2)
     steps = np.clip(np.arange(len(grid))[:, None] + np.arange(-1, 2), 0, len(grid) - 1)
     with torch.no_grad():
         x = torch.from_numpy(vol[grid[steps]]).float()[None] / 255.0
         direct = torch.sigmoid(levels[0].model(x))[0].numpy()
-    np.testing.assert_allclose(presence[:, grid], direct.T, atol=1e-5)
+        mirrored = torch.sigmoid(levels[0].model(x.flip(-1)))[0].numpy()
+    assert np.abs(direct - mirrored).max() > 1e-4  # the toy model is not symmetric: the mirror matters
+    np.testing.assert_allclose(presence[:, grid], ((direct + mirrored) / 2).T, atol=1e-5)
+    unflipped = infer.load_run(tmp_path / "level")
+    unflipped[0].config.data.tta_flip = False
+    np.testing.assert_allclose(infer.predict_levels(vol, 1.0, unflipped)[:, grid], direct.T, atol=1e-5)
     plain = infer.segment_study(study, seg, keep_probs=True, uid="plain")
     fused = infer.segment_study(study, seg, keep_probs=True, uid="fused", levels=levels)
     np.testing.assert_allclose(infer.probs_to_float(fused.probs),

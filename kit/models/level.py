@@ -72,6 +72,16 @@ class LevelNet(nn.Module):
         return self.head(out) * real[..., None]
 
 
+def level_presence_probs(model: nn.Module, x: torch.Tensor, tta_flip: bool = True) -> torch.Tensor:
+    """Per-step presence probabilities of a level model on unpadded studies x (B, T, C, H, W) -> (B, T, classes),
+    float32: the sigmoid of its logits, with `tta_flip` the mean of that and of the left-right mirrored input's.
+    Validation (`kit.tasks.LevelTask`) and inference (`kit.infer.predict_levels`) both call this."""
+    probs = torch.sigmoid(model(x).float())
+    if tta_flip:
+        probs = (probs + torch.sigmoid(model(x.flip(-1)).float())) / 2
+    return probs
+
+
 @register_model
 def level_gru(in_channels: int = 3, classes: int = 7, encoder: str = "mobilenetv3_small_050", **kwargs) -> LevelNet:
     """Per-slice level logits for a whole study: x (B, T, in_channels, H, W), optional mask (B, T) -> (B, T, classes)."""
