@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -145,15 +144,14 @@ def _override(token: str) -> str:
     return token
 
 
-_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
 def _parse_value(text: str):
     """An override's value as YAML would read it, minus YAML 1.1's surprises: `1e-3` is a number (not the
     string '1e-3') and only true/false are booleans (`off`, `no`, `on`, `yes` stay strings: `train.amp=off`)."""
     import yaml
 
-    if _NUMBER.fullmatch(text.strip()):
+    from .config import NUMBER
+
+    if NUMBER.fullmatch(text.strip()):
         return float(text) if any(c in text for c in ".eE") else int(text)
     value = yaml.safe_load(text)
     if isinstance(value, bool) and text.strip().lower() not in ("true", "false"):

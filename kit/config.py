@@ -618,8 +618,9 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"{path} must be an integer; got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # PyYAML (YAML 1.1) reads `lr: 5e-3` as the string '5e-3'
+        number = NUMBER.fullmatch(value.strip()) if isinstance(value, str) else None
+        if number and number.group(2):
+            return float(value)  # PyYAML (YAML 1.1) reads `lr: 5e-3` (an exponent, no dot) as the string '5e-3'
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number; got {value!r}")
         return float(value)
@@ -632,7 +633,7 @@ def _check_value(path: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{path}: unsupported annotation {hint}")
 
 
-_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # `1e-3`: a float YAML 1.1 leaves a string
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # a decimal number, group 2 its exponent if any
 
 
 def _nest(overrides: dict[str, Any]) -> dict[str, Any]:
