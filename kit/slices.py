@@ -267,7 +267,7 @@ class LevelRecipe:
     slice_mm: float
     neighbours: int
     image_size: int
-    tta_flip: bool = True
+    tta_flip: bool
 
     @classmethod
     def from_config(cls, data) -> LevelRecipe:

@@ -152,7 +152,8 @@ def test_level_sequence_dataset_windows_pads_and_repeats():
     rng = np.random.default_rng(0)
     long = SegVolume(rng.integers(0, 255, (40, 8, 8), dtype=np.uint8), np.zeros((40, 8, 8), np.uint8), 1.0)
     short = SegVolume(rng.integers(0, 255, (6, 8, 8), dtype=np.uint8), np.ones((6, 8, 8), np.uint8), 2.0)
-    ds = LevelSequenceDataset({"long": long, "short": short}, LevelRecipe(2.0, 1, 8), seq_len=8, repeats=3)
+    ds = LevelSequenceDataset({"long": long, "short": short}, LevelRecipe(2.0, 1, 8, tta_flip=False), seq_len=8,
+                              repeats=3)
     assert len(ds) == 6
     a = ds[0]
     assert a["image"].shape == (8, 3, 8, 8) and a["target"].shape == (8, 7) and a["mask"].sum() == 8
@@ -161,7 +162,7 @@ def test_level_sequence_dataset_windows_pads_and_repeats():
     assert float(b["image"][6:].abs().sum()) == 0.0
     again = ds[0]
     torch.testing.assert_close(a["image"], again["image"])  # same epoch, same draw
-    whole = LevelSequenceDataset({"long": long}, LevelRecipe(2.0, 1, 8), seq_len=None, augment=False)
+    whole = LevelSequenceDataset({"long": long}, LevelRecipe(2.0, 1, 8, tta_flip=False), seq_len=None, augment=False)
     np.testing.assert_allclose(whole[0]["image"][:, 1].numpy(), long.image[::2] / 255.0, atol=1e-6)
 
 

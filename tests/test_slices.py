@@ -81,7 +81,7 @@ def test_planes_are_the_same_from_true_ranges_and_from_a_perfect_level_model():
 
 
 def test_level_recipe_grid_and_inputs():
-    r = LevelRecipe(2.5, 1, 2)
+    r = LevelRecipe(2.5, 1, 2, tta_flip=False)
     assert r.grid(10, 1.0).tolist() == [0, 2, 5, 8]  # 0, 2.5, 5, 7.5 mm -> nearest slices
     assert r.grid(7, 3.0).tolist() == list(range(7))  # never finer than the study
     vol = (np.arange(10)[:, None, None] * np.ones((10, 2, 2))).astype(np.uint8)

@@ -72,7 +72,7 @@ class LevelNet(nn.Module):
         return self.head(out) * real[..., None]
 
 
-def level_presence_probs(model: nn.Module, x: torch.Tensor, tta_flip: bool = True) -> torch.Tensor:
+def level_presence_probs(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
     """Per-step presence probabilities of a level model on unpadded studies x (B, T, C, H, W) -> (B, T, classes),
     float32: the sigmoid of its logits, with `tta_flip` the mean of that and of the left-right mirrored input's.
     Validation (`kit.tasks.LevelTask`) and inference (`kit.infer.predict_levels`) both call this."""
