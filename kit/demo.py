@@ -130,9 +130,9 @@ def print_summary(summary: dict) -> None:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     s = summary.get("seconds", {})
-    from .report import CEILING_KINDS
+    from .report import CEILING_KINDS, ceiling_label
 
-    plain = (summary.get("oof_ceilings") or {}).get(" + ".join(CEILING_KINDS[:-1]))  # all kinds but hairlines
+    plain = (summary.get("oof_ceilings") or {}).get(ceiling_label(CEILING_KINDS[:-1]))  # all kinds but hairlines
     ceiling = "–" if plain is None else f"{plain:.4f}"
     rows = [
         ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),

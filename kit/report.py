@@ -410,6 +410,11 @@ def fracture_recall(oof: pd.DataFrame, answers: pd.DataFrame, preds: dict[str, n
 CEILING_KINDS = ("displaced", "compression", "cleft", "hairline")  # the generator's kinds, plainest first
 
 
+def ceiling_label(kinds: Sequence[str]) -> str:
+    """The `found` label of a `score_ceilings` row (and its key in the demo's `oof_ceilings`)."""
+    return " + ".join(kinds)
+
+
 def score_ceilings(uids: Sequence[str], y: np.ndarray, answers: pd.DataFrame,
                    kinds: Sequence[str] = CEILING_KINDS) -> pd.DataFrame:
     """What a perfect detector of some fracture kinds would score on these studies (synthetic data): the
@@ -444,7 +449,7 @@ def score_ceilings(uids: Sequence[str], y: np.ndarray, answers: pd.DataFrame,
         for c in range(y.shape[1]):
             rest = ~found[:, c]
             p[:, c] = np.where(found[:, c], 1.0 - 1e-4, y[rest, c].mean() if rest.any() else 0.5)
-        out.append({"found": " + ".join(kinds[:k]), "score": competition_score(y, p.clip(1e-4, 1 - 1e-4)),
+        out.append({"found": ceiling_label(kinds[:k]), "score": competition_score(y, p.clip(1e-4, 1 - 1e-4)),
                     "fractures_found": int(hit.sum()), "fractures": len(rows)})
     return pd.DataFrame(out)
 
