@@ -208,3 +208,100 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
     print("x time / x slices near 1: time grows linearly with the number of slices.")
     return {"device": str(device), "threads": threads, "load_average": round(load, 2),
             "weights": "random init (speed only)", "rows": rows}
+
+
+def _training_batch(cfg):
+    """A random training batch shaped as `cfg`'s trainer feeds its model: (model inputs, their sizes in words)."""
+    import torch
+
+    d, bs = cfg.data, cfg.train.batch_size
+    _, kwargs = cfg.model_spec()
+    c = kwargs["in_channels"]
+    if cfg.task == "seg":
+        size = d.augment.crop or d.image_size
+        return (torch.randn(bs, c, size, size),), f"{bs} x {c} x {size}^2"
+    if cfg.task == "level":
+        return (torch.randn(bs, d.seq_len, c, d.image_size, d.image_size),), \
+            f"{bs} x {d.seq_len} steps x {c} x {d.image_size}^2"
+    if cfg.model.name.startswith("cls_patient"):
+        return (torch.randn(bs, 7, d.n_slices, c, d.image_size, d.image_size),), \
+            f"{bs} x 7 x {d.n_slices} x {c} x {d.image_size}^2"
+    return (torch.randn(bs, d.n_slices, c, d.image_size, d.image_size),), \
+        f"{bs} x {d.n_slices} slices x {c} x {d.image_size}^2"
+
+
+def bench_train(config_names: tuple[str, ...] = ("demo_seg", "demo_level", "demo_cls"), *, steps: int = 4,
+                rounds: int = 3, threads: int = 1, seed: int = 0) -> dict:
+    """Seconds per training step (forward, backward, AdamW) of each config's model on CPU, with PyTorch's own
+    depthwise convolutions and with `kit.models.fastconv.DepthwiseConv2d` (what `create_model` builds), side
+    by side in one run.
+
+    The model is built as `kit.train` builds it (kwargs from the config, channels-last when
+    `train.channels_last`), with random weights and a random batch of the config's training shape (the
+    segmenter's crop, the level model's window, the classifier's slices); the loss is the mean output, so the
+    figures time the model, not the data or the task's loss. In each round the two builds take turns, a first
+    step per build is not timed, and each figure is the median step of all rounds; `threads` torch threads
+    (the demo trains its models one thread each, side by side).
+
+    Returns:
+        {"threads", "load_average", "rows": [one dict per config: config, batch, depthwise_layers, native_ms,
+        fast_ms, speedup]}; the table is also printed.
+    """
+    import torch
+
+    from .config import load_config
+    from .models import create_model
+    from .models.fastconv import DepthwiseConv2d
+
+    torch.set_num_threads(threads)
+    rows = []
+    for name in config_names:
+        cfg = load_config(name)
+        model_name, kwargs = cfg.model_spec()
+        torch.manual_seed(seed)
+        inputs, shape = _training_batch(cfg)
+        builds, times = {}, {"native": [], "fast": []}
+        for variant in times:
+            torch.manual_seed(seed)
+            model = create_model(model_name, **kwargs).train()
+            layers = sum(type(m) is DepthwiseConv2d for m in model.modules())
+            if variant == "native":
+                for m in model.modules():
+                    if type(m) is DepthwiseConv2d:
+                        m.__class__ = torch.nn.Conv2d
+            if cfg.train.channels_last:
+                model.to(memory_format=torch.channels_last)
+            builds[variant] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True))
+        xs = tuple(x.contiguous(memory_format=torch.channels_last) if cfg.train.channels_last and x.ndim == 4
+                   else x for x in inputs)
+        print(f"{name}: {model_name} {kwargs['encoder']}, batch {shape}, {layers} depthwise convolutions ...",
+              flush=True)
+
+        def step(model, optim):
+            out = model(*xs)
+            out = out["logit"] if isinstance(out, dict) else out
+            optim.zero_grad(set_to_none=True)
+            out.float().mean().backward()
+            optim.step()
+
+        for _ in range(max(1, rounds)):
+            for variant, (model, optim) in builds.items():
+                step(model, optim)  # not timed
+                for _ in range(max(1, steps)):
+                    t0 = time.perf_counter()
+                    step(model, optim)
+                    times[variant].append(time.perf_counter() - t0)
+        native, fast = (float(np.median(times[v])) * 1000 for v in ("native", "fast"))
+        rows.append({"config": name, "batch": shape, "depthwise_layers": layers, "native_ms": round(native, 1),
+                     "fast_ms": round(fast, 1), "speedup": round(native / fast, 2)})
+        del builds
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nkit bench train: one training step on CPU ({threads} torch thread(s), load average {load:.1f}), "
+          "random weights and inputs; median of all timed steps")
+    header = f"{'config':<14} {'batch':<30} {'depthwise':>9} {'native ms':>10} {'fast ms':>8} {'speed-up':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['config']:<14} {r['batch']:<30} {r['depthwise_layers']:>9} {r['native_ms']:>10.1f} "
+              f"{r['fast_ms']:>8.1f} {r['speedup']:>7.2f}x")
+    return {"threads": threads, "load_average": round(load, 2), "rows": rows}

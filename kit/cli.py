@@ -21,6 +21,7 @@ SMOKE_ARGS: dict[str, dict] = {
     "bench seg": {"configs": ["demo_seg"], "slice_counts": [8, 16, 32]},
     "bench crops": {"quick": True},
     "bench submit": {"quick": True},
+    "bench train": {"steps": 1, "rounds": 1},
     # config overrides appended after the command line's: small crops of few slices
     "crops": {"smoke_overrides": ["data.image_size=32", "data.n_slices=5"]},
 }
@@ -101,6 +102,9 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "seg":
         chosen = {"config_names": args.configs, "slice_counts": args.slice_counts}
         bench.bench_seg(**{k: tuple(v) for k, v in chosen.items() if v})
+    elif args.what == "train":
+        chosen = {"config_names": tuple(args.configs or ()), "steps": args.steps, "rounds": args.rounds}
+        bench.bench_train(**{k: v for k, v in chosen.items() if v})
     elif args.what == "crops":
         from .bench_crops import bench_crops
 
@@ -350,21 +354,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("bench", help="benchmarks: read (DICOM decoding), seg (segment_study), crops (crop building "
-                                     "and loading vs classifier training) or submit (seconds per study by stage, "
-                                     "prefetch, peak RSS, FLOPs)")
-    p.add_argument("what", choices=["read", "seg", "crops", "submit"])
+                                     "and loading vs classifier training), submit (seconds per study by stage, "
+                                     "prefetch, peak RSS, FLOPs) or train (a training step, PyTorch's depthwise "
+                                     "convolutions vs kit's)")
+    p.add_argument("what", choices=["read", "seg", "crops", "submit", "train"])
     p.add_argument("--series-dir", default=None, help="read: an existing series (default: a synthetic one)")
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--configs", nargs="+", default=None,
-                   help="seg: segmenter configs; crops: classifier configs; submit: stage 1 + stage 2 configs "
+                   help="seg: segmenter configs; crops: classifier configs; train: any configs; submit: stage 1 + stage 2 configs "
                         "(defaults: kit.bench*'s)")
     p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg, submit: study lengths to time")
     p.add_argument("--studies", type=int, default=None, help="crops: synthetic studies (default 3)")
     p.add_argument("--memory-configs", nargs="+", default=None,
                    help="submit: configs of the 600-slice memory run (default: the full-scale ones; none: skip it)")
     p.add_argument("--quick", action="store_true", help="crops, submit: a smoke-size run (seconds)")
+    p.add_argument("--steps", type=int, default=None, help="train: timed steps per build and round (default 4)")
+    p.add_argument("--rounds", type=int, default=None, help="train: rounds in which the builds take turns (3)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic dataset")

@@ -142,3 +142,48 @@ def test_level_model_loads_a_local_timm_backbone(tmp_path):
     for key in ("conv_stem.weight", "blocks.1.0.conv_pw.weight"):
         assert torch.equal(model.cnn.state_dict()[key], backbone.state_dict()[key])
 
+
+
+@pytest.mark.parametrize("stride, size, bias, channels_last", [(1, 2, True, True), (1, 4, False, False),
+                                                               (2, 4, True, False), (2, 7, False, True),
+                                                               (1, 9, True, True)])
+def test_fast_depthwise_matches_conv2d(stride, size, bias, channels_last, monkeypatch):
+    """kit.models.fastconv.DepthwiseConv2d: output and every gradient equal nn.Conv2d's (float rounding), on
+    small maps (its own weight gradient) and larger ones (PyTorch's), strided or not, channels-last or not."""
+    from kit.models import fastconv
+    from kit.models.fastconv import SMALL, DepthwiseConv2d, fast_depthwise
+
+    calls = []
+    original = fastconv._DepthwiseFn.apply
+    monkeypatch.setattr(fastconv._DepthwiseFn, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 6, 5, stride=stride, padding=2, groups=6, bias=bias)
+    fast = torch.nn.Sequential(torch.nn.Conv2d(6, 6, 5, stride=stride, padding=2, groups=6, bias=bias))
+    fast[0].load_state_dict(ref.state_dict())
+    assert fast_depthwise(fast) == 1 and type(fast[0]) is DepthwiseConv2d
+    assert list(fast.state_dict()) == ["0." + k for k in ref.state_dict()]
+    x = torch.randn(5, 6, size, size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grads = []
+    for module in (ref, fast):
+        xi = x.clone().requires_grad_(True)
+        out = module(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads.append([out.detach(), xi.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    assert len(calls) == ((size + 4 - 5) // stride + 1 <= SMALL)  # its own route on small outputs only
+
+
+def test_create_model_switches_depthwise_convs_only():
+    """create_model switches a MobileNet's depthwise convolutions and nothing else; the state dict's keys match
+    a plain timm build (weights saved before the switch load after it)."""
+    from kit.models.fastconv import DepthwiseConv2d
+
+    model = create_model("level_gru", in_channels=3, classes=7, **tiny_kwargs("level_gru"))
+    switched = [m for m in model.modules() if type(m) is DepthwiseConv2d]
+    assert switched and all(m.groups == m.in_channels == m.out_channels > 1 for m in switched)
+    assert all(m.groups == 1 for m in model.modules() if type(m) is torch.nn.Conv2d)
+    plain = timm.create_model("mobilenetv3_small_050", pretrained=False, in_chans=3, num_classes=0)
+    assert set(plain.state_dict()) == {k.removeprefix("cnn.") for k in model.state_dict() if k.startswith("cnn.")}

@@ -56,7 +56,7 @@ class LevelNet(nn.Module):
         logits of real steps are those the study gets alone, unpadded, at inference.
         """
         b, t = x.shape[:2]
-        if mask is None:
+        if mask is None or bool(mask.bool().all()):  # no padding: no boolean indexing (a copy) or packing
             features = self.embed(self.cnn(x.flatten(0, 1))).view(b, t, -1)
             return self.head(self.gru(features)[0])
         real = mask.bool()
