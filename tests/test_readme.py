@@ -76,7 +76,7 @@ def _case(index: int, line: str):
 def test_readme_block_holds_the_pipeline_in_order():
     verbs = [shlex.split(line)[1] for line in COMMANDS]
     assert verbs == ["synth", "prepare", "train", "train", "segment", "crops", "train", "report", "calibrate",
-                     "submit", "bench", "bench", "bench", "bench"]
+                     "submit", "bench", "bench", "bench", "bench", "bench"]
     assert "kit train --config demo_seg --folds 0 1 2 train.epochs=3" in COMMANDS  # the line that once failed
     with pytest.raises(ValueError, match="is not a `kit ...` line"):
         readme_commands("## Command line\n\n```bash\npython -m kit.cli synth\n```\n")
