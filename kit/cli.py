@@ -363,8 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--configs", nargs="+", default=None,
-                   help="seg: segmenter configs; crops: classifier configs; train: any configs; submit: stage 1 + stage 2 configs "
-                        "(defaults: kit.bench*'s)")
+                   help="seg: segmenter configs; crops: classifier configs; train: any configs; "
+                        "submit: stage 1 + stage 2 configs (defaults: kit.bench*'s)")
     p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg, submit: study lengths to time")
     p.add_argument("--studies", type=int, default=None, help="crops: synthetic studies (default 3)")
     p.add_argument("--memory-configs", nargs="+", default=None,

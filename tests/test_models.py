@@ -187,3 +187,25 @@ def test_create_model_switches_depthwise_convs_only():
     assert all(m.groups == 1 for m in model.modules() if type(m) is torch.nn.Conv2d)
     plain = timm.create_model("mobilenetv3_small_050", pretrained=False, in_chans=3, num_classes=0)
     assert set(plain.state_dict()) == {k.removeprefix("cnn.") for k in model.state_dict() if k.startswith("cnn.")}
+
+
+def test_fast_depthwise_leaves_autocast_and_inference_to_pytorch(monkeypatch):
+    """Under CPU autocast (bf16) and without gradients the switched layer is plain nn.Conv2d: no dtype clash in
+    the backward pass, the same output."""
+    from kit.models import fastconv
+
+    calls = []
+    original = fastconv._DepthwiseFn.apply
+    monkeypatch.setattr(fastconv._DepthwiseFn, "apply", lambda *a: calls.append(1) or original(*a))
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4)
+    fastconv.fast_depthwise(conv)
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x)
+    out.float().sum().backward()
+    assert conv.weight.grad is not None and torch.isfinite(conv.weight.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1, groups=4))
+    assert calls == []
+    conv(x).sum().backward()  # float32 training: its own route
+    assert calls == [1]

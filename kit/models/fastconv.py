@@ -2,7 +2,7 @@
 
 PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups = channels) is slow on small
 feature maps: for the level model's 2x2 and 4x4 maps (batch 320 slices, 5x5 kernels) it takes 40-110 ms a
-layer, most of a training step (docs/benchmarks.md, "Depthwise convolutions on CPU"). The same gradient is a
+layer, most of a training step (docs/benchmarks.md, "Seventh session: depthwise convolutions on CPU"). The same gradient is a
 grouped convolution of the input with the output's gradient, the channels as groups and the batch as each
 group's input channels, which oneDNN runs 2-6x faster at these sizes.
 
@@ -49,13 +49,20 @@ class _DepthwiseFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+def _cpu_autocast() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """nn.Conv2d with groups = in_channels = out_channels whose CPU training step uses `_DepthwiseFn` on small
-    outputs (see the module's docstring); everything else is nn.Conv2d's."""
+    outputs in float32 without autocast (see the module's docstring); everything else is nn.Conv2d's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and torch.is_grad_enabled() and self.weight.requires_grad
-                and x.dtype == self.weight.dtype == torch.float32 and x.dim() == 4
+                and x.dtype == self.weight.dtype == torch.float32 and x.dim() == 4 and not _cpu_autocast()
                 and (x.shape[-1] + 2 * self.padding[1] - self.kernel_size[1]) // self.stride[1] + 1 <= SMALL):
             return _DepthwiseFn.apply(x, self.weight, self.bias, self.stride, self.padding)
         return super().forward(x)
