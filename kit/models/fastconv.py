@@ -2,9 +2,9 @@
 
 PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups = channels) is slow on small
 feature maps: for the level model's 2x2 and 4x4 maps (batch 320 slices, 5x5 kernels) it takes 40-110 ms a
-layer, most of a training step (docs/benchmarks.md, "Seventh session: depthwise convolutions on CPU"). The same gradient is a
-grouped convolution of the input with the output's gradient, the channels as groups and the batch as each
-group's input channels, which oneDNN runs 2-6x faster at these sizes.
+layer, most of a training step (docs/benchmarks.md, "Seventh session: depthwise convolutions on CPU"). The
+same gradient is a grouped convolution of the input with the output's gradient, the channels as groups and the
+batch as each group's input channels, which oneDNN runs 2-6x faster at these sizes.
 
 `DepthwiseConv2d` is an `nn.Conv2d` (same parameters, same state dict) whose training forward on CPU takes
 this route when the output is at most `SMALL` pixels wide; the forward pass and the input's gradient are

@@ -56,10 +56,10 @@ class LevelNet(nn.Module):
         logits of real steps are those the study gets alone, unpadded, at inference.
         """
         b, t = x.shape[:2]
-        if mask is None or bool(mask.bool().all()):  # no padding: no boolean indexing (a copy) or packing
+        real = None if mask is None else mask.bool()
+        if real is None or bool(real.all()):  # no padding: no boolean indexing (a copy) or packing
             features = self.embed(self.cnn(x.flatten(0, 1))).view(b, t, -1)
             return self.head(self.gru(features)[0])
-        real = mask.bool()
         lengths = real.sum(1)
         if not torch.equal(real, torch.arange(t, device=x.device)[None, :] < lengths[:, None]):
             raise ValueError("mask must mark a run of real steps at the start of each sequence, padding after it")
