@@ -145,6 +145,8 @@ class SegModelConfig:
         encoder: `tu-<timm name>` (any timm backbone with features_only) or an smp native encoder name.
         encoder_depth: encoder stages used (3..5); fewer is faster and lighter.
         decoder_width: decoder channels at its widest stage (Unet halves it per stage; FPN pyramid width).
+        output_stride: 1, or 2 (Unet only): the last, full-resolution decoder block is left out and the
+            logits are upsampled bilinearly; faster on CPU (`kit.models.segmenter.Segmenter`).
         pretrained_weights: local state-dict file (timm backbone or whole segmenter); never downloaded.
     """
 
@@ -152,6 +154,7 @@ class SegModelConfig:
     encoder: str = "tu-efficientnet_b3"
     encoder_depth: int = 5
     decoder_width: int = 256
+    output_stride: int = 1
     pretrained_weights: str | None = None
 
 
@@ -299,7 +302,8 @@ class SegConfig(_RunConfig):
         `model.pt`; `kit bench` builds the same model)."""
         d, m = self.data, self.model
         return m.name, {"in_channels": self.recipe().n_channels, "classes": 7 + int(d.other_vertebrae),
-                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width}
+                        "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width,
+                        "output_stride": m.output_stride}
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
@@ -319,6 +323,9 @@ class SegConfig(_RunConfig):
                 raise ConfigError(f"data.{key} must be in [0, 1]; got {getattr(d, key)}")
         if d.end_weight < 1.0 or d.end_mm < 0.0:
             raise ConfigError(f"data.end_weight must be >= 1 and data.end_mm >= 0; got {d.end_weight}, {d.end_mm}")
+        if self.model.output_stride not in (1, 2) or (self.model.output_stride == 2 and self.model.name != "seg_unet"):
+            raise ConfigError(f"model.output_stride must be 1, or 2 with model.name seg_unet; got "
+                              f"{self.model.output_stride} ({self.model.name})")
         crop, stride = d.augment.crop, 2 ** self.model.encoder_depth
         if crop and crop < d.image_size and crop % stride:
             # the segmenter zero-pads inputs to a multiple of its stride: crops that need it would train on a

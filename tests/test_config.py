@@ -74,6 +74,10 @@ def test_bad_values_raise():
     with pytest.raises(ConfigError, match=r"data\.augment\.crop=72 must be a multiple of the segmenter's stride 16.*64 or 80"):
         load_config("demo_seg", **{"data.augment.crop": 72})
     assert load_config("demo_seg", **{"data.augment.crop": 72, "model.encoder_depth": 3}).data.augment.crop == 72
+    with pytest.raises(ConfigError, match=r"model\.output_stride must be 1, or 2 with model\.name seg_unet; got 2 \(seg_fpn\)"):
+        load_config("demo_seg", **{"model.name": "seg_fpn"})
+    with pytest.raises(ConfigError, match=r"model\.output_stride must be 1, or 2 .*got 4"):
+        load_config("demo_seg", **{"model.output_stride": 4})
     with pytest.raises(ConfigError, match="is a section"):
         load_config("demo_seg", train=3)
     with pytest.raises(FileNotFoundError, match="packaged: .*demo_seg"):

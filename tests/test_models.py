@@ -74,6 +74,27 @@ def test_smp_native_encoder_and_other_archs():
         assert isinstance(model, Segmenter) and model(torch.randn(1, 3, 32, 32)).shape == (1, 7, 32, 32)
 
 
+def test_unet_at_output_stride_2():
+    """output_stride=2 leaves out the last decoder block; logits still come at the input's size, any size."""
+    torch.manual_seed(0)
+    full = create_model("seg_unet", in_channels=5, classes=8, **tiny_kwargs("seg_unet"))
+    half = create_model("seg_unet", in_channels=5, classes=8, output_stride=2, **tiny_kwargs("seg_unet"))
+    assert len(half.net.decoder.blocks) == len(full.net.decoder.blocks) - 1
+    logits = half(torch.randn(2, 5, 64, 64))
+    assert logits.shape == (2, 8, 64, 64)
+    logits.square().mean().backward()
+    check_gradients(half)
+    half.eval()
+    with torch.no_grad():
+        assert half(torch.randn(1, 5, 40, 52)).shape == (1, 8, 40, 52)
+        # the head works at stride 2 and its map is interpolated: a constant head output stays constant
+        head = half.net.segmentation_head[0]
+        head.weight.zero_(), head.bias.fill_(0.25)
+        assert torch.allclose(half(torch.randn(1, 5, 40, 52)), torch.full((1, 8, 40, 52), 0.25))
+    with pytest.raises(ValueError, match="output_stride must be 1, or 2 with arch 'unet'"):
+        create_model("seg_fpn", in_channels=5, output_stride=2, **tiny_kwargs("seg_fpn"))
+
+
 def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match=r"unknown model 'seg_nope'; available: .*seg_fpn, seg_unet"):
         create_model("seg_nope")

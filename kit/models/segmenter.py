@@ -36,6 +36,9 @@ class Segmenter(nn.Module):
         decoder_width: decoder channels at the widest stage (Unet/Unet++ halve it per stage, min 8;
             FPN uses it for the pyramid and half of it, a multiple of 32 and at least 32, for the
             segmentation branch).
+        output_stride: 1, or 2 for a Unet whose last decoder block (full resolution, no skip connection:
+            a learned upsampler) is left out; the head then works at stride 2 and its logits are upsampled
+            bilinearly (centre-aligned). ~20 % less time an epoch of the CPU demo; see docs/benchmarks.md.
         head_prior: initial probability of every output pixel (the head's bias is set to its logit), so
             training starts near the sparse truth instead of at 0.5; None keeps smp's initialisation.
         pretrained_weights: local state dict of a timm/smp backbone or of a whole segmenter.
@@ -49,6 +52,7 @@ class Segmenter(nn.Module):
         classes: int = 7,
         encoder_depth: int = 5,
         decoder_width: int = 256,
+        output_stride: int = 1,
         head_prior: float | None = 0.02,
         pretrained_weights: str | None = None,
     ) -> None:
@@ -57,6 +61,8 @@ class Segmenter(nn.Module):
             raise ValueError(f"unknown segmenter arch {arch!r}; available: {', '.join(ARCHS)}")
         if arch == "fpn" and encoder_depth < 3:
             raise ValueError(f"fpn needs encoder_depth >= 3; got {encoder_depth}")
+        if output_stride not in (1, 2) or (output_stride == 2 and arch != "unet"):
+            raise ValueError(f"output_stride must be 1, or 2 with arch 'unet'; got {output_stride} ({arch})")
         if arch == "fpn":
             decoder = {"decoder_pyramid_channels": decoder_width,
                        "decoder_segmentation_channels": max(32, decoder_width // 64 * 32),  # GroupNorm(32)
@@ -73,7 +79,11 @@ class Segmenter(nn.Module):
                                  "timm.list_models()) or an smp native encoder (see "
                                  "segmentation_models_pytorch.encoders.get_encoder_names())") from None
             raise
-        self.arch, self.encoder_name = arch, encoder
+        if output_stride == 2:
+            widths = decoder["decoder_channels"]
+            self.net.decoder.blocks = self.net.decoder.blocks[:-1]
+            self.net.segmentation_head = smp.base.SegmentationHead(widths[-2], classes, kernel_size=3)
+        self.arch, self.encoder_name, self.output_stride = arch, encoder, output_stride
         self.in_channels, self.classes = in_channels, classes
         self.stride = 2 ** encoder_depth
         self.pruned = self._prune_unused()
@@ -130,6 +140,8 @@ class Segmenter(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         logits = self.net(x)
+        if self.output_stride > 1:
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w] if pad_h or pad_w else logits
 
 
