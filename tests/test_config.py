@@ -74,7 +74,8 @@ def test_bad_values_raise():
     with pytest.raises(ConfigError, match=r"data\.augment\.crop=72 must be a multiple of the segmenter's stride 16.*64 or 80"):
         load_config("demo_seg", **{"data.augment.crop": 72})
     assert load_config("demo_seg", **{"data.augment.crop": 72, "model.encoder_depth": 3}).data.augment.crop == 72
-    with pytest.raises(ConfigError, match=r"model\.output_stride must be 1, or 2 with model\.name seg_unet; got 2 \(seg_fpn\)"):
+    stride_2_fpn = r"model\.output_stride must be 1, or 2 with model\.name seg_unet; got 2 \(seg_fpn\)"
+    with pytest.raises(ConfigError, match=stride_2_fpn):
         load_config("demo_seg", **{"model.name": "seg_fpn", "model.output_stride": 2})
     with pytest.raises(ConfigError, match=r"model\.output_stride must be 1, or 2 .*got 4"):
         load_config("demo_seg", **{"model.output_stride": 4})
