@@ -33,6 +33,7 @@ from .progress import progress_bar
 
 from .constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
+from .rsna import listed_without_folder
 
 log = logging.getLogger("kit.cache")
 
@@ -159,7 +160,8 @@ def prepare_studies(
     """Prepare every study of a split into the cache, in parallel, resumably.
 
     Studies whose `.npz` already exists are skipped. A study that cannot be read is skipped, logged and
-    written to `failures.csv` with the reason; the others go on.
+    written to `failures.csv` with the reason; the others go on. So is a training study that `train.csv`
+    lists with no folder under `train_images/` (when `uids` is not given).
 
     Args:
         data_root: RSNA layout root (holds `<split>_images/` and `segmentations/`).
@@ -179,14 +181,18 @@ def prepare_studies(
     image_dir = root / f"{split}_images"
     if not image_dir.is_dir():
         raise FileNotFoundError(f"no {split}_images/ folder under {root}")
+    absent = {}
     if uids is None:
         uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
+        absent = listed_without_folder(root, split)  # named in failures.csv, not silently left out
+        for uid, reason in absent.items():
+            log.warning("study %s skipped: %s", uid, reason)
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in uids if not cache_path(cache_dir, u).is_file()]
     jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name, root / "segmentations" / f"{u}.nii")
             for u in todo]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    rows, failures = [], {}
+    rows, failures = [], dict(absent)
     bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="study", enabled=progress)
     if workers == 1:
         results = (_prepare_one(job) for job in jobs)

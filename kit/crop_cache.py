@@ -58,6 +58,7 @@ from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, cro
                     grid_scale, load_crops, match_boxes_to_slices, slice_positions, vertebra_extents,
                     vertebra_targets)
 from .dicom import read_mask, read_series, resize_slices
+from .rsna import listed_without_folder
 
 log = logging.getLogger("kit.crop_cache")
 
@@ -290,7 +291,8 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
         cfg: a `ClsConfig`; `data` gives data_root, crop_dir, seg_runs, true_masks, the folds table and the crop
             geometry (n_slices, n_neighbours, neighbour_mm, windows, with_mask, image_size, margin).
         split: "train" or "test" (`<data_root>/<split>_images/`).
-        uids: restrict to these studies (default: every folder of the split).
+        uids: restrict to these studies (default: every folder of the split; a training study that
+            `train.csv` lists with no folder goes to `failures.csv`).
         progress: a tqdm bar (only on a terminal).
         prefetch: read the next study in a spawned worker process.
         device: where stage-1 models run (default CUDA when available, else CPU).
@@ -309,6 +311,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     image_dir = root / f"{split}_images"
     if not image_dir.is_dir():
         raise FileNotFoundError(f"no {split}_images/ folder under data.data_root={root}")
+    absent = listed_without_folder(root, split) if uids is None else {}  # named in failures.csv
     uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir()) if uids is None else list(uids)
     crop_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in uids if not crop_path(crop_dir, u).is_file()]
@@ -331,7 +334,9 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
 
     from .prefetch import prefetch as run_ahead
 
-    rows, unmatched, failures, in_sample = [], [], {}, []
+    rows, unmatched, failures, in_sample = [], [], dict(absent), []
+    for uid, reason in absent.items():
+        log.warning("study %s: no crops: %s", uid, reason)
     if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
         for uid in [u for u in todo if not (d.true_masks and (seg_dir / f"{u}.nii").is_file())]:
             failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "

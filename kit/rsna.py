@@ -354,6 +354,25 @@ def study_folders(images_dir: PathLike) -> list[str]:
     return sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def listed_without_folder(root: PathLike, split: str = "train") -> dict[str, str]:
+    """Training studies that `train.csv` lists but `train_images/` has no folder for, each with the reason.
+
+    Stages that walk the study folders (`kit prepare`, `kit crops`) record these as failures, so a study
+    whose images are missing is named rather than silently left out of training and of the out-of-fold
+    scores. Only the train split: the test split's gaps are `studies_to_predict`'s (the public-data quirk).
+    {} when there is no `train.csv`, for another split, or when every listed study has its folder.
+    """
+    root = Path(root)
+    path = root / f"{split}.csv"
+    if split != "train" or not path.is_file():
+        return {}
+    listed = pd.read_csv(path, usecols=[UID], dtype={UID: str})[UID].str.strip().dropna().unique()
+    images = root / f"{split}_images"
+    have = set(study_folders(images))
+    return {uid: f"study {uid}: listed in {path} but there is no folder {images / uid}"
+            for uid in listed if uid not in have}
+
+
 def studies_to_predict(root: PathLike | None = None) -> tuple[list[str], pd.DataFrame]:
     """The test studies and the submission rows they need.
 

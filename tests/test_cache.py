@@ -68,6 +68,27 @@ def test_broken_study_is_skipped_and_reported(synthetic_root, tmp_path):
     assert list(failures["StudyInstanceUID"]) == [empty]
 
 
+def test_a_listed_study_without_a_folder_is_reported(synthetic_root, tmp_path):
+    """train.csv names a study whose folder is gone: failures.csv names it and why; the others are prepared; once
+    the folder is back, the next run prepares it and drops it from failures.csv."""
+    root = tmp_path / "rsna"
+    shutil.copytree(synthetic_root, root)
+    uids = sorted(p.name for p in (root / "train_images").iterdir())
+    gone = uids[2]
+    shutil.move(root / "train_images" / gone, tmp_path / gone)
+    result = prepare_studies(root, tmp_path / "cache", size=32, workers=1, progress=False)
+    assert (result["prepared"], result["failed"]) == (len(uids) - 1, 1)
+    assert "listed in" in result["failures"][gone] and "train.csv" in result["failures"][gone]
+    failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
+    assert list(failures["StudyInstanceUID"]) == [gone]
+    assert f"no folder {root / 'train_images' / gone}" in failures["error"].iloc[0]
+
+    shutil.move(tmp_path / gone, root / "train_images" / gone)
+    again = prepare_studies(root, tmp_path / "cache", size=32, workers=1, progress=False)
+    assert (again["prepared"], again["skipped"], again["failed"]) == (1, len(uids) - 1, 0)
+    assert pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str).empty
+
+
 def test_merge_csv_replaces_rows_drops_keys_and_keeps_integer_columns(tmp_path):
     path = tmp_path / "table.csv"
     merge_csv(path, pd.DataFrame({"StudyInstanceUID": ["b", "a"], "slices": [178, 200]}))

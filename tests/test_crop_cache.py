@@ -135,8 +135,9 @@ def test_resume_skips_built_studies(truth_cache):
 
 
 def test_failures_and_unmatched_boxes_are_reported(synthetic_root, tmp_path):
-    """A corrupt study and one that nothing can segment go to failures.csv; the good study is built and its box
-    rows without a target (no such slice, no vertebra under the box) go to unmatched_boxes.csv."""
+    """A corrupt study, one that nothing can segment and those train.csv lists with no folder go to failures.csv;
+    the good study is built and its box rows without a target (no such slice, no vertebra under the box) go to
+    unmatched_boxes.csv."""
     root = tmp_path / "data"
     (root / "train_images").mkdir(parents=True)
     (root / "segmentations").mkdir()
@@ -160,9 +161,14 @@ def test_failures_and_unmatched_boxes_are_reported(synthetic_root, tmp_path):
 
     crop_dir = tmp_path / "crops"
     result = build_crops(cls_config(root, crop_dir), progress=False, prefetch=True, grid_size=64)  # worker path
-    assert (result["built"], result["failed"]) == (1, 2) and crop_path(crop_dir, good).is_file()
+    listed = pd.read_csv(root / "train.csv", dtype={"StudyInstanceUID": str})["StudyInstanceUID"]
+    absent = sorted(set(listed) - {good, unsegmented})
+    assert absent, "the fixture's train.csv lists studies this root has no folder for"
+    assert (result["built"], result["failed"]) == (1, 2 + len(absent)) and crop_path(crop_dir, good).is_file()
     failures = pd.read_csv(crop_dir / FAILURES, dtype={"StudyInstanceUID": str}).set_index("StudyInstanceUID")
-    assert sorted(failures.index) == sorted([corrupt, unsegmented])
+    assert sorted(failures.index) == sorted([corrupt, unsegmented, *absent])
+    for uid in absent:
+        assert f"no folder {root / 'train_images' / uid}" in failures.loc[uid, "error"]
     assert corrupt in failures.loc[corrupt, "error"] and "DicomError" in failures.loc[corrupt, "error"]
     assert "no data.seg_runs" in failures.loc[unsegmented, "error"]
     unmatched = pd.read_csv(crop_dir / UNMATCHED, dtype={"StudyInstanceUID": str})
