@@ -236,6 +236,35 @@ def train_fold_prevalence(run_dir: PathLike, oof: pd.DataFrame) -> dict[int, tup
     return out
 
 
+def studies_without_oof(run_dir: PathLike, oof: pd.DataFrame) -> dict | None:
+    """Studies of the folds a run trained that have no OOF row (their folder, DICOM, stage 1 or crops failed).
+
+    The expected studies are those of the run's folds table (`data.folds_csv` of its first `fold<k>/config.yaml`)
+    whose fold appears in the OOF, so folds that were not trained are not counted as lost.
+
+    Returns:
+        {"folds_csv", "n_expected", "missing": [uids]}, or None when the run has no config or its folds table
+        is not there (nothing to compare with).
+    """
+    configs = sorted(Path(run_dir).glob("fold*/config.yaml"))
+    if not configs:
+        return None
+    folds_csv = (yaml.safe_load(configs[0].read_text()) or {}).get("data", {}).get("folds_csv")
+    if not folds_csv or not Path(folds_csv).is_file():
+        return None
+    from .rsna import load_folds
+
+    try:
+        folds = load_folds(folds_csv)
+    except (OSError, ValueError) as exc:  # the report does without the check
+        log.warning("%s: cannot read the folds table to check OOF coverage: %s", run_dir, exc)
+        return None
+    trained = {int(k) for k in oof["fold"].unique()}
+    expected = folds.loc[folds["fold"].isin(trained), UID].tolist()
+    have = set(oof[UID])
+    return {"folds_csv": str(folds_csv), "n_expected": len(expected), "missing": [u for u in expected if u not in have]}
+
+
 def train_fold_baseline(y: np.ndarray, folds: np.ndarray, prevalence: dict) -> dict | None:
     """The prevalence baseline without peeking: each study predicted with its fold's training-fold prevalence
     (`train_fold_prevalence`), scored like the models. None when a fold's prevalence is unknown."""
@@ -571,6 +600,15 @@ def _markdown(result: dict, slug: dict) -> str:
               "studies its model trained on (what a model could have known; the gains are against it), "
               "**in-sample** = the OOF's own prevalence (peeks at the held-out labels, so it is a little "
               "optimistic).", ""]
+    for name, info in (result.get("studies_without_oof") or {}).items():
+        if info and info["missing"]:
+            shown = ", ".join(info["missing"][:10]) + (" ..." if len(info["missing"]) > 10 else "")
+            lines += [f"**{len(info['missing'])} of the {info['n_expected']} studies of {name}'s trained folds "
+                      f"(`{info['folds_csv']}`) have no out-of-fold prediction** and are not scored: {shown}. "
+                      "Their folder, reading, stage 1 or crops failed: see the crop cache's `failures.csv`.", ""]
+        elif info:
+            lines += [f"Every one of the {info['n_expected']} studies of {name}'s trained folds "
+                      f"(`{info['folds_csv']}`) has an out-of-fold prediction.", ""]
     if fair is None:
         lines += ["The training folds' prevalence is unknown for some fold (no `oof_summary.json` with "
                   "`train_prevalence`, and no other fold in the OOF): gains are against the in-sample "
@@ -764,6 +802,12 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         "per_target_row": competition_score(y, prev.to_numpy(), normalise="row", per_target=True).to_dict(),
     }
     models = {n: _model_summary(y, p, folds[n]) for n, p in preds.items()}
+    lost = {n: studies_without_oof(r, oofs[n]) for n, r in zip(names, run_dirs)}
+    for n, info in lost.items():
+        if info and info["missing"]:
+            log.warning("run %s: %d of the %d studies of its trained folds have no OOF prediction (%s): their "
+                        "folder, reading, stage 1 or crops failed (see the crop cache's failures.csv)", n,
+                        len(info["missing"]), info["n_expected"], ", ".join(info["missing"][:5]))
     fold_prev = train_fold_prevalence(run_dirs[0], oofs[names[0]])
     fair = train_fold_baseline(y, folds[names[0]], fold_prev)
     recall = ceilings = None
@@ -796,6 +840,7 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         "recall": None if recall is None else {k: t.to_dict(orient="records") for k, t in recall.items()},
         "ceilings": None if ceilings is None else ceilings.to_dict(orient="records"),
         "answers_dir": None if answers_dir is None else str(answers_dir),
+        "studies_without_oof": lost,
     }
     md_path = out_dir / "report.md"
     md_path.write_text(_markdown(result, slug) + "\n")

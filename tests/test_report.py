@@ -414,6 +414,35 @@ def test_baseline_from_training_folds_is_not_the_in_sample_one(tmp_path):
     assert "unknown for some fold" in Path(alone["report_md"]).read_text()
 
 
+def test_studies_of_trained_folds_without_an_oof_row_are_named(tmp_path):
+    """The folds table has 8 studies in folds 0-2; folds 0 and 1 were trained but one of their studies has no OOF
+    row (its crops failed): the report names it; fold 2 was not trained, so its studies are not counted."""
+    uids = [f"1.2.826.0.1.3680043.{700 + i}" for i in range(8)]
+    folds_csv = tmp_path / "folds.csv"
+    pd.DataFrame({UID: uids, "fold": [0, 0, 0, 1, 1, 1, 2, 2]}).to_csv(folds_csv, index=False)
+    y = np.zeros((5, 8), int)
+    y[0, [0, 1]] = y[3, [0, 4]] = 1
+    run = tmp_path / "cls_lost"
+    write_oof_table(run, uids[:2] + uids[3:6], y, np.full((5, 8), 0.3), [0, 0, 1, 1, 1])  # uids[2] lost
+    (run / "fold0" / "config.yaml").write_text(yaml.safe_dump({"task": "cls", "data": {"folds_csv": str(folds_csv)}}))
+    result = oof_report(run)
+    assert result["studies_without_oof"]["cls_lost"] == {"folds_csv": str(folds_csv), "n_expected": 6,
+                                                         "missing": [uids[2]]}
+    md = Path(result["report_md"]).read_text()
+    assert "**1 of the 6 studies of cls_lost's trained folds" in md and uids[2] in md
+    assert json.loads(Path(result["report_json"]).read_text())["studies_without_oof"]["cls_lost"]["missing"] == [uids[2]]
+
+    full = tmp_path / "cls_full"
+    write_oof_table(full, uids[:6], np.zeros((6, 8), int), np.full((6, 8), 0.3), [0, 0, 0, 1, 1, 1])
+    (full / "fold1" / "config.yaml").write_text(yaml.safe_dump({"data": {"folds_csv": str(folds_csv)}}))
+    md = Path(oof_report(full)["report_md"]).read_text()
+    assert "Every one of the 6 studies of cls_full's trained folds" in md
+    # a report written elsewhere checks the same; without a config there is nothing to compare with
+    assert oof_report(run, tmp_path / "elsewhere")["studies_without_oof"]["cls_lost"]["missing"] == [uids[2]]
+    (run / "fold0" / "config.yaml").unlink()
+    assert oof_report(run)["studies_without_oof"] == {"cls_lost": None}
+
+
 def test_recall_by_fracture_kind_and_subtlety(tmp_path):
     uids = [f"1.2.826.0.1.3680043.{950 + i}" for i in range(3)]
     v = np.zeros((3, 7), int)
