@@ -190,6 +190,23 @@ def optimizer_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler, cl
     return scale_before is None or scaler.get_scale() >= scale_before
 
 
+def _no_gradient(model: nn.Module) -> torch.Tensor:
+    """A zero loss that reaches every trainable parameter: stands in for a non-finite one, so the batch adds no
+    gradient while every DDP rank still runs its backward pass over every parameter."""
+    return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+
+def _report_skipped(uids: list[str], epoch: int, run_dir: Path, cfg) -> None:
+    """Log the studies of the batches left out for a non-finite loss and add them to `skipped_batches.csv`."""
+    counts = pd.Series(uids).value_counts()
+    log.warning("%s fold%d epoch %d: %d samples in batches with a non-finite loss added no gradient (studies: %s); "
+                "listed in %s", cfg.name, cfg.data.fold, epoch, len(uids), ", ".join(counts.index[:5]) +
+                (" ..." if len(counts) > 5 else ""), run_dir / "skipped_batches.csv")
+    path = run_dir / "skipped_batches.csv"
+    rows = pd.DataFrame({"epoch": epoch, "StudyInstanceUID": counts.index, "samples": counts.to_numpy()})
+    rows.to_csv(path, mode="a", header=not path.is_file(), index=False)
+
+
 def improved(metric: float, best: float, best_epoch: int) -> bool:
     """A validation metric (higher is better) that beats the best so far; NaN never does, and never becomes the
     best, so a NaN epoch cannot block the checkpoints of the epochs after it."""
@@ -300,6 +317,7 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
             sampler.set_epoch(epoch)
         net.train()
         loss_sum, n_batches, n = 0.0, 0, len(loader)
+        skipped: list[str] = []  # studies of the batches whose loss was not finite
         bar = progress_bar(loader, desc=f"{cfg.name} fold{cfg.data.fold} epoch {epoch + 1}/{tc.epochs}", leave=False,
                            enabled=info.main and tc.progress)
         for i, batch in enumerate(bar):
@@ -310,17 +328,26 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
             with sync:
                 with autocast():
                     loss = task.loss(net, batch)
+                value = float(loss.detach())
+                if not np.isfinite(value):  # a bad study or a diverging step: the batch adds no gradient
+                    skipped += [str(u) for u in batch.get("uid", ())] or [f"batch {i}"]
+                    loss = _no_gradient(model)
                 scaler.scale(loss / group).backward()
             if do_step and optimizer_step(model, optimizer, scaler, oc.clip_grad):
                 step += 1  # a step the scaler skipped (inf/NaN gradients) moves neither the schedule nor the EMA
                 scheduler.step_update(step)
                 if ema is not None:
                     ema.update(model, step=step)
-            loss_sum, n_batches = loss_sum + float(loss.detach()), n_batches + 1
-            if i % 10 == 0:
+            if np.isfinite(value):
+                loss_sum, n_batches = loss_sum + value, n_batches + 1
+            if i % 10 == 0 and n_batches:
                 bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
         epoch += 1
-        train_loss = float(np.mean([s / c for s, c in _gather((loss_sum, n_batches), info)]))
+        sums = _gather((loss_sum, n_batches), info)
+        train_loss = float(np.mean([s / c for s, c in sums if c])) if any(c for _, c in sums) else float("nan")
+        skipped = [u for part in _gather(skipped, info) for u in part]
+        if skipped and info.main:
+            _report_skipped(skipped, epoch, run_dir, cfg)
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": float("nan"),
                f"val_{task.metric_name}": float("nan"), "lr": optimizer.param_groups[0]["lr"]}
 

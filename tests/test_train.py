@@ -407,6 +407,29 @@ def test_nan_validation_never_blocks_a_checkpoint(cache, tmp_path):
     assert torch.load(cfg.run_dir / "model.pt", weights_only=True)["epoch"] == 3
 
 
+def test_a_batch_with_a_non_finite_loss_adds_no_gradient_and_is_named(cache, tmp_path):
+    """Every other batch gives a NaN loss (a bad study, a diverging step): those batches change no weight, the
+    epoch's loss is the mean of the others, and their studies are logged in skipped_batches.csv."""
+    class NanEveryOther(SegTask):
+        calls = 0
+
+        def loss(self, net, batch):
+            NanEveryOther.calls += 1
+            loss = super().loss(net, batch)
+            return loss * float("nan") if NanEveryOther.calls % 2 == 1 else loss
+
+    cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 3})
+    fit_fold(cfg, NanEveryOther(cfg))
+    assert NanEveryOther.calls >= 3
+    last = torch.load(cfg.run_dir / "last.pt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    log = read_log(cfg.run_dir)
+    assert np.isfinite(log["train_loss"]).all() and np.isfinite(log["val_dice"].iloc[-1])
+    skipped = pd.read_csv(cfg.run_dir / "skipped_batches.csv", dtype={"StudyInstanceUID": str})
+    assert 1 in set(skipped["epoch"]) and (skipped["samples"] > 0).all()
+    assert set(skipped["StudyInstanceUID"]) <= set(cache[2])
+
+
 def test_skipped_fp16_steps_move_neither_schedule_nor_ema():
     from kit.train import optimizer_step
 
