@@ -410,6 +410,7 @@ class LevelSequenceDataset(Dataset):
         self.uids = list(volumes)
         self.recipe, self.seq_len, self.repeats = recipe, seq_len, repeats
         self.augment, self.z_jitter, self.seed = augment, z_jitter, seed
+        self.uids = list(volumes)
         self.studies = [(v.image, level_presence(v.labels), v.dz) for v in volumes.values()]
         self.epoch = 0
 
@@ -440,7 +441,8 @@ class LevelSequenceDataset(Dataset):
             target = np.concatenate([target, np.zeros((pad, N_VERTEBRAE), np.float32)])
             mask[length - pad:] = 0.0
         return {"image": torch.from_numpy(np.ascontiguousarray(stacks, dtype=np.float32)),
-                "target": torch.from_numpy(np.ascontiguousarray(target)), "mask": torch.from_numpy(mask)}
+                "target": torch.from_numpy(np.ascontiguousarray(target)), "mask": torch.from_numpy(mask),
+                "uid": self.uids[i % len(self.studies)]}
 
 
 # ---------------------------------------------------------------------------------------------------------

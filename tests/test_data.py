@@ -158,6 +158,7 @@ def test_level_sequence_dataset_windows_pads_and_repeats():
     a = ds[0]
     assert a["image"].shape == (8, 3, 8, 8) and a["target"].shape == (8, 7) and a["mask"].sum() == 8
     b = ds[1]  # the short study: 6 slices at 2 mm = 6 steps, padded to 8
+    assert (a["uid"], b["uid"], ds[4]["uid"]) == ("long", "short", "long")  # named in skipped_batches.csv if need be
     assert b["mask"].tolist() == [1] * 6 + [0, 0] and b["target"][:6, 0].sum() == 6 and b["target"][6:].sum() == 0
     assert float(b["image"][6:].abs().sum()) == 0.0
     again = ds[0]
