@@ -190,6 +190,17 @@ def optimizer_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler, cl
     return scale_before is None or scaler.get_scale() >= scale_before
 
 
+def group_step(model: nn.Module, optimizer, scaler: torch.amp.GradScaler, clip_grad: float | None,
+               finite_batches: int) -> bool:
+    """`optimizer_step` for one accumulation group, unless none of its batches had a finite loss and no gradient
+    arrived from another DDP rank either: then nothing moves (no momentum or weight-decay step on zero
+    gradients) and the caller counts no step. True when the optimizer really stepped."""
+    if finite_batches == 0 and all(p.grad is None or not p.grad.any() for p in model.parameters()):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    return optimizer_step(model, optimizer, scaler, clip_grad)
+
+
 def _no_gradient(model: nn.Module) -> torch.Tensor:
     """A zero loss that reaches every trainable parameter: stands in for a non-finite one, so the batch adds no
     gradient while every DDP rank still runs its backward pass over every parameter."""
@@ -318,6 +329,7 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
         net.train()
         loss_sum, n_batches, n = 0.0, 0, len(loader)
         skipped: list[str] = []  # studies of the batches whose loss was not finite
+        finite_in_group = 0
         bar = progress_bar(loader, desc=f"{cfg.name} fold{cfg.data.fold} epoch {epoch + 1}/{tc.epochs}", leave=False,
                            enabled=info.main and tc.progress)
         for i, batch in enumerate(bar):
@@ -329,15 +341,20 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
                 with autocast():
                     loss = task.loss(net, batch)
                 value = float(loss.detach())
-                if not np.isfinite(value):  # a bad study or a diverging step: the batch adds no gradient
+                if np.isfinite(value):
+                    finite_in_group += 1
+                else:  # a bad study or a diverging step: the batch adds no gradient
                     skipped += [str(u) for u in batch.get("uid", ())] or [f"batch {i}"]
                     loss = _no_gradient(model)
                 scaler.scale(loss / group).backward()
-            if do_step and optimizer_step(model, optimizer, scaler, oc.clip_grad):
-                step += 1  # a step the scaler skipped (inf/NaN gradients) moves neither the schedule nor the EMA
-                scheduler.step_update(step)
-                if ema is not None:
-                    ema.update(model, step=step)
+            if do_step:
+                stepped = group_step(model, optimizer, scaler, oc.clip_grad, finite_in_group)
+                finite_in_group = 0
+                if stepped:  # a skipped step (inf/NaN gradients, no finite batch) moves neither schedule nor EMA
+                    step += 1
+                    scheduler.step_update(step)
+                    if ema is not None:
+                        ema.update(model, step=step)
             if np.isfinite(value):
                 loss_sum, n_batches = loss_sum + value, n_batches + 1
             if i % 10 == 0 and n_batches:

@@ -430,6 +430,27 @@ def test_a_batch_with_a_non_finite_loss_adds_no_gradient_and_is_named(cache, tmp
     assert set(skipped["StudyInstanceUID"]) <= set(cache[2])
 
 
+def test_a_group_without_a_finite_batch_moves_nothing():
+    from kit.train import _no_gradient, group_step
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+    plain = torch.amp.GradScaler("cpu", enabled=False)
+    model(torch.ones(2, 3)).sum().backward()
+    assert group_step(model, opt, plain, None, finite_batches=1) is True  # a real step: AdamW now has momentum
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _no_gradient(model).backward()  # the stand-in for a NaN loss: zero gradients
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert group_step(model, opt, plain, None, finite_batches=0) is False
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])  # neither momentum nor weight decay moved it
+    assert all(p.grad is None for p in model.parameters())
+    _no_gradient(model).backward()  # zero here, but another DDP rank's gradient arrived (finite_batches counts
+    model.weight.grad += 1.0        # this rank's own batches only): the group steps
+    assert group_step(model, opt, plain, None, finite_batches=0) is True
+    assert not torch.equal(model.weight, before["weight"])
+
+
 def test_skipped_fp16_steps_move_neither_schedule_nor_ema():
     from kit.train import optimizer_step
 
