@@ -249,7 +249,7 @@ def studies_without_oof(run_dir: PathLike, oof: pd.DataFrame) -> dict | None:
     configs = sorted(Path(run_dir).glob("fold*/config.yaml"))
     if not configs:
         return None
-    folds_csv = (yaml.safe_load(configs[0].read_text()) or {}).get("data", {}).get("folds_csv")
+    folds_csv = ((yaml.safe_load(configs[0].read_text()) or {}).get("data") or {}).get("folds_csv")
     if not folds_csv or not Path(folds_csv).is_file():
         return None
     from .rsna import load_folds
