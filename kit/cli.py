@@ -68,12 +68,22 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _few_failures(result: dict, n: int = 10) -> dict:
+    """`result` with at most `n` of its `failures` shown (all of them are in failures.csv)."""
+    failures = result.get("failures") or {}
+    if len(failures) <= n:
+        return result
+    shown = dict(list(failures.items())[:n])
+    shown["..."] = f"{len(failures) - n} more in failures.csv"
+    return {**result, "failures": shown}
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from .cache import prepare_studies
 
     result = prepare_studies(args.data_root, args.cache_dir, split=args.split, size=args.size,
                              window_name=args.window, workers=args.workers)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(_few_failures(result), indent=2))
     if result["failed"]:
         print(f"{result['failed']} studies failed; see {Path(args.cache_dir) / 'failures.csv'}", file=sys.stderr)
 
@@ -220,7 +230,7 @@ def _cmd_crops(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, **_parse_overrides([*args.overrides, *args.smoke_overrides]))
     result = build_crops(cfg, split=args.split)
-    print(json.dumps(result, indent=2, default=str))
+    print(json.dumps(_few_failures(result), indent=2, default=str))
     if result["failed"]:
         print(f"{result['failed']} studies failed; see {Path(cfg.data.crop_dir) / 'failures.csv'}", file=sys.stderr)
 

@@ -335,8 +335,9 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     from .prefetch import prefetch as run_ahead
 
     rows, unmatched, failures, in_sample = [], [], dict(absent), []
-    for uid, reason in absent.items():
-        log.warning("study %s: no crops: %s", uid, reason)
+    if absent:
+        log.warning("%d studies of %s have no folder under %s (e.g. %s); listed in %s", len(absent),
+                    root / f"{split}.csv", image_dir, ", ".join(list(absent)[:3]), crop_dir / FAILURES)
     if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
         for uid in [u for u in todo if not (d.true_masks and (seg_dir / f"{u}.nii").is_file())]:
             failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "

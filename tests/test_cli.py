@@ -138,3 +138,14 @@ def test_smoke_bench_and_commands_without_an_entry(monkeypatch):
     before = dict(vars(segment))
     assert apply_smoke(segment).endswith("kit segment: nothing changed, it runs as asked")
     assert vars(segment) == before
+
+
+def test_many_failures_are_shown_in_part_and_counted():
+    from kit.cli import _few_failures
+
+    few = {"failed": 2, "failures": {"a": "x", "b": "y"}}
+    assert _few_failures(few) is few
+    many = {"failed": 25, "failures": {f"u{i}": "no folder" for i in range(25)}}
+    shown = _few_failures(many)["failures"]
+    assert list(shown)[:10] == [f"u{i}" for i in range(10)] and shown["..."] == "15 more in failures.csv"
+    assert len(shown) == 11 and len(many["failures"]) == 25  # the result itself is left whole
