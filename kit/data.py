@@ -410,7 +410,6 @@ class LevelSequenceDataset(Dataset):
         self.uids = list(volumes)
         self.recipe, self.seq_len, self.repeats = recipe, seq_len, repeats
         self.augment, self.z_jitter, self.seed = augment, z_jitter, seed
-        self.uids = list(volumes)
         self.studies = [(v.image, level_presence(v.labels), v.dz) for v in volumes.values()]
         self.epoch = 0
 

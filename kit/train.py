@@ -341,7 +341,8 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
                 with autocast():
                     loss = task.loss(net, batch)
                 value = float(loss.detach())
-                if np.isfinite(value):
+                finite = bool(np.isfinite(value))
+                if finite:
                     finite_in_group += 1
                 else:  # a bad study or a diverging step: the batch adds no gradient
                     skipped += [str(u) for u in batch.get("uid", ())] or [f"batch {i}"]
@@ -355,7 +356,7 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
                     scheduler.step_update(step)
                     if ema is not None:
                         ema.update(model, step=step)
-            if np.isfinite(value):
+            if finite:
                 loss_sum, n_batches = loss_sum + value, n_batches + 1
             if i % 10 == 0 and n_batches:
                 bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
