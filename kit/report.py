@@ -236,6 +236,13 @@ def train_fold_prevalence(run_dir: PathLike, oof: pd.DataFrame) -> dict[int, tup
     return out
 
 
+def _first_fold_config(run_dir: PathLike) -> dict:
+    """The first `fold<k>/config.yaml` of a run as raw YAML ({} when there is none), so that a config that no
+    longer validates does not stop a report."""
+    configs = sorted(Path(run_dir).glob("fold*/config.yaml"))
+    return (yaml.safe_load(configs[0].read_text()) or {}) if configs else {}
+
+
 def studies_without_oof(run_dir: PathLike, oof: pd.DataFrame) -> dict | None:
     """Studies of the folds a run trained that have no OOF row (their folder, DICOM, stage 1 or crops failed).
 
@@ -246,10 +253,7 @@ def studies_without_oof(run_dir: PathLike, oof: pd.DataFrame) -> dict | None:
         {"folds_csv", "n_expected", "missing": [uids]}, or None when the run has no config or its folds table
         is not there (nothing to compare with).
     """
-    configs = sorted(Path(run_dir).glob("fold*/config.yaml"))
-    if not configs:
-        return None
-    folds_csv = ((yaml.safe_load(configs[0].read_text()) or {}).get("data") or {}).get("folds_csv")
+    folds_csv = (_first_fold_config(run_dir).get("data") or {}).get("folds_csv")
     if not folds_csv or not Path(folds_csv).is_file():
         return None
     from .rsna import load_folds
@@ -957,6 +961,50 @@ def load_seg_oof(run_dir: PathLike) -> pd.DataFrame:
     return _read_fold_oof(run_dir, SEG_COLUMNS, "segmenter")
 
 
+#: Written at a segmenter run's root by `kit.demo.run_segmenter_stage`: its held-out studies segmented as inference
+#: does (the level model's ranges fed to a level-conditioned segmenter), one row per study / per (study, vertebra).
+STAGE1_DICE, STAGE1_Z = "oof_dice.csv", "oof_z_errors.csv"
+
+
+def load_stage1_oof(run_dir: PathLike) -> tuple[pd.DataFrame | None, str]:
+    """The whole stage 1's held-out scores of a segmenter run, in the segmenter OOF layout, and a note.
+
+    `fold<k>/oof.csv` is the segmenter's own validation; a level-conditioned segmenter (`data.level_input`) is
+    validated there given each study's *true* level ranges. `oof_dice.csv` + `oof_z_errors.csv` at the run's root
+    (`STAGE1_DICE`, `STAGE1_Z`: `kit demo`) hold the same studies segmented as inference does, with the level
+    model's ranges. Returns (table with `StudyInstanceUID, fold, dice_C1..C7, dice_mean, zerr_C1..C7, zerr_max,
+    missed`, "") or (None, why there is none); a pair older than the newest `fold*/model.pt` is named as stale
+    in the note but still returned.
+    """
+    run_dir = Path(run_dir)
+    dice_path, z_path = run_dir / STAGE1_DICE, run_dir / STAGE1_Z
+    if not (dice_path.is_file() and z_path.is_file()):
+        return None, f"no {STAGE1_DICE} / {STAGE1_Z} in {run_dir} (written by kit demo)"
+    dice = pd.read_csv(dice_path, dtype={UID: str})
+    z = pd.read_csv(z_path, dtype={UID: str})
+    need = {UID, "fold", *VERTEBRAE, "mean"} - set(dice.columns) | {UID, "vertebra", "error"} - set(z.columns)
+    if need:
+        raise ValueError(f"{run_dir}: {STAGE1_DICE} / {STAGE1_Z} lack columns {sorted(need)}")
+    table = dice[[UID, "fold"]].copy()
+    for v in VERTEBRAE:
+        table[f"dice_{v}"] = pd.to_numeric(dice[v], errors="coerce")
+    table["dice_mean"] = pd.to_numeric(dice["mean"], errors="coerce")
+    wide = z.pivot_table(index=UID, columns="vertebra", values="error", aggfunc="max")
+    for v in VERTEBRAE:
+        table[f"zerr_{v}"] = table[UID].map(wide[v]) if v in wide else np.nan
+    table["zerr_max"] = table[list(ZERR_COLUMNS)].max(axis=1)
+    names = pd.Series(dtype=str)
+    if "missed" in z:
+        flagged = z[z["missed"].astype(str).str.lower().isin(["true", "1"])]
+        names = flagged.groupby(UID)["vertebra"].agg(", ".join)
+    table["missed"] = table[UID].map(names).fillna("")
+    models = [m.stat().st_mtime for m in run_dir.glob("fold*/model.pt")]
+    written = min(dice_path.stat().st_mtime, z_path.stat().st_mtime)
+    note = (f"{STAGE1_DICE} / {STAGE1_Z} are older than the run's newest fold weights: they score an earlier "
+            "training (rerun kit demo to refresh them)") if models and written < max(models) else ""
+    return table, note
+
+
 def load_level_oof(run_dir: PathLike) -> pd.DataFrame:
     """A level-model run's `fold*/oof.csv` in one table (columns `LEVEL_COLUMNS`, plus `epoch`, `steps`)."""
     return _read_fold_oof(run_dir, LEVEL_COLUMNS, "level model")
@@ -1394,7 +1442,17 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
     lines += ["3D Dice per vertebra after the clean-up. z-range error = max(|first slice error|, |last slice "
               "error|) in slices; a vertebra the prediction misses counts as the study's slice count, one absent "
               "from the truth is left out. *Worst median* = the largest of the per-vertebra medians.", ""]
-    lines += ["## Summary", "", f"**{headline}**", ""]
+    stage1, stale = load_stage1_oof(run_dir)
+    conditioned = bool(_first_fold_config(run_dir).get("data", {}).get("level_input"))
+    if stage1 is not None:
+        s_dice, s_z = per_vertebra_means(stage1, "dice_"), zrange_errors(stage1, tolerance)
+        sa, sza = s_dice["all"], s_z["all"]
+        s_head = (f"Dice {_f(sa['mean'], 3)} | worst median z-error {_f(sza['worst_median'], 1)} slices "
+                  f"({sza['worst_vertebra'] or '–'}) | {_f(100 * sza['within'], 0)}% of vertebrae within {tol} slices")
+        lines += ["## Summary", "", f"**Whole stage 1 (as inference runs it): {s_head}**", "",
+                  f"Segmenter validation{' (true level ranges)' if conditioned else ''}: {headline}", ""]
+    else:
+        lines += ["## Summary", "", f"**{headline}**", ""]
     rows = []
     for d, z in zip(dice["per_fold"], zerr["per_fold"]):
         rows.append([f"fold {d['fold']}", str(d["n_studies"]), _f(d["mean"], 3), _f(z["worst_median"], 1),
@@ -1407,6 +1465,24 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
                     + ["", f"{_f(spread['within']['mean'], 3)} ± {_f(spread['within']['sd'], 3)}"])
     lines += [_table(["fold", "studies", "mean Dice", "worst median z-error", "worst vertebra",
                       f"share within {tol} slices"], rows), ""]
+    if conditioned:
+        lines += ["The segmenter takes the level model's vertebra ranges as input (`data.level_input`): the figures "
+                  "above are its own validation, given each study's *true* ranges (what a perfect level model "
+                  "would give)." + (" The same studies segmented as inference runs them follow." if stage1 is not None
+                                    else f" No figures of the whole stage here: {stale}."), ""]
+    stage1_result = None
+    if stage1 is not None:
+        s_rows = [{**z["median"], "fold": z["fold"], "worst": z["worst_median"]} for z in [*s_z["per_fold"], sza]]
+        missed = [f"{r[UID]} ({r['missed']})" for _, r in stage1.iterrows() if r["missed"]]
+        lines += ["## Stage 1 as inference runs it", "",
+                  f"`{STAGE1_DICE}`, `{STAGE1_Z}` (written by `kit demo`): {len(stage1)} held-out studies segmented by "
+                  "`kit.infer.segment_study`" + (" with the level model's ranges" if conditioned else "") + ".", "",
+                  f"**{s_head}**", ""]
+        lines += [f"Note: {stale}.", ""] if stale else []
+        lines += [_table(["fold", *VERTEBRAE, "worst"], _vertebra_table(s_rows, "worst", 1)), "",
+                  "Vertebrae missed (counted as the study's slice count): " + ("; ".join(missed) or "none") + ".", ""]
+        stage1_result = {"dice": s_dice, "zrange": s_z, "headline": s_head, "stale": stale or None,
+                         "n_studies": int(len(stage1))}
     lines += ["## Dice per vertebra", "", "Mean over the held-out studies that show the vertebra.", "",
               _table(["fold", *VERTEBRAE, "mean"], _vertebra_table([*dice["per_fold"], a], "mean")), "",
               "![Dice per vertebra](dice_per_vertebra.png)", ""]
@@ -1447,7 +1523,8 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
               "n_studies": int(len(oof)), "folds": sorted(int(k) for k in oof["fold"].unique()),
               "dice": dice, "zrange": zerr, "spread": spread,
               "worst": worst.to_dict(orient="records"), "pictures": shown, "missing_pictures": missing,
-              "pngs": pngs, "headline": headline}
+              "pngs": pngs, "validation_headline": headline, "stage1": stage1_result,
+              "headline": f"{stage1_result['headline']} (whole stage 1)" if stage1_result else headline}
     return _finish(result, lines, out_dir)
 
 

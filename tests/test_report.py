@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -337,6 +338,50 @@ def test_plot_segmentation_draws_prediction_beside_truth():
     assert len(fig.axes) == 2 and fig.axes[0].get_title() == "predicted (x = 12)"
     assert [t.get_text() for t in fig.axes[1].texts] == ["C1", "C2"]
     assert len(plot_segmentation(image, pred).axes) == 1
+
+
+def test_seg_report_puts_the_whole_stage_first_for_a_level_conditioned_segmenter(tmp_path):
+    """A segmenter that takes the level model's ranges is validated given the true ranges; `kit demo` also writes the
+    same studies segmented as inference does (oof_dice.csv / oof_z_errors.csv at the run's root): the report's
+    headline is that whole-stage figure, the validation one stays beside it, and a stale pair is named."""
+    run = tmp_path / "runs" / "seg_fake"
+    write_seg_run(run)
+    for folder in run.glob("fold*"):
+        cfg = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg["data"]["level_input"] = True
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
+    # the whole stage: studies 1 and 4; study 1's C6 10 slices off, study 4's C7 missed (its slice count, 30)
+    z = {"1.2.826.0.1.3680043.1": [0, 1, 0, 0, 1, 10, 3], "1.2.826.0.1.3680043.4": [0, 0, 0, 0, 1, 2, 30]}
+    pd.DataFrame([{"StudyInstanceUID": u, "fold": f, **{v: d for v in V}, "mean": d}
+                  for u, f, d in (("1.2.826.0.1.3680043.1", 0, 0.9), ("1.2.826.0.1.3680043.4", 1, 0.7))]
+                 ).to_csv(run / "oof_dice.csv", index=False)
+    pd.DataFrame([{"StudyInstanceUID": u, "vertebra": v, "error": e, "missed": e == 30}
+                  for u, errors in z.items() for v, e in zip(V, errors)]).to_csv(run / "oof_z_errors.csv", index=False)
+
+    result = seg_report(run, pictures=False)
+    stage1 = result["stage1"]
+    # medians over the two studies: C6 (10 + 2) / 2 = 6, C7 (3 + 30) / 2 = 16.5 -> the worst; 10 of 14 within 2
+    assert stage1["zrange"]["all"]["worst_median"] == pytest.approx(16.5)
+    assert stage1["zrange"]["all"]["worst_vertebra"] == "C7"
+    assert stage1["zrange"]["all"]["median"]["C6"] == pytest.approx(6.0)
+    assert stage1["dice"]["all"]["mean"] == pytest.approx(0.8) and stage1["n_studies"] == 2 and not stage1["stale"]
+    assert result["headline"].startswith("Dice 0.800 | worst median z-error 16.5 slices (C7)")
+    assert result["headline"].endswith("(whole stage 1)")
+    assert "worst median z-error 3.5 slices (C7)" in result["validation_headline"]  # the folds' oof.csv, as before
+    md = (run / "report.md").read_text()
+    assert "**Whole stage 1 (as inference runs it): Dice 0.800 | worst median z-error 16.5 slices (C7)" in md
+    assert "Segmenter validation (true level ranges): Dice 0.846" in md
+    assert "Vertebrae missed (counted as the study's slice count): 1.2.826.0.1.3680043.4 (C7)." in md
+
+    (run / "fold0" / "model.pt").write_bytes(b"newer weights")  # trained again after the pair was written
+    os.utime(run / "oof_dice.csv", (1, 1))
+    assert "older than the run's newest fold weights" in seg_report(run, pictures=False)["stage1"]["stale"]
+
+    for name in ("oof_dice.csv", "oof_z_errors.csv"):
+        (run / name).unlink()
+    result = seg_report(run, pictures=False)
+    assert result["stage1"] is None and result["headline"] == result["validation_headline"]
+    assert "No figures of the whole stage here: no oof_dice.csv" in (run / "report.md").read_text()
 
 
 def test_seg_report_pictures_a_real_run(tmp_path):
