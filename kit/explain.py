@@ -42,6 +42,7 @@ from matplotlib.patches import Rectangle
 
 from .constants import VERTEBRAE
 from .crops import load_crops, match_boxes_to_slices, stack_channel_names
+from .metrics import targets_from_vertebrae
 
 log = logging.getLogger("kit.explain")
 
@@ -60,7 +61,8 @@ class VertebraExplanation:
         held_out: that fold held the study out (its `oof.csv` lists it); False for a study it trained on, or one
             of no fold (e.g. a test study).
         logit: the vertebra's fracture logit.
-        prob: its sigmoid.
+        prob: the probability validation and `kit submit` give the vertebra: its sigmoid for a model with a
+            patient head, for a per-vertebra model mapped as `kit.metrics.targets_from_vertebrae` maps it.
         label: the true label (`train.csv`), None when unknown.
         attention: float32 (T,) pooling weights over the sampled slices, summing to 1.
         slice_logits: float32 (T,) per-slice logits.
@@ -252,7 +254,8 @@ def _study_boxes(boxes: pd.DataFrame | None, data_root: Path, uid: str) -> pd.Da
 
 
 def _forward_with_maps(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, per_study: bool,
-                       rows: list[int]) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+                       rows: list[int], level: torch.Tensor | None = None
+                       ) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
     """Forward pass recording the backbone's feature maps, and their gradients from the sum of the logits of
     the vertebra rows `rows` (vertebrae do not interact before their own logits, so each vertebra's maps get
     exactly the gradient of its own logit)."""
@@ -260,7 +263,7 @@ def _forward_with_maps(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tens
     cudnn_off = torch.backends.cudnn.flags(enabled=False)  # cuDNN's GRU has no backward in eval mode
     with torch.enable_grad(), cudnn_off, capture_feature_maps(backbone) as maps:
         x = x.detach().requires_grad_(True)  # a graph even when the weights are frozen
-        out = model(x, mask, mask.any(-1)) if per_study else model(x, mask)
+        out = model(x, mask, mask.any(-1)) if per_study else model(x, mask, level)
         logits = out["logit"][0] if per_study else out["logit"]
         if not maps or maps[0].ndim != 4:
             shape = tuple(maps[0].shape) if maps else None
@@ -289,7 +292,8 @@ def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], devic
         x, mask, rows = stacks[None], real[None], index
     else:  # the asked vertebrae are the batch: row i is vertebra index[i]
         x, mask, rows = stacks[index], real[index], list(range(len(index)))
-    out, maps, grads = _forward_with_maps(m.model, x, mask, per_study, rows)
+    level = None if per_study else torch.as_tensor(index, device=x.device)  # each row's vertebra level
+    out, maps, grads = _forward_with_maps(m.model, x, mask, per_study, rows, level)
     # the CNN saw the real slices only, in (batch, vertebra, slice) order: put each map back in its place
     cams = np.zeros((mask.numel(), size, size), np.float32)
     cams[mask.flatten().cpu().numpy()] = torch.cat([grad_cam(a, g, size) for a, g in zip(maps, grads)]).cpu().numpy()
@@ -371,14 +375,22 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
         log.warning("study %s: %s has no crop_boxes (made before they were stored): the fracture slices are marked, "
                     "their boxes cannot be placed; rebuild the crops (kit crops) to draw them", uid, crop_dir)
 
+    from .tasks import PER_STUDY_MODELS
+
+    odds = None if m.config.model.name in PER_STUDY_MODELS else getattr(m.model, "metric_odds", None)
     result = []
     for v, o in outputs.items():
+        prob = float(1.0 / (1.0 + np.exp(-o["logit"])))
+        if odds is not None:  # a vertebra's own mapping does not depend on the others
+            alone = np.full(len(VERTEBRAE), np.nan)
+            alone[v] = prob
+            prob = float(targets_from_vertebrae(alone, odds.double().cpu().numpy())[1 + v])
         positions = arrays["positions"][v].astype(np.int64)
         on_slice = [matched[matched["z"] == z][["x", "y", "width", "height"]].to_numpy(float) for z in positions]
         peak = float(o["cam"].max())
         result.append(VertebraExplanation(
             uid=uid, vertebra=VERTEBRAE[v], fold=m.fold, held_out=held_out, logit=o["logit"],
-            prob=float(1.0 / (1.0 + np.exp(-o["logit"]))), label=None if labels is None else labels[VERTEBRAE[v]],
+            prob=prob, label=None if labels is None else labels[VERTEBRAE[v]],
             attention=o["attention"], slice_logits=o["slice_logits"],
             saliency=o["cam"] / peak if peak > 0 else o["cam"], saliency_max=peak,
             image=crops[v, :, image_channel].copy(), mask=crops[v, :, -1] > 127 if d.with_mask else None,

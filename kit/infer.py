@@ -37,7 +37,7 @@ from .calibration import apply_calibration, read_calibration
 from .config import ConfigError, config_from_dict
 from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
-from .metrics import logit, sigmoid
+from .metrics import logit, sigmoid, targets_from_vertebrae
 from .models.level import level_presence_probs
 from .results import SegResult
 
@@ -597,17 +597,23 @@ def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor,
             out[:, found_np] = result["logit"].float().cpu().numpy().astype(np.float64)[:, found_np]
             return out, result["patient_logit"].float().cpu().numpy().astype(np.float64)
         x = torch.cat([v[found] for v in views])  # (V * N, T, C, S, S): every found vertebra, every view
-        result = m.model(x)
+        level = torch.arange(len(VERTEBRAE), device=x.device)[found].repeat(n_views)  # 0..6 = C1..C7
+        result = m.model(x, None, level)
         logits = result["logit"].float().cpu().numpy().astype(np.float64).reshape(n_views, -1)
         out[:, found_np] = logits
         return out, None
 
 
 def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None, found: np.ndarray,
-                  mean: str) -> np.ndarray:
+                  mean: str, odds: np.ndarray | None = None) -> np.ndarray:
     """One model's (8,) values in TARGETS order in the space of `mean` ("prob" or "logit"), views averaged
-    in that space; NaN for vertebrae not found. Without a patient head, patient_overall = 1 - prod(1 - p)
-    over the found vertebrae' probabilities (NaN when none is found)."""
+    in that space; NaN for vertebrae not found. Without a patient head, the 8 values come from the found
+    vertebrae's probabilities through `kit.metrics.targets_from_vertebrae` with the model's `odds` (its
+    `metric_odds`; a model without them: patient_overall = 1 - prod(1 - p) over them, the vertebrae as they
+    are); patient_overall is NaN when no vertebra is found."""
+    if patient_logits is None and odds is not None:
+        p = targets_from_vertebrae(np.where(found, sigmoid(vertebra_logits), np.nan), odds)  # (views, 8)
+        return logit(p).mean(0) if mean == "logit" else p.mean(0)
     if mean == "logit":
         vertebrae = vertebra_logits.mean(0)
         patient = patient_logits.mean() if patient_logits is not None else None
@@ -635,8 +641,9 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     the same batch.
 
     Each model gives 8 values (TARGETS order): its vertebra probabilities (NaN for a vertebra not found) and
-    patient_overall from its patient head when it has one, else 1 - prod(1 - p) over the vertebrae found
-    (NaN when none is). The flip views are averaged first, then the models, in the space of `mean`: "prob"
+    patient_overall from its patient head when it has one; a per-vertebra model's 8 values come from its found
+    vertebrae through `kit.metrics.targets_from_vertebrae` with its `metric_odds` (patient_overall NaN when
+    none is found), as its validation computed them. The flip views are averaged first, then the models, in the space of `mean`: "prob"
     averages probabilities, "logit" averages logits and takes the sigmoid of the mean. A run's folds share its
     weight equally (`weights`, see `_model_weights`).
 
@@ -699,13 +706,15 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
             if not np.isfinite(vertebra_logits[:, found]).all() or (
                     patient_logits is not None and not np.isfinite(patient_logits).all()):
                 raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
-            values[i] = _model_values(vertebra_logits, patient_logits, found, mean)
+            odds = getattr(m.model, "metric_odds", None)
+            values[i] = _model_values(vertebra_logits, patient_logits, found, mean,
+                                      None if odds is None else odds.double().cpu().numpy())
     w = np.asarray(model_weights)[:, None]
     combined = (w * values).sum(0)
     to_probs = sigmoid if mean == "logit" else np.asarray
     heads = {_is_per_study(m) for m in models}
-    patient_source = ("patient head" if heads == {True} else "1 - prod(1 - p) over the vertebrae found"
-                      if heads == {False} else "mean of patient heads and 1 - prod(1 - p) over the vertebrae found")
+    patient_source = ("patient head" if heads == {True} else "the vertebrae found (targets_from_vertebrae)"
+                      if heads == {False} else "mean of patient heads and the vertebrae found (targets_from_vertebrae)")
     per_run, run_weights, start = {}, {}, 0
     for key, run in grouped.items():
         share = np.asarray(model_weights[start:start + len(run)])[:, None]
@@ -737,7 +746,8 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
 
     A vertebra not found is NaN in `probs`: the submission writer gives it the fallback and logs the study as
     "partial" (`kit.submission`). patient_overall comes from the patient head of a classifier that has one
-    (`cls_patient_gru`), else it is 1 - prod(1 - p) over the vertebrae found; no vertebra found: all NaN.
+    (`cls_patient_gru`), else from the vertebrae found (`kit.metrics.targets_from_vertebrae`); no vertebra
+    found: all NaN.
 
     Args:
         study: a study folder of DICOM files, or a `kit.dicom.Series` already read.

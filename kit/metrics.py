@@ -126,6 +126,56 @@ def metric_weights(y_true: np.ndarray) -> np.ndarray:
     return y * _POS + (1.0 - y) * _NEG
 
 
+def scale_odds(p, ratio) -> np.ndarray:
+    """The probability whose odds are `ratio` x the odds of `p` (elementwise, float64; NaN stays NaN)."""
+    p = np.asarray(p, dtype=np.float64)
+    ratio = np.asarray(ratio, dtype=np.float64)
+    return ratio * p / (1.0 - p + ratio * p)
+
+
+def effective_odds(y_true) -> np.ndarray:
+    """(8,) how much the row-normalised metric favours a positive label over a negative one, per target.
+
+    Each study's losses are divided by the study's own weight sum, which is larger when it has positives, so a
+    positive label weighs less than its nominal 2 (14 / 7 for patient_overall): r_t = mean over studies with
+    y_t = 1 of w_pos / W_row, over the mean over studies with y_t = 0 of w_neg / W_row. The constant that minimises
+    the row-normalised metric for target t has r_t times the odds of t's prevalence (exact for a constant;
+    on real labels about 1.2-1.5). A target with no positive or no negative study gets its nominal ratio.
+    """
+    y, _ = _as_matrix(y_true, "y_true")
+    _check_labels(y)
+    w = metric_weights(y)
+    share = w / w.sum(1, keepdims=True)
+    out = _POS / _NEG
+    for j in range(y.shape[1]):
+        pos, neg = y[:, j] == 1, y[:, j] == 0
+        if pos.any() and neg.any():
+            out[j] = share[pos, j].mean() / share[neg, j].mean()
+    return out
+
+
+def targets_from_vertebrae(p_vertebrae, odds) -> np.ndarray:
+    """The 8 TARGETS probabilities from a per-vertebra model's C1..C7 probabilities (..., 7), for the
+    row-normalised metric.
+
+    A per-vertebra model is trained on the vertebra part of the metric's global form (`kit.losses.vertebra_loss`:
+    positives weigh 2), so its probabilities carry twice the odds of the chance of a fracture. Undo that, take
+    patient_overall = 1 - prod(1 - p) over the vertebrae (NaN ones left out; NaN when all are), and give each
+    target `odds[t]` times its odds (`effective_odds` of the training labels: what the row-normalised metric
+    rewards). NaN vertebrae stay NaN.
+    """
+    q = np.asarray(p_vertebrae, dtype=np.float64)
+    odds = np.asarray(odds, dtype=np.float64)
+    if q.shape[-1] != len(VERTEBRAE) or odds.shape != (len(TARGETS),):
+        raise ValueError(f"expected (..., {len(VERTEBRAE)}) vertebra probabilities and ({len(TARGETS)},) odds; "
+                         f"got {q.shape} and {odds.shape}")
+    chance = scale_odds(q, _NEG[1:] / _POS[1:])
+    none = np.isnan(chance).all(-1)
+    patient = 1.0 - np.nanprod(1.0 - chance, axis=-1)
+    patient = np.where(none, np.nan, patient)
+    return scale_odds(np.concatenate([patient[..., None], chance], axis=-1), odds)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The competition score
 # ---------------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from torch import nn
 from . import data as kdata
 from .constants import TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
+from .metrics import effective_odds, logit, targets_from_vertebrae
 from .models.level import level_presence_probs
 from .slices import LevelRecipe, SegRecipe, true_presence
 
@@ -268,15 +269,19 @@ class ClsTask:
       found still counts with its label: its logit is then the head's bias, which learns a fallback.
     - per vertebra: a batch mixes vertebrae of different studies, so there is no study row to normalise by;
       `vertebra_loss` is the metric's weighted BCE with the vertebra weights (1 negative, 2 positive),
-      sum(w * BCE) / sum(w) over the batch (the vertebra part of the metric's global form). patient_overall
-      is not trained: it is 1 - prod(1 - p_Ci).
+      sum(w * BCE) / sum(w) over the batch (the vertebra part of the metric's global form); each vertebra's
+      level adds its learnt offset (`init_model` starts them at the training folds' prevalence). patient_overall
+      is not trained: the 8 targets come from the 7 vertebra probabilities through
+      `kit.metrics.targets_from_vertebrae` (the positive weight 2 undone, 1 - prod(1 - p), each target at the
+      odds the row-normalised metric rewards, `effective_odds` of the training labels, kept in the model's
+      `metric_odds` buffer so that inference does the same).
 
     Validation (eval mode, no augmentation) predicts all 7 vertebrae of every held-out study. The per-vertebra
-    model predicts a fallback for a vertebra not found: the training folds' prevalence of that vertebra.
-    patient_overall comes from the patient head when the model has one, else 1 - prod(1 - p_Ci); both go to
-    the OOF (`patient_overall_from_vertebrae`). The validation loss is the row metric of each study's 8
-    logits (`competition_loss`), the score the negated `competition_score` (higher is better for the loop;
-    `log.csv` calls it `val_neg_score`).
+    model predicts a fallback for a vertebra not found: the training folds' prevalence of that vertebra (then
+    mapped as the others). patient_overall comes from the patient head when the model has one (the OOF's
+    `patient_overall_from_vertebrae` then holds 1 - prod(1 - p_Ci) beside it), else from the vertebrae. The
+    validation loss is the row metric of each study's 8 logits (`competition_loss`), the score the negated
+    `competition_score` (higher is better for the loop; `log.csv` calls it `val_neg_score`).
     """
 
     metric_name = "neg_score"
@@ -286,6 +291,7 @@ class ClsTask:
         self.per_study = cfg.model.name in PER_STUDY_MODELS
         self.held_out: kdata.CropDataset | None = None
         self.train_prevalence = np.full(len(TARGETS), np.nan)
+        self.train_labels = np.zeros((0, len(TARGETS)))
 
     # ----- data -----
     def split(self) -> tuple[list[str], list[str]]:
@@ -304,8 +310,8 @@ class ClsTask:
         d = self.cfg.data
         train_uids, held_out = self.split()
         labels = load_train(d.data_root)
-        self.train_prevalence = labels.set_index("StudyInstanceUID").loc[train_uids, list(TARGETS)].to_numpy(
-            np.float64).mean(0)
+        self.train_labels = labels.set_index("StudyInstanceUID").loc[train_uids, list(TARGETS)].to_numpy(np.float64)
+        self.train_prevalence = self.train_labels.mean(0)
         common = dict(mask_channel=d.with_mask, per_study=self.per_study)
         train = kdata.CropDataset(d.crop_dir, train_uids, labels, skip_missing=True, augment=d.augment,
                                   reverse_slices=d.reverse_slices, seed=self.cfg.seed, **common)
@@ -334,6 +340,26 @@ class ClsTask:
         p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
         return torch.from_numpy(np.log(p / (1.0 - p))).float()
 
+    def init_model(self, model: nn.Module) -> None:
+        """Start the model's per-level logit offsets (`level_bias`) where the loss would drive a constant: for
+        each vertebra, the weighted optimum of the training folds' prevalence p, q = 2p / (1 + p) (positives
+        weigh 2), less the logit head's bias. Without it the offsets would take most of a short CPU run to
+        move from zero (Adam moves a weight by about lr a step), while the crops alone barely tell C3 (rarely
+        fractured) from C7. Called by `fit_fold` on a fresh model (not on resume), after `build`."""
+        vertebra = model.vertebra if self.per_study else model
+        p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
+        q = 2.0 * p / (1.0 + p)
+        with torch.no_grad():
+            start = torch.from_numpy(np.log(q / (1.0 - q))).to(vertebra.level_bias)
+            vertebra.level_bias.copy_(start - vertebra.logit_head.bias.detach())
+        log.info("fold %d: level offsets start at the training folds' prevalence of C1..C7 (weighted optimum %s)",
+                 self.cfg.data.fold, ", ".join(f"{x:.3f}" for x in q))
+        if not self.per_study:  # how its vertebra probabilities become the 8 targets (`targets_from_vertebrae`)
+            odds = effective_odds(self.train_labels)
+            vertebra.metric_odds.copy_(torch.from_numpy(odds))
+            log.info("fold %d: the row-normalised metric's odds per target, from the training labels: %s",
+                     self.cfg.data.fold, ", ".join(f"{x:.2f}" for x in odds))
+
     # ----- training -----
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Competition loss (per study) or weighted vertebra BCE (per vertebra), plus the slice BCE."""
@@ -344,7 +370,7 @@ class ClsTask:
             slices, target, known = (out["slice_logits"].flatten(0, 1), batch["slice_target"].flatten(0, 1),
                                      batch["slice_known"].flatten(0, 1))
         else:
-            out = model(batch["image"], batch["mask"])
+            out = model(batch["image"], batch["mask"], batch["vertebra"])
             main = vertebra_loss(out["logit"], batch["label"])
             slices, target, known = out["slice_logits"], batch["slice_target"], batch["slice_known"]
         if self.cfg.loss.slice_weight > 0:
@@ -362,14 +388,17 @@ class ClsTask:
                             sample["vertebra_mask"][None].to(device))
             return (combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0],
                     out["attention"][0].float().cpu())
-        logits = self.fallback_logits.clone()
+        # a vertebra not found: the training folds' prevalence, on the model's scale (positives weigh 2)
+        logits = self.fallback_logits.clone() + float(np.log(2.0))
         attention = torch.zeros(sample["mask"].shape)
         if found.any():
             with autocast():
-                out = model(sample["image"][found].to(device), sample["mask"][found].to(device))
+                out = model(sample["image"][found].to(device), sample["mask"][found].to(device),
+                            torch.arange(len(VERTEBRAE))[found].to(device))
             logits[found] = out["logit"].float().cpu()
             attention[found] = out["attention"].float().cpu()
-        return combine_logits(logits[None])[0], attention
+        p = targets_from_vertebrae(torch.sigmoid(logits.detach().double()).numpy(), model.metric_odds.cpu().numpy())
+        return torch.from_numpy(logit(p)).float(), attention
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
@@ -386,7 +415,8 @@ class ClsTask:
             peaks = attention.argmax(1).numpy()
             rows.append({"StudyInstanceUID": uid,
                          **{t: float(p[j]) for j, t in enumerate(TARGETS)},
-                         "patient_overall_from_vertebrae": float(1.0 - np.prod(1.0 - p[1:])),
+                         "patient_overall_from_vertebrae": float(1.0 - np.prod(1.0 - p[1:])) if self.per_study
+                         else float(p[0]),
                          **{f"{t}{TRUE_SUFFIX}": int(label[j]) for j, t in enumerate(TARGETS)},
                          **{f"found_{v}": int(found[i]) for i, v in enumerate(VERTEBRAE)},
                          **{f"attn_peak_{v}": int(peaks[i]) if found[i] else -1 for i, v in enumerate(VERTEBRAE)}})
@@ -426,7 +456,7 @@ class ClsTask:
             "baseline_score": competition_score(y, self.train_prevalence),
             "baseline_in_sample": prevalence_baseline(y)[0],
             "train_prevalence": dict(zip(TARGETS, self.train_prevalence.tolist())),
-            "patient_overall_source": "patient head" if self.per_study else "1 - prod(1 - p_Ci)",
+            "patient_overall_source": "patient head" if self.per_study else "kit.metrics.targets_from_vertebrae",
             "score_patient_from_vertebrae": competition_score(y, from_vertebrae),
             "per_target": competition_score(y, p, per_target=True).to_dict(),
             "auc": _none_if_nan(roc_auc_per_target(y, p).to_dict()),

@@ -275,6 +275,8 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
     train_ds, held_out = task.build()
+    if state is None and hasattr(task, "init_model"):  # data-dependent initialisation (before EMA copies it)
+        task.init_model(model)
     sampler = (DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)
                if info.world_size > 1 else None)
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,

@@ -280,3 +280,34 @@ def test_patient_model_starts_from_a_vertebra_model(tmp_path):
     with pytest.raises(ValueError, match="no tensor matches this classifier"):
         torch.save({"other.weight": torch.zeros(3)}, tmp_path / "other.pt")
         build("cls_gru", pretrained_weights=str(tmp_path / "other.pt"))
+
+
+def test_level_offsets_add_to_the_vertebra_logit(tmp_path, caplog):
+    """`level` adds each vertebra's `level_bias` to its logit and to nothing else; a patient model adds C1..C7's
+    to its seven rows; weights from before the offsets load with zeros (and say so); bad levels are named."""
+    torch.manual_seed(1)
+    x = torch.rand(3, 4, C, S, S)
+    model = build("cls_gru").eval()
+    with torch.no_grad():
+        model.level_bias.copy_(torch.arange(7, dtype=torch.float32) - 3.0)
+        plain, tagged = model(x), model(x, None, torch.tensor([0, 6, 6]))
+    torch.testing.assert_close(tagged["logit"] - plain["logit"], torch.tensor([-3.0, 3.0, 3.0]))
+    torch.testing.assert_close(tagged["slice_logits"], plain["slice_logits"])
+    torch.testing.assert_close(tagged["attention"], plain["attention"])
+    for bad in (torch.tensor([0, 1]), torch.tensor([0, 1, 7])):
+        with pytest.raises(ValueError, match="level must"):
+            model(x, None, bad)
+
+    patient = build("cls_patient_gru").eval()
+    with torch.no_grad():
+        patient.vertebra.level_bias.copy_(torch.linspace(-1, 1, 7))
+        xs = x[:1, None].expand(1, 7, *x.shape[1:])  # the same stack at every level
+        logits = patient(xs)["logit"][0]
+    torch.testing.assert_close(logits - logits[0], torch.linspace(-1, 1, 7) + 1)
+
+    old = {k: v for k, v in model.state_dict().items() if k != "level_bias"}
+    fresh = build("cls_gru", seed=5)
+    with caplog.at_level("WARNING", logger="kit.models"):
+        fresh.load_state_dict(old)
+    assert torch.equal(fresh.level_bias, torch.zeros(7)) and "zero level offsets" in caplog.text
+    torch.testing.assert_close(fresh.eval()(x)["logit"], plain["logit"])

@@ -17,7 +17,7 @@ from kit.config import AugmentConfig, load_config
 from kit.constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
 from kit.data import CropDataset, augment_stack, crop_uids, crops_nbytes, load_crops
 from kit.losses import competition_loss, vertebra_loss
-from kit.metrics import competition_score
+from kit.metrics import competition_score, effective_odds, scale_odds
 from kit.tasks import ClsTask, make_task
 
 torch.set_num_threads(1)
@@ -221,14 +221,17 @@ def test_fit_fold_writes_the_oof_contract_and_report_reads_it(cache, tmp_path):
     assert ((p > 0) & (p < 1)).all()
     truth = cache["labels"].set_index(UID).loc[oof[UID], list(TARGETS)].to_numpy()
     np.testing.assert_array_equal(oof[[f"{t}_true" for t in TARGETS]].to_numpy(), truth)
-    # no patient head: patient_overall is 1 - prod(1 - p_Ci), reported in both columns
-    np.testing.assert_allclose(oof["patient_overall"], 1 - np.prod(1 - p[:, 1:], axis=1), atol=1e-6)
-    np.testing.assert_allclose(oof["patient_overall"], oof["patient_overall_from_vertebrae"], atol=1e-9)
-    # the vertebra not found gets the training folds' prevalence, and no attention peak
+    # no patient head: the 8 targets come from the vertebrae (targets_from_vertebrae with the odds the
+    # row-normalised metric gives each target on the training folds' labels), patient_overall in both columns
     train = cache["labels"][[i % N_FOLDS != 0 for i in range(N_STUDIES)]]
     prevalence = train[list(TARGETS)].to_numpy(np.float64).mean(0)
+    odds = effective_odds(train[list(TARGETS)].to_numpy(np.float64))
+    chance = scale_odds(p[:, 1:], 1 / odds[1:])
+    np.testing.assert_allclose(oof["patient_overall"], scale_odds(1 - np.prod(1 - chance, axis=1), odds[0]), atol=1e-6)
+    np.testing.assert_allclose(oof["patient_overall"], oof["patient_overall_from_vertebrae"], atol=1e-9)
+    # the vertebra not found gets the training folds' prevalence (at the metric's odds), and no attention peak
     row = oof.set_index(UID).loc[cache["uids"][MISSING[0]]]
-    assert row[VERTEBRAE[MISSING[1]]] == pytest.approx(prevalence[1 + MISSING[1]], abs=1e-6)
+    assert row[VERTEBRAE[MISSING[1]]] == pytest.approx(scale_odds(prevalence, odds)[1 + MISSING[1]], abs=1e-6)
     assert row[f"found_{VERTEBRAE[MISSING[1]]}"] == 0 and row[f"attn_peak_{VERTEBRAE[MISSING[1]]}"] == -1
     peaks = oof[[f"attn_peak_{v}" for v in VERTEBRAE]].to_numpy()
     assert ((peaks >= -1) & (peaks < T)).all() and (peaks >= 0).sum() == 7 * len(oof) - 1
@@ -268,3 +271,30 @@ def test_patient_model_trains_on_whole_studies(cache, tmp_path):
     y = oof[[f"{t}_true" for t in TARGETS]].to_numpy(np.float64)
     assert stored["score_patient_from_vertebrae"] == pytest.approx(
         competition_score(y, np.c_[from_vertebrae, p[:, 1:]]), abs=1e-6)
+
+
+def test_level_offsets_start_at_the_training_prevalence_and_reach_the_predictions(cache, tmp_path):
+    """A fresh fold starts each vertebra's logit offset so that logit head + offset is the weighted optimum of
+    the training folds' prevalence, q = 2p / (1 + p); training batches and validation pass each vertebra's level."""
+    from kit.models import create_model
+
+    cfg = tiny_config(cache, tmp_path)
+    task = make_task(cfg)
+    task.build()
+    name, kwargs = cfg.model_spec()
+    model = create_model(name, **kwargs)
+    task.init_model(model)
+    p = np.clip(task.train_prevalence[1:], 1e-4, 1 - 1e-4)
+    q = 2 * p / (1 + p)
+    start = (model.level_bias + model.logit_head.bias).detach().numpy()
+    np.testing.assert_allclose(start, np.log(q / (1 - q)), atol=1e-5)
+
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[2] if len(args) > 2 else None))
+    vertebrae = CropDataset(cfg.data.crop_dir, cache["uids"][1:3], cache["labels"], skip_missing=True)
+    batch = next(iter(torch.utils.data.DataLoader(vertebrae, batch_size=5)))
+    task.loss(model, batch)
+    assert torch.equal(seen[-1], batch["vertebra"]) and len(set(batch["vertebra"].tolist())) > 1
+    sample = task.held_out.study(cache["uids"][0])
+    task.predict_study(model.eval(), sample, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
+    assert torch.equal(seen[-1], torch.arange(7)[sample["found"]])

@@ -101,11 +101,13 @@ def _independent_cam(blocks: torch.nn.Module, logit, rows: slice) -> np.ndarray:
     return F.interpolate(cam, size=(S, S), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 
-def _flip_head(head: torch.nn.Linear) -> None:
-    """Negate a logit head: the raw Grad-CAM changes sign, so what the ReLU drops and keeps swaps."""
+def _flip_head(model: torch.nn.Module) -> None:
+    """Negate a vertebra model's logit (its head and its level offsets): the raw Grad-CAM changes sign, so what
+    the ReLU drops and keeps swaps."""
     with torch.no_grad():
-        head.weight.neg_()
-        head.bias.neg_()
+        model.logit_head.weight.neg_()
+        model.logit_head.bias.neg_()
+        model.level_bias.neg_()
 
 
 def test_explain_study_attention_saliency_and_prediction(tiny_run):
@@ -147,7 +149,7 @@ def test_saliency_matches_an_independent_grad_cam_for_either_sign(tiny_run):
     totals = []
     for flipped in (False, True):
         if flipped:
-            _flip_head(m.model.logit_head)
+            _flip_head(m.model)
         explanations = explain_study([m], tiny_run["crop_dir"], uid)
         assert explanations[0].held_out is False  # fold 0 trained on study 1
         for e in explanations:
@@ -176,7 +178,7 @@ def test_patient_model_explained_on_the_whole_study(tiny_run, tmp_path):
     totals = []
     for flipped in (False, True):
         if flipped:
-            _flip_head(m.model.vertebra.logit_head)
+            _flip_head(m.model.vertebra)
         explanations = explain_study([m], None, uid, vertebrae=["C2", "C7"])
         assert [e.vertebra for e in explanations] == ["C2", "C7"]
         for e in explanations:

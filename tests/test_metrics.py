@@ -12,6 +12,9 @@ from kit.constants import TARGETS, TRAIN_PREVALENCE, VERTEBRAE
 from kit.metrics import (
     calibration_table,
     competition_score,
+    effective_odds,
+    scale_odds,
+    targets_from_vertebrae,
     dice_per_vertebra,
     prevalence_baseline,
     roc_auc,
@@ -291,3 +294,40 @@ def test_z_range_errors_count_a_missed_vertebra_as_the_study_length():
     assert err[["C4", "C5", "C6", "C7"]].isna().all() and err["max"] == 20.0
     with pytest.raises(ValueError, match="same shape"):
         z_range_errors(pred[:3], true)
+
+
+def test_effective_odds_by_hand_and_the_best_constant():
+    """Row normalisation makes a positive weigh less than its nominal 2: studies (a) no fracture, W = 14;
+    (b) patient + C1, W = 14 + 2 + 6 = 22; (c) patient + C6 + C7, W = 14 + 4 + 5 = 23."""
+    y = np.array([[0] * 8, [1, 1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 1, 1]], dtype=float)
+    r = effective_odds(y)
+    assert r[0] == pytest.approx(((14 / 22 + 14 / 23) / 2) / (7 / 14))  # patient_overall: 1.245
+    assert r[1] == pytest.approx((2 / 22) / ((1 / 14 + 1 / 23) / 2))  # C1: positive only in (b)
+    assert r[6] == pytest.approx((2 / 23) / ((1 / 14 + 1 / 22) / 2))
+    assert r[2] == 2.0  # no positive C2: the nominal ratio
+    # the constant with r times the prevalence's odds is the best constant for the row-normalised score
+    rng = np.random.default_rng(0)
+    y = (rng.random((400, 8)) < [0.5, 0.1, 0.15, 0.05, 0.05, 0.1, 0.2, 0.2]).astype(float)
+    y[:, 0] = y[:, 1:].max(1)
+    best = scale_odds(y.mean(0), effective_odds(y))
+    score = competition_score(y, np.tile(best, (len(y), 1)))
+    for j in range(8):
+        for step in (-0.02, 0.02):
+            moved = best.copy()
+            moved[j] += step
+            assert competition_score(y, np.tile(moved, (len(y), 1))) > score
+    assert score < competition_score(y, np.tile(y.mean(0), (len(y), 1)))  # and better than the prevalence
+
+
+def test_targets_from_vertebrae_by_hand():
+    """Vertebra probabilities at the vertebra loss's doubled odds -> the chance of a fracture -> patient_overall
+    = 1 - prod(1 - chance) -> each target at its metric odds; NaN vertebrae are left out."""
+    q = np.array([2 / 3, np.nan, 0.0, 0.0, 0.0, 0.0, 2 / 3])  # doubled odds of 0.5 (odds 2 = 2 x 1)
+    out = targets_from_vertebrae(q, np.ones(8))  # odds 1: the chance itself
+    np.testing.assert_allclose(out[[0, 1, 3, 7]], [1 - 0.5 * 0.5, 0.5, 0.0, 0.5])
+    assert np.isnan(out[2])
+    out = targets_from_vertebrae(q, np.full(8, 3.0))
+    assert out[1] == pytest.approx(0.75) and out[0] == pytest.approx(scale_odds(0.75, 3.0))  # odds 1 x 3, 3 x 3
+    assert np.isnan(targets_from_vertebrae(np.full((2, 7), np.nan), np.ones(8))).all()
+    with pytest.raises(ValueError, match="expected"):
+        targets_from_vertebrae(np.zeros(8), np.ones(8))

@@ -24,6 +24,7 @@ from kit.config import load_config
 from kit.constants import VERTEBRAE
 from kit.crops import crop_study, missing_vertebrae, vertebra_extents
 from kit.dicom import read_mask, read_series, resize_slices
+from kit.metrics import scale_odds
 from kit.predictor import load_runs, resolve_runs, submit
 from kit.results import SegResult
 from seg_fixtures import make_cache, tiny_overrides
@@ -98,9 +99,11 @@ class Recorder(nn.Module):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(4.0))
         self.seen: list[torch.Tensor] = []
+        self.levels: list[torch.Tensor | None] = []
 
-    def forward(self, x: torch.Tensor, mask=None) -> dict:
+    def forward(self, x: torch.Tensor, mask=None, level=None) -> dict:
         self.seen.append(x.clone())
+        self.levels.append(level)
         half = x.shape[-1] // 2
         return {"logit": self.scale * (x[..., :half].mean((1, 2, 3, 4)) - x[..., half:].mean((1, 2, 3, 4)))}
 
@@ -126,6 +129,7 @@ def test_inference_crops_are_the_crop_cache_crops(models, segmented, tmp_path):
     # what the model sees: every found vertebra in one batch, as the crop dataset shows it (uint8 / 255)
     expected = torch.from_numpy(direct.astype(np.float32) / 255.0)
     assert seen.shape == expected.shape and torch.equal(seen, expected)
+    assert torch.equal(stand_in.model.levels[0], torch.arange(7))  # each vertebra with its level (C1..C7 = 0..6)
 
 
 def test_predict_study_gives_eight_probabilities(models, segmented):
@@ -133,9 +137,12 @@ def test_predict_study_gives_eight_probabilities(models, segmented):
     result = infer.predict_study(series, [models["cls"]], seg=seg)
     p = result["probs"]
     assert p.shape == (8,) and np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
-    assert result["found"].all() and result["patient_source"] == "1 - prod(1 - p) over the vertebrae found"
-    for m in result["models"]:  # each model's patient_overall from its own vertebrae, then the folds' mean
-        assert m["probs"][0] == pytest.approx(1 - np.prod(1 - m["probs"][1:]), abs=1e-12)
+    assert result["found"].all() and result["patient_source"] == "the vertebrae found (targets_from_vertebrae)"
+    for m, loaded in zip(result["models"], models["cls"]):  # each model's 8 targets from its own vertebrae
+        odds = loaded.model.metric_odds.numpy()
+        assert not np.allclose(odds, 2.0)  # set from the fold's training labels
+        chance = scale_odds(m["probs"][1:], 1 / odds[1:])  # undo the vertebrae's odds: the chance of a fracture
+        assert m["probs"][0] == pytest.approx(scale_odds(1 - np.prod(1 - chance), odds[0]), abs=1e-9)
     assert p[0] == pytest.approx(np.mean([m["probs"][0] for m in result["models"]]), abs=1e-12)
     assert set(result["timing"]) == {"read_s", "segment_s", "crop_s", "classify_s", "total_s"}
 
@@ -164,7 +171,10 @@ def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monke
     c1 = infer.predict_study(study, [models["seg_c1"], models["cls"]])
     assert c1["found"].tolist() == [True] + [False] * 6
     p = c1["probs"]
-    assert np.isfinite(p[:2]).all() and np.isnan(p[2:]).all() and p[0] == pytest.approx(p[1], abs=1e-12)
+    assert np.isfinite(p[:2]).all() and np.isnan(p[2:]).all()
+    for m, loaded in zip(c1["models"], models["cls"]):  # each model's patient_overall from its C1 alone
+        odds = loaded.model.metric_odds.numpy()
+        assert m["probs"][0] == pytest.approx(scale_odds(scale_odds(m["probs"][1], 1 / odds[1]), odds[0]), abs=1e-9)
     assert c1["missing"]["C2"].startswith("not found")
 
 
@@ -206,6 +216,7 @@ def test_flip_tta_mirrors_the_crops_in_the_same_batch(models, segmented, tmp_pat
     first, both = stand_in.model.seen
     assert both.shape[0] == 2 * first.shape[0] == 14  # one forward pass: 7 vertebrae x 2 views
     assert torch.equal(both[:7], first) and torch.equal(both[7:], first.flip(-1))  # left-right: the W axis
+    assert torch.equal(stand_in.model.levels[1], torch.arange(7).repeat(2))  # both views keep their levels
     logit = 4.0 * (first[..., :first.shape[-1] // 2].mean((1, 2, 3, 4)) - first[..., first.shape[-1] // 2:].mean(
         (1, 2, 3, 4))).double().numpy()
     p, q = 1 / (1 + np.exp(-logit)), 1 / (1 + np.exp(logit))  # the mirrored view swaps the halves

@@ -8,7 +8,8 @@ on each GRU step gives per-slice logits (the auxiliary target where fracture box
 attention weights say which slices the decision rests on (`kit explain`).
 
     model = create_model("cls_gru", in_channels=6, encoder="tf_efficientnetv2_b0")
-    out = model(x, mask=mask)        # x (B, T, 6, H, W), mask (B, T) bool: True on real slices
+    out = model(x, mask=mask, level=level)  # x (B, T, 6, H, W), mask (B, T) bool: True on real slices,
+                                            # level (B,) 0..6 = C1..C7: adds that level's learnt logit offset
     out["logit"], out["slice_logits"], out["attention"]   # (B,), (B, T), (B, T)
 
 `cls_patient_gru` runs the same path (shared weights) on all seven vertebrae of a study at once and adds a
@@ -119,6 +120,10 @@ class VertebraClassifier(nn.Module):
             `set_grad_checkpointing`) to train larger stacks in less memory.
         pretrained_weights: local state dict of the timm backbone (its first conv adapted to
             `in_channels`) or of a whole VertebraClassifier.
+        levels: vertebra levels (7: C1..C7). `level_bias` holds one logit offset per level, added to the
+            vertebra logit when `forward` is given each vertebra's level: fractures are far more common at
+            some levels (C2, C7) than others (C3), and a crop alone says little about its level. Zeros at
+            first; `kit.tasks.ClsTask.init_model` starts them at the training folds' prevalence.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class VertebraClassifier(nn.Module):
         chunk: int | None = None,
         grad_checkpointing: bool = False,
         pretrained_weights: str | None = None,
+        levels: int = 7,
     ) -> None:
         super().__init__()
         if chunk is not None and chunk < 1:
@@ -150,10 +156,25 @@ class VertebraClassifier(nn.Module):
         self.logit_head = nn.Linear(self.embed_dim, 1)
         for linear in (self.slice_head, self.logit_head):
             _set_prior(linear, head_prior)
+        self.level_bias = nn.Parameter(torch.zeros(levels))
+        # how to turn this model's vertebra probabilities into the 8 targets (`kit.metrics.targets_from_vertebrae`):
+        # the row-normalised metric's positive:negative odds per target, from the training labels
+        # (`ClsTask.init_model`); the metric's nominal 2 until then. Saved with the weights.
+        self.register_buffer("metric_odds", torch.full((levels + 1,), 2.0, dtype=torch.float64))
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
         if pretrained_weights:
             self.load_pretrained(pretrained_weights)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # weights saved by an older kit: no level offsets (as they were trained), the metric's nominal odds
+        for name, default in (("level_bias", torch.zeros_like(self.level_bias)),
+                              ("metric_odds", torch.full_like(self.metric_odds, 2.0))):
+            if prefix + name not in state_dict:
+                log.warning("%s: no %s in the weights (saved by an older kit); using %s", self.encoder_name,
+                            prefix + name, "zero level offsets" if name == "level_bias" else "the nominal odds 2")
+                state_dict[prefix + name] = default
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Turn activation checkpointing of the backbone on or off (timm's method of the same name)."""
@@ -208,20 +229,26 @@ class VertebraClassifier(nn.Module):
         mask = _check_mask(mask, x.shape[:2], "mask", "(B, T)")
         return self._gru(self.drop(self.slice_features(x, mask)), mask)
 
-    def head(self, states: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """GRU states (B, T, D), mask (B, T) or None -> the output dict of `forward`."""
+    def head(self, states: torch.Tensor, mask: torch.Tensor | None = None,
+             level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """GRU states (B, T, D), mask (B, T) or None, level (B,) or None -> the output dict of `forward`."""
         pooled, attention = self.pool(states, mask)
-        return {"logit": self.logit_head(pooled).squeeze(-1),
+        logit = self.logit_head(pooled).squeeze(-1)
+        if level is not None:
+            logit = logit + self.level_bias[_check_level(level, logit, len(self.level_bias))]
+        return {"logit": logit,
                 "slice_logits": self.slice_head(states).squeeze(-1),
                 "attention": attention,
                 "embedding": pooled}
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Fracture logits of B vertebrae.
 
         Args:
             x: (B, T, C, H, W) T slices of each vertebra, head to feet, C channels each.
             mask: (B, T) bool, True on real slices, False on padding; None = all real.
+            level: (B,) integer level of each vertebra (0..6 = C1..C7): adds its `level_bias`; None adds none.
 
         Returns:
             logit: (B,) the vertebra's fracture logit.
@@ -230,7 +257,7 @@ class VertebraClassifier(nn.Module):
             embedding: (B, 2 * hidden) the attention-pooled vertebra embedding.
         """
         mask = _check_mask(mask, x.shape[:2], "mask", "(B, T)")
-        return self.head(self.features(x, mask), mask)
+        return self.head(self.features(x, mask), mask, level)
 
 
 class PatientClassifier(nn.Module):
@@ -250,7 +277,7 @@ class PatientClassifier(nn.Module):
     def __init__(self, vertebrae: int = 7, patient_prior: float | None = None,
                  pretrained_weights: str | None = None, **kwargs) -> None:
         super().__init__()
-        self.vertebra = VertebraClassifier(**kwargs)
+        self.vertebra = VertebraClassifier(levels=vertebrae, **kwargs)
         self.vertebrae = vertebrae
         dim = self.vertebra.embed_dim
         self.level_embed = nn.Parameter(torch.zeros(vertebrae, dim))
@@ -300,7 +327,8 @@ class PatientClassifier(nn.Module):
         """GRU states (B, V, T, D) and the masks -> the output dict of `forward`."""
         b, v = states.shape[:2]
         mask, present = self._masks(states.shape[:3], mask, vertebra_mask)
-        out = self.vertebra.head(states.flatten(0, 1), None if mask is None else mask.flatten(0, 1))
+        level = torch.arange(v, device=states.device).repeat(b)  # C1..C7 of each study: each its level offset
+        out = self.vertebra.head(states.flatten(0, 1), None if mask is None else mask.flatten(0, 1), level)
         out = {key: value.unflatten(0, (b, v)) for key, value in out.items()}
         pooled, weights = self.patient_pool(out["embedding"] + self.level_embed, present)
         out["patient_logit"] = self.patient_head(pooled).squeeze(-1)
@@ -319,7 +347,7 @@ class PatientClassifier(nn.Module):
                 are all masked counts as not found too.
 
         Returns:
-            logit: (B, V) per-vertebra fracture logits.
+            logit: (B, V) per-vertebra fracture logits (each with its level's `level_bias`).
             slice_logits: (B, V, T) per-slice logits.
             attention: (B, V, T) slice weights, summing to 1 per found vertebra (all 0 for a missing one).
             embedding: (B, V, 2 * hidden) pooled vertebra embeddings.
@@ -343,6 +371,16 @@ def _check_mask(mask: torch.Tensor | None, shape: tuple[int, ...], name: str, la
     if tuple(mask.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {layout} = {tuple(shape)}; got {tuple(mask.shape)}")
     return mask.bool()
+
+
+def _check_level(level, logit: torch.Tensor, levels: int) -> torch.Tensor:
+    """`level` as a long tensor on the logits' device, checked against their shape (B,) and 0..levels-1."""
+    level = torch.as_tensor(level, device=logit.device).long()
+    if tuple(level.shape) != tuple(logit.shape):
+        raise ValueError(f"level must have shape (B,) = {tuple(logit.shape)}; got {tuple(level.shape)}")
+    if len(level) and (int(level.min()) < 0 or int(level.max()) >= levels):
+        raise ValueError(f"level must lie in 0..{levels - 1} (C1..C{levels}); got {level.tolist()}")
+    return level
 
 
 def _load_best_match(path: str, parts: list[tuple[str, nn.Module]], encoder: str) -> LoadReport:
