@@ -643,8 +643,9 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     Each model gives 8 values (TARGETS order): its vertebra probabilities (NaN for a vertebra not found) and
     patient_overall from its patient head when it has one; a per-vertebra model's 8 values come from its found
     vertebrae through `kit.metrics.targets_from_vertebrae` with its `metric_odds` (patient_overall NaN when
-    none is found), as its validation computed them. The flip views are averaged first, then the models, in the space of `mean`: "prob"
-    averages probabilities, "logit" averages logits and takes the sigmoid of the mean. A run's folds share its
+    none is found), as its validation computed them. The flip views are averaged first, then the models, in
+    the space of `mean`: "prob" averages probabilities, "logit" averages logits and takes the sigmoid of the
+    mean. A run's folds share its
     weight equally (`weights`, see `_model_weights`).
 
     Args:

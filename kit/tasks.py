@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from . import data as kdata
-from .constants import TARGETS, VERTEBRAE
+from .constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
-from .metrics import effective_odds, logit, targets_from_vertebrae
+from .metrics import effective_odds, logit, scale_odds, targets_from_vertebrae
 from .models.level import level_presence_probs
 from .slices import LevelRecipe, SegRecipe, true_presence
 
@@ -341,24 +341,26 @@ class ClsTask:
         return torch.from_numpy(np.log(p / (1.0 - p))).float()
 
     def init_model(self, model: nn.Module) -> None:
-        """Start the model's per-level logit offsets (`level_bias`) where the loss would drive a constant: for
-        each vertebra, the weighted optimum of the training folds' prevalence p, q = 2p / (1 + p) (positives
-        weigh 2), less the logit head's bias. Without it the offsets would take most of a short CPU run to
-        move from zero (Adam moves a weight by about lr a step), while the crops alone barely tell C3 (rarely
-        fractured) from C7. Called by `fit_fold` on a fresh model (not on resume), after `build`."""
+        """Start the model's per-level logit offsets (`level_bias`) where its loss would drive a constant, less
+        the logit head's bias: each vertebra's training-fold prevalence at the odds its loss rewards (2x for the
+        per-vertebra loss, the metric's global form; `effective_odds` for a per-study model on the row-normalised
+        loss). Without it the offsets would take most of a short CPU run to move from zero (Adam moves a weight
+        by about lr a step), while the crops alone barely tell C3 (rarely fractured) from C7. A per-vertebra
+        model also keeps `effective_odds` of the training labels in `metric_odds` (`targets_from_vertebrae`).
+        Called by `fit_fold` on a fresh model (not on resume), after `build`."""
         vertebra = model.vertebra if self.per_study else model
+        odds = effective_odds(self.train_labels)
+        row = self.per_study and self.cfg.loss.normalise == "row"
         p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
-        q = 2.0 * p / (1.0 + p)
+        q = scale_odds(p, odds[1:] if row else np.asarray(POSITIVE_WEIGHTS[1:]) / np.asarray(NEGATIVE_WEIGHTS[1:]))
         with torch.no_grad():
-            start = torch.from_numpy(np.log(q / (1.0 - q))).to(vertebra.level_bias)
+            start = torch.from_numpy(logit(q)).to(vertebra.level_bias)
             vertebra.level_bias.copy_(start - vertebra.logit_head.bias.detach())
-        log.info("fold %d: level offsets start at the training folds' prevalence of C1..C7 (weighted optimum %s)",
-                 self.cfg.data.fold, ", ".join(f"{x:.3f}" for x in q))
-        if not self.per_study:  # how its vertebra probabilities become the 8 targets (`targets_from_vertebrae`)
-            odds = effective_odds(self.train_labels)
-            vertebra.metric_odds.copy_(torch.from_numpy(odds))
-            log.info("fold %d: the row-normalised metric's odds per target, from the training labels: %s",
-                     self.cfg.data.fold, ", ".join(f"{x:.2f}" for x in odds))
+            if not self.per_study:
+                vertebra.metric_odds.copy_(torch.from_numpy(odds))
+        log.info("fold %d: level offsets start at the training folds' prevalence of C1..C7 (%s at the loss's odds); "
+                 "the row-normalised metric's odds per target: %s", self.cfg.data.fold,
+                 ", ".join(f"{x:.3f}" for x in q), ", ".join(f"{x:.2f}" for x in odds))
 
     # ----- training -----
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:

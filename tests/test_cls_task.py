@@ -288,6 +288,16 @@ def test_level_offsets_start_at_the_training_prevalence_and_reach_the_prediction
     q = 2 * p / (1 + p)
     start = (model.level_bias + model.logit_head.bias).detach().numpy()
     np.testing.assert_allclose(start, np.log(q / (1 - q)), atol=1e-5)
+    np.testing.assert_allclose(model.metric_odds.numpy(), effective_odds(task.train_labels))
+    # a per-study model trains on the row-normalised loss: its offsets start at the metric's own odds
+    patient_cfg = tiny_config(cache, tmp_path, **{"model.name": "cls_patient_gru", "name": "cls_patient"})
+    patient_task = make_task(patient_cfg)
+    patient_task.build()
+    patient = create_model(*patient_cfg.model_spec()[:1], **patient_cfg.model_spec()[1])
+    patient_task.init_model(patient)
+    row_q = scale_odds(p, effective_odds(patient_task.train_labels)[1:])
+    start = (patient.vertebra.level_bias + patient.vertebra.logit_head.bias).detach().numpy()
+    np.testing.assert_allclose(start, np.log(row_q / (1 - row_q)), atol=1e-5)
 
     seen = []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[2] if len(args) > 2 else None))
