@@ -1443,7 +1443,7 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
               "error|) in slices; a vertebra the prediction misses counts as the study's slice count, one absent "
               "from the truth is left out. *Worst median* = the largest of the per-vertebra medians.", ""]
     stage1, stale = load_stage1_oof(run_dir)
-    conditioned = bool(_first_fold_config(run_dir).get("data", {}).get("level_input"))
+    conditioned = bool((_first_fold_config(run_dir).get("data") or {}).get("level_input"))
     if stage1 is not None:
         s_dice, s_z = per_vertebra_means(stage1, "dice_"), zrange_errors(stage1, tolerance)
         sa, sza = s_dice["all"], s_z["all"]
