@@ -184,10 +184,7 @@ def prepare_studies(
     absent = {}
     if uids is None:
         uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
-        absent = listed_without_folder(root, split)  # named in failures.csv, not silently left out
-        if absent:
-            log.warning("%d studies of %s have no folder under %s (e.g. %s); listed in %s", len(absent),
-                        root / f"{split}.csv", image_dir, ", ".join(list(absent)[:3]), Path(cache_dir) / FAILURES)
+        absent = listed_without_folder(root, split, Path(cache_dir) / FAILURES)  # named, not silently left out
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in uids if not cache_path(cache_dir, u).is_file()]
     jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name, root / "segmentations" / f"{u}.nii")

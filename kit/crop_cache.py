@@ -311,7 +311,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     image_dir = root / f"{split}_images"
     if not image_dir.is_dir():
         raise FileNotFoundError(f"no {split}_images/ folder under data.data_root={root}")
-    absent = listed_without_folder(root, split) if uids is None else {}  # named in failures.csv
+    absent = listed_without_folder(root, split, crop_dir / FAILURES) if uids is None else {}  # named, not left out
     uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir()) if uids is None else list(uids)
     crop_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in uids if not crop_path(crop_dir, u).is_file()]
@@ -335,9 +335,6 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     from .prefetch import prefetch as run_ahead
 
     rows, unmatched, failures, in_sample = [], [], dict(absent), []
-    if absent:
-        log.warning("%d studies of %s have no folder under %s (e.g. %s); listed in %s", len(absent),
-                    root / f"{split}.csv", image_dir, ", ".join(list(absent)[:3]), crop_dir / FAILURES)
     if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
         for uid in [u for u in todo if not (d.true_masks and (seg_dir / f"{u}.nii").is_file())]:
             failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "

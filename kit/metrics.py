@@ -25,6 +25,9 @@ UID = "StudyInstanceUID"
 NORMALISE = ("row", "global")
 _NEG = np.asarray(NEGATIVE_WEIGHTS, dtype=np.float64)
 _POS = np.asarray(POSITIVE_WEIGHTS, dtype=np.float64)
+#: (7,) the odds ratio a per-vertebra model learns (`kit.losses.vertebra_loss`: a positive vertebra weighs 2, a
+#: negative 1), so that its probability has VERTEBRA_LOSS_ODDS times the odds of the chance of a fracture.
+VERTEBRA_LOSS_ODDS = _POS[1:] / _NEG[1:]
 _SHOW = 5
 
 
@@ -169,7 +172,7 @@ def targets_from_vertebrae(p_vertebrae, odds) -> np.ndarray:
     if q.shape[-1] != len(VERTEBRAE) or odds.shape != (len(TARGETS),):
         raise ValueError(f"expected (..., {len(VERTEBRAE)}) vertebra probabilities and ({len(TARGETS)},) odds; "
                          f"got {q.shape} and {odds.shape}")
-    chance = scale_odds(q, _NEG[1:] / _POS[1:])
+    chance = scale_odds(q, 1.0 / VERTEBRA_LOSS_ODDS)
     none = np.isnan(chance).all(-1)
     patient = 1.0 - np.nanprod(1.0 - chance, axis=-1)
     patient = np.where(none, np.nan, patient)

@@ -1399,6 +1399,12 @@ def _finish(result: dict, lines: list[str], out_dir: Path) -> dict:
     return result
 
 
+def _seg_headline(dice_all: dict, z_all: dict, tol: str) -> str:
+    """"Dice … | worst median z-error … slices (C…) | …% of vertebrae within … slices" of one set of studies."""
+    return (f"Dice {_f(dice_all['mean'], 3)} | worst median z-error {_f(z_all['worst_median'], 1)} slices "
+            f"({z_all['worst_vertebra'] or '–'}) | {_f(100 * z_all['within'], 0)}% of vertebrae within {tol} slices")
+
+
 def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: int = 5,
                tolerance: float = Z_TOLERANCE, pictures: bool = True) -> dict:
     """Report a segmenter run (`task: seg`): Dice and z-range errors per vertebra and fold, curves, worst studies.
@@ -1435,8 +1441,7 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
                   out_dir / "zrange_errors.png")]
     tol = f"{tolerance:g}"
     a, za = dice["all"], zerr["all"]
-    headline = (f"Dice {_f(a['mean'], 3)} | worst median z-error {_f(za['worst_median'], 1)} slices "
-                f"({za['worst_vertebra'] or '–'}) | {_f(100 * za['within'], 0)}% of vertebrae within {tol} slices")
+    headline = _seg_headline(a, za, tol)
 
     lines = _intro("Segmenter", run_dir, oof)
     lines += ["3D Dice per vertebra after the clean-up. z-range error = max(|first slice error|, |last slice "
@@ -1446,9 +1451,8 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
     conditioned = bool((_first_fold_config(run_dir).get("data") or {}).get("level_input"))
     if stage1 is not None:
         s_dice, s_z = per_vertebra_means(stage1, "dice_"), zrange_errors(stage1, tolerance)
-        sa, sza = s_dice["all"], s_z["all"]
-        s_head = (f"Dice {_f(sa['mean'], 3)} | worst median z-error {_f(sza['worst_median'], 1)} slices "
-                  f"({sza['worst_vertebra'] or '–'}) | {_f(100 * sza['within'], 0)}% of vertebrae within {tol} slices")
+        sza = s_z["all"]
+        s_head = _seg_headline(s_dice["all"], sza, tol)
         lines += ["## Summary", "", f"**Whole stage 1 (as inference runs it): {s_head}**", "",
                   f"Segmenter validation{' (true level ranges)' if conditioned else ''}: {headline}", ""]
     else:

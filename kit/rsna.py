@@ -354,12 +354,14 @@ def study_folders(images_dir: PathLike) -> list[str]:
     return sorted(p.name for p in images_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def listed_without_folder(root: PathLike, split: str = "train") -> dict[str, str]:
+def listed_without_folder(root: PathLike, split: str = "train", failures_csv: PathLike | None = None
+                          ) -> dict[str, str]:
     """Training studies that `train.csv` lists but `train_images/` has no folder for, each with the reason.
 
     Stages that walk the study folders (`kit prepare`, `kit crops`) record these as failures, so a study
     whose images are missing is named rather than silently left out of training and of the out-of-fold
-    scores. Only the train split: the test split's gaps are `studies_to_predict`'s (the public-data quirk).
+    scores; with `failures_csv` (where the caller lists them) one warning names a few and that file.
+    Only the train split: the test split's gaps are `studies_to_predict`'s (the public-data quirk).
     {} when there is no `train.csv`, for another split, or when every listed study has its folder.
     """
     root = Path(root)
@@ -369,8 +371,12 @@ def listed_without_folder(root: PathLike, split: str = "train") -> dict[str, str
     listed = pd.read_csv(path, usecols=[UID], dtype={UID: str})[UID].str.strip().dropna().unique()
     images = root / f"{split}_images"
     have = set(study_folders(images))
-    return {uid: f"study {uid}: listed in {path} but there is no folder {images / uid}"
-            for uid in listed if uid not in have}
+    absent = {uid: f"study {uid}: listed in {path} but there is no folder {images / uid}"
+              for uid in listed if uid not in have}
+    if absent and failures_csv is not None:
+        log.warning("%d studies of %s have no folder under %s (e.g. %s); listed in %s", len(absent), path, images,
+                    ", ".join(list(absent)[:3]), failures_csv)
+    return absent
 
 
 def studies_to_predict(root: PathLike | None = None) -> tuple[list[str], pd.DataFrame]:

@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from . import data as kdata
-from .constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
+from .constants import TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
-from .metrics import effective_odds, logit, scale_odds, targets_from_vertebrae
+from .metrics import VERTEBRA_LOSS_ODDS, effective_odds, logit, scale_odds, targets_from_vertebrae
 from .models.level import level_presence_probs
 from .slices import LevelRecipe, SegRecipe, true_presence
 
@@ -336,9 +336,10 @@ class ClsTask:
 
     @property
     def fallback_logits(self) -> torch.Tensor:
-        """(7,) logits of the training folds' prevalence of C1..C7, for vertebrae not found."""
+        """(7,) logits of the training folds' prevalence of C1..C7 on a per-vertebra model's scale (the odds its
+        loss gives, `VERTEBRA_LOSS_ODDS`), for vertebrae not found."""
         p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
-        return torch.from_numpy(np.log(p / (1.0 - p))).float()
+        return torch.from_numpy(logit(scale_odds(p, VERTEBRA_LOSS_ODDS))).float()
 
     def init_model(self, model: nn.Module) -> None:
         """Start the model's per-level logit offsets (`level_bias`) where its loss would drive a constant, less
@@ -352,7 +353,7 @@ class ClsTask:
         odds = effective_odds(self.train_labels)
         row = self.per_study and self.cfg.loss.normalise == "row"
         p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
-        q = scale_odds(p, odds[1:] if row else np.asarray(POSITIVE_WEIGHTS[1:]) / np.asarray(NEGATIVE_WEIGHTS[1:]))
+        q = scale_odds(p, odds[1:] if row else VERTEBRA_LOSS_ODDS)
         with torch.no_grad():
             start = torch.from_numpy(logit(q)).to(vertebra.level_bias)
             vertebra.level_bias.copy_(start - vertebra.logit_head.bias.detach())
@@ -390,8 +391,7 @@ class ClsTask:
                             sample["vertebra_mask"][None].to(device))
             return (combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0],
                     out["attention"][0].float().cpu())
-        # a vertebra not found: the training folds' prevalence, on the model's scale (positives weigh 2)
-        logits = self.fallback_logits.clone() + float(np.log(2.0))
+        logits = self.fallback_logits.clone()  # a vertebra not found: the training folds' prevalence
         attention = torch.zeros(sample["mask"].shape)
         if found.any():
             with autocast():

@@ -210,10 +210,10 @@ def _no_gradient(model: nn.Module) -> torch.Tensor:
 def _report_skipped(uids: list[str], epoch: int, run_dir: Path, cfg) -> None:
     """Log the studies of the batches left out for a non-finite loss and add them to `skipped_batches.csv`."""
     counts = pd.Series(uids).value_counts()
+    path = run_dir / "skipped_batches.csv"
     log.warning("%s fold%d epoch %d: %d samples in batches with a non-finite loss added no gradient (studies: %s); "
                 "listed in %s", cfg.name, cfg.data.fold, epoch, len(uids), ", ".join(counts.index[:5]) +
-                (" ..." if len(counts) > 5 else ""), run_dir / "skipped_batches.csv")
-    path = run_dir / "skipped_batches.csv"
+                (" ..." if len(counts) > 5 else ""), path)
     rows = pd.DataFrame({"epoch": epoch, "StudyInstanceUID": counts.index, "samples": counts.to_numpy()})
     rows.to_csv(path, mode="a", header=not path.is_file(), index=False)
 
