@@ -351,6 +351,8 @@ class LevelDataConfig:
         repeats: windows drawn per study per epoch.
         z_jitter: training stretches the step by a random factor in 1 +- z_jitter (necks differ in height;
             the model must count levels, not millimetres).
+        zoom: training zooms each window in-plane by a factor in 1 +- zoom and shifts it by up to zoom x the
+            image size, the same for every step of the window; 0: off.
         num_workers: DataLoader worker processes.
         tta_flip: validation and inference average the model's presence over each study and its left-right
             mirror (training flips half its windows); off: the study as it is.
@@ -369,6 +371,7 @@ class LevelDataConfig:
     seq_len: int = 64
     repeats: int = 4
     z_jitter: float = 0.15
+    zoom: float = 0.0
     num_workers: int = 0
     tta_flip: bool = True
 
@@ -428,6 +431,8 @@ class LevelConfig(_RunConfig):
         self._check_fold()
         if not 0.0 <= d.z_jitter < 1.0:
             raise ConfigError(f"data.z_jitter must be in [0, 1); got {d.z_jitter}")
+        if not 0.0 <= d.zoom < 0.5:
+            raise ConfigError(f"data.zoom must be in [0, 0.5); got {d.zoom}")
         if d.slice_mm <= 0 or d.neighbours < 0 or d.seq_len < 1 or d.repeats < 1 or d.image_size < 32:
             raise ConfigError("data.slice_mm must be > 0, data.neighbours >= 0, data.seq_len and data.repeats "
                               f">= 1, data.image_size >= 32; got {d}")

@@ -393,7 +393,8 @@ class LevelSequenceDataset(Dataset):
     steps, see `LevelNet.forward`), so the model also learns studies that start or stop anywhere along the
     neck. Each study appears `repeats` times per epoch. Augmentation: the step drawn from slice_mm x
     (1 +- z_jitter) (taller or shorter necks: the model must count levels, not measure millimetres),
-    left-right flip and brightness/contrast, all drawn from (seed, epoch, index).
+    left-right flip and brightness/contrast, and optionally an in-plane zoom and shift of the whole window
+    (`zoom`), all drawn from (seed, epoch, index).
 
     Args:
         volumes: {uid: SegVolume} at the level model's in-plane size.
@@ -402,14 +403,17 @@ class LevelSequenceDataset(Dataset):
         repeats: samples per study per epoch.
         augment: augmentation on/off.
         z_jitter: relative range of the step's random stretch when augmenting.
+        zoom: relative range of an in-plane zoom, and of a shift, of the whole window (0: none).
         seed: base seed.
     """
 
     def __init__(self, volumes: Mapping[str, SegVolume], recipe: LevelRecipe, seq_len: int | None = 64,
-                 repeats: int = 1, augment: bool = True, z_jitter: float = 0.15, seed: int = 0) -> None:
+                 repeats: int = 1, augment: bool = True, z_jitter: float = 0.15, seed: int = 0, *,
+                 zoom: float = 0.0) -> None:
         self.uids = list(volumes)
         self.recipe, self.seq_len, self.repeats = recipe, seq_len, repeats
         self.augment, self.z_jitter, self.seed = augment, z_jitter, seed
+        self.zoom = zoom
         self.studies = [(v.image, level_presence(v.labels), v.dz) for v in volumes.values()]
         self.epoch = 0
 
@@ -427,7 +431,15 @@ class LevelSequenceDataset(Dataset):
         n = len(grid)
         length = n if self.seq_len is None else self.seq_len
         start = int(rng.integers(0, n - length + 1)) if n > length else 0
-        stacks = self.recipe.inputs(volume, grid)[start:start + length]  # neighbours may lie outside the window
+        if self.augment and self.zoom > 0:  # the same zoom and shift for every step of the window
+            size = volume.shape[-1]
+            matrix = affine_matrix(size, size, scale=1.0 + rng.uniform(-self.zoom, self.zoom),
+                                   shift=tuple(rng.uniform(-self.zoom, self.zoom, 2) * size))
+            warped = np.stack([warp(np.ascontiguousarray(volume[z]), matrix) for z in grid])
+            stacks = self.recipe.inputs(warped, np.arange(n))
+        else:
+            stacks = self.recipe.inputs(volume, grid)
+        stacks = stacks[start:start + length]  # neighbours may lie outside the window
         target = presence[grid[start:start + length]]
         if self.augment:
             if rng.random() < 0.5:

@@ -194,7 +194,7 @@ class LevelTask:
         train_uids, held_out = kdata.split_segmentation_studies(d)
         train = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, train_uids, self.recipe), self.recipe,
                                            d.seq_len, d.repeats, augment=True, z_jitter=d.z_jitter,
-                                           seed=self.cfg.seed)
+                                           seed=self.cfg.seed, zoom=d.zoom)
         self.held_out = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, held_out, self.recipe),
                                                    self.recipe, seq_len=None, augment=False)
         self.held_out_index = {uid: i for i, uid in enumerate(self.held_out.uids)}

@@ -79,6 +79,8 @@ def test_bad_values_raise():
         load_config("demo_seg", **{"model.name": "seg_fpn", "model.output_stride": 2})
     with pytest.raises(ConfigError, match=r"model\.output_stride must be 1, or 2 .*got 4"):
         load_config("demo_seg", **{"model.output_stride": 4})
+    with pytest.raises(ConfigError, match=r"data\.zoom must be in \[0, 0\.5\); got 0\.6"):
+        load_config("demo_level", **{"data.zoom": 0.6})
     with pytest.raises(ConfigError, match="is a section"):
         load_config("demo_seg", train=3)
     with pytest.raises(FileNotFoundError, match="packaged: .*demo_seg"):

@@ -167,6 +167,34 @@ def test_level_sequence_dataset_windows_pads_and_repeats():
     np.testing.assert_allclose(whole[0]["image"][:, 1].numpy(), long.image[::2] / 255.0, atol=1e-6)
 
 
+def test_level_window_zoom_moves_pixels_not_slices():
+    z = 60
+    labels = np.zeros((z, 16, 16), np.uint8)
+    for c in range(7):  # C1..C7 in bands of 8 slices, each a bright square of its own brightness
+        labels[2 + 8 * c:10 + 8 * c, 4:12, 4:12] = c + 1
+    vol = {"s": SegVolume((labels * 30).astype(np.uint8), labels, 1.0)}
+    recipe = LevelRecipe(2.0, 0, 16, tta_flip=False)
+    plain = LevelSequenceDataset(vol, recipe, seq_len=None, augment=False)[0]
+    boxes = {}
+    for zoom in (0.0, 0.15):
+        ds = LevelSequenceDataset(vol, recipe, seq_len=None, augment=True, z_jitter=0.0, seed=3, zoom=zoom)
+        boxes[zoom] = set()
+        for epoch in range(6):
+            ds.set_epoch(epoch)
+            b = ds[0]
+            torch.testing.assert_close(b["target"], plain["target"])  # the same steps, the same targets
+            x, level = b["image"][:, 0].numpy(), (b["target"].numpy() * np.arange(1, 8)).max(axis=1)
+            shown = level > 0
+            # the centre pixel stays inside the square: still brightest where the level is highest
+            assert np.corrcoef(x[shown, 8, 8], level[shown])[0, 1] > 0.9
+            # one zoom and shift for the whole window: the square has the same outline on every step
+            cols = [img.max(axis=0) for img in x[shown]]
+            outlines = {tuple(np.flatnonzero(c > 0.9 * c.max())) for c in cols}  # the square's inside
+            assert len(outlines) == 1
+            boxes[zoom] |= outlines
+    assert len(boxes[0.0]) == 1 and len(boxes[0.15]) > 1  # zoom off: a fixed square (flips are symmetric)
+
+
 def test_crop_around_labels_keeps_the_vertebrae_in_view():
     from kit.data import crop_around_labels
     rng = np.random.default_rng(0)
