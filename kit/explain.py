@@ -375,16 +375,17 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
         log.warning("study %s: %s has no crop_boxes (made before they were stored): the fracture slices are marked, "
                     "their boxes cannot be placed; rebuild the crops (kit crops) to draw them", uid, crop_dir)
 
-    from .tasks import PER_STUDY_MODELS
-
-    odds = None if m.config.model.name in PER_STUDY_MODELS else getattr(m.model, "metric_odds", None)
+    # a per-vertebra model maps its probabilities as `classify_study` does; a patient model (no `metric_odds` of
+    # its own) gives its sigmoids as they are
+    odds = getattr(m.model, "metric_odds", None)
+    odds = None if odds is None else odds.double().cpu().numpy()
     result = []
     for v, o in outputs.items():
         prob = float(1.0 / (1.0 + np.exp(-o["logit"])))
         if odds is not None:  # a vertebra's own mapping does not depend on the others
             alone = np.full(len(VERTEBRAE), np.nan)
             alone[v] = prob
-            prob = float(targets_from_vertebrae(alone, odds.double().cpu().numpy())[1 + v])
+            prob = float(targets_from_vertebrae(alone, odds)[1 + v])
         positions = arrays["positions"][v].astype(np.int64)
         on_slice = [matched[matched["z"] == z][["x", "y", "width", "height"]].to_numpy(float) for z in positions]
         peak = float(o["cam"].max())
