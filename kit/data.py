@@ -431,15 +431,18 @@ class LevelSequenceDataset(Dataset):
         n = len(grid)
         length = n if self.seq_len is None else self.seq_len
         start = int(rng.integers(0, n - length + 1)) if n > length else 0
+        # only the window's steps and the neighbours its edge steps see (clamped at the study's ends as before)
+        lo, hi = max(start - self.recipe.neighbours, 0), min(start + length + self.recipe.neighbours, n)
+        steps = grid[lo:hi]
         if self.augment and self.zoom > 0:  # the same zoom and shift for every step of the window
             size = volume.shape[-1]
             matrix = affine_matrix(size, size, scale=1.0 + rng.uniform(-self.zoom, self.zoom),
                                    shift=tuple(rng.uniform(-self.zoom, self.zoom, 2) * size))
-            warped = np.stack([warp(np.ascontiguousarray(volume[z]), matrix) for z in grid])
-            stacks = self.recipe.inputs(warped, np.arange(n))
+            warped = np.stack([warp(np.ascontiguousarray(volume[z]), matrix) for z in steps])
+            stacks = self.recipe.inputs(warped, np.arange(len(steps)))
         else:
-            stacks = self.recipe.inputs(volume, grid)
-        stacks = stacks[start:start + length]  # neighbours may lie outside the window
+            stacks = self.recipe.inputs(volume, steps)
+        stacks = stacks[start - lo:start - lo + length]
         target = presence[grid[start:start + length]]
         if self.augment:
             if rng.random() < 0.5:
