@@ -323,3 +323,63 @@ def test_a_calibrated_run_maps_its_fold_mean_before_the_runs_are_combined(traine
     # the two runs weigh 1/2 each, as without calibration
     np.testing.assert_allclose(calibrated["probs"], (calibrated["runs"][cls_key] + plain["runs"][patient_key]) / 2,
                                atol=1e-12)
+
+
+def real_dicom_root(root: Path) -> Path:
+    """A competition-layout folder of five test studies made of the real CT files shipped with pydicom.
+
+    1.2.3.1: CT5N (five 16 px axial slices, 2.5 mm) plus the two CT2N scouts of the same study, another series;
+    1.2.3.2: CT5N alone; 1.2.3.3: CT_small (one slice); 1.2.3.4: 693_J2KI (one JPEG 2000 slice, 512 px);
+    1.2.3.5: J2K_pixelrep_mismatch and CT_small, two series of two sizes with a slice each.
+    """
+    from pydicom.data import get_testdata_file
+
+    from kit.constants import TARGETS
+
+    ct5n = Path(get_testdata_file("CT_small.dcm")).parent / "dicomdirtests" / "98892001"
+    studies = {"1.2.3.1": sorted(ct5n.glob("CT5N/*")) + sorted(ct5n.glob("CT2N/*")),
+               "1.2.3.2": sorted(ct5n.glob("CT5N/*")),
+               "1.2.3.3": [get_testdata_file("CT_small.dcm")],
+               "1.2.3.4": [get_testdata_file("693_J2KI.dcm")],
+               "1.2.3.5": [get_testdata_file("J2K_pixelrep_mismatch.dcm"), get_testdata_file("CT_small.dcm")]}
+    assert len(studies["1.2.3.2"]) == 5
+    for uid, files in studies.items():
+        (root / "test_images" / uid).mkdir(parents=True)
+        for i, f in enumerate(files):
+            shutil.copy(f, root / "test_images" / uid / f"{i}.dcm")
+    rows = [(f"{uid}_{t}", uid, t) for uid in studies for t in TARGETS]
+    pd.DataFrame(rows, columns=["row_id", UID, "prediction_type"]).to_csv(root / "test.csv", index=False)
+    pd.DataFrame({"row_id": [r[0] for r in rows], "fractured": 0.5}).to_csv(root / "sample_submission.csv",
+                                                                            index=False)
+    return root
+
+
+def test_kit_submit_on_real_ct_files(trained, tmp_path):
+    """Real DICOM (pydicom's CT test files) through `kit submit`: the stage-1 input, the crops cut from the
+    original 16 px grid and the classifier run; a second series in the folder is skipped and logged, one-slice
+    studies get fallbacks with the reason; every row is written."""
+    from kit.submission import fallback_probs
+
+    root = real_dicom_root(tmp_path / "real")
+    out = tmp_path / "sub" / "submission.csv"
+    summary = submit(root, [trained["seg_c1"], trained["cls"]], out, devices=["cpu"], progress=False, threads=1,
+                     prefetch=False)
+    assert summary["studies"] == 5
+    sub = check_submission(out, root).set_index("row_id")["fractured"]
+    log = pd.read_csv(out.with_name("submission_log.csv"), dtype={UID: str})
+    reasons = {uid: sorted(log.loc[log[UID] == uid, "reason"]) for uid in log[UID].unique()}
+    # the C1-everywhere segmenter finds C1 in the five-slice series: C1 and patient_overall from the classifier,
+    # C2..C7 fallbacks; the scouts of 1.2.3.1 are skipped, so it is predicted exactly like 1.2.3.2
+    assert reasons["1.2.3.2"] == ["partial"]
+    assert reasons["1.2.3.1"] == ["partial", "read warnings"]
+    warned = log.loc[(log[UID] == "1.2.3.1") & (log["reason"] == "read warnings"), "detail"].item()
+    assert warned.startswith("2 warning(s)") and warned.count("SeriesInstanceUID") == 2
+    first, second = (sub[[f"{uid}_{t}" for t in ("patient_overall", *VERTEBRAE)]].to_numpy()
+                     for uid in ("1.2.3.1", "1.2.3.2"))
+    np.testing.assert_array_equal(first, second)
+    fallback = np.clip(fallback_probs(), 1e-4, 1 - 1e-4)
+    assert first[1] != pytest.approx(fallback[1])  # C1 answered by the classifier
+    np.testing.assert_allclose(first[2:], fallback[2:])
+    for uid in ("1.2.3.3", "1.2.3.4", "1.2.3.5"):
+        assert reasons[uid] == ["too few slices"]
+        np.testing.assert_allclose(sub[[f"{uid}_{t}" for t in ("patient_overall", *VERTEBRAE)]], fallback)
