@@ -383,3 +383,40 @@ def test_kit_submit_on_real_ct_files(trained, tmp_path):
     for uid in ("1.2.3.3", "1.2.3.4", "1.2.3.5"):
         assert reasons[uid] == ["too few slices"]
         np.testing.assert_allclose(sub[[f"{uid}_{t}" for t in ("patient_overall", *VERTEBRAE)]], fallback)
+
+
+@pytest.mark.slow  # ~45 s: efficientnet_b3 U-Net, efficientnet_b0 level model and tf_efficientnetv2_s on CPU
+def test_the_full_scale_configs_train_and_submit_at_a_small_size(synthetic_root, tmp_path):
+    """What a Kaggle user runs: seg_unet_effb3_384, level_effb0_128 and cls_effv2s_224 as packaged (their
+    backbones, heads, losses, schedules, bf16 setting, workers), only the image sizes, slice counts, batch and
+    epochs shrunk: each trains a fold on the synthetic set, the crops are cut with its stage-1 runs, and
+    `kit submit` predicts the test studies with the three."""
+    from kit.cache import prepare_studies
+    from kit.crop_cache import build_crops
+    from kit.train import fit_fold
+
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    prepare_studies(synthetic_root, cache, size=64, workers=1, progress=False)
+    shared = {"out_dir": str(runs), "data.data_root": str(synthetic_root), "data.n_folds": 2, "data.fold": 0,
+              "data.folds_csv": str(tmp_path / "folds.csv"), "train.epochs": 1, "train.progress": False,
+              "train.device": "cpu", "train.threads": 1, "data.num_workers": 1, "data.image_size": 64}
+    fit_fold(load_config("level_effb0_128", **shared, **{"data.cache_dir": str(cache), "data.seq_len": 16,
+                                                          "data.repeats": 1, "train.batch_size": 2}))
+    fit_fold(load_config("seg_unet_effb3_384", **shared, **{"data.cache_dir": str(cache), "train.batch_size": 4}))
+    stage1 = [runs / "seg_unet_effb3_384", runs / "level_effb0_128"]
+    cls = load_config("cls_effv2s_224", **shared, **{"data.crop_dir": str(tmp_path / "crops"),
+                                                    "data.true_masks": True, "data.seg_runs": [str(r) for r in stage1],
+                                                    "data.n_slices": 5, "train.batch_size": 4})
+    assert (cls.model.encoder, cls.train.amp, cls.data.n_neighbours) == ("tf_efficientnetv2_s", "bf16", 2)
+    build_crops(cls, progress=False, prefetch=False)
+    fit_fold(cls)
+    for run in (*stage1, runs / "cls_effv2s_224"):
+        assert (run / "fold0" / "model.pt").is_file() and (run / "fold0" / "oof.csv").is_file()
+
+    out = tmp_path / "sub" / "submission.csv"
+    summary = submit(synthetic_root, [*stage1, runs / "cls_effv2s_224"], out, devices=["cpu"], progress=False,
+                     threads=1, prefetch=False)
+    assert summary["studies"] == 2
+    check_submission(out, synthetic_root)
+    log = pd.read_csv(out.with_name("submission_log.csv"))
+    assert not log["reason"].isin(["exception", "bad output", "worker died"]).any(), log.to_string()
