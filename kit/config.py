@@ -188,7 +188,8 @@ class TrainConfig:
         batch_size: samples per process and micro-batch (DDP: per GPU).
         val_batch_size: slices per forward pass in validation.
         accum_steps: micro-batches per optimizer step.
-        amp: "auto" (bf16 on GPUs that have it, else fp16 + GradScaler; off on CPU), "bf16", "fp16", "off".
+        amp: "auto" (bf16 on GPUs that have it in hardware, else fp16 + GradScaler, e.g. a T4; off on CPU),
+            "bf16", "fp16", "off".
         ema: keep an exponential moving average of the weights; validate and save it.
         ema_decay: EMA decay (warmed up from 0 over the first steps).
         patience: stop after this many validations without improvement; None never stops early.

@@ -37,6 +37,7 @@ from .calibration import apply_calibration, read_calibration
 from .config import ConfigError, config_from_dict
 from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
+from .devices import cuda_half_dtype
 from .metrics import logit, sigmoid, targets_from_vertebrae
 from .models.level import level_presence_probs
 from .results import SegResult
@@ -230,8 +231,7 @@ def prepare_input(source, size: int, window_name: str) -> tuple[np.ndarray, dict
 
 def _autocast(device: torch.device, amp: bool):
     if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.autocast("cuda", dtype=cuda_half_dtype(device))
     return torch.autocast(device.type, enabled=False)
 
 
@@ -289,7 +289,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         batch_size: slices per forward pass; default `stage1_batch_size` (4 at 384 px on a CPU). It does not
             change the result.
         device: where to run (default: the first model's device; models are moved there if needed).
-        amp: autocast (bf16, else fp16) on CUDA; default on for CUDA, always off on CPU.
+        amp: autocast on CUDA (bf16 where the GPU has it in hardware, else fp16: `kit.devices`); default on for
+            CUDA, always off on CPU.
         uid: study name for error messages.
         dz: the study's slice spacing in mm (required).
         levels: (7, Z) per-slice presence (`predict_levels`, or `kit.slices.true_presence`), needed by

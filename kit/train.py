@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .progress import progress_bar
 
 from .config import config_to_dict, load_config, save_config
+from .devices import cuda_half_dtype, has_native_bf16
 from .models import create_model
 from .tasks import make_task
 
@@ -108,14 +109,19 @@ def pick_device(name: str, info: DistInfo) -> torch.device:
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for train.amp on this device; None = full precision.
 
-    "auto": bf16 on GPUs that support it, else fp16; off on CPU. "bf16"/"fp16" force it (fp16 only on CUDA).
+    "auto": bf16 on GPUs that have it in hardware, else fp16 (a T4's tensor cores; `kit.devices`); off on CPU.
+    "bf16"/"fp16" force it (fp16 only on CUDA); a forced bf16 on a GPU that only emulates it is kept, with a warning.
     """
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
     if amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_half_dtype(device)
     if amp == "fp16" and device.type != "cuda":
         raise ValueError("train.amp=fp16 needs a CUDA device; on CPU use bf16 or off")
+    if amp == "bf16" and device.type == "cuda" and not has_native_bf16(device):
+        log.warning("train.amp=bf16 on %s (compute capability %s), which only emulates bfloat16: slow; "
+                    "train.amp=auto or fp16 uses its fp16 tensor cores", torch.cuda.get_device_name(device),
+                    ".".join(map(str, torch.cuda.get_device_capability(device))))
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 

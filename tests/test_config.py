@@ -33,7 +33,7 @@ def test_demo_config_is_small_and_full_config_is_gpu_scale():
     demo, full = load_config("demo_seg"), load_config("seg_unet_effb3_384")
     assert demo.data.image_size <= 128 and demo.train.amp == "off" and demo.train.device == "cpu"
     assert demo.recipe().n_slices <= 9 and demo.model_spec()[1]["in_channels"] == demo.recipe().n_channels
-    assert full.data.image_size >= 384 and full.data.n_folds == 5 and full.train.amp == "bf16"
+    assert full.data.image_size >= 384 and full.data.n_folds == 5 and full.train.amp == "auto"
     assert full.model.encoder.startswith("tu-")
 
 

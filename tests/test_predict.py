@@ -407,7 +407,7 @@ def test_the_full_scale_configs_train_and_submit_at_a_small_size(synthetic_root,
     cls = load_config("cls_effv2s_224", **shared, **{"data.crop_dir": str(tmp_path / "crops"),
                                                     "data.true_masks": True, "data.seg_runs": [str(r) for r in stage1],
                                                     "data.n_slices": 5, "train.batch_size": 4})
-    assert (cls.model.encoder, cls.train.amp, cls.data.n_neighbours) == ("tf_efficientnetv2_s", "bf16", 2)
+    assert (cls.model.encoder, cls.train.amp, cls.data.n_neighbours) == ("tf_efficientnetv2_s", "auto", 2)
     build_crops(cls, progress=False, prefetch=False)
     fit_fold(cls)
     for run in (*stage1, runs / "cls_effv2s_224"):

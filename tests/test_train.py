@@ -265,6 +265,29 @@ def test_amp_choice_by_device():
         amp_dtype("fp16", cpu)
 
 
+@pytest.mark.parametrize("capability, name, native", [((7, 5), "Tesla T4", False), ((6, 0), "Tesla P100", False),
+                                                      ((8, 0), "A100", True), ((9, 0), "H100", True)])
+def test_half_precision_by_gpu_kind(monkeypatch, caplog, capability, name, native):
+    """auto (training) and inference autocast: bf16 only where the GPU has it in hardware. torch's own
+    is_bf16_supported() says True on a T4 (emulation), which would run Kaggle's GPUs in a slow emulated bf16."""
+    from kit import infer
+    from kit.devices import has_native_bf16
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what torch answers on a T4 too
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.version, "hip", None)
+    gpu = torch.device("cuda:0")
+    half = torch.bfloat16 if native else torch.float16
+    assert has_native_bf16(gpu) is native and not has_native_bf16("cpu")
+    assert amp_dtype("auto", gpu) is half and amp_dtype("fp16", gpu) is torch.float16
+    with caplog.at_level("WARNING", logger="kit.train"):
+        assert amp_dtype("bf16", gpu) is torch.bfloat16  # forced: kept, with a warning where it is emulated
+    assert ("only emulates bfloat16" in caplog.text) is not native
+    assert infer._autocast(gpu, True).fast_dtype is half
+
+
 def test_two_process_ddp_on_cpu(cache, tmp_path):
     cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.batch_size": 4})
     cfg_path = save_config(cfg, tmp_path / "ddp.yaml")
