@@ -110,7 +110,7 @@ class DataConfig:
             vertebra's first or last slice is drawn than another vertebra slice (1: all alike). A vertebra's
             end slices show a few pixels of it beside its neighbour; they decide its z-range.
         end_mm: how near a vertebra's end a slice counts as an end slice (at least the end slice itself).
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (capped at the CPUs per process: `kit.train.loader_workers`).
         augment: training augmentations.
     """
 
@@ -354,7 +354,7 @@ class LevelDataConfig:
             the model must count levels, not millimetres).
         zoom: training zooms each window in-plane by a factor in 1 +- zoom and shifts it by up to zoom x the
             image size, the same for every step of the window; 0: off.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (capped at the CPUs per process: `kit.train.loader_workers`).
         tta_flip: validation and inference average the model's presence over each study and its left-right
             mirror (training flips half its windows); off: the study as it is.
     """
@@ -459,7 +459,7 @@ class ClsDataConfig:
         with_mask: add the vertebra's own mask as the last channel.
         image_size: S, the crop's in-plane size.
         margin: widening of the in-plane box on each side, as a fraction of its size.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (capped at the CPUs per process: `kit.train.loader_workers`).
         augment: in-plane augmentations of the stacks (all slices and channels of a stack alike; the mask
             channel warped with nearest neighbour, brightness/contrast on the image channels only).
         reverse_slices: probability of reversing a training stack's slice order (feet to head), per vertebra;

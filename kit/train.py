@@ -125,6 +125,16 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def loader_workers(requested: int, world_size: int = 1) -> int:
+    """data.num_workers capped at this process's share of the CPUs it may run on (a config written for an
+    8-core box on a 4-core Kaggle notebook or a 2-core Colab: more workers than cores only contend)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = min(requested, cpus // max(world_size, 1))
+    if workers < requested:
+        log.info("data.num_workers %d -> %d: %d CPU(s) for %d process(es)", requested, workers, cpus, world_size)
+    return workers
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch (all devices)."""
     random.seed(seed)
@@ -286,7 +296,8 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
     sampler = (DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)
                if info.world_size > 1 else None)
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.data.num_workers, drop_last=True, pin_memory=device.type == "cuda")
+                        num_workers=loader_workers(cfg.data.num_workers, info.world_size), drop_last=True,
+                        pin_memory=device.type == "cuda")
     if len(loader) == 0:
         raise ValueError(f"{len(train_ds)} training samples per epoch give no full batch of {tc.batch_size}"
                          f"{f' on each of {info.world_size} processes' if info.world_size > 1 else ''}")

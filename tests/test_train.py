@@ -18,7 +18,7 @@ from kit.config import load_config, save_config
 from kit.models import load_checkpoint
 from kit.losses import seg_loss
 from kit.tasks import SegTask
-from kit.train import amp_dtype, fit_fold
+from kit.train import amp_dtype, fit_fold, loader_workers
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -492,3 +492,9 @@ def test_skipped_fp16_steps_move_neither_schedule_nor_ema():
     plain = torch.amp.GradScaler("cpu", enabled=False)  # no scaler: every step counts
     model(torch.ones(2, 3)).sum().backward()
     assert optimizer_step(model, opt, plain, clip_grad=None) is True
+
+
+def test_loader_workers_are_capped_at_the_cpus(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert loader_workers(8) == 4 and loader_workers(2) == 2 and loader_workers(0) == 0
+    assert loader_workers(8, world_size=2) == 2 and loader_workers(8, world_size=8) == 0
