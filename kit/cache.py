@@ -5,7 +5,7 @@ resumes where it stopped. Contents:
 
 - `image` uint8 (Z, S, S): the CT in one HU window, index 0 = most superior slice;
 - `mask` uint8 (Z, S, S): segmentation labels (0 background, 1..7 = C1..C7, 8+ thoracic), only when the
-  study has a `segmentations/<uid>.nii`;
+  study has a `segmentations/<uid>.nii` (or `.nii.gz`);
 - `spacing` float32 (dz, dy, dx) in mm after resampling; `orig_hw` int32 (H, W) before it;
 - `positions` float32 (Z, 3) ImagePositionPatient; `instance_numbers` int32 (Z,).
 
@@ -33,7 +33,7 @@ from .progress import progress_bar
 
 from .constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
-from .rsna import listed_without_folder
+from .rsna import listed_without_folder, segmentation_path, segmented_studies
 
 log = logging.getLogger("kit.cache")
 
@@ -156,6 +156,7 @@ def prepare_studies(
     window_name: str = "bone",
     workers: int | None = None,
     progress: bool = True,
+    segmented_only: bool = False,
 ) -> dict:
     """Prepare every study of a split into the cache, in parallel, resumably.
 
@@ -167,11 +168,16 @@ def prepare_studies(
         data_root: RSNA layout root (holds `<split>_images/` and `segmentations/`).
         cache_dir: output folder.
         split: "train" or "test".
-        uids: restrict to these studies (default: every folder of `<split>_images/`).
+        uids: restrict to these studies (default: every folder of `<split>_images/`, or with `segmented_only`
+            every one that has a segmentation).
         size: in-plane output size.
         window_name: HU window, a key of `kit.constants.WINDOWS`.
         workers: processes (default: all cores).
         progress: show a tqdm bar.
+        segmented_only: only the studies with a `segmentations/<uid>.nii` (or `.nii.gz`): all that stage 1
+            trains on (87 of the competition's 2,019 training studies), so a full-scale cache (384 px) does not
+            decode and store the ~1,900 others. A segmentation without a study folder is listed in
+            `failures.csv`.
 
     Returns:
         Counts `prepared`, `skipped`, `failed`, the `failures` {uid: reason} and `seconds`.
@@ -182,13 +188,20 @@ def prepare_studies(
     if not image_dir.is_dir():
         raise FileNotFoundError(f"no {split}_images/ folder under {root}")
     absent = {}
-    if uids is None:
+    if uids is None and segmented_only:
+        segmented = segmented_studies(root / "segmentations")
+        uids = sorted(u for u in segmented if (image_dir / u).is_dir())
+        absent = {u: f"study {u}: segmented, but there is no folder {image_dir / u}" for u in sorted(segmented)
+                  if u not in uids}
+        log.info("%s: %d segmented studies (of %d folders)", split, len(uids),
+                 sum(p.is_dir() for p in image_dir.iterdir()))
+    elif uids is None:
         uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
         absent = listed_without_folder(root, split, Path(cache_dir) / FAILURES)  # named, not silently left out
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in uids if not cache_path(cache_dir, u).is_file()]
-    jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name, root / "segmentations" / f"{u}.nii")
-            for u in todo]
+    jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name,
+             segmentation_path(root / "segmentations", u)) for u in todo]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     rows, failures = [], dict(absent)
     bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="study", enabled=progress)

@@ -82,7 +82,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
     from .cache import prepare_studies
 
     result = prepare_studies(args.data_root, args.cache_dir, split=args.split, size=args.size,
-                             window_name=args.window, workers=args.workers)
+                             window_name=args.window, workers=args.workers, segmented_only=args.segmented_only)
     print(json.dumps(_few_failures(result), indent=2))
     if result["failed"]:
         print(f"{result['failed']} studies failed; see {Path(args.cache_dir) / 'failures.csv'}", file=sys.stderr)
@@ -304,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--window", default="bone")
     p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--segmented-only", action="store_true",
+                   help="only the studies with a segmentation: all that stage 1 trains on (87 of the 2,019)")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value",

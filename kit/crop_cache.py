@@ -58,7 +58,7 @@ from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, cro
                     grid_scale, load_crops, match_boxes_to_slices, slice_positions, vertebra_extents,
                     vertebra_targets)
 from .dicom import read_mask, read_series, resize_slices
-from .rsna import listed_without_folder
+from .rsna import listed_without_folder, segmentation_path
 
 log = logging.getLogger("kit.crop_cache")
 
@@ -94,13 +94,14 @@ def read_study(uid: str, *, image_dir: str, seg_dir: str | None, size: int, wind
             never falls back to predictions silently).
     """
     series = read_series(Path(image_dir) / uid)
-    nii = None if seg_dir is None else Path(seg_dir) / f"{uid}.nii"
-    if nii is not None and nii.is_file():
+    nii = None if seg_dir is None else segmentation_path(seg_dir, uid)
+    if nii is not None:
         labels = read_mask(nii, series)
         labels = np.where((labels >= 0) & (labels <= len(VERTEBRAE)), labels, 0).astype(np.uint8)  # C1..C7 only
         return {"series": series, "truth": resize_slices(labels, size, nearest=True)}
     if not segment:
-        raise ValueError(f"study {uid}: no ground-truth segmentation ({nii}) and no data.seg_runs to segment it; "
+        where = f"{uid}.nii(.gz) in {seg_dir}" if seg_dir else "data.true_masks is off"
+        raise ValueError(f"study {uid}: no ground-truth segmentation ({where}) and no data.seg_runs to segment it; "
                          "add stage-1 runs to data.seg_runs or build only the segmented studies")
     return {"series": series, "prepared": prepare_arrays(series, size, window_name)}
 
@@ -336,7 +337,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
 
     rows, unmatched, failures, in_sample = [], [], dict(absent), []
     if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
-        for uid in [u for u in todo if not (d.true_masks and (seg_dir / f"{u}.nii").is_file())]:
+        for uid in [u for u in todo if not (d.true_masks and segmentation_path(seg_dir, u))]:
             failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "
                              f"{seg_dir / (uid + '.nii')}) and no data.seg_runs to segment it")
             log.warning("study %s: no crops: %s", uid, failures[uid])
@@ -351,7 +352,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
                     raise RuntimeError(f"reading {image_dir / uid}: {error}")
                 models, source = None, "truth"
                 if "truth" not in study:
-                    models, source = choose_models(uid, split, fold_of, (seg_dir / f"{uid}.nii").is_file(), runs)
+                    models, source = choose_models(uid, split, fold_of, segmentation_path(seg_dir, uid) is not None, runs)
                 arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
                                                 boxes=boxes[boxes["StudyInstanceUID"] == uid], device=device)
                 del study

@@ -162,7 +162,9 @@ def pick_study(root, train: pd.DataFrame, boxes: pd.DataFrame) -> str:
     """A study worth looking at: fractured, with boxes and a segmentation if there is one."""
     from pathlib import Path
 
-    seg = {p.stem for p in (Path(root) / "segmentations").glob("*.nii")}
+    from .rsna import segmented_studies
+
+    seg = segmented_studies(Path(root) / "segmentations")
     fractured = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
     boxed = set(boxes["StudyInstanceUID"])
     for pool in (seg & boxed, seg & fractured, boxed, fractured, set(train["StudyInstanceUID"])):

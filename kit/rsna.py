@@ -346,6 +346,27 @@ def rows_for_studies(uids: Iterable[str]) -> pd.DataFrame:
     })
 
 
+SEGMENTATION_SUFFIXES = (".nii", ".nii.gz")  # the competition's files are .nii; a gzipped copy reads the same
+
+
+def segmentation_path(seg_dir: PathLike, uid: str) -> Path | None:
+    """`<seg_dir>/<uid>.nii` or `.nii.gz`, whichever exists; None when the study has no segmentation."""
+    for suffix in SEGMENTATION_SUFFIXES:
+        path = Path(seg_dir) / f"{uid}{suffix}"
+        if path.is_file():
+            return path
+    return None
+
+
+def segmented_studies(seg_dir: PathLike) -> set[str]:
+    """The studies with a segmentation file (`.nii` or `.nii.gz`) in `seg_dir`; empty when it is absent."""
+    seg_dir = Path(seg_dir)
+    if not seg_dir.is_dir():
+        return set()
+    return {p.name[: -len(s)] for p in seg_dir.iterdir() for s in SEGMENTATION_SUFFIXES
+            if p.name.endswith(s) and p.is_file()}
+
+
 def study_folders(images_dir: PathLike) -> list[str]:
     """Sorted names of the study folders under `images_dir` (e.g. `test_images/`); [] when it is absent."""
     images_dir = Path(images_dir)
@@ -528,8 +549,8 @@ def study_strata(root: PathLike | None, uids: Sequence[str]) -> pd.DataFrame:
     out = pd.DataFrame({UID: uids})
     seg_dir = root / "segmentations"
     if seg_dir.is_dir():
-        names = {p.name for p in seg_dir.iterdir()}
-        out["has_segmentation"] = [int(f"{u}.nii" in names or f"{u}.nii.gz" in names) for u in uids]
+        segmented = segmented_studies(seg_dir)
+        out["has_segmentation"] = [int(u in segmented) for u in uids]
     if (root / "train_bounding_boxes.csv").is_file():
         boxed = set(load_boxes(root)[UID])
         out["has_boxes"] = [int(u in boxed) for u in uids]

@@ -116,3 +116,37 @@ def test_a_corrupt_segmentation_keeps_the_image_and_reports_the_mask(synthetic_r
     failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
     assert list(failures["StudyInstanceUID"]) == [uid] and failures["error"][0].startswith("segmentation:")
     assert uid in result["failures"] and result["prepared"] == len(list((root / "train_images").iterdir()))
+
+
+def test_segmented_only_prepares_what_stage_1_trains_on(synthetic_root, tmp_path):
+    """`segmented_only`: the studies with a segmentation, `.nii` or gzipped `.nii.gz` (the mask read from either),
+    and none of the others; a segmentation whose study folder is missing is listed in failures.csv."""
+    import gzip
+
+    from kit.cli import main
+    from kit.rsna import segmented_studies, study_strata
+
+    root = tmp_path / "rsna"
+    shutil.copytree(synthetic_root, root)
+    niis = sorted((root / "segmentations").glob("*.nii"))
+    assert len(niis) >= 3
+    gz = root / "segmentations" / f"{niis[0].name}.gz"  # <uid>.nii.gz
+    gz.write_bytes(gzip.compress(niis[0].read_bytes()))
+    niis[0].unlink()
+    orphan = niis[1].stem
+    shutil.rmtree(root / "train_images" / orphan)
+    segmented = {p.name.split(".nii")[0] for p in (root / "segmentations").iterdir()}
+    assert segmented_studies(root / "segmentations") == segmented
+    assert study_strata(root, sorted(segmented))["has_segmentation"].all()
+
+    main(["prepare", "--data-root", str(root), "--cache-dir", str(tmp_path / "cache"), "--size", "32",
+          "--workers", "1", "--segmented-only"])
+    manifest = read_manifest(tmp_path / "cache")
+    assert sorted(manifest["StudyInstanceUID"]) == sorted(segmented - {orphan})
+    assert manifest["has_mask"].all() and manifest["mask_error"].isna().all()
+    gz_uid = niis[0].stem
+    series = read_series(root / "train_images" / gz_uid)
+    np.testing.assert_array_equal(load_cached(tmp_path / "cache", gz_uid)["mask"],
+                                  resize_slices(read_mask(gz, series).astype(np.uint8), 32, nearest=True))
+    failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
+    assert list(failures["StudyInstanceUID"]) == [orphan] and "segmented, but there is no folder" in failures["error"][0]
