@@ -352,7 +352,8 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
                     raise RuntimeError(f"reading {image_dir / uid}: {error}")
                 models, source = None, "truth"
                 if "truth" not in study:
-                    models, source = choose_models(uid, split, fold_of, segmentation_path(seg_dir, uid) is not None, runs)
+                    has_truth = segmentation_path(seg_dir, uid) is not None
+                    models, source = choose_models(uid, split, fold_of, has_truth, runs)
                 arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
                                                 boxes=boxes[boxes["StudyInstanceUID"] == uid], device=device)
                 del study

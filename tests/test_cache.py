@@ -149,4 +149,5 @@ def test_segmented_only_prepares_what_stage_1_trains_on(synthetic_root, tmp_path
     np.testing.assert_array_equal(load_cached(tmp_path / "cache", gz_uid)["mask"],
                                   resize_slices(read_mask(gz, series).astype(np.uint8), 32, nearest=True))
     failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
-    assert list(failures["StudyInstanceUID"]) == [orphan] and "segmented, but there is no folder" in failures["error"][0]
+    assert list(failures["StudyInstanceUID"]) == [orphan]
+    assert "segmented, but there is no folder" in failures["error"][0]
