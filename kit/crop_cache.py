@@ -54,9 +54,9 @@ from .progress import progress_bar
 
 from .cache import merge_csv, prepare_arrays
 from .constants import VERTEBRAE
-from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, crop_path, crop_study,  # noqa: F401
-                    grid_scale, load_crops, match_boxes_to_slices, slice_positions, vertebra_extents,
-                    vertebra_targets)
+from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, crop_file_arrays,  # noqa: F401
+                    crop_path, crop_study, grid_scale, load_crops, match_boxes_to_slices, slice_positions,
+                    vertebra_extents, vertebra_targets)
 from .dicom import read_mask, read_series, resize_slices
 from .rsna import listed_without_folder, segmentation_path
 
@@ -357,7 +357,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
                 arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
                                                 boxes=boxes[boxes["StudyInstanceUID"] == uid], device=device)
                 del study
-                _write_npz(crop_path(crop_dir, uid), arrays)
+                _write_npz(crop_path(crop_dir, uid), crop_file_arrays(arrays))
             except Exception as exc:  # one broken study must not stop the others
                 failures[uid] = f"{type(exc).__name__}: {exc}"
                 log.warning("study %s: no crops: %s", uid, failures[uid])

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import load_cached
-from .crops import load_crops
+from .crops import VERTEBRA_MEMBER, load_crops, load_vertebra_crops
 from .config import AugmentConfig, DataConfig
 from .constants import TARGETS, VERTEBRAE
 from .dicom import resize_slices
@@ -485,12 +485,21 @@ def crop_uids(crop_dir: str | os.PathLike) -> list[str]:
 
 
 def crops_nbytes(path: str | os.PathLike) -> int:
-    """Bytes of a crop file's `crops` array in memory, read from its header (compressed or not, no pixels read)."""
-    with zipfile.ZipFile(path) as archive, archive.open("crops.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+    """Bytes of a crop file's crops in memory (all seven vertebrae), read from the array headers (compressed or
+    not, no pixels read); either file layout (`kit.crops.VERTEBRA_MEMBER`)."""
+    with zipfile.ZipFile(path) as archive:
+        names = set(archive.namelist())
+        members = ["crops.npy"] if "crops.npy" in names else \
+            [f"{VERTEBRA_MEMBER.format(v)}.npy" for v in range(N_VERTEBRAE)]
+        total = 0
+        for name in members:
+            with archive.open(name) as f:
+                version = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                    np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
+            total += int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return total
 
 
 def augment_stack(stack: np.ndarray, rng: np.random.Generator, aug: AugmentConfig, *,
@@ -560,7 +569,8 @@ class CropDataset(Dataset):
         seed: base seed of the augmentations.
         in_memory: hold every study's arrays in memory (uint8, shared copy-on-write with forked workers);
             None: when the studies' `crops` arrays add up to at most `IN_MEMORY_BYTES` (`crops_nbytes`).
-            Otherwise each sample reads its study's file (a per-vertebra sample reads all seven stacks of it).
+            Otherwise each sample reads its study's file (a per-vertebra sample decompresses only its own stack
+            from files written since the per-vertebra layout, `kit.crops.VERTEBRA_MEMBER`; all seven from older ones).
 
     Raises:
         ValueError: a study lacks labels, or its crops do not fit the others (shape).
@@ -614,9 +624,11 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _stack(self, arrays: dict, v: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
-        """Vertebra v: image float32 (T, C, S, S), mask (T,), slice target (T,), known (T,), augmented by rng."""
-        image = arrays["crops"][v].astype(np.float32) / 255.0
+    def _stack(self, arrays: dict, v: int, rng: np.random.Generator | None, *,
+                own: bool = False) -> tuple[np.ndarray, ...]:
+        """Vertebra v: image float32 (T, C, S, S), mask (T,), slice target (T,), known (T,), augmented by rng.
+        `own`: `arrays["crops"]` is vertebra v's stack alone (`load_vertebra_crops`), not all seven."""
+        image = (arrays["crops"] if own else arrays["crops"][v]).astype(np.float32) / 255.0
         mask = arrays["positions"][v] >= 0
         target = arrays["slice_targets"][v]
         known = np.isfinite(target) & mask
@@ -649,7 +661,10 @@ class CropDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i]) if self.augment is not None else None
         if self.per_study:
             return self._study_sample(uid, rng)
-        image, mask, target, known = self._stack(self._arrays(uid), v, rng)
+        if self.cache is not None:
+            image, mask, target, known = self._stack(self.cache[uid], v, rng)
+        else:  # from the file: this vertebra's stack only
+            image, mask, target, known = self._stack(load_vertebra_crops(self.crop_dir, uid, v), v, rng, own=True)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "mask": torch.from_numpy(mask.copy()),
                 "label": torch.tensor(self.labels[uid][1 + v]),
                 "slice_target": torch.from_numpy(np.ascontiguousarray(target)),

@@ -30,8 +30,11 @@ def write_crop_cache(root: Path, n: int = N_STUDIES, seed: int = 0) -> dict:
     """A data root (train.csv), a folds CSV and a crop cache of n studies in the `kit crops` format.
 
     Fractured vertebrae show a bright square on the slices their slice targets mark; study 0's C3 is not
-    found; even studies have no box rows (slice targets NaN).
+    found; even studies have no box rows (slice targets NaN). Studies 0, 3, 6, ... are written in the per-vertebra
+    file layout `kit crops` writes (`crop_file_arrays`), the others with one `crops` member (older caches).
     """
+    from kit.crops import crop_file_arrays
+
     rng = np.random.default_rng(seed)
     uids = [f"1.2.826.0.1.3680043.{500 + i}" for i in range(n)]
     y = (rng.random((n, 7)) < 0.3).astype(np.int64)
@@ -63,9 +66,10 @@ def write_crop_cache(root: Path, n: int = N_STUDIES, seed: int = 0) -> dict:
         if i % 2 == 0:
             targets[:] = np.nan
         tmp = crop_dir / f"{uid}.tmp.npz"
-        np.savez(tmp, crops=crops, found=found, positions=positions, slice_targets=targets,
-                 instance_numbers=np.arange(1, 80, dtype=np.int32), spacing=np.ones(3, np.float32),
-                 orig_hw=np.array([64, 64], np.int32))
+        arrays = dict(crops=crops, found=found, positions=positions, slice_targets=targets,
+                      instance_numbers=np.arange(1, 80, dtype=np.int32), spacing=np.ones(3, np.float32),
+                      orig_hw=np.array([64, 64], np.int32))
+        np.savez(tmp, **(crop_file_arrays(arrays) if i % 3 == 0 else arrays))
         os.replace(tmp, crop_dir / f"{uid}.npz")
     pd.DataFrame({UID: uids, "split": "train", "found": [" ".join(VERTEBRAE)] * n, "missing": "",
                   "mask_source": "truth", "n_boxes": 0, "unmatched_boxes": 0, "seconds": 0.1}
@@ -97,10 +101,15 @@ def test_crop_dataset_layouts(cache):
     assert odd["uid"] == uids[1] and odd["vertebra"] == 0 and odd["slice_known"].all()
     assert float(odd["slice_target"].sum()) == 2.0 and float(odd["label"]) == 1.0
 
-    assert per_vertebra.cache is not None and crops_nbytes(cache["crop_dir"] / f"{uids[0]}.npz") == 7 * T * C * S * S
+    assert per_vertebra.cache is not None
+    assert crops_nbytes(cache["crop_dir"] / f"{uids[0]}.npz") == crops_nbytes(cache["crop_dir"] / f"{uids[1]}.npz") \
+        == 7 * T * C * S * S  # per-vertebra and single-member files alike
     from_disk = CropDataset(cache["crop_dir"], uids, labels, in_memory=False)
     assert from_disk.cache is None and len(from_disk) == len(per_vertebra)
-    assert torch.equal(from_disk[3]["image"], per_vertebra[3]["image"]) and from_disk[3]["vertebra"] == 4
+    for i in range(len(from_disk)):  # a sample read from its file (one vertebra's stack, either layout) = in memory
+        a, b = from_disk[i], per_vertebra[i]
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "mask", "label", "slice_target", "slice_known"))
+        assert (a["uid"], a["vertebra"], a["found"]) == (b["uid"], b["vertebra"], b["found"])
 
     kept = CropDataset(cache["crop_dir"], uids, labels, skip_missing=False)
     assert len(kept) == 7 * N_STUDIES and not kept[MISSING[1]]["found"] and not kept[MISSING[1]]["mask"].any()
@@ -117,6 +126,19 @@ def test_crop_dataset_layouts(cache):
         CropDataset(cache["crop_dir"], uids, labels.iloc[1:])
 
 
+def test_a_vertebra_read_alone_equals_the_whole_file(cache):
+    from kit.crops import load_vertebra_crops
+
+    for uid in cache["uids"][:2]:  # per-vertebra layout, then a single `crops` member
+        whole = load_crops(cache["crop_dir"], uid)
+        assert whole["crops"].shape == (7, T, C, S, S)
+        for v in range(7):
+            one = load_vertebra_crops(cache["crop_dir"], uid, v)
+            np.testing.assert_array_equal(one["crops"], whole["crops"][v])
+            for key in ("found", "positions", "slice_targets"):
+                np.testing.assert_array_equal(one[key], whole[key])
+
+
 def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
     aug = AugmentConfig(p_affine=1.0, rotate_deg=20.0, scale=0.1, shift=0.1, hflip=0.5, brightness=0.2,
                         contrast=0.2)
@@ -127,6 +149,9 @@ def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
     assert not torch.equal(first, ds[5]["image"])
     ds.set_epoch(0)
     assert torch.equal(first, ds[5]["image"])  # epochs replay exactly (resume)
+    from_files = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=aug, reverse_slices=0.5,
+                             seed=3, in_memory=False)
+    assert all(torch.equal(ds[i]["image"], from_files[i]["image"]) for i in range(0, len(ds), 5))
     plain = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"])[5]["image"]
     assert not torch.equal(first, plain)
     for i in range(6):

@@ -55,6 +55,8 @@ def test_truth_cache_arrays_found_positions_and_mask(truth_cache, synthetic_root
     manifest = pd.read_csv(Path(cfg.data.crop_dir) / MANIFEST, dtype={"StudyInstanceUID": str})
     assert sorted(manifest["StudyInstanceUID"]) == uids and set(manifest["mask_source"]) == {"truth"}
     for uid in uids:
+        with np.load(crop_path(cfg.data.crop_dir, uid)) as data:  # one member per vertebra, no whole `crops`
+            assert {f"crops_{v}" for v in range(7)} <= set(data.files) and "crops" not in data.files
         arrays = load_crops(cfg.data.crop_dir, uid)
         series, labels = truth_labels(synthetic_root, uid)
         z = len(labels)
@@ -189,6 +191,18 @@ def test_load_crops_names_the_file(tmp_path):
     np.savez(tmp_path / "1.2.4.npz", crops=np.zeros(3))
     with pytest.raises(ValueError, match="lacks"):
         load_crops(tmp_path, "1.2.4")
+    # the per-vertebra layout with a vertebra's member missing: named, by both readers
+    from kit.crops import load_vertebra_crops
+
+    small = {"found": np.ones(7, bool), "positions": np.zeros((7, 2), np.int32),
+             "slice_targets": np.zeros((7, 2), np.float32), "instance_numbers": np.arange(3, dtype=np.int32),
+             "spacing": np.ones(3, np.float32), "orig_hw": np.array([8, 8], np.int32)}
+    np.savez(tmp_path / "1.2.5.npz", **small, **{f"crops_{v}": np.zeros((2, 3, 8, 8), np.uint8) for v in range(6)})
+    with pytest.raises(ValueError, match=r"1\.2\.5\.npz lacks \['crops'\]"):
+        load_crops(tmp_path, "1.2.5")
+    with pytest.raises(ValueError, match=r"1\.2\.5\.npz lacks \['crops'\]"):
+        load_vertebra_crops(tmp_path, "1.2.5", 6)
+    np.testing.assert_array_equal(load_vertebra_crops(tmp_path, "1.2.5", 5)["crops"], 0)
 
 
 class _Fake:
