@@ -7,7 +7,7 @@ Three figures measured side by side in one run, per classifier config:
   (`data.true_masks`), so no trained segmenter is needed;
 - loading the cached crops, in vertebra stacks/s (T x C x S x S each, e.g. 15 x 6 x 224^2): `kit.crops.load_crops`
   alone, and the classifier's dataset (`kit.data.CropDataset`, per vertebra, with the config's augmentation) both
-  reading each sample's file and holding the cache in memory;
+  reading each sample's own vertebra stack from its study's file and holding the cache in memory;
 - the classifier's forward + backward pass (randomly initialised model from the config, BCE on the vertebra
   logit) in stacks/s.
 
@@ -224,6 +224,6 @@ def _print_table(rows: list[dict], device: str, threads: int, load: float, n_stu
               f"{r['load_crops_stacks_per_s']:>10.1f} {r['dataset_files_stacks_per_s']:>9.1f} "
               f"{r['dataset_memory_stacks_per_s']:>9.1f} {r['train_stacks_per_s']:>7.2f} {r['batch_size']:>5} "
               f"{r['files_vs_train']:>11.2f} {r['memory_vs_train']:>9.2f}")
-    print("ds = kit.data.CropDataset per vertebra with the config's augmentation (files: each sample reads its study's "
-          "npz; memory: the cache held in memory); train = forward + backward. A ratio >= 1: one loading process "
-          "keeps up with training.")
+    print("ds = kit.data.CropDataset per vertebra with the config's augmentation (files: each sample decompresses its "
+          "own stack from its study's npz; memory: the cache held in memory); train = forward + backward. A ratio "
+          ">= 1: one loading process keeps up with training.")
