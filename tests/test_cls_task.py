@@ -139,6 +139,22 @@ def test_a_vertebra_read_alone_equals_the_whole_file(cache):
                 np.testing.assert_array_equal(one[key], whole[key])
 
 
+def test_augmenting_the_cached_uint8_matches_augmenting_floats(cache):
+    """The loader augments the cache's uint8 (warped as uint8, converted once): the float path's result, exactly
+    without a warp, within a grey level (the uint8 warp's rounding) with one; the mask channel stays 0/1."""
+    raw = load_crops(cache["crop_dir"], cache["uids"][1])["crops"][0]
+    intensity = AugmentConfig(p_affine=0.0, hflip=0.0, brightness=0.2, contrast=0.2)
+    warped = AugmentConfig(p_affine=1.0, rotate_deg=20.0, scale=0.1, shift=0.1, hflip=0.5, brightness=0.2,
+                           contrast=0.2)
+    for aug, atol in ((intensity, 0.0), (warped, 1.01 / 255)):
+        for seed in range(4):
+            from_u8 = augment_stack(raw, np.random.default_rng(seed), aug)
+            from_float = augment_stack(raw.astype(np.float32) / 255.0, np.random.default_rng(seed), aug)
+            assert from_u8.dtype == np.float32 and from_u8.flags.c_contiguous
+            np.testing.assert_allclose(from_u8, from_float, rtol=0, atol=atol)
+            assert set(np.unique(from_u8[:, -1])) <= {0.0, 1.0}
+
+
 def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
     aug = AugmentConfig(p_affine=1.0, rotate_deg=20.0, scale=0.1, shift=0.1, hflip=0.5, brightness=0.2,
                         contrast=0.2)
