@@ -152,3 +152,30 @@ def test_readme_command_runs_as_written(index, line, workspace):
     verb = shlex.split(line)[1]
     assert result.stdout.startswith(f"smoke mode (KIT_SMOKE=1): kit {verb}"), log
     check_artefacts(shlex.split(fill_placeholders(line)), workspace, result.stdout)
+
+
+def test_full_scale_recipe_parses_and_its_configs_load(tmp_path):
+    """The '## Full scale' block cannot run here (a GPU, the competition data): each line parses as the `kit`
+    CLI parses it, every config it names loads with its overrides, and the classifier's crops come from the
+    stage-1 runs the block trains."""
+    from kit.cli import _parse_overrides, folds_and_overrides, parse_args
+    from kit.config import load_config
+
+    section = re.search(r"^## Full scale[^\n]*\n(.*?)(?=^## |\Z)", README.read_text(), flags=re.S | re.M)
+    assert section is not None, "README.md has no '## Full scale' section"
+    block = re.search(r"^```bash\n(.*?)^```", section.group(1), flags=re.S | re.M).group(1)
+    lines = [raw.split(" #", 1)[0].strip() for raw in block.splitlines() if raw.strip()]
+    assert all(line.startswith("kit ") for line in lines)
+    trained, cls_configs = [], []
+    for line in lines:
+        args = parse_args(shlex.split(line.replace("$DATA", str(tmp_path)))[1:])
+        if args.command == "train":
+            folds, overrides = folds_and_overrides(args)
+            assert folds == [0, 1, 2, 3, 4]
+            cfgs = [load_config(args.config, **{**overrides, "data.fold": f}) for f in folds]
+            assert cfgs[0].data.data_root == str(tmp_path) and cfgs[0].model.pretrained_weights.endswith(".pth")
+            trained.append(str(Path(cfgs[0].out_dir) / cfgs[0].name))
+        elif args.command == "crops":
+            cls_configs.append(load_config(args.config, **_parse_overrides(args.overrides)))
+    assert trained == ["runs/seg_unet_effb3_384", "runs/level_effb0_128", "runs/cls_effv2s_224"]
+    assert len(cls_configs) == 1 and cls_configs[0].data.seg_runs == trained[:2]
