@@ -51,8 +51,20 @@ def load_study(cache_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]:
     return load_cached(cache_dir, uid)
 
 
-def cached_uids(cache_dir: str | os.PathLike, *, with_mask: bool = False) -> list[str]:
-    """Studies in the cache, sorted; `with_mask` keeps those that have a segmentation (reads no pixels)."""
+def skip_study(skipped: dict[str, str] | None, uid: str, path: str | os.PathLike, exc: BaseException,
+               remedy: str) -> None:
+    """Log a study whose cached file cannot be read, and record it in `skipped` ({uid: reason}) for the run's
+    `skipped_studies.csv` (`kit.train`); training goes on without it. Without `skipped` the error is raised."""
+    if skipped is None:
+        raise exc
+    skipped[uid] = f"{path}: {type(exc).__name__}: {exc}; {remedy}"
+    log.warning("study %s left out: %s", uid, skipped[uid])
+
+
+def cached_uids(cache_dir: str | os.PathLike, *, with_mask: bool = False,
+                skipped: dict[str, str] | None = None) -> list[str]:
+    """Studies in the cache, sorted; `with_mask` keeps those that have a segmentation (reads no pixels). A file
+    that cannot be opened is left out and recorded in `skipped` (raised without it)."""
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
         raise FileNotFoundError(f"cache folder {cache_dir} does not exist; run `kit prepare` first")
@@ -61,9 +73,13 @@ def cached_uids(cache_dir: str | os.PathLike, *, with_mask: bool = False) -> lis
         if path.name.endswith(".tmp.npz"):
             continue
         if with_mask:
-            with np.load(path) as data:
-                if "mask" not in data.files:
-                    continue
+            try:
+                with np.load(path) as data:
+                    if "mask" not in data.files:
+                        continue
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+                skip_study(skipped, path.stem, path, exc, "delete it and run `kit prepare` again")
+                continue
         uids.append(path.stem)
     return uids
 
@@ -81,13 +97,16 @@ def read_folds(cfg: DataConfig):
     return rsna.folds_for(cfg.data_root, path=cfg.folds_csv, n_folds=cfg.n_folds, seed=cfg.folds_seed)
 
 
-def split_segmentation_studies(cfg: DataConfig) -> tuple[list[str], list[str]]:
-    """(train, held-out) studies of `cfg.fold` among the cached studies that have a segmentation.
+def split_segmentation_studies(cfg: DataConfig, skipped: dict[str, str] | None = None
+                               ) -> tuple[list[str], list[str]]:
+    """(train, held-out) studies of `cfg.fold` among the cached studies that have a segmentation (unreadable
+    files left out and recorded in `skipped`, see `cached_uids`).
 
     Raises:
         ValueError: a side is empty, or cached segmented studies are missing from the folds table.
     """
-    return split_by_fold(cfg, cached_uids(cfg.cache_dir, with_mask=True), f"segmented studies in {cfg.cache_dir}")
+    uids = cached_uids(cfg.cache_dir, with_mask=True, skipped=skipped)
+    return split_by_fold(cfg, uids, f"segmented studies in {cfg.cache_dir}")
 
 
 def split_by_fold(cfg, uids: Sequence[str], what: str) -> tuple[list[str], list[str]]:
@@ -261,16 +280,21 @@ class SegVolume(NamedTuple):
 
 
 def load_volumes(cache_dir: str | os.PathLike, uids: Sequence[str], recipe: SegRecipe | LevelRecipe,
-                 ) -> dict[str, SegVolume]:
+                 skipped: dict[str, str] | None = None) -> dict[str, SegVolume]:
     """{uid: SegVolume} for segmented studies, resized in-plane as the recipe does at inference (labels with
     centre-aligned nearest neighbour).
 
     Everything is held in memory (uint8; ~2 x Z x S^2 bytes a study), shared copy-on-write with forked
-    DataLoader workers.
+    DataLoader workers. A study whose cached file cannot be read is left out and recorded in `skipped`
+    ({uid: reason}; raised without it).
     """
     volumes = {}
     for uid in uids:
-        arrays = load_study(cache_dir, uid)
+        try:
+            arrays = load_study(cache_dir, uid)
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            skip_study(skipped, uid, Path(cache_dir) / f"{uid}.npz", exc, "delete it and run `kit prepare` again")
+            continue
         if "mask" not in arrays:
             raise ValueError(f"study {uid}: no segmentation in {cache_dir}; only segmented studies train stage 1")
         volumes[uid] = SegVolume(recipe.resize(arrays["image"]),
@@ -583,6 +607,8 @@ class CropDataset(Dataset):
         augment: augmentation ranges, or None for none.
         reverse_slices: probability of reversing a stack's slice order (with `augment` only).
         seed: base seed of the augmentations.
+        skipped: {uid: reason} to record studies whose crop file cannot be read (left out, with a warning);
+            None: such a file raises.
         in_memory: hold every study's arrays in memory (uint8, shared copy-on-write with forked workers);
             None: when the studies' `crops` arrays add up to at most `IN_MEMORY_BYTES` (`crops_nbytes`).
             Otherwise each sample reads its study's file (a per-vertebra sample decompresses only its own stack
@@ -605,6 +631,7 @@ class CropDataset(Dataset):
         reverse_slices: float = 0.0,
         seed: int = 0,
         in_memory: bool | None = None,
+        skipped: dict[str, str] | None = None,
     ) -> None:
         self.crop_dir, self.uids = Path(crop_dir), list(uids)
         self.per_study, self.mask_channel = per_study, mask_channel
@@ -616,10 +643,21 @@ class CropDataset(Dataset):
             raise ValueError(f"{len(lacking)} studies of {self.crop_dir} have no labels, e.g. {lacking[:3]}; "
                              "is data.data_root the train.csv the crops were made for?")
         self.labels = {u: table.loc[u, list(TARGETS)].to_numpy(np.float32) for u in self.uids}
-        if in_memory is None:
-            in_memory = sum(crops_nbytes(self.crop_dir / f"{u}.npz") for u in self.uids) <= IN_MEMORY_BYTES
-        self.cache = {u: load_crops(self.crop_dir, u) for u in self.uids} if in_memory else None
-        self.found = {u: self._arrays(u)["found"] if in_memory else self._read_found(u) for u in self.uids}
+        nbytes, self.found = {}, {}
+        for u in list(self.uids):  # a file that cannot be opened: left out and recorded (or raised)
+            try:
+                nbytes[u], self.found[u] = crops_nbytes(self.crop_dir / f"{u}.npz"), self._read_found(u)
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+                skip_study(skipped, u, self.crop_dir / f"{u}.npz", exc, "delete it and run `kit crops` again")
+        self.cache = None
+        if in_memory or (in_memory is None and sum(nbytes.values()) <= IN_MEMORY_BYTES):
+            self.cache = {}
+            for u in nbytes:
+                try:
+                    self.cache[u] = load_crops(self.crop_dir, u)
+                except (OSError, ValueError) as exc:
+                    skip_study(skipped, u, self.crop_dir / f"{u}.npz", exc, "delete it and run `kit crops` again")
+        self.uids = [u for u in self.uids if u in (self.cache if self.cache is not None else nbytes)]
         if per_study:
             self.index = [(u, -1) for u in self.uids if self.found[u].any() or not skip_missing]
         else:

@@ -107,14 +107,16 @@ class SegTask:
     def build(self) -> tuple[kdata.SegSliceDataset, list[str]]:
         """The training dataset and the held-out study ids (their volumes stay loaded for validation)."""
         d = self.cfg.data
-        train_uids, held_out = kdata.split_segmentation_studies(d)
-        train = kdata.SegSliceDataset(kdata.load_volumes(d.cache_dir, train_uids, self.recipe), self.recipe,
+        self.skipped_studies: dict[str, str] = {}  # unreadable cache files, left out (kit.train lists them)
+        train_uids, held_out = kdata.split_segmentation_studies(d, self.skipped_studies)
+        train = kdata.SegSliceDataset(kdata.load_volumes(d.cache_dir, train_uids, self.recipe, self.skipped_studies),
+                                      self.recipe,
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
                                       foreground_fraction=d.foreground_fraction, end_weight=d.end_weight,
                                       end_mm=d.end_mm, augment=d.augment,
                                       seed=self.cfg.seed)
-        self.held_out = kdata.load_volumes(d.cache_dir, held_out, self.recipe)
-        return train, held_out
+        self.held_out = kdata.load_volumes(d.cache_dir, held_out, self.recipe, self.skipped_studies)
+        return train, [u for u in held_out if u in self.held_out]
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         tc = self.cfg.train
@@ -191,14 +193,16 @@ class LevelTask:
 
     def build(self):
         d = self.cfg.data
-        train_uids, held_out = kdata.split_segmentation_studies(d)
-        train = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, train_uids, self.recipe), self.recipe,
-                                           d.seq_len, d.repeats, augment=True, z_jitter=d.z_jitter,
-                                           seed=self.cfg.seed, zoom=d.zoom)
-        self.held_out = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, held_out, self.recipe),
+        self.skipped_studies: dict[str, str] = {}  # unreadable cache files, left out (kit.train lists them)
+        train_uids, held_out = kdata.split_segmentation_studies(d, self.skipped_studies)
+        volumes = kdata.load_volumes(d.cache_dir, train_uids, self.recipe, self.skipped_studies)
+        train = kdata.LevelSequenceDataset(volumes, self.recipe, d.seq_len, d.repeats, augment=True,
+                                           z_jitter=d.z_jitter, seed=self.cfg.seed, zoom=d.zoom)
+        self.held_out = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, held_out, self.recipe,
+                                                                      self.skipped_studies),
                                                    self.recipe, seq_len=None, augment=False)
         self.held_out_index = {uid: i for i, uid in enumerate(self.held_out.uids)}
-        return train, held_out
+        return train, [u for u in held_out if u in self.held_out_index]
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         return level_loss(model(batch["image"], batch["mask"]), batch["target"], batch["mask"])
@@ -310,12 +314,17 @@ class ClsTask:
         d = self.cfg.data
         train_uids, held_out = self.split()
         labels = load_train(d.data_root)
-        self.train_labels = labels.set_index("StudyInstanceUID").loc[train_uids, list(TARGETS)].to_numpy(np.float64)
-        self.train_prevalence = self.train_labels.mean(0)
-        common = dict(mask_channel=d.with_mask, per_study=self.per_study)
+        self.skipped_studies: dict[str, str] = {}  # unreadable crop files, left out (kit.train lists them)
+        common = dict(mask_channel=d.with_mask, per_study=self.per_study, skipped=self.skipped_studies)
         train = kdata.CropDataset(d.crop_dir, train_uids, labels, skip_missing=True, augment=d.augment,
                                   reverse_slices=d.reverse_slices, seed=self.cfg.seed, **common)
         self.held_out = kdata.CropDataset(d.crop_dir, held_out, labels, skip_missing=False, augment=None, **common)
+        held_out = self.held_out.uids
+        if not held_out:
+            raise ValueError(f"fold {d.fold}: none of its held-out studies' crop files in {d.crop_dir} can be read "
+                             f"({len(self.skipped_studies)} left out: see the warnings)")
+        self.train_labels = labels.set_index("StudyInstanceUID").loc[train.uids, list(TARGETS)].to_numpy(np.float64)
+        self.train_prevalence = self.train_labels.mean(0)
         self._check_shape(held_out[0])
         if len(train) == 0:
             raise ValueError(f"fold {d.fold}: no vertebra was found in any of the {len(train_uids)} training "

@@ -234,6 +234,18 @@ def _report_skipped(uids: list[str], epoch: int, run_dir: Path, cfg) -> None:
     rows.to_csv(path, mode="a", header=not path.is_file(), index=False)
 
 
+def _report_unreadable(skipped: dict[str, str], run_dir: Path, cfg) -> None:
+    """List the studies a task left out because their cached file could not be read in `skipped_studies.csv`
+    (StudyInstanceUID, reason); without any, a stale list of an earlier build is removed."""
+    path = run_dir / "skipped_studies.csv"
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return
+    pd.DataFrame({"StudyInstanceUID": list(skipped), "reason": list(skipped.values())}).to_csv(path, index=False)
+    log.warning("%s fold%d: %d studies left out, their cached files unreadable (e.g. %s); listed in %s", cfg.name,
+                cfg.data.fold, len(skipped), ", ".join(list(skipped)[:3]), path)
+
+
 def improved(metric: float, best: float, best_epoch: int) -> bool:
     """A validation metric (higher is better) that beats the best so far; NaN never does, and never becomes the
     best, so a NaN epoch cannot block the checkpoints of the epochs after it."""
@@ -291,6 +303,11 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
     train_ds, held_out = task.build()
+    if info.main:
+        _report_unreadable(getattr(task, "skipped_studies", None) or {}, run_dir, cfg)
+    if not held_out:
+        raise ValueError(f"{cfg.name} fold {cfg.data.fold}: no held-out study left to validate on "
+                         f"(unreadable files: {run_dir / 'skipped_studies.csv'})")
     if state is None and hasattr(task, "init_model"):  # data-dependent initialisation (before EMA copies it)
         task.init_model(model)
     sampler = (DistributedSampler(train_ds, info.world_size, info.rank, shuffle=True, seed=cfg.seed, drop_last=True)

@@ -349,3 +349,26 @@ def test_level_offsets_start_at_the_training_prevalence_and_reach_the_prediction
     sample = task.held_out.study(cache["uids"][0])
     task.predict_study(model.eval(), sample, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False))
     assert torch.equal(seen[-1], torch.arange(7)[sample["found"]])
+
+
+def test_unreadable_crop_files_are_left_out_and_listed(cache, tmp_path):
+    """A crop file that cannot be read (truncated: its zip directory gone; garbage) does not stop the classifier's
+    training: the study is left out, listed in skipped_studies.csv, and the held-out rest gets its OOF rows."""
+    import shutil
+
+    from kit.train import fit_fold
+
+    crops = tmp_path / "crops"
+    shutil.copytree(cache["crop_dir"], crops)
+    held_out = [u for i, u in enumerate(cache["uids"]) if i % N_FOLDS == 0]
+    trained = [u for i, u in enumerate(cache["uids"]) if i % N_FOLDS != 0]
+    truncated = crops / f"{trained[0]}.npz"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    (crops / f"{held_out[1]}.npz").write_bytes(b"garbage")
+    cfg = tiny_config(cache, tmp_path, **{"data.crop_dir": str(crops), "train.epochs": 1})
+    assert fit_fold(cfg)["finished"]
+    listed = pd.read_csv(cfg.run_dir / "skipped_studies.csv", dtype=str)
+    assert sorted(listed[UID]) == sorted([trained[0], held_out[1]])
+    assert listed["reason"].str.contains("kit crops").all()
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})
+    assert sorted(oof[UID]) == sorted(set(held_out) - {held_out[1]})

@@ -498,3 +498,32 @@ def test_loader_workers_are_capped_at_the_cpus(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert loader_workers(8) == 4 and loader_workers(2) == 2 and loader_workers(0) == 0
     assert loader_workers(8, world_size=2) == 2 and loader_workers(8, world_size=8) == 0
+
+
+@pytest.mark.parametrize("config", ["demo_seg", "demo_level"])
+def test_unreadable_cache_files_are_left_out_and_listed(cache, tmp_path, config):
+    """A cached study that cannot be read (a zero-byte file, garbage) does not stop stage-1 training: it is left
+    out with a warning and listed in the fold's skipped_studies.csv; the other held-out study is validated."""
+    import shutil
+
+    from kit.data import split_segmentation_studies
+
+    cache_dir, folds_csv, _ = cache
+    broken = tmp_path / "cache"
+    shutil.copytree(cache_dir, broken)
+    if config == "demo_seg":
+        cfg = load_config(config, **tiny_overrides(broken, folds_csv, tmp_path / "runs", **{"train.epochs": 1}))
+    else:
+        cfg = load_config(config, **{"data.cache_dir": str(broken), "data.folds_csv": str(folds_csv),
+                                     "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8, "data.repeats": 2,
+                                     "model.hidden": 16, "train.epochs": 1, "train.batch_size": 2,
+                                     "train.threads": 1, "train.progress": False, "out_dir": str(tmp_path / "runs")})
+    train_uids, held_out = split_segmentation_studies(cfg.data)
+    (broken / f"{train_uids[0]}.npz").write_bytes(b"")
+    (broken / f"{held_out[0]}.npz").write_bytes(b"not a zip file")
+    summary = fit_fold(cfg)
+    listed = pd.read_csv(cfg.run_dir / "skipped_studies.csv", dtype=str)
+    assert sorted(listed["StudyInstanceUID"]) == sorted([train_uids[0], held_out[0]])
+    assert all(f"{u}.npz" in r and "kit prepare" in r for u, r in zip(listed["StudyInstanceUID"], listed["reason"]))
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={"StudyInstanceUID": str})
+    assert oof["StudyInstanceUID"].tolist() == held_out[1:] and summary["finished"] and summary["best_epoch"] == 1
