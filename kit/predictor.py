@@ -113,6 +113,10 @@ class PredictorFactory:
 
         if self.threads:
             torch.set_num_threads(int(self.threads))
+        if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+            # this worker's own GPU as its current device, so that nothing (cuDNN handles, the allocator's
+            # default) opens a second CUDA context on cuda:0 beside the other worker's
+            torch.cuda.set_device(torch.device(device))
         runs = load_runs(self.runs, device=device)
         log.info("predictor on %s: %s", device, _stages(runs))
         return StudyPredictor(runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip, device=device,

@@ -420,3 +420,19 @@ def test_the_full_scale_configs_train_and_submit_at_a_small_size(synthetic_root,
     check_submission(out, synthetic_root)
     log = pd.read_csv(out.with_name("submission_log.csv"))
     assert not log["reason"].isin(["exception", "bad output", "worker died"]).any(), log.to_string()
+
+
+def test_a_gpu_worker_makes_its_gpu_the_current_device(monkeypatch):
+    """`--devices cuda:0 cuda:1`: the cuda:1 worker sets cuda:1 as its current device before loading (no GPU
+    here: set_device and the loading are recorded, not run)."""
+    from kit import predictor
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
+    monkeypatch.setattr(predictor, "load_runs", lambda runs, device: calls.append(("load", device)) or [])
+    monkeypatch.setattr(predictor, "_stages", lambda runs: {})
+    predictor.PredictorFactory(runs=("runs/demo_cls",))("cuda:1")
+    assert calls == [("set_device", "cuda:1"), ("load", "cuda:1")]
+    calls.clear()
+    predictor.PredictorFactory(runs=("runs/demo_cls",))("cpu")
+    assert calls == [("load", "cpu")]
