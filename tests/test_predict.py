@@ -436,3 +436,17 @@ def test_a_gpu_worker_makes_its_gpu_the_current_device(monkeypatch):
     calls.clear()
     predictor.PredictorFactory(runs=("runs/demo_cls",))("cpu")
     assert calls == [("load", "cpu")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inference_matches_float32(models, synthetic_root, monkeypatch, dtype):
+    """The GPU path's autocast (fp16 on a T4, bf16 on newer GPUs), emulated by a CPU autocast: the segmenter, the
+    level-free stage 1 and both classifiers run in it without a dtype error and give float32's answer."""
+    study = sorted((synthetic_root / "test_images").iterdir())[0]
+    runs = [models["seg_c1"], models["cls"], models["patient"]]
+    full = infer.predict_study(study, runs)
+    monkeypatch.setattr(infer, "_autocast", lambda device, amp: torch.autocast("cpu", dtype=dtype))
+    half = infer.predict_study(study, runs, amp=True)
+    assert half["found"].tolist() == full["found"].tolist() == [True] + [False] * 6
+    np.testing.assert_allclose(half["probs"], full["probs"], atol=1e-2)
+    assert not np.array_equal(half["probs"][:2], full["probs"][:2])  # it did run in half precision
