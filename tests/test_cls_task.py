@@ -372,3 +372,17 @@ def test_unreadable_crop_files_are_left_out_and_listed(cache, tmp_path):
     assert listed["reason"].str.contains("kit crops").all()
     oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})
     assert sorted(oof[UID]) == sorted(set(held_out) - {held_out[1]})
+
+
+@pytest.mark.parametrize("model", ["cls_gru", "cls_patient_gru"])
+def test_training_under_autocast(cache, tmp_path, model):
+    """train.amp=bf16 on CPU: the autocast the GPU path trains in (fp16 on a T4), through the classifier's loss,
+    slice loss, EMA and OOF writer; finite losses, a complete run."""
+    from kit.train import fit_fold
+
+    extra = {"model.name": model, "train.batch_size": 4, "name": model} if model != "cls_gru" else {}
+    cfg = tiny_config(cache, tmp_path, **{"train.amp": "bf16", "train.epochs": 1, "train.ema": True, **extra})
+    assert fit_fold(cfg)["finished"]
+    log = pd.read_csv(cfg.run_dir / "log.csv")
+    assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
+    assert (cfg.run_dir / "oof.csv").is_file()

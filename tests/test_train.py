@@ -527,3 +527,19 @@ def test_unreadable_cache_files_are_left_out_and_listed(cache, tmp_path, config)
     assert all(f"{u}.npz" in r and "kit prepare" in r for u, r in zip(listed["StudyInstanceUID"], listed["reason"]))
     oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={"StudyInstanceUID": str})
     assert oof["StudyInstanceUID"].tolist() == held_out[1:] and summary["finished"] and summary["best_epoch"] == 1
+
+
+def test_stage_1_training_under_autocast(cache, tmp_path):
+    """train.amp=bf16 on CPU (the GPU path's autocast, fp16 on a T4): segmenter and level model train a fold with
+    finite losses."""
+    seg = tiny_cfg(cache, tmp_path / "seg", **{"train.epochs": 1, "train.amp": "bf16"})
+    cache_dir, folds_csv, _ = cache
+    level = load_config("demo_level", **{"data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),
+                                         "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8,
+                                         "data.repeats": 2, "model.hidden": 16, "train.epochs": 1,
+                                         "train.batch_size": 2, "train.threads": 1, "train.progress": False,
+                                         "out_dir": str(tmp_path / "level"), "train.amp": "bf16"})
+    for cfg in (seg, level):
+        assert fit_fold(cfg)["finished"]
+        log = read_log(cfg.run_dir)
+        assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
