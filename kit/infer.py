@@ -45,9 +45,11 @@ from .results import SegResult
 log = logging.getLogger("kit.infer")
 
 PathLike = str | os.PathLike
-# Keyword arguments that would make a model factory fetch or read weights: forced off at inference,
-# where the checkpoint holds every weight.
-_WEIGHT_KWARGS = {"pretrained": False, "encoder_weights": None, "pretrained_weights": None}
+# Keyword arguments forced off at inference: those that would make a model factory fetch or read weights (the
+# checkpoint holds every weight), and activation checkpointing, a training-only memory trade that would also put
+# Grad-CAM's hooks (`kit.explain`) inside recomputed blocks.
+_INFERENCE_KWARGS = {"pretrained": False, "encoder_weights": None, "pretrained_weights": None,
+                     "grad_checkpointing": False}
 
 
 class SegmentationError(RuntimeError):
@@ -162,7 +164,7 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
         except ConfigError as exc:
             raise RuntimeError(f"checkpoint {path}: its config does not fit this kit: {exc}") from None
         kwargs = dict(ckpt["model_kwargs"])
-        kwargs.update({k: v for k, v in _WEIGHT_KWARGS.items() if k in kwargs})
+        kwargs.update({k: v for k, v in _INFERENCE_KWARGS.items() if k in kwargs})
         try:
             model = create_model(ckpt["model_name"], **kwargs)
             model.load_state_dict(ckpt["model"])

@@ -129,3 +129,17 @@ def test_the_old_slice_keys_fail_naming_the_new_one(tmp_path):
         (tmp_path / "old.yaml").write_text(f"data:\n  {old}: 2\n")
         with pytest.raises(ConfigError, match=rf"old.yaml: config key 'data.{old}' was replaced by data.slice_offsets_mm"):
             load_config(tmp_path / "old.yaml")
+
+
+def test_the_full_scale_classifier_checkpoints_its_backbone():
+    """cls_effv2s_224 trains batches of 16 stacks of 15 x 224^2 on a 16 GB GPU only with activation
+    checkpointing: the config asks for it and the model it builds has it on; the demo's does not."""
+    from kit.models import create_model
+
+    full, demo = load_config("cls_effv2s_224"), load_config("demo_cls")
+    assert full.model.grad_checkpointing and not demo.model.grad_checkpointing
+    for cfg, on in ((full, True), (demo, False)):
+        name, kwargs = cfg.model_spec()
+        assert kwargs["grad_checkpointing"] is on
+        model = create_model(name, **{**kwargs, "encoder": "resnet18d"})  # the flag's path, on a small backbone
+        assert model.cnn.grad_checkpointing is on

@@ -458,3 +458,23 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     # or a presence array in place of level models, e.g. the true ranges
     given = infer.segment_study(study, seg, levels=presence, keep_probs=True, uid="given")
     np.testing.assert_allclose(infer.probs_to_float(given.probs), probs, atol=ONE_STEP)
+
+
+def test_a_run_trained_with_checkpointing_loads_without_it(tmp_path):
+    """grad_checkpointing is a training-time memory trade: `load_run` rebuilds the model with it off."""
+    from kit.config import config_to_dict, load_config, save_config
+    from kit.models import create_model
+
+    cfg = load_config("demo_cls", **{"model.grad_checkpointing": True, "out_dir": str(tmp_path)})
+    name, kwargs = cfg.model_spec()
+    model = create_model(name, **kwargs)
+    assert model.cnn.grad_checkpointing
+    (tmp_path / "demo_cls" / "fold0").mkdir(parents=True)
+    save_config(cfg, tmp_path / "demo_cls" / "fold0" / "config.yaml")
+    torch.save({"model": model.state_dict(), "model_name": name, "model_kwargs": kwargs,
+                "config": config_to_dict(cfg), "epoch": 1, "metric": 0.0}, tmp_path / "demo_cls" / "fold0" / "model.pt")
+    loaded = infer.load_run(tmp_path / "demo_cls")[0]
+    assert not loaded.model.cnn.grad_checkpointing
+    x = torch.rand(1, cfg.data.n_slices, cfg.in_channels, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(x)["logit"], model.eval()(x)["logit"])
