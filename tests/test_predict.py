@@ -362,8 +362,15 @@ def test_kit_submit_on_real_ct_files(trained, tmp_path):
 
     root = real_dicom_root(tmp_path / "real")
     out = tmp_path / "sub" / "submission.csv"
+
+    def tree(*folders):  # every file with its size and mtime: Kaggle's inputs are read-only
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for f in folders for p in Path(f).rglob("*")}
+
+    inputs = (root, trained["seg_c1"], trained["cls"])
+    before = tree(*inputs)
     summary = submit(root, [trained["seg_c1"], trained["cls"]], out, devices=["cpu"], progress=False, threads=1,
                      prefetch=False)
+    assert tree(*inputs) == before  # nothing written beside the data or the runs
     assert summary["studies"] == 5
     sub = check_submission(out, root).set_index("row_id")["fractured"]
     log = pd.read_csv(out.with_name("submission_log.csv"), dtype={UID: str})
