@@ -152,8 +152,14 @@ def print_summary(summary: dict) -> None:
 
 def fit_side_by_side(configs) -> None:
     """Train fold configs two at a time: the first of each pair in a spawned process, the second here, each
-    on half of this process's CPU threads (one each on 2 cores), the second on all of them from its first epoch
-    after the first has finished; an odd one out trains alone as configured. Put the longer run second.
+    on half of this process's CPU threads (one each on 2 cores) for its whole run; an odd one out trains alone
+    as configured. Put the longer run second.
+
+    The second run keeps its threads after the first has finished: a thread count changed mid-run changes the
+    floating-point order of what follows, and the epoch it changed at depended on timing, so two fresh clones
+    gave different models (the segmenter's hand-over moved by one epoch between two runs, the classifier's OOF
+    score by 0.003). Kept as it is, a second `make demo` on the same machine gives the same figures, for
+    ~1.5 s more per remaining segmenter epoch.
 
     On a small CPU two single-threaded trainings get more done than one after the other on two threads
     (small convolutions do not scale to a second thread: ~1.4x, not 2x). The configs must be independent
@@ -185,8 +191,8 @@ def fit_side_by_side(configs) -> None:
         half = max(1, threads // 2)
         proc = mp.get_context("spawn").Process(target=fit_fold, args=(with_threads(first, half, False),))
         proc.start()
-        try:  # once the run beside has finished, this one takes every thread from its next epoch on
-            fit_fold(with_threads(second, half, True), threads=lambda: half if proc.is_alive() else threads)
+        try:  # the same threads to the end, whenever the run beside finishes: reproducible models
+            fit_fold(with_threads(second, half, True))
         except BaseException:  # Ctrl-C or a failure here: stop the other run too (both resume from last.pt)
             proc.terminate()
             raise
