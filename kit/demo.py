@@ -158,8 +158,8 @@ def fit_side_by_side(configs) -> None:
     The second run keeps its threads after the first has finished: a thread count changed mid-run changes the
     floating-point order of what follows, and the epoch it changed at depended on timing, so two fresh clones
     gave different models (the segmenter's hand-over moved by one epoch between two runs, the classifier's OOF
-    score by 0.003). Kept as it is, a second `make demo` on the same machine gives the same figures, for
-    ~1.5 s more per remaining segmenter epoch.
+    score by 0.003). Kept as they are, two fresh clones on the same machine give bit-identical models and
+    submissions, for ~20 s more on the demo's stage 1.
 
     On a small CPU two single-threaded trainings get more done than one after the other on two threads
     (small convolutions do not scale to a second thread: ~1.4x, not 2x). The configs must be independent
