@@ -254,15 +254,12 @@ def improved(metric: float, best: float, best_epoch: int) -> bool:
     return best_epoch < 0 or not np.isfinite(best) or metric > best
 
 
-def fit_fold(cfg, task=None, *, threads=None) -> dict:
+def fit_fold(cfg, task=None) -> dict:
     """Train one fold of a config to completion, resuming from `last.pt` when there is one.
 
     Args:
         cfg: a resolved config (`load_config(...)`); `cfg.data.fold` is the held-out fold.
         task: the task object (default: `make_task(cfg)`).
-        threads: a callable asked at the start of every epoch for the CPU threads to use (default: the
-            config's `train.threads` throughout). `kit.demo.fit_side_by_side` gives one while the run beside
-            is alive and all of them once it has finished.
 
     Returns:
         Summary: run_dir, epochs_done, finished, early_stopped, best_epoch, best_<metric>, world_size, oof.
@@ -270,12 +267,12 @@ def fit_fold(cfg, task=None, *, threads=None) -> dict:
     """
     info = init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, task if task is not None else make_task(cfg), info, threads)
+        return _fit(cfg, task if task is not None else make_task(cfg), info)
     finally:
         close_distributed(info)
 
 
-def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
+def _fit(cfg, task, info: DistInfo) -> dict:
     tc, oc = cfg.train, cfg.optim
     run_dir, start_time = cfg.run_dir, time.perf_counter()
     if tc.threads:
@@ -356,8 +353,6 @@ def _fit(cfg, task, info: DistInfo, threads=None) -> dict:
     epochs_this_call = 0
     while epoch < tc.epochs and not early:
         t0 = time.perf_counter()
-        if threads is not None:
-            torch.set_num_threads(max(1, int(threads())))
         seed_everything(cfg.seed + 1_000 * (epoch + 1) + info.rank)  # resume replays the same epoch exactly
         train_ds.set_epoch(epoch)
         if sampler is not None:

@@ -107,17 +107,6 @@ class CrashingTask(SegTask):
         return super().loss(model, batch)
 
 
-def test_the_threads_callable_is_asked_every_epoch(cache, tmp_path):
-    """fit_fold(threads=...) sets torch's CPU threads at the start of each epoch from the callable."""
-    before = torch.get_num_threads()
-    asked = []
-    try:
-        fit_fold(tiny_cfg(cache, tmp_path / "runs"), threads=lambda: asked.append(len(asked)) or len(asked))
-        assert asked == [0, 1] and torch.get_num_threads() == 2  # 2 epochs; the second epoch ran on 2 threads
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_exclusive_seg_loss_is_softmax_cross_entropy_against_a_zero_background_logit():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 3, 4, 5, generator=g) * 3
