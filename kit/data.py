@@ -37,6 +37,8 @@ from .dicom import resize_slices
 from .slices import LevelRecipe, SegRecipe, append_planes, level_presence, scale, true_presence
 
 log = logging.getLogger("kit.data")
+# what opening or reading a cached .npz raises when the file is missing, empty, truncated or not an npz
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 N_VERTEBRAE = len(VERTEBRAE)
 
@@ -77,7 +79,7 @@ def cached_uids(cache_dir: str | os.PathLike, *, with_mask: bool = False,
                 with np.load(path) as data:
                     if "mask" not in data.files:
                         continue
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            except NPZ_ERRORS as exc:
                 skip_study(skipped, path.stem, path, exc, "delete it and run `kit prepare` again")
                 continue
         uids.append(path.stem)
@@ -292,7 +294,7 @@ def load_volumes(cache_dir: str | os.PathLike, uids: Sequence[str], recipe: SegR
     for uid in uids:
         try:
             arrays = load_study(cache_dir, uid)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        except NPZ_ERRORS as exc:
             skip_study(skipped, uid, Path(cache_dir) / f"{uid}.npz", exc, "delete it and run `kit prepare` again")
             continue
         if "mask" not in arrays:
@@ -647,7 +649,7 @@ class CropDataset(Dataset):
         for u in list(self.uids):  # a file that cannot be opened: left out and recorded (or raised)
             try:
                 nbytes[u], self.found[u] = crops_nbytes(self.crop_dir / f"{u}.npz"), self._read_found(u)
-            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+            except (*NPZ_ERRORS, KeyError) as exc:  # KeyError: no `found`
                 skip_study(skipped, u, self.crop_dir / f"{u}.npz", exc, "delete it and run `kit crops` again")
         self.cache = None
         if in_memory or (in_memory is None and sum(nbytes.values()) <= IN_MEMORY_BYTES):
@@ -655,7 +657,7 @@ class CropDataset(Dataset):
             for u in nbytes:
                 try:
                     self.cache[u] = load_crops(self.crop_dir, u)
-                except (OSError, ValueError) as exc:
+                except NPZ_ERRORS as exc:
                     skip_study(skipped, u, self.crop_dir / f"{u}.npz", exc, "delete it and run `kit crops` again")
         self.uids = [u for u in self.uids if u in (self.cache if self.cache is not None else nbytes)]
         if per_study:
@@ -678,11 +680,11 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def _stack(self, arrays: dict, v: int, rng: np.random.Generator | None, *,
-                own: bool = False) -> tuple[np.ndarray, ...]:
-        """Vertebra v: image float32 (T, C, S, S), mask (T,), slice target (T,), known (T,), augmented by rng.
-        `own`: `arrays["crops"]` is vertebra v's stack alone (`load_vertebra_crops`), not all seven."""
-        raw = arrays["crops"] if own else arrays["crops"][v]  # uint8 (T, C, S, S)
+    def _stack(self, raw: np.ndarray, arrays: dict, v: int, rng: np.random.Generator | None
+               ) -> tuple[np.ndarray, ...]:
+        """Vertebra v from its uint8 stack `raw` (T, C, S, S) and the study's `found`, `positions` and
+        `slice_targets` in `arrays`: image float32 (T, C, S, S), mask (T,), slice target (T,), known (T,),
+        augmented by rng."""
         mask = arrays["positions"][v] >= 0
         target = arrays["slice_targets"][v]
         known = np.isfinite(target) & mask
@@ -697,7 +699,7 @@ class CropDataset(Dataset):
 
     def _study_sample(self, uid: str, rng: np.random.Generator | None) -> dict:
         arrays = self._arrays(uid)
-        parts = [self._stack(arrays, v, rng) for v in range(N_VERTEBRAE)]
+        parts = [self._stack(arrays["crops"][v], arrays, v, rng) for v in range(N_VERTEBRAE)]
         image, mask, target, known = (np.stack([p[i] for p in parts]) for i in range(4))
         found = arrays["found"].copy()
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "mask": torch.from_numpy(mask),
@@ -718,9 +720,12 @@ class CropDataset(Dataset):
         if self.per_study:
             return self._study_sample(uid, rng)
         if self.cache is not None:
-            image, mask, target, known = self._stack(self.cache[uid], v, rng)
+            arrays = self.cache[uid]
+            raw = arrays["crops"][v]
         else:  # from the file: this vertebra's stack only
-            image, mask, target, known = self._stack(load_vertebra_crops(self.crop_dir, uid, v), v, rng, own=True)
+            arrays = load_vertebra_crops(self.crop_dir, uid, v)
+            raw = arrays["crops"]
+        image, mask, target, known = self._stack(raw, arrays, v, rng)
         return {"image": torch.from_numpy(np.ascontiguousarray(image)), "mask": torch.from_numpy(mask.copy()),
                 "label": torch.tensor(self.labels[uid][1 + v]),
                 "slice_target": torch.from_numpy(np.ascontiguousarray(target)),
