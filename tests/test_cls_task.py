@@ -372,6 +372,13 @@ def test_unreadable_crop_files_are_left_out_and_listed(cache, tmp_path):
     assert listed["reason"].str.contains("kit crops").all()
     oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})
     assert sorted(oof[UID]) == sorted(set(held_out) - {held_out[1]})
+    # no held-out study readable: the run stops, naming the list it wrote
+    for uid in held_out:
+        (crops / f"{uid}.npz").write_bytes(b"garbage")
+    cfg = tiny_config(cache, tmp_path / "all", **{"data.crop_dir": str(crops), "train.epochs": 1})
+    with pytest.raises(ValueError, match="no held-out study left"):
+        fit_fold(cfg)
+    assert set(held_out) <= set(pd.read_csv(cfg.run_dir / "skipped_studies.csv", dtype=str)[UID])
 
 
 @pytest.mark.parametrize("model", ["cls_gru", "cls_patient_gru"])
