@@ -37,6 +37,15 @@ def tiny_cfg(cache, out_dir, **extra):
     return load_config("demo_seg", **tiny_overrides(cache_dir, folds_csv, out_dir, **extra))
 
 
+def tiny_level_cfg(cache_dir, folds_csv, out_dir, **extra):
+    """demo_level as a seconds-long CPU run on a `make_cache` cache: 32 px, windows of 8 steps, one epoch."""
+    return load_config("demo_level", **{"data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),
+                                        "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8,
+                                        "data.slice_mm": 2.0, "data.repeats": 2, "model.hidden": 16,
+                                        "train.epochs": 1, "train.batch_size": 2, "train.threads": 1,
+                                        "train.progress": False, "out_dir": str(out_dir), **extra})
+
+
 def read_log(run_dir: Path) -> pd.DataFrame:
     return pd.read_csv(run_dir / "log.csv")
 
@@ -164,11 +173,7 @@ def test_level_conditioned_segmenter_trains_and_segments(cache, tmp_path):
 
 def test_level_task_trains_and_scores_held_out_studies(cache, tmp_path):
     cache_dir, folds_csv, _ = cache
-    cfg = load_config("demo_level", **{"data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),
-                                       "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8,
-                                       "data.slice_mm": 2.0, "data.repeats": 2, "model.hidden": 16,
-                                       "train.epochs": 2, "train.val_every": 1, "train.batch_size": 2,
-                                       "train.threads": 1, "train.progress": False, "out_dir": str(tmp_path)})
+    cfg = tiny_level_cfg(cache_dir, folds_csv, tmp_path, **{"train.epochs": 2, "train.val_every": 1})
     summary = fit_fold(cfg)
     run = tmp_path / "demo_level" / "fold0"
     assert summary["finished"] and (run / "model.pt").is_file()
@@ -503,10 +508,7 @@ def test_unreadable_cache_files_are_left_out_and_listed(cache, tmp_path, config)
     if config == "demo_seg":
         cfg = load_config(config, **tiny_overrides(broken, folds_csv, tmp_path / "runs", **{"train.epochs": 1}))
     else:
-        cfg = load_config(config, **{"data.cache_dir": str(broken), "data.folds_csv": str(folds_csv),
-                                     "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8, "data.repeats": 2,
-                                     "model.hidden": 16, "train.epochs": 1, "train.batch_size": 2,
-                                     "train.threads": 1, "train.progress": False, "out_dir": str(tmp_path / "runs")})
+        cfg = tiny_level_cfg(broken, folds_csv, tmp_path / "runs")
     train_uids, held_out = split_segmentation_studies(cfg.data)
     (broken / f"{train_uids[0]}.npz").write_bytes(b"")
     (broken / f"{held_out[0]}.npz").write_bytes(b"not a zip file")
@@ -523,11 +525,7 @@ def test_stage_1_training_under_autocast(cache, tmp_path):
     finite losses."""
     seg = tiny_cfg(cache, tmp_path / "seg", **{"train.epochs": 1, "train.amp": "bf16"})
     cache_dir, folds_csv, _ = cache
-    level = load_config("demo_level", **{"data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv),
-                                         "data.n_folds": 3, "data.image_size": 32, "data.seq_len": 8,
-                                         "data.repeats": 2, "model.hidden": 16, "train.epochs": 1,
-                                         "train.batch_size": 2, "train.threads": 1, "train.progress": False,
-                                         "out_dir": str(tmp_path / "level"), "train.amp": "bf16"})
+    level = tiny_level_cfg(cache_dir, folds_csv, tmp_path / "level", **{"train.amp": "bf16"})
     for cfg in (seg, level):
         assert fit_fold(cfg)["finished"]
         log = read_log(cfg.run_dir)
