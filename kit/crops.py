@@ -27,6 +27,7 @@ import of a sibling module here, made so the two stages cannot window differentl
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -827,6 +828,8 @@ CROP_KEYS = ("crops", "found", "positions", "slice_targets", "instance_numbers",
 # an npz member is one compressed stream, so a per-vertebra training sample then decompresses its own stack,
 # not all seven (`load_vertebra_crops`). Files with a single `crops` member (before this layout) still load.
 VERTEBRA_MEMBER = "crops_{}"
+# what opening or reading a cached .npz raises when the file is missing, empty, truncated or not an npz
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 
 def crop_path(crop_dir, uid: str) -> Path:
@@ -841,32 +844,31 @@ def crop_file_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def _corrupt(uid: str, path: Path, exc: BaseException) -> ValueError:
+    return ValueError(f"study {uid}: crop file {path} is corrupt ({type(exc).__name__}: {exc}); delete it and run "
+                      "`kit crops` again")
+
+
 def _open_crops(crop_dir, uid: str):
     """(path, open NpzFile) of a study's crop file; errors name the file and what to do."""
-    import zipfile
-
     path = crop_path(crop_dir, uid)
     if not path.is_file():
         raise FileNotFoundError(f"study {uid}: no crops at {path}; build them with `kit crops --config <cls config>`")
     try:
         return path, np.load(path)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"study {uid}: crop file {path} is corrupt ({type(exc).__name__}: {exc}); delete it and "
-                         "run `kit crops` again") from exc
+    except NPZ_ERRORS as exc:
+        raise _corrupt(uid, path, exc) from exc
 
 
 def _read_members(path: Path, uid: str, data, keys: list[str]) -> dict[str, np.ndarray]:
-    import zipfile
-
     absent = [k for k in keys if k not in data.files]
     if absent:
         raise ValueError(f"study {uid}: crop file {path} lacks {absent} (has {sorted(data.files)}); delete it and "
                          "run `kit crops` again")
     try:
         return {key: data[key] for key in keys}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise ValueError(f"study {uid}: crop file {path} is corrupt ({type(exc).__name__}: {exc}); delete it and "
-                         "run `kit crops` again") from exc
+    except NPZ_ERRORS as exc:
+        raise _corrupt(uid, path, exc) from exc
 
 
 def _check_crop_shapes(path: Path, arrays: dict[str, np.ndarray], stack_shape: tuple) -> None:

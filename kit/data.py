@@ -30,15 +30,13 @@ import torch
 from torch.utils.data import Dataset
 
 from .cache import load_cached
-from .crops import VERTEBRA_MEMBER, load_crops, load_vertebra_crops
+from .crops import NPZ_ERRORS, VERTEBRA_MEMBER, load_crops, load_vertebra_crops
 from .config import AugmentConfig, DataConfig
 from .constants import TARGETS, VERTEBRAE
 from .dicom import resize_slices
 from .slices import LevelRecipe, SegRecipe, append_planes, level_presence, scale, true_presence
 
 log = logging.getLogger("kit.data")
-# what opening or reading a cached .npz raises when the file is missing, empty, truncated or not an npz
-NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
 
 N_VERTEBRAE = len(VERTEBRAE)
 
