@@ -278,12 +278,14 @@ def probs_to_float(probs: np.ndarray) -> np.ndarray:
 def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, batch_size: int | None = None,
                            device: str | torch.device | None = None, amp: bool | None = None,
                            uid: str | None = None, dz: float | None = None,
-                           levels: np.ndarray | None = None) -> np.ndarray:
+                           levels: np.ndarray | None = None, fuse: bool = False) -> np.ndarray:
     """Mean sigmoid of a fold ensemble of segmenters over every slice of a prepared volume.
 
     Each model's input comes from its own recipe (`LoadedModel.recipe.inputs`): the slices at its offsets in
     mm, scaled, and for a level-conditioned model the level planes made from `levels` exactly as training
-    makes them from the true ranges. Channels after the 7th (e.g. "other vertebra") are ignored.
+    makes them from the true ranges. Channels after the 7th (e.g. "other vertebra") are ignored. With `fuse`,
+    `levels` is fused into each batch's mean (`fuse_levels`) where it was computed (on the GPU there), before
+    the probabilities are stored.
 
     Args:
         image: uint8 (Z, S, S), S = the models' image size.
@@ -296,12 +298,13 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         uid: study name for error messages.
         dz: the study's slice spacing in mm (required).
         levels: (7, Z) per-slice presence (`predict_levels`, or `kit.slices.true_presence`), needed by
-            level-conditioned models.
+            level-conditioned models and by `fuse`.
+        fuse: fuse `levels` into the probabilities (`fuse_levels`).
 
     Returns:
-        uint8 (7, Z, S, S) probabilities of C1..C7 in steps of 1/255 (p = value / `PROB_SCALE`, rounded to the
-        nearest step; `probs_to_float` converts): half the memory of float16 (a 600-slice 384 px study:
-        0.62 GB instead of 1.24), and the clean-up's 0.5 threshold falls between two steps.
+        uint8 (7, Z, S, S) probabilities of C1..C7 (fused when `fuse`) in steps of 1/255 (p = value /
+        `PROB_SCALE`, rounded to the nearest step; `probs_to_float` converts): half the memory of float16 (a
+        600-slice 384 px study: 0.62 GB instead of 1.24), and the clean-up's 0.5 threshold falls between two steps.
 
     Raises:
         SegmentationError: a model gave NaN, or fewer than 7 channels, or another spatial size.
@@ -314,6 +317,12 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
             m.model.to(device)
     z, s_y, s_x = image.shape
     batch_size = batch_size or stage1_batch_size(s_y, device)
+    if levels is not None:
+        levels = np.asarray(levels, dtype=np.float32)
+        if levels.shape != (len(VERTEBRAE), z):
+            raise ValueError(f"study {uid}: levels {tuple(levels.shape)}; expected ({len(VERTEBRAE)}, {z})")
+    elif fuse:
+        raise ValueError(f"study {uid}: fuse=True needs levels= (predict_levels(...))")
     planes = []
     for m in models:
         if not m.recipe.level_input:
@@ -322,10 +331,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
         if levels is None:
             raise ValueError(f"study {uid}: {m.path} is conditioned on the level model; pass levels="
                              "predict_levels(...) (segment_study: a level run)")
-        levels = np.asarray(levels, dtype=np.float32)
-        if levels.shape != (len(VERTEBRAE), z):
-            raise ValueError(f"study {uid}: levels {tuple(levels.shape)}; expected ({len(VERTEBRAE)}, {z})")
         planes.append(m.recipe.planes(levels, dz))
+    presence = torch.from_numpy(levels).to(device) if fuse else None
     probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.uint8)
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
@@ -343,6 +350,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
                                             f"{z0}..{int(centres[-1])}")
                 total = p if total is None else total + p
             mean = (total / len(models)).transpose(0, 1)
+            if presence is not None:
+                mean = fuse_levels(mean, presence[:, z0:z0 + len(centres)])
             probs[:, z0:z0 + len(centres)] = mean.mul(PROB_SCALE).round_().to(torch.uint8).cpu().numpy()
     return probs
 
@@ -384,11 +393,7 @@ def predict_levels(image: np.ndarray, dz: float | None, models: Sequence[LoadedM
     return (total / len(models)).astype(np.float32)
 
 
-FUSE_BLOCK = 16  # slices per block of `fuse_levels`
-
-
-def fuse_levels(probs: np.ndarray, levels: np.ndarray, eps: float = 1e-3, *, out: np.ndarray | None = None
-                ) -> np.ndarray:
+def fuse_levels(probs: torch.Tensor, levels: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """Let the level model name the vertebra and the segmenter draw it.
 
     Per pixel: the segmenter's foreground, max_c p_c, is kept; it is shared among C1..C7 in proportion to
@@ -402,33 +407,18 @@ def fuse_levels(probs: np.ndarray, levels: np.ndarray, eps: float = 1e-3, *, out
     level model's coarser steps end a slice early (its tips), so outlines come from the segmenter alone.
     Where every L is tiny the clip makes the split fall back to the segmenter's own.
 
+    `predict_vertebra_probs(..., fuse=True)` applies it to each batch of slices where the batch was computed
+    (on the GPU there), so no whole-study volume is ever fused on the CPU.
+
     Args:
-        probs: (7, Z, H, W) segmenter probabilities of C1..C7: uint8 in steps of 1/255 (`predict_vertebra_probs`)
-            or float.
-        levels: (7, Z) per-slice presence from `predict_levels`.
-        out: an array of the result's dtype and shape to write into, e.g. `probs` itself (block by block, each
-            read before it is written), so that no second volume is held; default a new array.
+        probs: float (7, B, H, W) probabilities of C1..C7 of B slices.
+        levels: (7, B) those slices' presence from `predict_levels`.
 
     Returns:
-        (7, Z, H, W) (`out` when given): uint8 in steps of 1/255 for uint8 `probs`, else float16. Computed in
-        float32 a block of `FUSE_BLOCK` slices at a time, so the extra memory is a few blocks (a 600-slice
-        384 px study: ~0.1 GB beside the volume, not the ~10 GB of whole-volume float32 temporaries); the
-        values do not depend on the block size.
+        float (7, B, H, W), the dtype of `probs`.
     """
-    clipped = np.clip(levels.astype(np.float32), eps, 1.0)
-    dtype = np.uint8 if probs.dtype == np.uint8 else np.float16
-    fused = np.empty(probs.shape, dtype=dtype) if out is None else out
-    if fused.shape != probs.shape or fused.dtype != dtype:
-        raise ValueError(f"out must be {np.dtype(dtype).name} {probs.shape} for {probs.dtype} probs; "
-                         f"got {fused.dtype} {fused.shape}")
-    for z0 in range(0, probs.shape[1], FUSE_BLOCK):
-        block = slice(z0, z0 + FUSE_BLOCK)
-        p = probs_to_float(probs[:, block])
-        weighted = p * clipped[:, block, None, None]
-        total = weighted.sum(axis=0)
-        value = p.max(axis=0) * weighted / np.maximum(total, 1e-12)
-        fused[:, block] = np.rint(value * PROB_SCALE) if dtype == np.uint8 else value
-    return fused
+    weighted = probs * levels.to(probs.dtype).clamp(eps, 1.0)[:, :, None, None]
+    return probs.amax(dim=0) * weighted / weighted.sum(dim=0).clamp_min(1e-12)
 
 
 def segment_study(
@@ -499,12 +489,10 @@ def segment_study(
     dz = meta["spacing"][0] if meta["spacing"] is not None else None
     if presence is None and level_models:
         presence = predict_levels(image, dz, level_models, device=device, uid=uid)
-    probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz,
-                                   levels=presence)
     if fuse is None:
         fuse = not all(m.recipe.level_input for m in models)
-    if presence is not None and fuse:
-        probs = fuse_levels(probs, presence, out=probs)
+    probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz,
+                                   levels=presence, fuse=fuse and presence is not None)
     t_fwd = time.perf_counter()
     labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)
     extents = vertebra_extents(labels, meta["spacing"])

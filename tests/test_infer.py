@@ -336,8 +336,8 @@ def test_fuse_levels_lets_the_level_model_name_the_vertebra():
     probs[[0, 1], 1, 0, 0] = [0.6, 0.2]  # slice 1: the level model says nothing (L = 0 everywhere)
     probs[4:6, 2, 0, 0] = [0.9, 0.3]  # slice 2: both present per the level model, 1:1
     levels[4:6, 2] = 1.0
-    out = infer.fuse_levels(probs.astype(np.float16), levels).astype(np.float32)
-    assert out.shape == probs.shape
+    out = infer.fuse_levels(torch.from_numpy(probs), torch.from_numpy(levels)).numpy()
+    assert out.shape == probs.shape and out.dtype == np.float32
     # C4 takes the foreground 0.8: 0.8 x 0.8*0.9 / (0.8*0.9 + 0.8*0.001)
     np.testing.assert_allclose(out[3, 0, 0, 0], 0.8 * 0.72 / (0.72 + 0.0008), atol=1e-3)
     assert out[2, 0, 0, 0] < 0.01
@@ -347,39 +347,19 @@ def test_fuse_levels_lets_the_level_model_name_the_vertebra():
     assert out[6].sum() == 0 and out[:, :, 0, 1][[0, 1, 3, 4, 5, 6]].sum() == 0  # nothing appears from nowhere
 
 
-def test_fuse_levels_by_blocks_in_place_and_without_whole_volume_temporaries():
-    import tracemalloc
-
+def test_fuse_levels_works_slice_by_slice_in_the_tensors_dtype():
     rng = np.random.default_rng(0)
-    z = 20 * infer.FUSE_BLOCK + 5  # not a multiple of the block
-    probs = rng.random((7, z, 16, 16), dtype=np.float32).astype(np.float16)
-    levels = rng.random((7, z)).astype(np.float32)
-    # the whole-volume formula, written out
-    p = probs.astype(np.float32)
-    weighted = p * np.clip(levels, 1e-3, 1.0)[:, :, None, None]
-    expected = (p.max(axis=0) * weighted / np.maximum(weighted.sum(axis=0), 1e-12)).astype(np.float16)
-    np.testing.assert_array_equal(infer.fuse_levels(probs, levels), expected)
-    tracemalloc.start()
-    inplace = infer.fuse_levels(probs, levels, out=probs)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    assert inplace is probs
-    np.testing.assert_array_equal(probs, expected)
-    # float32 temporaries of one block (a few x 7 x FUSE_BLOCK slices), never of the whole volume (its float32
-    # copy alone would be 2 x probs.nbytes)
-    assert peak < 0.75 * probs.nbytes, (peak, probs.nbytes)
-    with pytest.raises(ValueError, match="float16"):
-        infer.fuse_levels(probs, levels, out=np.empty(probs.shape, np.float32))
-    # uint8 probabilities (what predict_vertebra_probs stores) give uint8, the same formula rounded to 1/255 steps
-    stored = rng.integers(0, 256, (7, z, 16, 16), dtype=np.uint8)
-    p = stored.astype(np.float32) / 255
-    weighted = p * np.clip(levels, 1e-3, 1.0)[:, :, None, None]
-    exact = p.max(axis=0) * weighted / np.maximum(weighted.sum(axis=0), 1e-12)
-    fused = infer.fuse_levels(stored, levels, out=stored)
-    assert fused is stored and fused.dtype == np.uint8
-    assert np.abs(fused.astype(np.float32) - exact * 255).max() <= 0.5 + 1e-3
-    with pytest.raises(ValueError, match="uint8"):
-        infer.fuse_levels(stored, levels, out=np.empty(stored.shape, np.float16))
+    probs = torch.from_numpy(rng.random((7, 9, 16, 16), dtype=np.float32))
+    levels = torch.from_numpy(rng.random((7, 9)).astype(np.float32))
+    # the formula, written out for one pixel
+    p, lv = probs[:, 4, 3, 5].numpy(), np.clip(levels[:, 4].numpy(), 1e-3, 1.0)
+    np.testing.assert_allclose(infer.fuse_levels(probs, levels)[:, 4, 3, 5].numpy(), p.max() * p * lv / (p * lv).sum(),
+                               rtol=1e-6)
+    # each slice depends on its own presence only, so batches of any size give the same values
+    whole = infer.fuse_levels(probs, levels)
+    parts = torch.cat([infer.fuse_levels(probs[:, z:z + 2], levels[:, z:z + 2]) for z in range(0, 9, 2)], dim=1)
+    torch.testing.assert_close(parts, whole, rtol=0, atol=0)
+    assert infer.fuse_levels(probs.half(), levels).dtype == torch.float16
 
 
 def test_stage1_batch_size_bounds_cpu_pixels_and_probs_to_float():
@@ -416,8 +396,13 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
     np.testing.assert_allclose(infer.predict_levels(vol, 1.0, unflipped)[:, grid], direct.T, atol=1e-5)
     plain = infer.segment_study(study, seg, keep_probs=True, uid="plain")
     fused = infer.segment_study(study, seg, keep_probs=True, uid="fused", levels=levels)
-    np.testing.assert_allclose(infer.probs_to_float(fused.probs),
-                               infer.probs_to_float(infer.fuse_levels(plain.probs, presence)), atol=ONE_STEP)
+    reference = infer.fuse_levels(torch.from_numpy(infer.probs_to_float(plain.probs)), torch.from_numpy(presence))
+    np.testing.assert_allclose(infer.probs_to_float(fused.probs), reference.numpy(), atol=ONE_STEP)
+    # fused batch by batch: the batch size does not change the result
+    small = infer.segment_study(study, seg, keep_probs=True, uid="fused", levels=levels, batch_size=3)
+    np.testing.assert_array_equal(small.probs, fused.probs)
+    with pytest.raises(ValueError, match="fuse=True needs levels"):
+        infer.predict_vertebra_probs(vol, seg, dz=1.0, fuse=True)
     with pytest.raises(ValueError, match="slice spacing"):
         infer.predict_levels(vol, None, levels)
 
@@ -454,7 +439,8 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     np.testing.assert_allclose(infer.probs_to_float(result.probs), probs, atol=ONE_STEP)
     fused = infer.segment_study(study, seg, levels=levels, fuse=True, keep_probs=True, uid="fused")
     np.testing.assert_allclose(infer.probs_to_float(fused.probs),
-                               infer.fuse_levels(probs, presence).astype(np.float32), atol=ONE_STEP)
+                               infer.fuse_levels(torch.from_numpy(probs), torch.from_numpy(presence)).numpy(),
+                               atol=ONE_STEP)
     # or a presence array in place of level models, e.g. the true ranges
     given = infer.segment_study(study, seg, levels=presence, keep_probs=True, uid="given")
     np.testing.assert_allclose(infer.probs_to_float(given.probs), probs, atol=ONE_STEP)
