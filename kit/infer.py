@@ -283,7 +283,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
 
     Each model's input comes from its own recipe (`LoadedModel.recipe.inputs`): the slices at its offsets in
     mm, scaled, and for a level-conditioned model the level planes made from `levels` exactly as training
-    makes them from the true ranges. Channels after the 7th (e.g. "other vertebra") are ignored. With `fuse`,
+    makes them from the true ranges; models with equal recipes (the folds of a run) share one input per batch,
+    built once. Channels after the 7th (e.g. "other vertebra") are ignored. With `fuse`,
     `levels` is fused into each batch's mean (`fuse_levels`) where it was computed (on the GPU there), before
     the probabilities are stored.
 
@@ -323,23 +324,24 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
             raise ValueError(f"study {uid}: levels {tuple(levels.shape)}; expected ({len(VERTEBRAE)}, {z})")
     elif fuse:
         raise ValueError(f"study {uid}: fuse=True needs levels= (predict_levels(...))")
-    planes = []
+    planes = {}  # per recipe: the folds of a run share one
     for m in models:
-        if not m.recipe.level_input:
-            planes.append(None)
-            continue
-        if levels is None:
+        if m.recipe.level_input and levels is None:
             raise ValueError(f"study {uid}: {m.path} is conditioned on the level model; pass levels="
                              "predict_levels(...) (segment_study: a level run)")
-        planes.append(m.recipe.planes(levels, dz))
+        if m.recipe not in planes:
+            planes[m.recipe] = m.recipe.planes(levels, dz) if m.recipe.level_input else None
     presence = torch.from_numpy(levels).to(device) if fuse else None
     probs = np.empty((len(VERTEBRAE), z, s_y, s_x), dtype=np.uint8)
     with torch.inference_mode(), _autocast(device, amp):
         for z0 in range(0, z, batch_size):
             centres = np.arange(z0, min(z0 + batch_size, z))
-            total = None
-            for m, plane in zip(models, planes):
-                x = _to_model(m.recipe.inputs(image, centres, dz, plane), m, device)
+            total, inputs = None, {}
+            for m in models:
+                key = (m.recipe, m.config.train.channels_last)  # built once for the folds that share it
+                if key not in inputs:
+                    inputs[key] = _to_model(m.recipe.inputs(image, centres, dz, planes[m.recipe]), m, device)
+                x = inputs[key]
                 logits = m.model(x)
                 if logits.ndim != 4 or logits.shape[1] < len(VERTEBRAE) or logits.shape[2:] != x.shape[2:]:
                     raise SegmentationError(f"study {uid}: {m.path} gave logits {tuple(logits.shape)} for input "
@@ -378,12 +380,16 @@ def predict_levels(image: np.ndarray, dz: float | None, models: Sequence[LoadedM
     dz = _slice_spacing(dz, uid)
     z = len(image)
     total = np.zeros((len(VERTEBRAE), z), dtype=np.float64)
+    inputs = {}  # built once for the folds that share a recipe
     for m in models:
         dev = torch.device(device) if device is not None else m.device
         m.model.to(dev)
         recipe = m.recipe
         grid = recipe.grid(z, dz)
-        x = _to_model(recipe.inputs(recipe.resize(image), grid), m, dev)
+        key = (recipe, m.config.train.channels_last, dev)
+        if key not in inputs:
+            inputs[key] = _to_model(recipe.inputs(recipe.resize(image), grid), m, dev)
+        x = inputs[key]
         with torch.inference_mode():
             p = level_presence_probs(m.model, x[None], recipe.tta_flip)[0].cpu().numpy()  # (T, 7)
         if np.isnan(p).any():

@@ -178,6 +178,25 @@ def test_segment_study_ensemble_and_batching(registry, tmp_path):
     assert (other.labels != result.labels).mean() < 1e-3
 
 
+def test_folds_with_one_recipe_share_each_batch_input(registry, tmp_path, monkeypatch):
+    from kit.slices import SegRecipe
+
+    run = tmp_path / "tiny"
+    for fold in (0, 1, 2):
+        write_checkpoint(run, fold, seed=fold, offsets_mm=(-2.0, 0.0, 2.0) if fold == 2 else (-1.0, 0.0, 1.0))
+    models = infer.load_run(run)
+    vol = toy_volume()
+    built = []
+    inputs = SegRecipe.inputs
+    monkeypatch.setattr(SegRecipe, "inputs", lambda self, *a, **k: built.append(self) or inputs(self, *a, **k))
+    probs = infer.probs_to_float(infer.predict_vertebra_probs(vol, models, batch_size=10, dz=1.0))
+    assert len(built) == 3 * 2  # 3 batches x 2 recipes, not x 3 models
+    for z in (0, 11, 23):
+        expected = (sigmoid_at(models[0].model, vol, z, 1) + sigmoid_at(models[1].model, vol, z, 1)
+                    + sigmoid_at(models[2].model, vol, z, 1, step=2)) / 3
+        np.testing.assert_allclose(probs[:, z], expected, atol=HALF_STEP)
+
+
 def test_segment_study_input_size_and_nan(registry, tmp_path):
     run = tmp_path / "tiny"
     write_checkpoint(run, 0, seed=0, size=32)
