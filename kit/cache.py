@@ -23,8 +23,10 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,7 @@ def prepare_study(
     window_name: str = "bone",
     seg_path: str | os.PathLike | None = None,
     workers: int | None = 1,
+    backend: str = "auto",
 ) -> dict:
     """Read one study, window and resample it (`prepare_arrays`), and save it as the cache's `.npz`.
 
@@ -89,13 +92,14 @@ def prepare_study(
         window_name: a key of `kit.constants.WINDOWS`.
         seg_path: the study's segmentation NIfTI, if it has one.
         workers: decoding workers for this one study.
+        backend: `kit.dicom.read_series`' decoder choice.
 
     Returns:
         One manifest row: uid, slices, original and cached shape, spacing, mask presence, mask error,
         warnings, seconds.
     """
     start = time.perf_counter()
-    series = read_series(study_dir, workers=workers)
+    series = read_series(study_dir, workers=workers, backend=backend)
     arrays = prepare_arrays(series, size, window_name)
     mask_error = ""
     if seg_path is not None and Path(seg_path).is_file():
@@ -137,9 +141,10 @@ def load_cached(cache_dir: str | os.PathLike, uid: str) -> dict[str, np.ndarray]
 
 
 def _prepare_one(args: tuple) -> tuple[str, dict | None, str | None]:
-    uid, study_dir, out_path, size, window_name, seg_path = args
+    uid, study_dir, out_path, size, window_name, seg_path, backend = args
     try:
-        row = prepare_study(study_dir, out_path, size=size, window_name=window_name, seg_path=seg_path)
+        row = prepare_study(study_dir, out_path, size=size, window_name=window_name, seg_path=seg_path,
+                            backend=backend)
         row["StudyInstanceUID"] = uid  # the folder name is the competition's key
         return uid, row, None
     except Exception as exc:  # one broken study must not stop the others
@@ -201,7 +206,7 @@ def prepare_studies(
     cache_dir.mkdir(parents=True, exist_ok=True)
     todo = [u for u in uids if not cache_path(cache_dir, u).is_file()]
     jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name,
-             segmentation_path(root / "segmentations", u)) for u in todo]
+             segmentation_path(root / "segmentations", u), "auto") for u in todo]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     rows, failures = [], dict(absent)
     bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="study", enabled=progress)
@@ -210,12 +215,7 @@ def prepare_studies(
         for uid, row, error in results:
             _collect(uid, row, error, rows, failures, bar)
     else:
-        # fork only where it is safe (no torch loaded, main thread: kit.dicom.fork_is_safe), else spawn
-        context = multiprocessing.get_context("fork" if fork_is_safe() else "spawn")
-        with ProcessPoolExecutor(workers, mp_context=context) as pool:
-            futures = [pool.submit(_prepare_one, job) for job in jobs]
-            for fut in as_completed(futures):
-                _collect(*fut.result(), rows, failures, bar)
+        _prepare_in_pool(jobs, workers, lambda uid, row, error: _collect(uid, row, error, rows, failures, bar))
     bar.close()
     merge_csv(cache_dir / MANIFEST, pd.DataFrame(rows))
     for row in rows:  # cached, but its segmentation could not be used: listed with the reason too
@@ -231,6 +231,48 @@ def prepare_studies(
         "failures": failures,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+_REREAD = "read again alone with pydicom: a reading process died while this study was in it"
+
+
+def _prepare_in_pool(jobs: list[tuple], workers: int, collect: Callable) -> None:
+    """`_prepare_one` over `jobs` in `workers` processes, one study per process at a time, each outcome to `collect`.
+
+    A native decoder can kill its process on a corrupt file (dicomsdl segfaults on some), which breaks the whole
+    pool. The studies then in flight (at most `workers`) are read again one by one, each alone in a new process
+    and with pydicom (`read_series(backend="pydicom")`, the same HU; a warning in the manifest row says so): one
+    that kills that process too is reported as failed. The other studies go on in a new pool.
+    """
+    # fork only where it is safe (no torch loaded, main thread: kit.dicom.fork_is_safe), else spawn
+    context = multiprocessing.get_context("fork" if fork_is_safe() else "spawn")
+    todo = deque(jobs)
+    while todo:
+        suspects = []
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            running = {}
+            while (todo or running) and not suspects:
+                while todo and len(running) < workers:
+                    job = todo.popleft()
+                    running[pool.submit(_prepare_one, job)] = job
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    job = running.pop(future)
+                    try:
+                        collect(*future.result())
+                    except BrokenProcessPool:
+                        suspects.append(job)
+            suspects += running.values()  # the pool is broken: these cannot finish in it
+        for job in suspects:
+            with ProcessPoolExecutor(1, mp_context=context) as alone:
+                try:
+                    uid, row, error = alone.submit(_prepare_one, (*job[:-1], "pydicom")).result()
+                    if row is not None:
+                        row["warnings"] = " | ".join(w for w in (_REREAD, row["warnings"]) if w)
+                    collect(uid, row, error)
+                except BrokenProcessPool:
+                    collect(job[0], None, f"its reading process died, also with pydicom alone (a native decoder "
+                                          f"crashed on a corrupt file in {job[1]}, or it ran out of memory)")
 
 
 def _collect(uid, row, error, rows, failures, bar) -> None:

@@ -6,8 +6,10 @@ geometry needed to place it in patient space. `read_mask` samples a segmentation
 grid through both affines. `window`, `window_channels` and `resize_slices` turn HU into network inputs.
 
 Decoding: headers are parsed with pydicom (pure Python, so a truncated or stray file cannot crash the
-interpreter); pixel data is decoded with dicomsdl where it is known to be safe and exact, else pydicom
-(pylibjpeg plugins, GDCM if installed). Stored values are masked to BitsStored and sign-extended when
+interpreter); uncompressed pixel data is read with numpy from the offset the header gives; compressed data is
+decoded with dicomsdl where it is known to be exact, else pydicom (pylibjpeg plugins, GDCM if installed). A
+native decoder can still crash its process on a corrupt compressed file: the callers that read many studies
+read in worker processes and report such a study (`kit.cache.prepare_studies`, `kit.prefetch`). Stored values are masked to BitsStored and sign-extended when
 PixelRepresentation is 1 before HU = stored * RescaleSlope + RescaleIntercept, so both backends give
 identical numbers. numpy only: never import torch here.
 """
@@ -47,6 +49,7 @@ _NATIVE = {UID.ImplicitVRLittleEndian, UID.ExplicitVRLittleEndian, UID.ExplicitV
 # JPEG decoders disagree by a grey level, so those go to pydicom too.
 _DICOMSDL_SYNTAXES = _NATIVE | {UID.JPEGLossless, UID.JPEGLosslessSV1, UID.JPEGLSLossless,
                                 UID.JPEGLSNearLossless, UID.JPEG2000Lossless, UID.JPEG2000}
+_NOT_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)  # what a per-file `except BaseException` lets through
 _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
                 "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns", "SamplesPerPixel",
                 "NumberOfFrames", "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope",
@@ -116,7 +119,7 @@ class Series:
 
 # What one image file's header says; a tuple so that worker processes can send it back cheaply.
 _Slice = namedtuple("_Slice", "path study series syntax instance position orientation pixel_spacing rows cols "
-                              "bits_allocated bits_stored signed slope intercept thickness")
+                              "bits_allocated bits_stored signed slope intercept thickness pixel_offset")
 
 
 def _normal(orientation: np.ndarray) -> np.ndarray:
@@ -140,6 +143,22 @@ def _read_header(path: Path) -> _Slice | tuple[str, str]:
             start, size, head = fp.tell(), os.fstat(fp.fileno()).st_size, fp.read(12)
     except Exception as exc:  # pydicom raises many types for non-DICOM bytes
         return f"not a DICOM file ({type(exc).__name__}: {str(exc).split('. ')[0]})", ""
+    try:  # pydicom parses values when they are read: a corrupt header fails here, not in dcmread
+        return _parse_header(path, ds, start, size, head)
+    except Exception as exc:  # an unknown VR, a number that does not parse, a missing Rows / Columns ...
+        try:
+            study = str(ds.get("StudyInstanceUID", ""))
+        except Exception:  # noqa: BLE001 - the UID itself is corrupt
+            study = ""
+        return f"corrupt header ({_error_text(exc)})", study
+
+
+def _error_text(exc: BaseException) -> str:
+    """'Type: message' on one line, at most 400 characters (pydicom's plugin errors span several lines)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+
+
+def _parse_header(path: Path, ds, start: int, size: int, head: bytes) -> _Slice | tuple[str, str]:
     study = str(ds.get("StudyInstanceUID", ""))
     syntax = str(ds.file_meta.get("TransferSyntaxUID", UID.ImplicitVRLittleEndian))
     tag = b"\xe0\x7f\x10\x00" if syntax != UID.ExplicitVRBigEndian else b"\x7f\xe0\x00\x10"
@@ -150,13 +169,15 @@ def _read_header(path: Path) -> _Slice | tuple[str, str]:
         return f"not a single-frame greyscale image ({ds.get('SamplesPerPixel')} samples, " \
                f"{ds.get('NumberOfFrames', 1)} frames)", study
     rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.get("BitsAllocated", 16))
-    if syntax in _NATIVE:  # a short native PixelData makes dicomsdl read past the end of the file
+    pixel_offset = None
+    if syntax in _NATIVE:  # uncompressed: checked here and read straight from the file (`_read_native`)
         implicit = syntax == UID.ImplicitVRLittleEndian
         length = int.from_bytes(head[4:8] if implicit else head[8:12],
                                 "big" if syntax == UID.ExplicitVRBigEndian else "little")
         available = size - start - (8 if implicit else 12)
         if min(length, available) < rows * cols * bits // 8:
             return f"truncated pixel data ({min(length, available)} of {rows * cols * bits // 8} bytes)", study
+        pixel_offset = start + (8 if implicit else 12) if bits in (8, 16, 32) else None
     position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
     spacing = ds.get("PixelSpacing")
     return _Slice(
@@ -168,6 +189,7 @@ def _read_header(path: Path) -> _Slice | tuple[str, str]:
         rows=rows, cols=cols, bits_allocated=bits, bits_stored=int(ds.get("BitsStored", bits)),
         signed=int(ds.get("PixelRepresentation", 0)) == 1, slope=_float(ds.get("RescaleSlope"), 1.0),
         intercept=_float(ds.get("RescaleIntercept"), 0.0), thickness=_float(ds.get("SliceThickness")),
+        pixel_offset=pixel_offset,
     )
 
 
@@ -206,8 +228,18 @@ def _hu_into(raw: np.ndarray, s: _Slice, dst: np.ndarray) -> np.ndarray | None:
     return None
 
 
+def _read_native(s: _Slice) -> np.ndarray:
+    """Uncompressed pixel data as stored, read with numpy from the offset and length the header parse checked:
+    as fast as dicomsdl, and a corrupt file cannot crash it (dicomsdl segfaults on some: found by fuzzing)."""
+    order = ">" if s.syntax == UID.ExplicitVRBigEndian else "<"
+    dtype = np.dtype(f"{order}u{s.bits_allocated // 8}")
+    return np.fromfile(s.path, dtype=dtype, count=s.rows * s.cols, offset=s.pixel_offset).reshape(s.rows, s.cols)
+
+
 def _decode_raw(s: _Slice, backend: str) -> tuple[np.ndarray, str]:
     """Decode one file's pixel data as the decoder gives it; returns (array, backend used)."""
+    if backend == "auto" and s.pixel_offset is not None:
+        return _read_native(s), "numpy"
     if backend == "dicomsdl" or (backend == "auto" and dicomsdl is not None and s.syntax in _DICOMSDL_SYNTAXES
                                  and s.bits_allocated in (8, 16)):
         try:
@@ -248,8 +280,10 @@ def _decode_chunk(jobs: list[tuple[int, _Slice]], backend: str, target: np.ndarr
             dst = volume[index] if volume is not None else np.empty(raw.shape, target[2])
             extra = _hu_into(raw, s, dst)
             out.append((index, None, extra if extra is not None or volume is not None else dst, used))
-        except Exception as exc:  # reported by the caller; pydicom's plugin errors span several lines
-            out.append((index, " ".join(f"{type(exc).__name__}: {exc}".split())[:400], None, None))
+        except _NOT_ERRORS:
+            raise
+        except BaseException as exc:  # reported by the caller; BaseException: a Rust decoder's panic (pyo3's
+            out.append((index, _error_text(exc), None, None))  # PanicException, pylibjpeg-rle) is no Exception
     return out
 
 
@@ -370,8 +404,9 @@ def read_series(study_dir: str | os.PathLike, *, workers: int | None = None, bac
         study_dir: folder of the slices; stray non-DICOM or non-image files are skipped.
         workers: parallel workers (default: one per ~8 MB of files, at most the usable cores);
             1 works in this process.
-        backend: "auto" (dicomsdl where it is exact, pydicom for the rest and for any file dicomsdl
-            refuses), "dicomsdl" or "pydicom" (that backend only).
+        backend: "auto" (uncompressed data read with numpy, compressed data with dicomsdl where it is exact,
+            pydicom for the rest and for any file dicomsdl refuses; `Series.backend` names those used),
+            "dicomsdl" or "pydicom" (that backend only).
         executor: "process" (default, faster: dicomsdl holds the GIL) or "thread".
 
     Returns:

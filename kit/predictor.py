@@ -173,7 +173,8 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
             studies get fallbacks.
         devices: one worker per entry (`["cuda:0", "cuda:1"]`); default `default_devices()`.
         mean, weights, tta_flip, amp: as `kit.infer.predict_study`.
-        prefetch: read the next study in a separate process while this one is predicted.
+        prefetch: read the next study in a separate process while this one is predicted (off: in this process,
+            where a native decoder crashing on a corrupt file would end the run; on, that study gets fallbacks).
         progress: progress bar and the writer's one-line summary.
         threads: torch threads per worker; default: the CPU cores shared among the CPU workers.
 

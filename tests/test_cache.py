@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
 
-from kit.cache import load_cached, merge_csv, prepare_studies, read_manifest
+from kit.cache import load_cached, merge_csv, prepare_arrays, prepare_studies, read_manifest
 from kit.constants import WINDOWS
 from kit.dicom import read_mask, read_series, resize_slices, window
 
@@ -151,3 +155,50 @@ def test_segmented_only_prepares_what_stage_1_trains_on(synthetic_root, tmp_path
     failures = pd.read_csv(tmp_path / "cache" / "failures.csv", dtype=str)
     assert list(failures["StudyInstanceUID"]) == [orphan]
     assert "segmented, but there is no folder" in failures["error"][0]
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys
+    from pathlib import Path
+    import kit.cache as cache
+    from kit.dicom import fork_is_safe
+
+    root, out, always, with_dicomsdl = sys.argv[1:5]
+    real = cache.prepare_study
+
+    def crashing(study_dir, out_path, **kw):  # what a native decoder's segfault does to its process
+        name = Path(study_dir).name
+        if name == always or (name == with_dicomsdl and kw["backend"] != "pydicom"):
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return real(study_dir, out_path, **kw)
+
+    cache.prepare_study = crashing  # forked workers inherit it
+    assert fork_is_safe()
+    result = cache.prepare_studies(root, out, size=32, workers=2, progress=False)
+    print(json.dumps(result))
+""")
+
+
+def test_a_study_that_kills_its_reading_process_costs_only_itself(synthetic_root, tmp_path):
+    """A native decoder can segfault on a corrupt file (dicomsdl does on some: found by fuzzing), which broke the
+    whole process pool and stopped `kit prepare`. Run in a fresh interpreter without torch, so that the pool forks
+    and its workers inherit the crashing stand-in."""
+    uids = sorted(p.name for p in (synthetic_root / "train_images").iterdir())
+    always, with_dicomsdl = uids[0], uids[1]
+    cache = tmp_path / "cache"
+    done = subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(synthetic_root), str(cache), always,
+                           with_dicomsdl], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # the study that crashes whatever the decoder: reported; the one that crashes only dicomsdl: read with pydicom
+    assert (result["prepared"], result["failed"]) == (len(uids) - 1, 1)
+    assert "its reading process died, also with pydicom alone" in result["failures"][always]
+    assert str(synthetic_root / "train_images" / always) in result["failures"][always]
+    manifest = read_manifest(cache).set_index("StudyInstanceUID")
+    assert sorted(manifest.index) == sorted(set(uids) - {always})
+    assert manifest.loc[with_dicomsdl, "warnings"].startswith("read again alone with pydicom")
+    np.testing.assert_array_equal(load_cached(cache, with_dicomsdl)["image"],
+                                  prepare_arrays(read_series(synthetic_root / "train_images" / with_dicomsdl), 32,
+                                                 "bone")["image"])
+    failures = pd.read_csv(cache / "failures.csv", dtype=str)
+    assert list(failures["StudyInstanceUID"]) == [always]
