@@ -6,9 +6,12 @@ come from kit.synthetic. Everything runs on CPU in a few seconds.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -453,6 +456,66 @@ def test_corrupt_headers_and_a_panicking_decoder_cost_only_their_file(tmp_path):
     assert list(series.instance_numbers) == [1, 3]
     assert f"skipped {paths[1]}: cannot decode (RLE Lossless): PanicException: index out of bounds" in \
         "\n".join(series.warnings)
+
+
+FUZZ_READER = """
+import json, sys
+from kit.dicom import DicomError, read_series
+try:
+    print(json.dumps({"kind": "read", "slices": len(read_series(sys.argv[1], workers=1).hu)}))
+except DicomError as exc:
+    print(json.dumps({"kind": "DicomError"}))
+except BaseException as exc:
+    print(json.dumps({"kind": type(exc).__name__, "message": str(exc)[:300]}))
+"""
+
+
+def corrupt_one_file(folder: Path, rng: np.random.Generator, mode: str) -> Path:
+    files = sorted(folder.glob("*.dcm"))
+    path = files[rng.integers(len(files))]
+    data = bytearray(path.read_bytes())
+    if mode == "header":  # a few bytes of the header (after the preamble)
+        for j in rng.integers(128, min(len(data), 1500), size=rng.integers(1, 9)):
+            data[j] = rng.integers(256)
+    elif mode == "anywhere":
+        for j in rng.integers(0, len(data), size=rng.integers(1, 33)):
+            data[j] = rng.integers(256)
+    elif mode == "truncated":
+        data = data[:rng.integers(0, len(data))]
+    else:  # a block of zeros
+        j, n = int(rng.integers(len(data))), int(rng.integers(1, 400))
+        data[j:j + n] = bytes(len(data[j:j + n]))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_fuzzed_studies_raise_nothing_but_dicom_error(tmp_path):
+    """One file of a small study changed at random (bytes of the header or anywhere, truncated, a block zeroed),
+    each read in a fresh interpreter: `read_series` returns (that file skipped, or read) or raises DicomError,
+    nothing else. Uncompressed studies never crash the process; a compressed one may (dicomsdl segfaults on some
+    corrupt JPEG streams: the readers of many studies survive it, tests/test_cache.py and kit.prefetch)."""
+    from kit.synthetic import make_study, write_study
+
+    study = make_study(5, size=32, n_slices=8)
+    syntaxes = ("implicit", "explicit", "big-endian", "jpeg-lossless", "rle")
+    for syntax in syntaxes:
+        write_study(study, tmp_path / "base" / syntax, transfer_syntax=syntax)
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for case in range(40):
+        syntax, mode = syntaxes[case % 5], ("header", "anywhere", "truncated", "zeros")[case // 5 % 4]
+        folder = tmp_path / f"case{case}"
+        shutil.copytree(tmp_path / "base" / syntax, folder)
+        path = corrupt_one_file(folder, rng, mode)
+        done = subprocess.run([sys.executable, "-c", FUZZ_READER, str(folder)], capture_output=True, text=True,
+                              timeout=120)
+        kind = json.loads(done.stdout.strip().splitlines()[-1])["kind"] if done.returncode == 0 else \
+            f"crashed ({done.returncode})"
+        outcomes.append((syntax, mode, path.name, kind))
+    assert not [o for o in outcomes if o[3] not in ("read", "DicomError") and not o[3].startswith("crashed")], \
+        outcomes
+    assert not [o for o in outcomes if o[3].startswith("crashed") and o[0] not in ("jpeg-lossless", "rle")], outcomes
+    assert sum(o[3] == "read" for o in outcomes) >= 30, outcomes  # most corruptions cost one file, not the study
 
 
 def test_all_files_unreadable_raises_naming_study_and_file(tmp_path):
