@@ -101,12 +101,14 @@ def _loading_rates(cfg, uids: list[str], labels: pd.DataFrame, repeats: int) -> 
 def training_rate(cfg, *, batch_size: int, device: str = "cpu", repeats: int = 2, seed: int = 0) -> float:
     """Stacks/s of the classifier's forward + backward pass, randomly initialised from `cfg` (`model_spec`).
 
-    Input: random (B, T, C, S, S) stacks in [0, 1] at the config's crop shape, all slices real; loss: BCE on the
-    vertebra logit plus the slice logits (as training's slice loss), then `backward()`; the optimizer step is not
-    timed. One untimed warm-up pass first; the best of `repeats` passes counts.
+    Input: random uint8 (B, T, C, S, S) stacks at the config's crop shape, all slices real, made float by
+    `kit.data.stack_input` with an intensity change in the step, as training does; loss: BCE on the vertebra logit
+    plus the slice logits (as training's slice loss), then `backward()`; the optimizer step is not timed. One
+    untimed warm-up pass first; the best of `repeats` passes counts.
     """
     import torch
 
+    from .data import stack_input
     from .models import create_model
 
     torch.manual_seed(seed)
@@ -115,13 +117,15 @@ def training_rate(cfg, *, batch_size: int, device: str = "cpu", repeats: int = 2
     model = create_model(name, **kwargs).to(device).train()
     if cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
-    x = torch.rand(batch_size, d.n_slices, cfg.in_channels, d.image_size, d.image_size, device=device)
+    x = torch.randint(0, 256, (batch_size, d.n_slices, cfg.in_channels, d.image_size, d.image_size),
+                      dtype=torch.uint8, device=device)
+    intensity = torch.tensor([[0.05, 1.1]], device=device).repeat(batch_size, 1)
     target = torch.randint(0, 2, (batch_size,), device=device).float()
     bce = torch.nn.functional.binary_cross_entropy_with_logits
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        out = model(x)
+        out = model(stack_input(x, intensity, mask_channel=d.with_mask))
         loss = bce(out["logit"], target) + bce(out["slice_logits"], target[:, None].expand_as(out["slice_logits"]))
         loss.backward()
         if device.startswith("cuda"):

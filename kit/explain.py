@@ -42,6 +42,7 @@ from matplotlib.patches import Rectangle
 
 from .constants import VERTEBRAE
 from .crops import load_crops, match_boxes_to_slices, stack_channel_names
+from .data import stack_input
 from .metrics import targets_from_vertebrae
 
 log = logging.getLogger("kit.explain")
@@ -285,7 +286,7 @@ def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], devic
 
     crops = arrays["crops"]
     t, size = crops.shape[1], crops.shape[-1]
-    stacks = torch.from_numpy(crops).to(device).float() / 255.0  # (7, T, C, S, S), as the dataset gives them
+    stacks = stack_input(torch.from_numpy(crops).to(device))  # (7, T, C, S, S), as the classifier sees them
     real = torch.from_numpy(arrays["positions"] >= 0).to(device)  # (7, T)
     per_study = m.config.model.name in PER_STUDY_MODELS
     if per_study:  # the whole study: batch row 0, vertebra v
@@ -313,7 +314,7 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
                   boxes: pd.DataFrame | None = None) -> list[VertebraExplanation]:
     """Attention, slice logits and Grad-CAM saliency of one classifier fold on one study's cached crops.
 
-    The crops go in as the classifier's dataset gives them (uint8 / 255, slices head to feet, no augmentation):
+    The crops go in as training and validation give them (`kit.data.stack_input`, slices head to feet, no augmentation):
     a per-vertebra model (`cls_gru`) gets the asked vertebrae as one batch, a per-study model (`cls_patient_gru`)
     the whole study with the vertebrae found. One forward and one backward pass give every asked vertebra's
     explanation (see the module docstring for the saliency).

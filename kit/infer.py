@@ -37,6 +37,7 @@ from .calibration import apply_calibration, read_calibration
 from .config import ConfigError, config_from_dict
 from .constants import PROB_SCALE, TARGETS, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
+from .data import stack_input
 from .devices import cuda_half_dtype
 from .metrics import logit, sigmoid, targets_from_vertebrae
 from .models.level import level_presence_probs
@@ -575,7 +576,7 @@ def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor,
     """One classifier on one study's stacks, all vertebrae (and both views with `tta_flip`) in one batch.
 
     Args:
-        stacks: float32 (7, T, C, S, S) in [0, 1] on `device` (the crop cache's uint8 / 255).
+        stacks: float32 (7, T, C, S, S) in [0, 1] on `device` (`kit.data.stack_input` of the crop cache's uint8).
         found: bool (7,) on `device`.
 
     Returns:
@@ -632,7 +633,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
 
     The crops are `kit.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
     **config.crop_geometry())`, the very call `kit crops` makes, cut once per distinct crop geometry among the
-    models. A model sees them as the classifier's dataset shows them (uint8 / 255): a per-vertebra model
+    models. A model sees them as training and validation do (`kit.data.stack_input`: uint8 / 255): a per-vertebra model
     (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`) the
     whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
     the same batch.
@@ -694,7 +695,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     t1 = time.perf_counter()
     values = np.full((len(models), len(TARGETS)), np.nan)
     if found.any():
-        tensors = {key: (torch.from_numpy(stacks).to(device).float() / 255.0, torch.from_numpy(f).to(device))
+        tensors = {key: (stack_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
                    for key, (stacks, f, _) in crops.items()}
         for i, m in enumerate(models):
             if m.device != device:

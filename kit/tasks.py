@@ -373,14 +373,15 @@ class ClsTask:
     # ----- training -----
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Competition loss (per study) or weighted vertebra BCE (per vertebra), plus the slice BCE."""
+        image = kdata.stack_input(batch["image"], batch["intensity"], mask_channel=self.cfg.data.with_mask)
         if self.per_study:
-            out = model(batch["image"], batch["mask"], batch["vertebra_mask"])
+            out = model(image, batch["mask"], batch["vertebra_mask"])
             logits = combine_logits(out["logit"].float(), out["patient_logit"].float())
             main = competition_loss(logits, batch["label"], normalise=self.cfg.loss.normalise)
             slices, target, known = (out["slice_logits"].flatten(0, 1), batch["slice_target"].flatten(0, 1),
                                      batch["slice_known"].flatten(0, 1))
         else:
-            out = model(batch["image"], batch["mask"], batch["vertebra"])
+            out = model(image, batch["mask"], batch["vertebra"])
             main = vertebra_loss(out["logit"], batch["label"])
             slices, target, known = out["slice_logits"], batch["slice_target"], batch["slice_known"]
         if self.cfg.loss.slice_weight > 0:
@@ -392,17 +393,17 @@ class ClsTask:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
         found = sample["found"]
+        image = kdata.stack_input(sample["image"].to(device))  # unaugmented: no intensity change
         if self.per_study:
             with autocast():
-                out = model(sample["image"][None].to(device), sample["mask"][None].to(device),
-                            sample["vertebra_mask"][None].to(device))
+                out = model(image[None], sample["mask"][None].to(device), sample["vertebra_mask"][None].to(device))
             return (combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0],
                     out["attention"][0].float().cpu())
         logits = self.fallback_logits.clone()  # a vertebra not found: the training folds' prevalence
         attention = torch.zeros(sample["mask"].shape)
         if found.any():
             with autocast():
-                out = model(sample["image"][found].to(device), sample["mask"][found].to(device),
+                out = model(image[found.to(device)], sample["mask"][found].to(device),
                             torch.arange(len(VERTEBRAE))[found].to(device))
             logits[found] = out["logit"].float().cpu()
             attention[found] = out["attention"].float().cpu()

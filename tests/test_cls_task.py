@@ -15,7 +15,8 @@ from torch import nn
 
 from kit.config import AugmentConfig, load_config
 from kit.constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
-from kit.data import CropDataset, augment_stack, crop_uids, crops_nbytes, load_crops
+from kit.data import (NO_INTENSITY, CropDataset, adjust_intensity, augment_stack, crop_uids, crops_nbytes,
+                      load_crops, random_affine, stack_input, warp)
 from kit.losses import competition_loss, vertebra_loss
 from kit.metrics import competition_score, effective_odds, scale_odds
 from kit.tasks import ClsTask, make_task
@@ -91,9 +92,11 @@ def test_crop_dataset_layouts(cache):
     per_vertebra = CropDataset(cache["crop_dir"], uids, labels)
     assert len(per_vertebra) == 7 * N_STUDIES - 1  # the vertebra not found is left out
     s = per_vertebra[3]  # study 0, C5 (C3 skipped)
-    assert s["image"].shape == (T, C, S, S) and s["image"].dtype == torch.float32
-    assert float(s["image"].min()) >= 0.0 and float(s["image"].max()) <= 1.0
-    assert set(torch.unique(s["image"][:, -1]).tolist()) == {0.0, 1.0}  # the mask channel, 0/255 -> 0/1
+    assert s["image"].shape == (T, C, S, S) and s["image"].dtype == torch.uint8  # the cache's, as it is
+    assert s["intensity"].tolist() == list(NO_INTENSITY)  # not augmented
+    x = stack_input(s["image"], s["intensity"])
+    assert x.dtype == torch.float32 and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+    assert set(torch.unique(x[:, -1]).tolist()) == {0.0, 1.0}  # the mask channel, 0/255 -> 0/1
     assert s["uid"] == uids[0] and s["vertebra"] == 4 and s["found"]
     assert float(s["label"]) == labels.loc[0, "C5"]
     assert s["mask"].all() and not s["slice_known"].any()  # study 0 has no box rows: targets unknown
@@ -108,7 +111,8 @@ def test_crop_dataset_layouts(cache):
     assert from_disk.cache is None and len(from_disk) == len(per_vertebra)
     for i in range(len(from_disk)):  # a sample read from its file (one vertebra's stack, either layout) = in memory
         a, b = from_disk[i], per_vertebra[i]
-        assert all(torch.equal(a[k], b[k]) for k in ("image", "mask", "label", "slice_target", "slice_known"))
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "intensity", "mask", "label", "slice_target",
+                                                       "slice_known"))
         assert (a["uid"], a["vertebra"], a["found"]) == (b["uid"], b["vertebra"], b["found"])
 
     kept = CropDataset(cache["crop_dir"], uids, labels, skip_missing=False)
@@ -116,12 +120,13 @@ def test_crop_dataset_layouts(cache):
 
     per_study = CropDataset(cache["crop_dir"], uids, labels, per_study=True)
     s = per_study[0]
-    assert len(per_study) == N_STUDIES and s["image"].shape == (7, T, C, S, S)
+    assert len(per_study) == N_STUDIES and s["image"].shape == (7, T, C, S, S) and s["intensity"].shape == (7, 2)
     assert s["vertebra_mask"].tolist() == [v != MISSING[1] for v in range(7)]
     assert s["mask"].shape == (7, T) and not s["mask"][MISSING[1]].any() and s["mask"].sum() == 6 * T
     np.testing.assert_array_equal(s["label"].numpy(), labels.loc[0, list(TARGETS)].to_numpy(np.float32))
     raw = load_crops(cache["crop_dir"], uids[0])["crops"]
-    np.testing.assert_array_equal(per_study.study(uids[0])["image"].numpy(), raw.astype(np.float32) / 255.0)
+    np.testing.assert_array_equal(per_study.study(uids[0])["image"].numpy(), raw)
+    np.testing.assert_array_equal(stack_input(per_study.study(uids[0])["image"]).numpy(), raw.astype(np.float32) / 255)
     with pytest.raises(ValueError, match="have no labels"):
         CropDataset(cache["crop_dir"], uids, labels.iloc[1:])
 
@@ -139,20 +144,41 @@ def test_a_vertebra_read_alone_equals_the_whole_file(cache):
                 np.testing.assert_array_equal(one[key], whole[key])
 
 
-def test_augmenting_the_cached_uint8_matches_augmenting_floats(cache):
-    """The loader augments the cache's uint8 (warped as uint8, converted once): the float path's result, exactly
-    without a warp, within a grey level (the uint8 warp's rounding) with one; the mask channel stays 0/1."""
+def test_the_loader_ships_uint8_and_stack_input_augments_as_floats_would(cache):
+    """The loader warps the cache's uint8 and ships it with the stack's (brightness, contrast); `stack_input` scales
+    and applies them where the batch is. Against warping floats and changing their intensity in numpy: exactly
+    without a warp, within a grey level (the uint8 warp's rounding) with one; the mask channel stays 0/1; batches
+    (and per-study layouts) broadcast each stack's own intensity."""
     raw = load_crops(cache["crop_dir"], cache["uids"][1])["crops"][0]
     intensity = AugmentConfig(p_affine=0.0, hflip=0.0, brightness=0.2, contrast=0.2)
     warped = AugmentConfig(p_affine=1.0, rotate_deg=20.0, scale=0.1, shift=0.1, hflip=0.5, brightness=0.2,
                            contrast=0.2)
     for aug, atol in ((intensity, 0.0), (warped, 1.01 / 255)):
+        images, changes, expected = [], [], []
         for seed in range(4):
-            from_u8 = augment_stack(raw, np.random.default_rng(seed), aug)
-            from_float = augment_stack(raw.astype(np.float32) / 255.0, np.random.default_rng(seed), aug)
-            assert from_u8.dtype == np.float32 and from_u8.flags.c_contiguous
-            np.testing.assert_allclose(from_u8, from_float, rtol=0, atol=atol)
-            assert set(np.unique(from_u8[:, -1])) <= {0.0, 1.0}
+            image, change = augment_stack(raw, np.random.default_rng(seed), aug)
+            assert image.dtype == np.uint8 and image.flags.c_contiguous and change.dtype == np.float32
+            rng = np.random.default_rng(seed)  # the float way: the same draws, in the same order
+            matrix = random_affine(rng, S, S, aug)
+            floats = raw.astype(np.float32) / 255
+            if matrix is not None:  # each plane on its own, the mask channel with nearest neighbour
+                floats = np.array([[warp(plane, matrix, nearest=j == C - 1) for j, plane in enumerate(planes)]
+                                   for planes in floats])
+            brightness, contrast = rng.uniform(-0.2, 0.2), 1.0 + rng.uniform(-0.2, 0.2)
+            assert change.tolist() == pytest.approx([brightness, contrast])
+            floats[:, :-1] = adjust_intensity(floats[:, :-1], brightness, contrast)
+            x = stack_input(torch.from_numpy(image), torch.from_numpy(change)).numpy()
+            np.testing.assert_allclose(x, floats, rtol=0, atol=atol)
+            assert set(np.unique(x[:, -1])) <= {0.0, 1.0}
+            images.append(image), changes.append(change), expected.append(x)
+        batch = stack_input(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(changes)))
+        np.testing.assert_array_equal(batch.numpy(), np.stack(expected))  # each stack its own intensity
+        study = stack_input(torch.from_numpy(np.stack(images))[None], torch.from_numpy(np.stack(changes))[None])
+        np.testing.assert_array_equal(study[0].numpy(), np.stack(expected))
+    with pytest.raises(TypeError, match="uint8"):
+        stack_input(torch.zeros(T, C, S, S))
+    with pytest.raises(ValueError, match="does not match"):
+        stack_input(torch.zeros(2, T, C, S, S, dtype=torch.uint8), torch.zeros(3, 2))
 
 
 def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
@@ -172,17 +198,18 @@ def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
     assert not torch.equal(first, plain)
     for i in range(6):
         mask = ds[i]["image"][:, -1]
-        assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}  # nearest neighbour: still a mask
-        assert 0 < mask.mean() < float(plain[:, -1].mean()) * 1.6
+        assert set(torch.unique(mask).tolist()) <= {0, 255}  # nearest neighbour: still a mask
+        assert 0 < mask.float().mean() < float(plain[:, -1].float().mean()) * 1.6
 
     stack = plain.numpy()
     rng = np.random.default_rng(0)
-    bright = augment_stack(stack, rng, AugmentConfig(p_affine=0.0, brightness=0.3, contrast=0.0))
-    np.testing.assert_array_equal(bright[:, -1], stack[:, -1])  # intensity never touches the mask channel
-    assert not np.allclose(bright[:, :-1], stack[:, :-1])
-    flipped = augment_stack(stack, rng, AugmentConfig(p_affine=1.0, rotate_deg=0.0, scale=0.0, shift=0.0, hflip=1.0,
-                                                      brightness=0.0, contrast=0.0))
-    np.testing.assert_allclose(flipped, stack[..., ::-1], atol=1e-5)  # every slice and channel alike
+    bright = stack_input(*map(torch.from_numpy, augment_stack(stack, rng, AugmentConfig(p_affine=0.0, brightness=0.3,
+                                                                                        contrast=0.0)))).numpy()
+    np.testing.assert_array_equal(bright[:, -1], stack[:, -1] / np.float32(255))  # intensity never touches the mask
+    assert not np.allclose(bright[:, :-1], stack[:, :-1] / np.float32(255))
+    flipped, _ = augment_stack(stack, rng, AugmentConfig(p_affine=1.0, rotate_deg=0.0, scale=0.0, shift=0.0,
+                                                         hflip=1.0, brightness=0.0, contrast=0.0))
+    np.testing.assert_array_equal(flipped, stack[..., ::-1])  # every slice and channel alike
 
     reverse = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=NO_AUG, reverse_slices=1.0)
     normal = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"])
@@ -224,7 +251,9 @@ def test_losses_equal_the_metric():
     task = ClsTask(cfg)
     model = FixedLogits({"logit": torch.from_numpy(x[:, 1:]).float(),
                          "patient_logit": torch.from_numpy(x[:, 0]).float(), "slice_logits": torch.zeros(16, 7, T)})
-    batch = {"image": None, "mask": None, "vertebra_mask": None, "label": torch.from_numpy(y).float(),
+    batch = {"image": torch.zeros(16, 7, T, C, S, S, dtype=torch.uint8),
+             "intensity": torch.tensor(NO_INTENSITY).repeat(16, 7, 1), "mask": None, "vertebra_mask": None,
+             "label": torch.from_numpy(y).float(),
              "slice_target": torch.zeros(16, 7, T), "slice_known": torch.zeros(16, 7, T, dtype=torch.bool)}
     assert float(task.loss(model, batch)) == pytest.approx(competition_score(y, p), abs=1e-5)
     # the slice term adds slice_weight x BCE over the known slices only
