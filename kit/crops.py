@@ -28,6 +28,7 @@ import of a sibling module here, made so the two stages cannot window differentl
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -828,8 +829,9 @@ CROP_KEYS = ("crops", "found", "positions", "slice_targets", "instance_numbers",
 # an npz member is one compressed stream, so a per-vertebra training sample then decompresses its own stack,
 # not all seven (`load_vertebra_crops`). Files with a single `crops` member (before this layout) still load.
 VERTEBRA_MEMBER = "crops_{}"
-# what opening or reading a cached .npz raises when the file is missing, empty, truncated or not an npz
-NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
+# what opening or reading a cached .npz raises when the file is missing, empty, truncated or not an npz, or a member's
+# compressed stream is damaged (zlib.error is none of the others: found by fuzzing the files)
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def crop_path(crop_dir, uid: str) -> Path:

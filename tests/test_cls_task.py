@@ -381,9 +381,10 @@ def test_level_offsets_start_at_the_training_prevalence_and_reach_the_prediction
 
 
 def test_unreadable_crop_files_are_left_out_and_listed(cache, tmp_path):
-    """A crop file that cannot be read (truncated: its zip directory gone; garbage) does not stop the classifier's
+    """A crop file that cannot be read (truncated: its zip directory gone; garbage; a damaged member) does not stop the classifier's
     training: the study is left out, listed in skipped_studies.csv, and the held-out rest gets its OOF rows."""
     import shutil
+    import zipfile
 
     from kit.train import fit_fold
 
@@ -394,10 +395,20 @@ def test_unreadable_crop_files_are_left_out_and_listed(cache, tmp_path):
     truncated = crops / f"{trained[0]}.npz"
     truncated.write_bytes(truncated.read_bytes()[:1000])
     (crops / f"{held_out[1]}.npz").write_bytes(b"garbage")
+    damaged = crops / f"{trained[1]}.npz"  # a member's deflate stream damaged: zlib.error, found by fuzzing
+    with np.load(damaged) as members:
+        np.savez_compressed(damaged, **dict(members))  # compressed, as kit crops writes them
+    header = next(i for i in zipfile.ZipFile(damaged).infolist() if i.filename.startswith("crops")).header_offset
+    data = bytearray(damaged.read_bytes())
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") \
+        + int.from_bytes(data[header + 28:header + 30], "little")
+    data[start] = 0xFF  # its first deflate block: final, of the reserved type 3
+    damaged.write_bytes(bytes(data))
     cfg = tiny_config(cache, tmp_path, **{"data.crop_dir": str(crops), "train.epochs": 1})
     assert fit_fold(cfg)["finished"]
     listed = pd.read_csv(cfg.run_dir / "skipped_studies.csv", dtype=str)
-    assert sorted(listed[UID]) == sorted([trained[0], held_out[1]])
+    assert sorted(listed[UID]) == sorted([trained[0], trained[1], held_out[1]])
+    assert "while decompressing data" in listed.set_index(UID).loc[trained[1], "reason"]
     assert listed["reason"].str.contains("kit crops").all()
     oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})
     assert sorted(oof[UID]) == sorted(set(held_out) - {held_out[1]})
