@@ -9,9 +9,9 @@ Decoding: headers are parsed with pydicom (pure Python, so a truncated or stray 
 interpreter); uncompressed pixel data is read with numpy from the offset the header gives; compressed data is
 decoded with dicomsdl where it is known to be exact, else pydicom (pylibjpeg plugins, GDCM if installed). A
 native decoder can still crash its process on a corrupt compressed file: the callers that read many studies
-read in worker processes and report such a study (`kit.cache.prepare_studies`, `kit.prefetch`). Stored values are masked to BitsStored and sign-extended when
-PixelRepresentation is 1 before HU = stored * RescaleSlope + RescaleIntercept, so both backends give
-identical numbers. numpy only: never import torch here.
+read in worker processes and report such a study (`kit.cache.prepare_studies`, `kit.prefetch`). Stored values
+are masked to BitsStored and sign-extended when PixelRepresentation is 1 before HU = stored * RescaleSlope +
+RescaleIntercept, so every backend gives identical numbers. numpy only: never import torch here.
 """
 
 from __future__ import annotations

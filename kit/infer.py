@@ -633,9 +633,9 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
 
     The crops are `kit.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
     **config.crop_geometry())`, the very call `kit crops` makes, cut once per distinct crop geometry among the
-    models. A model sees them as training and validation do (`kit.data.stack_input`: uint8 / 255): a per-vertebra model
-    (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`) the
-    whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
+    models. A model sees them as training and validation do (`kit.data.stack_input`: uint8 / 255): a per-vertebra
+    model (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`)
+    the whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
     the same batch.
 
     Each model gives 8 values (TARGETS order): its vertebra probabilities (NaN for a vertebra not found) and

@@ -381,8 +381,9 @@ def test_level_offsets_start_at_the_training_prevalence_and_reach_the_prediction
 
 
 def test_unreadable_crop_files_are_left_out_and_listed(cache, tmp_path):
-    """A crop file that cannot be read (truncated: its zip directory gone; garbage; a damaged member) does not stop the classifier's
-    training: the study is left out, listed in skipped_studies.csv, and the held-out rest gets its OOF rows."""
+    """A crop file that cannot be read (truncated: its zip directory gone; garbage; a member's damaged deflate
+    stream) does not stop the classifier's training: the study is left out, listed in skipped_studies.csv, and the
+    held-out rest gets its OOF rows."""
     import shutil
     import zipfile
 
