@@ -33,6 +33,45 @@ def _update_summary(values: dict, path: Path = SUMMARY) -> dict:
     return summary
 
 
+#: the packages whose versions change the demo's numbers (opencv 5.0 -> 5.1 moved stage 1's Dice 0.948 -> 0.945:
+#: its affine warps augment the training samples)
+ENVIRONMENT_PACKAGES = ("torch", "timm", "segmentation-models-pytorch", "opencv-python-headless", "numpy", "scipy",
+                        "pydicom", "dicomsdl", "pylibjpeg-libjpeg", "pylibjpeg-rle")
+
+
+def environment() -> dict:
+    """What the figures were measured with: Python, the CPU, torch's threads, and `ENVIRONMENT_PACKAGES`' versions
+    (None: not installed)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"python": platform.python_version(), "machine": platform.machine(), "processor": _cpu_name(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "packages": {name: installed(name) for name in ENVIRONMENT_PACKAGES}}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else `platform.processor()`."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def describe_dataset(root: Path, cache_dir: Path) -> dict:
     """What the kit read back from a prepared dataset: studies, slices, spacing, labels, masks."""
     from .cache import load_cached, read_manifest
@@ -94,7 +133,7 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
     described = describe_dataset(data, cache / "train")
     print(pd.Series(described).to_string())
     seconds["data"] = round(time.perf_counter() - start, 1)
-    _update_summary({"dataset": described, "n_train": n_train, "n_test": n_test})
+    _update_summary({"dataset": described, "n_train": n_train, "n_test": n_test, "environment": environment()})
 
     print("[3/5] stage 1: level model (demo_level) and 2.5D segmenter (demo_seg) per fold, then out-of-fold "
           "Dice and z-ranges")

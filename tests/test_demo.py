@@ -103,3 +103,18 @@ def test_side_by_side_names_the_run_that_failed(tmp_path):
     with pytest.raises(RuntimeError, match="training demo_level fold 0 in its own process failed"):
         fit_side_by_side([broken, seg])
     assert (tmp_path / "runs" / "demo_seg" / "fold0" / "model.pt").is_file()
+
+
+def test_the_summary_records_the_environment():
+    """Figures move with the libraries (opencv 5.0 -> 5.1 moved stage 1's Dice): the demo's summary says which."""
+    from importlib.metadata import version
+
+    import torch
+
+    from kit.demo import ENVIRONMENT_PACKAGES, environment
+
+    env = environment()
+    assert set(env["packages"]) == set(ENVIRONMENT_PACKAGES)
+    assert env["packages"]["torch"] == version("torch") and env["packages"]["numpy"] == np.__version__
+    assert env["cpus"] >= 1 and env["torch_threads"] == torch.get_num_threads() and env["python"].count(".") == 2
+    json.dumps(env)  # goes into summary.json as it is
