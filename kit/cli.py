@@ -413,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one weight per classifier run, in the order given")
     p.add_argument("--tta-flip", action="store_true", help="left-right flip TTA for the classifier")
-    p.add_argument("--no-prefetch", action="store_true", help="read each study in this process, not ahead (a native decoder that crashes "
-                        "on a corrupt file then ends the run; with prefetch that study gets fallbacks)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="read each study in this process, not ahead (a native decoder that crashes on a corrupt "
+                        "file then ends the run; with prefetch that study gets fallbacks)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     p.set_defaults(func=_cmd_submit)
 

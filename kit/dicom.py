@@ -282,8 +282,8 @@ def _decode_chunk(jobs: list[tuple[int, _Slice]], backend: str, target: np.ndarr
             out.append((index, None, extra if extra is not None or volume is not None else dst, used))
         except _NOT_ERRORS:
             raise
-        except BaseException as exc:  # reported by the caller; BaseException: a Rust decoder's panic (pyo3's
-            out.append((index, _error_text(exc), None, None))  # PanicException, pylibjpeg-rle) is no Exception
+        except BaseException as exc:  # reported by the caller. BaseException: a Rust decoder's panic (pyo3's
+            out.append((index, _error_text(exc), None, None))  # PanicException: pylibjpeg-rle) is no Exception
     return out
 
 

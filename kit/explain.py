@@ -316,8 +316,8 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
 
     The crops go in as training and validation give them (`kit.data.stack_input`, slices head to feet, no
     augmentation): a per-vertebra model (`cls_gru`) gets the asked vertebrae as one batch, a per-study model
-    (`cls_patient_gru`) the whole study with the vertebrae found. One forward and one backward pass give every asked vertebra's
-    explanation (see the module docstring for the saliency).
+    (`cls_patient_gru`) the whole study with the vertebrae found. One forward and one backward pass give every
+    asked vertebra's explanation (see the module docstring for the saliency).
 
     Args:
         run: a classifier run folder (`runs/<config name>`), `kit.infer.load_run` output, or one LoadedModel.

@@ -285,9 +285,8 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     Each model's input comes from its own recipe (`LoadedModel.recipe.inputs`): the slices at its offsets in
     mm, scaled, and for a level-conditioned model the level planes made from `levels` exactly as training
     makes them from the true ranges; models with equal recipes (the folds of a run) share one input per batch,
-    built once. Channels after the 7th (e.g. "other vertebra") are ignored. With `fuse`,
-    `levels` is fused into each batch's mean (`fuse_levels`) where it was computed (on the GPU there), before
-    the probabilities are stored.
+    built once. Channels after the 7th (e.g. "other vertebra") are ignored. With `fuse`, `levels` is fused into
+    each batch's mean (`fuse_levels`) where it was computed (on the GPU there), before it is stored.
 
     Args:
         image: uint8 (Z, S, S), S = the models' image size.
@@ -306,7 +305,7 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
     Returns:
         uint8 (7, Z, S, S) probabilities of C1..C7 (fused when `fuse`) in steps of 1/255 (p = value /
         `PROB_SCALE`, rounded to the nearest step; `probs_to_float` converts): half the memory of float16 (a
-        600-slice 384 px study: 0.62 GB instead of 1.24), and the clean-up's 0.5 threshold falls between two steps.
+        600-slice 384 px study: 0.62 GB instead of 1.24); the clean-up's 0.5 threshold falls between two steps.
 
     Raises:
         SegmentationError: a model gave NaN, or fewer than 7 channels, or another spatial size.
