@@ -104,7 +104,8 @@ def _check_binary(df: pd.DataFrame, columns: Sequence[str], source: str, key: st
 def _read_csv(path: Path, string_columns: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
-    return pd.read_csv(path, dtype={c: str for c in string_columns}, keep_default_na=True)
+    # utf-8-sig: a byte-order mark (a CSV saved by Excel) is dropped, not read into the first column's name
+    return pd.read_csv(path, dtype={c: str for c in string_columns}, keep_default_na=True, encoding="utf-8-sig")
 
 
 def _root(root: PathLike | None) -> Path:
@@ -389,7 +390,7 @@ def listed_without_folder(root: PathLike, split: str = "train", failures_csv: Pa
     path = root / f"{split}.csv"
     if split != "train" or not path.is_file():
         return {}
-    listed = pd.read_csv(path, usecols=[UID], dtype={UID: str})[UID].str.strip().dropna().unique()
+    listed = pd.read_csv(path, usecols=[UID], dtype={UID: str}, encoding="utf-8-sig")[UID].str.strip().dropna().unique()
     images = root / f"{split}_images"
     have = set(study_folders(images))
     absent = {uid: f"study {uid}: listed in {path} but there is no folder {images / uid}"

@@ -334,7 +334,8 @@ def _sample_row_ids(sample_submission: pd.DataFrame | PathLike) -> list[str]:
     if isinstance(sample_submission, pd.DataFrame):
         df, source = sample_submission, "sample_submission"
     else:
-        df, source = pd.read_csv(sample_submission, dtype={"row_id": str}), str(sample_submission)
+        df = pd.read_csv(sample_submission, dtype={"row_id": str}, encoding="utf-8-sig")  # a BOM dropped
+        source = str(sample_submission)
     if "row_id" not in df.columns:
         raise ValueError(f"{source}: no row_id column; columns are {list(df.columns)}")
     row_ids = [str(r).strip() for r in df["row_id"]]

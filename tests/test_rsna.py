@@ -118,6 +118,13 @@ def test_load_test_and_sample_submission(tmp_path):
     assert test.loc[0, "row_id"] == f"{uids[0]}_patient_overall"
     sub = rsna.load_sample_submission(root)
     assert sub["fractured"].dtype == np.float64 and len(sub) == 16
+    for name in ("test.csv", "sample_submission.csv"):  # saved by Excel: a byte-order mark before the header
+        path = root / name
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert rsna.load_test(root).equals(test) and rsna.load_sample_submission(root).equals(sub)
+    from kit.submission import _sample_row_ids
+
+    assert _sample_row_ids(root / "sample_submission.csv") == list(sub["row_id"])
 
     bad = test.copy()
     bad.loc[3, "prediction_type"] = "C9"
