@@ -44,11 +44,12 @@ except ImportError:  # the kit still works, only slower
 log = logging.getLogger("kit.dicom")
 
 _NATIVE = {UID.ImplicitVRLittleEndian, UID.ExplicitVRLittleEndian, UID.ExplicitVRBigEndian}
-# Transfer syntaxes where dicomsdl was checked to decode exactly what pydicom decodes (tests/test_dicom.py).
+# Compressed transfer syntaxes where dicomsdl was checked to decode exactly what pydicom decodes
+# (tests/test_dicom.py); uncompressed data never reaches it under backend "auto" (`_read_native`).
 # RLE is left to pydicom: dicomsdl 0.109 aborts the interpreter on a corrupt RLE stream; lossy baseline
 # JPEG decoders disagree by a grey level, so those go to pydicom too.
-_DICOMSDL_SYNTAXES = _NATIVE | {UID.JPEGLossless, UID.JPEGLosslessSV1, UID.JPEGLSLossless,
-                                UID.JPEGLSNearLossless, UID.JPEG2000Lossless, UID.JPEG2000}
+_DICOMSDL_SYNTAXES = {UID.JPEGLossless, UID.JPEGLosslessSV1, UID.JPEGLSLossless, UID.JPEGLSNearLossless,
+                      UID.JPEG2000Lossless, UID.JPEG2000}
 _NOT_ERRORS = (KeyboardInterrupt, SystemExit, GeneratorExit)  # what a per-file `except BaseException` lets through
 _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "ImagePositionPatient",
                 "ImageOrientationPatient", "PixelSpacing", "SliceThickness", "Rows", "Columns", "SamplesPerPixel",
