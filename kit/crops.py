@@ -97,14 +97,25 @@ class VertebraExtent:
         return slice(self.z_first, self.z_last + 1), slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """Keep the largest 3D connected component of a boolean mask.
+#: The clean-up also keeps the pieces of a vertebra that a thin dip of the segmenter's probability cut off from the
+#: rest (C2's dens tip where C1's ring surrounds it: the tip dropped left C2 starting 10-14 slices late): a piece
+#: lying wholly in the slices the level model gives that vertebra and at most this many mm from the rest along z,
+#: overlapping it in-plane. Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, fifteenth session).
+BRIDGE_MM = 4.0
+
+
+def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap: int = 0) -> np.ndarray:
+    """Keep the largest 3D connected component of a boolean mask, and optionally pieces cut off from it.
 
     Voxels touching by a face, an edge or a corner are connected (26-connectivity): thin bony parts
     (laminae, processes) at 64-128 px often touch only diagonally and would split otherwise.
 
     Args:
         mask: boolean (Z, H, W).
+        within: boolean (Z,): with `gap` > 0, the other components lying wholly in these slices are kept too
+            when a chain of them reaches the largest across at most `gap` empty slices, overlapping it in-plane
+            (within one pixel); components touching any slice outside `within` never are.
+        gap: empty slices bridged along z (0: the largest component alone).
 
     Returns:
         Boolean (Z, H, W), empty when `mask` is empty. Ties go to the lower component id.
@@ -120,7 +131,20 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return out
     sizes = np.bincount(comp.ravel())
     sizes[0] = 0
-    out[box[0]] = comp == int(np.argmax(sizes))
+    keep = comp == int(np.argmax(sizes))
+    if gap > 0 and within is not None:
+        inside = np.asarray(within, dtype=bool)[box[0][0]]
+        pieces = np.zeros(n + 1, dtype=bool)  # components wholly in `within`, the largest among them
+        for i, where in enumerate(ndimage.find_objects(comp), start=1):
+            pieces[i] = where is not None and bool(inside[where[0]].all())
+        candidates = pieces[comp] | keep
+        if candidates.sum() > keep.sum():
+            grown = candidates.copy()  # each piece grown `gap` slices towards the feet meets one `gap` below it
+            for k in range(1, min(gap, len(grown) - 1) + 1):
+                grown[k:] |= candidates[:-k]
+            joined, _ = ndimage.label(grown, structure=_FULL_3D)
+            keep = candidates & np.isin(joined, np.unique(joined[keep]))
+    out[box[0]] = keep
     return out
 
 
@@ -152,6 +176,8 @@ def clean_vertebra_probs(
     probs: np.ndarray,
     threshold: float = 0.5,
     *,
+    levels: np.ndarray | None = None,
+    dz: float | None = None,
     min_voxels: int = 1,
     return_dropped: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, str]]:
@@ -160,8 +186,9 @@ def clean_vertebra_probs(
     Steps, per vertebra c (channel c = label c + 1):
 
     1. threshold: `probs[c] > threshold`;
-    2. keep only its largest 3D connected component (26-connectivity, see `largest_component`); drop it
-       if that has fewer than `min_voxels` voxels;
+    2. keep only its largest 3D connected component (26-connectivity, see `largest_component`) and, given
+       `levels` and `dz`, the pieces cut off from it by up to `BRIDGE_MM` along z inside the slices where
+       `levels[c]` > 0.5; drop it if that has fewer than `min_voxels` voxels;
     3. overlaps: a voxel claimed by several vertebrae goes to the one with the highest probability;
     4. anatomical order: C1..C7 must run head to feet, i.e. their centroid z (index 0 = superior) must
        strictly increase with the label. Of the vertebrae found, the kit keeps the subset in that order
@@ -173,6 +200,9 @@ def clean_vertebra_probs(
         probs: (7, Z, H, W) probabilities of C1..C7: float (any float dtype, float16 is fine) or uint8 in steps of
             1/255 (`kit.infer.predict_vertebra_probs`; value / `PROB_SCALE` is the probability).
         threshold: probability above which a voxel belongs to a vertebra (for uint8 probs: above threshold x 255).
+        levels: (7, Z) per-slice presence of C1..C7 (the level model's, `kit.infer.predict_levels`, or
+            `kit.slices.true_presence`); with `dz`, pieces of a vertebra are kept as in step 2.
+        dz: the slice spacing in mm.
         min_voxels: smallest kept component.
         return_dropped: also return the vertebrae removed and why.
 
@@ -190,9 +220,15 @@ def clean_vertebra_probs(
     own = probs.dtype == np.uint8 or np.issubdtype(probs.dtype, np.floating)
     best = np.zeros(shape, dtype=probs.dtype if own else np.float32)
     cut = threshold * PROB_SCALE if probs.dtype == np.uint8 else threshold
+    gap = 0
+    if levels is not None and dz is not None:
+        levels = np.asarray(levels)
+        if levels.shape != (N_VERTEBRAE, shape[0]):
+            raise ValueError(f"levels must be ({N_VERTEBRAE}, {shape[0]}) for C1..C7; got shape {levels.shape}")
+        gap = int(np.floor(BRIDGE_MM / float(dz) + 1e-6))
     dropped: dict[str, str] = {}
     for c in range(N_VERTEBRAE):
-        mask = largest_component(probs[c] > cut)
+        mask = largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap)
         n = int(mask.sum())
         if n == 0:
             continue

@@ -445,7 +445,8 @@ def segment_study(
     Steps: prepare the input the way the cache does (`prepare_input`), run the level models if any
     (`predict_levels`), the segmenters (`predict_vertebra_probs`: mean of sigmoids, batched, under
     `torch.inference_mode`, autocast on CUDA), clean up (`kit.crops.clean_vertebra_probs`: threshold,
-    largest component, overlaps, head-to-feet order) and measure (`kit.crops.vertebra_extents`).
+    largest component and the pieces cut off from it inside the level ranges, overlaps, head-to-feet order)
+    and measure (`kit.crops.vertebra_extents`).
 
     NaN handling: a NaN anywhere in a model's output raises `SegmentationError` naming the study and the
     checkpoint, rather than producing silently wrong labels; `kit.runner.segment_studies` records it.
@@ -500,7 +501,7 @@ def segment_study(
     probs = predict_vertebra_probs(image, models, batch_size=batch_size, device=device, amp=amp, uid=uid, dz=dz,
                                    levels=presence, fuse=fuse and presence is not None)
     t_fwd = time.perf_counter()
-    labels, dropped = clean_vertebra_probs(probs, threshold, return_dropped=True)
+    labels, dropped = clean_vertebra_probs(probs, threshold, levels=presence, dz=dz, return_dropped=True)
     extents = vertebra_extents(labels, meta["spacing"])
     t_end = time.perf_counter()
     total = t_end - start

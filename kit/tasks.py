@@ -145,7 +145,8 @@ class SegTask:
                 loss_sum += float(seg_loss(logits, y.to(device), tc.dice_weight, exclusive=tc.exclusive))
                 count += 1
                 probs.append(torch.sigmoid(logits.float())[:, :len(VERTEBRAE)].half().cpu())
-            pred = clean_vertebra_probs(torch.cat(probs).transpose(0, 1).numpy())  # (7, Z, H, W) -> labels
+            levels = true_presence(labels) if self.recipe.level_input else None  # what the model was given
+            pred = clean_vertebra_probs(torch.cat(probs).transpose(0, 1).numpy(), levels=levels, dz=dz)  # -> labels
             dice, zerr = dice_per_vertebra(pred, labels), z_range_errors(pred, labels)
             rows.append({"StudyInstanceUID": uid, "slices": len(image),
                          **{f"dice_{k}": round(float(v), 6) for k, v in dice.items()},

@@ -56,6 +56,46 @@ def test_largest_component_keeps_the_biggest():
     assert largest_component(diagonal).sum() == 8 + 27
 
 
+def test_largest_component_keeps_a_piece_cut_off_inside_its_slices():
+    mask = np.zeros((20, 10, 10), dtype=bool)
+    mask[8:18, 2:8, 2:8] = True  # the body
+    mask[3:6, 4:6, 4:6] = True  # a tip above it, 2 empty slices (6, 7) between, over the body in-plane
+    mask[3:6, 0, 9] = True  # a blob at the tip's height that overlaps nothing in-plane
+    tip, blob = np.zeros_like(mask), np.zeros_like(mask)
+    tip[3:6, 4:6, 4:6], blob[3:6, 0, 9] = True, True
+    everywhere = np.ones(20, dtype=bool)
+    body = largest_component(mask)
+    assert body.sum() == 360 and not body[tip].any()
+    out = largest_component(mask, within=everywhere, gap=2)
+    assert out[tip].all() and not out[blob].any() and out.sum() == 360 + 12
+    assert largest_component(mask, within=everywhere, gap=1).sum() == 360  # the gap is 2 slices
+    above = everywhere.copy()
+    above[3] = False  # one slice of the tip outside the vertebra's slices: the whole tip stays out
+    assert largest_component(mask, within=above, gap=2).sum() == 360
+    np.testing.assert_array_equal(largest_component(mask, gap=2), body)  # no `within`: the largest alone
+
+
+def test_clean_keeps_the_tip_a_probability_dip_cut_off_given_the_level_ranges():
+    from kit.slices import true_presence
+
+    labels = stacked_blobs(thick=14, z=112)
+    probs = one_hot(labels) * 0.9
+    first, last = np.nonzero((labels == 2).any(axis=(1, 2)))[0][[0, -1]]
+    probs[1, first + 3:first + 5] = 0.3  # two slices of C2 below the threshold: its top 3 slices cut off
+    levels = true_presence(labels)
+    plain = clean_vertebra_probs(probs)
+    assert np.nonzero((plain == 2).any(axis=(1, 2)))[0][0] == first + 5
+    bridged = clean_vertebra_probs(probs, levels=levels, dz=1.0)  # BRIDGE_MM 4: gaps up to 4 slices at 1 mm
+    assert np.nonzero((bridged == 2).any(axis=(1, 2)))[0][[0, -1]].tolist() == [first, last]
+    np.testing.assert_array_equal(bridged[labels != 2], labels[labels != 2])
+    assert (clean_vertebra_probs(probs, levels=levels, dz=3.0) == plain).all()  # 4 mm = 1 slice: not bridged
+    shifted = levels.copy()
+    shifted[1, first] = 0.0  # the level model starts C2 a slice below the tip: the tip is not kept
+    assert (clean_vertebra_probs(probs, levels=shifted, dz=1.0) == plain).all()
+    with pytest.raises(ValueError, match="levels must be"):
+        clean_vertebra_probs(probs, levels=levels[:, :5], dz=1.0)
+
+
 def test_clean_exact_labels_round_trip():
     labels = stacked_blobs()
     out, dropped = clean_vertebra_probs(one_hot(labels), return_dropped=True)
