@@ -131,19 +131,28 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
         return out
     sizes = np.bincount(comp.ravel())
     sizes[0] = 0
-    keep = comp == int(np.argmax(sizes))
+    main = int(np.argmax(sizes))
+    keep = comp == main
     if gap > 0 and within is not None:
         inside = np.asarray(within, dtype=bool)[box[0][0]]
-        pieces = np.zeros(n + 1, dtype=bool)  # components wholly in `within`, the largest among them
-        for i, where in enumerate(ndimage.find_objects(comp), start=1):
-            pieces[i] = where is not None and bool(inside[where[0]].all())
-        candidates = pieces[comp] | keep
-        if candidates.sum() > keep.sum():
+        pieces = np.zeros(n + 1, dtype=bool)  # the other components lying wholly in `within`
+        spans = [where[0] for where in ndimage.find_objects(comp)]
+        for i, span in enumerate(spans, start=1):
+            pieces[i] = i != main and bool(inside[span].all())
+        if pieces.any():  # join them in the slices around them only: the chains to the largest pass there
+            lo = min(spans[i - 1].start for i in np.flatnonzero(pieces))
+            hi = max(spans[i - 1].stop for i in np.flatnonzero(pieces))
+            zs = slice(max(lo - gap - 1, 0), hi + gap + 1)
+            near, ids = keep[zs], comp[zs]
+            candidates = pieces[ids] | near
             grown = candidates.copy()  # each piece grown `gap` slices towards the feet meets one `gap` below it
             for k in range(1, min(gap, len(grown) - 1) + 1):
                 grown[k:] |= candidates[:-k]
-            joined, _ = ndimage.label(grown, structure=_FULL_3D)
-            keep = candidates & np.isin(joined, np.unique(joined[keep]))
+            joined, n_joined = ndimage.label(grown, structure=_FULL_3D)
+            reached = np.zeros(n_joined + 1, dtype=bool)
+            reached[joined[near]] = True
+            reached[0] = False
+            keep[zs] = near | (candidates & reached[joined])
     out[box[0]] = keep
     return out
 
