@@ -139,9 +139,9 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
         spans = [where[0] for where in ndimage.find_objects(comp)]
         for i, span in enumerate(spans, start=1):
             pieces[i] = i != main and bool(inside[span].all())
-        if pieces.any():  # join them in the slices around them only: the chains to the largest pass there
-            lo = min(spans[i - 1].start for i in np.flatnonzero(pieces))
-            hi = max(spans[i - 1].stop for i in np.flatnonzero(pieces))
+        found = np.flatnonzero(pieces)
+        if len(found):  # join them in the slices around them only: the chains to the largest pass there
+            lo, hi = min(spans[i - 1].start for i in found), max(spans[i - 1].stop for i in found)
             zs = slice(max(lo - gap - 1, 0), hi + gap + 1)
             near, ids = keep[zs], comp[zs]
             candidates = pieces[ids] | near
@@ -151,7 +151,6 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
             joined, n_joined = ndimage.label(grown, structure=_FULL_3D)
             reached = np.zeros(n_joined + 1, dtype=bool)
             reached[joined[near]] = True
-            reached[0] = False
             keep[zs] = near | (candidates & reached[joined])
     out[box[0]] = keep
     return out

@@ -93,8 +93,9 @@ class SegTask:
     scores per study the 3D Dice of C1..C7 (`kit.metrics.dice_per_vertebra`) and the z-range errors
     (`kit.metrics.z_range_errors`: a missed vertebra counts as the study's slice count). The metric is the
     mean over studies of their mean Dice. A level-conditioned segmenter (`data.level_input`) is given the
-    true ranges here (`kit.slices.true_presence`, unjittered), so its validation leaves out the level model's
-    errors; `segment_study` with the level model measures both.
+    true ranges here (`kit.slices.true_presence`, unjittered), and its clean-up uses them as inference's uses
+    the level model's, so its validation leaves out the level model's errors; `segment_study` with the level
+    model measures both.
     """
 
     metric_name = "dice"
