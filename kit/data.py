@@ -547,7 +547,7 @@ def augment_stack(stack: np.ndarray, rng: np.random.Generator, aug: AugmentConfi
         mask_channel: the last channel is a mask.
 
     Returns:
-        (the warped stack, its dtype; float32 (2,) (brightness, contrast) for `stack_input`).
+        (the warped stack, in the dtype it came in; float32 (2,) (brightness, contrast) for `stack_input`).
     """
     t, c, h, w = stack.shape
     n_image = c - int(mask_channel)

@@ -123,11 +123,6 @@ class SegTask:
         tc = self.cfg.train
         return seg_loss(model(batch["image"]), batch["target"], tc.dice_weight, exclusive=tc.exclusive)
 
-    def planes(self, uid: str) -> np.ndarray | None:
-        """The level planes validation gives a held-out study: from its true ranges, unjittered."""
-        image, labels, dz = self.held_out[uid]
-        return self.recipe.planes(true_presence(labels), dz) if self.recipe.level_input else None
-
     @torch.no_grad()
     def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
         """Segment and score each study of `uids` (this rank's share of the held-out studies)."""
@@ -138,15 +133,16 @@ class SegTask:
         loss_sum, count, rows = 0.0, 0, []
         for uid in uids:
             image, labels, dz = self.held_out[uid]
+            levels = true_presence(labels) if self.recipe.level_input else None  # its true ranges, unjittered
+            planes = None if levels is None else self.recipe.planes(levels, dz)
             probs = []
-            for centres, x in self.recipe.batches(image, dz, self.planes(uid), tc.val_batch_size):
+            for centres, x in self.recipe.batches(image, dz, planes, tc.val_batch_size):
                 y = torch.from_numpy(kdata.labels_to_channels(labels[centres], other)).transpose(0, 1)
                 with autocast():
                     logits = model(torch.from_numpy(x).to(device))
                 loss_sum += float(seg_loss(logits, y.to(device), tc.dice_weight, exclusive=tc.exclusive))
                 count += 1
                 probs.append(torch.sigmoid(logits.float())[:, :len(VERTEBRAE)].half().cpu())
-            levels = true_presence(labels) if self.recipe.level_input else None  # what the model was given
             pred = clean_vertebra_probs(torch.cat(probs).transpose(0, 1).numpy(), levels=levels, dz=dz)  # -> labels
             dice, zerr = dice_per_vertebra(pred, labels), z_range_errors(pred, labels)
             rows.append({"StudyInstanceUID": uid, "slices": len(image),
