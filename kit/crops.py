@@ -103,6 +103,41 @@ class VertebraExtent:
 #: overlapping it in-plane. Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, fifteenth session).
 BRIDGE_MM = 4.0
 
+#: The clean-up grows each vertebra beyond its first and last slice into the voxels above this probability that
+#: touch it, slice by slice: the segmenter sees a vertebra's thin end slices (tips of a few pixels beside the
+#: neighbour's body) only faintly, so at the 0.5 threshold alone its ranges started late and ended early (about
+#: a slice on average). Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, sixteenth session).
+END_THRESHOLD = 0.05
+_PLANE_8 = np.ones((3, 3), dtype=bool)  # 8-connectivity in-plane
+
+
+def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float) -> np.ndarray:
+    """Extend a vertebra's mask beyond its first and last slice into the voxels of `probs` above `cut` that touch it.
+
+    Outwards slice by slice: on each slice, the in-plane components (8-connected) of `probs > cut` that touch the
+    slice before (26-connectivity) are added, until a slice adds nothing. Slices between the first and the last
+    are not changed.
+
+    Args:
+        mask: boolean (Z, H, W), changed in place and returned.
+        probs: (Z, H, W) probabilities of the same vertebra (any dtype; `cut` in its units).
+        cut: the probability above which a voxel may be added.
+    """
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if not len(zs):
+        return mask
+    for start, step, stop in ((zs[0], -1, -1), (zs[-1], 1, len(mask))):
+        front = mask[start]
+        for z in range(start + step, stop, step):
+            weak = probs[z] > cut
+            touch = weak & ndimage.binary_dilation(front, structure=_PLANE_8)
+            if not touch.any():
+                break
+            parts, _ = ndimage.label(weak, structure=_PLANE_8)
+            front = np.isin(parts, np.unique(parts[touch]))
+            mask[z] = front
+    return mask
+
 
 def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap: int = 0) -> np.ndarray:
     """Keep the largest 3D connected component of a boolean mask, and optionally pieces cut off from it.
@@ -186,6 +221,7 @@ def clean_vertebra_probs(
     *,
     levels: np.ndarray | None = None,
     dz: float | None = None,
+    end_threshold: float | None = END_THRESHOLD,
     min_voxels: int = 1,
     return_dropped: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, str]]:
@@ -196,7 +232,8 @@ def clean_vertebra_probs(
     1. threshold: `probs[c] > threshold`;
     2. keep only its largest 3D connected component (26-connectivity, see `largest_component`) and, given
        `levels` and `dz`, the pieces cut off from it by up to `BRIDGE_MM` along z inside the slices where
-       `levels[c]` > 0.5; drop it if that has fewer than `min_voxels` voxels;
+       `levels[c]` > 0.5; then grow it beyond its first and last slice into the touching voxels above
+       `end_threshold` (`grow_ends`); drop it if that has fewer than `min_voxels` voxels;
     3. overlaps: a voxel claimed by several vertebrae goes to the one with the highest probability;
     4. anatomical order: C1..C7 must run head to feet, i.e. their centroid z (index 0 = superior) must
        strictly increase with the label. Of the vertebrae found, the kit keeps the subset in that order
@@ -211,6 +248,7 @@ def clean_vertebra_probs(
         levels: (7, Z) per-slice presence of C1..C7 (the level model's, `kit.infer.predict_levels`, or
             `kit.slices.true_presence`); with `dz`, pieces of a vertebra are kept as in step 2.
         dz: the slice spacing in mm.
+        end_threshold: probability above which a vertebra's end slices grow (`END_THRESHOLD`); None: no growth.
         min_voxels: smallest kept component.
         return_dropped: also return the vertebrae removed and why.
 
@@ -227,7 +265,8 @@ def clean_vertebra_probs(
     # volume (a 600-slice 384 px study: 0.35 GB less at the peak), same result
     own = probs.dtype == np.uint8 or np.issubdtype(probs.dtype, np.floating)
     best = np.zeros(shape, dtype=probs.dtype if own else np.float32)
-    cut = threshold * PROB_SCALE if probs.dtype == np.uint8 else threshold
+    scale = PROB_SCALE if probs.dtype == np.uint8 else 1.0
+    cut = threshold * scale
     gap = 0
     if levels is not None and dz is not None:
         levels = np.asarray(levels)
@@ -237,6 +276,8 @@ def clean_vertebra_probs(
     dropped: dict[str, str] = {}
     for c in range(N_VERTEBRAE):
         mask = largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap)
+        if end_threshold is not None:
+            grow_ends(mask, probs[c], end_threshold * scale)
         n = int(mask.sum())
         if n == 0:
             continue

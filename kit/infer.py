@@ -445,7 +445,8 @@ def segment_study(
     Steps: prepare the input the way the cache does (`prepare_input`), run the level models if any
     (`predict_levels`), the segmenters (`predict_vertebra_probs`: mean of sigmoids, batched, under
     `torch.inference_mode`, autocast on CUDA), clean up (`kit.crops.clean_vertebra_probs`: threshold,
-    largest component and the pieces cut off from it inside the level ranges, overlaps, head-to-feet order)
+    largest component and the pieces cut off from it inside the level ranges, faint end slices, overlaps,
+    head-to-feet order)
     and measure (`kit.crops.vertebra_extents`).
 
     NaN handling: a NaN anywhere in a model's output raises `SegmentationError` naming the study and the

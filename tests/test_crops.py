@@ -81,7 +81,7 @@ def test_clean_keeps_the_tip_a_probability_dip_cut_off_given_the_level_ranges():
     labels = stacked_blobs(thick=14, z=112)
     probs = one_hot(labels) * 0.9
     first, last = np.nonzero((labels == 2).any(axis=(1, 2)))[0][[0, -1]]
-    probs[1, first + 3:first + 5] = 0.3  # two slices of C2 below the threshold: its top 3 slices cut off
+    probs[1, first + 3:first + 5] = 0.02  # two slices of C2 the segmenter misses: its top 3 slices cut off
     levels = true_presence(labels)
     plain = clean_vertebra_probs(probs)
     assert np.nonzero((plain == 2).any(axis=(1, 2)))[0][0] == first + 5
@@ -94,6 +94,25 @@ def test_clean_keeps_the_tip_a_probability_dip_cut_off_given_the_level_ranges():
     assert (clean_vertebra_probs(probs, levels=shifted, dz=1.0) == plain).all()
     with pytest.raises(ValueError, match="levels must be"):
         clean_vertebra_probs(probs, levels=levels[:, :5], dz=1.0)
+
+
+def test_clean_grows_a_vertebra_into_its_faint_end_slices():
+    labels = stacked_blobs(thick=14, z=112)
+    c4 = labels == 4
+    first, last = np.nonzero(c4.any(axis=(1, 2)))[0][[0, -1]]
+    probs = one_hot(labels) * 0.9
+    probs[3, first:first + 2][c4[first:first + 2]] = 0.2  # the segmenter sees C4's two top slices faintly
+    probs[3, last][c4[last]] = 0.1  # and its bottom slice
+    probs[3, first - 1, 0, 23] = 0.3  # a faint voxel above it that touches nothing
+    probs[3, first + 5, 16, 10] = 0.3  # one beside it between its ends: the ends alone grow
+    assert np.nonzero((clean_vertebra_probs(probs, end_threshold=None) == 4).any(axis=(1, 2)))[0][[0, -1]].tolist() \
+        == [first + 2, last - 1]
+    out = clean_vertebra_probs(probs)
+    np.testing.assert_array_equal(out, labels)  # C4 whole again, nothing else added or taken
+    probs[3, first:first + 2][c4[first:first + 2]] = 0.03  # below END_THRESHOLD: not grown
+    assert np.nonzero((clean_vertebra_probs(probs) == 4).any(axis=(1, 2)))[0][0] == first + 2
+    stored = np.round(probs * 255).astype(np.uint8)  # the stored uint8 probabilities: the same result
+    np.testing.assert_array_equal(clean_vertebra_probs(stored), clean_vertebra_probs(probs))
 
 
 def test_clean_exact_labels_round_trip():
