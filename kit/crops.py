@@ -114,9 +114,9 @@ _PLANE_8 = np.ones((3, 3), dtype=bool)  # 8-connectivity in-plane
 def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float) -> np.ndarray:
     """Extend a vertebra's mask beyond its first and last slice into the voxels of `probs` above `cut` that touch it.
 
-    Outwards slice by slice: on each slice, the in-plane components (8-connected) of `probs > cut` that touch the
-    slice before (26-connectivity) are added, until a slice adds nothing. Slices between the first and the last
-    are not changed.
+    Outwards slice by slice: on each slice, the in-plane components (8-connected) of `probs > cut` that touch what
+    the slice before holds (26-connectivity) are added, until a slice adds nothing. Slices between the first and
+    the last are not changed.
 
     Args:
         mask: boolean (Z, H, W), changed in place and returned.

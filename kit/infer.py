@@ -446,8 +446,7 @@ def segment_study(
     (`predict_levels`), the segmenters (`predict_vertebra_probs`: mean of sigmoids, batched, under
     `torch.inference_mode`, autocast on CUDA), clean up (`kit.crops.clean_vertebra_probs`: threshold,
     largest component and the pieces cut off from it inside the level ranges, faint end slices, overlaps,
-    head-to-feet order)
-    and measure (`kit.crops.vertebra_extents`).
+    head-to-feet order) and measure (`kit.crops.vertebra_extents`).
 
     NaN handling: a NaN anywhere in a model's output raises `SegmentationError` naming the study and the
     checkpoint, rather than producing silently wrong labels; `kit.runner.segment_studies` records it.
