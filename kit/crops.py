@@ -108,10 +108,14 @@ BRIDGE_MM = 4.0
 #: neighbour's body) only faintly, so at the 0.5 threshold alone its ranges started late and ended early (about
 #: a slice on average). Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, sixteenth session).
 END_THRESHOLD = 0.05
+#: ... and at most this many mm beyond each end: a guard against a model's faint haze over a bad study, which would
+#: otherwise carry a vertebra through the volume (about a vertebra's height; over the 80 tuning studies the growth
+#: reached 7.5 mm at most, a dens tip above a dip, and 0-1 slices in 98 % of the ends).
+GROW_MAX_MM = 15.0
 _PLANE_8 = np.ones((3, 3), dtype=bool)  # 8-connectivity in-plane
 
 
-def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float) -> np.ndarray:
+def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float, max_slices: int | None = None) -> np.ndarray:
     """Extend a vertebra's mask beyond its first and last slice into the voxels of `probs` above `cut` that touch it.
 
     Outwards slice by slice: on each slice, the in-plane components (8-connected) of `probs > cut` that touch what
@@ -122,13 +126,17 @@ def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float) -> np.ndarray:
         mask: boolean (Z, H, W), changed in place and returned.
         probs: (Z, H, W) probabilities of the same vertebra (any dtype; `cut` in its units).
         cut: the probability above which a voxel may be added.
+        max_slices: at most this many slices added at each end (None: no limit).
     """
     zs = np.flatnonzero(mask.any(axis=(1, 2)))
     if not len(zs):
         return mask
-    for start, step, stop in ((zs[0], -1, -1), (zs[-1], 1, len(mask))):
-        front = mask[start]
-        for z in range(start + step, stop, step):
+    reach = len(mask) if max_slices is None else max_slices
+    for end, step in ((zs[0], -1), (zs[-1], 1)):
+        front = mask[end]
+        for z in range(end + step, end + step * (reach + 1), step):
+            if not 0 <= z < len(mask):
+                break
             weak = probs[z] > cut
             touch = weak & ndimage.binary_dilation(front, structure=_PLANE_8)
             if not touch.any():
@@ -233,7 +241,8 @@ def clean_vertebra_probs(
     2. keep only its largest 3D connected component (26-connectivity, see `largest_component`) and, given
        `levels` and `dz`, the pieces cut off from it by up to `BRIDGE_MM` along z inside the slices where
        `levels[c]` > 0.5; then grow it beyond its first and last slice into the touching voxels above
-       `end_threshold` (`grow_ends`); drop it if that has fewer than `min_voxels` voxels;
+       `end_threshold` (`grow_ends`; given `dz`, at most `GROW_MAX_MM`); drop it if that has fewer than
+       `min_voxels` voxels;
     3. overlaps: a voxel claimed by several vertebrae goes to the one with the highest probability;
     4. anatomical order: C1..C7 must run head to feet, i.e. their centroid z (index 0 = superior) must
        strictly increase with the label. Of the vertebrae found, the kit keeps the subset in that order
@@ -248,7 +257,8 @@ def clean_vertebra_probs(
         levels: (7, Z) per-slice presence of C1..C7 (the level model's, `kit.infer.predict_levels`, or
             `kit.slices.true_presence`); with `dz`, pieces of a vertebra are kept as in step 2.
         dz: the slice spacing in mm.
-        end_threshold: probability above which a vertebra's end slices grow (`END_THRESHOLD`); None: no growth.
+        end_threshold: probability above which a vertebra's end slices grow (`END_THRESHOLD`), at most `GROW_MAX_MM`
+            when `dz` is given; None: no growth.
         min_voxels: smallest kept component.
         return_dropped: also return the vertebrae removed and why.
 
@@ -268,6 +278,7 @@ def clean_vertebra_probs(
     scale = PROB_SCALE if probs.dtype == np.uint8 else 1.0
     cut = threshold * scale
     gap = 0
+    reach = None if dz is None else int(np.floor(GROW_MAX_MM / float(dz) + 1e-6))  # end growth, in slices
     if levels is not None and dz is not None:
         levels = np.asarray(levels)
         if levels.shape != (N_VERTEBRAE, shape[0]):
@@ -277,7 +288,7 @@ def clean_vertebra_probs(
     for c in range(N_VERTEBRAE):
         mask = largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap)
         if end_threshold is not None:
-            grow_ends(mask, probs[c], end_threshold * scale)
+            grow_ends(mask, probs[c], end_threshold * scale, reach)
         n = int(mask.sum())
         if n == 0:
             continue

@@ -8,6 +8,7 @@ import pytest
 
 from kit.constants import VERTEBRAE, WINDOWS
 from kit.crops import (
+    GROW_MAX_MM,
     assign_boxes_to_vertebrae,
     clean_vertebra_probs,
     crop_box_original,
@@ -113,6 +114,20 @@ def test_clean_grows_a_vertebra_into_its_faint_end_slices():
     assert np.nonzero((clean_vertebra_probs(probs) == 4).any(axis=(1, 2)))[0][0] == first + 2
     stored = np.round(probs * 255).astype(np.uint8)  # the stored uint8 probabilities: the same result
     np.testing.assert_array_equal(clean_vertebra_probs(stored), clean_vertebra_probs(probs))
+
+
+def test_end_growth_stops_at_its_limit_in_a_faint_haze():
+    labels = stacked_blobs(thick=14, z=112)
+    probs = one_hot(labels) * 0.9
+    probs[3][probs[3] == 0] = 0.1  # a model's faint C4 haze over the whole study
+    first, last = np.nonzero((labels == 4).any(axis=(1, 2)))[0][[0, -1]]
+    reach = int(GROW_MAX_MM / 1.0)  # slices at 1 mm
+    grown = clean_vertebra_probs(probs, dz=1.0)
+    zs = np.nonzero((grown == 4).any(axis=(1, 2)))[0]
+    assert zs[0] == max(first - reach, 0) and zs[-1] == min(last + reach, len(labels) - 1)
+    np.testing.assert_array_equal(grown[labels > 0], labels[labels > 0])  # the others keep theirs
+    unbounded = clean_vertebra_probs(probs)  # no dz: no limit
+    assert np.nonzero((unbounded == 4).any(axis=(1, 2)))[0][[0, -1]].tolist() == [0, len(labels) - 1]
 
 
 def test_clean_exact_labels_round_trip():
