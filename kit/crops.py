@@ -115,6 +115,11 @@ GROW_MAX_MM = 15.0
 _PLANE_8 = np.ones((3, 3), dtype=bool)  # 8-connectivity in-plane
 
 
+def _whole_slices(mm: float, dz: float) -> int:
+    """The whole slices that fit in `mm` at slice spacing `dz` (rounding error aside: 4 mm at 1.3333 mm is 3)."""
+    return int(np.floor(mm / float(dz) + 1e-6))
+
+
 def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float, max_slices: int | None = None) -> np.ndarray:
     """Extend a vertebra's mask beyond its first and last slice into the voxels of `probs` above `cut` that touch it.
 
@@ -278,12 +283,12 @@ def clean_vertebra_probs(
     scale = PROB_SCALE if probs.dtype == np.uint8 else 1.0
     cut = threshold * scale
     gap = 0
-    reach = None if dz is None else int(np.floor(GROW_MAX_MM / float(dz) + 1e-6))  # end growth, in slices
+    reach = None if dz is None else _whole_slices(GROW_MAX_MM, dz)  # end growth, in slices
     if levels is not None and dz is not None:
         levels = np.asarray(levels)
         if levels.shape != (N_VERTEBRAE, shape[0]):
             raise ValueError(f"levels must be ({N_VERTEBRAE}, {shape[0]}) for C1..C7; got shape {levels.shape}")
-        gap = int(np.floor(BRIDGE_MM / float(dz) + 1e-6))
+        gap = _whole_slices(BRIDGE_MM, dz)
     dropped: dict[str, str] = {}
     for c in range(N_VERTEBRAE):
         mask = largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap)
