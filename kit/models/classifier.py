@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from ..constants import TRAIN_PREVALENCE
+from .imagenet import IMAGENET, InputNorm, check_input_scaling, load_imagenet
 from .registry import LoadReport, load_weights, match_fraction, read_state_dict, register_model
 
 log = logging.getLogger("kit.models")
@@ -119,11 +121,17 @@ class VertebraClassifier(nn.Module):
         grad_checkpointing: recompute the backbone's activations in the backward pass (timm's
             `set_grad_checkpointing`) to train larger stacks in less memory.
         pretrained_weights: local state dict of the timm backbone (its first conv adapted to
-            `in_channels`) or of a whole VertebraClassifier.
+            `in_channels`) or of a whole VertebraClassifier; or "imagenet": the encoder's packaged ImageNet
+            weights (`kit.models.imagenet`), which need `input_mean` / `input_std`.
         levels: vertebra levels (7: C1..C7). `level_bias` holds one logit offset per level, added to the
             vertebra logit when `forward` is given each vertebra's level: fractures are far more common at
             some levels (C2, C7) than others (C3), and a crop alone says little about its level. Zeros at
             first; `kit.tasks.ClsTask.init_model` starts them at the training folds' prevalence.
+        input_mean: per-channel mean subtracted from every slice before the CNN, in_channels values; None (with
+            input_std) leaves the input as it is. `kit.config.ClsConfig.model_spec` sets it for ImageNet
+            weights: the weights' RGB statistics repeated over the image channels, and 0 for the mask channel
+            (mean 0, std 1: the mask stays 0/1; `kit.models.imagenet_input_scaling`).
+        input_std: per-channel divisor, in_channels positive values, or None.
     """
 
     def __init__(
@@ -140,11 +148,15 @@ class VertebraClassifier(nn.Module):
         grad_checkpointing: bool = False,
         pretrained_weights: str | None = None,
         levels: int = 7,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
     ) -> None:
         super().__init__()
+        check_input_scaling(pretrained_weights, input_mean, input_std, encoder)
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be a positive number of images or None; got {chunk}")
         self.encoder_name, self.in_channels, self.chunk = encoder, in_channels, chunk
+        self.input_norm = InputNorm(in_channels, input_mean, input_std)
         self.cnn = create_backbone(encoder, in_channels, drop_path_rate)
         self.num_features = backbone_width(self.cnn)
         self.embed_dim, self.attention_hidden = 2 * hidden, attention_hidden
@@ -161,6 +173,9 @@ class VertebraClassifier(nn.Module):
         # the row-normalised metric's positive:negative odds per target, from the training labels
         # (`ClsTask.init_model`); the metric's nominal 2 until then. Saved with the weights.
         self.register_buffer("metric_odds", torch.full((levels + 1,), 2.0, dtype=torch.float64))
+        # the training labels' prevalence of the 8 targets (`ClsTask.init_model`): what a vertebra with no crop is
+        # worth (`kit.metrics.fill_missing_vertebrae`) and the submission's fallback; the 2019 table until then
+        self.register_buffer("train_prevalence", torch.tensor(TRAIN_PREVALENCE, dtype=torch.float64))
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
         if pretrained_weights:
@@ -168,11 +183,14 @@ class VertebraClassifier(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # weights saved by an older kit: no level offsets (as they were trained), the metric's nominal odds
-        for name, default in (("level_bias", torch.zeros_like(self.level_bias)),
-                              ("metric_odds", torch.full_like(self.metric_odds, 2.0))):
+        defaults = {"level_bias": (torch.zeros_like(self.level_bias), "zero level offsets"),
+                    "metric_odds": (torch.full_like(self.metric_odds, 2.0), "the nominal odds 2"),
+                    "train_prevalence": (torch.tensor(TRAIN_PREVALENCE, dtype=torch.float64),
+                                         "the 2019 training table's prevalence")}
+        for name, (default, said) in defaults.items():
             if prefix + name not in state_dict:
                 log.warning("%s: no %s in the weights (saved by an older kit); using %s", self.encoder_name,
-                            prefix + name, "zero level offsets" if name == "level_bias" else "the nominal odds 2")
+                            prefix + name, said)
                 state_dict[prefix + name] = default
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -183,19 +201,23 @@ class VertebraClassifier(nn.Module):
         self.cnn.set_grad_checkpointing(enable)
 
     def load_pretrained(self, path: str) -> LoadReport:
-        """Load a local state dict into the whole model or, when it fits the backbone better, the backbone."""
+        """Load a local state dict into the whole model or, when it fits the backbone better, the backbone;
+        "imagenet": the encoder's packaged ImageNet weights into the backbone."""
+        if path == IMAGENET:
+            return _load_imagenet(self.cnn, self.encoder_name)
         return _load_best_match(path, [("classifier", self), ("backbone", self.cnn)], self.encoder_name)
 
     def slice_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The CNN on every real slice: x (B, T, C, H, W), mask (B, T) -> features (B, T, num_features).
 
-        Masked slices are not computed; their features are zeros.
+        The slices are scaled by `input_norm` first. Masked slices are not computed; their features are zeros.
         """
         b, t = x.shape[:2]
         images = x.flatten(0, 1)
         keep = None if mask is None else mask.flatten()
         if keep is not None:
             images = images[keep]
+        images = self.input_norm(images)
         if images.shape[0] == 0:
             feats = x.new_zeros((0, self.num_features))
         elif self.chunk is None or images.shape[0] <= self.chunk:
@@ -269,14 +291,17 @@ class PatientClassifier(nn.Module):
         patient_prior: initial probability of the patient logit; None keeps PyTorch's initialisation
             (`head_prior` sets the per-vertebra heads).
         pretrained_weights: local state dict of the timm backbone, of a VertebraClassifier (e.g. one
-            trained first on single vertebrae), or of a whole PatientClassifier.
+            trained first on single vertebrae), or of a whole PatientClassifier; or "imagenet" (see
+            VertebraClassifier).
         **kwargs: VertebraClassifier arguments (encoder, in_channels, hidden, gru_layers, attention_hidden,
-            dropout, drop_path_rate, head_prior, chunk, grad_checkpointing).
+            dropout, drop_path_rate, head_prior, chunk, grad_checkpointing, input_mean, input_std).
     """
 
     def __init__(self, vertebrae: int = 7, patient_prior: float | None = None,
                  pretrained_weights: str | None = None, **kwargs) -> None:
         super().__init__()
+        check_input_scaling(pretrained_weights, kwargs.get("input_mean"), kwargs.get("input_std"),
+                            kwargs.get("encoder", "resnet18d"))
         self.vertebra = VertebraClassifier(levels=vertebrae, **kwargs)
         self.vertebrae = vertebrae
         dim = self.vertebra.embed_dim
@@ -297,7 +322,9 @@ class PatientClassifier(nn.Module):
 
     def load_pretrained(self, path: str) -> LoadReport:
         """Load a local state dict into whichever part it fits best: the whole model, the vertebra path,
-        or the backbone."""
+        or the backbone; "imagenet": the encoder's packaged ImageNet weights into the backbone."""
+        if path == IMAGENET:
+            return _load_imagenet(self.vertebra.cnn, self.vertebra.encoder_name)
         parts = [("patient classifier", self), ("vertebra classifier", self.vertebra),
                  ("backbone", self.vertebra.cnn)]
         return _load_best_match(path, parts, self.vertebra.encoder_name)
@@ -381,6 +408,12 @@ def _check_level(level, logit: torch.Tensor, levels: int) -> torch.Tensor:
     if len(level) and (int(level.min()) < 0 or int(level.max()) >= levels):
         raise ValueError(f"level must lie in 0..{levels - 1} (C1..C{levels}); got {level.tolist()}")
     return level
+
+
+def _load_imagenet(backbone: nn.Module, encoder: str) -> LoadReport:
+    report = load_imagenet(backbone, encoder)
+    log.info("ImageNet weights of %s -> backbone: %s", encoder, report)
+    return report
 
 
 def _load_best_match(path: str, parts: list[tuple[str, nn.Module]], encoder: str) -> LoadReport:

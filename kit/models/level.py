@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from .imagenet import IMAGENET, InputNorm, check_input_scaling, load_imagenet
 from .registry import load_weights, read_state_dict, register_model
 
 
@@ -27,35 +28,47 @@ class LevelNet(nn.Module):
         in_channels: slices per step (the slice and its neighbours at the level spacing).
         classes: outputs per slice (7: C1..C7 present).
         hidden: width of the slice embedding and of each GRU direction.
-        pretrained_weights: local state dict of the timm backbone or of a whole LevelNet.
+        pretrained_weights: local state dict of the timm backbone or of a whole LevelNet; or "imagenet": the
+            encoder's packaged ImageNet weights (`kit.models.imagenet`), which need `input_mean` / `input_std`.
+        input_mean: per-channel mean subtracted from every slice, in_channels values; None (with input_std)
+            leaves the input as it is. `kit.config.LevelConfig.model_spec` sets it for ImageNet weights (the
+            weights' RGB statistics repeated over the channels, `kit.models.imagenet_input_scaling`).
+        input_std: per-channel divisor, in_channels positive values, or None.
     """
 
     def __init__(self, encoder: str = "mobilenetv3_small_050", in_channels: int = 3, classes: int = 7,
-                 hidden: int = 64, pretrained_weights: str | None = None) -> None:
+                 hidden: int = 64, pretrained_weights: str | None = None, input_mean: list[float] | None = None,
+                 input_std: list[float] | None = None) -> None:
         super().__init__()
         encoder = encoder.removeprefix("tu-")
+        check_input_scaling(pretrained_weights, input_mean, input_std, encoder)
         try:
             self.cnn = timm.create_model(encoder, pretrained=False, in_chans=in_channels, num_classes=0)
         except RuntimeError as exc:
             raise ValueError(f"unknown encoder {encoder!r}: a timm model name (see timm.list_models())") from exc
         self.in_channels, self.classes = in_channels, classes
+        self.input_norm = InputNorm(in_channels, input_mean, input_std)
         width = getattr(self.cnn, "head_hidden_size", None) or self.cnn.num_features  # MobileNetV3: conv_head
         self.embed = nn.Sequential(nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU())
         self.gru = nn.GRU(hidden, hidden, batch_first=True, bidirectional=True)
         self.head = nn.Linear(2 * hidden, classes)
-        if pretrained_weights:
+        if pretrained_weights == IMAGENET:
+            load_imagenet(self.cnn, encoder)
+        elif pretrained_weights:
             state = read_state_dict(pretrained_weights)
             whole = sum(k in self.state_dict() for k in state) >= sum(k in self.cnn.state_dict() for k in state)
             load_weights(self if whole else self.cnn, state)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, T, C, H, W) slices of B studies, mask: (B, T) 1 on real steps, 0 on padding at the end of a
-        shorter study (None: all real) -> logits (B, T, classes), 0 on padded steps.
+        """x: (B, T, C, H, W) slices of B studies in [0, 1] (scaled by `input_norm` here), mask: (B, T) 1 on
+        real steps, 0 on padding at the end of a shorter study (None: all real) -> logits (B, T, classes), 0 on
+        padded steps.
 
         Padded steps never reach the CNN (nor its BatchNorm statistics) or the GRU (packed sequences), so the
         logits of real steps are those the study gets alone, unpadded, at inference.
         """
         b, t = x.shape[:2]
+        x = self.input_norm(x)
         real = None if mask is None else mask.bool()
         if real is None or bool(real.all()):  # no padding: no boolean indexing (a copy) or packing
             features = self.embed(self.cnn(x.flatten(0, 1))).view(b, t, -1)

@@ -5,7 +5,8 @@
 
     model = create_model("seg_unet", in_channels=5, classes=7, encoder="tu-resnet10t")
 
-Weights only ever come from local files (`load_weights`); nothing is downloaded.
+Weights only ever come from local files (`load_weights`) or from a pip package that ships them
+(`pretrained_weights="imagenet"`, `kit.models.imagenet`); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def create_model(name: str, **kwargs) -> nn.Module:
     Args:
         name: a name from `list_models()`.
         **kwargs: the model function's plain arguments (e.g. in_channels, classes, encoder,
-            pretrained_weights).
+            pretrained_weights: a local file or "imagenet", input_mean / input_std).
 
     Its depthwise convolutions are switched to `kit.models.fastconv.DepthwiseConv2d` (the same module and
     state dict, a faster weight gradient on CPU).

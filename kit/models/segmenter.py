@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .imagenet import IMAGENET, InputNorm, check_input_scaling, load_imagenet
 from .registry import load_weights, match_fraction, read_state_dict, register_model
 
 log = logging.getLogger("kit.models")
@@ -42,7 +43,14 @@ class Segmenter(nn.Module):
             were found half a slice later, so the demo keeps 1 (docs/benchmarks.md, "Eighth session").
         head_prior: initial probability of every output pixel (the head's bias is set to its logit), so
             training starts near the sparse truth instead of at 0.5; None keeps smp's initialisation.
-        pretrained_weights: local state dict of a timm/smp backbone or of a whole segmenter.
+        pretrained_weights: local state dict of a timm/smp backbone or of a whole segmenter; or "imagenet":
+            the packaged ImageNet weights of a `tu-` encoder (`kit.models.imagenet`), which need
+            `input_mean` / `input_std`.
+        input_mean: per-channel mean subtracted from the input, in_channels values; None (with input_std)
+            leaves the input as it is. `kit.config.SegConfig.model_spec` sets it for ImageNet weights: the
+            weights' RGB statistics repeated over the slices, 0 for the level planes
+            (`kit.models.imagenet_input_scaling`).
+        input_std: per-channel divisor of the input, in_channels positive values, or None.
     """
 
     def __init__(
@@ -56,8 +64,11 @@ class Segmenter(nn.Module):
         output_stride: int = 1,
         head_prior: float | None = 0.02,
         pretrained_weights: str | None = None,
+        input_mean: list[float] | None = None,
+        input_std: list[float] | None = None,
     ) -> None:
         super().__init__()
+        check_input_scaling(pretrained_weights, input_mean, input_std, encoder)
         if arch not in ARCHS:
             raise ValueError(f"unknown segmenter arch {arch!r}; available: {', '.join(ARCHS)}")
         if arch == "fpn" and encoder_depth < 3:
@@ -87,6 +98,7 @@ class Segmenter(nn.Module):
         self.arch, self.encoder_name, self.output_stride = arch, encoder, output_stride
         self.in_channels, self.classes = in_channels, classes
         self.stride = 2 ** encoder_depth
+        self.input_norm = InputNorm(in_channels, input_mean, input_std)
         self.pruned = self._prune_unused()
         if head_prior is not None:
             head = self.net.segmentation_head[0]
@@ -119,14 +131,19 @@ class Segmenter(nn.Module):
         return pruned
 
     def load_pretrained(self, path: str):
-        """Load local weights: a whole-segmenter state dict, or a backbone's into the encoder.
+        """Load local weights: a whole-segmenter state dict, or a backbone's into the encoder; "imagenet": the
+        encoder's packaged ImageNet weights into the encoder (`kit.models.imagenet.imagenet_weights`).
 
         The file is matched against the whole model first; when most of its keys fit the encoder instead
         (a timm / smp backbone checkpoint, classifier head included), it goes there.
         """
-        state = read_state_dict(path)
         encoder = self.net.encoder
         backbone = getattr(encoder, "model", encoder)  # TimmUniversalEncoder wraps the timm model
+        if path == IMAGENET:
+            report = load_imagenet(backbone, self.encoder_name)
+            log.info("ImageNet weights of %s -> encoder: %s", self.encoder_name, report)
+            return report
+        state = read_state_dict(path)
         target = self if match_fraction(self, state) >= match_fraction(backbone, state) else backbone
         report = load_weights(target, state)
         if not report.loaded:
@@ -135,12 +152,13 @@ class Segmenter(nn.Module):
         return report
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, 2k+1, H, W) -> logits (B, C, H, W)."""
+        """x: (B, in_channels, H, W) in [0, 1] -> logits (B, C, H, W). The input is scaled by `input_norm`
+        after the zero padding (so padding stays the value 0 of the unscaled input)."""
         h, w = x.shape[-2:]
         pad_h, pad_w = -h % self.stride, -w % self.stride
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        logits = self.net(x)
+        logits = self.net(self.input_norm(x))
         if self.output_stride > 1:
             logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         return logits[..., :h, :w] if pad_h or pad_w else logits
