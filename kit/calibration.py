@@ -1,5 +1,6 @@
 """Calibration of a classifier run from its out-of-fold predictions: per target, Platt scaling
-p' = sigmoid(a * logit(p) + b), fitted by weighted log loss with the competition's weights.
+p' = sigmoid(a * logit(p) + b), fitted by weighted log loss with the weights of the metric it is judged by, the
+row-normalised competition score: each cell weighs w_ij / sum_j w_ij (`row_weights`).
 
 Why: a classifier trained on a few studies is often overconfident, and the competition's log loss punishes that
 harder than it rewards skill. Fitted on the OOF predictions (what each fold's model said about studies it never
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import TARGETS
+from .files import write_text_atomic
 from .metrics import logit, metric_weights, sigmoid
 
 CALIBRATION_FILE = "calibration.json"
@@ -48,12 +50,23 @@ def fit_platt(p: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 
     return float(theta[0]), float(theta[1])
 
 
+def row_weights(truth: np.ndarray) -> np.ndarray:
+    """(N, 8) each cell's weight in the row-normalised metric: w_ij / sum_j w_ij (`kit.metrics.competition_score`
+    with `normalise="row"` is the mean over rows of sum_j w_ij * loss_ij / sum_j w_ij), times the mean row sum of
+    the metric weights, a constant that keeps the weights on the scale of the metric weights themselves (the
+    fit's optimum does not depend on it; the ridge's strength relative to the data does)."""
+    w = metric_weights(truth)
+    rows = w.sum(1, keepdims=True)
+    return w / rows * rows.mean()
+
+
 def fit_calibration(oof: pd.DataFrame, ridge: float = 1.0) -> dict:
     """{target: {"a", "b"}} for every target, from an OOF table with TARGETS and `<target>_true` columns
-    (`kit.report.load_oof`). Rows with a NaN prediction are left out of that target's fit."""
+    (`kit.report.load_oof`), each cell weighted as the row-normalised metric weighs it (`row_weights`). Rows with
+    a NaN prediction are left out of that target's fit."""
     out = {}
     truth = oof[[f"{t}_true" for t in TARGETS]].to_numpy(dtype=float)
-    weights = metric_weights(truth)
+    weights = row_weights(truth)
     for i, t in enumerate(TARGETS):
         p = oof[t].to_numpy(dtype=float)
         keep = np.isfinite(p)
@@ -84,10 +97,9 @@ def cross_fitted(oof: pd.DataFrame, ridge: float = 1.0) -> pd.DataFrame:
 
 
 def write_calibration(run_dir: PathLike, calibration: dict, **meta) -> Path:
-    """Save the fit as `<run_dir>/calibration.json` (with `meta`, e.g. the studies and folds it saw)."""
-    path = Path(run_dir) / CALIBRATION_FILE
-    path.write_text(json.dumps({"targets": calibration, **meta}, indent=1))
-    return path
+    """Save the fit as `<run_dir>/calibration.json` (with `meta`, e.g. the studies and folds it saw), atomically."""
+    return write_text_atomic(Path(run_dir) / CALIBRATION_FILE, json.dumps({"targets": calibration, **meta},
+                                                                           indent=1))
 
 
 def read_calibration(run_dir: PathLike) -> dict | None:

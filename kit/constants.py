@@ -7,6 +7,8 @@ TARGETS = ("patient_overall", *VERTEBRAE)
 NEGATIVE_WEIGHTS = (7.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
 POSITIVE_WEIGHTS = (14.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0)
 LOGLOSS_EPS = 1e-15
+# Every probability the kit writes or uses as a fallback lies in [PROB_CLIP, 1 - PROB_CLIP] (finite logits).
+PROB_CLIP = 1e-4
 
 # Label values in the competition's segmentation NIfTI files.
 SEG_LABELS = {name: i + 1 for i, name in enumerate(VERTEBRAE)}  # C1 -> 1 ... C7 -> 7

@@ -367,8 +367,9 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     image_channel = names.index(f"{'bone' if 'bone' in d.windows else d.windows[0]}+0")
     labels = _true_labels(Path(d.data_root), uid)
     study_boxes = _study_boxes(boxes, Path(d.data_root), uid)
+    numbers = arrays.get("slice_numbers", arrays["instance_numbers"])  # older caches: InstanceNumbers stand in
     if len(study_boxes):
-        matched, _ = match_boxes_to_slices(study_boxes, arrays["instance_numbers"])
+        matched, _ = match_boxes_to_slices(study_boxes, numbers)
     else:
         matched = pd.DataFrame({"x": [], "y": [], "width": [], "height": [], "z": []})
     crop_boxes = arrays.get("crop_boxes")
@@ -386,7 +387,8 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
         if odds is not None:  # a vertebra's own mapping does not depend on the others
             alone = np.full(len(VERTEBRAE), np.nan)
             alone[v] = prob
-            prob = float(targets_from_vertebrae(alone, odds)[1 + v])
+            prevalence = m.model.train_prevalence.double().cpu().numpy()
+            prob = float(targets_from_vertebrae(alone, odds, prevalence)[1 + v])
         positions = arrays["positions"][v].astype(np.int64)
         on_slice = [matched[matched["z"] == z][["x", "y", "width", "height"]].to_numpy(float) for z in positions]
         peak = float(o["cam"].max())
@@ -396,7 +398,7 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
             attention=o["attention"], slice_logits=o["slice_logits"],
             saliency=o["cam"] / peak if peak > 0 else o["cam"], saliency_max=peak,
             image=crops[v, :, image_channel].copy(), mask=crops[v, :, -1] > 127 if d.with_mask else None,
-            positions=positions, slice_numbers=arrays["instance_numbers"][positions].astype(np.int64),
+            positions=positions, slice_numbers=numbers[positions].astype(np.int64),
             slice_targets=arrays["slice_targets"][v].astype(np.float32),
             box_slices=np.array([len(b) > 0 for b in on_slice]),
             boxes=None if crop_boxes is None else [box_to_crop(b, crop_boxes[v], crops.shape[-1]) for b in on_slice]))

@@ -35,11 +35,11 @@ import torch
 
 from .calibration import apply_calibration, read_calibration
 from .config import ConfigError, config_from_dict
-from .constants import PROB_SCALE, TARGETS, VERTEBRAE
+from .constants import PROB_SCALE, TARGETS, TRAIN_PREVALENCE, VERTEBRAE
 from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
 from .data import stack_input
 from .devices import cuda_half_dtype
-from .metrics import logit, sigmoid, targets_from_vertebrae
+from .metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
 from .models.level import level_presence_probs
 from .results import SegResult
 
@@ -594,6 +594,8 @@ def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor,
             result = m.model(x, None, vertebra_mask)
             out[:, found_np] = result["logit"].float().cpu().numpy().astype(np.float64)[:, found_np]
             return out, result["patient_logit"].float().cpu().numpy().astype(np.float64)
+        if not found_np.any():
+            return out, None
         x = torch.cat([v[found] for v in views])  # (V * N, T, C, S, S): every found vertebra, every view
         level = torch.arange(len(VERTEBRAE), device=x.device)[found].repeat(n_views)  # 0..6 = C1..C7
         result = m.model(x, None, level)
@@ -602,28 +604,29 @@ def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor,
         return out, None
 
 
+def model_prior(m: LoadedModel) -> tuple[np.ndarray, np.ndarray]:
+    """A classifier's (`metric_odds`, `train_prevalence`), (8,) float64 each: the odds the row-normalised metric
+    rewards and the training labels' prevalence, saved with its weights (`ClsTask.init_model`)."""
+    vertebra = m.model.vertebra if _is_per_study(m) else m.model
+    odds = getattr(vertebra, "metric_odds", None)  # a stand-in model without them: the classifiers' defaults
+    prevalence = getattr(vertebra, "train_prevalence", None)
+    return (np.full(len(TARGETS), 2.0) if odds is None else odds.detach().double().cpu().numpy(),
+            np.asarray(TRAIN_PREVALENCE, np.float64) if prevalence is None
+            else prevalence.detach().double().cpu().numpy())
+
+
 def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None, found: np.ndarray,
-                  mean: str, odds: np.ndarray | None = None) -> np.ndarray:
-    """One model's (8,) values in TARGETS order in the space of `mean` ("prob" or "logit"), views averaged
-    in that space; NaN for vertebrae not found. Without a patient head, the 8 values come from the found
-    vertebrae's probabilities through `kit.metrics.targets_from_vertebrae` with the model's `odds` (its
-    `metric_odds`; a model without them: patient_overall = 1 - prod(1 - p) over them, the vertebrae as they
-    are); patient_overall is NaN when no vertebra is found."""
-    if patient_logits is None and odds is not None:
-        p = targets_from_vertebrae(np.where(found, sigmoid(vertebra_logits), np.nan), odds)  # (views, 8)
-        return logit(p).mean(0) if mean == "logit" else p.mean(0)
-    if mean == "logit":
-        vertebrae = vertebra_logits.mean(0)
-        patient = patient_logits.mean() if patient_logits is not None else None
-        p_vertebrae = sigmoid(vertebrae)
+                  mean: str, odds: np.ndarray, prevalence: np.ndarray) -> np.ndarray:
+    """One model's (8,) values in TARGETS order in the space of `mean` ("prob" or "logit"), views averaged in
+    that space, as its validation computes them: without a patient head through
+    `kit.metrics.targets_from_vertebrae`, with one through `kit.metrics.complete_targets`; either way a vertebra
+    not found is worth its training prevalence (`kit.metrics.fill_missing_vertebrae`)."""
+    if patient_logits is None:
+        p = targets_from_vertebrae(np.where(found, sigmoid(vertebra_logits), np.nan), odds, prevalence)
     else:
-        vertebrae = sigmoid(vertebra_logits).mean(0)
-        patient = sigmoid(patient_logits).mean() if patient_logits is not None else None
-        p_vertebrae = vertebrae
-    if patient is None or not found.any():
-        patient_p = 1.0 - np.prod(1.0 - p_vertebrae[found]) if found.any() else np.nan
-        patient = logit(patient_p) if mean == "logit" and found.any() else patient_p
-    return np.concatenate([[patient], vertebrae])
+        p = complete_targets(sigmoid(np.concatenate([patient_logits[:, None], vertebra_logits], axis=1)), found,
+                             odds, prevalence)
+    return logit(p).mean(0) if mean == "logit" else p.mean(0)
 
 
 def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", weights=None,
@@ -638,10 +641,11 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     the whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
     the same batch.
 
-    Each model gives 8 values (TARGETS order): its vertebra probabilities (NaN for a vertebra not found) and
-    patient_overall from its patient head when it has one; a per-vertebra model's 8 values come from its found
-    vertebrae through `kit.metrics.targets_from_vertebrae` with its `metric_odds` (patient_overall NaN when
-    none is found), as its validation computed them. The flip views are averaged first, then the models, in
+    Each model gives 8 values (TARGETS order) as its validation computed them: a per-vertebra model's through
+    `kit.metrics.targets_from_vertebrae`, a per-study model's (patient_overall from its patient head) through
+    `kit.metrics.complete_targets`, with the `metric_odds` and `train_prevalence` saved with its weights; a
+    vertebra not found is worth its training prevalence (`kit.metrics.fill_missing_vertebrae`), also when none
+    is found. The flip views are averaged first, then the models, in
     the space of `mean`: "prob" averages probabilities, "logit" averages logits and takes the sigmoid of the
     mean. A run's folds share its
     weight equally (`weights`, see `_model_weights`).
@@ -663,7 +667,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     `calibrated_runs` lists those runs.
 
     Returns:
-        `probs` float64 (8,) TARGETS order, NaN where there is no answer; `found` bool (7,); `missing`
+        `probs` float64 (8,) TARGETS order; `found` bool (7,); `missing`
         {name: why}; `patient_source`; `calibrated_runs`; `models` [{"run", "fold", "probs" (8,)}] per model
         (uncalibrated); `runs` {run folder: (8,) probabilities of its folds' mean, calibrated where the run
         is}; `timing` (`crop_s`, `classify_s`).
@@ -694,20 +698,17 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     _, found, missing = next(iter(crops.values()))
     t1 = time.perf_counter()
     values = np.full((len(models), len(TARGETS)), np.nan)
-    if found.any():
-        tensors = {key: (stack_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
-                   for key, (stacks, f, _) in crops.items()}
-        for i, m in enumerate(models):
-            if m.device != device:
-                m.model.to(device)
-            stacks, found_t = tensors[tuple(sorted(m.config.crop_geometry().items()))]
-            vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
-            if not np.isfinite(vertebra_logits[:, found]).all() or (
-                    patient_logits is not None and not np.isfinite(patient_logits).all()):
-                raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
-            odds = getattr(m.model, "metric_odds", None)
-            values[i] = _model_values(vertebra_logits, patient_logits, found, mean,
-                                      None if odds is None else odds.double().cpu().numpy())
+    tensors = {key: (stack_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
+               for key, (stacks, f, _) in crops.items()}
+    for i, m in enumerate(models):
+        if m.device != device:
+            m.model.to(device)
+        stacks, found_t = tensors[tuple(sorted(m.config.crop_geometry().items()))]
+        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
+        if not np.isfinite(vertebra_logits[:, found]).all() or (
+                patient_logits is not None and not np.isfinite(patient_logits).all()):
+            raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
+        values[i] = _model_values(vertebra_logits, patient_logits, found, mean, *model_prior(m))
     w = np.asarray(model_weights)[:, None]
     combined = (w * values).sum(0)
     to_probs = sigmoid if mean == "logit" else np.asarray
@@ -743,10 +744,9 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
     caches for training), segmented by the stage-1 runs (`segment_study`: segmenters, level models fused in);
     stage 2 crops the full-resolution `series.hu` (`classify_study`).
 
-    A vertebra not found is NaN in `probs`: the submission writer gives it the fallback and logs the study as
-    "partial" (`kit.submission`). patient_overall comes from the patient head of a classifier that has one
-    (`cls_patient_gru`), else from the vertebrae found (`kit.metrics.targets_from_vertebrae`); no vertebra
-    found: all NaN.
+    A vertebra not found is worth its training prevalence, in its own value and in patient_overall, exactly as
+    in validation (`kit.metrics.fill_missing_vertebrae`). patient_overall comes from the patient head of a
+    classifier that has one (`cls_patient_gru`), else from the vertebrae (`kit.metrics.targets_from_vertebrae`).
 
     Args:
         study: a study folder of DICOM files, or a `kit.dicom.Series` already read.
@@ -765,7 +765,7 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
         uid: study name (default: the series').
 
     Returns:
-        `uid`; `probs` float64 (8,) in TARGETS order, NaN where there is no answer; `found` bool (7,);
+        `uid`; `probs` float64 (8,) in TARGETS order; `found` bool (7,);
         `missing` {name: why}; `patient_source`; `models` and `runs` (per-model and per-run probabilities);
         `seg` (the `SegResult`); `timing` seconds (`read_s`, `segment_s`, `crop_s`, `classify_s`, `total_s`).
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .constants import LOGLOSS_EPS, NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
+from .constants import LOGLOSS_EPS, NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, PROB_CLIP, TARGETS, VERTEBRAE
 
 UID = "StudyInstanceUID"
 NORMALISE = ("row", "global")
@@ -157,26 +157,71 @@ def effective_odds(y_true) -> np.ndarray:
     return out
 
 
-def targets_from_vertebrae(p_vertebrae, odds) -> np.ndarray:
+def _check_prior(odds, prevalence) -> tuple[np.ndarray, np.ndarray]:
+    odds = np.asarray(odds, dtype=np.float64)
+    prevalence = np.asarray(prevalence, dtype=np.float64)
+    if odds.shape != (len(TARGETS),) or prevalence.shape != (len(TARGETS),):
+        raise ValueError(f"odds and prevalence must be ({len(TARGETS)},) in TARGETS order; got {odds.shape} and "
+                         f"{prevalence.shape}")
+    return odds, np.clip(prevalence, PROB_CLIP, 1.0 - PROB_CLIP)
+
+
+def fill_missing_vertebrae(chance, prevalence) -> np.ndarray:
+    """THE rule for a vertebra with no crop (stage 1 did not find it, or a per-study model had it masked): its
+    chance of a fracture is its training prevalence. (..., 7) chances with NaN replaced by `prevalence[1:]`
+    (TARGETS order, clipped to [PROB_CLIP, 1 - PROB_CLIP]). Validation, the OOF table and the submission all
+    come through here (`targets_from_vertebrae`, `complete_targets`), so a missing vertebra counts the same in
+    each, in its own value and in patient_overall."""
+    chance = np.asarray(chance, dtype=np.float64)
+    prior = np.clip(np.asarray(prevalence, dtype=np.float64)[1:], PROB_CLIP, 1.0 - PROB_CLIP)
+    if chance.shape[-1] != len(VERTEBRAE) or prior.shape != (len(VERTEBRAE),):
+        raise ValueError(f"expected (..., {len(VERTEBRAE)}) chances and ({len(TARGETS)},) prevalence; got "
+                         f"{chance.shape} and {np.shape(prevalence)}")
+    return np.where(np.isnan(chance), prior, chance)
+
+
+def best_constant(prevalence, odds) -> np.ndarray:
+    """(8,) the constant prediction that minimises the row-normalised metric on labels with this prevalence and
+    these `effective_odds`: each target's prevalence (clipped to [PROB_CLIP, 1 - PROB_CLIP]) at `odds` times its
+    odds. The submission's fallback for a study without a model answer (`kit.predictor.run_fallback`)."""
+    odds, prevalence = _check_prior(odds, prevalence)
+    return scale_odds(prevalence, odds)
+
+
+def targets_from_vertebrae(p_vertebrae, odds, prevalence) -> np.ndarray:
     """The 8 TARGETS probabilities from a per-vertebra model's C1..C7 probabilities (..., 7), for the
     row-normalised metric.
 
     A per-vertebra model is trained on the vertebra part of the metric's global form (`kit.losses.vertebra_loss`:
-    positives weigh 2), so its probabilities carry twice the odds of the chance of a fracture. Undo that, take
-    patient_overall = 1 - prod(1 - p) over the vertebrae (NaN ones left out; NaN when all are), and give each
-    target `odds[t]` times its odds (`effective_odds` of the training labels: what the row-normalised metric
-    rewards). NaN vertebrae stay NaN.
+    positives weigh 2), so its probabilities carry twice the odds of the chance of a fracture. Undo that, give a
+    vertebra with no crop (NaN) its training prevalence (`fill_missing_vertebrae`), take patient_overall =
+    1 - prod(1 - p) over all seven, and give each target `odds[t]` times its odds (`effective_odds` of the
+    training labels: what the row-normalised metric rewards).
+
+    Args:
+        p_vertebrae: (..., 7) the model's probabilities, NaN for a vertebra with no crop.
+        odds: (8,) the model's `metric_odds`.
+        prevalence: (8,) the training labels' prevalence, TARGETS order (the model's `train_prevalence`).
     """
     q = np.asarray(p_vertebrae, dtype=np.float64)
-    odds = np.asarray(odds, dtype=np.float64)
-    if q.shape[-1] != len(VERTEBRAE) or odds.shape != (len(TARGETS),):
-        raise ValueError(f"expected (..., {len(VERTEBRAE)}) vertebra probabilities and ({len(TARGETS)},) odds; "
-                         f"got {q.shape} and {odds.shape}")
-    chance = scale_odds(q, 1.0 / VERTEBRA_LOSS_ODDS)
-    none = np.isnan(chance).all(-1)
-    patient = 1.0 - np.nanprod(1.0 - chance, axis=-1)
-    patient = np.where(none, np.nan, patient)
+    odds, prevalence = _check_prior(odds, prevalence)
+    if q.shape[-1] != len(VERTEBRAE):
+        raise ValueError(f"expected (..., {len(VERTEBRAE)}) vertebra probabilities; got {q.shape}")
+    chance = fill_missing_vertebrae(scale_odds(q, 1.0 / VERTEBRA_LOSS_ODDS), prevalence)
+    patient = 1.0 - np.prod(1.0 - chance, axis=-1)
     return scale_odds(np.concatenate([patient[..., None], chance], axis=-1), odds)
+
+
+def complete_targets(p_targets, found, odds, prevalence) -> np.ndarray:
+    """A per-study model's 8 probabilities (..., 8) with each vertebra that had no crop (`found` False, (..., 7))
+    given the value `targets_from_vertebrae` gives it: its training prevalence at `odds` (`fill_missing_vertebrae`).
+    patient_overall (the model's patient head, which saw the mask) is kept."""
+    p = np.array(p_targets, dtype=np.float64)
+    odds, prevalence = _check_prior(odds, prevalence)
+    found = np.broadcast_to(np.asarray(found, dtype=bool), p.shape[:-1] + (len(VERTEBRAE),))
+    chance = np.where(found, scale_odds(p[..., 1:], 1.0 / odds[1:]), np.nan)
+    p[..., 1:] = np.where(found, p[..., 1:], scale_odds(fill_missing_vertebrae(chance, prevalence), odds[1:]))
+    return p
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -34,9 +34,11 @@ import torch
 from torch import nn
 
 from . import data as kdata
-from .constants import TARGETS, VERTEBRAE
+from .constants import PROB_CLIP, TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
-from .metrics import VERTEBRA_LOSS_ODDS, effective_odds, logit, scale_odds, targets_from_vertebrae
+from .files import write_csv_atomic
+from .metrics import (VERTEBRA_LOSS_ODDS, complete_targets, effective_odds, logit, scale_odds,
+                      targets_from_vertebrae)
 from .models.level import level_presence_probs
 from .slices import LevelRecipe, SegRecipe, true_presence
 
@@ -80,7 +82,7 @@ def _write_table(rows: list[dict], run_dir: Path, fold: int, epoch: int) -> pd.D
     table = pd.DataFrame(rows).sort_values("StudyInstanceUID")
     table.insert(1, "fold", fold)
     table.insert(2, "epoch", epoch)
-    table.to_csv(run_dir / "oof.csv", index=False)
+    write_csv_atomic(table, run_dir / "oof.csv")
     return table
 
 
@@ -245,7 +247,6 @@ class LevelTask:
 # ---------------------------------------------------------------------------------------------------------
 
 PER_STUDY_MODELS = ("cls_patient_gru",)  # models that take whole studies (7 stacks) and have a patient head
-FALLBACK_CLIP = 1e-4  # a fallback prevalence of 0 or 1 is clipped to [1e-4, 1 - 1e-4] (finite logits)
 TRUE_SUFFIX = "_true"
 
 
@@ -278,9 +279,9 @@ class ClsTask:
       odds the row-normalised metric rewards, `effective_odds` of the training labels, kept in the model's
       `metric_odds` buffer so that inference does the same).
 
-    Validation (eval mode, no augmentation) predicts all 7 vertebrae of every held-out study. The per-vertebra
-    model predicts a fallback for a vertebra not found: the training folds' prevalence of that vertebra (then
-    mapped as the others). patient_overall comes from the patient head when the model has one (the OOF's
+    Validation (eval mode, no augmentation) predicts all 7 vertebrae of every held-out study. A vertebra with no
+    crop (not found; a per-study model's masked vertebra) gets its training folds' prevalence, in its own value
+    and in patient_overall (`kit.metrics.fill_missing_vertebrae`, the rule inference follows too). patient_overall comes from the patient head when the model has one (the OOF's
     `patient_overall_from_vertebrae` then holds 1 - prod(1 - p_Ci) beside it), else from the vertebrae. The
     validation loss is the row metric of each study's 8 logits (`competition_loss`), the score the negated
     `competition_score` (higher is better for the loop; `log.csv` calls it `val_neg_score`).
@@ -315,7 +316,8 @@ class ClsTask:
         self.skipped_studies: dict[str, str] = {}  # unreadable crop files, left out (kit.train lists them)
         common = dict(mask_channel=d.with_mask, per_study=self.per_study, skipped=self.skipped_studies)
         train = kdata.CropDataset(d.crop_dir, train_uids, labels, skip_missing=True, augment=d.augment,
-                                  reverse_slices=d.reverse_slices, seed=self.cfg.seed, **common)
+                                  reverse_slices=d.reverse_slices, n_neighbours=d.n_neighbours, seed=self.cfg.seed,
+                                  **common)
         self.held_out = kdata.CropDataset(d.crop_dir, held_out, labels, skip_missing=False, augment=None, **common)
         held_out = self.held_out.uids  # none readable: kit.train stops, naming skipped_studies.csv
         self.train_labels = labels.set_index("StudyInstanceUID").loc[train.uids, list(TARGETS)].to_numpy(np.float64)
@@ -339,13 +341,6 @@ class ClsTask:
                         "the cache is used as it is", d.crop_dir, crops.shape[1], crops.shape[-1], d.n_slices,
                         d.image_size)
 
-    @property
-    def fallback_logits(self) -> torch.Tensor:
-        """(7,) logits of the training folds' prevalence of C1..C7 on a per-vertebra model's scale (the odds its
-        loss gives, `VERTEBRA_LOSS_ODDS`), for vertebrae not found."""
-        p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
-        return torch.from_numpy(logit(scale_odds(p, VERTEBRA_LOSS_ODDS))).float()
-
     def init_model(self, model: nn.Module) -> None:
         """Start the model's per-level logit offsets (`level_bias`) where its loss would drive a constant, less
         the logit head's bias: each vertebra's training-fold prevalence at the odds its loss rewards (2x for the
@@ -357,13 +352,13 @@ class ClsTask:
         vertebra = model.vertebra if self.per_study else model
         odds = effective_odds(self.train_labels)
         row = self.per_study and self.cfg.loss.normalise == "row"
-        p = np.clip(self.train_prevalence[1:], FALLBACK_CLIP, 1.0 - FALLBACK_CLIP)
+        p = np.clip(self.train_prevalence[1:], PROB_CLIP, 1.0 - PROB_CLIP)
         q = scale_odds(p, odds[1:] if row else VERTEBRA_LOSS_ODDS)
         with torch.no_grad():
             start = torch.from_numpy(logit(q)).to(vertebra.level_bias)
             vertebra.level_bias.copy_(start - vertebra.logit_head.bias.detach())
-            if not self.per_study:
-                vertebra.metric_odds.copy_(torch.from_numpy(odds))
+            vertebra.metric_odds.copy_(torch.from_numpy(odds))
+            vertebra.train_prevalence.copy_(torch.from_numpy(self.train_prevalence))
         log.info("fold %d: level offsets start at the training folds' prevalence of C1..C7 (%s at the loss's odds); "
                  "the row-normalised metric's odds per target: %s", self.cfg.data.fold,
                  ", ".join(f"{x:.3f}" for x in q), ", ".join(f"{x:.2f}" for x in odds))
@@ -392,12 +387,15 @@ class ClsTask:
         """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
         found = sample["found"]
         image = kdata.stack_input(sample["image"].to(device))  # unaugmented: no intensity change
+        vertebra = model.vertebra if self.per_study else model
+        odds, prevalence = vertebra.metric_odds.cpu().numpy(), vertebra.train_prevalence.cpu().numpy()
         if self.per_study:
             with autocast():
                 out = model(image[None], sample["mask"][None].to(device), sample["vertebra_mask"][None].to(device))
-            return (combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0],
-                    out["attention"][0].float().cpu())
-        logits = self.fallback_logits.clone()  # a vertebra not found: the training folds' prevalence
+            logits = combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0]
+            p = complete_targets(torch.sigmoid(logits.detach().double()).numpy(), found.numpy(), odds, prevalence)
+            return torch.from_numpy(logit(p)).float(), out["attention"][0].float().cpu()
+        logits = torch.full((len(VERTEBRAE),), float("nan"))  # a vertebra not found: fill_missing_vertebrae
         attention = torch.zeros(sample["mask"].shape)
         if found.any():
             with autocast():
@@ -405,7 +403,7 @@ class ClsTask:
                             torch.arange(len(VERTEBRAE))[found].to(device))
             logits[found] = out["logit"].float().cpu()
             attention[found] = out["attention"].float().cpu()
-        p = targets_from_vertebrae(torch.sigmoid(logits.detach().double()).numpy(), model.metric_odds.cpu().numpy())
+        p = targets_from_vertebrae(torch.sigmoid(logits.detach().double()).numpy(), odds, prevalence)
         return torch.from_numpy(logit(p)).float(), attention
 
     @torch.no_grad()
@@ -470,8 +468,7 @@ class ClsTask:
             "auc": _none_if_nan(roc_auc_per_target(y, p).to_dict()),
             "auc_patient_from_vertebrae": _none_if_nan({"auc": roc_auc(y[:, 0], from_vertebrae[:, 0])})["auc"],
             "vertebrae_not_found": int((found == 0).sum()),
-            "not_found_prediction": "the model's output with the vertebra masked" if self.per_study
-            else "training folds' prevalence of that vertebra",
+            "not_found_prediction": "training folds' prevalence of that vertebra (kit.metrics.fill_missing_vertebrae)",
             "n_studies": len(table), "fold": self.cfg.data.fold, "epoch": epoch,
         }
         (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))

@@ -84,3 +84,24 @@ def test_a_broken_calibration_file_is_a_clear_error(tmp_path):
     write_calibration(tmp_path, {t: {"a": 1.0, "b": 0.0} for t in TARGETS if t != "C3"})
     with pytest.raises(ValueError, match="C3"):
         read_calibration(tmp_path)
+
+
+def test_calibrating_a_constant_oof_lands_on_the_row_optimal_constant(tmp_path):
+    """A no-skill OOF (0.5 everywhere) calibrates to the constant that minimises the row-normalised metric,
+    best_constant(prevalence, effective_odds): the fit weighs each cell as the row form does. (Weighted by the
+    global form's weights, it landed at twice the odds and made the score worse.)"""
+    from kit.metrics import best_constant, competition_score, effective_odds
+
+    rng = np.random.default_rng(4)
+    v = (rng.random((600, 7)) < [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2]).astype(int)
+    y = np.concatenate([v.max(1, keepdims=True), v], axis=1)
+    oof = pd.DataFrame(np.full(y.shape, 0.5), columns=list(TARGETS))
+    for i, t in enumerate(TARGETS):
+        oof[f"{t}_true"] = y[:, i]
+    calibrated = apply_calibration(oof[list(TARGETS)].to_numpy(), fit_calibration(oof))
+    best = best_constant(y.mean(0), effective_odds(y))
+    np.testing.assert_allclose(calibrated[0], best, rtol=1e-6)
+    assert competition_score(y, calibrated) == pytest.approx(competition_score(y, best))
+    path = write_calibration(tmp_path, fit_calibration(oof))
+    assert path.name == "calibration.json" and not list(tmp_path.glob(".*.tmp"))  # written whole, no leftovers
+    assert read_calibration(tmp_path)["C1"]["b"] == pytest.approx(np.log(best[1] / (1 - best[1])), abs=1e-5)

@@ -15,6 +15,9 @@ from kit.metrics import (
     effective_odds,
     scale_odds,
     targets_from_vertebrae,
+    fill_missing_vertebrae,
+    complete_targets,
+    best_constant,
     dice_per_vertebra,
     prevalence_baseline,
     roc_auc,
@@ -321,13 +324,52 @@ def test_effective_odds_by_hand_and_the_best_constant():
 
 def test_targets_from_vertebrae_by_hand():
     """Vertebra probabilities at the vertebra loss's doubled odds -> the chance of a fracture -> patient_overall
-    = 1 - prod(1 - chance) -> each target at its metric odds; NaN vertebrae are left out."""
+    = 1 - prod(1 - chance) -> each target at its metric odds; a vertebra with no crop (NaN) counts as its training
+    prevalence, in its own value and in patient_overall."""
+    prevalence = np.array([0.5, 0.1, 0.2, 0.1, 0.1, 0.1, 0.1, 0.3])
     q = np.array([2 / 3, np.nan, 0.0, 0.0, 0.0, 0.0, 2 / 3])  # doubled odds of 0.5 (odds 2 = 2 x 1)
-    out = targets_from_vertebrae(q, np.ones(8))  # odds 1: the chance itself
-    np.testing.assert_allclose(out[[0, 1, 3, 7]], [1 - 0.5 * 0.5, 0.5, 0.0, 0.5])
-    assert np.isnan(out[2])
-    out = targets_from_vertebrae(q, np.full(8, 3.0))
-    assert out[1] == pytest.approx(0.75) and out[0] == pytest.approx(scale_odds(0.75, 3.0))  # odds 1 x 3, 3 x 3
-    assert np.isnan(targets_from_vertebrae(np.full((2, 7), np.nan), np.ones(8))).all()
+    out = targets_from_vertebrae(q, np.ones(8), prevalence)  # odds 1: the chance itself
+    np.testing.assert_allclose(out[[0, 1, 2, 3, 7]], [1 - 0.5 * 0.8 * 0.5, 0.5, 0.2, 0.0, 0.5])
+    out = targets_from_vertebrae(q, np.full(8, 3.0), prevalence)
+    assert out[1] == pytest.approx(0.75) and out[2] == pytest.approx(scale_odds(0.2, 3.0))
+    assert out[0] == pytest.approx(scale_odds(0.8, 3.0))  # chance 1 - 0.5 * 0.8 * 0.5 = 0.8, at odds x 3
+    none = targets_from_vertebrae(np.full((2, 7), np.nan), np.ones(8), prevalence)  # nothing found: the prior
+    np.testing.assert_allclose(none[:, 1:], np.tile(prevalence[1:], (2, 1)))
+    np.testing.assert_allclose(none[:, 0], 1 - np.prod(1 - prevalence[1:]))
     with pytest.raises(ValueError, match="expected"):
-        targets_from_vertebrae(np.zeros(8), np.ones(8))
+        targets_from_vertebrae(np.zeros(8), np.ones(8), prevalence)
+
+
+def test_one_rule_for_a_vertebra_with_no_crop():
+    """fill_missing_vertebrae is the rule; a per-study model's masked vertebra (complete_targets) gets the same
+    value as a per-vertebra model's vertebra not found (targets_from_vertebrae); found values and the patient
+    head's value are kept."""
+    prevalence = np.array([0.4, 0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2])
+    odds = np.array([1.3, 1.2, 1.1, 1.0, 1.5, 1.2, 1.4, 1.25])
+    np.testing.assert_allclose(fill_missing_vertebrae([[0.3, np.nan, 0, 0, 0, 0, np.nan]], prevalence),
+                               [[0.3, 0.14, 0, 0, 0, 0, 0.2]])
+    q = np.array([0.3, 0.5, np.nan, 0.1, 0.2, 0.6, np.nan])
+    per_vertebra = targets_from_vertebrae(q, odds, prevalence)
+    found = ~np.isnan(q)
+    head = np.array([0.9, *np.where(found, 0.33, 0.77)])  # whatever the model said for the masked ones
+    per_study = complete_targets(head, found, odds, prevalence)
+    np.testing.assert_allclose(per_study[1:][~found], per_vertebra[1:][~found])
+    np.testing.assert_allclose(per_study[1:][found], 0.33)
+    assert per_study[0] == 0.9
+    np.testing.assert_allclose(per_vertebra[[3, 7]], scale_odds(prevalence[[3, 7]], odds[[3, 7]]))
+
+
+def test_best_constant_minimises_the_row_metric():
+    """best_constant(prevalence, effective_odds) is the row-normalised metric's optimal constant (no step of
+    any target lowers the score), and not the raw prevalence."""
+    rng = np.random.default_rng(3)
+    v = (rng.random((400, 7)) < [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2]).astype(float)
+    y = np.concatenate([v.max(1, keepdims=True), v], axis=1)
+    best = best_constant(y.mean(0), effective_odds(y))
+    score = competition_score(y, best)
+    for j in range(8):
+        for step in (-0.01, 0.01):
+            moved = best.copy()
+            moved[j] += step
+            assert competition_score(y, moved) > score
+    assert score < competition_score(y, y.mean(0)) - 1e-3

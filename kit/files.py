@@ -1,0 +1,41 @@
+"""Atomic file writes: a file at its final path is always complete, never half-written by a run that was killed.
+
+Each writer writes a temporary file beside the target (same folder, so the same file system) and renames it over
+the target with `os.replace`, which is atomic on POSIX and Windows. numpy / pandas only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+
+PathLike = str | os.PathLike
+
+
+def replace_atomic(path: PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary path beside `path`, then rename it to `path` (parent folders made).
+
+    The temporary file is removed when `write` raises; `path` is then left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: PathLike, text: str) -> Path:
+    """`path` holds `text` (UTF-8), written atomically."""
+    return replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_csv_atomic(df: pd.DataFrame, path: PathLike) -> Path:
+    """`df.to_csv(path, index=False)`, written atomically."""
+    return replace_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
