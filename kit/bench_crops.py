@@ -84,6 +84,7 @@ def _loading_rates(cfg, uids: list[str], labels: pd.DataFrame, repeats: int) -> 
     crop_dir = d.crop_dir
     n_stacks = len(uids) * len(VERTEBRAE)
     common = {"mask_channel": d.with_mask, "augment": d.augment, "reverse_slices": d.reverse_slices,
+              "n_neighbours": d.n_neighbours,
               "skip_missing": False, "seed": cfg.seed}
     from_files = CropDataset(crop_dir, uids, labels, in_memory=False, **common)
     in_memory = CropDataset(crop_dir, uids, labels, in_memory=True, **common)

@@ -35,6 +35,7 @@ from .progress import progress_bar
 
 from .constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
+from .files import write_csv_atomic
 from .rsna import listed_without_folder, segmentation_path, segmented_studies
 
 log = logging.getLogger("kit.cache")
@@ -204,26 +205,31 @@ def prepare_studies(
         uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
         absent = listed_without_folder(root, split, Path(cache_dir) / FAILURES)  # named, not silently left out
     cache_dir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u in uids if not cache_path(cache_dir, u).is_file()]
+    todo = unfinished(cache_dir, uids, MANIFEST, lambda u: cache_path(cache_dir, u))
     jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name,
              segmentation_path(root / "segmentations", u), "auto") for u in todo]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
     rows, failures = [], dict(absent)
+    record_failures(cache_dir / FAILURES, absent)
     bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="study", enabled=progress)
-    if workers == 1:
-        results = (_prepare_one(job) for job in jobs)
-        for uid, row, error in results:
-            _collect(uid, row, error, rows, failures, bar)
-    else:
-        _prepare_in_pool(jobs, workers, lambda uid, row, error: _collect(uid, row, error, rows, failures, bar))
-    bar.close()
-    merge_csv(cache_dir / MANIFEST, pd.DataFrame(rows))
-    for row in rows:  # cached, but its segmentation could not be used: listed with the reason too
-        if row["mask_error"]:
-            failures[row["StudyInstanceUID"]] = f"segmentation: {row['mask_error']}"
-    failed = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
-    merge_csv(cache_dir / FAILURES, failed, drop=[row["StudyInstanceUID"] for row in rows
-                                                   if row["StudyInstanceUID"] not in failures])
+
+    def collect(uid, row, error) -> None:  # each study recorded as it finishes: a killed run loses nothing
+        _collect(uid, row, error, rows, failures, bar)
+        if row is not None:
+            merge_csv(cache_dir / MANIFEST, pd.DataFrame([row]))
+            if row["mask_error"]:  # cached, but its segmentation could not be used: listed with the reason too
+                failures[uid] = f"segmentation: {row['mask_error']}"
+        record_failures(cache_dir / FAILURES, {uid: failures[uid]} if uid in failures else {},
+                        done=[] if uid in failures else [uid])
+
+    try:
+        if workers == 1:
+            for uid, row, error in (_prepare_one(job) for job in jobs):
+                collect(uid, row, error)
+        else:
+            _prepare_in_pool(jobs, workers, collect)
+    finally:
+        bar.close()
     return {
         "prepared": len(rows),
         "skipped": len(uids) - len(todo),
@@ -286,7 +292,8 @@ def _collect(uid, row, error, rows, failures, bar) -> None:
 
 def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID") -> None:
     """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed
-    (a study that failed before and succeeded now). An emptied CSV stays, with its header only."""
+    (a study that failed before and succeeded now). An emptied CSV stays, with its header only. Written
+    atomically (`kit.files.write_csv_atomic`): a run killed while writing leaves the CSV as it was."""
     gone = set(drop) | (set(new[key]) if len(new) else set())
     kept = pd.read_csv(path, dtype={key: str}) if path.is_file() else new.iloc[:0]
     kept = kept[~kept[key].isin(gone)] if key in kept.columns else kept
@@ -294,7 +301,31 @@ def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str 
     parts = [frame for frame in (kept, new) if len(frame)]
     merged = pd.concat(parts, ignore_index=True) if len(parts) == 2 else (parts[0] if parts else kept)
     if len(merged) or path.is_file():
-        merged.sort_values(key).to_csv(path, index=False)
+        write_csv_atomic(merged.sort_values(key), path)
+
+
+def record_failures(path: Path, failures: dict[str, str], done: Sequence[str] = ()) -> None:
+    """Merge {uid: error} into the failures CSV at `path` (`StudyInstanceUID, error`), removing the studies of
+    `done` (they succeeded now); the file is made, header only, when it does not exist."""
+    new = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
+    if not path.is_file():
+        write_csv_atomic(new.iloc[:0], path)
+    merge_csv(path, new, drop=done)
+
+
+def unfinished(out_dir: Path, uids: Sequence[str], manifest: str, file_of: Callable[[str], Path]) -> list[str]:
+    """The studies of `uids` still to do in a resumable job: those without their output file, and those whose
+    file has no row in `out_dir/manifest` (a run killed between the two writes; redone, with a warning)."""
+    path = Path(out_dir) / manifest
+    recorded = set(pd.read_csv(path, dtype={"StudyInstanceUID": str}, usecols=["StudyInstanceUID"])
+                   ["StudyInstanceUID"]) if path.is_file() else set()
+    have = [u for u in uids if file_of(u).is_file()]
+    orphans = [u for u in have if u not in recorded]
+    if orphans:
+        log.warning("%s: %d studies have a file but no row in %s (a run stopped between the two): redone: %s",
+                    out_dir, len(orphans), manifest, ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
+    done = set(have) - set(orphans)
+    return [u for u in uids if u not in done]
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:

@@ -27,7 +27,8 @@ Cache format (`<crop_dir>/`; the contract with the classifier's dataset):
   the in-plane box (y0, y1, x0, x1) each vertebra's crop was cut from, in original pixels, half-open, not clipped
   to the image (`kit.crops.crop_box_original`), zeros for a vertebra not found: it maps original-grid positions
   (e.g. the fracture boxes) into crop pixels, `(x - x0) * S / (x1 - x0)` (`kit.explain`). Caches written before
-  it lack it.
+  it lack it.; `slice_numbers` int32 (Z,) each slice's file-name number (`kit.crops.file_numbers`), what the
+  boxes' `slice_number` means (older caches lack it: their InstanceNumbers stand in).
 - `manifest.csv`: one row per study built: StudyInstanceUID, split, found ("C1 C2 ..."), missing
   ("C3: not found by the segmenter; ..."), mask_source, n_boxes, unmatched_boxes, seconds.
 - `failures.csv`: StudyInstanceUID, error (studies that could not be read, segmented or cropped).
@@ -52,10 +53,11 @@ import numpy as np
 import pandas as pd
 from .progress import progress_bar
 
-from .cache import merge_csv, prepare_arrays
+from .cache import merge_csv, prepare_arrays, unfinished
 from .constants import VERTEBRAE
 from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, crop_file_arrays,  # noqa: F401
-                    crop_path, crop_study, grid_scale, load_crops, match_boxes_to_slices, slice_positions,
+                    crop_path, crop_study, file_numbers, grid_scale, load_crops, match_boxes_to_slices,
+                    slice_positions,
                     vertebra_extents, vertebra_targets)
 from .dicom import read_mask, read_series, resize_slices
 from .rsna import listed_without_folder, segmentation_path
@@ -67,7 +69,7 @@ MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
 UNMATCHED = "unmatched_boxes.csv"
 MANIFEST_COLUMNS = ("StudyInstanceUID", "split", "found", "missing", "mask_source", "n_boxes", "unmatched_boxes",
-                    "seconds")
+                    "target_conflicts", "seconds")
 UNMATCHED_COLUMNS = ("StudyInstanceUID", "x", "y", "width", "height", "slice_number", "reason")
 TRUTH_GRID_SIZE = 128  # prepared grid of ground-truth masks when no segmenter sets one (kit prepare's default)
 
@@ -106,37 +108,74 @@ def read_study(uid: str, *, image_dir: str, seg_dir: str | None, size: int, wind
     return {"series": series, "prepared": prepare_arrays(series, size, window_name)}
 
 
-def study_targets(boxes: pd.DataFrame, instance_numbers: np.ndarray, extents: dict, labels: np.ndarray,
-                  scale: tuple[float, float], dz: float, n_slices: int) -> tuple[np.ndarray, pd.DataFrame]:
-    """Per-slice targets of one study and the box rows that give none.
+def study_targets(boxes: pd.DataFrame, slice_numbers: np.ndarray, extents: dict, labels: np.ndarray,
+                  scale: tuple[float, float], dz: float, n_slices: int, label: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """Per-slice targets of one study, checked against its `train.csv` labels, and the box rows that give none.
+
+    The rules:
+    - a study labelled 0 throughout (`label` all 0): every slice is a known negative (0);
+    - a study with box rows that match slices: the boxes' targets (`kit.crops.vertebra_targets`), then each
+      vertebra checked against its label; where they disagree (a vertebra labelled 0 with boxed slices: the box
+      lies on it but belongs to a neighbour; a found vertebra labelled 1 with no boxed slice: its box landed on a
+      neighbour or on no mask) that vertebra's slices are unknown (NaN) and the conflict is listed;
+    - otherwise (no box rows, none matched a slice, or no label): unknown (NaN) everywhere.
 
     Args:
         boxes: the study's `train_bounding_boxes.csv` rows (x, y, width, height, slice_number).
-        instance_numbers: (Z,) of the sorted series.
+        slice_numbers: (Z,) of the sorted series: each slice's file-name number, what `slice_number` means
+            (`kit.crops.file_numbers`).
         extents: {"C1": VertebraExtent, ...} on the prepared grid of `labels`.
         labels: (Z, s, s) prepared-grid labels.
         scale: (sy, sx) original pixels per prepared pixel.
         dz: slice spacing in mm.
         n_slices: T.
+        label: (7,) the study's C1..C7 labels from `train.csv`, or None when it has none (test split).
 
     Returns:
-        targets: float32 (7, T) (`kit.crops.vertebra_targets`), NaN everywhere when no row matched a slice;
+        targets: float32 (7, T);
         unmatched: rows without a target, columns of `UNMATCHED_COLUMNS` but the uid: those that matched no
-        slice and those whose slice shows no vertebra under the box.
+        slice and those whose slice shows no vertebra under the box;
+        conflicts: one sentence per vertebra whose boxes disagree with its label.
     """
     nan = np.full((len(VERTEBRAE), n_slices), np.nan, np.float32)
+    none = pd.DataFrame(columns=list(UNMATCHED_COLUMNS[1:]))
+    if label is not None and not np.asarray(label).any():
+        targets = np.zeros_like(nan)
+        if len(boxes) == 0:
+            return targets, none, []
+        conflicts = [f"labelled 0 throughout in train.csv but {len(boxes)} box rows: every slice unknown"]
+        matched, unmatched = match_boxes_to_slices(boxes, slice_numbers)
+        return nan, unmatched, conflicts
     if len(boxes) == 0:
-        return nan, pd.DataFrame(columns=list(UNMATCHED_COLUMNS[1:]))
-    matched, unmatched = match_boxes_to_slices(boxes, instance_numbers)
+        return nan, none, []
+    matched, unmatched = match_boxes_to_slices(boxes, slice_numbers)
     if len(matched) == 0:
-        return nan, unmatched
+        return nan, unmatched, []
     assigned = assign_boxes_to_vertebrae(matched, labels, scale)
     off = assigned[assigned["vertebra"] == 0].copy()
     off["reason"] = [f"slice_number {int(n)} (slice {int(z)}) shows no C1..C7 under the box"
                      for n, z in zip(off["slice_number"], off["z"])]
     targets = vertebra_targets(extents, labels, scale, matched, dz, n_slices=n_slices)
     rows = pd.concat([unmatched, off[[*unmatched.columns]]]) if len(off) else unmatched
-    return targets, rows
+    conflicts = []
+    if label is None:
+        return targets, rows, conflicts
+    counts = np.bincount(assigned["vertebra"].to_numpy(np.int64), minlength=len(VERTEBRAE) + 1)[1:]
+    for i, name in enumerate(VERTEBRAE):
+        if name not in extents:
+            continue
+        positive = bool(targets[i].any())
+        if label[i] == 0 and positive:
+            conflicts.append(f"{name}: labelled 0 in train.csv but {counts[i]} boxes lie on it")
+        elif label[i] == 1 and not positive:
+            on = [f"{VERTEBRAE[j]} {c}" for j, c in enumerate(counts) if c]
+            conflicts.append(f"{name}: labelled 1 in train.csv but none of its sampled slices is boxed (boxes on "
+                             f"{', '.join(on) or 'no vertebra'})")
+        else:
+            continue
+        targets[i] = np.nan
+    return targets, rows, conflicts
 
 
 def choose_models(uid: str, split: str, fold_of: dict[str, int], segmented: bool, runs: Sequence[Sequence]
@@ -181,26 +220,38 @@ def _load_runs(cfg, device) -> list[list]:
 
 
 def _fold_table(cfg, runs: Sequence[Sequence]) -> dict[str, int]:
-    """{uid: fold} of the classifier's folds table, checked against the split each stage-1 run trained on."""
-    from .rsna import folds_for, load_folds
+    """{uid: fold} of the classifier's folds table, checked against the split each stage-1 run trained on: the
+    studies each of its folds held out (its `fold<k>/oof.csv`), and its folds table (`data.folds_csv`, or the
+    default table its `n_folds` and `folds_seed` name when that is unset)."""
+    from .rsna import default_folds_path, folds_for, load_folds
 
     d = cfg.data
     folds = folds_for(d.data_root, path=d.folds_csv, n_folds=d.n_folds, seed=d.folds_seed)
     fold_of = dict(zip(folds["StudyInstanceUID"], folds["fold"].astype(int)))
+    mine = d.folds_csv or default_folds_path(d.n_folds, d.folds_seed)
+
+    def check(other: dict, where: str, run: Path) -> None:
+        differ = [u for u, k in other.items() if u in fold_of and int(k) != fold_of[u]]
+        if differ:
+            raise ValueError(f"stage-1 run {run} was trained on another split ({where}): {len(differ)} studies "
+                             f"(e.g. {differ[0]}) lie in other folds than in the classifier's folds table ({mine}); "
+                             "out-of-fold masks need one shared split: set data.folds_csv of both to one file")
+
     for run in runs:
         m = run[0]
+        run_dir = Path(m.path).parent.parent
         if m.config.data.n_folds != d.n_folds:
-            raise ValueError(f"stage-1 run {m.path.parent.parent} has data.n_folds={m.config.data.n_folds} but the "
+            raise ValueError(f"stage-1 run {run_dir} has data.n_folds={m.config.data.n_folds} but the "
                              f"classifier's data.n_folds={d.n_folds}: both stages must share one split")
-        theirs = m.config.data.folds_csv
-        if theirs and Path(theirs).is_file():
+        for model in run:  # the split it trained on, as it was: the studies each fold held out
+            oof = Path(model.path).parent / "oof.csv"
+            if oof.is_file():
+                held = pd.read_csv(oof, dtype={"StudyInstanceUID": str}, usecols=["StudyInstanceUID"])
+                check(dict.fromkeys(held["StudyInstanceUID"], model.fold), f"fold {model.fold} held out", run_dir)
+        theirs = m.config.data.folds_csv or default_folds_path(m.config.data.n_folds, m.config.data.folds_seed)
+        if Path(theirs).is_file():
             table = load_folds(theirs)
-            other = dict(zip(table["StudyInstanceUID"], table["fold"]))
-            differ = [u for u, k in fold_of.items() if u in other and int(other[u]) != k]
-            if differ:
-                raise ValueError(f"stage-1 run {m.path.parent.parent} was trained on the split {theirs}, which puts "
-                                 f"{len(differ)} studies (e.g. {differ[0]}) in other folds than the classifier's "
-                                 f"folds table ({d.folds_csv}): out-of-fold masks need one shared split")
+            check(dict(zip(table["StudyInstanceUID"], table["fold"])), f"the folds table {theirs}", run_dir)
     return fold_of
 
 
@@ -213,6 +264,16 @@ def _study_boxes(root: Path, split: str) -> pd.DataFrame:
             log.warning("no %s: slice targets are NaN (unknown) for every study", root / "train_bounding_boxes.csv")
         return pd.DataFrame(columns=["StudyInstanceUID", "x", "y", "width", "height", "slice_number"])
     return load_boxes(root)
+
+
+def _train_labels(root: Path) -> dict[str, np.ndarray]:
+    """{uid: (7,) C1..C7 labels} of `train.csv` (empty without it: targets are then not checked)."""
+    from .rsna import load_train
+
+    if not (root / "train.csv").is_file():
+        return {}
+    table = load_train(root)
+    return dict(zip(table["StudyInstanceUID"], table[list(VERTEBRAE)].to_numpy(np.int64)))
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -228,7 +289,8 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_source: str = "truth",
-                boxes: pd.DataFrame | None = None, device=None) -> tuple[dict[str, np.ndarray], dict, pd.DataFrame]:
+                boxes: pd.DataFrame | None = None, label: np.ndarray | None = None, device=None
+                ) -> tuple[dict[str, np.ndarray], dict, pd.DataFrame]:
     """One study's crop arrays, manifest row (without split and seconds) and box rows without a target.
 
     Args:
@@ -237,7 +299,8 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
         cfg: a `ClsConfig` (its `data` section sets the crop geometry).
         models: stage-1 models (`choose_models`) when `study` has no `truth`.
         mask_source: the manifest's mask source for those models.
-        boxes: the study's box rows (empty or None: targets NaN).
+        boxes: the study's box rows (empty or None: targets NaN unless `label` is all 0).
+        label: (7,) the study's C1..C7 labels of `train.csv` (None: unknown; `study_targets`).
         device: where the models run (default: where they are).
 
     Returns:
@@ -265,14 +328,15 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
             positions[i] = slice_positions(extents[name], d.n_slices)
             crop_boxes[i] = crop_box_original(extents[name], scale, series.hu.shape[1:], d.margin)
     boxes = boxes if boxes is not None else pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])
-    targets, unmatched = study_targets(boxes, series.instance_numbers, extents, labels, scale, dz, d.n_slices)
+    numbers = file_numbers(series.files, series.instance_numbers)
+    targets, unmatched, conflicts = study_targets(boxes, numbers, extents, labels, scale, dz, d.n_slices, label)
     arrays = {"crops": crops, "found": found, "positions": positions, "slice_targets": targets,
               "instance_numbers": np.asarray(series.instance_numbers, np.int32),
               "spacing": np.asarray(series.spacing, np.float32), "orig_hw": np.asarray(series.hu.shape[1:], np.int32),
-              "crop_boxes": crop_boxes}
+              "crop_boxes": crop_boxes, "slice_numbers": numbers.astype(np.int32)}
     row = {"StudyInstanceUID": uid, "found": " ".join(n for n, f in zip(VERTEBRAE, found) if f),
            "missing": "; ".join(f"{n}: {why}" for n, why in reasons.items()), "mask_source": mask_source,
-           "n_boxes": len(boxes), "unmatched_boxes": len(unmatched)}
+           "n_boxes": len(boxes), "unmatched_boxes": len(unmatched), "target_conflicts": "; ".join(conflicts)}
     unmatched = unmatched.assign(StudyInstanceUID=uid)
     return arrays, row, unmatched.reindex(columns=list(UNMATCHED_COLUMNS))
 
@@ -285,8 +349,9 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     prefetch worker while the previous one is segmented and cropped), gets its vertebrae from the ground truth
     or the stage-1 runs (module docstring), and is written as `<uid>.npz` with a row in `manifest.csv`; its
     box rows that give no target go to `unmatched_boxes.csv`; a study that fails goes to `failures.csv` with
-    the error (and leaves it when a later run builds it). The CSVs are written when the loop ends, also when
-    it is interrupted.
+    the error (and leaves it when a later run builds it). Each study's rows are written (atomically) as soon as
+    its file is, so a run killed at any point loses at most the study it was on; a file without its manifest row
+    (a kill between the two writes) is built again by the next run (`kit.cache.unfinished`).
 
     Args:
         cfg: a `ClsConfig`; `data` gives data_root, crop_dir, seg_runs, true_masks, the folds table and the crop
@@ -315,7 +380,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     absent = listed_without_folder(root, split, crop_dir / FAILURES) if uids is None else {}  # named, not left out
     uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir()) if uids is None else list(uids)
     crop_dir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u in uids if not crop_path(crop_dir, u).is_file()]
+    todo = unfinished(crop_dir, uids, MANIFEST, lambda u: crop_path(crop_dir, u))
     skipped = len(uids) - len(todo)
     seg_dir = root / "segmentations"
 
@@ -330,17 +395,21 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
         if split == "train":
             fold_of = _fold_table(cfg, runs)
     boxes = _study_boxes(root, split) if todo else None
+    train_labels = _train_labels(root) if split == "train" and todo else {}
+    conflicted = 0
     read = partial(read_study, image_dir=str(image_dir), seg_dir=str(seg_dir) if d.true_masks else None,
                    size=size, window_name=window_name, segment=bool(runs))
 
     from .prefetch import prefetch as run_ahead
 
-    rows, unmatched, failures, in_sample = [], [], dict(absent), []
+    rows, failures, in_sample = [], dict(absent), []
+    _write_reports(crop_dir, [], [], failures)
     if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
         for uid in [u for u in todo if not (d.true_masks and segmentation_path(seg_dir, u))]:
             failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "
                              f"{seg_dir / (uid + '.nii')}) and no data.seg_runs to segment it")
             log.warning("study %s: no crops: %s", uid, failures[uid])
+        _write_reports(crop_dir, [], [], failures)
         todo = [u for u in todo if u not in failures]
     studies = run_ahead(read, todo, ahead=1, processes=prefetch and len(todo) > 1)
     bar = progress_bar(studies, total=len(todo), desc=f"crops {split}", unit="study", enabled=progress)
@@ -355,25 +424,31 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
                     has_truth = segmentation_path(seg_dir, uid) is not None
                     models, source = choose_models(uid, split, fold_of, has_truth, runs)
                 arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
-                                                boxes=boxes[boxes["StudyInstanceUID"] == uid], device=device)
+                                                boxes=boxes[boxes["StudyInstanceUID"] == uid],
+                                                label=train_labels.get(uid), device=device)
+                if row["target_conflicts"]:
+                    conflicted += 1
+                    log.warning("study %s: slice targets disagree with train.csv, marked unknown: %s", uid,
+                                row["target_conflicts"])
                 del study
                 _write_npz(crop_path(crop_dir, uid), crop_file_arrays(arrays))
             except Exception as exc:  # one broken study must not stop the others
                 failures[uid] = f"{type(exc).__name__}: {exc}"
                 log.warning("study %s: no crops: %s", uid, failures[uid])
+                _write_reports(crop_dir, [], [], {uid: failures[uid]})
                 continue
             if source.startswith("ensemble (trained"):
                 in_sample.append(uid)
                 log.warning("study %s: segmented by models trained on it (%s)", uid, source)
             rows.append({**row, "split": split, "seconds": round(read_seconds + time.perf_counter() - t0, 3)})
-            unmatched.append(lost)
-    finally:  # an interrupted run still records what it did
+            _write_reports(crop_dir, rows[-1:], [lost], {})  # its file first, then its rows: nothing lost to a kill
+    finally:
         bar.close()
         if hasattr(studies, "close"):
             studies.close()
-        _write_reports(crop_dir, rows, unmatched, failures)
     seconds = time.perf_counter() - start
     summary = {"built": len(rows), "skipped": skipped, "failed": len(failures), "failures": failures,
+               "target_conflicts": conflicted,
                "in_sample": in_sample, "seconds": round(seconds, 2),
                "seconds_per_study": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 3),
                "crop_dir": str(crop_dir)}

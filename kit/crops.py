@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -756,6 +757,22 @@ def crop_study(
 # Per-slice targets from train_bounding_boxes.csv.
 
 BOX_COLUMNS = ("x", "y", "width", "height", "slice_number")
+
+
+def file_numbers(files: Sequence, instance_numbers: np.ndarray) -> np.ndarray:
+    """(Z,) int64 the number in each slice's file name (`123.dcm` -> 123): what `train_bounding_boxes.csv`'s
+    `slice_number` refers to. A file whose name is not a number gets its InstanceNumber instead.
+
+    Args:
+        files: the slices' files in volume order (`kit.dicom.Series.files`).
+        instance_numbers: (Z,) the same slices' InstanceNumbers.
+    """
+    numbers = np.asarray(instance_numbers, dtype=np.int64).copy()
+    for i, f in enumerate(files):
+        stem = Path(f).name.split(".")[0]
+        if stem.isdigit():
+            numbers[i] = int(stem)
+    return numbers
 
 
 def match_boxes_to_slices(boxes: pd.DataFrame, instance_numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:

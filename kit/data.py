@@ -506,6 +506,12 @@ def crop_uids(crop_dir: str | os.PathLike) -> list[str]:
     present = [u for u in uids if (crop_dir / f"{u}.npz").is_file()]
     if len(present) < len(uids):
         log.warning("%s: %d studies of the manifest have no .npz file; left out", crop_dir, len(uids) - len(present))
+    listed = set(uids)
+    orphans = sorted(p.stem for p in crop_dir.glob("*.npz") if p.stem not in listed and ".tmp" not in p.name)
+    if orphans:
+        log.warning("%s: %d crop files have no manifest row (a build stopped between the two); left out until "
+                    "`kit crops` runs again and finishes them: %s", crop_dir, len(orphans),
+                    ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
     return present
 
 
@@ -597,6 +603,24 @@ def stack_input(image: torch.Tensor, intensity: torch.Tensor | None = None, *, m
     return x
 
 
+def reverse_stack(image: np.ndarray, n_neighbours: int, mask_channel: bool = True) -> np.ndarray:
+    """A stack mirrored along z: image (T, C, S, S) -> the same layout with the slice order reversed and, within
+    each window's 2n+1 neighbour channels (`kit.crops.stack_channel_names`: offsets -n..n, head to feet), the
+    offsets reversed too, so the result is the stack of the z-mirrored volume; the mask channel stays last.
+
+    Raises:
+        ValueError: C is not a whole number of windows of 2n+1 channels (plus the mask).
+    """
+    k = 2 * int(n_neighbours) + 1
+    planes = image.shape[1] - int(mask_channel)
+    if planes <= 0 or planes % k:
+        raise ValueError(f"a stack of {image.shape[1]} channels is not windows of {k} neighbour channels"
+                         f"{' + mask' if mask_channel else ''} (n_neighbours={n_neighbours})")
+    order = [w * k + (k - 1 - j) for w in range(planes // k) for j in range(k)]
+    order += list(range(planes, image.shape[1]))
+    return image[::-1][:, order]
+
+
 class CropDataset(Dataset):
     """Vertebra slice stacks from the crop cache (`kit crops`) with their labels, for the classifier.
 
@@ -620,8 +644,9 @@ class CropDataset(Dataset):
     predicts a fallback for it in validation. `study(uid)` gives any study's per-study sample, unaugmented.
 
     Augmentation (training only, `augment.enabled`): per vertebra stack, `augment_stack` (one affine for all
-    slices and channels, mask nearest; the intensity change drawn, applied by `stack_input`), then slice-order
-    reversal with probability `reverse_slices` (targets and masks reversed with it); all drawn from a generator
+    slices and channels, mask nearest; the intensity change drawn, applied by `stack_input`), then a reversal along
+    z with probability `reverse_slices` (`reverse_stack`: the slice order and each slice's neighbour channels;
+    targets and masks reversed with it); all drawn from a generator
     seeded by (seed, epoch, index), so a resumed run repeats them exactly. An unaugmented stack may share memory
     with the in-memory cache: read it, do not write it (`stack_input` makes a new tensor).
 
@@ -633,7 +658,9 @@ class CropDataset(Dataset):
         skip_missing: leave out vertebrae (per study: studies) that were not found.
         mask_channel: the last channel is the vertebra's mask (warped with nearest neighbour).
         augment: augmentation ranges, or None for none.
-        reverse_slices: probability of reversing a stack's slice order (with `augment` only).
+        reverse_slices: probability of reversing a stack along z (with `augment` only, `reverse_stack`).
+        n_neighbours: neighbours each side of a slice in its channels (`data.n_neighbours`); needed with
+            `reverse_slices`.
         seed: base seed of the augmentations.
         skipped: {uid: reason} to record studies whose crop file cannot be read (left out, with a warning);
             None: such a file raises.
@@ -657,14 +684,18 @@ class CropDataset(Dataset):
         mask_channel: bool = True,
         augment: AugmentConfig | None = None,
         reverse_slices: float = 0.0,
+        n_neighbours: int | None = None,
         seed: int = 0,
         in_memory: bool | None = None,
         skipped: dict[str, str] | None = None,
     ) -> None:
+        if reverse_slices > 0 and n_neighbours is None:
+            raise ValueError("reverse_slices needs n_neighbours (data.n_neighbours): each slice's neighbour channels "
+                             "are reversed with the slices")
         self.crop_dir, self.uids = Path(crop_dir), list(uids)
         self.per_study, self.mask_channel = per_study, mask_channel
         self.augment = augment if augment is not None and augment.enabled else None
-        self.reverse_slices, self.seed, self.epoch = reverse_slices, seed, 0
+        self.reverse_slices, self.n_neighbours, self.seed, self.epoch = reverse_slices, n_neighbours, seed, 0
         table = labels.set_index("StudyInstanceUID")
         lacking = [u for u in self.uids if u not in table.index]
         if lacking:
@@ -719,7 +750,8 @@ class CropDataset(Dataset):
         if rng is not None and arrays["found"][v]:
             image, intensity = augment_stack(raw, rng, self.augment, mask_channel=self.mask_channel)
             if rng.random() < self.reverse_slices:
-                image, mask, target, known = image[::-1], mask[::-1], target[::-1], known[::-1]
+                image = reverse_stack(image, self.n_neighbours, self.mask_channel)
+                mask, target, known = mask[::-1], target[::-1], known[::-1]
         return image, intensity, mask, target, known
 
     def _study_sample(self, uid: str, rng: np.random.Generator | None) -> dict:

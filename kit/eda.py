@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 
 from .constants import TARGETS, VERTEBRAE, WINDOWS
+from .crops import file_numbers
 
 
 def label_prevalence(train: pd.DataFrame) -> pd.DataFrame:
@@ -176,7 +177,7 @@ def pick_study(root, train: pd.DataFrame, boxes: pd.DataFrame) -> str:
 def boxes_for_series(boxes: pd.DataFrame, series) -> pd.DataFrame:
     """The fracture boxes of `series.uid`, with `slice_index` = position of their slice in `series.hu`."""
     rows = boxes[boxes["StudyInstanceUID"] == series.uid].copy()
-    index = {int(n): i for i, n in enumerate(series.instance_numbers)}
+    index = {int(n): i for i, n in enumerate(file_numbers(series.files, series.instance_numbers))}
     rows["slice_index"] = rows["slice_number"].map(index)
     return rows.dropna(subset=["slice_index"]).astype({"slice_index": int})
 

@@ -111,8 +111,9 @@ def verify_run(run_dir: PathLike, folds: Sequence[int]) -> bool:
         True when every file matched.
 
     Raises:
-        ChecksumError: the manifest does not list the run or a fold, or a file is missing or differs (the
-            message names the file, the expected and the actual SHA-256).
+        ChecksumError: the manifest does not list the run or a fold, a file is missing or differs (the message
+            names the file, the expected and the actual SHA-256), or the run holds a `calibration.json` the
+            manifest does not list.
     """
     run_dir = Path(run_dir)
     manifest = _read_manifest(run_dir.parent)
@@ -124,6 +125,10 @@ def verify_run(run_dir: PathLike, folds: Sequence[int]) -> bool:
                             f"{', '.join(manifest.get('runs', {})) or 'none'}); export it with kit export")
     files = manifest.get("files", {})
     listed_run_files = [f"{name}/{file}" for file in RUN_FILES if f"{name}/{file}" in files]
+    for file in RUN_FILES:  # read at inference when present: one the manifest does not list is refused
+        if f"{name}/{file}" not in files and (run_dir / file).exists():
+            raise ChecksumError(f"{run_dir / file} is not listed in {run_dir.parent / MANIFEST}, so it cannot be "
+                                "checked (added after the export?); export the run again with it, or remove it")
     for rel in [f"{name}/fold{fold}/{file}" for fold in folds for file in FILES] + listed_run_files:
         if rel not in files:
             raise ChecksumError(f"{run_dir.parent / MANIFEST} lists no {rel}; export the run again")

@@ -184,7 +184,8 @@ def test_the_loader_ships_uint8_and_stack_input_augments_as_floats_would(cache):
 def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
     aug = AugmentConfig(p_affine=1.0, rotate_deg=20.0, scale=0.1, shift=0.1, hflip=0.5, brightness=0.2,
                         contrast=0.2)
-    ds = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=aug, reverse_slices=0.5, seed=3)
+    ds = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=aug, reverse_slices=0.5,
+                     n_neighbours=2, seed=3)
     first = ds[5]["image"]
     assert torch.equal(first, ds[5]["image"])  # same (seed, epoch, index): same draw
     ds.set_epoch(1)
@@ -192,7 +193,7 @@ def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
     ds.set_epoch(0)
     assert torch.equal(first, ds[5]["image"])  # epochs replay exactly (resume)
     from_files = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=aug, reverse_slices=0.5,
-                             seed=3, in_memory=False)
+                             n_neighbours=2, seed=3, in_memory=False)
     assert all(torch.equal(ds[i]["image"], from_files[i]["image"]) for i in range(0, len(ds), 5))
     plain = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"])[5]["image"]
     assert not torch.equal(first, plain)
@@ -211,11 +212,38 @@ def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
                                                          hflip=1.0, brightness=0.0, contrast=0.0))
     np.testing.assert_array_equal(flipped, stack[..., ::-1])  # every slice and channel alike
 
-    reverse = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=NO_AUG, reverse_slices=1.0)
+    reverse = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=NO_AUG, reverse_slices=1.0,
+                          n_neighbours=2)
     normal = CropDataset(cache["crop_dir"], cache["uids"], cache["labels"])
     a, b = reverse[7], normal[7]  # study 1, C2 (boxes known)
-    assert torch.equal(a["image"], b["image"].flip(0))
+    assert torch.equal(a["image"], b["image"].flip(0)[:, [4, 3, 2, 1, 0, 5]])  # slices and neighbours, mask last
     assert torch.equal(a["slice_target"], b["slice_target"].flip(0))
+    with pytest.raises(ValueError, match="n_neighbours"):
+        CropDataset(cache["crop_dir"], cache["uids"], cache["labels"], augment=NO_AUG, reverse_slices=0.5)
+
+
+def test_a_reversed_stack_is_the_stack_of_the_mirrored_volume():
+    """reverse_stack mirrors along z: each slice's neighbour channels are reversed with the slice order (they
+    used to stay head-to-feet inside a feet-to-head stack), each window alike, the mask channel in place."""
+    from kit.data import reverse_stack
+
+    n, t, positions = 1, 4, np.array([10, 12, 14, 16])
+    volume_z = lambda z: z  # noqa: E731 - a slice's value is its z: stack[t, window w, offset j] = z_t + j - n (+100 w)
+    stack = np.zeros((t, 2 * (2 * n + 1) + 1, 1, 1), np.int64)
+    for i, z in enumerate(positions):
+        for w in range(2):
+            for j in range(2 * n + 1):
+                stack[i, w * (2 * n + 1) + j] = volume_z(z + j - n) + 100 * w
+        stack[i, -1] = -i  # the mask
+    out = reverse_stack(stack, n, mask_channel=True)
+    mirrored = -positions[::-1]  # the z-mirrored volume: z -> -z; its stack runs over -16, -14, ... head to feet
+    for i, z in enumerate(mirrored):
+        for w in range(2):
+            for j in range(2 * n + 1):
+                assert out[i, w * (2 * n + 1) + j, 0, 0] == -(z + j - n) + 100 * w  # value of original slice -(...)
+        assert out[i, -1, 0, 0] == -(t - 1 - i)
+    with pytest.raises(ValueError, match="windows of 3"):
+        reverse_stack(stack[:, :6], n, mask_channel=True)
 
 
 class FixedLogits(nn.Module):

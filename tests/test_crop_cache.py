@@ -60,7 +60,8 @@ def test_truth_cache_arrays_found_positions_and_mask(truth_cache, synthetic_root
         arrays = load_crops(cfg.data.crop_dir, uid)
         series, labels = truth_labels(synthetic_root, uid)
         z = len(labels)
-        assert set(arrays) == {*CROP_KEYS, "crop_boxes"}
+        assert set(arrays) == {*CROP_KEYS, "crop_boxes", "slice_numbers"}
+        np.testing.assert_array_equal(arrays["slice_numbers"], [int(f.stem) for f in series.files])
         assert arrays["crop_boxes"].dtype == np.int32 and arrays["crop_boxes"].shape == (7, 4)
         assert arrays["crops"].dtype == np.uint8 and arrays["crops"].shape == (7, T, 2 * N + 2, S, S)
         assert arrays["found"].dtype == bool and arrays["found"].shape == (7,)
@@ -105,8 +106,12 @@ def test_slice_targets_from_boxes_and_nan_without_boxes(truth_cache, synthetic_r
     with_boxes = [u for u in uids if u in set(boxes["StudyInstanceUID"])]
     without = [u for u in uids if u not in set(boxes["StudyInstanceUID"])]
     assert with_boxes and without
-    for uid in without:
-        assert np.isnan(load_crops(cfg.data.crop_dir, uid)["slice_targets"]).all()
+    for uid in without:  # a study labelled 0 throughout: known negatives; a fractured one without boxes: unknown
+        targets = load_crops(cfg.data.crop_dir, uid)["slice_targets"]
+        if train.loc[uid, "patient_overall"] == 0:
+            assert (targets == 0).all()
+        else:
+            assert np.isnan(targets).all()
     for uid in with_boxes:
         arrays = load_crops(cfg.data.crop_dir, uid)
         _, labels = truth_labels(synthetic_root, uid)
@@ -121,10 +126,12 @@ def test_slice_targets_from_boxes_and_nan_without_boxes(truth_cache, synthetic_r
         expected = np.zeros((7, T), np.float32)
         for v, zs in ranges.items():
             expected[v - 1] = (arrays["positions"][v - 1] >= min(zs)) & (arrays["positions"][v - 1] <= max(zs))
-        np.testing.assert_array_equal(arrays["slice_targets"], expected)
-        assert expected.sum() > 0
         fractured = train.loc[uid, list(VERTEBRAE)].to_numpy().astype(bool)
-        assert not arrays["slice_targets"][~fractured].any()  # boxes only on fractured vertebrae
+        disagree = (fractured != expected.any(1)) & arrays["found"]  # checked against train.csv: unknown
+        expected[disagree] = np.nan
+        np.testing.assert_array_equal(arrays["slice_targets"], expected)
+        assert np.nansum(expected) > 0
+        assert not np.nan_to_num(arrays["slice_targets"][~fractured]).any()  # positives only on fractured ones
 
 
 def test_resume_skips_built_studies(truth_cache):
@@ -267,6 +274,17 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
     other = cls_config(synthetic_root, tmp_path / "crops2", **split, **runs)
     with pytest.raises(ValueError, match="one shared split"):
         build_crops(other, uids=segmented, progress=False, prefetch=False, device="cpu")
+    # ... also when the stage-1 run's config names no folds table (its split is read from what each fold held
+    # out); this used to pass unchecked
+    unnamed = tmp_path / "runs_unnamed" / "demo_seg"
+    shutil.copytree(tmp_path / "runs" / "demo_seg", unnamed)
+    for ckpt_path in unnamed.glob("fold*/model.pt"):
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        ckpt["config"]["data"]["folds_csv"] = None
+        torch.save(ckpt, ckpt_path)
+    other = cls_config(synthetic_root, tmp_path / "crops3", **split, **{**runs, "data.seg_runs": [str(unnamed)]})
+    with pytest.raises(ValueError, match="fold . held out.*one shared split"):
+        build_crops(other, uids=segmented, progress=False, prefetch=False, device="cpu")
 
 
 def test_cli_crops_takes_a_config_and_overrides(synthetic_root, tmp_path, capsys):
@@ -282,3 +300,81 @@ def test_cli_crops_takes_a_config_and_overrides(synthetic_root, tmp_path, capsys
     assert '"failed": 2' in out.out and "2 studies failed" in out.err
     failures = pd.read_csv(tmp_path / "out" / FAILURES)
     assert len(failures) == 2 and failures["error"].str.contains("no data.seg_runs").all()
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+import kit.crop_cache as cc
+from kit.config import config_from_dict
+written = []
+write = cc._write_npz
+def write_then_die(path, arrays):
+    write(path, arrays)
+    written.append(path)
+    if len(written) == 2:  # the second study's file is on disk, its manifest row not yet: the worst moment
+        os.kill(os.getpid(), signal.SIGKILL)
+cc._write_npz = write_then_die
+root, crop_dir = sys.argv[1], sys.argv[2]
+cfg = config_from_dict({"task": "cls"}, **{"data.data_root": root, "data.crop_dir": crop_dir, "data.true_masks": True,
+                        "data.n_slices": 5, "data.n_neighbours": 1, "data.image_size": 32})
+cc.build_crops(cfg, uids=sys.argv[3:], progress=False, prefetch=False, grid_size=64)
+"""
+
+
+def test_a_build_killed_part_way_loses_nothing(synthetic_root, tmp_path):
+    """SIGKILL (an out-of-memory kill) right after a study's file is written and before its manifest row: the
+    studies finished before it have their rows (written as each finishes, not in a `finally` that a SIGKILL skips);
+    the resumed run builds the file without a row again and the rest, and every study reaches training
+    (`crop_uids`). Before, the rows lived in memory: the resumed run skipped both files and training lost them."""
+    import subprocess
+    import sys
+
+    from kit.data import crop_uids
+
+    crop_dir = tmp_path / "crops"
+    uids = segmented_uids(synthetic_root)
+    proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, str(synthetic_root), str(crop_dir), *uids],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr
+    assert len(list(crop_dir.glob("*.npz"))) == 2
+    listed = pd.read_csv(crop_dir / MANIFEST, dtype={"StudyInstanceUID": str})["StudyInstanceUID"].tolist()
+    assert listed == uids[:1]  # the first study's row is on disk; the second has a file but no row
+    result = build_crops(cls_config(synthetic_root, crop_dir), uids=uids, progress=False, prefetch=False,
+                         grid_size=64)
+    assert (result["built"], result["skipped"], result["failed"]) == (3, 1, 0)
+    assert sorted(crop_uids(crop_dir)) == uids
+    assert not list(crop_dir.glob("*.tmp*")) and not list(crop_dir.glob(".*"))
+
+
+def test_slice_targets_are_checked_against_the_labels_and_boxes_match_file_numbers():
+    """study_targets by hand: slices are matched by the file-name number; a box that lands on a neighbour gives a
+    labelled-1 vertebra no positive slice and the neighbour a positive one: both listed and unknown (NaN), the
+    others kept; a study labelled 0 throughout has known negatives."""
+    from kit.crop_cache import study_targets
+    from kit.crops import file_numbers, vertebra_extents
+
+    labels = np.zeros((14, 8, 8), np.uint8)
+    for v in range(1, 8):
+        labels[2 * (v - 1):2 * v, 2:6, 2:6] = v  # C1 slices 0-1, C2 slices 2-3, ...
+    extents = vertebra_extents(labels)
+    files = [Path(f"{100 + i}.dcm") for i in range(14)]  # file names are not the InstanceNumbers
+    numbers = file_numbers(files, np.arange(1, 15))
+    np.testing.assert_array_equal(numbers, np.arange(100, 114))
+    assert file_numbers([Path("IM0001.dcm"), Path("7.dcm")], [5, 6]).tolist() == [5, 6 + 1]  # not a number: tag
+    box = lambda n: {"x": 3, "y": 3, "width": 2, "height": 2, "slice_number": n}  # noqa: E731
+    # C2 (slices 2-3) labelled 1 and boxed on file 102; C5 labelled 1 but its box is on file 106 = C4's slice
+    boxes = pd.DataFrame([box(102), box(103), box(106)])
+    label = np.array([0, 1, 0, 0, 1, 0, 0])
+    targets, unmatched, conflicts = study_targets(boxes, numbers, extents, labels, (1.0, 1.0), 1.0, 2, label)
+    assert len(unmatched) == 0
+    np.testing.assert_array_equal(targets[1], [1, 1])  # C2 agrees with its label
+    assert np.isnan(targets[3]).all() and np.isnan(targets[4]).all()  # C4 (0, boxed) and C5 (1, no box): unknown
+    assert (targets[[0, 2, 5, 6]] == 0).all()
+    assert len(conflicts) == 2 and conflicts[0].startswith("C4: labelled 0") and conflicts[1].startswith("C5")
+    # matched by InstanceNumber (1..14) instead, no box would match a slice
+    _, unmatched, _ = study_targets(boxes, np.arange(1, 15), extents, labels, (1.0, 1.0), 1.0, 2, label)
+    assert len(unmatched) == 3
+    negative, _, none = study_targets(boxes.iloc[:0], numbers, extents, labels, (1.0, 1.0), 1.0, 2, np.zeros(7))
+    assert (negative == 0).all() and none == []
+    unknown, _, _ = study_targets(boxes.iloc[:0], numbers, extents, labels, (1.0, 1.0), 1.0, 2, label)
+    assert np.isnan(unknown).all()  # fractured, no boxes: unknown, not negative

@@ -129,3 +129,20 @@ def test_a_run_calibration_travels_with_the_export_and_is_checked(runs, tmp_path
     (out / "demo_cls" / "calibration.json").write_text("{}")
     with pytest.raises(ChecksumError, match="calibration.json"):
         verify_run(out / "demo_cls", [1])
+
+
+def test_a_calibration_the_manifest_does_not_list_is_refused(runs, tmp_path):
+    """A run exported without a calibration, then given one in the export folder (not in the manifest): loading
+    it would apply an unchecked map, so verify_run refuses it, naming the file. (It used to be loaded unchecked.)"""
+    from kit.calibration import write_calibration
+    from kit.constants import TARGETS
+    from kit.export import verify_run
+
+    out = tmp_path / "export"
+    export_runs([runs["cls"]], out)
+    assert verify_run(out / "demo_cls", [0, 1])
+    write_calibration(out / "demo_cls", {t: {"a": 0.0, "b": 5.0} for t in TARGETS})
+    with pytest.raises(ChecksumError, match="calibration.json is not listed"):
+        verify_run(out / "demo_cls", [0, 1])
+    with pytest.raises(ChecksumError, match="not listed"):
+        load_runs([out / "demo_cls"])
