@@ -120,6 +120,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
 
         chosen = {"config_names": tuple(args.configs or ()), "n_studies": args.studies}
         bench_crops(**{k: v for k, v in chosen.items() if v}, quick=args.quick)
+    elif args.what == "submit" and args.model_seconds is not None:  # the read-ahead against its limit
+        from .bench_submit import bench_read_ahead
+
+        chosen = {"size": args.size, "n_slices": args.slices, "studies": args.studies}
+        bench_read_ahead(args.model_seconds, **{k: v for k, v in chosen.items() if v}, quick=args.quick)
     else:
         from .bench_submit import bench_submit
 
@@ -381,6 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=None, help="crops: synthetic studies (default 3)")
     p.add_argument("--memory-configs", nargs="+", default=None,
                    help="submit: configs of the 600-slice memory run (default: the full-scale ones; none: skip it)")
+    p.add_argument("--model-seconds", nargs="?", const="auto", default=None, metavar="S",
+                   help="submit: the read-ahead against its limit instead, with a stand-in model holding each study "
+                        "S seconds (no value or auto: the measured read time of the study), prefetch off / on / 2 "
+                        "devices; the study is --slices x --size px (e.g. --slices 250 --size 512), --studies per "
+                        "configuration (default 6)")
     p.add_argument("--quick", action="store_true", help="crops, submit: a smoke-size run (seconds)")
     p.add_argument("--steps", type=int, default=None, help="train: timed steps per build and round (default 4)")
     p.add_argument("--rounds", type=int, default=None, help="train: rounds in which the builds take turns (3)")

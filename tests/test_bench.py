@@ -1,4 +1,5 @@
-"""kit bench crops / kit bench submit in their quick (smoke) sizes, the benchmarks' study writer, FLOP counting."""
+"""kit bench crops / kit bench submit (and its --model-seconds read-ahead run) in their quick (smoke) sizes, the
+benchmarks' study writer, FLOP counting."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import pytest
 import torch
 
 from kit.bench_crops import bench_crops
-from kit.bench_submit import FULL_SCALE_CONFIGS, T4_PEAK, bench_submit, count_flops, t4_projection, write_bench_study
+from kit.bench_submit import (FULL_SCALE_CONFIGS, HOLD_VALUE, T4_PEAK, HoldPredictor, _overlap_share,
+                               _steady_s_per_study, bench_read_ahead, bench_submit, count_flops, t4_projection,
+                               write_bench_study)
 from kit.cli import apply_smoke, parse_args
 from kit.dicom import read_series, resize_slices, scan_series
 from kit.synthetic import make_study
@@ -102,3 +105,66 @@ def test_cli_bench_crops_and_submit(monkeypatch):
         args = parse_args(["bench", what])
         apply_smoke(args)
         assert args.quick is True
+
+
+def test_bench_read_ahead_quick():
+    result = bench_read_ahead(quick=True)
+    hold, shape = result["model_seconds"], (16, 64, 64)
+    assert hold == 0.2 and result["model_seconds_from"] == "given" and result["studies"] == 6
+    assert (result["study"]["slices"], result["study"]["rows"], result["study"]["cols"]) == shape
+    alone = result["read_alone"]
+    assert positive(alone["read_s"]) and positive(alone["first_read_s"]) and alone["shapes"] == [shape]
+    assert result["limit_s"] == pytest.approx(max(alone["read_s"], hold), abs=2e-3)
+    for key, workers, studies in (("prefetch_off", 1, 6), ("prefetch_on", 1, 6), ("two_devices", 2, 12)):
+        r = result[key]
+        figures = ("wall_s", "s_per_study", "steady_s_per_study", "read_s", "reference_s", "ratio", "ratio_total")
+        assert all(positive(r[k]) for k in figures), (key, r)
+        assert r["ratio"] == pytest.approx(r["steady_s_per_study"] / r["reference_s"], rel=0.02, abs=2e-3)
+        # the stand-in held every study as a volume and gave its 8 values; the submission has every row
+        assert (r["studies"], r["predicted"], r["fallback_studies"]) == (studies, studies, 0), (key, r)
+        assert r["probabilities_per_study"] == 8 and r["rows"] == 8 * studies and r["values_from_stand_in"]
+        assert r["hold_shapes"] == [shape] and r["workers"] == workers and r["readers"] == workers
+        assert r["steady_s_per_study"] >= hold / workers * 0.98  # a study is held S seconds by one of the workers
+    off, on, two = result["prefetch_off"], result["prefetch_on"], result["two_devices"]
+    assert off["devices"] == ["cpu"] and two["devices"] == ["cpu", "cpu"] and not off["prefetch"] and on["prefetch"]
+    assert off["steady_s_per_study"] >= hold and off["s_per_study"] >= hold  # read, then held: no overlap
+    assert off["reference_s"] == pytest.approx(alone["read_s"] + hold, abs=2e-3)
+    assert on["reference_s"] == pytest.approx(result["limit_s"], abs=1e-3)
+    assert two["reference_s"] == pytest.approx(result["limit_s"] / 2, abs=1e-3)
+    assert result["prefetch_on_ratio"] == on["ratio"] and result["target_met"] == (on["ratio"] <= result["target"])
+    assert positive(result["read_slowdown_two_devices"]) and 0 <= two["reads_overlap"] <= 1
+    assert result["two_readers_full_speed"] == (result["read_slowdown_two_devices"] <= result["target"])
+    assert result["usable_cores"] >= 1 and result["cpu_count"] >= result["usable_cores"]
+    # torch is loaded in this process, so its in-line reads (prefetch off) may not fork decoding processes
+    assert result["inline_reads_fork"] is False and off["reads_may_fork"] is False
+
+
+def test_read_ahead_figures_and_stand_in(tmp_path):
+    # steady state: per process, first to last study's end over the studies between; processes add their rates
+    holds = [{"pid": 1, "end": e} for e in (1.0, 2.0, 3.0)] + [{"pid": 2, "end": e} for e in (1.5, 3.5)]
+    assert _steady_s_per_study(holds) == pytest.approx(1 / (1 / 1.0 + 1 / 2.0))
+    with pytest.raises(RuntimeError, match="two studies"):
+        _steady_s_per_study([{"pid": 1, "end": 1.0}, {"pid": 2, "end": 2.0}])
+    reads = [{"pid": 1, "start": 0.0, "end": 2.0}, {"pid": 2, "start": 1.0, "end": 3.0},
+             {"pid": 1, "start": 5.0, "end": 6.0}]
+    assert _overlap_share(reads) == pytest.approx(2 / 5)  # 1 s of pid 1's read and 1 s of pid 2's, of 5 s
+    stand_in = HoldPredictor(0.01, str(tmp_path))
+    probs = stand_in("1.2.3", type("Study", (), {"hu": np.zeros((4, 8, 8), np.int16)})())
+    assert probs.shape == (8,) and np.all(probs == HOLD_VALUE)
+    record = (tmp_path / "hold-1.2.3.json").read_text()
+    assert '"shape": [4, 8, 8]' in record
+    for bad in ("soon", 0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="model_seconds"):
+            bench_read_ahead(bad)
+    with pytest.raises(ValueError, match="studies must be >= 2"):
+        bench_read_ahead(0.1, studies=1)
+
+
+def test_cli_bench_submit_model_seconds():
+    args = parse_args(["bench", "submit"])
+    assert args.model_seconds is None  # the stage benchmark, unchanged
+    args = parse_args(["bench", "submit", "--model-seconds"])
+    assert args.model_seconds == "auto"
+    args = parse_args(["bench", "submit", "--model-seconds", "1.5", "--size", "128", "--slices", "60",
+                       "--studies", "5"])
+    assert (args.model_seconds, args.size, args.slices, args.studies) == ("1.5", 128, 60, 5)
