@@ -22,6 +22,7 @@ import multiprocessing
 import sys
 import threading
 import os
+import stat
 from concurrent.futures import FIRST_COMPLETED, Executor, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from collections import Counter, namedtuple
@@ -340,22 +341,62 @@ def _split(items: Sequence, size: int) -> list[list]:
     return [list(items[i:i + size]) for i in range(0, len(items), size)]
 
 
-def _list_files(study_dir: str | os.PathLike) -> tuple[Path, list[Path]]:
+_KINDS = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"))
+
+
+def study_files(study_dir: str | os.PathLike) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The regular files of a study folder, and the entries that are skipped because they are not one.
+
+    Only a regular file (or a link to one) is ever opened: opening a named pipe for reading blocks until
+    something writes to it, a device may never end. Sub-folders are not slices and are left out silently.
+
+    Returns:
+        (files sorted by (name length, name), [(entry, why it is skipped)] sorted by name): a named pipe, a
+        socket, a device, a broken link.
+
+    Raises:
+        OSError: the folder cannot be listed (e.g. it does not exist).
+    """
+    folder = Path(study_dir)
+    files, skipped = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            path = folder / entry.name
+            try:
+                mode = os.stat(entry.path).st_mode  # follows a link to what it points at
+            except OSError as exc:
+                skipped.append((path, f"cannot be read ({_error_text(exc)})"))  # e.g. a broken link
+                continue
+            if stat.S_ISREG(mode):
+                files.append(path)
+            elif not stat.S_ISDIR(mode):
+                kind = next((name for test, name in _KINDS if test(mode)), f"not a file (mode {mode:o})")
+                skipped.append((path, f"not a regular file: {kind}"))
+    files.sort(key=lambda p: (len(p.name), p.name))
+    skipped.sort(key=lambda pair: pair[0].name)
+    return files, skipped
+
+
+def _list_files(study_dir: str | os.PathLike) -> tuple[Path, list[Path], list[tuple[Path, str]]]:
     folder = Path(study_dir)
     if not folder.is_dir():
         raise DicomError(f"study {folder.name}: folder {folder} does not exist")
-    files = sorted((p for p in folder.iterdir() if p.is_file()), key=lambda p: (len(p.name), p.name))
+    files, skipped = study_files(folder)
     if not files:
-        raise DicomError(f"study {folder.name}: 0 DICOM files in {folder}")
-    return folder, files
+        others = f" (skipped: {'; '.join(f'{p.name}: {r}' for p, r in skipped)})" if skipped else ""
+        raise DicomError(f"study {folder.name}: 0 DICOM files in {folder}{others}")
+    return folder, files, skipped
 
 
-def _select(folder: Path, files: list[Path], pool: Executor | None) -> tuple[str, list[_Slice], list[str]]:
-    """Parse and filter a study's files. Returns (uid, slices sorted superior first, warnings)."""
+def _select(folder: Path, files: list[Path], pool: Executor | None,
+            not_files: Sequence[tuple[Path, str]] = ()) -> tuple[str, list[_Slice], list[str]]:
+    """Parse and filter a study's files. Returns (uid, slices sorted superior first, warnings); the warnings
+    name `not_files` (entries of the folder that are not regular files, `study_files`) first."""
     size = max(1, -(-len(files) // (2 * pool._max_workers))) if pool else len(files)
     parsed = dict(pair for chunk in _run_chunks(pool, _read_headers, _split(files, size)) for pair in chunk)
     slices = [parsed[p] for p in files if isinstance(parsed[p], _Slice)]
-    skipped = [(p, parsed[p][0]) for p in files if not isinstance(parsed[p], _Slice)]
+    skipped = [*not_files, *((p, parsed[p][0]) for p in files if not isinstance(parsed[p], _Slice))]
     studies = Counter(h.study if isinstance(h, _Slice) else h[1] for h in parsed.values())
     studies.pop("", None)
     uid = studies.most_common(1)[0][0] if studies else folder.name
@@ -376,7 +417,7 @@ def _select(folder: Path, files: list[Path], pool: Executor | None) -> tuple[str
     keep_majority(lambda s: (s.rows, s.cols), "size")
     keep_majority(lambda s: tuple(np.round(s.orientation, 3)), "ImageOrientationPatient")
     if not slices:
-        path, reason = skipped[0]
+        path, reason = skipped[len(not_files)]  # the first file that was opened
         raise DicomError(f"study {uid}: no readable image slice among {len(files)} files in {folder}; "
                          f"first: {path}: {reason}")
     normal = _normal(np.array(slices[0].orientation))
@@ -402,7 +443,8 @@ def read_series(study_dir: str | os.PathLike, *, workers: int | None = None, bac
     """Read one study folder of single-slice DICOM files into a `Series` (index 0 = most superior).
 
     Args:
-        study_dir: folder of the slices; stray non-DICOM or non-image files are skipped.
+        study_dir: folder of the slices; stray non-DICOM or non-image files are skipped, and so are entries
+            that are not regular files (a named pipe, a socket, a device: never opened, `study_files`).
         workers: parallel workers (default: one per ~8 MB of files, at most the usable cores);
             1 works in this process.
         backend: "auto" (uncompressed data read with numpy, compressed data with dicomsdl where it is exact,
@@ -420,10 +462,10 @@ def read_series(study_dir: str | os.PathLike, *, workers: int | None = None, bac
         raise ValueError(f"backend={backend!r}, executor={executor!r}; choose from {BACKENDS} and {EXECUTORS}")
     if backend == "dicomsdl" and dicomsdl is None:
         raise ImportError("backend='dicomsdl' but dicomsdl is not installed (pip install dicomsdl)")
-    folder, files = _list_files(study_dir)
+    folder, files, not_files = _list_files(study_dir)
     try:
         with _pool(workers if workers is not None else _default_workers(files), executor) as pool:
-            uid, slices, warnings = _select(folder, files, pool)
+            uid, slices, warnings = _select(folder, files, pool, not_files)
             hu, slices, used = _decode(uid, slices, pool, backend, warnings)
     except BrokenProcessPool as exc:  # a native decoder crashed a worker: start again here, pydicom only
         series = read_series(folder, workers=1, backend="pydicom")
@@ -496,8 +538,8 @@ def scan_series(study_dir: str | os.PathLike) -> dict:
     Raises:
         DicomError: as `read_series`.
     """
-    folder, files = _list_files(study_dir)
-    uid, slices, warnings = _select(folder, files, None)
+    folder, files, not_files = _list_files(study_dir)
+    uid, slices, warnings = _select(folder, files, None, not_files)
     depth = np.array([s.position for s in slices]) @ _normal(np.array(slices[0].orientation))
     steps = -np.diff(depth)
     return {

@@ -22,6 +22,12 @@ cannot start, the remaining items run in this process (with a warning) rather th
 The worker is stopped when the iteration ends, when the generator is closed early (`break`, `close()`, garbage
 collection), on KeyboardInterrupt (the worker ignores SIGINT and is stopped by the caller), and at interpreter
 exit. numpy-free itself; never imports torch.
+
+A `deadline` (a `time.time()`) bounds every wait: when the next item's result has not come by then, `prefetch`
+raises `TimeoutError` and the worker is stopped (SIGTERM, then SIGKILL after `_DEADLINE_JOIN_S`), so an `fn`
+that never returns (a decoder in a loop, a read that blocks) cannot hold the caller past it. In this process
+(`processes=False`) each `fn(item)` then runs in a daemon thread (`call_before`) that is left behind when it
+runs past the deadline: it cannot be stopped, but it does not keep the interpreter from exiting.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import multiprocessing.util  # registers multiprocessing's own atexit hook befor
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 import weakref
@@ -45,6 +52,7 @@ from typing import Any, NamedTuple
 log = logging.getLogger("kit.prefetch")
 
 _JOIN_S = 5.0  # how long a stopping worker may take before it is killed
+_DEADLINE_JOIN_S = 1.0  # the same once the deadline has passed: the caller has no time left to wait
 _LIVE: "weakref.WeakSet[_Worker]" = weakref.WeakSet()
 
 
@@ -73,8 +81,39 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}{where}"
 
 
-def prefetch(fn: Callable[[Any], Any], items: Iterable, *, ahead: int = 1,
-             processes: bool = True) -> Iterator[Prefetched]:
+def call_before(deadline: float, fn: Callable, *args: Any) -> Any:
+    """`fn(*args)` in a daemon thread, waited for until `deadline` (a `time.time()`), so that the caller can
+    walk away from a call that never returns.
+
+    Returns what fn returns, and raises what it raises (any exception, re-raised here). The thread does not
+    share the caller's thread-local state (e.g. torch's grad mode or current CUDA device): fn must set what it
+    needs itself. KeyboardInterrupt reaches the caller while it waits; fn keeps running.
+
+    Raises:
+        TimeoutError: fn had not returned by the deadline (at once when the deadline has passed). Its thread is
+            left running: nothing can stop a thread, but a daemon thread does not hold the interpreter at exit.
+    """
+    box: list[tuple[bool, Any]] = []
+
+    def target() -> None:
+        try:
+            box.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
+            box.append((False, exc))
+
+    thread = threading.Thread(target=target, name=f"kit-{_name(fn)}", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.time()))
+    if not box:
+        raise TimeoutError(f"{_name(fn)} had not returned at the deadline; its thread is left running")
+    ok, value = box[0]
+    if ok:
+        return value
+    raise value
+
+
+def prefetch(fn: Callable[[Any], Any], items: Iterable, *, ahead: int = 1, processes: bool = True,
+             deadline: float | None = None) -> Iterator[Prefetched]:
     """Yield `Prefetched(item, fn(item) or None, error or None, seconds)` for each item, in input order.
 
     Args:
@@ -85,6 +124,8 @@ def prefetch(fn: Callable[[Any], Any], items: Iterable, *, ahead: int = 1,
             the worker). At most `ahead` results wait in memory.
         processes: True runs fn in one spawned worker process; False runs it here, in the caller's process,
             when each item is asked for (same results, for tests and debugging).
+        deadline: None (wait as long as fn takes), or a `time.time()` by which each result must have come; a
+            result that is ready is still taken at the deadline.
 
     Returns:
         A generator; close it (or leave the loop) to stop the worker early.
@@ -93,12 +134,15 @@ def prefetch(fn: Callable[[Any], Any], items: Iterable, *, ahead: int = 1,
         ValueError: ahead < 0.
         RuntimeError: (on the first item, processes=True) the worker could not start, e.g. fn is not importable
             in a fresh interpreter.
+        TimeoutError: (from the generator) the item asked for had no result by the deadline; the worker is
+            stopped (a thread running fn in this process is left behind, see `call_before`) and the generator
+            is finished.
     """
     if not isinstance(ahead, int) or ahead < 0:
         raise ValueError(f"ahead must be an integer >= 0 (results waiting in memory); got {ahead!r}")
     if not callable(fn):
         raise TypeError(f"fn must be callable; got {type(fn).__name__}")
-    return _in_worker(fn, items, ahead) if processes else _in_process(fn, items)
+    return _in_worker(fn, items, ahead, deadline) if processes else _in_process(fn, items, deadline)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -121,9 +165,20 @@ def _call(fn: Callable, item: Any) -> tuple[Any, str | None, float]:
     return result, error, time.perf_counter() - start
 
 
-def _in_process(fn: Callable, items: Iterable) -> Iterator[Prefetched]:
+def _call_by(fn: Callable, item: Any, deadline: float | None) -> tuple[Any, str | None, float]:
+    """`_call` here, or in a daemon thread waited for until `deadline`; raises TimeoutError past it."""
+    if deadline is None:
+        return _call(fn, item)
+    try:
+        return call_before(deadline, _call, fn, item)
+    except TimeoutError:
+        raise TimeoutError(f"prefetch: no result for item {item!r} by the deadline: {_name(fn)} was still "
+                           "running on it (left running in a daemon thread)") from None
+
+
+def _in_process(fn: Callable, items: Iterable, deadline: float | None = None) -> Iterator[Prefetched]:
     for item in items:
-        yield Prefetched(item, *_call(fn, item))
+        yield Prefetched(item, *_call_by(fn, item, deadline))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,10 +274,14 @@ class _Worker:
         except OSError:  # dead already: receive() will say so
             pass
 
-    def receive(self) -> tuple:
-        """The next `(index, result, error, seconds)`; raises `_WorkerDied` when the worker is gone."""
+    def receive(self, deadline: float | None = None) -> tuple:
+        """The next `(index, result, error, seconds)`; raises `_WorkerDied` when the worker is gone, TimeoutError
+        when nothing has come by `deadline`."""
         while True:
-            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel])
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            ready = multiprocessing.connection.wait([self.conn, self.process.sentinel], timeout)
+            if not ready:
+                raise TimeoutError("no result by the deadline")
             if self.conn not in ready:
                 raise _WorkerDied(self.death())
             try:
@@ -234,8 +293,8 @@ class _Worker:
                 continue
             return message
 
-    def close(self, busy: bool) -> None:
-        """Stop the worker: a polite stop when idle, SIGTERM when busy, SIGKILL if it does not go."""
+    def close(self, busy: bool, grace: float = _JOIN_S) -> None:
+        """Stop the worker: a polite stop when idle, SIGTERM when busy, SIGKILL if it has not gone in `grace` s."""
         if self.closed:
             return
         self.closed = True
@@ -248,9 +307,9 @@ class _Worker:
                     self.conn.send(None)
                 except OSError:
                     pass
-            self.process.join(_JOIN_S)
+            self.process.join(grace)
             if self.process.is_alive():
-                log.warning("prefetch worker %s did not stop in %.0f s: killed", self.process.pid, _JOIN_S)
+                log.warning("prefetch worker %s did not stop in %.1f s: killed", self.process.pid, grace)
                 self.process.kill()
                 self.process.join()
         self.conn.close()
@@ -266,7 +325,7 @@ def _close_all() -> None:
 atexit.register(_close_all)
 
 
-def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched]:
+def _in_worker(fn: Callable, items: Iterable, ahead: int, deadline: float | None = None) -> Iterator[Prefetched]:
     context = multiprocessing.get_context("spawn")
     source = enumerate(items)
     pending: deque[tuple[int, Any]] = deque()  # sent to the worker, result not yet received, in input order
@@ -285,7 +344,11 @@ def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched
                 return
             waited = time.perf_counter()
             try:
-                index, result, error, seconds = worker.receive()
+                index, result, error, seconds = worker.receive(deadline)
+            except TimeoutError:
+                raise TimeoutError(f"prefetch: no result for item {pending[0][1]!r} by the deadline (waited "
+                                   f"{time.perf_counter() - waited:.1f} s for {_name(fn)}); the worker is stopped") \
+                    from None
             except _WorkerDied as died:
                 worker.close(busy=False)
                 started, worker = worker.ready, None
@@ -298,9 +361,9 @@ def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched
                     log.warning("a new prefetch worker exited (%s) before it started; the remaining items run "
                                 "in this process", died)
                     for _, item in pending:
-                        yield Prefetched(item, *_call(fn, item))
+                        yield Prefetched(item, *_call_by(fn, item, deadline))
                     pending.clear()
-                    yield from _in_process(fn, (item for _, item in source))
+                    yield from _in_process(fn, (item for _, item in source), deadline)
                     return
                 _, item = pending.popleft()
                 message = f"prefetch worker died with {died} while running {_name(fn)} on this item; a new " \
@@ -315,4 +378,5 @@ def _in_worker(fn: Callable, items: Iterable, ahead: int) -> Iterator[Prefetched
             yield Prefetched(item, result, error, seconds)
     finally:
         if worker is not None:
-            worker.close(busy=bool(pending))
+            grace = _JOIN_S if deadline is None else min(_JOIN_S, max(_DEADLINE_JOIN_S, deadline - time.time()))
+            worker.close(busy=bool(pending), grace=grace)  # stopping never runs far past the deadline

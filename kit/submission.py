@@ -16,11 +16,23 @@ Every failure is caught per study and logged, never raised:
 | read | read warnings (skipped slices: a corrupt file, a second image size ...) | the model's values |
 | predict | exception, bad output, out of range, non-finite | fallbacks |
 | predict | partial (some values NaN / inf) | the model's finite values, fallbacks for the rest |
-| budget | time budget | fallbacks |
+| budget | time budget (expected to end past the deadline, or cut off at it) | fallbacks, and every later study too |
 | worker | predictor failed, worker died (parallel runs) | fallbacks for that worker's studies still to do |
 
-A fallback value is the training prevalence of its target (`FALLBACK`, the best constant a study can get without
-a model). The log (`submission_log.csv` beside the submission) has one row per event: `StudyInstanceUID, stage,
+The time budget is a deadline that this (the caller's) process enforces, not a hope placed in a child. Before
+each study, when elapsed + the mean seconds a study so far would pass it, that study and the rest get fallbacks.
+Inside a study nothing waits past it: the wait for the prefetch reader ends at the deadline and the reader
+process is stopped; the predictor runs in a daemon thread that the loop waits on until the deadline and then
+leaves behind (a call stuck in this process cannot be stopped, only abandoned); in parallel runs the parent
+waits for its device workers until the deadline, then stops them (SIGTERM, SIGKILL soon after). The study cut
+off (the log's detail names it and the seconds it had run) and every later one get fallbacks, and the files are
+written within a couple of seconds of the deadline. Without a budget nothing of this runs: no thread, no timeout.
+
+A fallback value is the constant that minimises the scored metric on the runs' training labels (`fallback=`,
+`kit.predictor.run_fallback`: each target's training prevalence at the metric's odds, what the models carry), or
+the 2019 table's prevalence (`FALLBACK`) when no run says; it is filled in once, by the writer, for every value
+without an answer. A vertebra stage 1 did not find is not such a value: the predictor gives it the value its
+validation gave it (`kit.metrics.fill_missing_vertebrae`) and may say so in the log (`Prediction.notes`). The log (`submission_log.csv` beside the submission) has one row per event: `StudyInstanceUID, stage,
 reason, seconds, fallback_values` (how many of the 8 values are fallbacks) and `detail` (the error message).
 
 Before writing, the table is validated (`validate_submission`): every row_id of the test list exactly once, in
@@ -50,9 +62,10 @@ import numpy as np
 import pandas as pd
 from .progress import progress_bar
 
-from .constants import TARGETS, TRAIN_PREVALENCE
-from .dicom import Series, read_series
-from .prefetch import describe_error
+from .constants import PROB_CLIP, TARGETS, TRAIN_PREVALENCE
+from .files import write_csv_atomic
+from .dicom import Series, read_series, study_files
+from .prefetch import call_before, describe_error
 from .prefetch import prefetch as prefetch_items
 from .rsna import UID, rows_for_studies, split_row_id
 
@@ -60,12 +73,13 @@ log = logging.getLogger("kit.submission")
 
 PathLike = str | os.PathLike
 
-FALLBACK = TRAIN_PREVALENCE  # (8,) TARGETS order: real-data prevalence, the fallback for a value with no answer
-CLIP = (1e-4, 1 - 1e-4)
+FALLBACK = TRAIN_PREVALENCE  # (8,) TARGETS order: the 2019 table's prevalence, the fallback when no run gives one
+CLIP = (PROB_CLIP, 1 - PROB_CLIP)
 MIN_SLICES = 2  # fewer is a single image, not a volume: no slice context, no order along z
 LOG_COLUMNS = (UID, "stage", "reason", "seconds", "fallback_values", "detail")
 _SHOW = 5
 _DETAIL_CHARS = 500
+_STOP_S = 1.5  # at the deadline, how long the device workers have to stop after SIGTERM before SIGKILL
 
 
 class Predictor(Protocol):
@@ -98,16 +112,33 @@ def _few(values: Sequence, n: int = _SHOW) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def fallback_probs(partial: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
-    """(8,) float64: the values of `partial` that are finite and in [0, 1], `FALLBACK` elsewhere.
+class Prediction(NamedTuple):
+    """What a predictor may return instead of bare values: the 8 values and lines for the log.
+
+    Attributes:
+        probs: 8 values as `Predictor` describes them.
+        notes: (reason, detail) pairs, each a log row of stage "predict" with no fallback value (e.g. "vertebrae
+            not found").
+    """
+
+    probs: Any
+    notes: tuple[tuple[str, str], ...] = ()
+
+
+def fallback_probs(partial: Sequence[float] | np.ndarray | None = None,
+                   fallback: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """(8,) float64: the values of `partial` that are finite and in [0, 1], `fallback` elsewhere.
 
     Args:
         partial: None, or 8 values in TARGETS order (NaN / inf where there is no answer).
+        fallback: 8 values in TARGETS order (`kit.predictor.run_fallback`); None: `FALLBACK`.
 
     Raises:
-        ValueError: `partial` does not hold 8 values.
+        ValueError: `partial` or `fallback` does not hold 8 values.
     """
-    fallback = np.asarray(FALLBACK, dtype=np.float64)
+    fallback = np.asarray(FALLBACK if fallback is None else fallback, dtype=np.float64)
+    if fallback.shape != (len(TARGETS),) or not (np.isfinite(fallback) & (fallback >= 0) & (fallback <= 1)).all():
+        raise ValueError(f"fallback must be 8 probabilities in order {list(TARGETS)}; got {fallback}")
     if partial is None:
         return fallback.copy()
     values = np.asarray(partial, dtype=np.float64)
@@ -158,14 +189,17 @@ def read_dicom_study(path: PathLike, *, min_slices: int = MIN_SLICES) -> Series:
     """Read one study folder with `kit.dicom.read_series`; the `Series`' warnings list any skipped files.
 
     Raises:
-        StudyUnavailable: reason "no folder", "empty folder" or "too few slices" (fewer than `min_slices`).
+        StudyUnavailable: reason "no folder", "empty folder" (no regular file: `kit.dicom.study_files`) or
+            "too few slices" (fewer than `min_slices`).
         kit.dicom.DicomError: no slice can be read (corrupt files, no image data).
     """
     folder = Path(path)
     if not folder.is_dir():
         raise StudyUnavailable("no folder", f"study {folder.name}: no folder {folder}")
-    if not any(p.is_file() for p in folder.iterdir()):
-        raise StudyUnavailable("empty folder", f"study {folder.name}: no files in {folder}")
+    files, not_files = study_files(folder)  # a named pipe, a socket or a device is no file: never opened
+    if not files:
+        others = f" (only: {'; '.join(f'{p.name}: {r}' for p, r in not_files)})" if not_files else ""
+        raise StudyUnavailable("empty folder", f"study {folder.name}: no files in {folder}{others}")
     series = read_series(folder)
     if series.hu.shape[0] < min_slices:
         raise StudyUnavailable("too few slices", f"study {series.uid}: {series.hu.shape[0]} readable slice(s) in "
@@ -221,7 +255,7 @@ class StudyOutcome:
 
     Attributes:
         uid: the study.
-        probs: (8,) values in TARGETS order, fallbacks filled in, not yet clipped.
+        probs: (8,) values in TARGETS order, NaN where the writer fills in the fallback, not yet clipped.
         notes: its log rows (`LOG_COLUMNS`), none when all went well.
         read_seconds: time the reader took on it (in the prefetch worker: overlapped with the previous study).
         predict_seconds: time the predictor took on it.
@@ -245,8 +279,8 @@ def _note(uid: str, stage: str, reason: str, seconds: float, fallback_values: in
 
 def _fallback_outcome(uid: str, stage: str, reason: str, seconds: float = 0.0, detail: str = "",
                       read_seconds: float = 0.0) -> StudyOutcome:
-    return StudyOutcome(uid, fallback_probs(), [_note(uid, stage, reason, seconds, len(TARGETS), detail)],
-                        read_seconds=read_seconds)
+    return StudyOutcome(uid, np.full(len(TARGETS), np.nan), [_note(uid, stage, reason, seconds, len(TARGETS),
+                                                                   detail)], read_seconds=read_seconds)
 
 
 def _predict_one(uid: str, study: Any, predict: Predictor, read_seconds: float, started: float) -> StudyOutcome:
@@ -262,15 +296,19 @@ def _predict_one(uid: str, study: Any, predict: Predictor, read_seconds: float, 
     except Exception as exc:  # noqa: BLE001 - one study's failure never stops the run
         values, reason, detail = nothing, "exception", describe_error(exc)
     else:
+        if isinstance(output, Prediction):
+            notes += [_note(uid, "predict", str(r), 0.0, 0, str(d)) for r, d in output.notes]
+            output = output.probs
         try:
             values = _model_values(output)
             reason, detail = _judge(values)
         except ValueError as exc:  # not 8 numbers
             values, reason, detail = nothing, "bad output", str(exc)
     predict_seconds = time.time() - t0
-    probs = fallback_probs(values)
+    usable = np.isfinite(values) & (values >= 0) & (values <= 1)
+    probs = np.where(usable, values, np.nan)
     if reason is not None:
-        replaced = int((~(np.isfinite(values) & (values >= 0) & (values <= 1))).sum())
+        replaced = int((~usable).sum())
         notes.append(_note(uid, "predict", reason, time.time() - started, replaced, detail))
     return StudyOutcome(uid, probs, notes, read_seconds, predict_seconds)
 
@@ -284,21 +322,45 @@ def _out_of_time(deadline: float | None, started: float, done: int) -> bool:
     return now + mean > deadline
 
 
+def _cut_off(uids: list[str], seconds: float, doing: str, budget: float) -> Iterator[StudyOutcome]:
+    """Fallbacks (stage "budget") for `uids[0]`, still `doing` after `seconds` at the deadline, and the rest."""
+    cut = uids[0]
+    log.warning("time budget (%.1f s) ran out %s study %s (%.1f s): it and %d later studies get fallbacks", budget,
+                doing, cut, seconds, len(uids) - 1)
+    yield _fallback_outcome(cut, "budget", "time budget", seconds, f"study {cut} cut off after {seconds:.1f} s "
+                            f"{doing} it: the time budget ({budget:.1f} s from the start) ran out")
+    for rest in uids[1:]:
+        yield _fallback_outcome(rest, "budget", "time budget", 0.0, f"not started: the time budget ({budget:.1f} s "
+                                f"from the start) ran out {doing} study {cut}")
+
+
 def predict_studies(uids: Sequence[str], predict: Predictor, read: Callable[[str], Any], *,
-                    deadline: float | None = None, prefetch: bool = True) -> Iterator[StudyOutcome]:
+                    deadline: float | None = None, prefetch: bool = True,
+                    walk_away: bool = True) -> Iterator[StudyOutcome]:
     """Yield one `StudyOutcome` per uid, in order; never raises for a bad study.
 
     Args:
         uids: the studies, in order.
         predict: the predictor (see `Predictor`).
         read: `uid -> study`, a picklable numpy-only callable (it runs in the prefetch worker).
-        deadline: `time.time()` by which the loop must end: before each study, when elapsed + the mean seconds
-            a study so far would pass it, this and every later study get fallbacks (stage "budget").
+        deadline: `time.time()` by which the loop must end. Before each study, when elapsed + the mean seconds
+            a study so far would pass it, this and every later study get fallbacks (stage "budget"). Inside a
+            study, no wait goes past it: the wait for the read (the prefetch worker is then stopped) and, with
+            `walk_away`, the wait for the predictor; the study cut off and every later one get fallbacks (stage
+            "budget"; the detail names the study and the seconds it had run). None: no timeout, no thread.
         prefetch: read the next study in a spawned process while this one is predicted (False: read here).
+        walk_away: with a deadline, call the predictor (and, without prefetch, the reader) in a daemon thread
+            that the loop waits on until the deadline and leaves running if it has not returned
+            (`kit.prefetch.call_before`). The predictor then runs outside the caller's thread: thread-local
+            state (torch's grad mode, `torch.cuda.set_device`) must be set inside it, as `kit.infer` does.
+            False: call them in this thread and bound only the prefetch worker's reads, for a caller that
+            enforces the deadline by stopping this whole process (a device worker of `write_submission_parallel`).
     """
     uids = list(uids)
     started = time.time()
-    stream = prefetch_items(functools.partial(_read_task, read), uids, ahead=1, processes=prefetch)
+    in_thread = walk_away and deadline is not None
+    stream = prefetch_items(functools.partial(_read_task, read), uids, ahead=1, processes=prefetch,
+                            deadline=deadline if prefetch or in_thread else None)
     try:
         for i, uid in enumerate(uids):
             if _out_of_time(deadline, started, i):
@@ -310,7 +372,11 @@ def predict_studies(uids: Sequence[str], predict: Predictor, read: Callable[[str
                     yield _fallback_outcome(rest, "budget", "time budget", 0.0, detail)
                 return
             t0 = time.time()
-            item, study, error, read_seconds = next(stream)
+            try:
+                item, study, error, read_seconds = next(stream)
+            except TimeoutError:  # the read ran past the deadline; prefetch has stopped its worker
+                yield from _cut_off(uids[i:], time.time() - t0, "waiting for the read of", deadline - started)
+                return
             if item != uid:  # prefetch keeps the order: this would be a bug
                 raise RuntimeError(f"prefetch returned study {item} while {uid} was expected")
             if error is not None:  # the reader process died on this study
@@ -318,7 +384,14 @@ def predict_studies(uids: Sequence[str], predict: Predictor, read: Callable[[str
             elif isinstance(study, _ReadFailure):
                 outcome = _fallback_outcome(uid, "read", study.reason, read_seconds, study.detail, read_seconds)
             else:
-                outcome = _predict_one(uid, study, predict, read_seconds, t0)
+                work = functools.partial(_predict_one, uid, study, predict, read_seconds, t0)
+                try:
+                    outcome = call_before(deadline, work) if in_thread else work()
+                except TimeoutError:  # the predictor ran past the deadline: its thread is left behind
+                    del study, work
+                    yield from _cut_off(uids[i:], time.time() - t0, "predicting", deadline - started)
+                    return
+                del work
             del study  # before yielding: in memory, at most this study and the one being read
             yield outcome
     finally:
@@ -360,9 +433,11 @@ def _plan_rows(uids: list[str], sample_submission) -> tuple[list[str], list[str]
                     len(listed), _few(listed), len(uids), _few(uids))
         return list(rows_for_studies(uids)["row_id"]), uids, []
     unlisted = [u for u in uids if u not in wanted]
-    if unlisted:
-        log.warning("%d studies to predict are not in sample_submission and are skipped (Kaggle would reject "
-                    "their rows): %s", len(unlisted), _few(unlisted))
+    if unlisted:  # the rule: sample_submission's rows are what Kaggle scores; extra rows would be rejected
+        log.error("!! %d of the %d studies to predict (test.csv) are NOT in sample_submission and get NO rows: %s. "
+                  "The file has exactly sample_submission's rows (Kaggle scores those and rejects others); check "
+                  "that test.csv and sample_submission.csv belong together", len(unlisted), len(uids),
+                  _few(unlisted))
     have = set(uids)
     return row_ids, [u for u in uids if u in wanted], [u for u in listed if u not in have]
 
@@ -413,16 +488,6 @@ def default_log_path(out_path: PathLike) -> Path:
     return out_path.with_name(f"{out_path.stem}_log.csv")
 
 
-def _write_atomic(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _check_clip(clip: tuple[float, float]) -> tuple[float, float]:
     low, high = (float(c) for c in clip)
     if not 0.0 <= low < high <= 1.0:
@@ -432,13 +497,14 @@ def _check_clip(clip: tuple[float, float]) -> tuple[float, float]:
 
 def _finish(outcomes: dict[str, StudyOutcome], row_ids: list[str], extra_notes: list[dict], uid_order: list[str],
             out_path: PathLike, log_path: PathLike | None, clip: tuple[float, float], started: float,
-            progress: bool, **summary_extra) -> dict:
-    """Build, validate and write the submission and the log; return and print the summary."""
+            progress: bool, fallback=None, **summary_extra) -> dict:
+    """Fill in the fallbacks, build, validate and write the submission and the log; return and print the summary."""
     low, high = clip
+    filled = {uid: fallback_probs(o.probs, fallback) for uid, o in outcomes.items()}
     values = []
     for row_id in row_ids:
         uid, target = split_row_id(row_id)
-        values.append(outcomes[uid].probs[TARGETS.index(target)])
+        values.append(filled[uid][TARGETS.index(target)])
     df = pd.DataFrame({"row_id": row_ids, "fractured": np.clip(np.asarray(values, dtype=np.float64), low, high)})
     validate_submission(df, row_ids, bounds=(low, high))
     out_path = Path(out_path)
@@ -446,18 +512,23 @@ def _finish(outcomes: dict[str, StudyOutcome], row_ids: list[str], extra_notes: 
     rank = {u: i for i, u in enumerate(uid_order)}
     notes = sorted([n for o in outcomes.values() for n in o.notes] + extra_notes,
                    key=lambda n: rank.get(n[UID], len(rank)))
-    _write_atomic(df, out_path)
-    _write_atomic(pd.DataFrame(notes, columns=list(LOG_COLUMNS)), log_path)
+    write_csv_atomic(df, out_path)
+    write_csv_atomic(pd.DataFrame(notes, columns=list(LOG_COLUMNS)), log_path)
     with_fallbacks = [o for o in outcomes.values() if o.fallback_values]
     reasons = Counter(max((n for n in o.notes if n["fallback_values"]), key=lambda n: n["fallback_values"])["reason"]
                       for o in with_fallbacks)
+    skipped = sum(n["reason"] == "not in sample_submission" for n in extra_notes)
     summary = {"studies": len(outcomes), "predicted": len(outcomes) - len(with_fallbacks),
                "fallback_studies": len(with_fallbacks), "fallbacks": dict(reasons.most_common()),
+               "fallback": [round(float(v), 6) for v in fallback_probs(None, fallback)],
+               "fallback_source": "the runs' training labels" if fallback is not None else "the 2019 table",
+               "skipped_not_in_sample": skipped,
                "seconds": round(time.time() - started, 2), "submission": str(out_path), "log": str(log_path),
                **summary_extra}
     line = (f"submission: {summary['studies']} studies, {summary['predicted']} predicted, "
             f"{summary['fallback_studies']} with fallbacks"
             + (f" ({', '.join(f'{r} {n}' for r, n in reasons.most_common())})" if reasons else "")
+            + (f", {skipped} listed studies NOT WRITTEN (not in sample_submission)" if skipped else "")
             + f", {summary['seconds']:.1f} s -> {out_path} (log: {log_path.name})")
     log.info(line)
     if progress:
@@ -491,7 +562,8 @@ def write_submission(uids: Sequence[str], predict: Predictor, out_path: PathLike
                      sample_submission: pd.DataFrame | PathLike | None = None,
                      read: Callable[[str], Any] | None = None, images_dir: PathLike | None = None,
                      log_path: PathLike | None = None, time_budget: float | None = None, prefetch: bool = True,
-                     progress: bool = True, clip: tuple[float, float] = CLIP) -> dict:
+                     progress: bool = True, clip: tuple[float, float] = CLIP,
+                     fallback: Sequence[float] | np.ndarray | None = None) -> dict:
     """Predict every study and write a complete, validated `submission.csv` (and `submission_log.csv`).
 
     Args:
@@ -506,15 +578,23 @@ def write_submission(uids: Sequence[str], predict: Predictor, out_path: PathLike
         images_dir: the folder of study folders (e.g. `<root>/test_images`) for the default reader.
         log_path: the log CSV; default `default_log_path(out_path)` (`DIR/submission_log.csv` for
             `DIR/submission.csv`).
-        time_budget: seconds from this call; before each study, when elapsed + the mean seconds a study so far
-            would pass it, the remaining studies get fallbacks (stage "budget"), so the run ends in time.
+        time_budget: seconds from this call to the deadline. Before each study, when elapsed + the mean seconds
+            a study so far would pass it, the remaining studies get fallbacks (stage "budget"); a study still
+            being read or predicted at the deadline is cut off (the reader process is stopped, the predictor's
+            thread left behind, see `predict_studies`), it and the rest get fallbacks, and the files are written
+            within a couple of seconds of the deadline. The predictor then runs in a daemon thread, not in the
+            caller's thread. None: no deadline.
         prefetch: read the next study in a spawned process while this one is predicted.
         progress: show a progress bar and print the summary line.
         clip: every value is clipped to this range.
+        fallback: the 8 values (TARGETS order) a value without an answer gets (`kit.predictor.run_fallback`:
+            the runs' training labels at the metric's odds); None: `FALLBACK`, the 2019 table.
 
     Returns:
         Summary: `studies`, `predicted` (all 8 values from the model), `fallback_studies`, `fallbacks`
-        {reason: studies}, `seconds`, `submission` and `log` paths.
+        {reason: studies}, `fallback` (the 8 values used) and `fallback_source`, `skipped_not_in_sample`
+        (studies to predict that sample_submission does not list: no rows), `seconds`, `submission` and `log`
+        paths.
 
     Raises:
         ValueError: programming errors only: duplicated uids, a bad clip range, neither read nor images_dir,
@@ -536,7 +616,7 @@ def write_submission(uids: Sequence[str], predict: Predictor, out_path: PathLike
     finally:
         bar.close()
     return _finish(outcomes, row_ids, _skipped_notes(uids, todo, unlisted), uids, out_path, log_path, clip,
-                   started, progress)
+                   started, progress, fallback)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -572,7 +652,10 @@ def _device_worker(make_predictor: Callable[[str], Predictor], device: str, uids
     except Exception as exc:  # noqa: BLE001 - reported to the parent, whose studies get fallbacks
         conn.send(("failed", f"make_predictor({device!r}) raised {describe_error(exc)}"))
         return
-    for outcome in predict_studies(uids, predict, read, deadline=deadline, prefetch=prefetch):
+    conn.send(("ready",))
+    # the predictor is called in this thread (where make_predictor set the CUDA device): at the deadline the
+    # parent stops this process, a thread is not needed to walk away from a hung call
+    for outcome in predict_studies(uids, predict, read, deadline=deadline, prefetch=prefetch, walk_away=False):
         conn.send(("study", outcome.uid, outcome.probs.tolist(), outcome.notes, outcome.read_seconds,
                    outcome.predict_seconds))
     conn.send(("done",))
@@ -587,11 +670,14 @@ class _DeviceRun:
     done: set[str] = field(default_factory=set)
     over: bool = False
     failed: str | None = None  # why make_predictor raised there
+    ready: bool = False  # make_predictor returned
+    last: float = field(default_factory=time.time)  # when it last sent news (its predictor built, a study done)
 
 
 def _run_devices(shares: list[list[str]], devices: Sequence[str], make_predictor, read, deadline, prefetch,
                  outcomes: dict[str, StudyOutcome], bar) -> list[str | None]:
-    """Run one worker per device until all are over; returns, per device, why its predictor failed (or None)."""
+    """Run one worker per device until all are over or the deadline comes (then `_stop_at_deadline`); returns,
+    per device, why its predictor failed (or None)."""
     context = multiprocessing.get_context("spawn")
     runs = []
     try:
@@ -604,7 +690,12 @@ def _run_devices(shares: list[list[str]], devices: Sequence[str], make_predictor
             runs.append(_DeviceRun(device, share, process, parent))
         while not all(r.over for r in runs):
             live = [r for r in runs if not r.over]
-            ready = multiprocessing.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live])
+            timeout = None if deadline is None else deadline - time.time()
+            if timeout is not None and timeout <= 0:
+                _stop_at_deadline(live, outcomes, bar)
+                break
+            ready = multiprocessing.connection.wait([r.conn for r in live] + [r.process.sentinel for r in live],
+                                                    timeout)
             for run in live:
                 if run.conn in ready or run.process.sentinel in ready:
                     _receive(run, outcomes, bar)
@@ -620,8 +711,8 @@ def _run_devices(shares: list[list[str]], devices: Sequence[str], make_predictor
             run.conn.close()
 
 
-def _receive(run: _DeviceRun, outcomes: dict[str, StudyOutcome], bar) -> None:
-    """Take everything a device worker has sent; when it is over, give its unfinished studies fallbacks."""
+def _take(run: _DeviceRun, outcomes: dict[str, StudyOutcome], bar) -> tuple[str, str] | None:
+    """Record every message a device worker has sent so far; (reason, detail) when its predictor failed."""
     failure = None
     try:
         while run.conn.poll():
@@ -631,14 +722,59 @@ def _receive(run: _DeviceRun, outcomes: dict[str, StudyOutcome], bar) -> None:
                 outcomes[uid] = StudyOutcome(uid, np.asarray(probs, dtype=np.float64), notes, read_seconds,
                                              predict_seconds)
                 run.done.add(uid)
+                run.last = time.time()
                 bar.update(1)
+            elif message[0] == "ready":
+                run.ready, run.last = True, time.time()
             elif message[0] == "failed":
                 failure = ("predictor failed", message[1])
                 run.over, run.failed = True, message[1]
             else:  # "done"
                 run.over = True
-    except (EOFError, OSError):
+    except (EOFError, OSError):  # a worker stopped in the middle of a message
         pass
+    return failure
+
+
+def _stop_at_deadline(runs: list[_DeviceRun], outcomes: dict[str, StudyOutcome], bar) -> None:
+    """The deadline has come: stop these workers (SIGTERM, then SIGKILL for any not gone in `_STOP_S`), take
+    what they sent, and give each one's unfinished studies fallbacks (stage "budget"; the detail names the
+    study it was on and for how long)."""
+    now = time.time()
+    for run in runs:
+        if run.process.is_alive():
+            run.process.terminate()
+    for run in runs:
+        run.process.join(max(0.0, now + _STOP_S - time.time()))
+        if run.process.is_alive():
+            run.process.kill()
+            run.process.join()
+    for run in runs:
+        failure = _take(run, outcomes, bar)
+        unfinished = [u for u in run.uids if u not in run.done]
+        if unfinished:
+            log.warning("time budget ran out: the %s worker was stopped; its %d unfinished studies get fallbacks",
+                        run.device, len(unfinished))
+        for uid in unfinished:
+            if failure is not None:  # its predictor failed just now
+                outcomes[uid] = _fallback_outcome(uid, "worker", failure[0], 0.0, failure[1])
+            elif uid != unfinished[0]:
+                outcomes[uid] = _fallback_outcome(uid, "budget", "time budget", 0.0, f"not started: the time "
+                                                  f"budget ran out while the {run.device} worker was on study "
+                                                  f"{unfinished[0]}; the worker was stopped")
+            else:
+                seconds = now - run.last
+                doing = "on it" if run.ready else "building the worker's predictor"
+                outcomes[uid] = _fallback_outcome(uid, "budget", "time budget", seconds, f"study {uid} cut off "
+                                                  f"after {seconds:.1f} s {doing}: the time budget ran out and the "
+                                                  f"{run.device} worker was stopped")
+            bar.update(1)
+        run.over = True
+
+
+def _receive(run: _DeviceRun, outcomes: dict[str, StudyOutcome], bar) -> None:
+    """Take everything a device worker has sent; when it is over, give its unfinished studies fallbacks."""
+    failure = _take(run, outcomes, bar)
     if not run.over and not run.process.is_alive():
         run.process.join()
         failure, run.over = ("worker died", f"the {run.device} worker exited with code {run.process.exitcode}"), True
@@ -659,7 +795,8 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
                               read: Callable[[str], Any] | None = None, images_dir: PathLike | None = None,
                               log_path: PathLike | None = None, time_budget: float | None = None,
                               prefetch: bool = True, progress: bool = True,
-                              clip: tuple[float, float] = CLIP) -> dict:
+                              clip: tuple[float, float] = CLIP,
+                              fallback: Sequence[float] | np.ndarray | None = None) -> dict:
     """`write_submission` with one spawned worker process per device, each on its share of the studies.
 
     Each worker builds its own predictor with `make_predictor(device)` and runs the same loop (with its own
@@ -671,7 +808,11 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
     Args:
         make_predictor: a picklable top-level callable, `device -> predictor` (e.g. loads the runs there).
         devices: one entry per worker, e.g. ["cuda:0", "cuda:1"] or ["cpu", "cpu"].
-        Others: as `write_submission`; `time_budget` counts from this call, model loading included.
+        Others: as `write_submission`; `time_budget` counts from this call, model loading included. At the
+            deadline the parent stops every worker still running (SIGTERM, SIGKILL soon after: a hung predictor
+            goes with its process) and gives their unfinished studies fallbacks (stage "budget"). With one
+            device, `make_predictor` runs in this process before the deadline is watched: only the studies are
+            bounded.
 
     Returns:
         The summary of `write_submission`, plus `devices`.
@@ -689,7 +830,7 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
         budget = None if time_budget is None else max(0.0, float(time_budget) - (time.time() - started))
         summary = write_submission(uids, predict, out_path, sample_submission=sample_submission, read=read,
                                    images_dir=images_dir, log_path=log_path, time_budget=budget,
-                                   prefetch=prefetch, progress=progress, clip=clip)
+                                   prefetch=prefetch, progress=progress, clip=clip, fallback=fallback)
         return {**summary, "devices": devices}
     started = time.time()
     uids, row_ids, todo, unlisted, clip = _prepare(uids, sample_submission, clip)
@@ -706,4 +847,4 @@ def write_submission_parallel(uids: Sequence[str], make_predictor: Callable[[str
     if todo and all(failed):  # no model anywhere: a setup error, not a bad study
         raise RuntimeError("make_predictor failed on every device: " + "; ".join(failed))
     return _finish(outcomes, row_ids, _skipped_notes(uids, todo, unlisted), uids, out_path, log_path, clip,
-                   started, progress, devices=devices)
+                   started, progress, fallback, devices=devices)

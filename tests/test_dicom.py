@@ -402,6 +402,28 @@ def test_stray_files_and_corrupt_slices_are_skipped_and_reported(tmp_path, caplo
     assert sum(r.name == "kit.dicom" and r.levelno == logging.WARNING for r in caplog.records) == 15  # 3 reads
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_a_named_pipe_in_the_folder_is_skipped_unopened_and_reported(tmp_path):
+    stored = ramp(z=4)
+    write_series(tmp_path / "s", stored)
+    fifo = tmp_path / "s" / "2.dcm.part"
+    os.mkfifo(fifo)  # opening it for reading would block until something writes to it
+    (tmp_path / "s" / "sub").mkdir()  # a sub-folder is no slice and no warning
+    for workers in (1, 2):
+        series = read_series(tmp_path / "s", workers=workers)
+        assert np.array_equal(series.hu, stored.astype(np.int32) - 1024)
+        assert series.warnings == [f"study {STUDY}: skipped {fifo}: not a regular file: a named pipe (FIFO)"]
+    assert scan_series(tmp_path / "s")["skipped_files"] == 1
+    files, skipped = dicom.study_files(tmp_path / "s")
+    assert [p.name for p in files] == ["1.dcm", "2.dcm", "3.dcm", "4.dcm"]
+    assert skipped == [(fifo, "not a regular file: a named pipe (FIFO)")]
+    (tmp_path / "only").mkdir()
+    os.mkfifo(tmp_path / "only" / "1.dcm")
+    with pytest.raises(DicomError, match=r"study only: 0 DICOM files in .*only \(skipped: 1\.dcm: not a regular "
+                                         r"file: a named pipe \(FIFO\)\)"):
+        read_series(tmp_path / "only")
+
+
 def test_undecodable_compressed_slice_is_skipped_and_all_undecodable_raises(tmp_path):
     stored = ramp(z=4)
     paths = write_series(tmp_path / "s", stored, syntax=UID.RLELossless)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kit.prefetch import Prefetched, prefetch
+from kit.prefetch import Prefetched, call_before, prefetch
 
 
 def square_or_fail(x: int) -> np.ndarray:
@@ -38,6 +39,14 @@ def record_start(folder: str, x: int) -> int:
 
 def pid_of_worker(x: int) -> int:
     return os.getpid()
+
+
+def hang_on_two(folder: str, x: int) -> int:
+    """Never returns for item 2 (after writing the pid of the process it hangs in)."""
+    if x == 2:
+        Path(folder, "hung.pid").write_text(str(os.getpid()))
+        threading.Event().wait()
+    return x
 
 
 def started(folder: Path) -> int:
@@ -124,6 +133,37 @@ def test_a_function_the_worker_cannot_import_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, phantom.__name__, phantom)
     with pytest.raises(RuntimeError, match="top-level function of an importable module"):
         list(prefetch(double, [1, 2]))
+
+
+@pytest.mark.parametrize("processes, seconds", [(True, 4.0), (False, 1.0)])  # True: the worker starts first
+def test_a_deadline_bounds_the_wait_and_stops_the_worker(tmp_path, processes, seconds):
+    deadline = time.time() + seconds
+    gen = prefetch(functools.partial(hang_on_two, str(tmp_path)), range(5), deadline=deadline, processes=processes)
+    results = []
+    with pytest.raises(TimeoutError, match="no result for item 2 by the deadline"):
+        for r in gen:
+            results.append(r.result)
+    assert results == [0, 1]
+    assert deadline - 0.05 <= time.time() <= deadline + 1.5  # at the deadline, the worker stopped right after
+    assert next(gen, None) is None  # the generator is finished
+    pid = int((tmp_path / "hung.pid").read_text())
+    if processes:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # stopped and reaped
+    else:
+        assert pid == os.getpid()  # ran here, in a daemon thread that is left behind
+
+
+def test_call_before_returns_raises_or_walks_away():
+    assert call_before(time.time() + 10, divmod, 7, 2) == (3, 1)
+    with pytest.raises(ZeroDivisionError):
+        call_before(time.time() + 10, divmod, 1, 0)
+    start = time.time()
+    with pytest.raises(TimeoutError, match="had not returned at the deadline"):
+        call_before(start + 0.3, threading.Event().wait)
+    assert 0.3 <= time.time() - start < 1.0
+    with pytest.raises(TimeoutError):
+        call_before(start, threading.Event().wait)  # a deadline already past: no wait
 
 
 def test_bad_ahead():

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import multiprocessing
 import shutil
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -131,6 +133,66 @@ def crash_read(uid: str) -> dict:
     if uid == CORRUPT:
         os._exit(5)  # a native decoder crash
     return {"uid": uid}
+
+
+HUNG = [uid(80), uid(81), uid(82), uid(83), uid(84), uid(85)]  # HUNG[3]: the study that never ends
+
+
+def never_returns() -> None:
+    threading.Event().wait()  # blocks forever, like a decoder in a loop or a model step that hangs
+
+
+class HangingPredictor:
+    """0.3 for every study, except `hang`, on which it never returns."""
+
+    def __init__(self, hang: str):
+        self.hang = hang
+
+    def __call__(self, uid: str, study) -> list[float]:
+        if uid == self.hang:
+            never_returns()
+        return [0.3] * 8
+
+
+def make_hanging_predictor(device: str) -> HangingPredictor:
+    return HangingPredictor(HUNG[3])
+
+
+def hanging_read(folder: str, uid: str) -> dict:
+    """tiny_read, except HUNG[3]: never returns (after writing the pid of the process it hangs in)."""
+    if uid == HUNG[3]:
+        Path(folder, "hung.pid").write_text(str(os.getpid()))
+        never_returns()
+    return {"uid": uid}
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a daemon thread; fails the test (rather than hanging it) when fn has not returned
+    after `seconds`. Returns (fn's result, seconds it took)."""
+    box = []
+    start = time.time()
+    thread = threading.Thread(target=lambda: box.append(fn(*args, **kwargs)), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert box, f"{fn.__name__} had not returned after {seconds} s"
+    return box[0], time.time() - start
+
+
+def assert_cut_at(summary: dict, uids: list[str], cut: str, doing: str) -> pd.DataFrame:
+    """The studies before `cut` predicted (0.3), `cut` and every later one with time budget fallbacks."""
+    sub = assert_valid_and_complete(summary, uids)
+    log = read_log(summary)
+    at = uids.index(cut)
+    assert list(log["StudyInstanceUID"]) == uids[at:]  # nothing logged for the studies done in time
+    assert set(log["stage"]) == {"budget"} and set(log["reason"]) == {"time budget"}
+    assert set(log["fallback_values"]) == {8}
+    details = dict(zip(log["StudyInstanceUID"], log["detail"]))
+    assert details[cut].startswith(f"study {cut} cut off after ") and doing in details[cut]
+    assert all(details[u].startswith("not started") and cut in details[u] for u in uids[at + 1:])
+    assert summary["predicted"] == at and summary["fallbacks"] == {"time budget": len(uids) - at}
+    values = by_study(sub)
+    assert all(np.allclose(values[u], 0.3) for u in uids[:at])
+    return log
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -270,6 +332,77 @@ def test_time_budget_running_out_half_way(tmp_path):
     assert all(np.allclose(values[u], FALLBACK) for u in uids[-n_cut:])
 
 
+@pytest.mark.parametrize("prefetch, budget", [(False, 2.0), (True, 5.0)])  # True: a spawned reader starts first
+def test_time_budget_holds_when_the_predictor_never_returns(tmp_path, prefetch, budget):
+    summary, took = within(budget + 10, write_submission, HUNG, HangingPredictor(HUNG[3]),
+                           tmp_path / "submission.csv", read=tiny_read, time_budget=budget, prefetch=prefetch,
+                           progress=False)
+    assert took <= budget + 3  # on time: the loop walked away from the predictor at the deadline
+    log = assert_cut_at(summary, HUNG, HUNG[3], "predicting")
+    assert 0.5 <= log["seconds"].iloc[0] <= budget + 0.5  # the hung study had what was left of the budget
+
+
+@pytest.mark.parametrize("prefetch, budget", [(False, 2.0), (True, 5.0)])
+def test_time_budget_holds_when_a_read_never_returns(tmp_path, prefetch, budget):
+    read = functools.partial(hanging_read, str(tmp_path))
+    summary, took = within(budget + 10, write_submission, HUNG, SleepyPredictor(0.0), tmp_path / "submission.csv",
+                           read=read, time_budget=budget, prefetch=prefetch, progress=False)
+    assert took <= budget + 3
+    assert_cut_at(summary, HUNG, HUNG[3], "waiting for the read")
+    pid = int((tmp_path / "hung.pid").read_text())
+    if prefetch:  # the reader process was stopped and reaped
+        assert pid != os.getpid()
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    else:  # read here: its thread is left behind (a daemon: it does not hold the interpreter)
+        assert pid == os.getpid()
+
+
+def test_time_budget_holds_when_a_device_worker_hangs(tmp_path):
+    budget = 8.0  # two spawned workers start, import the kit and build their predictors first
+    summary, took = within(budget + 10, write_submission_parallel, HUNG, make_hanging_predictor, ["cpu", "cpu"],
+                           tmp_path / "submission.csv", read=tiny_read, time_budget=budget, prefetch=False,
+                           progress=False)
+    assert took <= budget + 3  # the parent stopped the hung worker at the deadline
+    assert not multiprocessing.active_children()  # both workers gone
+    hung_share = split_studies(HUNG, 2)[1]
+    assert hung_share == [HUNG[1], HUNG[3], HUNG[5]]
+    sub = assert_valid_and_complete(summary, HUNG)
+    log = read_log(summary)
+    assert list(log["StudyInstanceUID"]) == [HUNG[3], HUNG[5]]  # the other worker finished its share in time
+    assert set(log["stage"]) == {"budget"} and set(log["reason"]) == {"time budget"}
+    details = dict(zip(log["StudyInstanceUID"], log["detail"]))
+    assert details[HUNG[3]].startswith(f"study {HUNG[3]} cut off after ") and "on it" in details[HUNG[3]]
+    assert details[HUNG[5]].startswith("not started") and HUNG[3] in details[HUNG[5]]
+    assert summary["fallbacks"] == {"time budget": 2} and summary["predicted"] == 4
+    values = by_study(sub)
+    assert all(np.allclose(values[u], 0.3) for u in HUNG if u not in (HUNG[3], HUNG[5]))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
+def test_a_named_pipe_is_never_opened(tmp_path):
+    from kit.synthetic import make_study, write_study
+
+    with_pipe, only_pipe = uid(90), uid(91)
+    write_study(make_study(1, size=32, n_slices=6, uid=with_pipe), tmp_path / with_pipe)
+    os.mkfifo(tmp_path / with_pipe / "7.dcm")  # opening a named pipe for reading blocks until someone writes
+    (tmp_path / only_pipe).mkdir()
+    os.mkfifo(tmp_path / only_pipe / "1.dcm")
+    uids = [with_pipe, only_pipe]
+    summary, _ = within(30, write_submission, uids, FaultyPredictor({}), tmp_path / "out" / "submission.csv",
+                        images_dir=tmp_path, prefetch=False, progress=False)
+    sub = assert_valid_and_complete(summary, uids)
+    log = read_log(summary)
+    details = dict(zip(log["StudyInstanceUID"], log["detail"]))
+    assert log_rows(log, with_pipe) == [("read", "read warnings", 0)]  # read without it, and predicted
+    assert f"skipped {tmp_path / with_pipe / '7.dcm'}: not a regular file: a named pipe (FIFO)" in details[with_pipe]
+    assert log_rows(log, only_pipe) == [("read", "empty folder", 8)]
+    assert "1.dcm: not a regular file: a named pipe (FIFO)" in details[only_pipe]
+    series = DicomStudyReader(tmp_path)(with_pipe)
+    assert series.hu.shape[0] == 6
+    np.testing.assert_allclose(by_study(sub)[with_pipe], np.clip(fake_probs(with_pipe, series), *CLIP))
+
+
 def test_the_next_study_is_read_while_this_one_is_predicted(tmp_path):
     uids = [uid(i) for i in range(70, 74)]
     predictor = StampedPredictor(0.4)
@@ -354,6 +487,7 @@ def test_sample_submission_rows_rule(tmp_path):
     log = read_log(summary)
     assert log_rows(log, extra) == [("list", "not in study list", 8)]
     assert log_rows(log, unlisted) == [("list", "not in sample_submission", 0)]
+    assert summary["skipped_not_in_sample"] == 1  # said loudly: an error-level log line, the summary, its line
     # the public-data quirk: the sample lists none of the studies to predict -> their rows are written
     quirk = pd.DataFrame({"row_id": list(rows_for_studies([uid(53)])["row_id"]), "fractured": 0.5})
     summary = write_submission([listed], SleepyPredictor(0.0), tmp_path / "quirk.csv", sample_submission=quirk,
@@ -398,3 +532,28 @@ def test_programming_errors_raise(tmp_path):
     with pytest.raises(ValueError, match="clip must be"):
         write_submission([uid(1)], SleepyPredictor(0), tmp_path / "s.csv", read=tiny_read, clip=(0.5, 0.1),
                          progress=False)
+
+
+def test_the_fallback_comes_from_the_runs_and_is_filled_in_once(images, tmp_path):
+    """`fallback=` (the runs' best constant, `kit.predictor.run_fallback`) is what every value without an answer
+    gets, in one place (the writer), for studies without a folder, a failed model and a partial answer alike;
+    without it, the 2019 table."""
+    runs_constant = np.array([0.41, 0.06, 0.12, 0.03, 0.05, 0.07, 0.12, 0.17])
+    studies = [GOOD[0], RAISES, PARTIAL, NO_FOLDER]
+    summary = write_submission(studies, FaultyPredictor(FAULTS), tmp_path / "s.csv", images_dir=images,
+                               prefetch=False, progress=False, fallback=runs_constant)
+    values = by_study(pd.read_csv(summary["submission"], dtype={"row_id": str}))
+    np.testing.assert_allclose(values[RAISES], runs_constant)
+    np.testing.assert_allclose(values[NO_FOLDER], runs_constant)
+    assert values[PARTIAL][TARGETS.index("C3")] == pytest.approx(runs_constant[TARGETS.index("C3")])
+    assert values[PARTIAL][0] != pytest.approx(runs_constant[0])
+    assert summary["fallback"] == pytest.approx(runs_constant.tolist())
+    assert summary["fallback_source"] == "the runs' training labels"
+    table = write_submission([RAISES], FaultyPredictor(FAULTS), tmp_path / "t.csv", images_dir=images,
+                             prefetch=False, progress=False)
+    np.testing.assert_allclose(by_study(pd.read_csv(table["submission"], dtype={"row_id": str}))[RAISES],
+                               TRAIN_PREVALENCE)
+    assert table["fallback_source"] == "the 2019 table"
+    with pytest.raises(ValueError, match="fallback must be 8 probabilities"):
+        write_submission([RAISES], FaultyPredictor(FAULTS), tmp_path / "u.csv", images_dir=images,
+                         prefetch=False, progress=False, fallback=[0.5] * 7)
