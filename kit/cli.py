@@ -115,6 +115,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     elif args.what == "train":
         chosen = {"config_names": tuple(args.configs or ()), "steps": args.steps, "rounds": args.rounds}
         bench.bench_train(**{k: v for k, v in chosen.items() if v})
+    elif args.what == "learn":
+        from .bench_learn import bench_learn
+
+        bench_learn(args.out or "bench_learn", args.settings, n_train=args.n_train, folds=args.folds,
+                    n_folds=args.n_folds, epochs=args.epochs, quick=args.quick)
     elif args.what == "crops":
         from .bench_crops import bench_crops
 
@@ -374,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and loading vs classifier training), submit (seconds per study by stage, "
                                      "prefetch, peak RSS, FLOPs) or train (a training step, PyTorch's depthwise "
                                      "convolutions vs kit's)")
-    p.add_argument("what", choices=["read", "seg", "crops", "submit", "train"])
+    p.add_argument("what", choices=["read", "seg", "crops", "submit", "train", "learn"])
     p.add_argument("--series-dir", default=None, help="read: an existing series (default: a synthetic one)")
     p.add_argument("--slices", type=int, default=200)
     p.add_argument("--size", type=int, default=512)
@@ -391,9 +396,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "S seconds (no value or auto: the measured read time of the study), prefetch off / on / 2 "
                         "devices; the study is --slices x --size px (e.g. --slices 250 --size 512), --studies per "
                         "configuration (default 6)")
-    p.add_argument("--quick", action="store_true", help="crops, submit: a smoke-size run (seconds)")
+    p.add_argument("--quick", action="store_true", help="crops, submit, learn: a smoke-size run (seconds)")
     p.add_argument("--steps", type=int, default=None, help="train: timed steps per build and round (default 4)")
     p.add_argument("--rounds", type=int, default=None, help="train: rounds in which the builds take turns (3)")
+    p.add_argument("--out", default=None, help="learn: output folder (default bench_learn/)")
+    p.add_argument("--settings", nargs="+", default=None,
+                   help="learn: names of kit.bench_learn.SETTINGS (default: base grid256_crop128 lite0_128 "
+                        "lite0_128_long)")
+    p.add_argument("--n-train", type=int, default=None, help="learn: studies of each synthetic set (default 96)")
+    p.add_argument("--folds", type=int, nargs="+", default=None, help="learn: folds trained and scored (0 1)")
+    p.add_argument("--n-folds", type=int, default=None, help="learn: folds of the split (default 3)")
+    p.add_argument("--epochs", type=int, default=None, help="learn: epochs (default 3; a setting may scale them)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic dataset")
@@ -416,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(export/*); each run's stage comes from its config")
     p.add_argument("--out", default="submissions/submission.csv", help="the submission CSV (log beside it)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="remaining studies get fallbacks once the projected finish passes this")
+                   help="a deadline, model loading included: studies that would end past it, and one still being read "
+                        "or predicted when it comes, get fallbacks; the file is written on time")
     p.add_argument("--devices", nargs="+", default=None,
                    help="one worker per device, e.g. cuda:0 cuda:1 (default: every GPU, else cpu)")
     p.add_argument("--mean", default="prob", choices=["prob", "logit"], help="how the classifier ensemble averages")

@@ -178,6 +178,8 @@ def print_summary(summary: dict) -> None:
         ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
         ("classifier OOF score", fig("oof_score", 4), f"<= 0.5 x baseline {fig('baseline_score', 4)}"),
         ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.report.score_ceilings)"),
+        ("  calibration (row form, cross-fitted): OOF change", fig("calibration_oof_change", 4),
+         "kept" if summary.get("calibration_used") else "not kept (it did not lower the OOF score)"),
         ("attention hit rate", fig("attention_hit_rate"), ">= 0.70"),
         ("test score", fig("test_score", 4), f"< baseline {fig('test_baseline_score', 4)}"),
         ("seconds: data / stage 1 / stage 2 / submission / total",
@@ -376,9 +378,9 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         same labels and weights, each fold's studies predicted with the prevalence of the studies its model
         trained on), the patient figure from 1 - prod(1 - p) beside it, per-target AUCs, with the generator's
         answers `attention_hit_rate` and the recall by fracture kind, the crop figures and `cls_seconds`;
-        `oof_score_calibrated_cross_fitted` and `calibration_used`: the run's calibration
-        (`kit.calibration.calibrate_run`) is kept for the submission only when it beats the raw OOF score out of
-        fold.
+        `oof_score_calibrated_cross_fitted`, `calibration_used` and `calibration_oof_change` (cross-fitted minus
+        raw): the run's calibration (`kit.calibration.calibrate_run`, fitted on the row-normalised metric) is
+        kept for the submission only when it beats the raw OOF score out of fold.
     """
     from .calibration import calibrate_run
     from .config import load_config
@@ -415,6 +417,8 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         "cls_report": report["report_md"],
         "oof_score_calibrated_cross_fitted": calibration["oof_score_cross_fitted"],
         "calibration_used": calibration["written"],
+        "calibration_oof_change": None if calibration["oof_score_cross_fitted"] is None
+        else round(calibration["oof_score_cross_fitted"] - calibration["oof_score"], 4),
     }
     oof = load_oof(run_dir)
     raw = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in sorted(run_dir.glob("fold*/oof.csv"))])

@@ -4,8 +4,8 @@
   trained folds), one `runs/<config name>/fold<k>` folder, or the runs of a `kit export` folder (`export/*`:
   its `manifest.json` is skipped, every file loaded is checked against its SHA-256 first). Each run's stage
   (segmenter, level model, classifier) comes from its saved config, never from the command line.
-- `StudyPredictor`: the writer's `Predictor` (`predict(uid, series) -> 8 probabilities`, NaN for a vertebra
-  not found) over loaded runs.
+- `StudyPredictor`: the writer's `Predictor` (`predict(uid, series) -> Prediction(8 probabilities, notes)`: a
+  vertebra not found valued as validation values it, and named in the log) over loaded runs.
 - `PredictorFactory`: a picklable `device -> StudyPredictor`, so `write_submission_parallel` can build one
   predictor per device in its spawned workers (`--devices cuda:0 cuda:1` on Kaggle's T4 x 2).
 - `submit(data_root, runs, out, ...)`: the whole `kit submit`, for the notebook too.
@@ -72,8 +72,9 @@ def _stages(runs: list[list]) -> dict[str, list[str]]:
 
 @dataclass
 class StudyPredictor:
-    """The writer's predictor: `predictor(uid, series)` -> (8,) probabilities in TARGETS order, NaN where there
-    is no answer (a vertebra not found). Options as `kit.infer.predict_study`."""
+    """The writer's predictor: `predictor(uid, series)` -> `kit.submission.Prediction`: (8,) probabilities in
+    TARGETS order and a log note naming the vertebrae stage 1 did not find. Options as
+    `kit.infer.predict_study`."""
 
     runs: list
     mean: str = "prob"
@@ -82,12 +83,17 @@ class StudyPredictor:
     device: str | None = None
     amp: bool | None = None
 
-    def __call__(self, uid: str, study) -> np.ndarray:
+    def __call__(self, uid: str, study):
         from .infer import predict_study
+        from .submission import Prediction
 
         result = predict_study(study, self.runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip,
                                device=self.device, amp=self.amp, uid=uid)
-        return result["probs"]
+        notes = ()
+        if result["missing"]:  # valued as in validation (kit.metrics.fill_missing_vertebrae); the log says so
+            notes = (("vertebrae not found", "; ".join(f"{name}: {why}" for name, why in result["missing"].items())
+                      + " (each valued at its training prevalence, as in validation)"),)
+        return Prediction(result["probs"], notes)
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,37 @@ def _check_stages(paths: Sequence[PathLike]) -> None:
                          "stage 1 (segmenter, optionally level model) and stage 2 (classifier)")
 
 
+def run_fallback(paths: Sequence[PathLike]) -> np.ndarray | None:
+    """(8,) the writer's fallback from the classifier runs among `paths`: the constant that minimises the scored
+    (row-normalised) metric on their training labels, `kit.metrics.best_constant(train_prevalence, metric_odds)`
+    of each fold checkpoint (what the model carries, `ClsTask.init_model`), averaged over them. None when no
+    classifier checkpoint carries its training prevalence (saved by an older kit): the writer then uses the 2019
+    table (`kit.submission.FALLBACK`).
+
+    Raises:
+        FileNotFoundError, kit.export.ChecksumError: as `resolve_runs`.
+    """
+    import torch
+    import yaml
+
+    from .config import config_from_dict
+    from .metrics import best_constant
+
+    constants = []
+    for run_dir, folds in resolve_runs(paths):
+        for fold in folds:
+            with open(run_dir / f"fold{fold}" / "config.yaml") as f:
+                if type(config_from_dict(yaml.safe_load(f))).provides != "fractures":
+                    break
+            state = torch.load(run_dir / f"fold{fold}" / "model.pt", map_location="cpu", weights_only=True)["model"]
+            for prefix in ("", "vertebra."):
+                if f"{prefix}train_prevalence" in state and f"{prefix}metric_odds" in state:
+                    constants.append(best_constant(state[f"{prefix}train_prevalence"].double().numpy(),
+                                                   state[f"{prefix}metric_odds"].double().numpy()))
+                    break
+    return np.mean(constants, axis=0) if constants else None
+
+
 def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submissions/submission.csv", *,
            time_budget: float | None = None, devices: Sequence[str] | None = None, mean: str = "prob",
            weights: Sequence[float] | Mapping[str, float] | None = None, tta_flip: bool = False,
@@ -169,8 +206,9 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
             `/kaggle/input/rsna-2022-cervical-spine-fracture-detection`.
         runs: RUN folders (`load_runs`): segmenter (+ level model) and classifier runs, or an export's `*`.
         out: the submission CSV.
-        time_budget: seconds from the call (model loading included); past the projected end, the remaining
-            studies get fallbacks.
+        time_budget: seconds from the call (model loading included) to a deadline: past the projected end, the
+            remaining studies get fallbacks, and a study still read or predicted at the deadline is cut off (its
+            worker processes stopped) so that the files are written on time (`kit.submission`).
         devices: one worker per entry (`["cuda:0", "cuda:1"]`); default `default_devices()`.
         mean, weights, tta_flip, amp: as `kit.infer.predict_study`.
         prefetch: read the next study in a separate process while this one is predicted (off: in this process,
@@ -199,4 +237,4 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
     sample = root / "sample_submission.csv"
     return write_submission_parallel(uids, factory, devices, out, sample_submission=sample if sample.is_file()
                                      else None, images_dir=root / "test_images", time_budget=time_budget,
-                                     prefetch=prefetch, progress=progress)
+                                     prefetch=prefetch, progress=progress, fallback=run_fallback(paths))

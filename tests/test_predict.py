@@ -160,21 +160,23 @@ def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monke
     reads = []
     read_series_once = kit.dicom.read_series
     monkeypatch.setattr(kit.dicom, "read_series", lambda *a, **k: reads.append(a) or read_series_once(*a, **k))
-    # the trained one-epoch segmenter: whatever it finds, NaN exactly for the vertebrae it does not
+    # the trained one-epoch segmenter: whatever it finds, every value is an answer (missing ones by the rule)
     result = infer.predict_study(study, [models["seg"], models["cls"]])
     assert len(reads) == 1  # one DICOM read serves stage 1's input and the full-resolution crops
     assert result["uid"] == study.name and result["probs"].shape == (8,)
     assert result["seg"].labels.shape[1:] == (64, 64)  # stage 1 at the segmenter's size (prepare_arrays)
-    np.testing.assert_array_equal(np.isnan(result["probs"][1:]), ~result["found"])
+    assert np.isfinite(result["probs"]).all()
     assert sorted(result["missing"]) == [v for v, f in zip(VERTEBRAE, result["found"]) if not f]
-    # the C1-everywhere segmenter: C1 found (the whole volume), C2..C7 NaN, patient_overall from C1 alone
+    # the C1-everywhere segmenter: C1 found (the whole volume), C2..C7 not: each model gives them its training
+    # prevalence at its odds, and patient_overall counts them with C1
     c1 = infer.predict_study(study, [models["seg_c1"], models["cls"]])
     assert c1["found"].tolist() == [True] + [False] * 6
-    p = c1["probs"]
-    assert np.isfinite(p[:2]).all() and np.isnan(p[2:]).all()
-    for m, loaded in zip(c1["models"], models["cls"]):  # each model's patient_overall from its C1 alone
-        odds = loaded.model.metric_odds.numpy()
-        assert m["probs"][0] == pytest.approx(scale_odds(scale_odds(m["probs"][1], 1 / odds[1]), odds[0]), abs=1e-9)
+    assert np.isfinite(c1["probs"]).all()
+    for m, loaded in zip(c1["models"], models["cls"]):
+        odds, prevalence = loaded.model.metric_odds.numpy(), loaded.model.train_prevalence.numpy()
+        np.testing.assert_allclose(m["probs"][2:], scale_odds(prevalence[2:], odds[2:]))
+        chance = np.r_[scale_odds(m["probs"][1], 1 / odds[1]), prevalence[2:]]
+        assert m["probs"][0] == pytest.approx(scale_odds(1 - np.prod(1 - chance), odds[0]), abs=1e-9)
     assert c1["missing"]["C2"].startswith("not found")
 
 
@@ -250,7 +252,10 @@ def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, 
     study = sorted((synthetic_root / "test_images").iterdir())[1]
     series = read_series(study)
     expected = infer.predict_study(series, [models["seg_c1"], models["cls"]])["probs"]
-    np.testing.assert_array_equal(predictor(study.name, series), expected)
+    prediction = predictor(study.name, series)
+    np.testing.assert_array_equal(prediction.probs, expected)
+    (reason, detail), = prediction.notes  # the vertebrae stage 1 did not find, for the log
+    assert reason == "vertebrae not found" and detail.startswith("C2: not found") and "C7" in detail
 
 
 def check_submission(path: Path, root: Path) -> pd.DataFrame:
@@ -272,10 +277,13 @@ def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_
     main(["submit", "--data-root", str(synthetic_root), "--runs", str(trained["seg_c1"]), str(trained["cls"]),
           "--out", str(out), "--devices", "cpu", "--threads", "1"])
     printed = capsys.readouterr().out
-    assert "submission: 2 studies, 0 predicted, 2 with fallbacks (partial 2)" in printed
+    # C2..C7 not found: their values come from the rule validation follows (kit.metrics.fill_missing_vertebrae),
+    # not from the writer's fallback; the log names them
+    assert "submission: 2 studies, 2 predicted, 0 with fallbacks" in printed
     one = check_submission(out, synthetic_root)
     log = pd.read_csv(out.with_name("submission_log.csv"))
-    assert (log["reason"] == "partial").sum() == 2 and (log["fallback_values"] == 6).all()  # C2..C7 each
+    assert (log["reason"] == "vertebrae not found").sum() == 2 and (log["fallback_values"] == 0).all()
+    assert log["detail"].str.contains("C2").all()
 
     # two CPU workers, the runs read back from a kit export folder (export/*: manifest.json among them)
     from kit.export import export_runs
@@ -354,10 +362,12 @@ def real_dicom_root(root: Path) -> Path:
     return root
 
 
-def test_kit_submit_on_real_ct_files(trained, tmp_path):
+def test_kit_submit_on_real_ct_files(trained, models, tmp_path):
     """Real DICOM (pydicom's CT test files) through `kit submit`: the stage-1 input, the crops cut from the
     original 16 px grid and the classifier run; a second series in the folder is skipped and logged, one-slice
-    studies get fallbacks with the reason; every row is written."""
+    studies get the runs' fallback (the best constant of their training labels) with the reason; every row is
+    written."""
+    from kit.predictor import run_fallback
     from kit.submission import fallback_probs
 
     root = real_dicom_root(tmp_path / "real")
@@ -375,18 +385,21 @@ def test_kit_submit_on_real_ct_files(trained, tmp_path):
     sub = check_submission(out, root).set_index("row_id")["fractured"]
     log = pd.read_csv(out.with_name("submission_log.csv"), dtype={UID: str})
     reasons = {uid: sorted(log.loc[log[UID] == uid, "reason"]) for uid in log[UID].unique()}
-    # the C1-everywhere segmenter finds C1 in the five-slice series: C1 and patient_overall from the classifier,
-    # C2..C7 fallbacks; the scouts of 1.2.3.1 are skipped, so it is predicted exactly like 1.2.3.2
-    assert reasons["1.2.3.2"] == ["partial"]
-    assert reasons["1.2.3.1"] == ["partial", "read warnings"]
+    # the C1-everywhere segmenter finds C1 in the five-slice series: C1 from the classifier, C2..C7 valued as in
+    # validation (and named in the log); the scouts of 1.2.3.1 are skipped, so it is predicted exactly like 1.2.3.2
+    assert reasons["1.2.3.2"] == ["vertebrae not found"]
+    assert reasons["1.2.3.1"] == ["read warnings", "vertebrae not found"]
     warned = log.loc[(log[UID] == "1.2.3.1") & (log["reason"] == "read warnings"), "detail"].item()
     assert warned.startswith("2 warning(s)") and warned.count("SeriesInstanceUID") == 2
     first, second = (sub[[f"{uid}_{t}" for t in ("patient_overall", *VERTEBRAE)]].to_numpy()
                      for uid in ("1.2.3.1", "1.2.3.2"))
     np.testing.assert_array_equal(first, second)
-    fallback = np.clip(fallback_probs(), 1e-4, 1 - 1e-4)
+    priors = [scale_odds(m.model.train_prevalence.numpy(), m.model.metric_odds.numpy()) for m in models["cls"]]
+    np.testing.assert_allclose(first[2:], np.mean(priors, 0)[2:])  # each fold's prior for C2..C7, averaged
+    fallback = np.clip(fallback_probs(None, run_fallback([trained["cls"]])), 1e-4, 1 - 1e-4)
+    np.testing.assert_allclose(fallback, np.mean(priors, 0), rtol=1e-6)  # the runs' best constant
+    assert summary["fallback_source"] == "the runs' training labels"
     assert first[1] != pytest.approx(fallback[1])  # C1 answered by the classifier
-    np.testing.assert_allclose(first[2:], fallback[2:])
     for uid in ("1.2.3.3", "1.2.3.4", "1.2.3.5"):
         assert reasons[uid] == ["too few slices"]
         np.testing.assert_allclose(sub[[f"{uid}_{t}" for t in ("patient_overall", *VERTEBRAE)]], fallback)
@@ -457,3 +470,42 @@ def test_half_precision_inference_matches_float32(models, synthetic_root, monkey
     assert half["found"].tolist() == full["found"].tolist() == [True] + [False] * 6
     np.testing.assert_allclose(half["probs"], full["probs"], atol=1e-2)
     assert not np.array_equal(half["probs"][:2], full["probs"][:2])  # it did run in half precision
+
+
+@pytest.mark.parametrize("name", ["cls", "patient"])
+def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(models, segmented, name):
+    """C7 not found by stage 1: the fold's validation (`ClsTask.predict_study`, what the OOF table holds) and
+    inference (`classify_study`, what the submission writes) give the same 8 values, C7 its training prevalence at
+    the metric's odds and counted in patient_overall (a per-vertebra model) — one rule,
+    `kit.metrics.fill_missing_vertebrae`. (Inference used to leave C7 NaN and patient_overall without it.)"""
+    from contextlib import nullcontext
+
+    from kit.tasks import ClsTask
+
+    series, seg = segmented
+    labels = np.where(seg.labels == 7, 0, seg.labels).astype(np.uint8)
+    extents = vertebra_extents(labels)
+    seg7 = SegResult(uid=seg.uid, labels=labels, extents=extents, missing=missing_vertebrae(extents),
+                     orig_hw=seg.orig_hw)
+    m = models[name][0]
+    prevalence = np.array([0.5, 0.1, 0.2, 0.05, 0.1, 0.1, 0.2, 0.3])  # as init_model would have set them
+    odds = np.array([1.3, 1.2, 1.1, 1.0, 1.5, 1.2, 1.4, 1.25])
+    vertebra = m.model.vertebra if name == "patient" else m.model
+    vertebra.train_prevalence.copy_(torch.from_numpy(prevalence))
+    vertebra.metric_odds.copy_(torch.from_numpy(odds))
+    d = m.config.data
+    stacks, found, _ = crop_study(series.hu, labels, extents, dz=float(series.spacing[0]), **m.config.crop_geometry())
+    assert found[:6].all() and not found[6]
+    sample = {"image": torch.from_numpy(stacks), "found": torch.from_numpy(found),
+              "mask": torch.from_numpy(np.repeat(found[:, None], d.n_slices, 1)),
+              "vertebra_mask": torch.from_numpy(found)}
+    logits, _ = ClsTask(m.config).predict_study(m.model, sample, torch.device("cpu"), nullcontext)
+    validation = torch.sigmoid(logits.double()).numpy()
+    submission = infer.classify_study(series.hu, seg7, [m], dz=float(series.spacing[0]))["probs"]
+    np.testing.assert_allclose(submission, validation, rtol=1e-5, atol=1e-6)
+    assert np.isfinite(submission).all()
+    assert submission[7] == pytest.approx(scale_odds(prevalence[7], odds[7]))
+    if name == "cls":  # patient_overall from the vertebrae, C7's prevalence in the product
+        chance = scale_odds(submission[1:7], 1 / odds[1:7])
+        assert submission[0] == pytest.approx(scale_odds(1 - np.prod(1 - chance) * (1 - prevalence[7]), odds[0]),
+                                              rel=1e-6)
