@@ -231,7 +231,8 @@ def run_configuration(spec: dict) -> dict:
     Returns:
         {"load_s" (imports included), "wall_s" (the whole loop, the reader process's start included),
         "steady_s" (from the first study's result to the end: studies 2..n), "studies": [per study: uid, slices,
-        read_s, stage1_s (forward_s and cleanup_s of it), crop_s, classify_s, predict_s, found], "notes" (log lines of the loop, none expected),
+        read_s, stage1_s (forward_s and cleanup_s of it), crop_s, classify_s, predict_s, found], "notes" (log
+        lines of the loop, none expected),
         "peak_rss_mb" (this process, `_peak_rss_mb`, exact), "reader_peak_rss_mb" (the largest descendant process,
         sampled: the prefetch reader or one of its decode workers; None without prefetch), "total_peak_rss_mb"
         (this process and its descendants together, sampled; None off Linux)}.

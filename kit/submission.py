@@ -32,8 +32,10 @@ A fallback value is the constant that minimises the scored metric on the runs' t
 `kit.predictor.run_fallback`: each target's training prevalence at the metric's odds, what the models carry), or
 the 2019 table's prevalence (`FALLBACK`) when no run says; it is filled in once, by the writer, for every value
 without an answer. A vertebra stage 1 did not find is not such a value: the predictor gives it the value its
-validation gave it (`kit.metrics.fill_missing_vertebrae`) and may say so in the log (`Prediction.notes`). The log (`submission_log.csv` beside the submission) has one row per event: `StudyInstanceUID, stage,
-reason, seconds, fallback_values` (how many of the 8 values are fallbacks) and `detail` (the error message).
+validation gave it (`kit.metrics.fill_missing_vertebrae`) and may say so in the log (`Prediction.notes`).
+
+The log (`submission_log.csv` beside the submission) has one row per event: `StudyInstanceUID, stage, reason,
+seconds, fallback_values` (how many of the 8 values are fallbacks) and `detail` (the error message).
 
 Before writing, the table is validated (`validate_submission`): every row_id of the test list exactly once, in
 sample_submission order, values finite and clipped to [1e-4, 1 - 1e-4]. Both files are written atomically

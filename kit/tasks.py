@@ -281,7 +281,8 @@ class ClsTask:
 
     Validation (eval mode, no augmentation) predicts all 7 vertebrae of every held-out study. A vertebra with no
     crop (not found; a per-study model's masked vertebra) gets its training folds' prevalence, in its own value
-    and in patient_overall (`kit.metrics.fill_missing_vertebrae`, the rule inference follows too). patient_overall comes from the patient head when the model has one (the OOF's
+    and in patient_overall (`kit.metrics.fill_missing_vertebrae`, the rule inference follows too).
+    patient_overall comes from the patient head when the model has one (the OOF's
     `patient_overall_from_vertebrae` then holds 1 - prod(1 - p_Ci) beside it), else from the vertebrae. The
     validation loss is the row metric of each study's 8 logits (`competition_loss`), the score the negated
     `competition_score` (higher is better for the loop; `log.csv` calls it `val_neg_score`).
