@@ -440,6 +440,9 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
             out["recall_by_kind"] = {r["kind"]: round(float(r[name]), 3) for r in report["recall"]["kind"]}
             out["recall_by_subtlety"] = {str(r["subtlety"]): round(float(r[name]), 3)
                                          for r in report["recall"]["subtlety"]}
+            if report["recall"].get("lookalike"):
+                out["false_alarms_by_lookalike"] = {r["lookalike"]: round(float(r[name]), 3)
+                                                    for r in report["recall"]["lookalike"]}
     out["cls_seconds"] = round(time.perf_counter() - start, 1)
     return out
 

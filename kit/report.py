@@ -440,6 +440,37 @@ def fracture_recall(oof: pd.DataFrame, answers: pd.DataFrame, preds: dict[str, n
     return out
 
 
+def lookalike_false_alarms(oof: pd.DataFrame, fractures: pd.DataFrame, lookalikes: pd.DataFrame,
+                           preds: dict[str, np.ndarray], threshold: float = RECALL_THRESHOLD) -> pd.DataFrame:
+    """False alarms on look-alikes (synthetic data): among the vertebrae with no fracture, the share predicted
+    p > `threshold`, for those carrying each kind of look-alike (`lookalikes.csv`) and for the rest ("none").
+
+    Args:
+        oof: the OOF table (its `StudyInstanceUID` order is the order of the rows of `preds`).
+        fractures: `read_answers` output (the fractured vertebrae, left out).
+        lookalikes: the generator's `lookalikes.csv` (StudyInstanceUID, kind, vertebra).
+        preds: {model: (N, 8) probabilities in TARGETS order, rows as `oof`}.
+        threshold: detection threshold.
+
+    Returns:
+        One row per look-alike kind and "none": `lookalike`, `vertebrae`, and per model the false-alarm rate.
+    """
+    uids = list(oof[UID])
+    fractured = set(zip(fractures[UID], fractures["vertebra"]))
+    mimic = {(u, v): k for u, v, k in zip(lookalikes[UID], lookalikes["vertebra"], lookalikes["kind"])}
+    rows = [(i, j, mimic.get((u, v), "none")) for i, u in enumerate(uids) for j, v in enumerate(VERTEBRAE)
+            if (u, v) not in fractured]
+    table = pd.DataFrame(rows, columns=["row", "column", "lookalike"])
+    for name, p in preds.items():
+        table[name] = (p[table["row"].to_numpy(int), 1 + table["column"].to_numpy(int)] > threshold
+                       ).astype(np.float64) if len(table) else []
+    grouped = table.groupby("lookalike", sort=True)
+    out = grouped.size().rename("vertebrae").to_frame()
+    for name in preds:
+        out[name] = grouped[name].mean()
+    return out.reset_index()
+
+
 CEILING_KINDS = ("displaced", "compression", "cleft", "hairline")  # the generator's kinds, plainest first
 
 
@@ -693,6 +724,13 @@ def _markdown(result: dict, slug: dict) -> str:
                 continue
             rows = [[str(r[by]), str(int(r["fractures"]))] + [_f(r[n], 3) for n in models] for r in table]
             lines += [_table([by, "fractures", *models], rows), ""]
+        if recall.get("lookalike"):
+            lines += ["### False alarms on look-alikes", "",
+                      f"Vertebrae with no fracture predicted p > {RECALL_THRESHOLD}, by the look-alike they carry "
+                      "(`lookalikes.csv`; none: no look-alike).", ""]
+            rows = [[str(r["lookalike"]), str(int(r["vertebrae"]))] + [_f(r[n], 3) for n in models]
+                    for r in recall["lookalike"]]
+            lines += [_table(["look-alike", "vertebrae", *models], rows), ""]
 
     ceilings = result.get("ceilings")
     if ceilings:
@@ -819,6 +857,9 @@ def oof_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
         answers = read_answers(answers_dir)
         recall = fracture_recall(aligned[names[0]].reset_index(), answers, preds)
         ceilings = score_ceilings(uids, y, answers)
+        if (Path(answers_dir) / "lookalikes.csv").is_file():
+            mimics = pd.read_csv(Path(answers_dir) / "lookalikes.csv", dtype={UID: str})
+            recall["lookalike"] = lookalike_false_alarms(aligned[names[0]].reset_index(), answers, mimics, preds)
 
     if out_dir is None:
         out_dir = run_dirs[0] if len(run_dirs) == 1 else Path("reports") / "+".join(_slug(n) for n in names)

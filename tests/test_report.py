@@ -614,3 +614,22 @@ def test_score_ceilings_by_hand():
     assert table["score"][0] == pytest.approx(competition_score(y, p.clip(1e-4, 1 - 1e-4)))
     assert 0.1 < table["score"][0] < prevalence_baseline(y)[0]
     assert table["score"][1] < 1e-3  # every fracture found: the labels themselves
+
+
+def test_false_alarms_on_lookalikes_by_hand():
+    """Among vertebrae with no fracture: the share predicted above the threshold, by the look-alike they carry;
+    fractured vertebrae are left out."""
+    from kit.report import lookalike_false_alarms
+
+    oof = pd.DataFrame({"StudyInstanceUID": ["a", "b"]})
+    p = np.full((2, 8), 0.1)
+    p[0, 1 + 2] = 0.9  # a: C3 (an osteophyte) flagged
+    p[1, 1 + 0] = 0.9  # b: C1 flagged but fractured: not a false alarm
+    p[1, 1 + 6] = 0.9  # b: C7, no look-alike, flagged
+    fractures = pd.DataFrame({"StudyInstanceUID": ["b"], "vertebra": ["C1"]})
+    mimics = pd.DataFrame({"StudyInstanceUID": ["a", "b"], "vertebra": ["C3", "C4"],
+                           "kind": ["osteophyte", "vascular_channel"]})
+    table = lookalike_false_alarms(oof, fractures, mimics, {"m": p}, threshold=0.5).set_index("lookalike")
+    assert table.loc["osteophyte", "vertebrae"] == 1 and table.loc["osteophyte", "m"] == 1.0
+    assert table.loc["vascular_channel", "m"] == 0.0
+    assert table.loc["none", "vertebrae"] == 11 and table.loc["none", "m"] == pytest.approx(1 / 11)
