@@ -35,6 +35,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import mmap
 import multiprocessing.connection
 import multiprocessing.util  # registers multiprocessing's own atexit hook before ours (see _close_all)
 import os
@@ -186,29 +187,83 @@ def _in_process(fn: Callable, items: Iterable, deadline: float | None = None) ->
 # ---------------------------------------------------------------------------------------------------------
 
 
+SHM_DIR = Path("/dev/shm")  # where large results travel (Linux tmpfs); elsewhere, or when it is full: the pipe
+SHM_MIN_BYTES = 1 << 20  # buffers at least this large go through a shared-memory file, smaller ones the pipe
+_SHM_PREFIX = "kit-prefetch-"
+
+
+def _to_shared_file(view: memoryview) -> str | None:
+    """Copy `view` into a new file under `SHM_DIR` (space reserved first: a full tmpfs is an OSError here, never
+    a SIGBUS later) and return its name; None when that cannot be done (the pipe carries it then)."""
+    if not SHM_DIR.is_dir():
+        return None
+    name = f"{_SHM_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+    path = SHM_DIR / name
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, view.nbytes)
+        with mmap.mmap(fd, view.nbytes) as block:
+            block[:] = view.cast("B")
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    finally:
+        os.close(fd)
+    return name
+
+
+def _from_shared_file(name: str, size: int) -> mmap.mmap:
+    """The buffer `_to_shared_file` wrote, mapped copy-on-write (writable, nothing copied up front); the file is
+    unlinked at once, the mapping lives as long as the arrays over it."""
+    path = SHM_DIR / name
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+
+
 def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
-    """Pickle with protocol 5 and send numpy buffers out of band: no copy of a large volume on this side."""
+    """Pickle with protocol 5 and send numpy buffers out of band: no copy of a large volume on this side. A buffer
+    of `SHM_MIN_BYTES` or more is written to a shared-memory file (one copy here) that the receiver maps instead
+    of reading it from the pipe: a 250 x 512^2 volume takes a few hundredths of a second instead of most of a
+    second through the pipe."""
     buffers: list[pickle.PickleBuffer] = []
     payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     views = [b.raw() for b in buffers]
-    conn.send([v.nbytes for v in views])
+    specs = [(v.nbytes, _to_shared_file(v) if v.nbytes >= SHM_MIN_BYTES else None) for v in views]
+    conn.send(specs)
     conn.send_bytes(payload)
-    for view in views:
-        conn.send_bytes(view)
+    for view, (_, name) in zip(views, specs):
+        if name is None:
+            conn.send_bytes(view)
 
 
 def _recv(conn: multiprocessing.connection.Connection) -> Any:
-    """Inverse of `_send`; each buffer lands in its own bytearray, so the arrays come back writable."""
-    sizes = conn.recv()
+    """Inverse of `_send`; each buffer lands in its own bytearray or copy-on-write mapping, so the arrays come back
+    writable."""
+    specs = conn.recv()
     payload = conn.recv_bytes()
     buffers = []
-    for size in sizes:
-        buffer = bytearray(size)
-        if size:
-            conn.recv_bytes_into(buffer)
-        else:
-            conn.recv_bytes()
-        buffers.append(buffer)
+    try:
+        for size, name in specs:
+            if name is not None:
+                buffers.append(_from_shared_file(name, size))
+                continue
+            buffer = bytearray(size)
+            if size:
+                conn.recv_bytes_into(buffer)
+            else:
+                conn.recv_bytes()
+            buffers.append(buffer)
+    finally:  # a message cut short leaves no file behind
+        for size, name in specs:
+            if name is not None:
+                (SHM_DIR / name).unlink(missing_ok=True)
     return pickle.loads(payload, buffers=buffers)
 
 
@@ -313,6 +368,9 @@ class _Worker:
                 self.process.kill()
                 self.process.join()
         self.conn.close()
+        if self.process.pid is not None and SHM_DIR.is_dir():  # results it wrote that nobody will read
+            for left in SHM_DIR.glob(f"{_SHM_PREFIX}{self.process.pid}-*"):
+                left.unlink(missing_ok=True)
 
 
 def _close_all() -> None:

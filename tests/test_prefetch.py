@@ -37,6 +37,11 @@ def record_start(folder: str, x: int) -> int:
     return x
 
 
+def big_array(x: int) -> dict:
+    """A result with a buffer large enough for the shared-memory path and a small one for the pipe."""
+    return {"big": np.full((1024, 1024), x, np.int16), "small": np.arange(x + 3, dtype=np.float32)}
+
+
 def pid_of_worker(x: int) -> int:
     return os.getpid()
 
@@ -169,3 +174,35 @@ def test_call_before_returns_raises_or_walks_away():
 def test_bad_ahead():
     with pytest.raises(ValueError, match="ahead must be an integer >= 0"):
         prefetch(pid_of_worker, [1], ahead=-1)
+
+
+def test_large_results_travel_through_shared_memory_and_leave_no_file():
+    """Buffers of SHM_MIN_BYTES or more come through a shared-memory file (mapped by the receiver, unlinked at
+    once), smaller ones through the pipe; the arrays arrive equal and writable, and no file is left behind."""
+    from kit import prefetch as kp
+
+    if not kp.SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm here: results travel through the pipe")
+    before = set(kp.SHM_DIR.glob(f"{kp._SHM_PREFIX}*"))
+    results = list(prefetch(big_array, [1, 2, 3], ahead=1))
+    for x, (item, result, error, _) in zip([1, 2, 3], results):
+        assert error is None and item == x
+        assert result["big"].shape == (1024, 1024) and (result["big"] == x).all()
+        np.testing.assert_array_equal(result["small"], np.arange(x + 3, dtype=np.float32))
+        result["big"][0, 0] = -1  # writable (copy-on-write)
+    assert set(kp.SHM_DIR.glob(f"{kp._SHM_PREFIX}*")) == before
+
+
+def test_the_pipe_carries_large_buffers_where_there_is_no_shared_memory(monkeypatch, tmp_path):
+    """Without a shared-memory folder, _send / _recv carry every buffer through the pipe, the same arrays."""
+    import multiprocessing
+
+    from kit import prefetch as kp
+
+    monkeypatch.setattr(kp, "SHM_DIR", tmp_path / "absent")
+    a, b = multiprocessing.Pipe()
+    sender = threading.Thread(target=kp._send, args=(a, big_array(5)))
+    sender.start()
+    got = kp._recv(b)
+    sender.join()
+    assert (got["big"] == 5).all() and got["big"].flags.writeable
