@@ -290,27 +290,27 @@ def _collect(uid, row, error, rows, failures, bar) -> None:
     bar.update(1)
 
 
-def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID") -> None:
+def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID",
+              create: bool = False) -> None:
     """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed
-    (a study that failed before and succeeded now). An emptied CSV stays, with its header only. Written
-    atomically (`kit.files.write_csv_atomic`): a run killed while writing leaves the CSV as it was."""
+    (a study that failed before and succeeded now). An emptied CSV stays, with its header only; with `create`, a
+    CSV that does not exist is made even when nothing is merged (`new`'s header). Written atomically
+    (`kit.files.write_csv_atomic`): a run killed while writing leaves the CSV as it was."""
     gone = set(drop) | (set(new[key]) if len(new) else set())
     kept = pd.read_csv(path, dtype={key: str}) if path.is_file() else new.iloc[:0]
     kept = kept[~kept[key].isin(gone)] if key in kept.columns else kept
     # concatenating an empty frame would turn the integer columns of the other into floats (178 -> 178.0)
     parts = [frame for frame in (kept, new) if len(frame)]
     merged = pd.concat(parts, ignore_index=True) if len(parts) == 2 else (parts[0] if parts else kept)
-    if len(merged) or path.is_file():
+    if len(merged) or path.is_file() or create:
         write_csv_atomic(merged.sort_values(key), path)
 
 
 def record_failures(path: Path, failures: dict[str, str], done: Sequence[str] = ()) -> None:
     """Merge {uid: error} into the failures CSV at `path` (`StudyInstanceUID, error`), removing the studies of
     `done` (they succeeded now); the file is made, header only, when it does not exist."""
-    new = pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())})
-    if not path.is_file():
-        write_csv_atomic(new.iloc[:0], path)
-    merge_csv(path, new, drop=done)
+    merge_csv(path, pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}), drop=done,
+              create=True)
 
 
 def unfinished(out_dir: Path, uids: Sequence[str], manifest: str, file_of: Callable[[str], Path]) -> list[str]:

@@ -53,7 +53,7 @@ import numpy as np
 import pandas as pd
 from .progress import progress_bar
 
-from .cache import merge_csv, prepare_arrays, unfinished
+from .cache import merge_csv, prepare_arrays, record_failures, unfinished
 from .constants import VERTEBRAE
 from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, crop_file_arrays,  # noqa: F401
                     crop_path, crop_study, file_numbers, grid_scale, load_crops, match_boxes_to_slices,
@@ -145,7 +145,7 @@ def study_targets(boxes: pd.DataFrame, slice_numbers: np.ndarray, extents: dict,
         if len(boxes) == 0:
             return targets, none, []
         conflicts = [f"labelled 0 throughout in train.csv but {len(boxes)} box rows: every slice unknown"]
-        matched, unmatched = match_boxes_to_slices(boxes, slice_numbers)
+        _, unmatched = match_boxes_to_slices(boxes, slice_numbers)
         return nan, unmatched, conflicts
     if len(boxes) == 0:
         return nan, none, []
@@ -458,16 +458,10 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
 
 
 def _write_reports(crop_dir: Path, rows: list[dict], unmatched: list[pd.DataFrame], failures: dict[str, str]) -> None:
-    """Merge this run's rows into manifest.csv, failures.csv and unmatched_boxes.csv (each always present)."""
+    """Merge rows into manifest.csv, failures.csv and unmatched_boxes.csv (each always present)."""
     done = [r["StudyInstanceUID"] for r in rows]
-    tables = {
-        MANIFEST: (pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), []),
-        FAILURES: (pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}), done),
-        UNMATCHED: (pd.concat([u for u in unmatched if len(u)] or [pd.DataFrame(columns=list(UNMATCHED_COLUMNS))],
-                              ignore_index=True), done),
-    }
-    for name, (new, drop) in tables.items():
-        path = crop_dir / name
-        if not path.is_file():
-            new.iloc[:0].to_csv(path, index=False)
-        merge_csv(path, new, drop=drop)
+    merge_csv(crop_dir / MANIFEST, pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), create=True)
+    record_failures(crop_dir / FAILURES, failures, done=done)
+    lost = pd.concat([u for u in unmatched if len(u)] or [pd.DataFrame(columns=list(UNMATCHED_COLUMNS))],
+                     ignore_index=True)
+    merge_csv(crop_dir / UNMATCHED, lost, drop=done, create=True)

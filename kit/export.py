@@ -31,6 +31,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from .files import write_text_atomic
+
 log = logging.getLogger("kit.export")
 
 PathLike = str | os.PathLike
@@ -200,7 +202,5 @@ def export_runs(runs: Sequence[PathLike], out_dir: PathLike) -> dict:
                                   "folds": sorted(folds), "source": str(run_dir.resolve())}
         log.info("exported %s folds %s -> %s", run_dir, sorted(folds), target)
     manifest["created"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    tmp = out_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out_dir / MANIFEST)
+    write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2))
     return manifest

@@ -1,7 +1,7 @@
 """Atomic file writes: a file at its final path is always complete, never half-written by a run that was killed.
 
 Each writer writes a temporary file beside the target (same folder, so the same file system) and renames it over
-the target with `os.replace`, which is atomic on POSIX and Windows. numpy / pandas only.
+the target with `os.replace`, which is atomic on POSIX and Windows. Standard library only.
 """
 
 from __future__ import annotations
@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
-
-import pandas as pd
 
 PathLike = str | os.PathLike
 
@@ -36,6 +34,6 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
     return replace_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def write_csv_atomic(df: pd.DataFrame, path: PathLike) -> Path:
+def write_csv_atomic(df: "pandas.DataFrame", path: PathLike) -> Path:
     """`df.to_csv(path, index=False)`, written atomically."""
     return replace_atomic(path, lambda tmp: df.to_csv(tmp, index=False))

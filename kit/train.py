@@ -42,6 +42,7 @@ from .progress import progress_bar
 
 from .config import config_to_dict, load_config, save_config
 from .devices import cuda_half_dtype, has_native_bf16
+from .files import replace_atomic
 from .models import create_model
 from .tasks import make_task
 
@@ -151,9 +152,7 @@ def _gather(obj: Any, info: DistInfo) -> list:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    replace_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 # ---------------------------------------------------------------------------------------------------------
