@@ -101,13 +101,15 @@ class VertebraExtent:
 #: The clean-up also keeps the pieces of a vertebra that a thin dip of the segmenter's probability cut off from the
 #: rest (C2's dens tip where C1's ring surrounds it: the tip dropped left C2 starting 10-14 slices late): a piece
 #: lying wholly in the slices the level model gives that vertebra and at most this many mm from the rest along z,
-#: overlapping it in-plane. Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, fifteenth session).
+#: overlapping it in-plane. Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, Stage 1,
+#: "The clean-up: pieces within 4 mm inside the level range").
 BRIDGE_MM = 4.0
 
 #: The clean-up grows each vertebra beyond its first and last slice into the voxels above this probability that
 #: touch it, slice by slice: the segmenter sees a vertebra's thin end slices (tips of a few pixels beside the
 #: neighbour's body) only faintly, so at the 0.5 threshold alone its ranges started late and ended early (about
-#: a slice on average). Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, sixteenth session).
+#: a slice on average). Chosen on two tuning sets, not the demo's studies (docs/benchmarks.md, Stage 1,
+#: "The clean-up: faint end slices grown").
 END_THRESHOLD = 0.05
 #: ... and at most this many mm beyond each end: a guard against a model's faint haze over a bad study, which would
 #: otherwise carry a vertebra through the volume (about a vertebra's height; over the 80 tuning studies the growth

@@ -2,7 +2,7 @@
 
 PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups = channels) is slow on small
 feature maps: for the level model's 2x2 and 4x4 maps (batch 320 slices, 5x5 kernels) it takes 40-110 ms a
-layer, most of a training step (docs/benchmarks.md, "Seventh session: depthwise convolutions on CPU"). The
+layer, most of a training step (docs/benchmarks.md, Stage 1, "Depthwise convolutions on CPU"). The
 same gradient is a grouped convolution of the input with the output's gradient, the channels as groups and the
 batch as each group's input channels, which oneDNN runs 2-6x faster at these sizes.
 

@@ -40,7 +40,7 @@ class Segmenter(nn.Module):
         output_stride: 1, or 2 for a Unet whose last decoder block (full resolution, no skip connection:
             a learned upsampler) is left out; the head then works at stride 2 and its logits are upsampled
             bilinearly (centre-aligned). ~20 % less time an epoch of the CPU demo, but the vertebrae's tops
-            were found half a slice later, so the demo keeps 1 (docs/benchmarks.md, "Eighth session").
+            were found half a slice later, so the demo keeps 1 (docs/benchmarks.md, Stage 1, "Tried and not taken").
         head_prior: initial probability of every output pixel (the head's bias is set to its logit), so
             training starts near the sparse truth instead of at 0.5; None keeps smp's initialisation.
         pretrained_weights: local state dict of a timm/smp backbone or of a whole segmenter; or "imagenet":
