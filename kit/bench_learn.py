@@ -50,6 +50,7 @@ KINDS = ("hairline", "cleft", "displaced", "compression")  # kit.synthetic.FRACT
 LOOKALIKE = "lookalike"  # the AUC of intact vertebrae with a look-alike against intact ones without
 RANDOM_ENCODER = "mobilenetv3_small_050"  # demo_cls's
 IMAGENET_ENCODER = "tf_efficientnet_lite0"  # the smallest encoder with packaged ImageNet weights
+START = "kit:cls_lite0_128"  # the shipped starting checkpoint (kit.models.start)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class Setting:
         epoch_scale: epochs = round(the bench's epochs x this).
         train_share: share of each fold's training studies it trains on (a seeded subset; held out unchanged).
         what: one line on what it is.
+        freeze: `model.freeze_backbone` (only the GRU, attention and heads learn).
+        lr: `optim.lr` (None: demo_cls's).
     """
 
     grid: int
@@ -73,11 +76,14 @@ class Setting:
     epoch_scale: float = 1.0
     train_share: float = 1.0
     what: str = ""
+    freeze: bool = False
+    lr: float | None = None
 
     def describe(self) -> str:
-        weights = "ImageNet" if self.pretrained == "imagenet" else "random" if self.pretrained is None else "file"
+        weights = {"imagenet": "ImageNet", None: "random"}.get(self.pretrained, self.pretrained)
         short = {RANDOM_ENCODER: "MNv3-s050", IMAGENET_ENCODER: "Lite0"}.get(self.encoder, self.encoder)
-        return f"{self.grid}/{self.crop} {short} {weights}"
+        extra = (" frozen" if self.freeze else "") + (f" lr {self.lr:g}" if self.lr else "")
+        return f"{self.grid}/{self.crop} {short} {weights}{extra}"
 
 
 #: the settings, one lever at a time from `base` (today's demo: 128 px grid, 64 px crops, random MobileNetV3)
@@ -99,6 +105,17 @@ SETTINGS: dict[str, Setting] = {
                               what="lite0_128 with twice the epochs"),
     "lite0_128_half": Setting(256, 128, IMAGENET_ENCODER, "imagenet", train_share=0.5,
                               what="lite0_128 on half the training studies"),
+    # from the shipped starting checkpoint (`kit pretrain`: the same architecture trained on 480 studies of
+    # seed 1000), fine-tuned for 1 or 2 epochs (epoch_scale x the bench's 3)
+    "start_as_is": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True, lr=1e-9,
+                           what="kit:cls_lite0_128 as shipped (1 epoch at a learning rate of 1e-9: nothing moves but "
+                                "the level offsets, set to the fold's prevalence)"),
+    "start_frozen": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True,
+                            what="kit:cls_lite0_128, 1 epoch with the CNN frozen (GRU, attention, heads learn)"),
+    "start_frozen2": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=2 / 3, freeze=True,
+                             what="start_frozen for 2 epochs"),
+    "start_tuned": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, lr=5e-4,
+                           what="kit:cls_lite0_128, 1 epoch, everything learns at a quarter of the learning rate"),
 }
 DEFAULT_SETTINGS = ("base", "grid256_crop128", "lite0_128", "lite0_128_long")
 
@@ -487,13 +504,19 @@ def run_overrides(setting: Setting, paths: dict, epochs: int, fold: int, name: s
     (validated once, after the last), one torch thread, no progress bar."""
     return {**paths, "name": name, "out_dir": str(runs), "data.fold": fold, "model.encoder": setting.encoder,
             "model.pretrained_weights": setting.pretrained, "train.epochs": epochs, "train.val_every": epochs,
-            "train.threads": 1, "train.progress": False}
+            "train.threads": 1, "train.progress": False, "model.freeze_backbone": setting.freeze,
+            **({"optim.lr": setting.lr} if setting.lr else {})}
 
 
 def _run_name(setting_name: str, setting: Setting, key: str, epochs: int, n_folds: int, seed: int) -> str:
     """`<setting>-<hash>`: the hash of everything that makes the run (not the setting's description), so a run is
     reused only for the same thing."""
-    fields = {k: v for k, v in asdict(setting).items() if k != "what"}
+    later = {"freeze": False, "lr": None}  # fields added later: at their defaults they leave the hash as it was
+    fields = {k: v for k, v in asdict(setting).items() if k != "what" and not (k in later and v == later[k])}
+    from .models.start import is_start, start_meta
+
+    if is_start(setting.pretrained):  # a remade starting checkpoint makes new runs
+        fields["start_sha256"] = start_meta(setting.pretrained)["sha256"]
     what = json.dumps([fields, key, epochs, n_folds, seed], sort_keys=True)
     return f"{setting_name}-{hashlib.sha1(what.encode()).hexdigest()[:8]}"
 
@@ -516,7 +539,7 @@ def _train_labels(data: Path, folds: pd.DataFrame, view: Path, fold: int) -> np.
 
 def resolve_settings(names: Sequence[str] | None, quick: bool) -> dict[str, Setting]:
     """The chosen settings by name (default `DEFAULT_SETTINGS`; quick: base and lite0), each at the quick run's
-    grid and crop size with `quick`.
+    grid and crop size with `quick` (a setting that starts from a shipped checkpoint keeps its crop size).
 
     Raises:
         ValueError: an unknown name (the valid ones are listed).
@@ -529,7 +552,11 @@ def resolve_settings(names: Sequence[str] | None, quick: bool) -> dict[str, Sett
     if quick:
         from dataclasses import replace
 
-        chosen = {n: replace(s, grid=QUICK["grid"], crop=QUICK["crop"]) for n, s in chosen.items()}
+        from .models.start import is_start
+
+        # a shipped starting checkpoint takes the crops it was trained on
+        chosen = {n: replace(s, grid=QUICK["grid"], crop=s.crop if is_start(s.pretrained) else QUICK["crop"])
+                  for n, s in chosen.items()}
     return chosen
 
 

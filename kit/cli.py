@@ -21,9 +21,13 @@ SMOKE_ARGS: dict[str, dict] = {
     "bench seg": {"configs": ["demo_seg"], "slice_counts": [8, 16, 32]},
     "bench crops": {"quick": True},
     "bench submit": {"quick": True},
+    "bench learn": {"quick": True, "out": "runs/bench_learn_smoke"},
     "bench train": {"steps": 1, "rounds": 1},
     # config overrides appended after the command line's: small crops of few slices
     "crops": {"smoke_overrides": ["data.image_size=32", "data.n_slices=5"]},
+    # a small set and a small model, exported beside its working folder (never over the shipped checkpoint)
+    "pretrain": {"n_train": 12, "grid": 64, "n_folds": 3, "epochs": 1, "export_dir": "runs/cls_start_smoke",
+                 "smoke_overrides": ["data.image_size=32", "data.n_slices=4", "model.hidden=8"]},
 }
 # ... and config overrides of `kit train` per task, appended after the command line's (so they win).
 SMOKE_TRAIN: dict[str, dict] = {
@@ -245,6 +249,26 @@ def _cmd_crops(args: argparse.Namespace) -> None:
         print(f"{result['failed']} studies failed; see {Path(cfg.data.crop_dir) / 'failures.csv'}", file=sys.stderr)
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from .pretrain import pretrain
+
+    chosen = {"n_train": args.n_train, "seed": args.seed, "grid": args.grid, "n_folds": args.n_folds,
+              "fold": args.fold, "epochs": args.epochs, "config": args.config, "name": args.name,
+              "export_dir": args.export_dir}
+    meta = pretrain(args.out, **{k: v for k, v in chosen.items() if v is not None}, progress=True,
+                    overrides=_parse_overrides(args.smoke_overrides))
+    held = meta["held_out"]
+
+    def fig(d: dict, key: str) -> str:
+        return "n/a" if d.get(key) is None else f"{d[key]:.3f}"
+
+    print(f"{meta['name']}: {meta['bytes'] / 1e6:.1f} MB, sha256 {meta['sha256'][:12]}; held-out fold of "
+          f"{held['studies']} studies: patient AUC {fig(held['patient_auc'], 'auc')}, vertebra AUC within level "
+          f"{fig(held['vertebra_auc_within_level'], 'auc')}, score {fig(held['score'], 'mean')} vs best constant "
+          f"{fig(held['best_constant'], 'mean')}")
+    print(f"written to {meta['path']} (and its .json provenance)")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -417,6 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-folds", type=int, default=1, help="stage-1 folds to train and score (0: all)")
     p.add_argument("--cls-folds", type=int, default=0, help="classifier folds to train (0: all)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("pretrain", help="make the classifier's starting checkpoint (kit:<name>) that the demo "
+                                        "fine-tunes from: a large synthetic set of its own seed, crops, training, "
+                                        "held-out figures, half-precision export with provenance")
+    p.add_argument("--out", default="runs/cls_start", help="working folder, reused and resumed")
+    p.add_argument("--n-train", type=int, default=None, help="studies of the set (default 480)")
+    p.add_argument("--seed", type=int, default=None, help="the set's seed (default 1000; 0-99 are the demo's)")
+    p.add_argument("--grid", type=int, default=None, help="the set's pixel grid (default 256)")
+    p.add_argument("--n-folds", type=int, default=None, help="folds of the split (default 10)")
+    p.add_argument("--fold", type=int, default=None, help="the held-out fold, scored (default 0)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
+    p.add_argument("--config", default=None, help="training config (default start_cls)")
+    p.add_argument("--name", default=None, help="checkpoint name (default cls_lite0_128)")
+    p.add_argument("--export-dir", default=None, help="where <name>.pt/.json go (default kit/models/weights)")
+    p.set_defaults(func=_cmd_pretrain, smoke_overrides=[])
 
     p = sub.add_parser("submit", help="predict the test studies with trained runs and write submission.csv",
                        description="Predict every test study (kit.rsna.studies_to_predict) with segmenter, level "

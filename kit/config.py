@@ -165,6 +165,20 @@ def _input_scaling(model, image_channels: int, extra_channels: int = 0) -> dict:
     """The `input_mean` / `input_std` model kwargs for `model.pretrained_weights: imagenet`: the scaling the
     packaged weights were trained on, over the image channels, the extra channels (mask, level planes) left as
     they are (`kit.models.imagenet_input_scaling`). No kwargs otherwise: the model sees its [0, 1] input as it is."""
+    from .models.start import is_start, start_meta
+
+    if is_start(model.pretrained_weights):  # the scaling the starting checkpoint was trained with
+        try:
+            meta = start_meta(model.pretrained_weights)
+        except ValueError as exc:
+            raise ConfigError(f"model.pretrained_weights: {exc}") from None
+        kwargs = meta["model_kwargs"]
+        if kwargs.get("input_mean") is None:
+            return {}
+        if len(kwargs["input_mean"]) != image_channels + extra_channels:
+            raise ConfigError(f"model.pretrained_weights={model.pretrained_weights} takes {len(kwargs['input_mean'])} "
+                              f"channels a slice; this config gives {image_channels + extra_channels}")
+        return {"input_mean": list(kwargs["input_mean"]), "input_std": list(kwargs["input_std"])}
     if model.pretrained_weights != "imagenet":
         return {}
     from .models.imagenet import imagenet_input_scaling
@@ -521,7 +535,10 @@ class ClsModelConfig:
             costs ~30 % more training compute, changes nothing at inference.
         pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded. Or
             "imagenet": the packaged ImageNet weights of the encoder (`tf_efficientnet_lite0/1/2`), input
-            scaling included (see `SegModelConfig`).
+            scaling included (see `SegModelConfig`). Or "kit:<name>": a whole classifier the kit ships as a
+            starting point (`kit.models.start`, made by `kit pretrain`), which this config must build alike.
+        freeze_backbone: keep the CNN's weights and BatchNorm statistics as loaded and train only the GRU,
+            attention and heads: the CNN runs forward only (about a third of its training compute).
     """
 
     name: str = "cls_gru"
@@ -531,6 +548,7 @@ class ClsModelConfig:
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     pretrained_weights: str | None = None
+    freeze_backbone: bool = False
 
 
 @dataclass
@@ -582,12 +600,31 @@ class ClsConfig(_RunConfig):
         return (2 * d.n_neighbours + 1) * len(d.windows) + int(d.with_mask)
 
     def model_spec(self) -> tuple[str, dict]:
-        """Registered model name and its plain kwargs, from this config alone."""
+        """Registered model name and its plain kwargs, from this config alone.
+
+        Raises:
+            ConfigError: `model.pretrained_weights` names a starting checkpoint (`kit:<name>`) of another
+                architecture (model name, encoder, channels, GRU width or crop size).
+        """
         m = self.model
-        return m.name, {"in_channels": self.in_channels, "encoder": m.encoder, "hidden": m.hidden,
-                        "dropout": m.dropout, "drop_path_rate": m.drop_path_rate,
-                        "grad_checkpointing": m.grad_checkpointing,
-                        **_input_scaling(m, self.in_channels - int(self.data.with_mask), int(self.data.with_mask))}
+        kwargs = {"in_channels": self.in_channels, "encoder": m.encoder, "hidden": m.hidden,
+                  "dropout": m.dropout, "drop_path_rate": m.drop_path_rate,
+                  "grad_checkpointing": m.grad_checkpointing,
+                  **({"freeze_backbone": True} if m.freeze_backbone else {}),
+                  **_input_scaling(m, self.in_channels - int(self.data.with_mask), int(self.data.with_mask))}
+        from .models.start import is_start, start_meta
+
+        if is_start(m.pretrained_weights):
+            meta = start_meta(m.pretrained_weights)
+            ours = {"model_name": m.name, "image_size": self.data.image_size,
+                    **{k: kwargs[k] for k in ("in_channels", "encoder", "hidden")}}
+            theirs = {"model_name": meta["model_name"], "image_size": meta["image_size"],
+                      **{k: meta["model_kwargs"][k] for k in ("in_channels", "encoder", "hidden")}}
+            differ = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
+            if differ:
+                raise ConfigError(f"model.pretrained_weights={m.pretrained_weights} was trained as another model: "
+                                  + ", ".join(f"{k} {a!r} here, {b!r} there" for k, (a, b) in differ.items()))
+        return m.name, kwargs
 
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""

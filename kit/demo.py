@@ -100,8 +100,8 @@ def describe_dataset(root: Path, cache_dir: Path) -> dict:
     }
 
 
-def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, seed: int = 0, size: int = 128,
-             seg_folds: int | None = 1, cls_folds: int | None = None, progress: bool = True,
+def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, seed: int = 0, size: int = 256,
+             cache_size: int = 128, seg_folds: int | None = 1, cls_folds: int | None = None, progress: bool = True,
              submission_csv: str | Path = "submissions/demo/submission.csv") -> dict:
     """Run the demo pipeline; returns the summary written to `runs/demo/summary.json`.
 
@@ -109,6 +109,9 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
         seg_folds: train and score stage 1 on folds 0..seg_folds-1 (None: every fold of the config); one keeps
             the demo within its budget on a 2-core CPU, the held-out studies of those folds are scored.
         cls_folds: classifier folds to train (None: all, so every training study gets an out-of-fold score).
+        size: the synthetic DICOM's pixel grid (256: ~0.55 mm a pixel, fine enough for the classifier's crops to
+            show a 1-2 mm fracture gap; at 128 they do not).
+        cache_size: the grid of stage 1's cache (`kit prepare`): the segmenter and level model train at 128.
     """
     from .cache import prepare_studies
     from .synthetic import make_dataset
@@ -127,7 +130,7 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
         print(f"[1/5] synthetic dataset: reusing {data}")
     print(f"[2/5] reading every study back through kit.dicom into {cache}")
     for split in ("train", "test"):
-        result = prepare_studies(data, cache / split, split=split, size=size, progress=progress)
+        result = prepare_studies(data, cache / split, split=split, size=cache_size, progress=progress)
         if result["failed"]:
             print(f"      {result['failed']} {split} studies failed: {result['failures']}")
     described = describe_dataset(data, cache / "train")
@@ -176,17 +179,22 @@ def print_summary(summary: dict) -> None:
     rows = [
         ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),
         ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
-        ("classifier OOF score", fig("oof_score", 4), f"<= 0.5 x baseline {fig('baseline_score', 4)}"),
+        ("classifier OOF score", fig("oof_score", 4), f"<= 0.75 x baseline {fig('baseline_score', 4)}"),
         ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.report.score_ceilings)"),
         ("  calibration (row form, cross-fitted): OOF change", fig("calibration_oof_change", 4),
          "kept" if summary.get("calibration_used") else "not kept (it did not lower the OOF score)"),
+        ("classifier patient AUC (OOF)", fig("patient_auc"), ">= 0.80"),
         ("attention hit rate", fig("attention_hit_rate"), ">= 0.70"),
-        ("test score", fig("test_score", 4), f"< baseline {fig('test_baseline_score', 4)}"),
+        ("test score", fig("test_score", 4), f"<= 0.85 x baseline {fig('test_baseline_score', 4)}"),
         ("seconds: data / stage 1 / stage 2 / submission / total",
          " / ".join(str(s.get(k, "–")) for k in ("data", "stage1", "stage2", "submission", "total")), ""),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n" + "\n".join(f"{name:<{width}}  {value:>18}  {target}" for name, value, target in rows))
+    started = summary.get("cls_start")
+    if started:
+        print(f"the classifier fine-tuned from {started['weights']}, trained once on {started['set']['n_train']} "
+              f"synthetic studies of seed {started['set']['seed']} (never the demo's): {started['command']}")
     print(f"artefacts: runs/demo_seg, runs/demo_level, runs/demo_cls (report.md), {summary.get('submission')}, "
           f"summary {SUMMARY}")
 
@@ -410,6 +418,8 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         "baseline_score": round(float(fair["score_row"]), 4) if fair else None,
         "baseline_in_sample_score": round(float(report["baseline"]["score_row"]), 4),
         "cls_auc": {t: round(float(v), 3) for t, v in model["auc"].items()},
+        "patient_auc": None if model["auc"].get("patient_overall") is None
+        else round(float(model["auc"]["patient_overall"]), 3),
         "cls_folds_trained": len(folds),
         "cls_oof_studies": int(model["n_studies"]),
         "crops_built": crops["built"], "crops_failed": crops["failed"],
@@ -443,6 +453,12 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
             if report["recall"].get("lookalike"):
                 out["false_alarms_by_lookalike"] = {r["lookalike"]: round(float(r[name]), 3)
                                                     for r in report["recall"]["lookalike"]}
+    from .models.start import is_start, start_meta
+
+    if is_start(base.model.pretrained_weights):  # the summary says where the classifier started
+        meta = start_meta(base.model.pretrained_weights)
+        out["cls_start"] = {"weights": base.model.pretrained_weights, "command": meta["command"],
+                            "set": meta["set"], "kit_commit": meta.get("kit_commit")}
     out["cls_seconds"] = round(time.perf_counter() - start, 1)
     return out
 

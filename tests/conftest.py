@@ -55,7 +55,8 @@ def smoke_runs(synthetic_root, tmp_path_factory):
                                                   "data.augment.crop": 24, "train.batch_size": 8}))
     cls = {**shared, "data.crop_dir": str(work / "crops"), "data.true_masks": True,
            "data.seg_runs": [str(run_root / "demo_seg"), str(run_root / "demo_level")],
-           "data.image_size": 32, "data.n_slices": 5, "model.hidden": 8, "train.batch_size": 8}
+           "data.image_size": 32, "data.n_slices": 5, "model.hidden": 8, "train.batch_size": 8,
+           "model.encoder": "mobilenetv3_small_050", "model.pretrained_weights": None, "model.freeze_backbone": False}
     build_crops(load_config("demo_cls", **cls), progress=False, prefetch=False)
     patient = {"model.name": "cls_patient_gru", "train.batch_size": 2}  # one sample a study: 2 make a batch
     for name, extra in (("demo_cls", {}), ("demo_cls_patient", patient)):

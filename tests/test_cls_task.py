@@ -296,6 +296,7 @@ def tiny_config(cache, tmp_path, **overrides):
     values = {"data.data_root": str(root / "data"), "data.crop_dir": str(cache["crop_dir"]),
               "data.folds_csv": str(root / "folds.csv"), "data.n_folds": N_FOLDS, "data.fold": 0,
               "data.image_size": S, "data.n_slices": T, "model.encoder": "mobilenetv3_small_050",
+              "model.pretrained_weights": None, "model.freeze_backbone": False,
               "model.hidden": 16, "train.epochs": 2, "train.val_every": 1, "train.batch_size": 8,
               "train.threads": 1, "train.progress": False, "train.ema": False, "out_dir": str(tmp_path / "runs"),
               **overrides}

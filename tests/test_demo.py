@@ -76,11 +76,14 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
                                                   "data.crop_dir": str(tmp_path / "crops"),
                                                   "data.seg_runs": [str(runs / "demo_seg"), str(runs / "demo_level")],
                                                   "data.image_size": 32, "data.n_slices": 4, "train.epochs": 1,
-                                                  "train.batch_size": 4, "train.progress": False})
+                                                  "train.batch_size": 4, "train.progress": False,
+                                                  "model.encoder": "mobilenetv3_small_050",
+                                                  "model.pretrained_weights": None, "model.freeze_backbone": False})
     assert cls["cls_folds_trained"] == 2 and cls["crops_built"] == 8 and cls["crops_failed"] == 0
     assert cls["cls_oof_studies"] == 8  # every training study scored out of fold
     assert 0 < cls["oof_score"] < 5 and 0 < cls["baseline_score"] < 5
     assert set(cls["cls_auc"]) == set(TARGETS) and cls["cls_seconds"] > 0
+    assert cls["patient_auc"] == cls["cls_auc"]["patient_overall"] and "cls_start" not in cls
     assert (runs / "demo_cls" / "report.md").is_file()
 
 

@@ -35,7 +35,8 @@ def write_run(runs_dir: Path, config_name: str, folds, **overrides) -> Path:
     return runs_dir / cfg.name
 
 
-TINY_CLS = {"model.encoder": "mobilenetv3_small_050", "model.hidden": 8, "data.image_size": 32}
+TINY_CLS = {"model.encoder": "mobilenetv3_small_050", "model.hidden": 8, "data.image_size": 32,
+            "model.pretrained_weights": None, "model.freeze_backbone": False}
 TINY_SEG = {"model.encoder": "tu-mobilenetv3_small_050", "model.encoder_depth": 3, "model.decoder_width": 16,
             "data.image_size": 64}
 

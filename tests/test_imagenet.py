@@ -226,3 +226,22 @@ def test_configs_without_imagenet_keep_their_kwargs_and_imagenet_needs_the_scali
         create_model("cls_gru", in_channels=6, encoder=LITE0, hidden=8, pretrained_weights="imagenet")
     with pytest.raises(ValueError, match="no packaged ImageNet weights for encoder 'resnet18d'"):
         ClsConfig(model=ClsModelConfig(encoder="resnet18d", pretrained_weights="imagenet")).model_spec()
+
+
+def test_packaged_configs_start_from_packaged_weights_where_they_exist():
+    """A shipped config whose encoder has packaged ImageNet weights starts from them (or from a shipped starting
+    checkpoint made from them); the others name no weights (a local file is the user's: README, Full scale)."""
+    from pathlib import Path
+
+    import kit
+    from kit.config import load_config
+
+    names = sorted(p.stem for p in (Path(kit.__file__).parent / "configs").glob("*.yaml"))
+    assert "demo_cls" in names and "cls_effv2s_224" in names
+    for name in names:
+        model = load_config(name).model
+        weights = model.pretrained_weights
+        if model.encoder.removeprefix("tu-") in packaged_encoders():
+            assert weights == "imagenet" or str(weights).startswith("kit:"), name
+        else:
+            assert weights is None, name

@@ -76,7 +76,7 @@ def _case(index: int, line: str):
 def test_readme_block_holds_the_pipeline_in_order():
     verbs = [shlex.split(line)[1] for line in COMMANDS]
     assert verbs == ["synth", "prepare", "train", "train", "segment", "crops", "train", "report", "calibrate",
-                     "submit", "bench", "bench", "bench", "bench", "bench"]
+                     "submit", "bench", "bench", "bench", "bench", "bench", "bench", "pretrain"]
     assert "kit train --config demo_seg --folds 0 1 2 train.epochs=3" in COMMANDS  # the line that once failed
     with pytest.raises(ValueError, match="is not a `kit ...` line"):
         readme_commands("## Command line\n\n```bash\npython -m kit.cli synth\n```\n")
@@ -140,6 +140,12 @@ def check_artefacts(argv: list[str], ws: Path, stdout: str) -> None:
         assert "OOF score" in stdout and "cross-fitted" in stdout
         written = (ws / argv[2] / "calibration.json").is_file()
         assert written == ("wrote " in stdout)  # kept only when it helped out of fold, as printed
+    elif verb == "pretrain":  # smoke: exported beside its working folder, never over the shipped checkpoint
+        import json
+
+        meta = json.loads((ws / "runs" / "cls_start_smoke" / "cls_lite0_128.json").read_text())
+        assert meta["command"].startswith("kit pretrain") and meta["set"]["seed"] not in range(100)
+        assert (ws / "runs" / "cls_start_smoke" / "cls_lite0_128.pt").is_file() and "held-out fold" in stdout
     elif verb == "bench":
         assert re.search(r"\d", stdout), "a benchmark prints its figures"
 

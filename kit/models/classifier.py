@@ -26,6 +26,7 @@ dict, `forward` = both.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import math
@@ -37,6 +38,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ..constants import TRAIN_PREVALENCE
 from .imagenet import IMAGENET, InputNorm, check_input_scaling, load_imagenet
+from .start import is_start, start_weights
 from .registry import LoadReport, load_weights, match_fraction, read_state_dict, register_model
 
 log = logging.getLogger("kit.models")
@@ -122,7 +124,8 @@ class VertebraClassifier(nn.Module):
             `set_grad_checkpointing`) to train larger stacks in less memory.
         pretrained_weights: local state dict of the timm backbone (its first conv adapted to
             `in_channels`) or of a whole VertebraClassifier; or "imagenet": the encoder's packaged ImageNet
-            weights (`kit.models.imagenet`), which need `input_mean` / `input_std`.
+            weights (`kit.models.imagenet`), which need `input_mean` / `input_std`; or "kit:<name>": a whole
+            classifier the kit ships as a starting point (`kit.models.start`).
         levels: vertebra levels (7: C1..C7). `level_bias` holds one logit offset per level, added to the
             vertebra logit when `forward` is given each vertebra's level: fractures are far more common at
             some levels (C2, C7) than others (C3), and a crop alone says little about its level. Zeros at
@@ -132,6 +135,8 @@ class VertebraClassifier(nn.Module):
             weights: the weights' RGB statistics repeated over the image channels, and 0 for the mask channel
             (mean 0, std 1: the mask stays 0/1; `kit.models.imagenet_input_scaling`).
         input_std: per-channel divisor, in_channels positive values, or None.
+        freeze_backbone: the CNN keeps its loaded weights and BatchNorm statistics (no gradients, eval mode even
+            in training) and runs without autograd: only the GRU, attention and heads learn.
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class VertebraClassifier(nn.Module):
         levels: int = 7,
         input_mean: list[float] | None = None,
         input_std: list[float] | None = None,
+        freeze_backbone: bool = False,
     ) -> None:
         super().__init__()
         check_input_scaling(pretrained_weights, input_mean, input_std, encoder)
@@ -180,6 +186,17 @@ class VertebraClassifier(nn.Module):
             self.set_grad_checkpointing(True)
         if pretrained_weights:
             self.load_pretrained(pretrained_weights)
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            self.cnn.requires_grad_(False)
+            self.cnn.eval()
+
+    def train(self, mode: bool = True) -> VertebraClassifier:
+        """As nn.Module.train; a frozen backbone stays in eval mode (its BatchNorm statistics as loaded)."""
+        super().train(mode)
+        if self.freeze_backbone:
+            self.cnn.eval()
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # weights saved by an older kit: no level offsets (as they were trained), the metric's nominal odds
@@ -205,6 +222,8 @@ class VertebraClassifier(nn.Module):
         "imagenet": the encoder's packaged ImageNet weights into the backbone."""
         if path == IMAGENET:
             return _load_imagenet(self.cnn, self.encoder_name)
+        if is_start(path):
+            return _load_best_match(str(start_weights(path)), [("classifier", self)], self.encoder_name)
         return _load_best_match(path, [("classifier", self), ("backbone", self.cnn)], self.encoder_name)
 
     def slice_features(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,12 +237,13 @@ class VertebraClassifier(nn.Module):
         if keep is not None:
             images = images[keep]
         images = self.input_norm(images)
-        if images.shape[0] == 0:
-            feats = x.new_zeros((0, self.num_features))
-        elif self.chunk is None or images.shape[0] <= self.chunk:
-            feats = self.cnn(images)
-        else:
-            feats = torch.cat([self.cnn(part) for part in images.split(self.chunk)])
+        with torch.no_grad() if self.freeze_backbone else contextlib.nullcontext():
+            if images.shape[0] == 0:
+                feats = x.new_zeros((0, self.num_features))
+            elif self.chunk is None or images.shape[0] <= self.chunk:
+                feats = self.cnn(images)
+            else:
+                feats = torch.cat([self.cnn(part) for part in images.split(self.chunk)])
         if keep is not None:
             feats = feats.new_zeros((b * t, feats.shape[-1])).index_put((keep.nonzero().squeeze(1),), feats)
         return feats.view(b, t, -1)

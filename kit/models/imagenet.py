@@ -306,6 +306,13 @@ def check_input_scaling(pretrained_weights: str | None, input_mean: Sequence[flo
     `pretrained_weights` (None when a checkpoint is rebuilt for inference) without train and inference
     drifting apart.
     """
+    from .start import is_start, start_meta
+
+    if is_start(pretrained_weights) and start_meta(pretrained_weights)["model_kwargs"].get("input_mean") is not None \
+            and (input_mean is None or input_std is None):
+        raise ValueError(f"pretrained_weights={pretrained_weights!r} was trained with input scaling; give the model "
+                         "its input_mean / input_std (kit.config's model_spec() fills them from the checkpoint's "
+                         "provenance)")
     if pretrained_weights == IMAGENET and (input_mean is None or input_std is None):
         raise ValueError(f"pretrained_weights='imagenet' needs the input scaling those weights were trained on: "
                          f"input_mean, input_std = kit.models.imagenet_input_scaling({encoder!r}, image_channels, "

@@ -1,0 +1,94 @@
+"""Starting checkpoints (`kit:<name>`, kit.models.start) and the frozen backbone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kit.models.start as start
+from kit.config import ConfigError, load_config
+from kit.models import create_model
+from kit.pretrain import export_start, pretrain
+
+SMALL = {"model.encoder": "mobilenetv3_small_050", "model.hidden": 16, "data.image_size": 32,
+         "model.pretrained_weights": None, "model.freeze_backbone": False}
+
+
+@pytest.fixture
+def shipped(tmp_path, monkeypatch):
+    """A starting checkpoint of a small classifier exported into a weights folder of the test's own."""
+    monkeypatch.setattr(start, "WEIGHTS_DIR", tmp_path / "weights")
+    cfg = load_config("demo_cls", **SMALL)
+    name, kwargs = cfg.model_spec()
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    with torch.no_grad():
+        model.level_bias.copy_(torch.arange(7.0))
+        model.train_prevalence.fill_(0.25)
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model": model.state_dict(), "model_name": name, "model_kwargs": kwargs,
+                "config": {"data": {"image_size": 32}}}, ckpt)
+    weights, meta = export_start(ckpt, tmp_path / "weights", "tiny", {"command": "kit pretrain ..."})
+    return {"model": model, "weights": weights, "meta": meta}
+
+
+def test_export_is_half_precision_with_provenance_and_loads_into_the_same_model(shipped):
+    state = torch.load(shipped["weights"], weights_only=True)
+    assert state["gru.weight_ih_l0"].dtype == torch.float16
+    assert state["train_prevalence"].dtype == torch.float64  # float64 buffers kept exactly
+    meta = json.loads(shipped["meta"].read_text())
+    assert meta["sha256"] == start.file_sha256(shipped["weights"]) and meta["command"] == "kit pretrain ..."
+    assert meta["model_kwargs"]["encoder"] == "mobilenetv3_small_050" and meta["image_size"] == 32
+    assert start.start_names() == ["tiny"]
+
+    cfg = load_config("demo_cls", **{**SMALL, "model.pretrained_weights": "kit:tiny"})
+    name, kwargs = cfg.model_spec()
+    loaded = create_model(name, **kwargs, pretrained_weights=cfg.model.pretrained_weights)
+    for key, value in shipped["model"].state_dict().items():
+        got = loaded.state_dict()[key]
+        if value.dtype == torch.float32:
+            assert torch.allclose(got, value.half().float()), key
+        else:
+            assert torch.equal(got, value), key
+
+
+def test_another_architecture_a_damaged_file_and_an_unknown_name_are_refused(shipped):
+    with pytest.raises(ConfigError, match="hidden 32 here, 16 there"):
+        load_config("demo_cls", **{**SMALL, "model.hidden": 32, "model.pretrained_weights": "kit:tiny"}).model_spec()
+    with pytest.raises(ConfigError, match="image_size 64 here, 32 there"):
+        load_config("demo_cls", **{**SMALL, "data.image_size": 64,
+                                   "model.pretrained_weights": "kit:tiny"}).model_spec()
+    with pytest.raises(ConfigError, match="shipped: kit:tiny"):
+        load_config("demo_cls", **{**SMALL, "model.pretrained_weights": "kit:nothing"}).model_spec()
+    shipped["weights"].write_bytes(shipped["weights"].read_bytes() + b"x")
+    with pytest.raises(ValueError, match="sha256"):
+        start.start_weights("kit:tiny")
+
+
+def test_frozen_backbone_keeps_its_weights_and_statistics_while_the_rest_learns():
+    cfg = load_config("demo_cls", **{**SMALL, "model.freeze_backbone": True})
+    name, kwargs = cfg.model_spec()
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    assert not model.cnn.training and model.gru.training
+    optimiser = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.rand(2, 3, 6, 32, 32)
+    for _ in range(2):
+        out = model(x, torch.ones(2, 3, dtype=torch.bool))
+        out["logit"].sum().backward()
+        optimiser.step()
+        optimiser.zero_grad()
+    after = model.state_dict()
+    cnn = [k for k in before if k.startswith("cnn.")]
+    assert cnn and all(torch.equal(before[k], after[k]) for k in cnn)  # weights and BatchNorm statistics
+    assert not torch.equal(before["gru.weight_ih_l0"], after["gru.weight_ih_l0"])
+    assert all(p.grad is None for p in model.cnn.parameters())
+
+
+def test_pretrain_refuses_the_demos_seeds(tmp_path):
+    with pytest.raises(ValueError, match="kept for the demo"):
+        pretrain(tmp_path, seed=0)
