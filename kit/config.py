@@ -213,7 +213,9 @@ class TrainConfig:
     """The loop: epochs, batches, precision, EMA, stopping, devices.
 
     Attributes:
-        epochs: total epochs.
+        epochs: total epochs; 0 trains nothing: the starting weights (`model.pretrained_weights`), after the task's
+            data-dependent initialisation (the classifier's level offsets and priors from the training folds),
+            are validated and saved as the fold's model.
         batch_size: samples per process and micro-batch (DDP: per GPU).
         val_batch_size: slices per forward pass in validation.
         accum_steps: micro-batches per optimizer step.
@@ -291,9 +293,12 @@ class _RunConfig:
         t = self.train
         if t.amp not in AMP_CHOICES:
             raise ConfigError(f"train.amp={t.amp!r}; valid: {', '.join(AMP_CHOICES)}")
-        for key in ("epochs", "batch_size", "val_batch_size", "accum_steps", "val_every"):
+        for key in ("batch_size", "val_batch_size", "accum_steps", "val_every"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
+        if t.epochs < 0 or (t.epochs == 0 and not getattr(self.model, "pretrained_weights", None)):
+            raise ConfigError(f"train.epochs must be >= 1, or 0 with model.pretrained_weights (the starting weights "
+                              f"validated as they are); got {t.epochs}")
         if not self.name or "/" in self.name or "\\" in self.name:
             raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
 

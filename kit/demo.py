@@ -193,8 +193,12 @@ def print_summary(summary: dict) -> None:
     print("\n" + "\n".join(f"{name:<{width}}  {value:>18}  {target}" for name, value, target in rows))
     started = summary.get("cls_start")
     if started:
-        print(f"the classifier fine-tuned from {started['weights']}, trained once on {started['set']['n_train']} "
-              f"synthetic studies of seed {started['set']['seed']} (never the demo's): {started['command']}")
+        epochs = started.get("fine_tuning_epochs")
+        how = ("used as shipped, each fold setting only its level offsets and priors" if epochs == 0
+               else f"fine-tuned for {epochs} epoch(s)" + (" with the CNN frozen" if started.get("backbone_frozen")
+                                                          else ""))
+        print(f"the classifier is {started['weights']} ({how}), trained once on {started['set']['n_train']} "
+              f"synthetic studies of seed {started['set']['seed']}, never the demo's: {started['command']}")
     print(f"artefacts: runs/demo_seg, runs/demo_level, runs/demo_cls (report.md), {summary.get('submission')}, "
           f"summary {SUMMARY}")
 
@@ -458,7 +462,8 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
     if is_start(base.model.pretrained_weights):  # the summary says where the classifier started
         meta = start_meta(base.model.pretrained_weights)
         out["cls_start"] = {"weights": base.model.pretrained_weights, "command": meta["command"],
-                            "set": meta["set"], "kit_commit": meta.get("kit_commit")}
+                            "set": meta["set"], "kit_commit": meta.get("kit_commit"),
+                            "fine_tuning_epochs": base.train.epochs, "backbone_frozen": base.model.freeze_backbone}
     out["cls_seconds"] = round(time.perf_counter() - start, 1)
     return out
 

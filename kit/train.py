@@ -323,7 +323,7 @@ def _fit(cfg, task, info: DistInfo) -> dict:
     # foreach: one multi-tensor update over all parameters (torch picks it by itself on CUDA only; on a CPU it
     # takes ~45 % off the update of these many small tensors, docs/benchmarks.md)
     optimizer = create_optimizer_v2(model, opt=oc.opt, lr=oc.lr, weight_decay=oc.weight_decay, foreach=True)
-    total = tc.epochs * steps_per_epoch
+    total = max(tc.epochs, 1) * steps_per_epoch
     warmup = min(int(round(oc.warmup_epochs * steps_per_epoch)), total - 1)
     scheduler = CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=oc.lr * oc.min_lr_ratio,
                                   warmup_t=warmup, warmup_lr_init=oc.lr * 0.01, warmup_prefix=True,
@@ -348,6 +348,44 @@ def _fit(cfg, task, info: DistInfo) -> dict:
 
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    def validate(row: dict) -> None:
+        """Score the held-out studies with the EMA (else the plain) weights into `row`; a better score saves
+        `model.pt` and `oof.csv`; a worse one counts towards early stopping."""
+        nonlocal best, best_epoch, bad, early
+        eval_model = ema.module if ema is not None else model
+        eval_model.eval()
+        part = task.evaluate(eval_model, held_out[info.rank::info.world_size], device, autocast)
+        parts = _gather(part, info)
+        rows = [r for p in parts for r in p.rows]
+        metric = task.score(rows)
+        row["val_loss"] = sum(p.loss_sum for p in parts) / max(sum(p.count for p in parts), 1)
+        row[f"val_{task.metric_name}"] = metric
+        if improved(metric, best, best_epoch):
+            best, best_epoch, bad = metric, epoch, 0
+            if info.main:
+                _atomic_save({"model": eval_model.state_dict(), "model_name": model_name,
+                              "model_kwargs": model_kwargs, "config": config_to_dict(cfg), "epoch": epoch,
+                              "metric": metric, "metric_name": task.metric_name}, run_dir / "model.pt")
+                task.write_oof(rows, run_dir, epoch)
+        else:
+            bad += 1
+            early = tc.patience is not None and bad >= tc.patience
+
+    def finish_epoch(row: dict, t0: float) -> None:
+        """Log the epoch's row and save everything a resumed run needs (`last.pt`)."""
+        nonlocal state
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(row)
+        state = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
+                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                 "best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "early_stopped": early,
+                 "metric_name": task.metric_name, "history": history, "config": config_to_dict(cfg)}
+        if info.main:
+            _atomic_save(state, last_path)
+            _write_logs(history, run_dir)
+            log.info("%s epoch %d: %s", cfg.name, epoch, {k: round(v, 5) for k, v in row.items()})
+        barrier(info)
 
     epochs_this_call = 0
     while epoch < tc.epochs and not early:
@@ -400,38 +438,17 @@ def _fit(cfg, task, info: DistInfo) -> dict:
                f"val_{task.metric_name}": float("nan"), "lr": optimizer.param_groups[0]["lr"]}
 
         if epoch % tc.val_every == 0 or epoch == tc.epochs:
-            eval_model = ema.module if ema is not None else model
-            eval_model.eval()
-            part = task.evaluate(eval_model, held_out[info.rank::info.world_size], device, autocast)
-            parts = _gather(part, info)
-            rows = [r for p in parts for r in p.rows]
-            metric = task.score(rows)
-            row["val_loss"] = sum(p.loss_sum for p in parts) / max(sum(p.count for p in parts), 1)
-            row[f"val_{task.metric_name}"] = metric
-            if improved(metric, best, best_epoch):
-                best, best_epoch, bad = metric, epoch, 0
-                if info.main:
-                    _atomic_save({"model": eval_model.state_dict(), "model_name": model_name,
-                                  "model_kwargs": model_kwargs, "config": config_to_dict(cfg), "epoch": epoch,
-                                  "metric": metric, "metric_name": task.metric_name}, run_dir / "model.pt")
-                    task.write_oof(rows, run_dir, epoch)
-            else:
-                bad += 1
-                early = tc.patience is not None and bad >= tc.patience
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        history.append(row)
-        state = {"model": model.state_dict(), "ema": ema.module.state_dict() if ema is not None else None,
-                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                 "best_metric": best, "best_epoch": best_epoch, "bad_epochs": bad, "early_stopped": early,
-                 "metric_name": task.metric_name, "history": history, "config": config_to_dict(cfg)}
-        if info.main:
-            _atomic_save(state, last_path)
-            _write_logs(history, run_dir)
-            log.info("%s epoch %d: %s", cfg.name, epoch, {k: round(v, 5) for k, v in row.items()})
-        barrier(info)
+            validate(row)
+        finish_epoch(row, t0)
         epochs_this_call += 1
         if tc.stop_after_epochs is not None and epochs_this_call >= tc.stop_after_epochs:
             break
+    if tc.epochs == 0 and state is None:  # no training: the starting weights, initialised for this fold
+        t0 = time.perf_counter()
+        row = {"epoch": 0, "train_loss": float("nan"), "val_loss": float("nan"),
+               f"val_{task.metric_name}": float("nan"), "lr": 0.0}
+        validate(row)
+        finish_epoch(row, t0)
     summary = _summary(state, cfg, run_dir, info)
     summary["seconds"] = round(time.perf_counter() - start_time, 1)
     return summary

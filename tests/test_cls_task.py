@@ -303,6 +303,35 @@ def tiny_config(cache, tmp_path, **overrides):
     return load_config("demo_cls", **values)
 
 
+def test_zero_epochs_validates_the_starting_weights_as_they_are(cache, tmp_path):
+    """train.epochs=0 with starting weights: nothing is trained; the weights, with the fold's level offsets and
+    priors, are validated and saved as the fold's model (a resumed call has nothing to do); without starting
+    weights 0 epochs is refused."""
+    from kit.config import ConfigError
+    from kit.models import create_model
+    from kit.train import fit_fold
+
+    name, kwargs = tiny_config(cache, tmp_path).model_spec()
+    torch.manual_seed(3)
+    start = create_model(name, **kwargs)
+    torch.save(start.state_dict(), tmp_path / "start.pt")
+    cfg = tiny_config(cache, tmp_path, **{"train.epochs": 0, "model.pretrained_weights": str(tmp_path / "start.pt"),
+                                          "train.ema": True})
+    summary = fit_fold(cfg)
+    assert summary["finished"] and summary["epochs_done"] == 0
+    saved = torch.load(cfg.run_dir / "model.pt", weights_only=False)
+    assert saved["epoch"] == 0
+    for key, value in start.state_dict().items():
+        if key not in ("level_bias", "metric_odds", "train_prevalence"):  # set from the training folds
+            assert torch.equal(saved["model"][key], value), key
+    assert not torch.equal(saved["model"]["level_bias"], start.level_bias)
+    held_out = [u for i, u in enumerate(cache["uids"]) if i % N_FOLDS == 0]
+    assert sorted(pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})[UID]) == held_out
+    assert fit_fold(cfg)["epochs_done"] == 0  # finished: nothing to do
+    with pytest.raises(ConfigError, match="train.epochs must be >= 1, or 0 with model.pretrained_weights"):
+        tiny_config(cache, tmp_path, **{"train.epochs": 0})
+
+
 def test_fit_fold_writes_the_oof_contract_and_report_reads_it(cache, tmp_path):
     from kit.report import run_report
     from kit.train import fit_fold
