@@ -17,6 +17,7 @@ the class gives `model_spec()` (model name and kwargs), `recipe()` (its input re
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -29,6 +30,8 @@ import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+log = logging.getLogger("kit.config")
 
 
 class ConfigError(ValueError):
@@ -296,9 +299,9 @@ class _RunConfig:
         for key in ("batch_size", "val_batch_size", "accum_steps", "val_every"):
             if getattr(t, key) < 1:
                 raise ConfigError(f"train.{key} must be >= 1; got {getattr(t, key)}")
-        if t.epochs < 0 or (t.epochs == 0 and not getattr(self.model, "pretrained_weights", None)):
-            raise ConfigError(f"train.epochs must be >= 1, or 0 with model.pretrained_weights (the starting weights "
-                              f"validated as they are); got {t.epochs}")
+        if t.epochs < 0:
+            raise ConfigError(f"train.epochs must be >= 0 (0: the starting weights validated as they are); got "
+                              f"{t.epochs}")
         if not self.name or "/" in self.name or "\\" in self.name:
             raise ConfigError(f"name must be a non-empty file-name-like string; got {self.name!r}")
 
@@ -609,7 +612,7 @@ class ClsConfig(_RunConfig):
 
         Raises:
             ConfigError: `model.pretrained_weights` names a starting checkpoint (`kit:<name>`) of another
-                architecture (model name, encoder, channels, GRU width or crop size).
+                architecture (model name, encoder, channels or GRU width); another crop size is only logged.
         """
         m = self.model
         kwargs = {"in_channels": self.in_channels, "encoder": m.encoder, "hidden": m.hidden,
@@ -621,14 +624,16 @@ class ClsConfig(_RunConfig):
 
         if is_start(m.pretrained_weights):
             meta = start_meta(m.pretrained_weights)
-            ours = {"model_name": m.name, "image_size": self.data.image_size,
-                    **{k: kwargs[k] for k in ("in_channels", "encoder", "hidden")}}
-            theirs = {"model_name": meta["model_name"], "image_size": meta["image_size"],
+            ours = {"model_name": m.name, **{k: kwargs[k] for k in ("in_channels", "encoder", "hidden")}}
+            theirs = {"model_name": meta["model_name"],
                       **{k: meta["model_kwargs"][k] for k in ("in_channels", "encoder", "hidden")}}
             differ = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]}
             if differ:
                 raise ConfigError(f"model.pretrained_weights={m.pretrained_weights} was trained as another model: "
                                   + ", ".join(f"{k} {a!r} here, {b!r} there" for k, (a, b) in differ.items()))
+            if self.data.image_size != meta["image_size"]:  # the CNN takes any size; what it learnt may not carry
+                log.warning("model.pretrained_weights=%s was trained on %d px crops; data.image_size is %d",
+                            m.pretrained_weights, meta["image_size"], self.data.image_size)
         return m.name, kwargs
 
     def check(self) -> None:

@@ -279,6 +279,9 @@ def _fit(cfg, task, info: DistInfo) -> dict:
     device = pick_device(tc.device, info)
     last_path = run_dir / "last.pt"
     state = torch.load(last_path, map_location="cpu", weights_only=True) if tc.resume and last_path.is_file() else None
+    if tc.epochs == 0 and not getattr(cfg.model, "pretrained_weights", None):
+        raise ValueError(f"{cfg.name}: train.epochs=0 validates starting weights without training, but "
+                         "model.pretrained_weights names none: give it weights, or train.epochs >= 1")
     if state is not None and (state["early_stopped"] or state["epoch"] >= tc.epochs):
         log.info("%s: finished (%d epochs), nothing to do", run_dir, state["epoch"])
         return _summary(state, cfg, run_dir, info)

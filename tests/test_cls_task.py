@@ -328,8 +328,10 @@ def test_zero_epochs_validates_the_starting_weights_as_they_are(cache, tmp_path)
     held_out = [u for i, u in enumerate(cache["uids"]) if i % N_FOLDS == 0]
     assert sorted(pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str})[UID]) == held_out
     assert fit_fold(cfg)["epochs_done"] == 0  # finished: nothing to do
-    with pytest.raises(ConfigError, match="train.epochs must be >= 1, or 0 with model.pretrained_weights"):
-        tiny_config(cache, tmp_path, **{"train.epochs": 0})
+    with pytest.raises(ValueError, match="train.epochs=0 validates starting weights"):
+        fit_fold(tiny_config(cache, tmp_path, **{"train.epochs": 0, "name": "no_start"}))
+    with pytest.raises(ConfigError, match="train.epochs must be >= 0"):
+        tiny_config(cache, tmp_path, **{"train.epochs": -1})
 
 
 def test_fit_fold_writes_the_oof_contract_and_report_reads_it(cache, tmp_path):

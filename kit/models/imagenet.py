@@ -339,13 +339,14 @@ class InputNorm(nn.Module):
         self.enabled = mean is not None
         if not self.enabled:
             return
-        mean_t = torch.as_tensor([float(v) for v in mean], dtype=torch.float32)
-        std_t = torch.as_tensor([float(v) for v in std], dtype=torch.float32)
-        if mean_t.numel() != in_channels or std_t.numel() != in_channels:
+        mean_f, std_f = [float(v) for v in mean], [float(v) for v in std]  # checked as numbers: works on meta too
+        if len(mean_f) != in_channels or len(std_f) != in_channels:
             raise ValueError(f"input_mean and input_std need one value per input channel ({in_channels}); got "
-                             f"{mean_t.numel()} and {std_t.numel()} (see kit.models.imagenet_input_scaling)")
-        if not bool((std_t > 0).all()):
-            raise ValueError(f"input_std must be positive; got {std_t.tolist()}")
+                             f"{len(mean_f)} and {len(std_f)} (see kit.models.imagenet_input_scaling)")
+        if not all(v > 0 for v in std_f):
+            raise ValueError(f"input_std must be positive; got {std_f}")
+        mean_t = torch.as_tensor(mean_f, dtype=torch.float32)
+        std_t = torch.as_tensor(std_f, dtype=torch.float32)
         self.register_buffer("mean", mean_t.view(-1, 1, 1), persistent=False)
         self.register_buffer("std", std_t.view(-1, 1, 1), persistent=False)
 
