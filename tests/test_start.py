@@ -93,3 +93,18 @@ def test_frozen_backbone_keeps_its_weights_and_statistics_while_the_rest_learns(
 def test_pretrain_refuses_the_demos_seeds(tmp_path):
     with pytest.raises(ValueError, match="kept for the demo"):
         pretrain(tmp_path, seed=0)
+
+
+def test_the_shipped_checkpoint_is_intact_and_builds_demo_cls():
+    """kit:cls_lite0_128 as shipped: its sha256 is the one its provenance records, the provenance names the command
+    that makes it and a set of no demo seed, and it loads whole into the model `demo_cls` builds."""
+    meta = start.start_meta("kit:cls_lite0_128")
+    assert meta["command"].startswith("kit pretrain") and meta["set"]["seed"] not in range(100)
+    start.start_weights("kit:cls_lite0_128")  # raises on a sha256 mismatch
+    cfg = load_config("demo_cls")
+    assert cfg.model.pretrained_weights == "kit:cls_lite0_128"
+    name, kwargs = cfg.model_spec()
+    model = create_model(name, **kwargs, pretrained_weights=cfg.model.pretrained_weights)
+    state = torch.load(start.start_weights("kit:cls_lite0_128"), weights_only=True)
+    assert set(state) == set(model.state_dict())
+    assert torch.equal(model.state_dict()["logit_head.weight"], state["logit_head.weight"].float())
