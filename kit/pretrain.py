@@ -27,7 +27,6 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -58,7 +57,7 @@ def export_start(model_pt: Path, export_dir: Path, name: str, provenance: dict) 
     precision (float64 buffers kept), `<name>.pt`, and `<name>.json` with the provenance, the architecture and
     the weights' sha256. Both written atomically."""
     from .files import replace_atomic, write_text_atomic
-    from .models.start import file_sha256
+    from .export import sha256_file
 
     ckpt = torch.load(model_pt, map_location="cpu", weights_only=False)
     state = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in ckpt["model"].items()}
@@ -68,7 +67,7 @@ def export_start(model_pt: Path, export_dir: Path, name: str, provenance: dict) 
     kwargs = {k: v for k, v in ckpt["model_kwargs"].items() if k not in ("pretrained_weights", "freeze_backbone")}
     meta = {"name": name, "model_name": ckpt["model_name"], "model_kwargs": kwargs,
             "image_size": int(ckpt["config"]["data"]["image_size"]), **provenance,
-            "bytes": weights.stat().st_size, "sha256": file_sha256(weights)}
+            "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}
     meta_path = export_dir / f"{name}.json"
     write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
     return weights, meta_path
@@ -94,7 +93,7 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
     Raises:
         ValueError: a demo seed, or a fold outside the split.
     """
-    from .bench_learn import _train_labels, score_heldout
+    from .bench_learn import _jsonable, _train_labels, score_heldout
     from .config import load_config
     from .crop_cache import build_crops
     from .demo import environment
@@ -119,9 +118,8 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
             raise ValueError(f"{data} holds another set ({have}); asked for {wanted}: use another --out")
     else:
         log.info("pretrain: making %d studies at %d px with seed %d in %s", n_train, grid, seed, data)
-        make_dataset(data, n_train=n_train, n_test=0, size=grid, seed=seed, seg_share=1.0, bbox_share=0.5,
-                     answers_dir=answers, workers=workers, progress=progress)
-    made = json.loads((answers / "summary.json").read_text())
+        made = make_dataset(data, n_train=n_train, n_test=0, size=grid, seed=seed, seg_share=1.0, bbox_share=0.5,
+                            answers_dir=answers, workers=workers, progress=progress)
     folds_csv = out / "folds.csv"
     table = folds_for(data, path=folds_csv, n_folds=n_folds)
     settings = {"data.data_root": str(data), "data.folds_csv": str(folds_csv), "data.n_folds": n_folds,
@@ -157,7 +155,7 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
         "training": {"config": config, "epochs": int(cfg.train.epochs), "n_folds": n_folds, "held_out_fold": fold,
                      "train_studies": int(len(labels)), "minutes": round(float(run_log["seconds"].sum()) / 60, 1),
                      "from": "packaged ImageNet weights (model.pretrained_weights of the config)"},
-        "held_out": json.loads(json.dumps(figures, default=_plain)),
+        "held_out": json.loads(json.dumps(figures, default=_jsonable)),
         "environment": environment(),
     }
     weights, meta = export_start(cfg.run_dir / "model.pt", Path(export_dir) if export_dir else WEIGHTS_DIR, name,
@@ -165,10 +163,3 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
     log.info("pretrain: %s (%.1f MB) and %s", weights, weights.stat().st_size / 1e6, meta)
     return {**json.loads(meta.read_text()), "path": str(weights)}
 
-
-def _plain(x):
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return str(x)

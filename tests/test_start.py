@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import kit.models.start as start
+from kit.export import sha256_file
 from kit.config import ConfigError, load_config
 from kit.models import create_model
 from kit.pretrain import export_start, pretrain
@@ -40,7 +41,7 @@ def test_export_is_half_precision_with_provenance_and_loads_into_the_same_model(
     assert state["gru.weight_ih_l0"].dtype == torch.float16
     assert state["train_prevalence"].dtype == torch.float64  # float64 buffers kept exactly
     meta = json.loads(shipped["meta"].read_text())
-    assert meta["sha256"] == start.file_sha256(shipped["weights"]) and meta["command"] == "kit pretrain ..."
+    assert meta["sha256"] == sha256_file(shipped["weights"]) and meta["command"] == "kit pretrain ..."
     assert meta["model_kwargs"]["encoder"] == "mobilenetv3_small_050" and meta["image_size"] == 32
     assert start.start_names() == ["tiny"]
 

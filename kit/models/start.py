@@ -15,9 +15,10 @@ the model the input scaling the checkpoint was trained with.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
+
+from ..export import sha256_file
 
 PREFIX = "kit:"  # `pretrained_weights: kit:<name>` selects a shipped starting checkpoint
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -47,15 +48,6 @@ def start_meta(value: str) -> dict:
     return json.loads((WEIGHTS_DIR / f"{name}.json").read_text())
 
 
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def start_weights(value: str) -> Path:
     """The weights file of a shipped starting checkpoint, after checking it is the file its provenance names.
 
@@ -66,7 +58,7 @@ def start_weights(value: str) -> Path:
     name = _name(value)
     path = WEIGHTS_DIR / f"{name}.pt"
     expected = start_meta(name).get("sha256")
-    if expected and file_sha256(path) != expected:
+    if expected and sha256_file(path) != expected:
         raise ValueError(f"{path}: its sha256 is not the one {name}.json records; reinstall the kit or run the "
                          f"command in {name}.json to make it again")
     return path
