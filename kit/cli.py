@@ -83,7 +83,7 @@ def _few_failures(result: dict, n: int = 10) -> dict:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from .cache import prepare_studies
+    from .io.cache import prepare_studies
 
     result = prepare_studies(args.data_root, args.cache_dir, split=args.split, size=args.size,
                              window_name=args.window, workers=args.workers, segmented_only=args.segmented_only)
@@ -93,13 +93,13 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from .report import run_report, summary_table
+    from .evaluate.report import run_report, summary_table
 
     print(summary_table(run_report(args.run_dirs, args.out, n_worst=args.worst)))
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
-    from .calibration import calibrate_run
+    from .evaluate.calibration import calibrate_run
 
     for run in args.run_dirs:
         r = calibrate_run(run, ridge=args.ridge, only_if_better=args.only_if_better)
@@ -109,7 +109,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from . import bench
+    from .tools import bench
 
     if args.what == "read":
         bench.bench_read(args.series_dir, n_slices=args.slices, size=args.size, workers=args.workers)
@@ -120,22 +120,22 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         chosen = {"config_names": tuple(args.configs or ()), "steps": args.steps, "rounds": args.rounds}
         bench.bench_train(**{k: v for k, v in chosen.items() if v})
     elif args.what == "learn":
-        from .bench_learn import bench_learn
+        from .tools.bench_learn import bench_learn
 
         bench_learn(args.out or "bench_learn", args.settings, n_train=args.n_train, folds=args.folds,
                     n_folds=args.n_folds, epochs=args.epochs, quick=args.quick)
     elif args.what == "crops":
-        from .bench_crops import bench_crops
+        from .tools.bench_crops import bench_crops
 
         chosen = {"config_names": tuple(args.configs or ()), "n_studies": args.studies}
         bench_crops(**{k: v for k, v in chosen.items() if v}, quick=args.quick)
     elif args.what == "submit" and args.model_seconds is not None:  # the read-ahead against its limit
-        from .bench_submit import bench_read_ahead
+        from .tools.bench_submit import bench_read_ahead
 
         chosen = {"size": args.size, "n_slices": args.slices, "studies": args.studies}
         bench_read_ahead(args.model_seconds, **{k: v for k, v in chosen.items() if v}, quick=args.quick)
     else:
-        from .bench_submit import bench_submit
+        from .tools.bench_submit import bench_submit
 
         chosen = {"configs": tuple(args.configs or ()), "slice_counts": tuple(args.slice_counts or ())}
         kwargs = {k: v for k, v in chosen.items() if v}
@@ -232,7 +232,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_segment(args: argparse.Namespace) -> None:
-    from .runner import segment_studies
+    from .stage1.runner import segment_studies
 
     result = segment_studies(args.data_root, args.runs, args.out, split=args.split)
     print(json.dumps(result, indent=2, default=str))
@@ -240,7 +240,7 @@ def _cmd_segment(args: argparse.Namespace) -> None:
 
 def _cmd_crops(args: argparse.Namespace) -> None:
     from .config import load_config
-    from .crop_cache import build_crops
+    from .stage2.crop_cache import build_crops
 
     cfg = load_config(args.config, **_parse_overrides([*args.overrides, *args.smoke_overrides]))
     result = build_crops(cfg, split=args.split)
@@ -250,7 +250,7 @@ def _cmd_crops(args: argparse.Namespace) -> None:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
-    from .pretrain import pretrain
+    from .tools.pretrain import pretrain
 
     chosen = {"n_train": args.n_train, "seed": args.seed, "grid": args.grid, "n_folds": args.n_folds,
               "fold": args.fold, "epochs": args.epochs, "config": args.config, "name": args.name,
@@ -270,14 +270,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     run_demo(args.out, n_train=args.n_train, n_test=args.n_test, seed=args.seed, seg_folds=args.seg_folds or None,
              cls_folds=args.cls_folds or None)
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
-    from .predictor import submit
+    from .submit.predictor import submit
 
     weights = None
     if args.weights:
@@ -287,7 +287,7 @@ def _cmd_submit(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from .export import export_runs
+    from .submit.export import export_runs
 
     manifest = export_runs(args.runs, args.out)
     for name, run in manifest["runs"].items():
@@ -296,7 +296,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _cmd_explain(args: argparse.Namespace) -> None:
-    from .explain import write_explanations
+    from .evaluate.explain import write_explanations
 
     written = write_explanations(args.run, args.uid, args.out, crop_dir=args.crop_dir, vertebrae=args.vertebra,
                                  fold=args.fold, device=args.device)
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="attention and Grad-CAM saliency of a classifier run on one study (PNG)",
                        description="Per vertebra, the sampled slices of its cached crops with the classifier's "
                                    "attention weight and slice logit, a Grad-CAM saliency of the CNN and the true "
-                                   "fracture boxes (kit.explain); one PNG per vertebra.")
+                                   "fracture boxes (kit.evaluate.explain); one PNG per vertebra.")
     p.add_argument("run", metavar="RUN", help="classifier run folder, e.g. runs/demo_cls")
     p.add_argument("--uid", required=True, help="StudyInstanceUID of a study in the crop cache")
     p.add_argument("--vertebra", nargs="+", default=None, choices=VERTEBRAE,
@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--configs", nargs="+", default=None,
                    help="seg: segmenter configs; crops: classifier configs; train: any configs; "
-                        "submit: stage 1 + stage 2 configs (defaults: kit.bench*'s)")
+                        "submit: stage 1 + stage 2 configs (defaults: kit.tools.bench*'s)")
     p.add_argument("--slice-counts", type=int, nargs="+", default=None, help="seg, submit: study lengths to time")
     p.add_argument("--studies", type=int, default=None, help="crops: synthetic studies (default 3)")
     p.add_argument("--memory-configs", nargs="+", default=None,
@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="train: rounds in which the builds take turns (3)")
     p.add_argument("--out", default=None, help="learn: output folder (default bench_learn/)")
     p.add_argument("--settings", nargs="+", default=None,
-                   help="learn: names of kit.bench_learn.SETTINGS (default: base grid256_crop128 lite0_128 "
+                   help="learn: names of kit.tools.bench_learn.SETTINGS (default: base grid256_crop128 lite0_128 "
                         "lite0_128_long)")
     p.add_argument("--n-train", type=int, default=None, help="learn: studies of each synthetic set (default 96)")
     p.add_argument("--folds", type=int, nargs="+", default=None, help="learn: folds trained and scored (0 1)")
@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pretrain, smoke_overrides=[])
 
     p = sub.add_parser("submit", help="predict the test studies with trained runs and write submission.csv",
-                       description="Predict every test study (kit.rsna.studies_to_predict) with segmenter, level "
+                       description="Predict every test study (kit.io.rsna.studies_to_predict) with segmenter, level "
                                    "and classifier runs and write a complete, validated submission.csv plus "
                                    "its log; failures get fallbacks, never a missing row.")
     p.add_argument("--data-root", required=True, help="competition folder (test_images/, test.csv, "

@@ -10,8 +10,8 @@ defaults, so changing one config never changes another.
 
 Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent). A stage registers its
 top-level class here (`@register_config("<task>")`), its task in `kit.tasks` and its model in `kit.models`;
-the class gives `model_spec()` (model name and kwargs), `recipe()` (its input recipe, `kit.slices`) and
-`provides` (what its models predict, for `kit.infer`).
+the class gives `model_spec()` (model name and kwargs), `recipe()` (its input recipe, `kit.stage1.recipe`) and
+`provides` (what its models predict, for `kit.submit.infer`).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class DataConfig:
         data_root: RSNA layout folder (holds train.csv, train_images/, segmentations/).
         cache_dir: prepared arrays from `kit prepare` (`<uid>.npz`, manifest.csv).
         folds_csv: `StudyInstanceUID, fold` CSV shared by all stages; None uses
-            `kit.rsna.default_folds_path(n_folds, folds_seed)` (made from `data_root` on first use).
+            `kit.io.rsna.default_folds_path(n_folds, folds_seed)` (made from `data_root` on first use).
         folds_seed: seed of the split when it is made.
         n_folds: number of folds.
         fold: the held-out fold of this run.
@@ -90,7 +90,7 @@ class DataConfig:
             inference windows new studies the same way.
         image_size: in-plane model input size S; cached arrays of another size are resized on the fly.
         slice_offsets_mm: the segmenter's input slices, as offsets in mm from the slice segmented (ascending,
-            0 included), each rounded to whole slices of the study (`kit.slices.offsets_to_slices`; a non-zero
+            0 included), each rounded to whole slices of the study (`kit.stage1.recipe.offsets_to_slices`; a non-zero
             offset is at least one slice). [-2, -1, 0, 1, 2] is five adjacent slices at 1 mm; [-40, -30, ...,
             40] sees two levels up and down the neck in nine channels, whatever the slice spacing.
         other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
@@ -330,8 +330,8 @@ class SegConfig(_RunConfig):
     provides = "vertebra_probs"  # what its models predict (a class attribute, not a config key)
 
     def recipe(self):
-        """The input recipe of this run (`kit.slices.SegRecipe`)."""
-        from .slices import SegRecipe
+        """The input recipe of this run (`kit.stage1.recipe.SegRecipe`)."""
+        from .stage1.recipe import SegRecipe
 
         return SegRecipe.from_config(self.data)
 
@@ -438,7 +438,7 @@ class LevelModelConfig:
 @dataclass
 class LevelConfig(_RunConfig):
     """Stage 1, part two: which vertebrae each slice shows, from the whole study (`kit.models.level`);
-    `kit.infer.segment_study(..., levels=...)` gives it to the segmenter (input planes or fusion).
+    `kit.submit.infer.segment_study(..., levels=...)` gives it to the segmenter (input planes or fusion).
 
     Attributes: as `SegConfig`, with `LevelDataConfig` and `LevelModelConfig` sections.
     """
@@ -455,8 +455,8 @@ class LevelConfig(_RunConfig):
     provides = "levels"
 
     def recipe(self):
-        """The input recipe of this run (`kit.slices.LevelRecipe`)."""
-        from .slices import LevelRecipe
+        """The input recipe of this run (`kit.stage1.recipe.LevelRecipe`)."""
+        from .stage1.recipe import LevelRecipe
 
         return LevelRecipe.from_config(self.data)
 
@@ -488,7 +488,7 @@ class ClsDataConfig:
         data_root, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same studies and folds
             as stage 1; `window` is stage 1's).
         crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv` with the missing vertebrae, `failures.csv`,
-            `unmatched_boxes.csv`), made by `kit crops` (`kit.crop_cache.build_crops`).
+            `unmatched_boxes.csv`), made by `kit crops` (`kit.stage2.crop_cache.build_crops`).
         seg_runs: stage-1 run folders (segmenter and level model) that find the vertebrae of each study;
             studies they trained on are segmented by the folds that held them out.
         true_masks: crop from the ground-truth segmentation where a study has one, instead of predictions.
@@ -594,8 +594,8 @@ class ClsConfig(_RunConfig):
     provides = "fractures"
 
     def crop_geometry(self) -> dict:
-        """The `kit.crops.crop_study` keyword arguments this config fixes (all but `dz`, the series'): the one
-        place `kit crops` (training crops) and inference (`kit.infer.classify_study`) read them from, so their
+        """The `kit.stage2.crops.crop_study` keyword arguments this config fixes (all but `dz`, the series'): the one
+        place `kit crops` (training crops) and inference (`kit.submit.infer.classify_study`) read them from, so their
         crops are identical."""
         d = self.data
         return {"n_slices": d.n_slices, "n_neighbours": d.n_neighbours, "neighbour_mm": d.neighbour_mm,

@@ -13,7 +13,7 @@ PROB_CLIP = 1e-4
 # Label values in the competition's segmentation NIfTI files.
 SEG_LABELS = {name: i + 1 for i, name in enumerate(VERTEBRAE)}  # C1 -> 1 ... C7 -> 7
 THORACIC_LABELS = {f"T{i}": 7 + i for i in range(1, 13)}  # T1 -> 8 ... T12 -> 19
-PROB_SCALE = 255  # stage-1 probabilities are stored as uint8 in steps of 1/255 (`kit.infer.predict_vertebra_probs`)
+PROB_SCALE = 255  # stage-1 probabilities are stored as uint8 in steps of 1/255 (`kit.submit.infer.predict_vertebra_probs`)
 
 # HU windows as (center, width).
 WINDOWS = {

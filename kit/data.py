@@ -1,7 +1,7 @@
 """torch Datasets over the preprocessing cache, and the in-plane augmentations (the only place that builds
 dict samples).
 
-A segmentation sample is one axial slice z of a study as the input recipe builds it (`kit.slices.SegRecipe`:
+A segmentation sample is one axial slice z of a study as the input recipe builds it (`kit.stage1.recipe.SegRecipe`:
 its input slices, then 7 level planes when level-conditioned):
 
     {"image": float32 (C, S, S) in [0, 1], "target": float32 (K, S, S) multilabel one-hot of C1..C7
@@ -30,12 +30,12 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from .cache import load_cached
-from .crops import NPZ_ERRORS, VERTEBRA_MEMBER, load_crops, load_vertebra_crops
+from .io.cache import load_cached
+from .stage2.crops import NPZ_ERRORS, VERTEBRA_MEMBER, load_crops, load_vertebra_crops
 from .config import AugmentConfig, DataConfig
 from .constants import TARGETS, VERTEBRAE
-from .dicom import resize_slices
-from .slices import LevelRecipe, SegRecipe, append_planes, level_presence, scale, true_presence
+from .io.dicom import resize_slices
+from .stage1.recipe import LevelRecipe, SegRecipe, append_planes, level_presence, scale, true_presence
 
 log = logging.getLogger("kit.data")
 
@@ -87,8 +87,8 @@ def cached_uids(cache_dir: str | os.PathLike, *, with_mask: bool = False,
 
 def read_folds(cfg: DataConfig):
     """The shared `StudyInstanceUID, fold` table: `cfg.folds_csv` if it exists, else made by
-    `kit.rsna.folds_for` from `cfg.data_root` (and saved to `cfg.folds_csv` or the default path)."""
-    from . import rsna
+    `kit.io.rsna.folds_for` from `cfg.data_root` (and saved to `cfg.folds_csv` or the default path)."""
+    from .io import rsna
 
     if cfg.folds_csv and Path(cfg.folds_csv).is_file():
         folds = rsna.load_folds(cfg.folds_csv)
@@ -305,7 +305,7 @@ def load_volumes(cache_dir: str | os.PathLike, uids: Sequence[str], recipe: SegR
 
 
 class SegSliceDataset(Dataset):
-    """Slices of segmented studies for the 2.5D segmenter, built by the input recipe (`kit.slices.SegRecipe`).
+    """Slices of segmented studies for the 2.5D segmenter, built by the input recipe (`kit.stage1.recipe.SegRecipe`).
 
     Each epoch holds a random `foreground_fraction` of the slices that show a vertebra (all of them by
     default) and a random `background_fraction` of the others, redrawn by `set_epoch` (deterministically
@@ -411,7 +411,7 @@ class SegSliceDataset(Dataset):
 
 class LevelSequenceDataset(Dataset):
     """Whole segmented studies as sequences for the level model (`kit.models.level`), built by its input
-    recipe (`kit.slices.LevelRecipe`).
+    recipe (`kit.stage1.recipe.LevelRecipe`).
 
     Each study is sampled every `slice_mm` (`LevelRecipe.grid`); a training sample is a random window of
     `seq_len` steps (shorter studies are zero-padded, with `mask` 0 on the padding: the model skips padded
@@ -517,7 +517,7 @@ def crop_uids(crop_dir: str | os.PathLike) -> list[str]:
 
 def crops_nbytes(path: str | os.PathLike) -> int:
     """Bytes of a crop file's crops in memory (all seven vertebrae), read from the array headers (compressed or
-    not, no pixels read); either file layout (`kit.crops.VERTEBRA_MEMBER`)."""
+    not, no pixels read); either file layout (`kit.stage2.crops.VERTEBRA_MEMBER`)."""
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
         members = ["crops.npy"] if "crops.npy" in names else \
@@ -605,7 +605,7 @@ def stack_input(image: torch.Tensor, intensity: torch.Tensor | None = None, *, m
 
 def reverse_stack(image: np.ndarray, n_neighbours: int, mask_channel: bool = True) -> np.ndarray:
     """A stack mirrored along z: image (T, C, S, S) -> the same layout with the slice order reversed and, within
-    each window's 2n+1 neighbour channels (`kit.crops.stack_channel_names`: offsets -n..n, head to feet), the
+    each window's 2n+1 neighbour channels (`kit.stage2.crops.stack_channel_names`: offsets -n..n, head to feet), the
     offsets reversed too, so the result is the stack of the z-mirrored volume; the mask channel stays last.
 
     Raises:
@@ -653,7 +653,7 @@ class CropDataset(Dataset):
     Args:
         crop_dir: the crop cache.
         uids: the studies.
-        labels: train table (`StudyInstanceUID` + TARGETS, e.g. `kit.rsna.load_train`); every study needs a row.
+        labels: train table (`StudyInstanceUID` + TARGETS, e.g. `kit.io.rsna.load_train`); every study needs a row.
         per_study: the per-study layout instead of per vertebra.
         skip_missing: leave out vertebrae (per study: studies) that were not found.
         mask_channel: the last channel is the vertebra's mask (warped with nearest neighbour).
@@ -667,7 +667,7 @@ class CropDataset(Dataset):
         in_memory: hold every study's arrays in memory (uint8, shared copy-on-write with forked workers);
             None: when the studies' `crops` arrays add up to at most `IN_MEMORY_BYTES` (`crops_nbytes`).
             Otherwise each sample reads its study's file (a per-vertebra sample decompresses only its own stack
-            from files written since the per-vertebra layout, `kit.crops.VERTEBRA_MEMBER`; all seven from older ones).
+            from files written since the per-vertebra layout, `kit.stage2.crops.VERTEBRA_MEMBER`; all seven from older ones).
 
     Raises:
         ValueError: a study lacks labels, or its crops do not fit the others (shape).

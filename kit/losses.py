@@ -60,7 +60,7 @@ def level_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -
 # Competition (fracture classification)
 # ---------------------------------------------------------------------------------------------------------
 # Column order everywhere: TARGETS = [patient_overall, C1, ..., C7]. The metric weights come from
-# kit.constants, the same numbers kit.metrics.competition_score uses.
+# kit.constants, the same numbers kit.evaluate.metrics.competition_score uses.
 
 LOSS_NORMALISE = ("row", "global")
 
@@ -68,7 +68,7 @@ LOSS_NORMALISE = ("row", "global")
 def competition_loss(logits: torch.Tensor, targets: torch.Tensor, *, normalise: str = "row") -> torch.Tensor:
     """The competition's weighted multi-label log loss as a training loss on logits.
 
-    Equals `kit.metrics.competition_score(targets, sigmoid(logits), normalise=normalise)` (to ~1e-12 in
+    Equals `kit.evaluate.metrics.competition_score(targets, sigmoid(logits), normalise=normalise)` (to ~1e-12 in
     float64) wherever the metric's clipping of probabilities to [1e-15, 1 - 1e-15] does not bite, i.e. for
     |logit| < log((1 - 1e-15) / 1e-15) ~ 34.5. Beyond that the metric caps each loss at -log(1e-15) ~ 34.5
     while this loss keeps growing (and keeps its gradient); it is computed with log-sigmoid, so it never

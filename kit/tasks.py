@@ -3,7 +3,7 @@
 `kit.train.fit_fold` owns the loop; a task owns what differs between stages. A stage is three
 registrations, each where its kind lives: its config class (`@register_config("<task>")` in
 `kit.config`), its task here (`@register_task("<task>")`) and its model (`@register_model` in
-`kit/models/`). The trainer, `kit.infer.load_run` and the CLI find all three by the config's `task`.
+`kit/models/`). The trainer, `kit.submit.infer.load_run` and the CLI find all three by the config's `task`.
 
 The task interface:
 
@@ -16,7 +16,7 @@ The task interface:
 
 OOF files: `oof.csv` holds one row per held-out study, with metric columns named so that no stage's file can
 be mistaken for another's (`dice_C1`, `zerr_C1` for the segmenter, `iou_C1` for the level model, the 8
-competition targets for the classifier); `kit.report` reads them.
+competition targets for the classifier); `kit.evaluate.report` reads them.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from torch import nn
 from . import data as kdata
 from .constants import PROB_CLIP, TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
-from .files import write_csv_atomic
-from .metrics import (VERTEBRA_LOSS_ODDS, complete_targets, effective_odds, logit, scale_odds,
+from .io.files import write_csv_atomic
+from .evaluate.metrics import (VERTEBRA_LOSS_ODDS, complete_targets, effective_odds, logit, scale_odds,
                       targets_from_vertebrae)
 from .models.level import level_presence_probs
-from .slices import LevelRecipe, SegRecipe, true_presence
+from .stage1.recipe import LevelRecipe, SegRecipe, true_presence
 
 log = logging.getLogger("kit.tasks")
 
@@ -91,11 +91,11 @@ class SegTask:
     """Stage 1: 2.5D vertebra segmentation on the segmented studies of the cache.
 
     Validation segments every slice of each held-out study with the input recipe inference uses
-    (`SegRecipe.batches`), cleans the probabilities as inference does (`kit.crops.clean_vertebra_probs`) and
-    scores per study the 3D Dice of C1..C7 (`kit.metrics.dice_per_vertebra`) and the z-range errors
-    (`kit.metrics.z_range_errors`: a missed vertebra counts as the study's slice count). The metric is the
+    (`SegRecipe.batches`), cleans the probabilities as inference does (`kit.stage2.crops.clean_vertebra_probs`) and
+    scores per study the 3D Dice of C1..C7 (`kit.evaluate.metrics.dice_per_vertebra`) and the z-range errors
+    (`kit.evaluate.metrics.z_range_errors`: a missed vertebra counts as the study's slice count). The metric is the
     mean over studies of their mean Dice. A level-conditioned segmenter (`data.level_input`) is given the
-    true ranges here (`kit.slices.true_presence`, unjittered), and its clean-up uses them as inference's uses
+    true ranges here (`kit.stage1.recipe.true_presence`, unjittered), and its clean-up uses them as inference's uses
     the level model's, so its validation leaves out the level model's errors; `segment_study` with the level
     model measures both.
     """
@@ -128,8 +128,8 @@ class SegTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
         """Segment and score each study of `uids` (this rank's share of the held-out studies)."""
-        from .crops import clean_vertebra_probs
-        from .metrics import dice_per_vertebra, z_range_errors
+        from .stage2.crops import clean_vertebra_probs
+        from .evaluate.metrics import dice_per_vertebra, z_range_errors
 
         tc, other = self.cfg.train, self.cfg.data.other_vertebrae
         loss_sum, count, rows = 0.0, 0, []
@@ -268,20 +268,20 @@ class ClsTask:
     Loss, plus `loss.slice_weight` x the slice BCE (`slice_bce_loss`) over the sampled slices whose target is
     known (studies with fracture boxes):
     - per study: `competition_loss` on the 8 logits [patient head, C1..C7] (`combine_logits`), normalised as
-      `loss.normalise`: on the same predictions it equals `kit.metrics.competition_score`. A vertebra not
+      `loss.normalise`: on the same predictions it equals `kit.evaluate.metrics.competition_score`. A vertebra not
       found still counts with its label: its logit is then the head's bias, which learns a fallback.
     - per vertebra: a batch mixes vertebrae of different studies, so there is no study row to normalise by;
       `vertebra_loss` is the metric's weighted BCE with the vertebra weights (1 negative, 2 positive),
       sum(w * BCE) / sum(w) over the batch (the vertebra part of the metric's global form); each vertebra's
       level adds its learnt offset (`init_model` starts them at the training folds' prevalence). patient_overall
       is not trained: the 8 targets come from the 7 vertebra probabilities through
-      `kit.metrics.targets_from_vertebrae` (the positive weight 2 undone, 1 - prod(1 - p), each target at the
+      `kit.evaluate.metrics.targets_from_vertebrae` (the positive weight 2 undone, 1 - prod(1 - p), each target at the
       odds the row-normalised metric rewards, `effective_odds` of the training labels, kept in the model's
       `metric_odds` buffer so that inference does the same).
 
     Validation (eval mode, no augmentation) predicts all 7 vertebrae of every held-out study. A vertebra with no
     crop (not found; a per-study model's masked vertebra) gets its training folds' prevalence, in its own value
-    and in patient_overall (`kit.metrics.fill_missing_vertebrae`, the rule inference follows too).
+    and in patient_overall (`kit.evaluate.metrics.fill_missing_vertebrae`, the rule inference follows too).
     patient_overall comes from the patient head when the model has one (the OOF's
     `patient_overall_from_vertebrae` then holds 1 - prod(1 - p_Ci) beside it), else from the vertebrae. The
     validation loss is the row metric of each study's 8 logits (`competition_loss`), the score the negated
@@ -309,7 +309,7 @@ class ClsTask:
 
     def build(self) -> tuple[kdata.CropDataset, list[str]]:
         """The training dataset and the held-out study ids (their crops stay available for validation)."""
-        from .rsna import load_train
+        from .io.rsna import load_train
 
         d = self.cfg.data
         train_uids, held_out = self.split()
@@ -438,7 +438,7 @@ class ClsTask:
     @classmethod
     def score(cls, rows: list[dict]) -> float:
         """-competition_score (row form) of the rows (higher is better); NaN without rows."""
-        from .metrics import competition_score
+        from .evaluate.metrics import competition_score
 
         if not rows:
             return float("nan")
@@ -449,7 +449,7 @@ class ClsTask:
         `<target>_true` labels, `found_C1..C7`, `attn_peak_C1..C7` = the sampled slice 0..T-1 with the highest
         attention, -1 where not found) and `oof_summary.json` (`score`, `baseline_score`: the training folds'
         prevalence scored on the held-out labels, same metric and weights; per-target scores and AUCs)."""
-        from .metrics import competition_score, prevalence_baseline, roc_auc, roc_auc_per_target
+        from .evaluate.metrics import competition_score, prevalence_baseline, roc_auc, roc_auc_per_target
 
         table = _write_table(rows, run_dir, self.cfg.data.fold, epoch)
         y, p = self._arrays(table)
@@ -463,13 +463,13 @@ class ClsTask:
             "baseline_score": competition_score(y, self.train_prevalence),
             "baseline_in_sample": prevalence_baseline(y)[0],
             "train_prevalence": dict(zip(TARGETS, self.train_prevalence.tolist())),
-            "patient_overall_source": "patient head" if self.per_study else "kit.metrics.targets_from_vertebrae",
+            "patient_overall_source": "patient head" if self.per_study else "kit.evaluate.metrics.targets_from_vertebrae",
             "score_patient_from_vertebrae": competition_score(y, from_vertebrae),
             "per_target": competition_score(y, p, per_target=True).to_dict(),
             "auc": _none_if_nan(roc_auc_per_target(y, p).to_dict()),
             "auc_patient_from_vertebrae": _none_if_nan({"auc": roc_auc(y[:, 0], from_vertebrae[:, 0])})["auc"],
             "vertebrae_not_found": int((found == 0).sum()),
-            "not_found_prediction": "training folds' prevalence of that vertebra (kit.metrics.fill_missing_vertebrae)",
+            "not_found_prediction": "training folds' prevalence of that vertebra (kit.evaluate.metrics.fill_missing_vertebrae)",
             "n_studies": len(table), "fold": self.cfg.data.fold, "epoch": epoch,
         }
         (run_dir / "oof_summary.json").write_text(json.dumps(summary, indent=2))

@@ -42,7 +42,7 @@ from .progress import progress_bar
 
 from .config import config_to_dict, load_config, save_config
 from .devices import cuda_half_dtype, has_native_bf16
-from .files import replace_atomic
+from .io.files import replace_atomic
 from .models import create_model
 from .tasks import make_task
 

@@ -35,9 +35,9 @@ def smoke_runs(synthetic_root, tmp_path_factory):
         `level`, `cls`, `cls_patient` (run folders `<run_root>/<name>`), and `cls_overrides` (the classifier
         overrides used, for a notebook or test that trains more of it).
     """
-    from kit.cache import prepare_studies
+    from kit.io.cache import prepare_studies
     from kit.config import load_config
-    from kit.crop_cache import build_crops
+    from kit.stage2.crop_cache import build_crops
     from kit.synthetic import default_answers_dir
     from kit.train import fit_fold
 

@@ -1,4 +1,4 @@
-"""Tiny preprocessing caches for the segmenter tests (the cache contract of `kit.cache`, no DICOM step).
+"""Tiny preprocessing caches for the segmenter tests (the cache contract of `kit.io.cache`, no DICOM step).
 
 Each study is a (Z, S, S) uint8 volume of noise with C1..C7 and T1 stacked head to feet as discs whose
 radius and brightness grow with the label, so a 2D network can tell them apart.

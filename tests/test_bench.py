@@ -10,12 +10,12 @@ import pydicom
 import pytest
 import torch
 
-from kit.bench_crops import bench_crops
-from kit.bench_submit import (FULL_SCALE_CONFIGS, HOLD_VALUE, T4_PEAK, HoldPredictor, _overlap_share,
+from kit.tools.bench_crops import bench_crops
+from kit.tools.bench_submit import (FULL_SCALE_CONFIGS, HOLD_VALUE, T4_PEAK, HoldPredictor, _overlap_share,
                                _steady_s_per_study, bench_read_ahead, bench_submit, count_flops, t4_projection,
                                write_bench_study)
 from kit.cli import apply_smoke, parse_args
-from kit.dicom import read_series, resize_slices, scan_series
+from kit.io.dicom import read_series, resize_slices, scan_series
 from kit.synthetic import make_study
 
 torch.set_num_threads(1)

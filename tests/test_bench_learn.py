@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit.bench_learn import (KINDS, SETTINGS, bootstrap_auc, bootstrap_mean, resolve_settings, score_heldout,
+from kit.tools.bench_learn import (KINDS, SETTINGS, bootstrap_auc, bootstrap_mean, resolve_settings, score_heldout,
                              training_view, vertebra_table)
 from kit.constants import TARGETS, VERTEBRAE
-from kit.metrics import roc_auc
+from kit.evaluate.metrics import roc_auc
 
 # ---------------------------------------------------------------------------------------------------------
 # Bootstrap intervals
@@ -220,7 +220,7 @@ def test_quick_run_table_and_files(quick_run, capsys):
 
 
 def test_quick_run_again_reuses_everything(quick_run):
-    from kit.bench_learn import bench_learn
+    from kit.tools.bench_learn import bench_learn
 
     summary = next((quick_run / "sets").glob("*/answers/summary.json"))
     made = summary.stat().st_mtime_ns

@@ -1,4 +1,4 @@
-"""kit.cache: prepared arrays match the reader, resume skips done studies, broken studies are reported."""
+"""kit.io.cache: prepared arrays match the reader, resume skips done studies, broken studies are reported."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from kit.cache import load_cached, merge_csv, prepare_arrays, prepare_studies, read_manifest
+from kit.io.cache import load_cached, merge_csv, prepare_arrays, prepare_studies, read_manifest
 from kit.constants import WINDOWS
-from kit.dicom import read_mask, read_series, resize_slices, window
+from kit.io.dicom import read_mask, read_series, resize_slices, window
 
 
 def test_prepare_matches_reader_and_resumes(synthetic_root, tmp_path):
@@ -128,7 +128,7 @@ def test_segmented_only_prepares_what_stage_1_trains_on(synthetic_root, tmp_path
     import gzip
 
     from kit.cli import main
-    from kit.rsna import segmented_studies, study_strata
+    from kit.io.rsna import segmented_studies, study_strata
 
     root = tmp_path / "rsna"
     shutil.copytree(synthetic_root, root)
@@ -160,8 +160,8 @@ def test_segmented_only_prepares_what_stage_1_trains_on(synthetic_root, tmp_path
 CRASH_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys
     from pathlib import Path
-    import kit.cache as cache
-    from kit.dicom import fork_is_safe
+    import kit.io.cache as cache
+    from kit.io.dicom import fork_is_safe
 
     root, out, always, with_dicomsdl = sys.argv[1:5]
     real = cache.prepare_study

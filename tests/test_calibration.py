@@ -1,4 +1,4 @@
-"""kit.calibration: Platt scaling per target fitted on OOF predictions with the competition's weights."""
+"""kit.evaluate.calibration: Platt scaling per target fitted on OOF predictions with the competition's weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit.calibration import (apply_calibration, calibrate_run, cross_fitted, fit_calibration, fit_platt,
+from kit.evaluate.calibration import (apply_calibration, calibrate_run, cross_fitted, fit_calibration, fit_platt,
                              read_calibration, write_calibration)
 from kit.constants import TARGETS
 
@@ -90,7 +90,7 @@ def test_calibrating_a_constant_oof_lands_on_the_row_optimal_constant(tmp_path):
     """A no-skill OOF (0.5 everywhere) calibrates to the constant that minimises the row-normalised metric,
     best_constant(prevalence, effective_odds): the fit weighs each cell as the row form does. (Weighted by the
     global form's weights, it landed at twice the odds and made the score worse.)"""
-    from kit.metrics import best_constant, competition_score, effective_odds
+    from kit.evaluate.metrics import best_constant, competition_score, effective_odds
 
     rng = np.random.default_rng(4)
     v = (rng.random((600, 7)) < [0.07, 0.14, 0.04, 0.05, 0.08, 0.14, 0.2]).astype(int)

@@ -18,7 +18,7 @@ from kit.constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
 from kit.data import (NO_INTENSITY, CropDataset, adjust_intensity, augment_stack, crop_uids, crops_nbytes,
                       load_crops, random_affine, stack_input, warp)
 from kit.losses import competition_loss, vertebra_loss
-from kit.metrics import competition_score, effective_odds, scale_odds
+from kit.evaluate.metrics import competition_score, effective_odds, scale_odds
 from kit.tasks import ClsTask, make_task
 
 torch.set_num_threads(1)
@@ -34,7 +34,7 @@ def write_crop_cache(root: Path, n: int = N_STUDIES, seed: int = 0) -> dict:
     found; even studies have no box rows (slice targets NaN). Studies 0, 3, 6, ... are written in the per-vertebra
     file layout `kit crops` writes (`crop_file_arrays`), the others with one `crops` member (older caches).
     """
-    from kit.crops import crop_file_arrays
+    from kit.stage2.crops import crop_file_arrays
 
     rng = np.random.default_rng(seed)
     uids = [f"1.2.826.0.1.3680043.{500 + i}" for i in range(n)]
@@ -132,7 +132,7 @@ def test_crop_dataset_layouts(cache):
 
 
 def test_a_vertebra_read_alone_equals_the_whole_file(cache):
-    from kit.crops import load_vertebra_crops
+    from kit.stage2.crops import load_vertebra_crops
 
     for uid in cache["uids"][:2]:  # per-vertebra layout, then a single `crops` member
         whole = load_crops(cache["crop_dir"], uid)
@@ -335,7 +335,7 @@ def test_zero_epochs_validates_the_starting_weights_as_they_are(cache, tmp_path)
 
 
 def test_fit_fold_writes_the_oof_contract_and_report_reads_it(cache, tmp_path):
-    from kit.report import run_report
+    from kit.evaluate.report import run_report
     from kit.train import fit_fold
 
     cfg = tiny_config(cache, tmp_path)

@@ -1,4 +1,4 @@
-"""kit.crop_cache: the crop cache on the synthetic set, from ground-truth masks (no model) and from tiny stage-1
+"""kit.stage2.crop_cache: the crop cache on the synthetic set, from ground-truth masks (no model) and from tiny stage-1
 runs (the out-of-fold rule)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 
 from kit.config import config_from_dict
 from kit.constants import VERTEBRAE
-from kit.crop_cache import (CROP_KEYS, FAILURES, MANIFEST, UNMATCHED, build_crops, choose_models, crop_path,
+from kit.stage2.crop_cache import (CROP_KEYS, FAILURES, MANIFEST, UNMATCHED, build_crops, choose_models, crop_path,
                             load_crops)
-from kit.crops import crop_box_original, vertebra_extents
-from kit.dicom import centred_nearest_index, read_mask, read_series
+from kit.stage2.crops import crop_box_original, vertebra_extents
+from kit.io.dicom import centred_nearest_index, read_mask, read_series
 
 torch.set_num_threads(1)
 
@@ -199,7 +199,7 @@ def test_load_crops_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         load_crops(tmp_path, "1.2.4")
     # the per-vertebra layout with a vertebra's member missing: named, by both readers
-    from kit.crops import load_vertebra_crops
+    from kit.stage2.crops import load_vertebra_crops
 
     small = {"found": np.ones(7, bool), "positions": np.zeros((7, 2), np.int32),
              "slice_targets": np.zeros((7, 2), np.float32), "instance_numbers": np.arange(3, dtype=np.int32),
@@ -236,9 +236,9 @@ def test_choose_models_out_of_fold_rule():
 def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monkeypatch):
     """Two 1-epoch folds of a tiny segmenter: each segmented training study is cut with the fold that held it
     out, the others with both."""
-    from kit.cache import prepare_studies
+    from kit.io.cache import prepare_studies
     from kit.config import load_config
-    from kit.rsna import folds_for
+    from kit.io.rsna import folds_for
     from kit.train import fit_fold
 
     monkeypatch.chdir(tmp_path)
@@ -304,7 +304,7 @@ def test_cli_crops_takes_a_config_and_overrides(synthetic_root, tmp_path, capsys
 
 _KILLED_BUILD = """
 import os, signal, sys
-import kit.crop_cache as cc
+import kit.stage2.crop_cache as cc
 from kit.config import config_from_dict
 written = []
 write = cc._write_npz
@@ -350,8 +350,8 @@ def test_slice_targets_are_checked_against_the_labels_and_boxes_match_file_numbe
     """study_targets by hand: slices are matched by the file-name number; a box that lands on a neighbour gives a
     labelled-1 vertebra no positive slice and the neighbour a positive one: both listed and unknown (NaN), the
     others kept; a study labelled 0 throughout has known negatives."""
-    from kit.crop_cache import study_targets
-    from kit.crops import file_numbers, vertebra_extents
+    from kit.stage2.crop_cache import study_targets
+    from kit.stage2.crops import file_numbers, vertebra_extents
 
     labels = np.zeros((14, 8, 8), np.uint8)
     for v in range(1, 8):

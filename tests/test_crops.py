@@ -1,4 +1,4 @@
-"""kit.crops: clean-up of vertebra probabilities, extents and crops, on hand-made and synthetic volumes."""
+"""kit.stage2.crops: clean-up of vertebra probabilities, extents and crops, on hand-made and synthetic volumes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from kit.constants import VERTEBRAE, WINDOWS
-from kit.crops import (
+from kit.stage2.crops import (
     GROW_MAX_MM,
     assign_boxes_to_vertebrae,
     clean_vertebra_probs,
@@ -28,7 +28,7 @@ from kit.crops import (
     vertebra_extents,
     vertebra_targets,
 )
-from kit.dicom import window
+from kit.io.dicom import window
 
 
 def stacked_blobs(z: int = 70, size: int = 24, thick: int = 8, gap: int = 2) -> np.ndarray:
@@ -77,7 +77,7 @@ def test_largest_component_keeps_a_piece_cut_off_inside_its_slices():
 
 
 def test_clean_keeps_the_tip_a_probability_dip_cut_off_given_the_level_ranges():
-    from kit.slices import true_presence
+    from kit.stage1.recipe import true_presence
 
     labels = stacked_blobs(thick=14, z=112)
     probs = one_hot(labels) * 0.9
@@ -320,7 +320,7 @@ def test_neighbour_offsets_in_mm():
 
 
 def test_neighbour_offsets_follow_the_stage1_recipe():
-    from kit.slices import SegRecipe
+    from kit.stage1.recipe import SegRecipe
     for dz in (0.3, 0.5, 0.625, 0.8, 1.0, 1.25):
         for mm in (0.5, 1.0, 2.0, 2.5):
             stage1 = SegRecipe(tuple(mm * k for k in (-2, -1, 0, 1, 2)), 32).offsets(dz)

@@ -10,7 +10,7 @@ from seg_fixtures import make_cache, make_study
 from kit.config import AugmentConfig, DataConfig
 from kit.data import (LevelSequenceDataset, SegAugment, SegSliceDataset, SegVolume, affine_matrix, cached_uids,
                       end_slices, labels_to_channels, load_study, load_volumes, split_segmentation_studies, warp)
-from kit.slices import LevelRecipe, SegRecipe, true_presence
+from kit.stage1.recipe import LevelRecipe, SegRecipe, true_presence
 
 
 def recipe(offsets=(-2, -1, 0, 1, 2), size=32, **kw) -> SegRecipe:

@@ -1,4 +1,4 @@
-"""kit.demo: the segmenter stage trains, reloads its checkpoints through kit.infer and scores held-out studies."""
+"""kit.tools.demo: the segmenter stage trains, reloads its checkpoints through kit.submit.infer and scores held-out studies."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import json
 
 import numpy as np
 
-from kit.cache import prepare_studies
+from kit.io.cache import prepare_studies
 from kit.config import load_config
 from kit.constants import TARGETS, VERTEBRAE
-from kit.demo import describe_dataset, run_segmenter_stage
+from kit.tools.demo import describe_dataset, run_segmenter_stage
 
 
 def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatch):
-    """Stage 1 trains, reloads through kit.infer and scores held-out studies; stage 2 crops (true masks where the
+    """Stage 1 trains, reloads through kit.submit.infer and scores held-out studies; stage 2 crops (true masks where the
     study has them, the 1-epoch stage-1 runs elsewhere), trains 2 classifier folds and scores them out of fold."""
-    from kit.demo import run_classifier_stage
+    from kit.tools.demo import run_classifier_stage
     from kit.synthetic import default_answers_dir
 
     monkeypatch.chdir(tmp_path)
@@ -50,10 +50,10 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
     # study given its true level ranges (up to the float16 of the stored probabilities)
     import pandas as pd
 
-    from kit.cache import load_cached
-    from kit.demo import _score_study
-    from kit.infer import load_run
-    from kit.slices import true_presence
+    from kit.io.cache import load_cached
+    from kit.tools.demo import _score_study
+    from kit.submit.infer import load_run
+    from kit.stage1.recipe import true_presence
 
     from_validation = pd.read_csv(tmp_path / "runs" / "demo_seg" / "oof_dice_true_levels.csv", dtype=str)
     z_validation = pd.read_csv(tmp_path / "runs" / "demo_seg" / "oof_z_errors_true_levels.csv", dtype=str)
@@ -92,7 +92,7 @@ def test_side_by_side_names_the_run_that_failed(tmp_path):
     still finishes."""
     import pytest
 
-    from kit.demo import fit_side_by_side
+    from kit.tools.demo import fit_side_by_side
     from tests.seg_fixtures import make_cache
 
     uids, folds_csv = make_cache(tmp_path / "cache", n_studies=4, n_unsegmented=0, n_folds=2, z=12, size=32)
@@ -114,7 +114,7 @@ def test_the_summary_records_the_environment():
 
     import torch
 
-    from kit.demo import ENVIRONMENT_PACKAGES, environment
+    from kit.tools.demo import ENVIRONMENT_PACKAGES, environment
 
     env = environment()
     assert set(env["packages"]) == set(ENVIRONMENT_PACKAGES)

@@ -1,4 +1,4 @@
-"""kit.dicom: slice order, HU parity between backends, robustness, mask alignment, windowing.
+"""kit.io.dicom: slice order, HU parity between backends, robustness, mask alignment, windowing.
 
 Real files come with pydicom; small series are written here with pydicom's encoders; RSNA-format studies
 come from kit.synthetic. Everything runs on CPU in a few seconds.
@@ -22,8 +22,8 @@ from pydicom import uid as UID
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
 
-from kit import dicom
-from kit.dicom import DicomError, read_mask, read_series, resize_slices, scan_series, window, window_channels
+from kit.io import dicom
+from kit.io.dicom import DicomError, read_mask, read_series, resize_slices, scan_series, window, window_channels
 
 STUDY = "1.2.826.0.1.3680043.777"
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -387,7 +387,7 @@ def test_stray_files_and_corrupt_slices_are_skipped_and_reported(tmp_path, caplo
     non_image.save_as(tmp_path / "s" / "sr.dcm")
     data = paths[2].read_bytes()
     paths[2].write_bytes(data[:-500])  # truncated native pixel data: dicomsdl would crash on it
-    with caplog.at_level(logging.WARNING, logger="kit.dicom"):
+    with caplog.at_level(logging.WARNING, logger="kit.io.dicom"):
         series = read_every_way(tmp_path / "s")
     assert series.hu.shape == (5, 40, 48) and list(series.instance_numbers) == [1, 2, 4, 5, 6]
     assert np.array_equal(series.hu, np.delete(stored, 2, axis=0).astype(np.int32) - 1024)
@@ -399,7 +399,7 @@ def test_stray_files_and_corrupt_slices_are_skipped_and_reported(tmp_path, caplo
     assert f"{tmp_path / 's' / 'notes.txt'}: not a DICOM file" in text
     assert f"{tmp_path / 's' / '7.dcm'}: not a DICOM file" in text
     assert f"{tmp_path / 's' / 'sr.dcm'}: no pixel data (not an image)" in text
-    assert sum(r.name == "kit.dicom" and r.levelno == logging.WARNING for r in caplog.records) == 15  # 3 reads
+    assert sum(r.name == "kit.io.dicom" and r.levelno == logging.WARNING for r in caplog.records) == 15  # 3 reads
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need a POSIX system")
@@ -482,7 +482,7 @@ def test_corrupt_headers_and_a_panicking_decoder_cost_only_their_file(tmp_path):
 
 FUZZ_READER = """
 import json, sys
-from kit.dicom import DicomError, read_series
+from kit.io.dicom import DicomError, read_series
 try:
     print(json.dumps({"kind": "read", "slices": len(read_series(sys.argv[1], workers=1).hu)}))
 except DicomError as exc:
@@ -515,7 +515,7 @@ def test_fuzzed_studies_raise_nothing_but_dicom_error(tmp_path):
     """One file of a small study changed at random (bytes of the header or anywhere, truncated, a block zeroed),
     each read in a fresh interpreter: `read_series` returns (that file skipped, or read) or raises DicomError,
     nothing else. Uncompressed studies never crash the process; a compressed one may (dicomsdl segfaults on some
-    corrupt JPEG streams: the readers of many studies survive it, tests/test_cache.py and kit.prefetch)."""
+    corrupt JPEG streams: the readers of many studies survive it, tests/test_cache.py and kit.io.prefetch)."""
     from kit.synthetic import make_study, write_study
 
     study = make_study(5, size=32, n_slices=8)

@@ -1,4 +1,4 @@
-"""kit.eda helpers that notebooks 00 and 02 draw with (and kit.crops.missing_table behind 02's list)."""
+"""kit.evaluate.eda helpers that notebooks 00 and 02 draw with (and kit.stage2.crops.missing_table behind 02's list)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from kit import eda  # noqa: E402
-from kit.crops import missing_table, stack_channel_names  # noqa: E402
+from kit.evaluate import eda  # noqa: E402
+from kit.stage2.crops import missing_table, stack_channel_names  # noqa: E402
 
 
 def boxes(rows) -> pd.DataFrame:

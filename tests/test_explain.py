@@ -1,4 +1,4 @@
-"""kit.explain: box mapping into crop pixels, Grad-CAM against an independent computation, attention, the plot and
+"""kit.evaluate.explain: box mapping into crop pixels, Grad-CAM against an independent computation, attention, the plot and
 `kit explain` on a tiny trained run over a fake crop cache (the `kit crops` format, tests/test_cls_task.py)."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from kit.constants import VERTEBRAE
-from kit.crops import crop_box_original, crop_vertebra_stack, load_crops, vertebra_extents
-from kit.explain import box_to_crop, explain_study, grad_cam, plot_explanation
-from kit.infer import load_run
+from kit.stage2.crops import crop_box_original, crop_vertebra_stack, load_crops, vertebra_extents
+from kit.evaluate.explain import box_to_crop, explain_study, grad_cam, plot_explanation
+from kit.submit.infer import load_run
 from test_cls_task import MISSING, S, T, tiny_config, write_crop_cache
 
 torch.set_num_threads(1)
@@ -264,7 +264,7 @@ def test_cli_explain_writes_the_most_likely_vertebra(tiny_run, tmp_path, capsys)
 def test_feature_maps_are_captured_for_every_backbone_family(encoder):
     """The saliency's hook sees one (N, K, h, w) map per CNN call in each family the classifier supports (chunked
     calls too), changes no output, and leaves the backbone as it was."""
-    from kit.explain import capture_feature_maps
+    from kit.evaluate.explain import capture_feature_maps
     from kit.models import create_model
 
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""kit.export (`kit export`): configs and best weights with SHA-256 checksums in one folder, read back by
-`kit.predictor.load_runs` (`kit submit --runs export/*`), a damaged file a clear error. Checkpoints are written
+"""kit.submit.export (`kit export`): configs and best weights with SHA-256 checksums in one folder, read back by
+`kit.submit.predictor.load_runs` (`kit submit --runs export/*`), a damaged file a clear error. Checkpoints are written
 here in `kit.train`'s contract from untrained tiny models (nothing is trained)."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from kit.config import config_to_dict, load_config, save_config
-from kit.export import MANIFEST, ChecksumError, export_runs
+from kit.submit.export import MANIFEST, ChecksumError, export_runs
 from kit.models import create_model
-from kit.predictor import load_runs, resolve_runs
+from kit.submit.predictor import load_runs, resolve_runs
 
 torch.set_num_threads(1)
 
@@ -115,9 +115,9 @@ def test_kit_export_command_line(runs, tmp_path, capsys):
 def test_a_run_calibration_travels_with_the_export_and_is_checked(runs, tmp_path):
     import shutil
 
-    from kit.calibration import read_calibration, write_calibration
+    from kit.evaluate.calibration import read_calibration, write_calibration
     from kit.constants import TARGETS
-    from kit.export import verify_run
+    from kit.submit.export import verify_run
 
     run = tmp_path / "runs" / "demo_cls"
     shutil.copytree(runs["cls"], run)
@@ -135,9 +135,9 @@ def test_a_run_calibration_travels_with_the_export_and_is_checked(runs, tmp_path
 def test_a_calibration_the_manifest_does_not_list_is_refused(runs, tmp_path):
     """A run exported without a calibration, then given one in the export folder (not in the manifest): loading
     it would apply an unchecked map, so verify_run refuses it, naming the file. (It used to be loaded unchecked.)"""
-    from kit.calibration import write_calibration
+    from kit.evaluate.calibration import write_calibration
     from kit.constants import TARGETS
-    from kit.export import verify_run
+    from kit.submit.export import verify_run
 
     out = tmp_path / "export"
     export_runs([runs["cls"]], out)

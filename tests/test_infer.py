@@ -1,4 +1,4 @@
-"""kit.infer: checkpoints -> load_run -> segment_study / segment_studies, on tiny models and volumes (CPU)."""
+"""kit.submit.infer: checkpoints -> load_run -> segment_study / segment_studies, on tiny models and volumes (CPU)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from kit import infer
-from kit.results import SegResult, load_seg_result, save_seg_result
-from kit.runner import segment_studies
+from kit.submit import infer
+from kit.stage1.results import SegResult, load_seg_result, save_seg_result
+from kit.stage1.runner import segment_studies
 from kit.constants import VERTEBRAE
 from kit.models import create_model
 
@@ -29,7 +29,7 @@ class TinySeg(nn.Module):
         return self.conv(x * 8.0 - 4.0)
 
 
-# stage-1 probabilities are stored as uint8 in steps of 1/255 (kit.infer.predict_vertebra_probs)
+# stage-1 probabilities are stored as uint8 in steps of 1/255 (kit.submit.infer.predict_vertebra_probs)
 HALF_STEP = 0.5 / 255 + 1e-4  # a stored probability against the exact one: rounding, plus float noise
 ONE_STEP = 1 / 255 + 1e-4  # two stored ones whose float inputs differ by noise may round to neighbouring steps
 
@@ -179,7 +179,7 @@ def test_segment_study_ensemble_and_batching(registry, tmp_path):
 
 
 def test_folds_with_one_recipe_share_each_batch_input(registry, tmp_path, monkeypatch):
-    from kit.slices import SegRecipe
+    from kit.stage1.recipe import SegRecipe
 
     run = tmp_path / "tiny"
     for fold in (0, 1, 2):
@@ -220,7 +220,7 @@ def test_save_and_load_seg_result(tmp_path):
     labels = np.zeros((12, 16, 16), np.uint8)
     labels[2:5, 4:8, 6:10] = 1
     labels[6:10, 5:9, 6:11] = 2
-    from kit.crops import vertebra_extents
+    from kit.stage2.crops import vertebra_extents
 
     extents = vertebra_extents(labels, (1.0, 2.0, 2.0))
     result = SegResult(uid="u1", labels=labels, extents=extents, missing=list(VERTEBRAE[2:]),
@@ -278,9 +278,9 @@ def test_segment_studies_is_resumable_and_reports_failures(registry, tmp_path):
 
 
 def test_segment_studies_from_dicom_matches_prepared_arrays(registry, synthetic_root, tmp_path):
-    """A data root in RSNA layout is read with kit.dicom, windowed and resized as the cache does."""
-    from kit.cache import prepare_study
-    from kit.dicom import read_series
+    """A data root in RSNA layout is read with kit.io.dicom, windowed and resized as the cache does."""
+    from kit.io.cache import prepare_study
+    from kit.io.dicom import read_series
 
     run = tmp_path / "tiny"
     write_checkpoint(run, 0, seed=0, size=32)
@@ -301,7 +301,7 @@ def test_segment_studies_from_dicom_matches_prepared_arrays(registry, synthetic_
 
 
 def test_bench_seg_table(capsys):
-    from kit.bench import bench_seg
+    from kit.tools.bench import bench_seg
 
     result = bench_seg(("demo_seg",), (2, 4, 6), device="cpu", batch_size=4)
     rows = result["rows"]

@@ -1,4 +1,4 @@
-"""kit.losses, competition part: the torch loss equals kit.metrics.competition_score, has gradients, stays finite."""
+"""kit.losses, competition part: the torch loss equals kit.evaluate.metrics.competition_score, has gradients, stays finite."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE
 from kit.losses import combine_logits, competition_loss, patient_logit_from_vertebrae, slice_bce_loss
-from kit.metrics import competition_score
+from kit.evaluate.metrics import competition_score
 
 
 def batch(n: int = 64, seed: int = 0, scale: float = 4.0):

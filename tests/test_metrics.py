@@ -1,4 +1,4 @@
-"""kit.metrics: the competition score (hand-computed cases, row vs global), submission checks, AUC, Dice."""
+"""kit.evaluate.metrics: the competition score (hand-computed cases, row vs global), submission checks, AUC, Dice."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE, VERTEBRAE
-from kit.metrics import (
+from kit.evaluate.metrics import (
     calibration_table,
     competition_score,
     effective_odds,
@@ -285,7 +285,7 @@ def test_dice_per_vertebra_by_hand():
 
 
 def test_z_range_errors_count_a_missed_vertebra_as_the_study_length():
-    from kit.metrics import z_range_errors
+    from kit.evaluate.metrics import z_range_errors
 
     true = np.zeros((20, 4, 4), np.uint8)
     true[2:6, 1, 1], true[6:10, 1, 1], true[10:14, 1, 1] = 1, 2, 3

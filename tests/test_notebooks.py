@@ -76,8 +76,8 @@ def test_02_make_crops(smoke_runs, tmp_path):
     import numpy as np
     import pandas as pd
 
-    from kit.crops import load_crops, missing_table
-    from kit.rsna import load_train
+    from kit.stage2.crops import load_crops, missing_table
+    from kit.io.rsna import load_train
 
     crop_dir = tmp_path / "crops"
     params = {"DATA_ROOT": str(smoke_runs["data_root"]), "SMOKE": True, "RUN_ROOT": str(smoke_runs["run_root"]),
@@ -128,8 +128,8 @@ def test_05_submission(smoke_runs, tmp_path):
     import pandas as pd
 
     from kit.constants import TARGETS
-    from kit.report import score_test_submission
-    from kit.rsna import studies_to_predict
+    from kit.evaluate.report import score_test_submission
+    from kit.io.rsna import studies_to_predict
 
     root, out = smoke_runs["data_root"], tmp_path / "sub" / "submission.csv"
     params = {"DATA_ROOT": str(root), "SMOKE": True, "OUT": str(out), "EXPORT_DIR": str(tmp_path / "export"),

@@ -1,4 +1,4 @@
-"""kit.infer.predict_study / classify_study and kit.predictor (kit submit) on tiny runs trained here for one
+"""kit.submit.infer.predict_study / classify_study and kit.submit.predictor (kit submit) on tiny runs trained here for one
 epoch: a stage-1 segmenter on a `seg_fixtures` cache, classifiers (`demo_cls`, per vertebra and per study) on a
 fake crop cache (`test_cls_task.write_crop_cache`), studies from the `synthetic_root` fixture (64 px).
 
@@ -19,14 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from kit import infer
+from kit.submit import infer
 from kit.config import load_config
 from kit.constants import VERTEBRAE
-from kit.crops import crop_study, missing_vertebrae, vertebra_extents
-from kit.dicom import read_mask, read_series, resize_slices
-from kit.metrics import scale_odds
-from kit.predictor import load_runs, resolve_runs, submit
-from kit.results import SegResult
+from kit.stage2.crops import crop_study, missing_vertebrae, vertebra_extents
+from kit.io.dicom import read_mask, read_series, resize_slices
+from kit.evaluate.metrics import scale_odds
+from kit.submit.predictor import load_runs, resolve_runs, submit
+from kit.stage1.results import SegResult
 from seg_fixtures import make_cache, tiny_overrides
 from test_cls_task import tiny_config, write_crop_cache
 
@@ -117,7 +117,7 @@ def test_inference_crops_are_the_crop_cache_crops(models, segmented, tmp_path):
     series, seg = segmented
     config = models["cls"][0].config
     d = config.data
-    # the call kit crops makes (kit.crop_cache.build_study), field by field from the same config
+    # the call kit crops makes (kit.stage2.crop_cache.build_study), field by field from the same config
     direct, found, _ = crop_study(series.hu, seg.labels, seg.extents, dropped=seg.dropped, n_slices=d.n_slices,
                                   n_neighbours=d.n_neighbours, neighbour_mm=d.neighbour_mm,
                                   dz=float(series.spacing[0]), size=d.image_size, windows=tuple(d.windows),
@@ -154,12 +154,12 @@ def test_predict_study_gives_eight_probabilities(models, segmented):
 
 
 def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monkeypatch):
-    import kit.dicom
+    import kit.io.dicom
 
     study = sorted((synthetic_root / "test_images").iterdir())[0]
     reads = []
-    read_series_once = kit.dicom.read_series
-    monkeypatch.setattr(kit.dicom, "read_series", lambda *a, **k: reads.append(a) or read_series_once(*a, **k))
+    read_series_once = kit.io.dicom.read_series
+    monkeypatch.setattr(kit.io.dicom, "read_series", lambda *a, **k: reads.append(a) or read_series_once(*a, **k))
     # the trained one-epoch segmenter: whatever it finds, every value is an answer (missing ones by the rule)
     result = infer.predict_study(study, [models["seg"], models["cls"]])
     assert len(reads) == 1  # one DICOM read serves stage 1's input and the full-resolution crops
@@ -245,7 +245,7 @@ def test_a_fold_folder_is_a_run(trained, models, segmented):
 def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, models, synthetic_root):
     import pickle
 
-    from kit.predictor import PredictorFactory
+    from kit.submit.predictor import PredictorFactory
 
     factory = PredictorFactory((str(trained["seg_c1"]), str(trained["cls"])), weights={"demo_cls": 2.0}, threads=1)
     predictor = pickle.loads(pickle.dumps(factory))("cpu")  # what each device worker does
@@ -259,7 +259,7 @@ def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, 
 
 
 def check_submission(path: Path, root: Path) -> pd.DataFrame:
-    from kit.rsna import studies_to_predict
+    from kit.io.rsna import studies_to_predict
 
     sub = pd.read_csv(path, dtype={"row_id": str})
     _, rows = studies_to_predict(root)
@@ -277,7 +277,7 @@ def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_
     main(["submit", "--data-root", str(synthetic_root), "--runs", str(trained["seg_c1"]), str(trained["cls"]),
           "--out", str(out), "--devices", "cpu", "--threads", "1"])
     printed = capsys.readouterr().out
-    # C2..C7 not found: their values come from the rule validation follows (kit.metrics.fill_missing_vertebrae),
+    # C2..C7 not found: their values come from the rule validation follows (kit.evaluate.metrics.fill_missing_vertebrae),
     # not from the writer's fallback; the log names them
     assert "submission: 2 studies, 2 predicted, 0 with fallbacks" in printed
     one = check_submission(out, synthetic_root)
@@ -286,7 +286,7 @@ def test_kit_submit_end_to_end_and_cpu_cpu_equals_one_device(trained, synthetic_
     assert log["detail"].str.contains("C2").all()
 
     # two CPU workers, the runs read back from a kit export folder (export/*: manifest.json among them)
-    from kit.export import export_runs
+    from kit.submit.export import export_runs
 
     export_runs([trained["seg_c1"], trained["cls"]], tmp_path / "export")
     two = tmp_path / "two" / "submission.csv"
@@ -310,7 +310,7 @@ def test_submit_needs_both_stages(trained, synthetic_root, tmp_path):
 
 
 def test_a_calibrated_run_maps_its_fold_mean_before_the_runs_are_combined(trained, segmented, tmp_path):
-    from kit.calibration import apply_calibration, write_calibration
+    from kit.evaluate.calibration import apply_calibration, write_calibration
     from kit.constants import TARGETS
 
     series, seg = segmented
@@ -367,8 +367,8 @@ def test_kit_submit_on_real_ct_files(trained, models, tmp_path):
     original 16 px grid and the classifier run; a second series in the folder is skipped and logged, one-slice
     studies get the runs' fallback (the best constant of their training labels) with the reason; every row is
     written."""
-    from kit.predictor import run_fallback
-    from kit.submission import fallback_probs
+    from kit.submit.predictor import run_fallback
+    from kit.submit.submission import fallback_probs
 
     root = real_dicom_root(tmp_path / "real")
     out = tmp_path / "sub" / "submission.csv"
@@ -411,8 +411,8 @@ def test_the_full_scale_configs_train_and_submit_at_a_small_size(synthetic_root,
     backbones, heads, losses, schedules, bf16 setting, workers), only the image sizes, slice counts, batch and
     epochs shrunk: each trains a fold on the synthetic set, the crops are cut with its stage-1 runs, and
     `kit submit` predicts the test studies with the three."""
-    from kit.cache import prepare_studies
-    from kit.crop_cache import build_crops
+    from kit.io.cache import prepare_studies
+    from kit.stage2.crop_cache import build_crops
     from kit.train import fit_fold
 
     cache, runs = tmp_path / "cache", tmp_path / "runs"
@@ -445,7 +445,7 @@ def test_the_full_scale_configs_train_and_submit_at_a_small_size(synthetic_root,
 def test_a_gpu_worker_makes_its_gpu_the_current_device(monkeypatch):
     """`--devices cuda:0 cuda:1`: the cuda:1 worker sets cuda:1 as its current device before loading (no GPU
     here: set_device and the loading are recorded, not run)."""
-    from kit import predictor
+    from kit.submit import predictor
 
     calls = []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", str(device))))
@@ -477,7 +477,7 @@ def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(
     """C7 not found by stage 1: the fold's validation (`ClsTask.predict_study`, what the OOF table holds) and
     inference (`classify_study`, what the submission writes) give the same 8 values, C7 its training prevalence at
     the metric's odds and counted in patient_overall (a per-vertebra model) — one rule,
-    `kit.metrics.fill_missing_vertebrae`. (Inference used to leave C7 NaN and patient_overall without it.)"""
+    `kit.evaluate.metrics.fill_missing_vertebrae`. (Inference used to leave C7 NaN and patient_overall without it.)"""
     from contextlib import nullcontext
 
     from kit.tasks import ClsTask

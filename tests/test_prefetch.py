@@ -1,4 +1,4 @@
-"""kit.prefetch: order, per-item errors, a worker that dies, the memory bound, shutdown.
+"""kit.io.prefetch: order, per-item errors, a worker that dies, the memory bound, shutdown.
 
 The functions given to `prefetch` are top-level functions of this module, so that the spawned worker can
 import them. Each process test starts one or two workers (~1 s each).
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kit.prefetch import Prefetched, call_before, prefetch
+from kit.io.prefetch import Prefetched, call_before, prefetch
 
 
 def square_or_fail(x: int) -> np.ndarray:
@@ -179,7 +179,7 @@ def test_bad_ahead():
 def test_large_results_travel_through_shared_memory_and_leave_no_file():
     """Buffers of SHM_MIN_BYTES or more come through a shared-memory file (mapped by the receiver, unlinked at
     once), smaller ones through the pipe; the arrays arrive equal and writable, and no file is left behind."""
-    from kit import prefetch as kp
+    from kit.io import prefetch as kp
 
     if not kp.SHM_DIR.is_dir():
         pytest.skip("no /dev/shm here: results travel through the pipe")
@@ -197,7 +197,7 @@ def test_the_pipe_carries_large_buffers_where_there_is_no_shared_memory(monkeypa
     """Without a shared-memory folder, _send / _recv carry every buffer through the pipe, the same arrays."""
     import multiprocessing
 
-    from kit import prefetch as kp
+    from kit.io import prefetch as kp
 
     monkeypatch.setattr(kp, "SHM_DIR", tmp_path / "absent")
     a, b = multiprocessing.Pipe()

@@ -1,4 +1,4 @@
-"""kit.report: each kind of run gets its report from contract-format files, and its numbers are the metric's."""
+"""kit.evaluate.report: each kind of run gets its report from contract-format files, and its numbers are the metric's."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE
-from kit.metrics import competition_score, prevalence_baseline
-from kit.report import (
+from kit.evaluate.metrics import competition_score, prevalence_baseline
+from kit.evaluate.report import (
     CEILING_KINDS,
     FITTED_BLEND,
     MEAN_BLEND,
@@ -528,7 +528,7 @@ def test_recall_by_fracture_kind_and_subtlety(tmp_path):
 
 
 def test_attention_hit_rate_on_a_hand_made_case(tmp_path):
-    from kit.report import attention_hit_rate
+    from kit.evaluate.report import attention_hit_rate
 
     t, uids = 4, ["1.2.1", "1.2.2"]
     for uid in uids:  # C2 sampled at slices 10, 13, 16, 19 (step 3: a peak within 1.5 slices of a range counts)
@@ -555,7 +555,7 @@ def test_attention_hit_rate_on_a_hand_made_case(tmp_path):
 
 
 def test_oof_tables_hold_the_report_numbers(two_run_report):
-    from kit.report import oof_tables
+    from kit.evaluate.report import oof_tables
 
     result, table, a, *_ = two_run_report
     tables = oof_tables(result)
@@ -575,8 +575,8 @@ def test_oof_tables_hold_the_report_numbers(two_run_report):
 
 
 def test_find_answers_dir_and_score_test_submission(tmp_path):
-    from kit.report import find_answers_dir, score_test_submission
-    from kit.rsna import wide_to_long
+    from kit.evaluate.report import find_answers_dir, score_test_submission
+    from kit.io.rsna import wide_to_long
 
     root, answers = tmp_path / "data", tmp_path / "data_answers"
     root.mkdir()
@@ -619,7 +619,7 @@ def test_score_ceilings_by_hand():
 def test_false_alarms_on_lookalikes_by_hand():
     """Among vertebrae with no fracture: the share predicted above the threshold, by the look-alike they carry;
     fractured vertebrae are left out."""
-    from kit.report import lookalike_false_alarms
+    from kit.evaluate.report import lookalike_false_alarms
 
     oof = pd.DataFrame({"StudyInstanceUID": ["a", "b"]})
     p = np.full((2, 8), 0.1)

@@ -1,4 +1,4 @@
-"""kit.rsna: loaders and their checks, row_id helpers, the studies to predict, folds."""
+"""kit.io.rsna: loaders and their checks, row_id helpers, the studies to predict, folds."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit import rsna
+from kit.io import rsna
 from kit.constants import BROKEN_STUDIES, TARGETS, UID_PREFIX, VERTEBRAE
-from kit.metrics import prevalence_baseline
+from kit.evaluate.metrics import prevalence_baseline
 
 UID = "StudyInstanceUID"
 
@@ -122,7 +122,7 @@ def test_load_test_and_sample_submission(tmp_path):
         path = root / name
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert rsna.load_test(root).equals(test) and rsna.load_sample_submission(root).equals(sub)
-    from kit.submission import _sample_row_ids
+    from kit.submit.submission import _sample_row_ids
 
     assert _sample_row_ids(root / "sample_submission.csv") == list(sub["row_id"])
 
@@ -209,7 +209,7 @@ def test_studies_to_predict_public_quirk_falls_back_to_folders(tmp_path, caplog)
     listed = [f"{UID_PREFIX}10197", f"{UID_PREFIX}10454", f"{UID_PREFIX}10690"]
     folders = [f"{UID_PREFIX}22327", f"{UID_PREFIX}25399", f"{UID_PREFIX}5876"]
     root = write_root(tmp_path, test_uids=listed, folders=folders)
-    with caplog.at_level(logging.WARNING, logger="kit.rsna"):
+    with caplog.at_level(logging.WARNING, logger="kit.io.rsna"):
         got, rows = rsna.studies_to_predict(root)
     assert got == sorted(folders)
     assert list(rows.columns) == ["row_id", UID, "prediction_type"] and len(rows) == 24
@@ -221,7 +221,7 @@ def test_studies_to_predict_public_quirk_falls_back_to_folders(tmp_path, caplog)
 def test_studies_to_predict_partial_and_missing(tmp_path, caplog):
     listed = [f"{UID_PREFIX}1", f"{UID_PREFIX}2"]
     root = write_root(tmp_path, test_uids=listed, folders=listed[:1])
-    with caplog.at_level(logging.WARNING, logger="kit.rsna"):
+    with caplog.at_level(logging.WARNING, logger="kit.io.rsna"):
         got, rows = rsna.studies_to_predict(root)
     assert got == listed and len(rows) == 16  # keep what Kaggle scores; the caller fills the gap
     assert "need a fallback" in caplog.text

@@ -1,11 +1,11 @@
-"""kit.slices: the one input recipe (offsets in mm, stacking, scale, level planes, the level model's steps)."""
+"""kit.stage1.recipe: the one input recipe (offsets in mm, stacking, scale, level planes, the level model's steps)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from kit.slices import (LevelRecipe, SegRecipe, dilate_presence, jitter_presence, offsets_to_slices, ramp_weights,
+from kit.stage1.recipe import (LevelRecipe, SegRecipe, dilate_presence, jitter_presence, offsets_to_slices, ramp_weights,
                         smooth_presence, stack_slices, true_presence, vertebra_ranges)
 
 

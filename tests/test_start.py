@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import kit.models.start as start
-from kit.export import sha256_file
+from kit.submit.export import sha256_file
 from kit.config import ConfigError, load_config
 from kit.models import create_model
-from kit.pretrain import export_start, pretrain
+from kit.tools.pretrain import export_start, pretrain
 
 SMALL = {"model.encoder": "mobilenetv3_small_050", "model.hidden": 16, "data.image_size": 32,
          "model.pretrained_weights": None, "model.freeze_backbone": False}

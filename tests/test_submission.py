@@ -1,4 +1,4 @@
-"""kit.submission: fault injection on real (tiny) DICOM studies, the time budget, devices, validation.
+"""kit.submit.submission: fault injection on real (tiny) DICOM studies, the time budget, devices, validation.
 
 Every fault must end in a valid, complete submission and a log line naming the study and the reason. The fake
 predictors and readers are top-level here so that spawned workers can import them.
@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE
-from kit.metrics import score_submission
-from kit.rsna import rows_for_studies, split_row_id, studies_to_predict
-from kit.submission import (
+from kit.evaluate.metrics import score_submission
+from kit.io.rsna import rows_for_studies, split_row_id, studies_to_predict
+from kit.submit.submission import (
     CLIP,
     FALLBACK,
     DicomStudyReader,
@@ -535,7 +535,7 @@ def test_programming_errors_raise(tmp_path):
 
 
 def test_the_fallback_comes_from_the_runs_and_is_filled_in_once(images, tmp_path):
-    """`fallback=` (the runs' best constant, `kit.predictor.run_fallback`) is what every value without an answer
+    """`fallback=` (the runs' best constant, `kit.submit.predictor.run_fallback`) is what every value without an answer
     gets, in one place (the writer), for studies without a folder, a failed model and a partial answer alike;
     without it, the 2019 table."""
     runs_constant = np.array([0.41, 0.06, 0.12, 0.03, 0.05, 0.07, 0.12, 0.17])

@@ -340,7 +340,7 @@ def test_segmentation_follows_the_rsna_layout_and_its_affine_matches_the_dicom_g
 
 
 def test_kit_reader_recovers_hu_and_mask_exactly(tmp_path):
-    dicom = pytest.importorskip("kit.dicom")
+    dicom = pytest.importorskip("kit.io.dicom")
     study = make_study(6, size=40, n_slices=24, fractures={"C1": 1})
     for head_first, syntax in ((True, "jpeg-lossless"), (False, "implicit")):
         folder = tmp_path / syntax

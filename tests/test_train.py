@@ -131,7 +131,7 @@ def test_exclusive_seg_loss_is_softmax_cross_entropy_against_a_zero_background_l
 
 
 def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
-    from kit.infer import load_run
+    from kit.submit.infer import load_run
 
     cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "train.channels_last": True,
                                                 "train.exclusive": True})
@@ -149,9 +149,9 @@ def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
 
 def test_level_conditioned_segmenter_trains_and_segments(cache, tmp_path):
     """data.level_input: 7 more input channels; validation gives the true ranges; inference needs levels."""
-    from kit.cache import load_cached
-    from kit.infer import load_run, segment_study
-    from kit.slices import true_presence
+    from kit.io.cache import load_cached
+    from kit.submit.infer import load_run, segment_study
+    from kit.stage1.recipe import true_presence
 
     cache_dir, _, uids = cache
     cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "data.level_input": True,
@@ -264,7 +264,7 @@ def test_amp_choice_by_device():
 def test_half_precision_by_gpu_kind(monkeypatch, caplog, capability, name, native):
     """auto (training) and inference autocast: bf16 only where the GPU has it in hardware. torch's own
     is_bf16_supported() says True on a T4 (emulation), which would run Kaggle's GPUs in a slow emulated bf16."""
-    from kit import infer
+    from kit.submit import infer
     from kit.devices import has_native_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -336,9 +336,9 @@ class Recorder(torch.nn.Module):
 
 def test_training_validation_and_inference_feed_identical_inputs(cache, tmp_path):
     """The same study and slice through the training dataset (augmentation off), validation and inference."""
-    from kit.cache import load_cached
-    from kit.infer import load_run, predict_vertebra_probs
-    from kit.slices import true_presence
+    from kit.io.cache import load_cached
+    from kit.submit.infer import load_run, predict_vertebra_probs
+    from kit.stage1.recipe import true_presence
 
     cache_dir, _, uids = cache
     cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "data.level_input": True,

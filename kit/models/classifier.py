@@ -175,12 +175,12 @@ class VertebraClassifier(nn.Module):
         for linear in (self.slice_head, self.logit_head):
             _set_prior(linear, head_prior)
         self.level_bias = nn.Parameter(torch.zeros(levels))
-        # how to turn this model's vertebra probabilities into the 8 targets (`kit.metrics.targets_from_vertebrae`):
+        # how to turn this model's vertebra probabilities into the 8 targets (`kit.evaluate.metrics.targets_from_vertebrae`):
         # the row-normalised metric's positive:negative odds per target, from the training labels
         # (`ClsTask.init_model`); the metric's nominal 2 until then. Saved with the weights.
         self.register_buffer("metric_odds", torch.full((levels + 1,), 2.0, dtype=torch.float64))
         # the training labels' prevalence of the 8 targets (`ClsTask.init_model`): what a vertebra with no crop is
-        # worth (`kit.metrics.fill_missing_vertebrae`) and the submission's fallback; the 2019 table until then
+        # worth (`kit.evaluate.metrics.fill_missing_vertebrae`) and the submission's fallback; the 2019 table until then
         self.register_buffer("train_prevalence", torch.tensor(TRAIN_PREVALENCE, dtype=torch.float64))
         if grad_checkpointing:
             self.set_grad_checkpointing(True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..export import sha256_file
+from ..submit.export import sha256_file
 
 PREFIX = "kit:"  # `pretrained_weights: kit:<name>` selects a shipped starting checkpoint
 WEIGHTS_DIR = Path(__file__).with_name("weights")

@@ -21,7 +21,7 @@ Stage 1 measures extents on a "prepared" grid (Z, s, s): the original slices res
 z), so z indices are shared and `scale` = (sy, sx) original pixels per prepared pixel maps the planes,
 edge to edge: prepared pixels [y0, y1) cover original pixels [y0 * sy, y1 * sy).
 
-Windowing is `kit.dicom.window` (the one HU -> uint8 recipe, shared with the stage-1 cache): the only
+Windowing is `kit.io.dicom.window` (the one HU -> uint8 recipe, shared with the stage-1 cache): the only
 import of a sibling module here, made so the two stages cannot window differently.
 """
 
@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .constants import PROB_SCALE, VERTEBRAE, WINDOWS
-from .dicom import window
+from ..constants import PROB_SCALE, VERTEBRAE, WINDOWS
+from ..io.dicom import window
 
 N_VERTEBRAE = len(VERTEBRAE)
 _FULL_3D = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
@@ -260,10 +260,10 @@ def clean_vertebra_probs(
 
     Args:
         probs: (7, Z, H, W) probabilities of C1..C7: float (any float dtype, float16 is fine) or uint8 in steps of
-            1/255 (`kit.infer.predict_vertebra_probs`; value / `PROB_SCALE` is the probability).
+            1/255 (`kit.submit.infer.predict_vertebra_probs`; value / `PROB_SCALE` is the probability).
         threshold: probability above which a voxel belongs to a vertebra (for uint8 probs: above threshold x 255).
-        levels: (7, Z) per-slice presence of C1..C7 (the level model's, `kit.infer.predict_levels`, or
-            `kit.slices.true_presence`); with `dz`, pieces of a vertebra are kept as in step 2.
+        levels: (7, Z) per-slice presence of C1..C7 (the level model's, `kit.submit.infer.predict_levels`, or
+            `kit.stage1.recipe.true_presence`); with `dz`, pieces of a vertebra are kept as in step 2.
         dz: the slice spacing in mm.
         end_threshold: probability above which a vertebra's end slices grow (`END_THRESHOLD`), at most `GROW_MAX_MM`
             when `dz` is given; None: no growth.
@@ -500,7 +500,7 @@ def slice_positions(extent: VertebraExtent, n_slices: int = 15) -> np.ndarray:
 
 def neighbour_offsets(dz: float, n_neighbours: int = 2, spacing_mm: float | None = None) -> np.ndarray:
     """Slice offsets of a slice and its +-n neighbours, spaced `spacing_mm` apart: the stage-1 recipe's
-    rounding (`kit.slices.offsets_to_slices` of 0, +-spacing_mm, +-2 spacing_mm, ...), so the 2n+1 slices
+    rounding (`kit.stage1.recipe.offsets_to_slices` of 0, +-spacing_mm, +-2 spacing_mm, ...), so the 2n+1 slices
     span about the same height in mm whatever the study's slice spacing; with `spacing_mm=None` neighbours
     are adjacent slices. E.g. spacing_mm=1.0: dz=0.5 -> [-4, -2, 0, 2, 4], dz=1.0 -> [-2, -1, 0, 1, 2].
 
@@ -512,7 +512,7 @@ def neighbour_offsets(dz: float, n_neighbours: int = 2, spacing_mm: float | None
     Returns:
         int64 (2n+1,) offsets, ascending (head to feet), centre 0.
     """
-    from .slices import offsets_to_slices
+    from ..stage1.recipe import offsets_to_slices
 
     if n_neighbours < 0:
         raise ValueError(f"n_neighbours must be >= 0; got {n_neighbours}")
@@ -662,7 +662,7 @@ def crop_vertebra_stack(
 
     For each of the T positions (`slice_positions`, head to feet), the slice and its +-n neighbours
     (`neighbour_offsets`; indices past either end of the volume repeat the edge slice) are cut in the
-    original-grid box (`crop_box_original`; outside the image: `pad_hu`), windowed with `kit.dicom.window`
+    original-grid box (`crop_box_original`; outside the image: `pad_hu`), windowed with `kit.io.dicom.window`
     (window first, as the stage-1 cache does), and resized to size x size (cv2 area averaging when
     shrinking, linear when growing). Channels are window-major (`stack_channel_names`): the 2n+1 slices in
     the first window, ..., then, with `with_mask`, the vertebra's own mask (`labels == extent.label` in the
@@ -670,7 +670,7 @@ def crop_vertebra_stack(
     0 / 255.
 
     Args:
-        hu: (Z, H, W) HU volume of the original series (float32 or int16; `kit.dicom.read_series(...).hu`).
+        hu: (Z, H, W) HU volume of the original series (float32 or int16; `kit.io.dicom.read_series(...).hu`).
         labels: (Z, s, s) integer labels on the prepared grid the extent was measured on (same Z).
         extent: the vertebra's extent on that grid.
         scale: (sy, sx) original pixels per prepared pixel; None = (H / s, W / s) from the two shapes.
@@ -766,7 +766,7 @@ def file_numbers(files: Sequence, instance_numbers: np.ndarray) -> np.ndarray:
     `slice_number` refers to. A file whose name is not a number gets its InstanceNumber instead.
 
     Args:
-        files: the slices' files in volume order (`kit.dicom.Series.files`).
+        files: the slices' files in volume order (`kit.io.dicom.Series.files`).
         instance_numbers: (Z,) the same slices' InstanceNumbers.
     """
     numbers = np.asarray(instance_numbers, dtype=np.int64).copy()
@@ -941,7 +941,7 @@ def vertebra_targets(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The crop cache's files (written by `kit.crop_cache`, read by the classifier's dataset and the reports)
+# The crop cache's files (written by `kit.stage2.crop_cache`, read by the classifier's dataset and the reports)
 # ---------------------------------------------------------------------------------------------------------
 
 CROP_KEYS = ("crops", "found", "positions", "slice_targets", "instance_numbers", "spacing", "orig_hw")
@@ -1064,7 +1064,7 @@ def load_crops(crop_dir, uid: str) -> dict[str, np.ndarray]:
 
 
 def missing_table(manifest: pd.DataFrame) -> pd.DataFrame:
-    """The vertebrae not found, one row each, from a crop cache's `manifest.csv` (`kit.crop_cache`).
+    """The vertebrae not found, one row each, from a crop cache's `manifest.csv` (`kit.stage2.crop_cache`).
 
     Args:
         manifest: its rows; `missing` holds "C3: reason; C7: reason" (empty when all seven were found).

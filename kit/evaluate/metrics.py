@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .constants import LOGLOSS_EPS, NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, PROB_CLIP, TARGETS, VERTEBRAE
+from ..constants import LOGLOSS_EPS, NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, PROB_CLIP, TARGETS, VERTEBRAE
 
 UID = "StudyInstanceUID"
 NORMALISE = ("row", "global")
@@ -183,7 +183,7 @@ def fill_missing_vertebrae(chance, prevalence) -> np.ndarray:
 def best_constant(prevalence, odds) -> np.ndarray:
     """(8,) the constant prediction that minimises the row-normalised metric on labels with this prevalence and
     these `effective_odds`: each target's prevalence (clipped to [PROB_CLIP, 1 - PROB_CLIP]) at `odds` times its
-    odds. The submission's fallback for a study without a model answer (`kit.predictor.run_fallback`)."""
+    odds. The submission's fallback for a study without a model answer (`kit.submit.predictor.run_fallback`)."""
     odds, prevalence = _check_prior(odds, prevalence)
     return scale_odds(prevalence, odds)
 

@@ -1,8 +1,8 @@
 """Batch runs over a split: `segment_studies` segments every study, resumably, one failure never stopping the
-rest, and keeps what it found in `<out>/<uid>.{npz,json}` (`kit.results`) with `summary.csv`,
+rest, and keeps what it found in `<out>/<uid>.{npz,json}` (`kit.stage1.results`) with `summary.csv`,
 `failures.csv` and `missing.csv`.
 
-Studies are read and prepared (`kit.cache.load_prepared`: numpy only) ahead of the model: in a separate
+Studies are read and prepared (`kit.io.cache.load_prepared`: numpy only) ahead of the model: in a separate
 worker process started with spawn when `prefetch` is on, never by forking from a thread of this torch
 process.
 """
@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from .progress import progress_bar
+from ..progress import progress_bar
 
-from .cache import load_prepared, merge_csv
-from .infer import load_run, segment_study
+from ..io.cache import load_prepared, merge_csv
+from ..submit.infer import load_run, segment_study
 from .results import save_seg_result
 
-log = logging.getLogger("kit.runner")
+log = logging.getLogger("kit.stage1.runner")
 
 PathLike = str | os.PathLike
 FAILURES = "failures.csv"
@@ -48,7 +48,7 @@ def study_source(source: Path, split: str) -> tuple[Path, list[str]]:
 def _read_ahead(read, uids: Sequence[str], prefetch: bool) -> Iterator[tuple[str, dict | None, str | None]]:
     """(uid, study, error) in order; with `prefetch`, the next study is read in a spawned worker process."""
     if prefetch:
-        from .prefetch import prefetch as run_ahead
+        from ..io.prefetch import prefetch as run_ahead
 
         for uid, study, error, _ in run_ahead(read, uids, ahead=1, processes=True):
             yield uid, study, error
@@ -83,14 +83,14 @@ def segment_studies(
     ends, also when it is interrupted.
 
     Args:
-        source: a data root in RSNA layout (`<split>_images/<uid>/*.dcm`) or a cache folder of `kit.cache`
+        source: a data root in RSNA layout (`<split>_images/<uid>/*.dcm`) or a cache folder of `kit.io.cache`
             `.npz` files (`<source>/<split>/` or `<source>/` itself).
         run_dirs: one or more run folders (`runs/<config name>`); all their folds form the ensemble, and
             level-model runs among them are used for the levels (`segment_study`).
         out_dir: where `<uid>.npz` / `<uid>.json` and the CSVs go.
         split: "train" or "test".
         uids: restrict to these studies (default: all in the split).
-        batch_size: slices per forward pass (default `kit.infer.stage1_batch_size`).
+        batch_size: slices per forward pass (default `kit.submit.infer.stage1_batch_size`).
         device: default CUDA when available, else CPU.
         amp: autocast on CUDA (default on there).
         threshold: clean-up probability threshold.

@@ -6,8 +6,8 @@ Why: a classifier trained on a few studies is often overconfident, and the compe
 harder than it rewards skill. Fitted on the OOF predictions (what each fold's model said about studies it never
 saw), the map keeps what ranks well and shrinks what does not towards the weighted prevalence: a model with no
 skill (a ~ 0) then predicts about the prevalence instead of its own noise. The fit is stored beside the folds as
-`<run>/calibration.json` (`kit calibrate`, notebook 04, `kit.demo`), and inference applies it to that run's fold mean
-(`kit.infer.classify_study`); `kit export` carries it. Judge it by `cross_fitted` (each fold calibrated by a fit on
+`<run>/calibration.json` (`kit calibrate`, notebook 04, `kit.tools.demo`), and inference applies it to that run's fold mean
+(`kit.submit.infer.classify_study`); `kit export` carries it. Judge it by `cross_fitted` (each fold calibrated by a fit on
 the other folds), never by the in-sample fit.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .constants import TARGETS
-from .files import write_text_atomic
+from ..constants import TARGETS
+from ..io.files import write_text_atomic
 from .metrics import logit, metric_weights, sigmoid
 
 CALIBRATION_FILE = "calibration.json"
@@ -51,7 +51,7 @@ def fit_platt(p: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 
 
 
 def row_weights(truth: np.ndarray) -> np.ndarray:
-    """(N, 8) each cell's weight in the row-normalised metric: w_ij / sum_j w_ij (`kit.metrics.competition_score`
+    """(N, 8) each cell's weight in the row-normalised metric: w_ij / sum_j w_ij (`kit.evaluate.metrics.competition_score`
     with `normalise="row"` is the mean over rows of sum_j w_ij * loss_ij / sum_j w_ij), times the mean row sum of
     the metric weights, a constant that keeps the weights on the scale of the metric weights themselves (the
     fit's optimum does not depend on it; the ridge's strength relative to the data does)."""
@@ -62,7 +62,7 @@ def row_weights(truth: np.ndarray) -> np.ndarray:
 
 def fit_calibration(oof: pd.DataFrame, ridge: float = 1.0) -> dict:
     """{target: {"a", "b"}} for every target, from an OOF table with TARGETS and `<target>_true` columns
-    (`kit.report.load_oof`), each cell weighted as the row-normalised metric weighs it (`row_weights`). Rows with
+    (`kit.evaluate.report.load_oof`), each cell weighted as the row-normalised metric weighs it (`row_weights`). Rows with
     a NaN prediction are left out of that target's fit."""
     out = {}
     truth = oof[[f"{t}_true" for t in TARGETS]].to_numpy(dtype=float)

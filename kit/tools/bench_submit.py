@@ -1,11 +1,11 @@
 """`kit bench submit`: seconds per study by stage, prefetch on vs off, growth with slice count, peak memory, FLOPs.
 
-What runs is the submission loop itself (`kit.submission.predict_studies`, the loop under `kit.predictor.submit`,
+What runs is the submission loop itself (`kit.submit.submission.predict_studies`, the loop under `kit.submit.predictor.submit`,
 with the default reader `DicomStudyReader` in a prefetch process or in line) over synthetic JPEG Lossless studies,
 with runs of randomly initialised weights written the way `fit_fold` writes them and loaded by
-`kit.predictor.load_runs`. Randomly initialised segmenters find arbitrary or no vertebrae, so the predictor
-(`StagePredictor`) runs stage 1 at its full cost (`prepare_arrays` + `kit.infer.segment_study`) and then hands
-the ground-truth labels of the study, on the same grid, to stage 2 (`kit.infer.classify_study`: crops of all
+`kit.submit.predictor.load_runs`. Randomly initialised segmenters find arbitrary or no vertebrae, so the predictor
+(`StagePredictor`) runs stage 1 at its full cost (`prepare_arrays` + `kit.submit.infer.segment_study`) and then hands
+the ground-truth labels of the study, on the same grid, to stage 2 (`kit.submit.infer.classify_study`: crops of all
 seven vertebrae and the classifier), which is what a trained segmenter gives it. The figures measure speed and
 memory only.
 
@@ -15,7 +15,7 @@ of all are sampled by `RssMonitor`.
 
 `bench_read_ahead` (`kit bench submit --model-seconds S`) measures the read-ahead alone against its physical limit:
 the same writer with a stand-in model that holds each study S seconds (`HoldPredictor`), prefetch off and on and
-on two devices (`kit.submission.write_submission_parallel`), beside the reader's own time on one full-scale study.
+on two devices (`kit.submit.submission.write_submission_parallel`), beside the reader's own time on one full-scale study.
 
 Figures measured with it are recorded in docs/benchmarks.md.
 """
@@ -51,11 +51,11 @@ STAGES = ("read_s", "stage1_s", "crop_s", "classify_s")
 
 def save_random_run(config_name: str, runs_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     """A run folder `runs_dir/<config stem>/fold0/` (`model.pt`, `config.yaml`) as `kit.train.fit_fold` writes it,
-    with randomly initialised weights, for `kit.infer.load_run`. Returns the run folder."""
+    with randomly initialised weights, for `kit.submit.infer.load_run`. Returns the run folder."""
     import torch
 
-    from .config import config_to_dict, load_config, save_config
-    from .models import create_model
+    from ..config import config_to_dict, load_config, save_config
+    from ..models import create_model
 
     cfg = load_config(config_name)
     name, kwargs = cfg.model_spec()
@@ -77,8 +77,8 @@ def write_bench_study(root: str | os.PathLike, name: str, seed: int, *, size: in
     Returns:
         {"uid": name, "slices", "rows", "cols", "mb_on_disk"}.
     """
-    from .dicom import resize_slices
-    from .synthetic import make_study, write_study
+    from ..io.dicom import resize_slices
+    from ..synthetic import make_study, write_study
 
     root = Path(root)
     study = make_study(seed, size=size, n_slices=n_slices)
@@ -101,7 +101,7 @@ def write_bench_study(root: str | os.PathLike, name: str, seed: int, *, size: in
 class StagePredictor:
     """The submission writer's predictor for benchmarks: `predictor(uid, series)` -> 8 probabilities.
 
-    Stage 1 runs as in `kit.infer.predict_study` (`prepare_arrays` at the segmenter's size and window, then
+    Stage 1 runs as in `kit.submit.infer.predict_study` (`prepare_arrays` at the segmenter's size and window, then
     `segment_study` with every stage-1 model); its labels are then replaced by the study's true labels
     (`truth_dir/<uid>.npy`, loaded outside the timed stages) so that stage 2 (`classify_study`) crops and
     classifies all seven vertebrae, as after a trained segmenter. Per-study seconds go to `timings` (stage 1's
@@ -111,14 +111,14 @@ class StagePredictor:
     runs: list
     truth_dir: Path
     device: str = "cpu"
-    batch_size: int | None = None  # stage-1 slices per forward pass; None: `kit.infer.stage1_batch_size`
+    batch_size: int | None = None  # stage-1 slices per forward pass; None: `kit.submit.infer.stage1_batch_size`
     timings: list = field(default_factory=list)
 
     def __call__(self, uid: str, series) -> np.ndarray:
-        from .cache import prepare_arrays
-        from .crops import missing_vertebrae, vertebra_extents
-        from .infer import _flatten_models, classify_study, segment_study
-        from .results import SegResult
+        from ..io.cache import prepare_arrays
+        from ..stage2.crops import missing_vertebrae, vertebra_extents
+        from ..submit.infer import _flatten_models, classify_study, segment_study
+        from ..stage1.results import SegResult
 
         models = _flatten_models(self.runs)
         stage1 = [m for m in models if m.provides in ("vertebra_probs", "levels")]
@@ -221,11 +221,11 @@ def _peak_rss_mb() -> float:
 
 
 def run_configuration(spec: dict) -> dict:
-    """One configuration, meant to run alone in a fresh process (`python -m kit.bench_submit spec.json out.json`).
+    """One configuration, meant to run alone in a fresh process (`python -m kit.tools.bench_submit spec.json out.json`).
 
     spec: {"runs": [run folders], "root": data root, "uids": [...], "prefetch": bool, "warmup": bool,
-    "device": str, "batch_size": int or None}. Loads the runs (`kit.predictor.load_runs`), optionally predicts the first
-    study once untimed, then times `kit.submission.predict_studies` over the studies with the submission's
+    "device": str, "batch_size": int or None}. Loads the runs (`kit.submit.predictor.load_runs`), optionally predicts the first
+    study once untimed, then times `kit.submit.submission.predict_studies` over the studies with the submission's
     reader (`DicomStudyReader`) while `RssMonitor` samples the memory of the processes.
 
     Returns:
@@ -237,8 +237,8 @@ def run_configuration(spec: dict) -> dict:
         sampled: the prefetch reader or one of its decode workers; None without prefetch), "total_peak_rss_mb"
         (this process and its descendants together, sampled; None off Linux)}.
     """
-    from .predictor import load_runs
-    from .submission import DicomStudyReader, predict_studies, read_dicom_study
+    from ..submit.predictor import load_runs
+    from ..submit.submission import DicomStudyReader, predict_studies, read_dicom_study
 
     root = Path(spec["root"])
     t0 = time.perf_counter()
@@ -276,7 +276,7 @@ def _in_fresh_process(spec: dict, *, tmp: Path, name: str) -> dict:
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, "-m", "kit.bench_submit", str(spec_path), str(out_path)], env=env,
+    done = subprocess.run([sys.executable, "-m", "kit.tools.bench_submit", str(spec_path), str(out_path)], env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench submit: configuration {name!r} failed (exit {done.returncode}):\n"
@@ -306,8 +306,8 @@ def count_flops(config_names: tuple[str, ...] = FULL_SCALE_CONFIGS, *, n_slices:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .config import load_config
-    from .models import create_model
+    from ..config import load_config
+    from ..models import create_model
 
     flops = {}
     for name in config_names:
@@ -373,7 +373,7 @@ def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple
         flop_configs: configs whose GFLOPs per study are counted and projected for a T4.
         flop_slices: slices of the study whose FLOPs are counted (dz 0.75 mm).
         device: where the models run (default CUDA when available).
-        batch_size: stage-1 slices per forward pass (default `kit.infer.stage1_batch_size`: 32 at 128 px and 4
+        batch_size: stage-1 slices per forward pass (default `kit.submit.infer.stage1_batch_size`: 32 at 128 px and 4
             at 384 px on a CPU, 16 on CUDA).
         seed: study and weight seed.
         isolate: each configuration in a fresh process (default; peak RSS per configuration). False runs them
@@ -441,7 +441,7 @@ def bench_submit(configs: tuple[str, ...] = DEMO_CONFIGS, *, slice_counts: tuple
 
 def _segmenter_size(configs: tuple[str, ...]) -> int:
     """The stage-1 grid: the image size of the segmenter config among `configs`."""
-    from .config import load_config
+    from ..config import load_config
 
     for name in configs:
         cfg = load_config(name)
@@ -472,7 +472,7 @@ def _memory_run(tmp: Path, run, configs: tuple[str, ...], study: tuple[int, int]
 
 
 def _print_report(out: dict, flop_configs: tuple[str, ...]) -> None:
-    print(f"\nkit bench submit: {out['studies']} studies through kit.submission.predict_studies on {out['device']} "
+    print(f"\nkit bench submit: {out['studies']} studies through kit.submit.submission.predict_studies on {out['device']} "
           f"({out['threads']} torch threads, load average {out['load_average']:.1f}), {', '.join(out['configs'])}, "
           "random init (speed only), stage 2 on the true labels; "
           + ("each configuration in a fresh process" if out["isolated"] else
@@ -544,7 +544,7 @@ class HoldPredictor:
     returns 8 probabilities, all `value`, in TARGETS order.
 
     Picklable (a top-level frozen dataclass), so `make_hold_predictor` builds it in a spawned device worker of
-    `kit.submission.write_submission_parallel`. With `record_dir`, each call writes `record_dir/hold-<uid>.json`:
+    `kit.submit.submission.write_submission_parallel`. With `record_dir`, each call writes `record_dir/hold-<uid>.json`:
     {uid, pid, device, start, end (`time.time()`), shape (the study's `hu` shape, [] when it has none)}.
     """
 
@@ -554,7 +554,7 @@ class HoldPredictor:
     value: float = HOLD_VALUE
 
     def __call__(self, uid: str, study) -> np.ndarray:
-        from .constants import TARGETS
+        from ..constants import TARGETS
 
         start = time.time()
         time.sleep(self.seconds)
@@ -570,9 +570,9 @@ def make_hold_predictor(device: str, *, seconds: float, record_dir: str | None =
 
 @dataclass(frozen=True)
 class TimedReader:
-    """The submission's default reader, `kit.submission.DicomStudyReader(images_dir)`, that also writes
+    """The submission's default reader, `kit.submit.submission.DicomStudyReader(images_dir)`, that also writes
     `record_dir/read-<uid>.json` per study read: {uid, pid, start, end (`time.time()`), seconds (of the read),
-    may_fork (`kit.dicom.fork_is_safe()` where it read: whether its decoding may use worker processes)}.
+    may_fork (`kit.io.dicom.fork_is_safe()` where it read: whether its decoding may use worker processes)}.
 
     Picklable and numpy-only, so it runs in the prefetch reader process as the default reader does. A study that
     fails to read raises as `DicomStudyReader` does and leaves no record.
@@ -582,8 +582,8 @@ class TimedReader:
     record_dir: str
 
     def __call__(self, uid: str):
-        from .dicom import fork_is_safe
-        from .submission import DicomStudyReader
+        from ..io.dicom import fork_is_safe
+        from ..submit.submission import DicomStudyReader
 
         may_fork = fork_is_safe()
         start, t0 = time.time(), time.perf_counter()
@@ -653,8 +653,8 @@ def _run_submission(name: str, uids: list[str], images: Path, work: Path, second
     """
     import pandas as pd
 
-    from .constants import TARGETS
-    from .submission import write_submission, write_submission_parallel
+    from ..constants import TARGETS
+    from ..submit.submission import write_submission, write_submission_parallel
 
     record_dir = work / name.replace(" ", "_")
     record_dir.mkdir(parents=True)
@@ -710,12 +710,12 @@ def bench_read_ahead(model_seconds: float | str | None = "auto", *, size: int = 
     One synthetic JPEG Lossless study of `n_slices` x `size` x `size` is written (`write_bench_study`) and linked
     under as many study names as the runs need (each study reads the same files: the same R every time). Then:
 
-    - reader alone: `kit.submission.DicomStudyReader` on `studies` studies, one after another, in a spawned
-      numpy-only process (`kit.prefetch.prefetch`, ahead 0), where the prefetch reader runs; R is the mean of
+    - reader alone: `kit.submit.submission.DicomStudyReader` on `studies` studies, one after another, in a spawned
+      numpy-only process (`kit.io.prefetch.prefetch`, ahead 0), where the prefetch reader runs; R is the mean of
       studies 2..n;
-    - prefetch off and on: `kit.submission.write_submission` over `studies` studies with the stand-in
+    - prefetch off and on: `kit.submit.submission.write_submission` over `studies` studies with the stand-in
       (`HoldPredictor`), expected about R + S and max(R, S) a study;
-    - 2 devices: `kit.submission.write_submission_parallel` on ["cpu", "cpu"] over 2 x `studies` studies
+    - 2 devices: `kit.submit.submission.write_submission_parallel` on ["cpu", "cpu"] over 2 x `studies` studies
       (`studies` per worker, each worker with its own prefetch reader), against max(R, S) / 2 a study, the limit
       when the two readers do not compete for the CPU; the read time inside that run (vs R) says whether they do.
 
@@ -749,8 +749,8 @@ def bench_read_ahead(model_seconds: float | str | None = "auto", *, size: int = 
         ValueError: `model_seconds` is neither "auto" nor a number > 0, or `studies` < 2.
         RuntimeError: a configuration's submission is not entirely the stand-in's (see `_run_submission`).
     """
-    from .prefetch import prefetch
-    from .submission import DicomStudyReader
+    from ..io.prefetch import prefetch
+    from ..submit.submission import DicomStudyReader
 
     given = None if model_seconds is None or str(model_seconds).strip().lower() == "auto" else model_seconds
     if given is not None:
@@ -820,7 +820,7 @@ def _print_read_ahead(out: dict) -> None:
     print(f"\nkit bench submit --model-seconds: the read-ahead against its limit, a stand-in model holding each "
           f"study S = {hold:.2f} s ({out['model_seconds_from']})")
     print(f"study: {s['slices']} x {s['rows']} x {s['cols']} JPEG Lossless ({s['mb_on_disk']} MB), read by "
-          f"kit.submission.DicomStudyReader; {out['studies']} studies a configuration ({2 * out['studies']} with 2 "
+          f"kit.submit.submission.DicomStudyReader; {out['studies']} studies a configuration ({2 * out['studies']} with 2 "
           f"devices); {out['usable_cores']} usable CPU cores (os.cpu_count {out['cpu_count']}), load average "
           f"{out['load_average'][0]:.1f} -> {out['load_average'][1]:.1f}")
     header = (f"{'configuration':<14} {'s/study':>7} {'steady':>7} {'read s':>7}   {'limit':<17} {'limit s':>7} "
@@ -847,7 +847,7 @@ def _print_read_ahead(out: dict) -> None:
           f"{out['two_devices_limit_measured_s']:.2f} s a study (steady {out['two_devices_ratio_measured']:.2f}x)")
     if not out["inline_reads_fork"]:
         print("prefetch off read in this process without decoding workers (torch is loaded here, or this is not "
-              "the main thread: kit.dicom.fork_is_safe), unlike the reader alone")
+              "the main thread: kit.io.dicom.fork_is_safe), unlike the reader alone")
 
 
 if __name__ == "__main__":  # one configuration in a fresh process: spec.json -> out.json

@@ -2,10 +2,10 @@
 
 Three figures measured side by side in one run, per classifier config:
 
-- building the crop cache (`kit.crop_cache.build_crops`, what `kit crops` runs: DICOM read in a prefetch worker,
+- building the crop cache (`kit.stage2.crop_cache.build_crops`, what `kit crops` runs: DICOM read in a prefetch worker,
   crops cut from the original grid, npz written) in studies/s, on synthetic studies with ground-truth masks
   (`data.true_masks`), so no trained segmenter is needed;
-- loading the cached crops, in vertebra stacks/s (T x C x S x S each, e.g. 15 x 6 x 224^2): `kit.crops.load_crops`
+- loading the cached crops, in vertebra stacks/s (T x C x S x S each, e.g. 15 x 6 x 224^2): `kit.stage2.crops.load_crops`
   alone, and the classifier's dataset (`kit.data.CropDataset`, per vertebra, with the config's augmentation) both
   reading each sample's own vertebra stack from its study's file and holding the cache in memory;
 - the classifier's forward + backward pass (randomly initialised model from the config, BCE on the vertebra
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .constants import TARGETS, VERTEBRAE
+from ..constants import TARGETS, VERTEBRAE
 
 #: configs of a default run: the demo's CPU classifier and the full-scale one (15 x 6 x 224^2 stacks)
 DEFAULT_CONFIGS = ("demo_cls", "cls_effv2s_224")
@@ -49,7 +49,7 @@ def write_synthetic_root(root: str | os.PathLike, n_studies: int, *, size: int, 
     Returns:
         The StudyInstanceUIDs, in seed order.
     """
-    from .synthetic import make_study, write_segmentation, write_study
+    from ..synthetic import make_study, write_segmentation, write_study
 
     root = Path(root)
     rows, boxes = [], []
@@ -77,8 +77,8 @@ def _best_rate(fn, n: int, repeats: int) -> float:
 
 def _loading_rates(cfg, uids: list[str], labels: pd.DataFrame, repeats: int) -> tuple[dict[str, float], tuple]:
     """Stacks/s of the three ways the classifier's stacks are loaded; and the shape of one stack."""
-    from .crops import load_crops
-    from .data import CropDataset
+    from ..stage2.crops import load_crops
+    from ..data import CropDataset
 
     d = cfg.data
     crop_dir = d.crop_dir
@@ -109,8 +109,8 @@ def training_rate(cfg, *, batch_size: int, device: str = "cpu", repeats: int = 2
     """
     import torch
 
-    from .data import stack_input
-    from .models import create_model
+    from ..data import stack_input
+    from ..models import create_model
 
     torch.manual_seed(seed)
     d = cfg.data
@@ -143,7 +143,7 @@ def bench_crops(config_names: tuple[str, ...] = DEFAULT_CONFIGS, *, n_studies: i
 
     The same synthetic studies (JPEG Lossless DICOM, ground-truth segmentations and box rows,
     `write_synthetic_root`) serve every config; each config builds its own crop cache from them with
-    `kit.crop_cache.build_crops` (ground-truth masks, prefetch on), then its loading and training figures are
+    `kit.stage2.crop_cache.build_crops` (ground-truth masks, prefetch on), then its loading and training figures are
     measured (randomly initialised weights: speed only).
 
     Args:
@@ -165,9 +165,9 @@ def bench_crops(config_names: tuple[str, ...] = DEFAULT_CONFIGS, *, n_studies: i
     """
     import torch
 
-    from .config import load_config
-    from .crop_cache import build_crops
-    from .rsna import load_train
+    from ..config import load_config
+    from ..stage2.crop_cache import build_crops
+    from ..io.rsna import load_train
 
     overrides: dict = {}
     if quick:
@@ -209,7 +209,7 @@ def bench_crops(config_names: tuple[str, ...] = DEFAULT_CONFIGS, *, n_studies: i
 
 
 def _series_shape(root: Path, uid: str) -> tuple[int, int, int]:
-    from .dicom import scan_series
+    from ..io.dicom import scan_series
 
     info = scan_series(root / "train_images" / uid)
     return info["slices"], info["rows"], info["cols"]

@@ -42,7 +42,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-from .constants import TARGETS, VERTEBRAE
+from ..constants import TARGETS, VERTEBRAE
 from .metrics import (
     calibration_table,
     competition_score,
@@ -51,9 +51,9 @@ from .metrics import (
     roc_auc_per_target,
     roc_curve,
 )
-from .rsna import check_train, load_train
+from ..io.rsna import check_train, load_train
 
-log = logging.getLogger("kit.report")
+log = logging.getLogger("kit.evaluate.report")
 
 PathLike = str | os.PathLike
 UID = "StudyInstanceUID"
@@ -256,7 +256,7 @@ def studies_without_oof(run_dir: PathLike, oof: pd.DataFrame) -> dict | None:
     folds_csv = (_first_fold_config(run_dir).get("data") or {}).get("folds_csv")
     if not folds_csv or not Path(folds_csv).is_file():
         return None
-    from .rsna import load_folds
+    from ..io.rsna import load_folds
 
     try:
         folds = load_folds(folds_csv)
@@ -341,7 +341,7 @@ def score_test_submission(submission: PathLike | pd.DataFrame, answers_dir: Path
         ValueError: the submission fails `score_submission`'s checks (rows missing, unknown or not numbers).
     """
     from .metrics import score_submission
-    from .rsna import split_row_id, wide_to_long
+    from ..io.rsna import split_row_id, wide_to_long
 
     labels = Path(answers_dir) / "test_labels.csv"
     if not labels.is_file():
@@ -383,7 +383,7 @@ def attention_hit_rate(oof: pd.DataFrame, crop_dir: PathLike, answers: pd.DataFr
         {"attention_hit_rate": share or NaN, "n_detected": int, "n_boxed": int, "rows": DataFrame (one row per
         detected vertebra: uid, vertebra, p, peak slice, fracture ranges, hit)}.
     """
-    from .crops import load_crops
+    from ..stage2.crops import load_crops
 
     boxed = answers[answers["in_bounding_boxes"].astype(bool) & answers[UID].isin(set(oof[UID]))]
     by_uid = oof.set_index(UID)
@@ -1002,7 +1002,7 @@ def load_seg_oof(run_dir: PathLike) -> pd.DataFrame:
     return _read_fold_oof(run_dir, SEG_COLUMNS, "segmenter")
 
 
-#: Written at a segmenter run's root by `kit.demo.run_segmenter_stage`: its held-out studies segmented as inference
+#: Written at a segmenter run's root by `kit.tools.demo.run_segmenter_stage`: its held-out studies segmented as inference
 #: does (the level model's ranges fed to a level-conditioned segmenter), one row per study / per (study, vertebra).
 STAGE1_DICE, STAGE1_Z = "oof_dice.csv", "oof_z_errors.csv"
 
@@ -1342,7 +1342,7 @@ def _fold_loaders(run_dir: Path) -> tuple[_PerFold, _PerFold]:
     """(config of a fold, segmenter of a fold): loaded on first use, once."""
 
     def config(fold: int):
-        from .config import load_config
+        from ..config import load_config
 
         path = run_dir / f"fold{fold}" / "config.yaml"
         if not path.is_file():
@@ -1350,7 +1350,7 @@ def _fold_loaders(run_dir: Path) -> tuple[_PerFold, _PerFold]:
         return load_config(path)
 
     def models(fold: int):
-        from .infer import load_run
+        from ..submit.infer import load_run
 
         return load_run(run_dir, folds=[fold])
 
@@ -1367,9 +1367,9 @@ def _study_picture(run_dir: Path, loaders: tuple[_PerFold, _PerFold], fold: int,
     """
     config, models = loaders
     try:
-        from .cache import load_cached
-        from .data import true_presence
-        from .infer import segment_study
+        from ..io.cache import load_cached
+        from ..data import true_presence
+        from ..submit.infer import segment_study
 
         cfg = config(fold)
         cached = load_cached(cfg.data.cache_dir, uid)
@@ -1521,7 +1521,7 @@ def seg_report(run_dir: PathLike, out_dir: PathLike | None = None, *, n_worst: i
         missed = [f"{r[UID]} ({r['missed']})" for _, r in stage1.iterrows() if r["missed"]]
         lines += ["## Stage 1 as inference runs it", "",
                   f"`{STAGE1_DICE}`, `{STAGE1_Z}` (written by `kit demo`): {len(stage1)} held-out studies segmented by "
-                  "`kit.infer.segment_study`" + (" with the level model's ranges" if conditioned else "") + ".", "",
+                  "`kit.submit.infer.segment_study`" + (" with the level model's ranges" if conditioned else "") + ".", "",
                   f"**{s_head}**", ""]
         lines += [f"Note: {stale}.", ""] if stale else []
         lines += [_table(["fold", *VERTEBRAE, "worst"], _vertebra_table(s_rows, "worst", 1)), "",

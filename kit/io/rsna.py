@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .constants import BROKEN_STUDIES, TARGETS, UID_PREFIX, VERTEBRAE
-from .paths import find_data_root
+from ..constants import BROKEN_STUDIES, TARGETS, UID_PREFIX, VERTEBRAE
+from ..paths import find_data_root
 
-log = logging.getLogger("kit.rsna")
+log = logging.getLogger("kit.io.rsna")
 
 PathLike = str | os.PathLike
 

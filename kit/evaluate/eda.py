@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
 
-from .constants import TARGETS, VERTEBRAE, WINDOWS
-from .crops import file_numbers
+from ..constants import TARGETS, VERTEBRAE, WINDOWS
+from ..stage2.crops import file_numbers
 
 
 def label_prevalence(train: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +54,7 @@ def plot_study_table(table: pd.DataFrame) -> plt.Figure:
 
     Args:
         table: one row per study with columns `slices`, `dz`, `rows`, `cols` (`study_table` or
-            `kit.cache.read_manifest`).
+            `kit.io.cache.read_manifest`).
     """
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     axes[0].hist(table["slices"], bins=20, color="tab:blue")
@@ -145,9 +145,9 @@ def study_table(root, split: str = "train", *, max_studies: int | None = None) -
     """
     from pathlib import Path
 
-    from .progress import progress_bar
+    from ..progress import progress_bar
 
-    from .dicom import scan_series
+    from ..io.dicom import scan_series
 
     folders = sorted(p for p in (Path(root) / f"{split}_images").iterdir() if p.is_dir())[:max_studies]
     rows = []
@@ -163,7 +163,7 @@ def pick_study(root, train: pd.DataFrame, boxes: pd.DataFrame) -> str:
     """A study worth looking at: fractured, with boxes and a segmentation if there is one."""
     from pathlib import Path
 
-    from .rsna import segmented_studies
+    from ..io.rsna import segmented_studies
 
     seg = segmented_studies(Path(root) / "segmentations")
     fractured = set(train.loc[train["patient_overall"] == 1, "StudyInstanceUID"])
@@ -272,7 +272,7 @@ def plot_fracture_mix(fractures: pd.DataFrame, lookalikes: pd.DataFrame | None =
 
     Args:
         fractures: the generator's answer table (`kit.synthetic.load_answers(dir)["fractures"]` or
-            `kit.report.read_answers`): one row per fracture with `kind`, `subtlety`, `vertebra`.
+            `kit.evaluate.report.read_answers`): one row per fracture with `kind`, `subtlety`, `vertebra`.
         lookalikes: its look-alike table (`kind` per row); None or empty: that panel says so.
     """
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -301,9 +301,9 @@ def plot_crop_gallery(crops: dict, channel_names: list[str], *, title: str = "")
     Each vertebra shows the sampled slice with a fracture target when it has one (else its middle slice).
 
     Args:
-        crops: `kit.crops.load_crops` output (`crops` uint8 (7, T, C, S, S), `found`, `positions`,
+        crops: `kit.stage2.crops.load_crops` output (`crops` uint8 (7, T, C, S, S), `found`, `positions`,
             `slice_targets`).
-        channel_names: the C channel names (`kit.crops.stack_channel_names`); the image shown is the first
+        channel_names: the C channel names (`kit.stage2.crops.stack_channel_names`); the image shown is the first
             window's centre slice ("<window>+0"), the mask the "mask" channel when there is one.
     """
     image_channel = next(i for i, name in enumerate(channel_names) if name.endswith("+0"))

@@ -1,6 +1,6 @@
 """Why did the classifier say so: attention over the sampled slices and a Grad-CAM saliency per slice.
 
-For one study's cached crops (`kit.crops.load_crops`) and one fold of a classifier run (`kit.infer.load_run`):
+For one study's cached crops (`kit.stage2.crops.load_crops`) and one fold of a classifier run (`kit.submit.infer.load_run`):
 
 - attention: the model's own pooling weights over the T sampled slices of each vertebra (they sum to 1), with
   each slice's logit (`kit.models.classifier`: `attention`, `slice_logits`);
@@ -12,7 +12,7 @@ For one study's cached crops (`kit.crops.load_crops`) and one fold of a classifi
   The map is as coarse as the backbone's last stage: S / 32 for most timm CNNs (2 x 2 on the demo's 64 px crops,
   7 x 7 at 224 px); all 0 when no channel of it raises the logit (e.g. a model that has not learnt yet);
 - the true fracture boxes: `train_bounding_boxes.csv` rows matched to the sampled slices by InstanceNumber
-  (`kit.crops.match_boxes_to_slices`, as `kit crops` does) and mapped from original pixels into crop pixels
+  (`kit.stage2.crops.match_boxes_to_slices`, as `kit crops` does) and mapped from original pixels into crop pixels
   through the crop box the cache stores (`crop_boxes`; `box_to_crop`).
 
     explanations = explain_study("runs/demo_cls", None, uid)        # every vertebra found, the held-out fold
@@ -40,12 +40,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from .constants import VERTEBRAE
-from .crops import load_crops, match_boxes_to_slices, stack_channel_names
-from .data import stack_input
+from ..constants import VERTEBRAE
+from ..stage2.crops import load_crops, match_boxes_to_slices, stack_channel_names
+from ..data import stack_input
 from .metrics import targets_from_vertebrae
 
-log = logging.getLogger("kit.explain")
+log = logging.getLogger("kit.evaluate.explain")
 
 PathLike = str | os.PathLike
 UID = "StudyInstanceUID"
@@ -63,7 +63,7 @@ class VertebraExplanation:
             of no fold (e.g. a test study).
         logit: the vertebra's fracture logit.
         prob: the probability validation and `kit submit` give the vertebra: its sigmoid for a model with a
-            patient head, for a per-vertebra model mapped as `kit.metrics.targets_from_vertebrae` maps it.
+            patient head, for a per-vertebra model mapped as `kit.evaluate.metrics.targets_from_vertebrae` maps it.
         label: the true label (`train.csv`), None when unknown.
         attention: float32 (T,) pooling weights over the sampled slices, summing to 1.
         slice_logits: float32 (T,) per-slice logits.
@@ -112,7 +112,7 @@ class VertebraExplanation:
 def box_to_crop(boxes: np.ndarray, crop_box: Sequence[int], size: int) -> np.ndarray:
     """Fracture boxes from original pixels into the pixels of a crop cut from `crop_box` and resized to size².
 
-    A crop covers original pixels [y0, y1) x [x0, x1) (`kit.crops.crop_box_original`, possibly reaching past
+    A crop covers original pixels [y0, y1) x [x0, x1) (`kit.stage2.crops.crop_box_original`, possibly reaching past
     the image) resized edge to edge to S x S, so an original coordinate u maps to `(u - x0) * S / (x1 - x0)`
     (and likewise for y). Boxes partly or wholly outside the crop keep their mapped coordinates (< 0 or > S).
 
@@ -203,7 +203,7 @@ def _held_out_fold(run_dir: Path, uid: str) -> int | None:
 
 def _choose_model(run, uid: str, fold: int | None, device: str | torch.device):
     """(LoadedModel, held_out) for `run` (a run folder, a `load_run` list or one LoadedModel) and `fold`."""
-    from .infer import LoadedModel, load_run
+    from ..submit.infer import LoadedModel, load_run
 
     if isinstance(run, (str, os.PathLike)):
         run_dir = Path(run)
@@ -217,7 +217,7 @@ def _choose_model(run, uid: str, fold: int | None, device: str | torch.device):
         return models[0], held is not None and models[0].fold == held
     models = [run] if isinstance(run, LoadedModel) else list(run)
     if not models:
-        raise ValueError("run holds no model: pass a run folder or kit.infer.load_run(...) output")
+        raise ValueError("run holds no model: pass a run folder or kit.submit.infer.load_run(...) output")
     held = _held_out_fold(models[0].path.parent.parent, uid)
     wanted = fold if fold is not None else held
     if wanted is not None:
@@ -231,8 +231,8 @@ def _choose_model(run, uid: str, fold: int | None, device: str | torch.device):
 
 
 def _true_labels(data_root: Path, uid: str) -> dict[str, int] | None:
-    """The study's C1..C7 labels from `train.csv` (`kit.rsna.load_train`), None without the file or the study."""
-    from .rsna import load_train
+    """The study's C1..C7 labels from `train.csv` (`kit.io.rsna.load_train`), None without the file or the study."""
+    from ..io.rsna import load_train
 
     if not (data_root / "train.csv").is_file():
         return None
@@ -241,12 +241,12 @@ def _true_labels(data_root: Path, uid: str) -> dict[str, int] | None:
 
 
 def _study_boxes(boxes: pd.DataFrame | None, data_root: Path, uid: str) -> pd.DataFrame:
-    """The study's box rows: from `boxes`, else `<data_root>/train_bounding_boxes.csv` (`kit.rsna.load_boxes`)
+    """The study's box rows: from `boxes`, else `<data_root>/train_bounding_boxes.csv` (`kit.io.rsna.load_boxes`)
     when it exists."""
     if boxes is None:
         if not (data_root / "train_bounding_boxes.csv").is_file():
             return pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])
-        from .rsna import load_boxes
+        from ..io.rsna import load_boxes
 
         boxes = load_boxes(data_root)
     if UID in boxes.columns:
@@ -282,7 +282,7 @@ def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], devic
         {vertebra index: {"logit": float, "slice_logits": (T,), "attention": (T,), "cam": float32 (T, S, S)
         unscaled Grad-CAM}}, in the order of `index`.
     """
-    from .tasks import PER_STUDY_MODELS
+    from ..tasks import PER_STUDY_MODELS
 
     crops = arrays["crops"]
     t, size = crops.shape[1], crops.shape[-1]
@@ -320,7 +320,7 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     asked vertebra's explanation (see the module docstring for the saliency).
 
     Args:
-        run: a classifier run folder (`runs/<config name>`), `kit.infer.load_run` output, or one LoadedModel.
+        run: a classifier run folder (`runs/<config name>`), `kit.submit.infer.load_run` output, or one LoadedModel.
         crop_dir: the crop cache (`kit crops`); None: the run's `data.crop_dir`.
         uid: the study.
         vertebrae: names ("C1".."C7") to explain; None: every vertebra found.

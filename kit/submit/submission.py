@@ -3,8 +3,8 @@
 The model is not this module's business: `write_submission` takes a *predictor*, any callable
 `predict(uid, study) -> 8 probabilities` (array in TARGETS order, or a dict by target; NaN where it has no
 answer, e.g. a vertebra the segmenter did not find), and a *reader* `read(uid) -> study` that runs in a
-separate, spawned process (`kit.prefetch`) while the predictor works on the previous study. The default reader
-is `DicomStudyReader(images_dir)` (`kit.dicom.read_series`, numpy only); `kit.infer.predict_study` plugs in as
+separate, spawned process (`kit.io.prefetch`) while the predictor works on the previous study. The default reader
+is `DicomStudyReader(images_dir)` (`kit.io.dicom.read_series`, numpy only); `kit.submit.infer.predict_study` plugs in as
 the predictor.
 
 Every failure is caught per study and logged, never raised:
@@ -29,10 +29,10 @@ off (the log's detail names it and the seconds it had run) and every later one g
 written within a couple of seconds of the deadline. Without a budget nothing of this runs: no thread, no timeout.
 
 A fallback value is the constant that minimises the scored metric on the runs' training labels (`fallback=`,
-`kit.predictor.run_fallback`: each target's training prevalence at the metric's odds, what the models carry), or
+`kit.submit.predictor.run_fallback`: each target's training prevalence at the metric's odds, what the models carry), or
 the 2019 table's prevalence (`FALLBACK`) when no run says; it is filled in once, by the writer, for every value
 without an answer. A vertebra stage 1 did not find is not such a value: the predictor gives it the value its
-validation gave it (`kit.metrics.fill_missing_vertebrae`) and may say so in the log (`Prediction.notes`).
+validation gave it (`kit.evaluate.metrics.fill_missing_vertebrae`) and may say so in the log (`Prediction.notes`).
 
 The log (`submission_log.csv` beside the submission) has one row per event: `StudyInstanceUID, stage, reason,
 seconds, fallback_values` (how many of the 8 values are fallbacks) and `detail` (the error message).
@@ -62,16 +62,16 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import pandas as pd
-from .progress import progress_bar
+from ..progress import progress_bar
 
-from .constants import PROB_CLIP, TARGETS, TRAIN_PREVALENCE
-from .files import write_csv_atomic
-from .dicom import Series, read_series, study_files
-from .prefetch import call_before, describe_error
-from .prefetch import prefetch as prefetch_items
-from .rsna import UID, rows_for_studies, split_row_id
+from ..constants import PROB_CLIP, TARGETS, TRAIN_PREVALENCE
+from ..io.files import write_csv_atomic
+from ..io.dicom import Series, read_series, study_files
+from ..io.prefetch import call_before, describe_error
+from ..io.prefetch import prefetch as prefetch_items
+from ..io.rsna import UID, rows_for_studies, split_row_id
 
-log = logging.getLogger("kit.submission")
+log = logging.getLogger("kit.submit.submission")
 
 PathLike = str | os.PathLike
 
@@ -133,7 +133,7 @@ def fallback_probs(partial: Sequence[float] | np.ndarray | None = None,
 
     Args:
         partial: None, or 8 values in TARGETS order (NaN / inf where there is no answer).
-        fallback: 8 values in TARGETS order (`kit.predictor.run_fallback`); None: `FALLBACK`.
+        fallback: 8 values in TARGETS order (`kit.submit.predictor.run_fallback`); None: `FALLBACK`.
 
     Raises:
         ValueError: `partial` or `fallback` does not hold 8 values.
@@ -188,12 +188,12 @@ def _judge(values: np.ndarray) -> tuple[str | None, str]:
 
 
 def read_dicom_study(path: PathLike, *, min_slices: int = MIN_SLICES) -> Series:
-    """Read one study folder with `kit.dicom.read_series`; the `Series`' warnings list any skipped files.
+    """Read one study folder with `kit.io.dicom.read_series`; the `Series`' warnings list any skipped files.
 
     Raises:
-        StudyUnavailable: reason "no folder", "empty folder" (no regular file: `kit.dicom.study_files`) or
+        StudyUnavailable: reason "no folder", "empty folder" (no regular file: `kit.io.dicom.study_files`) or
             "too few slices" (fewer than `min_slices`).
-        kit.dicom.DicomError: no slice can be read (corrupt files, no image data).
+        kit.io.dicom.DicomError: no slice can be read (corrupt files, no image data).
     """
     folder = Path(path)
     if not folder.is_dir():
@@ -353,8 +353,8 @@ def predict_studies(uids: Sequence[str], predict: Predictor, read: Callable[[str
         prefetch: read the next study in a spawned process while this one is predicted (False: read here).
         walk_away: with a deadline, call the predictor (and, without prefetch, the reader) in a daemon thread
             that the loop waits on until the deadline and leaves running if it has not returned
-            (`kit.prefetch.call_before`). The predictor then runs outside the caller's thread: thread-local
-            state (torch's grad mode, `torch.cuda.set_device`) must be set inside it, as `kit.infer` does.
+            (`kit.io.prefetch.call_before`). The predictor then runs outside the caller's thread: thread-local
+            state (torch's grad mode, `torch.cuda.set_device`) must be set inside it, as `kit.submit.infer` does.
             False: call them in this thread and bound only the prefetch worker's reads, for a caller that
             enforces the deadline by stopping this whole process (a device worker of `write_submission_parallel`).
     """
@@ -569,7 +569,7 @@ def write_submission(uids: Sequence[str], predict: Predictor, out_path: PathLike
     """Predict every study and write a complete, validated `submission.csv` (and `submission_log.csv`).
 
     Args:
-        uids: the studies to predict, e.g. from `kit.rsna.studies_to_predict`.
+        uids: the studies to predict, e.g. from `kit.io.rsna.studies_to_predict`.
         predict: `predict(uid, study) -> 8 probabilities` (see `Predictor`).
         out_path: the submission CSV (`row_id, fractured`); parent folders are made.
         sample_submission: DataFrame or CSV path; when given, the file has exactly its rows in its order (its
@@ -589,7 +589,7 @@ def write_submission(uids: Sequence[str], predict: Predictor, out_path: PathLike
         prefetch: read the next study in a spawned process while this one is predicted.
         progress: show a progress bar and print the summary line.
         clip: every value is clipped to this range.
-        fallback: the 8 values (TARGETS order) a value without an answer gets (`kit.predictor.run_fallback`:
+        fallback: the 8 values (TARGETS order) a value without an answer gets (`kit.submit.predictor.run_fallback`:
             the runs' training labels at the metric's odds); None: `FALLBACK`, the 2019 table.
 
     Returns:

@@ -10,7 +10,7 @@ resumes where it stopped. Contents:
 - `positions` float32 (Z, 3) ImagePositionPatient; `instance_numbers` int32 (Z,).
 
 `prepare_arrays` is the one preprocessing function: `kit prepare` caches its output and inference
-(`kit.infer.segment_study`, `load_prepared`) computes the same from new studies.
+(`kit.submit.infer.segment_study`, `load_prepared`) computes the same from new studies.
 
 `manifest.csv` keeps one row per prepared study and `failures.csv` the studies that could not be read, or
 whose segmentation could not be used (the image is cached all the same), with the reason. numpy / pandas
@@ -31,14 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from .progress import progress_bar
+from ..progress import progress_bar
 
-from .constants import WINDOWS
+from ..constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
 from .files import write_csv_atomic
 from .rsna import listed_without_folder, segmentation_path, segmented_studies
 
-log = logging.getLogger("kit.cache")
+log = logging.getLogger("kit.io.cache")
 
 MANIFEST = "manifest.csv"
 FAILURES = "failures.csv"
@@ -50,7 +50,7 @@ def cache_path(cache_dir: str | os.PathLike, uid: str) -> Path:
 
 
 def prepare_arrays(series, size: int = 128, window_name: str = "bone") -> dict[str, np.ndarray]:
-    """THE preprocessing of a study, for `kit prepare` and for inference alike: a `kit.dicom.Series` (HU) ->
+    """THE preprocessing of a study, for `kit prepare` and for inference alike: a `kit.io.dicom.Series` (HU) ->
     the cache's arrays (without `mask`).
 
     Returns:
@@ -93,7 +93,7 @@ def prepare_study(
         window_name: a key of `kit.constants.WINDOWS`.
         seg_path: the study's segmentation NIfTI, if it has one.
         workers: decoding workers for this one study.
-        backend: `kit.dicom.read_series`' decoder choice.
+        backend: `kit.io.dicom.read_series`' decoder choice.
 
     Returns:
         One manifest row: uid, slices, original and cached shape, spacing, mask presence, mask error,
@@ -250,7 +250,7 @@ def _prepare_in_pool(jobs: list[tuple], workers: int, collect: Callable) -> None
     and with pydicom (`read_series(backend="pydicom")`, the same HU; a warning in the manifest row says so): one
     that kills that process too is reported as failed. The other studies go on in a new pool.
     """
-    # fork only where it is safe (no torch loaded, main thread: kit.dicom.fork_is_safe), else spawn
+    # fork only where it is safe (no torch loaded, main thread: kit.io.dicom.fork_is_safe), else spawn
     context = multiprocessing.get_context("fork" if fork_is_safe() else "spawn")
     todo = deque(jobs)
     while todo:
@@ -295,7 +295,7 @@ def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str 
     """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed
     (a study that failed before and succeeded now). An emptied CSV stays, with its header only; with `create`, a
     CSV that does not exist is made even when nothing is merged (`new`'s header). Written atomically
-    (`kit.files.write_csv_atomic`): a run killed while writing leaves the CSV as it was."""
+    (`kit.io.files.write_csv_atomic`): a run killed while writing leaves the CSV as it was."""
     gone = set(drop) | (set(new[key]) if len(new) else set())
     kept = pd.read_csv(path, dtype={key: str}) if path.is_file() else new.iloc[:0]
     kept = kept[~kept[key].isin(gone)] if key in kept.columns else kept

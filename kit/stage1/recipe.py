@@ -1,6 +1,6 @@
 """THE input recipe of stage 1: which slices a model sees, at what size and scale, with which level planes.
 
-Training (`kit.data` datasets), validation (`kit.tasks`) and inference (`kit.infer`) build every model input
+Training (`kit.data` datasets), validation (`kit.tasks`) and inference (`kit.submit.infer`) build every model input
 by calling a recipe made from the typed config, and nothing else, so the three cannot drift apart:
 
     recipe = SegRecipe.from_config(cfg.data)
@@ -13,7 +13,7 @@ by calling a recipe made from the typed config, and nothing else, so the three c
 - **Scale**: uint8 / 255 in float32.
 - **Level planes** (a level-conditioned segmenter): 7 constant planes, each slice's presence of C1..C7. The
   presence (7, Z) comes from the true labels in training and validation (`true_presence`) and from the level
-  model at inference (`kit.infer.predict_levels`); `SegRecipe.planes` treats both alike: widened along z by
+  model at inference (`kit.submit.infer.predict_levels`); `SegRecipe.planes` treats both alike: widened along z by
   `level_margin_mm` at each end, then smoothed by a box `level_ramp_mm` wide centred on each slice, so a step
   becomes a linear ramp centred on the vertebra's end. Training also moves each end by up to
   `level_jitter_mm` and scales each vertebra by 0.8-1 (`rng`).
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .constants import VERTEBRAE
+from ..constants import VERTEBRAE
 
 N_VERTEBRAE = len(VERTEBRAE)
 
@@ -92,7 +92,7 @@ def level_presence(labels: np.ndarray) -> np.ndarray:
 
 
 def true_presence(labels: np.ndarray) -> np.ndarray:
-    """float32 (7, Z): 1 where slice z shows C1..C7, in the shape of `kit.infer.predict_levels`' output: what a
+    """float32 (7, Z): 1 where slice z shows C1..C7, in the shape of `kit.submit.infer.predict_levels`' output: what a
     perfect level model would give."""
     return np.ascontiguousarray(level_presence(labels).T)
 
@@ -158,7 +158,7 @@ def jitter_presence(presence: np.ndarray, dz: float, jitter_mm: float, rng: np.r
 
 
 def _resize(volume: np.ndarray, size: int) -> np.ndarray:
-    from .dicom import resize_slices
+    from ..io.dicom import resize_slices
 
     return resize_slices(volume, size)
 
@@ -204,7 +204,7 @@ class SegRecipe:
         return offsets_to_slices(self.offsets_mm, dz)
 
     def resize(self, volume: np.ndarray) -> np.ndarray:
-        """(Z, H, W) image -> (Z, S, S) (`kit.dicom.resize_slices`)."""
+        """(Z, H, W) image -> (Z, S, S) (`kit.io.dicom.resize_slices`)."""
         return _resize(volume, self.image_size)
 
     def planes(self, presence: np.ndarray, dz: float, rng: np.random.Generator | None = None) -> np.ndarray:

@@ -8,7 +8,7 @@ loaded and thread pools running, and a forked copy of such a process can deadloc
 What `fn` must be:
 - a picklable top-level function of an importable module (or a `functools.partial` of one): spawn sends it to
   the worker by name, so a function defined in a notebook cell or a lambda does not work;
-- numpy-only (numpy, pandas, pydicom, `kit.dicom` ...): the worker imports fn's module, and a module that imports
+- numpy-only (numpy, pandas, pydicom, `kit.io.dicom` ...): the worker imports fn's module, and a module that imports
   torch makes every worker start take seconds and hundreds of MB;
 - small in, anything picklable out: items are sent to the worker as they are (keep them to paths and UIDs);
   results come back with numpy buffers sent out of band (one copy, arrays arrive writable).
@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-log = logging.getLogger("kit.prefetch")
+log = logging.getLogger("kit.io.prefetch")
 
 _JOIN_S = 5.0  # how long a stopping worker may take before it is killed
 _DEADLINE_JOIN_S = 1.0  # the same once the deadline has passed: the caller has no time left to wait

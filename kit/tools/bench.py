@@ -1,5 +1,5 @@
 """Benchmarks behind `kit bench`: DICOM reading (`bench_read`) and segmentation (`bench_seg`); stage-2 crops
-(`kit.bench_crops.bench_crops`) and the submission loop (`kit.bench_submit.bench_submit`) have modules of their own.
+(`kit.tools.bench_crops.bench_crops`) and the submission loop (`kit.tools.bench_submit.bench_submit`) have modules of their own.
 
 Figures measured with them are recorded in docs/benchmarks.md.
 """
@@ -32,7 +32,7 @@ def _rates(readers: dict, n: int, repeats: int) -> tuple[dict[str, float], dict]
 def _pydicom_loop(files: list[Path]) -> np.ndarray:
     """The plain baseline of public notebooks: one file at a time, pixel_array * slope + intercept, sorted.
 
-    A second reader on purpose: it is what kit.dicom is measured against, never used by the kit.
+    A second reader on purpose: it is what kit.io.dicom is measured against, never used by the kit.
     """
     import pydicom
 
@@ -41,7 +41,7 @@ def _pydicom_loop(files: list[Path]) -> np.ndarray:
         ds = pydicom.dcmread(f)
         hu = ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
         slices.append((float(ds.ImagePositionPatient[2]), hu))
-    slices.sort(key=lambda item: -item[0])  # superior first, like kit.dicom for axial series
+    slices.sort(key=lambda item: -item[0])  # superior first, like kit.io.dicom for axial series
     return np.stack([hu for _, hu in slices])
 
 
@@ -54,7 +54,7 @@ def _dicomsdl_loop(files: list[Path]) -> None:
 
 def bench_read(series_dir: str | os.PathLike | None = None, *, n_slices: int = 200, size: int = 512,
                workers: int | None = None, repeats: int = 1) -> dict:
-    """Compare `kit.dicom.read_series` with a plain pydicom loop on the same series, in one run.
+    """Compare `kit.io.dicom.read_series` with a plain pydicom loop on the same series, in one run.
 
     Args:
         series_dir: a folder of DICOM slices; default: a synthetic JPEG Lossless (.70) series of
@@ -70,11 +70,11 @@ def bench_read(series_dir: str | os.PathLike | None = None, *, n_slices: int = 2
     Raises:
         AssertionError: kit and the pydicom loop disagree on the HU.
     """
-    from .dicom import dicomsdl, read_series, scan_series
+    from ..io.dicom import dicomsdl, read_series, scan_series
 
     with tempfile.TemporaryDirectory(prefix="kit-bench-") as tmp:
         if series_dir is None:
-            from .synthetic import make_study, write_study
+            from ..synthetic import make_study, write_study
 
             print(f"writing a synthetic {n_slices} x {size} x {size} JPEG Lossless series ...", flush=True)
             series_dir = Path(tmp) / "study"
@@ -95,7 +95,7 @@ def bench_read(series_dir: str | os.PathLike | None = None, *, n_slices: int = 2
         readers["kit"] = lambda: read_series(series_dir, workers=workers)
         rates, results = _rates(readers, n, repeats)
         baseline, series = results["pydicom"], results["kit"]
-    assert np.array_equal(series.hu, baseline), "kit.dicom and the pydicom loop read different HU"
+    assert np.array_equal(series.hu, baseline), "kit.io.dicom and the pydicom loop read different HU"
     ratio = rates["kit"] / rates["pydicom"]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"kit bench read: {n} slices {info['rows']}x{info['cols']}, {info['transfer_syntax']}, {cores} usable cores")
@@ -115,7 +115,7 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
               slice_counts: tuple[int, ...] = (64, 128, 256), device: str | None = None, *,
               batch_size: int | None = None, repeats: int = 1, seed: int = 0,
               level_config: str = "demo_level") -> dict:
-    """Slices/s of `kit.infer.segment_study` per segmenter config, and how it scales with slice count.
+    """Slices/s of `kit.submit.infer.segment_study` per segmenter config, and how it scales with slice count.
 
     Each config's model is built by `create_model` with its kwargs from the config (as `kit.train` records
     them; channels-last when `train.channels_last`, as `load_run` does) and randomly initialised weights: the
@@ -141,12 +141,12 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
     """
     import torch
 
-    from .config import load_config
-    from .constants import WINDOWS
-    from .dicom import window
-    from .infer import LoadedModel, segment_study
-    from .models import create_model
-    from .synthetic import make_study
+    from ..config import load_config
+    from ..constants import WINDOWS
+    from ..io.dicom import window
+    from ..submit.infer import LoadedModel, segment_study
+    from ..models import create_model
+    from ..synthetic import make_study
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     counts = sorted(int(n) for n in slice_counts)
@@ -249,9 +249,9 @@ def bench_train(config_names: tuple[str, ...] = ("demo_seg", "demo_level", "demo
     """
     import torch
 
-    from .config import load_config
-    from .models import create_model
-    from .models.fastconv import DepthwiseConv2d
+    from ..config import load_config
+    from ..models import create_model
+    from ..models.fastconv import DepthwiseConv2d
 
     torch.set_num_threads(threads)
     rows = []

@@ -6,15 +6,15 @@ Never imports `kit.train`: a run folder (`runs/<config name>/fold<k>/model.pt`) 
   model (`create_model(model_name, **model_kwargs)`, pretrained weights off), loads the weights, puts it in
   eval mode and on the device, once.
 - `predict_vertebra_probs` (segmenters) and `predict_levels` (level models) build every input with the run's
-  own recipe (`LoadedModel.recipe`, `kit.slices`), the very code training and validation use.
+  own recipe (`LoadedModel.recipe`, `kit.stage1.recipe`), the very code training and validation use.
 - `segment_study` runs a fold ensemble over one study and turns the mean per-vertebra probabilities into
-  clean labels and vertebra extents (`kit.crops`): a `kit.results.SegResult`.
-- `classify_study` cuts the vertebra crops of a segmented study (`kit.crops.crop_study`, the call `kit crops`
+  clean labels and vertebra extents (`kit.stage2.crops`): a `kit.stage1.results.SegResult`.
+- `classify_study` cuts the vertebra crops of a segmented study (`kit.stage2.crops.crop_study`, the call `kit crops`
   makes, geometry from each classifier's config: `ClsConfig.crop_geometry`) and runs a classifier ensemble on all
   vertebrae at once; `predict_study` is the whole pipeline for one study: DICOM in, 8 probabilities out.
 
-Batch runs over a split (`segment_studies`) live in `kit.runner`, stored results in `kit.results`, plots in
-`kit.report`.
+Batch runs over a split (`segment_studies`) live in `kit.stage1.runner`, stored results in `kit.stage1.results`, plots in
+`kit.evaluate.report`.
 
 Checkpoint contract (written by `kit.train`): `{"model": state_dict, "model_name": str, "model_kwargs":
 dict, "config": resolved config dict, "epoch": int, "metric": float}`.
@@ -33,22 +33,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .calibration import apply_calibration, read_calibration
-from .config import ConfigError, config_from_dict
-from .constants import PROB_SCALE, TARGETS, TRAIN_PREVALENCE, VERTEBRAE
-from .crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
-from .data import stack_input
-from .devices import cuda_half_dtype
-from .metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
-from .models.level import level_presence_probs
-from .results import SegResult
+from ..evaluate.calibration import apply_calibration, read_calibration
+from ..config import ConfigError, config_from_dict
+from ..constants import PROB_SCALE, TARGETS, TRAIN_PREVALENCE, VERTEBRAE
+from ..stage2.crops import clean_vertebra_probs, crop_study, missing_vertebrae, vertebra_extents
+from ..data import stack_input
+from ..devices import cuda_half_dtype
+from ..evaluate.metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
+from ..models.level import level_presence_probs
+from ..stage1.results import SegResult
 
-log = logging.getLogger("kit.infer")
+log = logging.getLogger("kit.submit.infer")
 
 PathLike = str | os.PathLike
 # Keyword arguments forced off at inference: those that would make a model factory fetch or read weights (the
 # checkpoint holds every weight), and activation checkpointing, a training-only memory trade that would also put
-# Grad-CAM's hooks (`kit.explain`) inside recomputed blocks.
+# Grad-CAM's hooks (`kit.evaluate.explain`) inside recomputed blocks.
 _INFERENCE_KWARGS = {"pretrained": False, "encoder_weights": None, "pretrained_weights": None,
                      "grad_checkpointing": False}
 
@@ -69,7 +69,7 @@ class LoadedModel:
         model_name: registry name given to `create_model`.
         epoch: epoch of the saved weights.
         metric: validation metric of the saved weights.
-        calibration: the run's `calibration.json` (`kit.calibration`), read once by `load_run`; None without one.
+        calibration: the run's `calibration.json` (`kit.evaluate.calibration`), read once by `load_run`; None without one.
     """
 
     model: torch.nn.Module
@@ -88,7 +88,7 @@ class LoadedModel:
 
     @property
     def recipe(self):
-        """The run's input recipe (`kit.slices.SegRecipe` / `LevelRecipe`), as in training."""
+        """The run's input recipe (`kit.stage1.recipe.SegRecipe` / `LevelRecipe`), as in training."""
         return self.config.recipe()
 
     @property
@@ -139,7 +139,7 @@ def load_run(run_dir: PathLike, folds: Sequence[int] | None = None, device: str 
             its weights do not fit the model (the message names the file).
         ValueError: the run's `calibration.json` lacks a target or holds a non-finite number.
     """
-    from .models import create_model
+    from ..models import create_model
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -200,21 +200,21 @@ def _flatten_models(runs) -> list[LoadedModel]:
 def prepare_input(source, size: int, window_name: str) -> tuple[np.ndarray, dict]:
     """A study in any of its forms -> (uint8 (Z, S, S) image at the models' size, metadata).
 
-    `source` is a `kit.dicom.Series` (prepared by `kit.cache.prepare_arrays`, as `kit prepare` does), the
-    cache's arrays (`kit.cache.load_cached` / `load_prepared`) or a bare uint8 (Z, S, S) array (no spacing:
-    models that need it raise). Arrays of another in-plane size are resized (`kit.dicom.resize_slices`).
+    `source` is a `kit.io.dicom.Series` (prepared by `kit.io.cache.prepare_arrays`, as `kit prepare` does), the
+    cache's arrays (`kit.io.cache.load_cached` / `load_prepared`) or a bare uint8 (Z, S, S) array (no spacing:
+    models that need it raise). Arrays of another in-plane size are resized (`kit.io.dicom.resize_slices`).
     """
-    from .dicom import resize_slices
+    from ..io.dicom import resize_slices
 
-    if hasattr(source, "hu"):  # kit.dicom.Series
-        from .cache import prepare_arrays
+    if hasattr(source, "hu"):  # kit.io.dicom.Series
+        from ..io.cache import prepare_arrays
 
         uid = getattr(source, "uid", None)
         source = {**prepare_arrays(source, size, window_name), "uid": uid}
     if isinstance(source, np.ndarray):
         source = {"image": source}
     if not isinstance(source, dict):
-        raise TypeError(f"segment_study takes a kit.dicom.Series, cached arrays (dict) or a uint8 (Z, S, S) array; "
+        raise TypeError(f"segment_study takes a kit.io.dicom.Series, cached arrays (dict) or a uint8 (Z, S, S) array; "
                         f"got {type(source).__name__}")
     image = np.asarray(source["image"])
     if image.ndim != 3 or image.dtype != np.uint8:
@@ -298,7 +298,7 @@ def predict_vertebra_probs(image: np.ndarray, models: Sequence[LoadedModel], *, 
             CUDA, always off on CPU.
         uid: study name for error messages.
         dz: the study's slice spacing in mm (required).
-        levels: (7, Z) per-slice presence (`predict_levels`, or `kit.slices.true_presence`), needed by
+        levels: (7, Z) per-slice presence (`predict_levels`, or `kit.stage1.recipe.true_presence`), needed by
             level-conditioned models and by `fuse`.
         fuse: fuse `levels` into the probabilities (`fuse_levels`).
 
@@ -362,7 +362,7 @@ def predict_levels(image: np.ndarray, dz: float | None, models: Sequence[LoadedM
                    device: str | torch.device | None = None, uid: str | None = None) -> np.ndarray:
     """Per-slice presence of C1..C7 from level models (`kit.models.level`), mean over the ensemble.
 
-    Each model's recipe (`kit.slices.LevelRecipe`) resizes the study to its size and samples it every
+    Each model's recipe (`kit.stage1.recipe.LevelRecipe`) resizes the study to its size and samples it every
     `data.slice_mm`, as in validation; the whole study runs at once, unpadded, and its sigmoid is
     interpolated linearly back to every slice.
 
@@ -444,15 +444,15 @@ def segment_study(
 
     Steps: prepare the input the way the cache does (`prepare_input`), run the level models if any
     (`predict_levels`), the segmenters (`predict_vertebra_probs`: mean of sigmoids, batched, under
-    `torch.inference_mode`, autocast on CUDA), clean up (`kit.crops.clean_vertebra_probs`: threshold,
+    `torch.inference_mode`, autocast on CUDA), clean up (`kit.stage2.crops.clean_vertebra_probs`: threshold,
     largest component and the pieces cut off from it inside the level ranges, faint end slices, overlaps,
-    head-to-feet order) and measure (`kit.crops.vertebra_extents`).
+    head-to-feet order) and measure (`kit.stage2.crops.vertebra_extents`).
 
     NaN handling: a NaN anywhere in a model's output raises `SegmentationError` naming the study and the
-    checkpoint, rather than producing silently wrong labels; `kit.runner.segment_studies` records it.
+    checkpoint, rather than producing silently wrong labels; `kit.stage1.runner.segment_studies` records it.
 
     Args:
-        source: a `kit.dicom.Series` (HU), the cache's arrays (dict), or a prepared uint8 (Z, S, S) array
+        source: a `kit.io.dicom.Series` (HU), the cache's arrays (dict), or a prepared uint8 (Z, S, S) array
             (resized in-plane if S differs from the models' image size; give `spacing` through a dict).
         runs: `load_run` output, several of them (nested lists), or run folders (loaded on every call:
             load once with `load_run` when segmenting many studies). Level models among them
@@ -465,13 +465,13 @@ def segment_study(
             (after level fusion).
         uid: study name (default: the source's).
         levels: more level models (`load_run` of a level run, or its folder), or a (7, Z) presence array in
-            their place (e.g. `kit.slices.true_presence`). Their per-slice presence goes into
+            their place (e.g. `kit.stage1.recipe.true_presence`). Their per-slice presence goes into
             level-conditioned segmenters (`data.level_input`) and is fused into the probabilities of the others
             before the clean-up (`fuse_levels`). None: the segmenter alone (level-conditioned ones then raise).
         fuse: apply `fuse_levels`; default: only when some segmenter is not level-conditioned.
 
     Returns:
-        A `kit.results.SegResult`: labels (Z, S, S) uint8, extents, missing and dropped vertebrae, timing.
+        A `kit.stage1.results.SegResult`: labels (Z, S, S) uint8, extents, missing and dropped vertebrae, timing.
     """
     start = time.perf_counter()
     models = _flatten_models(runs)
@@ -566,7 +566,7 @@ def _model_weights(runs: dict[str, list[LoadedModel]], weights) -> list[float]:
 
 
 def _is_per_study(m: LoadedModel) -> bool:
-    from .tasks import PER_STUDY_MODELS
+    from ..tasks import PER_STUDY_MODELS
 
     return m.config.model.name in PER_STUDY_MODELS
 
@@ -619,8 +619,8 @@ def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None
                   mean: str, odds: np.ndarray, prevalence: np.ndarray) -> np.ndarray:
     """One model's (8,) values in TARGETS order in the space of `mean` ("prob" or "logit"), views averaged in
     that space, as its validation computes them: without a patient head through
-    `kit.metrics.targets_from_vertebrae`, with one through `kit.metrics.complete_targets`; either way a vertebra
-    not found is worth its training prevalence (`kit.metrics.fill_missing_vertebrae`)."""
+    `kit.evaluate.metrics.targets_from_vertebrae`, with one through `kit.evaluate.metrics.complete_targets`; either way a vertebra
+    not found is worth its training prevalence (`kit.evaluate.metrics.fill_missing_vertebrae`)."""
     if patient_logits is None:
         p = targets_from_vertebrae(np.where(found, sigmoid(vertebra_logits), np.nan), odds, prevalence)
     else:
@@ -634,7 +634,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
                    uid: str | None = None) -> dict:
     """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == "fractures"`).
 
-    The crops are `kit.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
+    The crops are `kit.stage2.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
     **config.crop_geometry())`, the very call `kit crops` makes, cut once per distinct crop geometry among the
     models. A model sees them as training and validation do (`kit.data.stack_input`: uint8 / 255): a per-vertebra
     model (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`)
@@ -642,17 +642,17 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     the same batch.
 
     Each model gives 8 values (TARGETS order) as its validation computed them: a per-vertebra model's through
-    `kit.metrics.targets_from_vertebrae`, a per-study model's (patient_overall from its patient head) through
-    `kit.metrics.complete_targets`, with the `metric_odds` and `train_prevalence` saved with its weights; a
-    vertebra not found is worth its training prevalence (`kit.metrics.fill_missing_vertebrae`), also when none
+    `kit.evaluate.metrics.targets_from_vertebrae`, a per-study model's (patient_overall from its patient head) through
+    `kit.evaluate.metrics.complete_targets`, with the `metric_odds` and `train_prevalence` saved with its weights; a
+    vertebra not found is worth its training prevalence (`kit.evaluate.metrics.fill_missing_vertebrae`), also when none
     is found. The flip views are averaged first, then the models, in
     the space of `mean`: "prob" averages probabilities, "logit" averages logits and takes the sigmoid of the
     mean. A run's folds share its
     weight equally (`weights`, see `_model_weights`).
 
     Args:
-        hu: (Z, H, W) HU volume of the original series (`kit.dicom.Series.hu`).
-        seg: the stage-1 result (`kit.results.SegResult`: `labels`, `extents`, `dropped`), e.g. `segment_study`.
+        hu: (Z, H, W) HU volume of the original series (`kit.io.dicom.Series.hu`).
+        seg: the stage-1 result (`kit.stage1.results.SegResult`: `labels`, `extents`, `dropped`), e.g. `segment_study`.
         runs: classifier models (`load_run` output, several, nested, or run folders).
         dz: the series' slice spacing in mm (`Series.spacing[0]`).
         mean: "prob" or "logit".
@@ -662,7 +662,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         amp: autocast on CUDA (default on there; CPU runs float32).
         uid: study name for messages.
 
-    A run loaded with a `calibration.json` (`kit.calibration`, fitted on the run's OOF predictions;
+    A run loaded with a `calibration.json` (`kit.evaluate.calibration`, fitted on the run's OOF predictions;
     `LoadedModel.calibration`) has its folds' mean mapped through it before the runs are combined;
     `calibrated_runs` lists those runs.
 
@@ -739,17 +739,17 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
                   threshold: float = 0.5, batch_size: int | None = None, uid: str | None = None) -> dict:
     """One study, DICOM in, the competition's 8 probabilities out.
 
-    One DICOM read (`kit.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is
-    `kit.cache.prepare_arrays(series, size, window)` at the segmenters' size and window (what `kit prepare`
+    One DICOM read (`kit.io.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is
+    `kit.io.cache.prepare_arrays(series, size, window)` at the segmenters' size and window (what `kit prepare`
     caches for training), segmented by the stage-1 runs (`segment_study`: segmenters, level models fused in);
     stage 2 crops the full-resolution `series.hu` (`classify_study`).
 
     A vertebra not found is worth its training prevalence, in its own value and in patient_overall, exactly as
-    in validation (`kit.metrics.fill_missing_vertebrae`). patient_overall comes from the patient head of a
-    classifier that has one (`cls_patient_gru`), else from the vertebrae (`kit.metrics.targets_from_vertebrae`).
+    in validation (`kit.evaluate.metrics.fill_missing_vertebrae`). patient_overall comes from the patient head of a
+    classifier that has one (`cls_patient_gru`), else from the vertebrae (`kit.evaluate.metrics.targets_from_vertebrae`).
 
     Args:
-        study: a study folder of DICOM files, or a `kit.dicom.Series` already read.
+        study: a study folder of DICOM files, or a `kit.io.dicom.Series` already read.
         runs: `load_run` outputs (stage 1 and stage 2 together, nested lists allowed) or run folders; each
             model's stage is its config's `provides`: "vertebra_probs" (segmenter), "levels" (level model),
             "fractures" (classifier). Any number of folds and runs per stage.
@@ -772,10 +772,10 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
     Raises:
         ValueError: no classifier, or no segmenter and no `seg`; bad `mean` or `weights`.
         SegmentationError, ClassificationError: a model produced NaN.
-        kit.dicom.DicomError: the folder cannot be read.
+        kit.io.dicom.DicomError: the folder cannot be read.
     """
-    from .cache import prepare_arrays
-    from .dicom import read_series
+    from ..io.cache import prepare_arrays
+    from ..io.dicom import read_series
 
     start = time.perf_counter()
     series = study if hasattr(study, "hu") else read_series(study)

@@ -30,9 +30,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .rsna import UID
+from ..io.rsna import UID
 
-log = logging.getLogger("kit.pretrain")
+log = logging.getLogger("kit.tools.pretrain")
 
 NAME = "cls_lite0_128"
 CONFIG = "start_cls"
@@ -56,8 +56,8 @@ def export_start(model_pt: Path, export_dir: Path, name: str, provenance: dict) 
     """Write a trained classifier's weights (`model.pt`) as a starting checkpoint: floating tensors in half
     precision (float64 buffers kept), `<name>.pt`, and `<name>.json` with the provenance, the architecture and
     the weights' sha256. Both written atomically."""
-    from .files import replace_atomic, write_text_atomic
-    from .export import sha256_file
+    from ..io.files import replace_atomic, write_text_atomic
+    from ..submit.export import sha256_file
 
     ckpt = torch.load(model_pt, map_location="cpu", weights_only=False)
     state = {k: (v.half() if v.dtype == torch.float32 else v) for k, v in ckpt["model"].items()}
@@ -94,14 +94,14 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
         ValueError: a demo seed, or a fold outside the split.
     """
     from .bench_learn import _jsonable, _train_labels, score_heldout
-    from .config import load_config
-    from .crop_cache import build_crops
+    from ..config import load_config
+    from ..stage2.crop_cache import build_crops
     from .demo import environment
-    from .models.start import WEIGHTS_DIR
-    from .report import read_answers
-    from .rsna import folds_for
-    from .synthetic import make_dataset
-    from .train import fit_fold
+    from ..models.start import WEIGHTS_DIR
+    from ..evaluate.report import read_answers
+    from ..io.rsna import folds_for
+    from ..synthetic import make_dataset
+    from ..train import fit_fold
 
     if seed in DEMO_SEEDS:
         raise ValueError(f"seed {seed} is kept for the demo (seeds {DEMO_SEEDS.start}-{DEMO_SEEDS.stop - 1}); a "

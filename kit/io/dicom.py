@@ -9,7 +9,7 @@ Decoding: headers are parsed with pydicom (pure Python, so a truncated or stray 
 interpreter); uncompressed pixel data is read with numpy from the offset the header gives; compressed data is
 decoded with dicomsdl where it is known to be exact, else pydicom (pylibjpeg plugins, GDCM if installed). A
 native decoder can still crash its process on a corrupt compressed file: the callers that read many studies
-read in worker processes and report such a study (`kit.cache.prepare_studies`, `kit.prefetch`). Stored values
+read in worker processes and report such a study (`kit.io.cache.prepare_studies`, `kit.io.prefetch`). Stored values
 are masked to BitsStored and sign-extended when PixelRepresentation is 1 before HU = stored * RescaleSlope +
 RescaleIntercept, so every backend gives identical numbers. numpy only: never import torch here.
 """
@@ -35,14 +35,14 @@ import numpy as np
 import pydicom
 from pydicom import uid as UID
 
-from .constants import WINDOWS
+from ..constants import WINDOWS
 
 try:
     import dicomsdl
 except ImportError:  # the kit still works, only slower
     dicomsdl = None
 
-log = logging.getLogger("kit.dicom")
+log = logging.getLogger("kit.io.dicom")
 
 _NATIVE = {UID.ImplicitVRLittleEndian, UID.ExplicitVRLittleEndian, UID.ExplicitVRBigEndian}
 # Compressed transfer syntaxes where dicomsdl was checked to decode exactly what pydicom decodes
@@ -453,7 +453,7 @@ def read_series(study_dir: str | os.PathLike, *, workers: int | None = None, bac
         executor: "process" (default, faster: dicomsdl holds the GIL) or "thread".
 
     Returns:
-        The series; `warnings` lists every skipped file and why (also logged to "kit.dicom").
+        The series; `warnings` lists every skipped file and why (also logged to "kit.io.dicom").
 
     Raises:
         DicomError: missing or empty folder, or no slice that can be decoded; names the study and a file.

@@ -3,7 +3,7 @@
 Steps, each resumable (a second run reuses what the first one wrote):
 1. `kit.synthetic.make_dataset` writes `<out>/data` in the competition layout, and the generator's answers
    (test labels, every fracture and look-alike) to `<out>/answers`, outside it;
-2. `kit.cache.prepare_studies` reads every study back through the kit into `<out>/cache`, and a summary
+2. `kit.io.cache.prepare_studies` reads every study back through the kit into `<out>/cache`, and a summary
    of what was read is printed;
 3. the segmenter trains on the studies that have segmentations, fold by fold, and its out-of-fold Dice
    and z-range error are measured on held-out studies.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .constants import TARGETS, VERTEBRAE
+from ..constants import TARGETS, VERTEBRAE
 
 SUMMARY = Path("runs") / "demo" / "summary.json"
 
@@ -74,8 +74,8 @@ def _cpu_name() -> str:
 
 def describe_dataset(root: Path, cache_dir: Path) -> dict:
     """What the kit read back from a prepared dataset: studies, slices, spacing, labels, masks."""
-    from .cache import load_cached, read_manifest
-    from .rsna import load_boxes, load_train
+    from ..io.cache import load_cached, read_manifest
+    from ..io.rsna import load_boxes, load_train
 
     train, boxes, manifest = load_train(root), load_boxes(root), read_manifest(cache_dir)
     seg = manifest[manifest["has_mask"]]
@@ -113,8 +113,8 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
             show a 1-2 mm fracture gap; at 128 they do not).
         cache_size: the grid of stage 1's cache (`kit prepare`): the segmenter and level model train at 128.
     """
-    from .cache import prepare_studies
-    from .synthetic import make_dataset
+    from ..io.cache import prepare_studies
+    from ..synthetic import make_dataset
 
     out = Path(out)
     data, cache, answers = out / "data", out / "cache", out / "answers"
@@ -128,7 +128,7 @@ def run_demo(out: str | Path = "demo", *, n_train: int = 60, n_test: int = 20, s
         print(f"      written in {made.get('seconds', float('nan')):.1f} s")
     else:
         print(f"[1/5] synthetic dataset: reusing {data}")
-    print(f"[2/5] reading every study back through kit.dicom into {cache}")
+    print(f"[2/5] reading every study back through kit.io.dicom into {cache}")
     for split in ("train", "test"):
         result = prepare_studies(data, cache / split, split=split, size=cache_size, progress=progress)
         if result["failed"]:
@@ -172,7 +172,7 @@ def print_summary(summary: dict) -> None:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     s = summary.get("seconds", {})
-    from .report import CEILING_KINDS, ceiling_label
+    from ..evaluate.report import CEILING_KINDS, ceiling_label
 
     plain = (summary.get("oof_ceilings") or {}).get(ceiling_label(CEILING_KINDS[:-1]))  # all kinds but hairlines
     ceiling = "–" if plain is None else f"{plain:.4f}"
@@ -180,7 +180,7 @@ def print_summary(summary: dict) -> None:
         ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),
         ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
         ("classifier OOF score", fig("oof_score", 4), f"<= 0.75 x baseline {fig('baseline_score', 4)}"),
-        ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.report.score_ceilings)"),
+        ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.evaluate.report.score_ceilings)"),
         ("  calibration (row form, cross-fitted): OOF change", fig("calibration_oof_change", 4),
          "kept" if summary.get("calibration_used") else "not kept (it did not lower the OOF score)"),
         ("classifier patient AUC (OOF)", fig("patient_auc"), ">= 0.80"),
@@ -228,7 +228,7 @@ def fit_side_by_side(configs) -> None:
 
     import torch
 
-    from .train import fit_fold
+    from ..train import fit_fold
 
     def with_threads(cfg, n: int, progress: bool):
         return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=n,
@@ -261,7 +261,7 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
                         n_folds_trained: int | None = None, level_config: str | None = "demo_level",
                         level_overrides: dict | None = None, side_by_side: bool = False, **overrides) -> dict:
     """Train folds of `config` and of the level model `level_config` (the first `n_folds_trained`, default
-    all), then score their held-out studies, segmented with both fused (`kit.infer.segment_study`).
+    all), then score their held-out studies, segmented with both fused (`kit.submit.infer.segment_study`).
     With `side_by_side` each fold's level model trains in a second process while the segmenter trains here,
     one CPU thread each (`fit_side_by_side`: faster on a 2-core CPU; the same models as one after the other,
     up to the threads' floating-point order).
@@ -273,18 +273,18 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         `seg_dice` (mean over held-out studies of the mean 3D Dice over C1..C7, after clean-up),
         `seg_z_error_slices` (the worst vertebra's median z-range error over held-out studies, in slices:
         per study and vertebra the larger of |first slice error| and |last slice error|, a missed vertebra
-        counted as the study's slice count: `kit.metrics.z_range_errors`), the per-vertebra
+        counted as the study's slice count: `kit.evaluate.metrics.z_range_errors`), the per-vertebra
         figures behind both, the same two figures without the level model (`seg_alone_*`) or, for a
         level-conditioned segmenter (`data.level_input`), given the true level ranges instead of the level
         model's (`seg_true_levels_*`: what a perfect level model would give; read from the segmenter's own
         validation, `fold<k>/oof.csv`, which segments the same studies that way), `seg_train_seconds`
         (training both models) and `seg_seconds` (training and scoring).
     """
-    from .cache import load_cached
-    from .config import load_config
-    from .data import split_segmentation_studies
-    from .infer import load_run
-    from .train import fit_fold
+    from ..io.cache import load_cached
+    from ..config import load_config
+    from ..data import split_segmentation_studies
+    from ..submit.infer import load_run
+    from ..train import fit_fold
 
     start = time.perf_counter()
     paths = {"data.data_root": str(data), "data.cache_dir": str(cache_dir), "data.folds_csv": str(folds_csv)}
@@ -333,8 +333,8 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
 
 def _score_study(cached: dict, models, level_models, uid: str, fold: int, dice_rows: list, z_rows: list) -> None:
     """Segment one held-out study and append its Dice per vertebra and z-range errors."""
-    from .infer import segment_study
-    from .metrics import dice_per_vertebra, z_range_errors
+    from ..submit.infer import segment_study
+    from ..evaluate.metrics import dice_per_vertebra, z_range_errors
 
     result = segment_study(cached, models, uid=uid, levels=level_models if len(level_models) else None)
     truth = cached["mask"]
@@ -379,8 +379,8 @@ def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> 
 def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None = None, config: str = "demo_cls",
                          n_folds_trained: int | None = None, progress: bool = True, side_by_side: bool = False,
                          **overrides) -> dict:
-    """Stage 2 of the demo: crop every training study (`kit.crop_cache.build_crops`), train folds of the
-    classifier `config` (default all), and score their out-of-fold predictions (`kit.report.oof_report`).
+    """Stage 2 of the demo: crop every training study (`kit.stage2.crop_cache.build_crops`), train folds of the
+    classifier `config` (default all), and score their out-of-fold predictions (`kit.evaluate.report.oof_report`).
 
     `overrides` are passed to `load_config` (dotted keys as strings: `**{"train.epochs": 1}`). With
     `side_by_side` the folds train two at a time, one CPU thread each (`fit_side_by_side`).
@@ -391,14 +391,14 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
         trained on), the patient figure from 1 - prod(1 - p) beside it, per-target AUCs, with the generator's
         answers `attention_hit_rate` and the recall by fracture kind, the crop figures and `cls_seconds`;
         `oof_score_calibrated_cross_fitted`, `calibration_used` and `calibration_oof_change` (cross-fitted minus
-        raw): the run's calibration (`kit.calibration.calibrate_run`, fitted on the row-normalised metric) is
+        raw): the run's calibration (`kit.evaluate.calibration.calibrate_run`, fitted on the row-normalised metric) is
         kept for the submission only when it beats the raw OOF score out of fold.
     """
-    from .calibration import calibrate_run
-    from .config import load_config
-    from .crop_cache import build_crops
-    from .report import attention_hit_rate, load_oof, oof_report, read_answers
-    from .train import fit_fold
+    from ..evaluate.calibration import calibrate_run
+    from ..config import load_config
+    from ..stage2.crop_cache import build_crops
+    from ..evaluate.report import attention_hit_rate, load_oof, oof_report, read_answers
+    from ..train import fit_fold
 
     start = time.perf_counter()
     paths = {"data.data_root": str(data), "data.folds_csv": str(folds_csv)}
@@ -437,7 +437,7 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
     oof = load_oof(run_dir)
     raw = pd.concat([pd.read_csv(p, dtype={"StudyInstanceUID": str}) for p in sorted(run_dir.glob("fold*/oof.csv"))])
     if "patient_overall_from_vertebrae" in raw.columns:
-        from .metrics import competition_score
+        from ..evaluate.metrics import competition_score
 
         derived = raw.set_index("StudyInstanceUID").loc[oof["StudyInstanceUID"]]
         p = oof[list(TARGETS)].to_numpy(dtype=float)
@@ -457,7 +457,7 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
             if report["recall"].get("lookalike"):
                 out["false_alarms_by_lookalike"] = {r["lookalike"]: round(float(r[name]), 3)
                                                     for r in report["recall"]["lookalike"]}
-    from .models.start import is_start, start_meta
+    from ..models.start import is_start, start_meta
 
     if is_start(base.model.pretrained_weights):  # the summary says where the classifier started
         meta = start_meta(base.model.pretrained_weights)
@@ -470,13 +470,13 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
 
 def run_submission_stage(data: Path, run_dirs: list[Path], answers_dir: Path | None, out_csv: Path,
                          progress: bool = True) -> dict:
-    """The demo's submission: `kit.predictor.submit` over the test split (stage 1, crops and the classifier's
+    """The demo's submission: `kit.submit.predictor.submit` over the test split (stage 1, crops and the classifier's
     fold ensemble, every failure a logged fallback), then, with the generator's answers, `test_score` against
     `test_baseline_score` (the training labels' prevalence for every row), both by `metrics.score_submission`.
     """
-    from .predictor import submit
-    from .report import score_test_submission
-    from .submission import default_log_path
+    from ..submit.predictor import submit
+    from ..evaluate.report import score_test_submission
+    from ..submit.submission import default_log_path
 
     start = time.perf_counter()
     newest = max((p.stat().st_mtime for r in run_dirs for p in Path(r).glob("fold*/model.pt")), default=0.0)

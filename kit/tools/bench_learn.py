@@ -5,7 +5,7 @@ epochs, the share of the training studies, one lever at a time from `base`, toda
 for the bench (their own seed, never the demo's; every study segmented, so crops come from the truth):
 
 1. `kit.synthetic.make_dataset(..., size=<grid>, seed=<seed>, seg_share=1.0)` writes the set and its answers;
-2. `kit.crop_cache.build_crops` cuts every study's vertebra stacks from the ground-truth masks
+2. `kit.stage2.crop_cache.build_crops` cuts every study's vertebra stacks from the ground-truth masks
    (`data.true_masks`, no stage-1 runs) at the setting's crop size;
 3. `kit.train.fit_fold(load_config("demo_cls", **overrides))` trains each asked fold (one torch thread, validated
    once, after the last epoch: nothing is chosen on the held-out studies);
@@ -15,7 +15,7 @@ for the bench (their own seed, never the demo's; every study segmented, so crops
    (`bootstrap_auc`); the vertebra figures pooled over levels as the metric pools them (where the level's
    prevalence alone ranks C7 above C3: the constant's AUC is given beside it) and within levels (each positive
    ranked only against negatives of its own level: what the model reads from the image); and the competition
-   score against the best constant of each fold's training labels (`kit.metrics.best_constant` at
+   score against the best constant of each fold's training labels (`kit.evaluate.metrics.best_constant` at
    `effective_odds`), the difference with its interval;
 5. a gallery of the positive slices (slice target 1) as the model gets them, the fracture boxes drawn
    (`plot_positive_gallery`).
@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .constants import PROB_CLIP, TARGETS, VERTEBRAE
+from ..constants import PROB_CLIP, TARGETS, VERTEBRAE
 
-log = logging.getLogger("kit.bench_learn")
+log = logging.getLogger("kit.tools.bench_learn")
 
 PathLike = str | os.PathLike
 UID = "StudyInstanceUID"
@@ -136,7 +136,7 @@ N_BOOT = 1000
 
 
 def _auc(y: np.ndarray, p: np.ndarray, strata: np.ndarray | None = None) -> float:
-    """`kit.metrics.roc_auc` (Mann-Whitney, ties half) without pandas: NaN with one class. With `strata`, only
+    """`kit.evaluate.metrics.roc_auc` (Mann-Whitney, ties half) without pandas: NaN with one class. With `strata`, only
     pairs within a stratum count: each stratum's AUC weighted by its (positive, negative) pairs; NaN when no
     stratum holds both classes."""
     from scipy.stats import rankdata
@@ -262,9 +262,9 @@ def vertebra_table(oof: pd.DataFrame, fractures: pd.DataFrame | None = None,
 
 
 def study_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """(N,) each study's row of the competition metric (`kit.metrics.competition_score` of that study alone):
+    """(N,) each study's row of the competition metric (`kit.evaluate.metrics.competition_score` of that study alone):
     their mean is the row-normalised score."""
-    from .metrics import competition_score
+    from ..evaluate.metrics import competition_score
 
     return np.array([competition_score(y[i:i + 1], p[i:i + 1]) for i in range(len(y))], dtype=np.float64)
 
@@ -277,7 +277,7 @@ def score_heldout(oof: pd.DataFrame, train_labels: dict[int, np.ndarray], *, fra
     Args:
         oof: the OOF rows of every trained fold (a `fold` column, the TARGETS probabilities, `<target>_true`).
         train_labels: {fold: (n, 8) labels of the studies that fold's model trained on}: the constant.
-        fractures: the generator's `fractures.csv` (`kit.report.read_answers`), for the AUC by kind.
+        fractures: the generator's `fractures.csv` (`kit.evaluate.report.read_answers`), for the AUC by kind.
         lookalikes: its `lookalikes.csv`, for the look-alike AUC.
 
     Returns:
@@ -291,7 +291,7 @@ def score_heldout(oof: pd.DataFrame, train_labels: dict[int, np.ndarray], *, fra
         `effective_odds`), `prevalence_constant` (the training prevalence, clipped to [PROB_CLIP, 1 - PROB_CLIP]),
         `score_minus_constant` (mean with interval: < 0 beats the constant), `n_studies`.
     """
-    from .metrics import best_constant, effective_odds
+    from ..evaluate.metrics import best_constant, effective_odds
 
     y = oof[[f"{t}_true" for t in TARGETS]].to_numpy(np.float64)
     p = oof[list(TARGETS)].to_numpy(np.float64)
@@ -334,14 +334,14 @@ def score_heldout(oof: pd.DataFrame, train_labels: dict[int, np.ndarray], *, fra
 def positive_tiles(crop_dir: PathLike, uids: Sequence[str], boxes: pd.DataFrame, fractures: pd.DataFrame | None,
                    channel: int, n_tiles: int = 24) -> list[dict]:
     """The positive slices to draw: of each fractured vertebra with slice targets, its middle positive slice, the
-    fracture boxes of that slice in crop pixels (`kit.explain.box_to_crop`), taken kind by kind in turn so that
+    fracture boxes of that slice in crop pixels (`kit.evaluate.explain.box_to_crop`), taken kind by kind in turn so that
     every kind shows.
 
     Args:
         crop_dir: the crop cache.
         uids: its studies to draw from.
         boxes: `train_bounding_boxes.csv` rows.
-        fractures: the generator's answers (`kit.report.read_answers`), to name each tile's kind.
+        fractures: the generator's answers (`kit.evaluate.report.read_answers`), to name each tile's kind.
         channel: the channel drawn (the first window's centre slice: `centre_channel`).
         n_tiles: at most this many.
 
@@ -349,8 +349,8 @@ def positive_tiles(crop_dir: PathLike, uids: Sequence[str], boxes: pd.DataFrame,
         Dicts `uid`, `vertebra`, `kind`, `slice` (0..T-1), `n_slices`, `image` (S, S) uint8 (the centre slice of
         the first window), `boxes` (n, 4) x0, y0, x1, y1 in crop pixels.
     """
-    from .crops import load_crops
-    from .explain import box_to_crop
+    from ..stage2.crops import load_crops
+    from ..evaluate.explain import box_to_crop
 
     by_kind: dict[str, list[dict]] = {}
     for uid in uids:
@@ -388,7 +388,7 @@ def positive_tiles(crop_dir: PathLike, uids: Sequence[str], boxes: pd.DataFrame,
 
 def centre_channel(cfg) -> int:
     """The channel of a classifier config's crops that holds the sampled slice itself in its first window."""
-    from .crops import stack_channel_names
+    from ..stage2.crops import stack_channel_names
 
     d = cfg.data
     return stack_channel_names(tuple(d.windows), d.n_neighbours, d.with_mask).index(f"{d.windows[0]}+0")
@@ -434,7 +434,7 @@ def ensure_dataset(out: Path, grid: int, n_train: int, seed: int, n_slices: int 
                    bbox_share: float) -> dict:
     """The bench's synthetic set of (grid, seed, studies), made on first use: `data/` and `answers/` under
     `<out>/sets/<key>/`. Returns its paths and the minutes it took to make (read back from its summary)."""
-    from .synthetic import make_dataset
+    from ..synthetic import make_dataset
 
     key = f"g{grid}_s{seed}_n{n_train}" + (f"_z{n_slices}" if n_slices else "") + \
         (f"_b{bbox_share:g}" if bbox_share != 0.5 else "")
@@ -456,8 +456,8 @@ def _paths_overrides(data: Path, crop_dir: Path, folds_csv: Path, n_folds: int, 
 def ensure_crops(dataset: dict, crop: int, folds_csv: Path, n_folds: int) -> dict:
     """The set's crop cache at `crop` px (`<set>/crops<crop>/`, from the truth), built on first use (in this
     process, no read-ahead worker). Returns its folder and the minutes the build took (its manifest's seconds)."""
-    from .config import load_config
-    from .crop_cache import MANIFEST, build_crops
+    from ..config import load_config
+    from ..stage2.crop_cache import MANIFEST, build_crops
 
     crop_dir = dataset["data"].parent / f"crops{crop}"
     cfg = load_config(BASE_CONFIG, **_paths_overrides(dataset["data"], crop_dir, folds_csv, n_folds, crop))
@@ -474,7 +474,7 @@ def training_view(crop_dir: Path, folds: pd.DataFrame, fold: int, share: float, 
     manifest of those rows and links to their files (the crops themselves stay where they are)."""
     if share >= 1.0:
         return crop_dir
-    from .crop_cache import MANIFEST
+    from ..stage2.crop_cache import MANIFEST
 
     manifest = pd.read_csv(crop_dir / MANIFEST, dtype={UID: str})
     fold_of = dict(zip(folds[UID], folds["fold"].astype(int)))
@@ -513,7 +513,7 @@ def _run_name(setting_name: str, setting: Setting, key: str, epochs: int, n_fold
     reused only for the same thing."""
     later = {"freeze": False, "lr": None}  # fields added later: at their defaults they leave the hash as it was
     fields = {k: v for k, v in asdict(setting).items() if k != "what" and not (k in later and v == later[k])}
-    from .models.start import is_start, start_meta
+    from ..models.start import is_start, start_meta
 
     if is_start(setting.pretrained):  # a remade starting checkpoint makes new runs
         fields["start_sha256"] = start_meta(setting.pretrained)["sha256"]
@@ -523,8 +523,8 @@ def _run_name(setting_name: str, setting: Setting, key: str, epochs: int, n_fold
 
 def _train_labels(data: Path, folds: pd.DataFrame, view: Path, fold: int) -> np.ndarray:
     """(n, 8) labels of the studies fold `fold`'s model trained on (its view's studies outside the fold)."""
-    from .data import crop_uids
-    from .rsna import load_train
+    from ..data import crop_uids
+    from ..io.rsna import load_train
 
     fold_of = dict(zip(folds[UID], folds["fold"].astype(int)))
     uids = [u for u in crop_uids(view) if fold_of[u] != fold]
@@ -552,7 +552,7 @@ def resolve_settings(names: Sequence[str] | None, quick: bool) -> dict[str, Sett
     if quick:
         from dataclasses import replace
 
-        from .models.start import is_start
+        from ..models.start import is_start
 
         # a shipped starting checkpoint takes the crops it was trained on
         chosen = {n: replace(s, grid=QUICK["grid"], crop=s.crop if is_start(s.pretrained) else QUICK["crop"])
@@ -582,11 +582,11 @@ def bench_learn(out: PathLike = "bench_learn", settings: Sequence[str] | None = 
     Returns:
         {"parameters", "environment", "rows": [one dict per setting], "table": the printed table's text}.
     """
-    from .config import load_config
+    from ..config import load_config
     from .demo import environment
-    from .report import read_answers
-    from .rsna import folds_for, load_boxes
-    from .train import fit_fold
+    from ..evaluate.report import read_answers
+    from ..io.rsna import folds_for, load_boxes
+    from ..train import fit_fold
 
     q = QUICK if quick else {}
     n_train = n_train or q.get("n_train", N_TRAIN)

@@ -1,4 +1,4 @@
-"""The submission predictor: trained runs -> `kit.infer.predict_study` per study -> `kit.submission`'s writer.
+"""The submission predictor: trained runs -> `kit.submit.infer.predict_study` per study -> `kit.submit.submission`'s writer.
 
 - `load_runs(paths, device)`: RUN folders as `kit submit --runs` takes them: `runs/<config name>` (all its
   trained folds), one `runs/<config name>/fold<k>` folder, or the runs of a `kit export` folder (`export/*`:
@@ -23,7 +23,7 @@ import numpy as np
 
 from .export import is_manifest, resolve_run, verify_run
 
-log = logging.getLogger("kit.predictor")
+log = logging.getLogger("kit.submit.predictor")
 
 PathLike = str | os.PathLike
 
@@ -33,7 +33,7 @@ def resolve_runs(paths: Sequence[PathLike]) -> list[tuple[Path, list[int]]]:
 
     Raises:
         FileNotFoundError: a RUN is neither a run folder nor a fold folder, or no RUN is left.
-        kit.export.ChecksumError: an exported file is missing or differs from its manifest's SHA-256.
+        kit.submit.export.ChecksumError: an exported file is missing or differs from its manifest's SHA-256.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -51,10 +51,10 @@ def resolve_runs(paths: Sequence[PathLike]) -> list[tuple[Path, list[int]]]:
 
 
 def load_runs(paths: Sequence[PathLike], device: str = "cpu") -> list[list]:
-    """Load RUN folders (`resolve_runs`) with `kit.infer.load_run`: one list of fold models per run.
+    """Load RUN folders (`resolve_runs`) with `kit.submit.infer.load_run`: one list of fold models per run.
 
     Raises:
-        FileNotFoundError, kit.export.ChecksumError: as `resolve_runs`.
+        FileNotFoundError, kit.submit.export.ChecksumError: as `resolve_runs`.
         RuntimeError: a checkpoint cannot be rebuilt (`load_run`).
     """
     from .infer import load_run
@@ -72,9 +72,9 @@ def _stages(runs: list[list]) -> dict[str, list[str]]:
 
 @dataclass
 class StudyPredictor:
-    """The writer's predictor: `predictor(uid, series)` -> `kit.submission.Prediction`: (8,) probabilities in
+    """The writer's predictor: `predictor(uid, series)` -> `kit.submit.submission.Prediction`: (8,) probabilities in
     TARGETS order and a log note naming the vertebrae stage 1 did not find. Options as
-    `kit.infer.predict_study`."""
+    `kit.submit.infer.predict_study`."""
 
     runs: list
     mean: str = "prob"
@@ -90,7 +90,7 @@ class StudyPredictor:
         result = predict_study(study, self.runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip,
                                device=self.device, amp=self.amp, uid=uid)
         notes = ()
-        if result["missing"]:  # valued as in validation (kit.metrics.fill_missing_vertebrae); the log says so
+        if result["missing"]:  # valued as in validation (kit.evaluate.metrics.fill_missing_vertebrae); the log says so
             notes = (("vertebrae not found", "; ".join(f"{name}: {why}" for name, why in result["missing"].items())
                       + " (each valued at its training prevalence, as in validation)"),)
         return Prediction(result["probs"], notes)
@@ -102,7 +102,7 @@ class PredictorFactory:
 
     Attributes:
         runs: RUN folders (`resolve_runs`).
-        mean, weights, tta_flip, amp: as `kit.infer.predict_study`.
+        mean, weights, tta_flip, amp: as `kit.submit.infer.predict_study`.
         threads: torch CPU threads in the process that builds the predictor (None: torch's default); several
             CPU workers on one machine should share the cores.
     """
@@ -143,8 +143,8 @@ def _check_stages(paths: Sequence[PathLike]) -> None:
     segmenter, or a broken `calibration.json`), reading each run's config and calibration only."""
     import yaml
 
-    from .calibration import read_calibration
-    from .config import config_from_dict
+    from ..evaluate.calibration import read_calibration
+    from ..config import config_from_dict
 
     provides = set()
     for run_dir, folds in resolve_runs(paths):
@@ -160,19 +160,19 @@ def _check_stages(paths: Sequence[PathLike]) -> None:
 
 def run_fallback(paths: Sequence[PathLike]) -> np.ndarray | None:
     """(8,) the writer's fallback from the classifier runs among `paths`: the constant that minimises the scored
-    (row-normalised) metric on their training labels, `kit.metrics.best_constant(train_prevalence, metric_odds)`
+    (row-normalised) metric on their training labels, `kit.evaluate.metrics.best_constant(train_prevalence, metric_odds)`
     of each fold checkpoint (what the model carries, `ClsTask.init_model`), averaged over them. None when no
     classifier checkpoint carries its training prevalence (saved by an older kit): the writer then uses the 2019
-    table (`kit.submission.FALLBACK`).
+    table (`kit.submit.submission.FALLBACK`).
 
     Raises:
-        FileNotFoundError, kit.export.ChecksumError: as `resolve_runs`.
+        FileNotFoundError, kit.submit.export.ChecksumError: as `resolve_runs`.
     """
     import torch
     import yaml
 
-    from .config import config_from_dict
-    from .metrics import best_constant
+    from ..config import config_from_dict
+    from ..evaluate.metrics import best_constant
 
     constants = []
     for run_dir, folds in resolve_runs(paths):
@@ -196,10 +196,10 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
            threads: int | None = None) -> dict:
     """Predict the test studies of `data_root` with `runs` and write a complete, validated submission.
 
-    Studies come from `kit.rsna.studies_to_predict(data_root)`, rows and their order from
+    Studies come from `kit.io.rsna.studies_to_predict(data_root)`, rows and their order from
     `<data_root>/sample_submission.csv` when it exists; each study is read once (`DicomStudyReader` in a
     prefetch process) and predicted by `StudyPredictor`; every failure gets fallbacks and a line in
-    `<out stem>_log.csv` (`kit.submission`).
+    `<out stem>_log.csv` (`kit.submit.submission`).
 
     Args:
         data_root: the competition folder (`test_images/`, `test.csv`, `sample_submission.csv`), e.g.
@@ -208,9 +208,9 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
         out: the submission CSV.
         time_budget: seconds from the call (model loading included) to a deadline: past the projected end, the
             remaining studies get fallbacks, and a study still read or predicted at the deadline is cut off (its
-            worker processes stopped) so that the files are written on time (`kit.submission`).
+            worker processes stopped) so that the files are written on time (`kit.submit.submission`).
         devices: one worker per entry (`["cuda:0", "cuda:1"]`); default `default_devices()`.
-        mean, weights, tta_flip, amp: as `kit.infer.predict_study`.
+        mean, weights, tta_flip, amp: as `kit.submit.infer.predict_study`.
         prefetch: read the next study in a separate process while this one is predicted (off: in this process,
             where a native decoder crashing on a corrupt file would end the run; on, that study gets fallbacks).
         progress: progress bar and the writer's one-line summary.
@@ -220,7 +220,7 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
         The writer's summary (`studies`, `predicted`, `fallback_studies`, `fallbacks`, `seconds`, paths,
         `devices`).
     """
-    from .rsna import studies_to_predict
+    from ..io.rsna import studies_to_predict
     from .submission import write_submission_parallel
 
     root = Path(data_root)

@@ -11,7 +11,7 @@ best weights `model.pt` (never `last.pt`, the resume state) into
       demo_cls/calibration.json  (when the run has one: `kit calibrate`, applied at inference)
 
 `manifest.json` lists every file with its SHA-256 and size, and per run its task, folds and source folder.
-`kit submit --runs export/*` reads the folder back (`kit.predictor.load_runs`: the manifest file itself is
+`kit submit --runs export/*` reads the folder back (`kit.submit.predictor.load_runs`: the manifest file itself is
 skipped; every file loaded is checked against its checksum first, a mismatch is a `ChecksumError` naming the
 file). Exporting again into the same folder replaces the runs exported again and keeps the others.
 
@@ -31,16 +31,16 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from .files import write_text_atomic
+from ..io.files import write_text_atomic
 
-log = logging.getLogger("kit.export")
+log = logging.getLogger("kit.submit.export")
 
 PathLike = str | os.PathLike
 MANIFEST = "manifest.json"
 FORMAT = "kit-export"
 VERSION = 1
 FILES = ("config.yaml", "model.pt")  # per fold; model.pt = the best weights, never last.pt
-RUN_FILES = ("calibration.json",)  # per run, when it has one (kit.calibration.CALIBRATION_FILE)
+RUN_FILES = ("calibration.json",)  # per run, when it has one (kit.evaluate.calibration.CALIBRATION_FILE)
 _FOLD = re.compile(r"fold(\d+)")
 _CHUNK = 1 << 20
 

@@ -1,0 +1,1 @@
+"""Evaluation: the competition metric, OOF tables and baselines, calibration, plots, reports, explanations."""

@@ -1,0 +1,1 @@
+"""Submission: loading runs, predicting a study, the writer (fallbacks, deadline), read-ahead, export."""
