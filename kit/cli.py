@@ -130,7 +130,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         chosen = {"config_names": tuple(args.configs or ()), "n_studies": args.studies}
         bench_crops(**{k: v for k, v in chosen.items() if v}, quick=args.quick)
     elif args.what == "submit" and args.model_seconds is not None:  # the read-ahead against its limit
-        from .tools.bench_submit import bench_read_ahead
+        from .tools.bench_read_ahead import bench_read_ahead
 
         chosen = {"size": args.size, "n_slices": args.slices, "studies": args.studies}
         bench_read_ahead(args.model_seconds, **{k: v for k, v in chosen.items() if v}, quick=args.quick)
@@ -256,7 +256,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
               "fold": args.fold, "epochs": args.epochs, "config": args.config, "name": args.name,
               "export_dir": args.export_dir}
     meta = pretrain(args.out, **{k: v for k, v in chosen.items() if v is not None}, progress=True,
-                    overrides=_parse_overrides(args.smoke_overrides))
+                    overrides=_parse_overrides([*args.overrides, *args.smoke_overrides]))
     held = meta["held_out"]
 
     def fig(d: dict, key: str) -> str:
@@ -455,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="training config (default start_cls)")
     p.add_argument("--name", default=None, help="checkpoint name (default cls_lite0_128)")
     p.add_argument("--export-dir", default=None, help="where <name>.pt/.json go (default kit/models/weights)")
+    p.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. to train on from a shipped "
+                                                 "checkpoint: model.pretrained_weights=kit:cls_lite0_128)")
     p.set_defaults(func=_cmd_pretrain, smoke_overrides=[])
 
     p = sub.add_parser("submit", help="predict the test studies with trained runs and write submission.csv",

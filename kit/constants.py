@@ -1,6 +1,7 @@
 """Fixed facts of the competition: target names and order, metric weights, HU windows."""
 
 VERTEBRAE = ("C1", "C2", "C3", "C4", "C5", "C6", "C7")
+N_VERTEBRAE = len(VERTEBRAE)
 TARGETS = ("patient_overall", *VERTEBRAE)
 
 # Competition metric weights, in TARGETS order.
@@ -13,7 +14,7 @@ PROB_CLIP = 1e-4
 # Label values in the competition's segmentation NIfTI files.
 SEG_LABELS = {name: i + 1 for i, name in enumerate(VERTEBRAE)}  # C1 -> 1 ... C7 -> 7
 THORACIC_LABELS = {f"T{i}": 7 + i for i in range(1, 13)}  # T1 -> 8 ... T12 -> 19
-PROB_SCALE = 255  # stage-1 probabilities are stored as uint8 in steps of 1/255 (`kit.submit.infer.predict_vertebra_probs`)
+PROB_SCALE = 255  # stage-1 probabilities are stored as uint8 in steps of 1/255 (`kit.stage1.infer.predict_vertebra_probs`)
 
 # HU windows as (center, width).
 WINDOWS = {

@@ -1,4 +1,4 @@
-"""Which half precision a CUDA device runs natively: one answer for training and inference.
+"""Device helpers for training and inference: which half precision a CUDA device runs natively, autocast.
 
 `torch.cuda.is_bf16_supported()` also says True on GPUs that only *emulate* bfloat16 (its default
 `including_emulation=True`): a Kaggle T4 or a P100 (compute capability 7.5 / 6.0) would then run autocast in an
@@ -24,3 +24,9 @@ def has_native_bf16(device: torch.device | str) -> bool:
 def cuda_half_dtype(device: torch.device | str) -> torch.dtype:
     """bfloat16 where the GPU has it in hardware, else float16 (T4, P100, V100)."""
     return torch.bfloat16 if has_native_bf16(device) else torch.float16
+
+
+def autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=cuda_half_dtype(device))
+    return torch.autocast(device.type, enabled=False)

@@ -3,7 +3,7 @@
 `kit.train.fit_fold` owns the loop; a task owns what differs between stages. A stage is three
 registrations, each where its kind lives: its config class (`@register_config("<task>")` in
 `kit.config`), its task here (`@register_task("<task>")`) and its model (`@register_model` in
-`kit/models/`). The trainer, `kit.submit.infer.load_run` and the CLI find all three by the config's `task`.
+`kit/models/`). The trainer, `kit.runs.load_run` and the CLI find all three by the config's `task`.
 
 The task interface:
 
@@ -33,13 +33,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import data as kdata
 from .constants import PROB_CLIP, TARGETS, VERTEBRAE
 from .losses import combine_logits, competition_loss, level_loss, seg_loss, slice_bce_loss, vertebra_loss
 from .io.files import write_csv_atomic
 from .evaluate.metrics import (VERTEBRA_LOSS_ODDS, complete_targets, effective_odds, logit, scale_odds,
                       targets_from_vertebrae)
 from .models.level import level_presence_probs
+from .data import split_by_fold
+from .stage1.data import (LevelSequenceDataset, SegSliceDataset, SegVolume, labels_to_channels, load_volumes,
+                          split_segmentation_studies)
+from .stage2.data import CropDataset, crop_uids, stack_input
 from .stage1.recipe import LevelRecipe, SegRecipe, true_presence
 
 log = logging.getLogger("kit.tasks")
@@ -91,7 +94,7 @@ class SegTask:
     """Stage 1: 2.5D vertebra segmentation on the segmented studies of the cache.
 
     Validation segments every slice of each held-out study with the input recipe inference uses
-    (`SegRecipe.batches`), cleans the probabilities as inference does (`kit.stage2.crops.clean_vertebra_probs`) and
+    (`SegRecipe.batches`), cleans the probabilities as inference does (`kit.stage1.postprocess.clean_vertebra_probs`) and
     scores per study the 3D Dice of C1..C7 (`kit.evaluate.metrics.dice_per_vertebra`) and the z-range errors
     (`kit.evaluate.metrics.z_range_errors`: a missed vertebra counts as the study's slice count). The metric is the
     mean over studies of their mean Dice. A level-conditioned segmenter (`data.level_input`) is given the
@@ -105,20 +108,20 @@ class SegTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.recipe = SegRecipe.from_config(cfg.data)
-        self.held_out: dict[str, kdata.SegVolume] = {}
+        self.held_out: dict[str, SegVolume] = {}
 
-    def build(self) -> tuple[kdata.SegSliceDataset, list[str]]:
+    def build(self) -> tuple[SegSliceDataset, list[str]]:
         """The training dataset and the held-out study ids (their volumes stay loaded for validation)."""
         d = self.cfg.data
         self.skipped_studies: dict[str, str] = {}  # unreadable cache files, left out (kit.train lists them)
-        train_uids, held_out = kdata.split_segmentation_studies(d, self.skipped_studies)
-        train = kdata.SegSliceDataset(kdata.load_volumes(d.cache_dir, train_uids, self.recipe, self.skipped_studies),
+        train_uids, held_out = split_segmentation_studies(d, self.skipped_studies)
+        train = SegSliceDataset(load_volumes(d.cache_dir, train_uids, self.recipe, self.skipped_studies),
                                       self.recipe,
                                       other_vertebrae=d.other_vertebrae, background_fraction=d.background_fraction,
                                       foreground_fraction=d.foreground_fraction, end_weight=d.end_weight,
                                       end_mm=d.end_mm, augment=d.augment,
                                       seed=self.cfg.seed)
-        self.held_out = kdata.load_volumes(d.cache_dir, held_out, self.recipe, self.skipped_studies)
+        self.held_out = load_volumes(d.cache_dir, held_out, self.recipe, self.skipped_studies)
         return train, [u for u in held_out if u in self.held_out]
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
@@ -128,7 +131,7 @@ class SegTask:
     @torch.no_grad()
     def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:
         """Segment and score each study of `uids` (this rank's share of the held-out studies)."""
-        from .stage2.crops import clean_vertebra_probs
+        from .stage1.postprocess import clean_vertebra_probs
         from .evaluate.metrics import dice_per_vertebra, z_range_errors
 
         tc, other = self.cfg.train, self.cfg.data.other_vertebrae
@@ -139,7 +142,7 @@ class SegTask:
             planes = None if levels is None else self.recipe.planes(levels, dz)
             probs = []
             for centres, x in self.recipe.batches(image, dz, planes, tc.val_batch_size):
-                y = torch.from_numpy(kdata.labels_to_channels(labels[centres], other)).transpose(0, 1)
+                y = torch.from_numpy(labels_to_channels(labels[centres], other)).transpose(0, 1)
                 with autocast():
                     logits = model(torch.from_numpy(x).to(device))
                 loss_sum += float(seg_loss(logits, y.to(device), tc.dice_weight, exclusive=tc.exclusive))
@@ -189,16 +192,16 @@ class LevelTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.recipe = LevelRecipe.from_config(cfg.data)
-        self.held_out: kdata.LevelSequenceDataset | None = None
+        self.held_out: LevelSequenceDataset | None = None
 
     def build(self):
         d = self.cfg.data
         self.skipped_studies: dict[str, str] = {}  # unreadable cache files, left out (kit.train lists them)
-        train_uids, held_out = kdata.split_segmentation_studies(d, self.skipped_studies)
-        volumes = kdata.load_volumes(d.cache_dir, train_uids, self.recipe, self.skipped_studies)
-        train = kdata.LevelSequenceDataset(volumes, self.recipe, d.seq_len, d.repeats, augment=True,
+        train_uids, held_out = split_segmentation_studies(d, self.skipped_studies)
+        volumes = load_volumes(d.cache_dir, train_uids, self.recipe, self.skipped_studies)
+        train = LevelSequenceDataset(volumes, self.recipe, d.seq_len, d.repeats, augment=True,
                                            z_jitter=d.z_jitter, seed=self.cfg.seed, zoom=d.zoom)
-        self.held_out = kdata.LevelSequenceDataset(kdata.load_volumes(d.cache_dir, held_out, self.recipe,
+        self.held_out = LevelSequenceDataset(load_volumes(d.cache_dir, held_out, self.recipe,
                                                                       self.skipped_studies),
                                                    self.recipe, seq_len=None, augment=False)
         self.held_out_index = {uid: i for i, uid in enumerate(self.held_out.uids)}
@@ -256,7 +259,7 @@ def _none_if_nan(values: dict) -> dict:
 
 @register_task("cls")
 class ClsTask:
-    """Stage 2: fracture classification on the crop cache (`kit crops`, `kit.data.CropDataset`).
+    """Stage 2: fracture classification on the crop cache (`kit crops`, `kit.stage2.data.CropDataset`).
 
     Studies: the crop manifest's studies that have crops; training = those whose fold (`data.folds_csv`) is not
     `data.fold`, held out = that fold. Labels come from `train.csv` in `data.data_root`.
@@ -293,7 +296,7 @@ class ClsTask:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
         self.per_study = cfg.model.name in PER_STUDY_MODELS
-        self.held_out: kdata.CropDataset | None = None
+        self.held_out: CropDataset | None = None
         self.train_prevalence = np.full(len(TARGETS), np.nan)
         self.train_labels = np.zeros((0, len(TARGETS)))
 
@@ -305,9 +308,9 @@ class ClsTask:
             ValueError: cached studies without a fold, or an empty side.
         """
         d = self.cfg.data
-        return kdata.split_by_fold(d, kdata.crop_uids(d.crop_dir), f"studies in {d.crop_dir}")
+        return split_by_fold(d, crop_uids(d.crop_dir), f"studies in {d.crop_dir}")
 
-    def build(self) -> tuple[kdata.CropDataset, list[str]]:
+    def build(self) -> tuple[CropDataset, list[str]]:
         """The training dataset and the held-out study ids (their crops stay available for validation)."""
         from .io.rsna import load_train
 
@@ -316,10 +319,10 @@ class ClsTask:
         labels = load_train(d.data_root)
         self.skipped_studies: dict[str, str] = {}  # unreadable crop files, left out (kit.train lists them)
         common = dict(mask_channel=d.with_mask, per_study=self.per_study, skipped=self.skipped_studies)
-        train = kdata.CropDataset(d.crop_dir, train_uids, labels, skip_missing=True, augment=d.augment,
+        train = CropDataset(d.crop_dir, train_uids, labels, skip_missing=True, augment=d.augment,
                                   reverse_slices=d.reverse_slices, n_neighbours=d.n_neighbours, seed=self.cfg.seed,
                                   **common)
-        self.held_out = kdata.CropDataset(d.crop_dir, held_out, labels, skip_missing=False, augment=None, **common)
+        self.held_out = CropDataset(d.crop_dir, held_out, labels, skip_missing=False, augment=None, **common)
         held_out = self.held_out.uids  # none readable: kit.train stops, naming skipped_studies.csv
         self.train_labels = labels.set_index("StudyInstanceUID").loc[train.uids, list(TARGETS)].to_numpy(np.float64)
         self.train_prevalence = self.train_labels.mean(0)
@@ -367,7 +370,7 @@ class ClsTask:
     # ----- training -----
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Competition loss (per study) or weighted vertebra BCE (per vertebra), plus the slice BCE."""
-        image = kdata.stack_input(batch["image"], batch["intensity"], mask_channel=self.cfg.data.with_mask)
+        image = stack_input(batch["image"], batch["intensity"], mask_channel=self.cfg.data.with_mask)
         if self.per_study:
             out = model(image, batch["mask"], batch["vertebra_mask"])
             logits = combine_logits(out["logit"].float(), out["patient_logit"].float())
@@ -387,7 +390,7 @@ class ClsTask:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
         found = sample["found"]
-        image = kdata.stack_input(sample["image"].to(device))  # unaugmented: no intensity change
+        image = stack_input(sample["image"].to(device))  # unaugmented: no intensity change
         vertebra = model.vertebra if self.per_study else model
         odds, prevalence = vertebra.metric_odds.cpu().numpy(), vertebra.train_prevalence.cpu().numpy()
         if self.per_study:

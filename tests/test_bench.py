@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from kit.tools.bench_crops import bench_crops
-from kit.tools.bench_submit import (FULL_SCALE_CONFIGS, HOLD_VALUE, T4_PEAK, HoldPredictor, _overlap_share,
-                               _steady_s_per_study, bench_read_ahead, bench_submit, count_flops, t4_projection,
-                               write_bench_study)
+from kit.tools.bench_submit import (FULL_SCALE_CONFIGS, T4_PEAK, bench_submit, count_flops, t4_projection,
+                                    write_bench_study)
+from kit.tools.bench_read_ahead import (HOLD_VALUE, HoldPredictor, _overlap_share, _steady_s_per_study,
+                                        bench_read_ahead)
 from kit.cli import apply_smoke, parse_args
 from kit.io.dicom import read_series, resize_slices, scan_series
 from kit.synthetic import make_study

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kit.tools.bench_learn import (KINDS, SETTINGS, bootstrap_auc, bootstrap_mean, resolve_settings, score_heldout,
-                             training_view, vertebra_table)
+from kit.tools.bench_learn import KINDS, SETTINGS, resolve_settings, score_heldout, training_view, vertebra_table
+from kit.evaluate.bootstrap import bootstrap_auc, bootstrap_mean
 from kit.constants import TARGETS, VERTEBRAE
 from kit.evaluate.metrics import roc_auc
 

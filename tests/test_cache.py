@@ -128,7 +128,8 @@ def test_segmented_only_prepares_what_stage_1_trains_on(synthetic_root, tmp_path
     import gzip
 
     from kit.cli import main
-    from kit.io.rsna import segmented_studies, study_strata
+    from kit.io.rsna import segmented_studies
+    from kit.io.folds import study_strata
 
     root = tmp_path / "rsna"
     shutil.copytree(synthetic_root, root)

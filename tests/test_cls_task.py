@@ -13,10 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-from kit.config import AugmentConfig, load_config
+from kit.config import load_config
+from kit.sections import AugmentConfig
 from kit.constants import NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, TARGETS, VERTEBRAE
-from kit.data import (NO_INTENSITY, CropDataset, adjust_intensity, augment_stack, crop_uids, crops_nbytes,
-                      load_crops, random_affine, stack_input, warp)
+from kit.data import adjust_intensity, random_affine, warp
+from kit.stage2.store import load_crops
+from kit.stage2.data import NO_INTENSITY, CropDataset, augment_stack, crop_uids, crops_nbytes, stack_input
 from kit.losses import competition_loss, vertebra_loss
 from kit.evaluate.metrics import competition_score, effective_odds, scale_odds
 from kit.tasks import ClsTask, make_task
@@ -34,7 +36,7 @@ def write_crop_cache(root: Path, n: int = N_STUDIES, seed: int = 0) -> dict:
     found; even studies have no box rows (slice targets NaN). Studies 0, 3, 6, ... are written in the per-vertebra
     file layout `kit crops` writes (`crop_file_arrays`), the others with one `crops` member (older caches).
     """
-    from kit.stage2.crops import crop_file_arrays
+    from kit.stage2.store import crop_file_arrays
 
     rng = np.random.default_rng(seed)
     uids = [f"1.2.826.0.1.3680043.{500 + i}" for i in range(n)]
@@ -132,7 +134,7 @@ def test_crop_dataset_layouts(cache):
 
 
 def test_a_vertebra_read_alone_equals_the_whole_file(cache):
-    from kit.stage2.crops import load_vertebra_crops
+    from kit.stage2.store import load_vertebra_crops
 
     for uid in cache["uids"][:2]:  # per-vertebra layout, then a single `crops` member
         whole = load_crops(cache["crop_dir"], uid)
@@ -225,7 +227,7 @@ def test_augmentation_is_deterministic_and_keeps_the_mask_binary(cache):
 def test_a_reversed_stack_is_the_stack_of_the_mirrored_volume():
     """reverse_stack mirrors along z: each slice's neighbour channels are reversed with the slice order (they
     used to stay head-to-feet inside a feet-to-head stack), each window alike, the mask channel in place."""
-    from kit.data import reverse_stack
+    from kit.stage2.data import reverse_stack
 
     n, t, positions = 1, 4, np.array([10, 12, 14, 16])
     volume_z = lambda z: z  # noqa: E731 - a slice's value is its z: stack[t, window w, offset j] = z_t + j - n (+100 w)
@@ -307,7 +309,7 @@ def test_zero_epochs_validates_the_starting_weights_as_they_are(cache, tmp_path)
     """train.epochs=0 with starting weights: nothing is trained; the weights, with the fold's level offsets and
     priors, are validated and saved as the fold's model (a resumed call has nothing to do); without starting
     weights 0 epochs is refused."""
-    from kit.config import ConfigError
+    from kit.sections import ConfigError
     from kit.models import create_model
     from kit.train import fit_fold
 

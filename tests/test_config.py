@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 import yaml
 
-from kit.config import (CONFIG_CLASSES, CONFIG_DIR, ConfigError, SegConfig, config_from_dict, config_to_dict, list_configs,
-                        load_config, save_config)
+from kit.config import CONFIG_DIR, config_from_dict, config_to_dict, list_configs, load_config, save_config
+from kit.sections import CONFIG_CLASSES, ConfigError
+from kit.stage1.config import SegConfig
 
 
 def test_packaged_configs_all_load():

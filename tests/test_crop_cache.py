@@ -14,9 +14,10 @@ import torch
 
 from kit.config import config_from_dict
 from kit.constants import VERTEBRAE
-from kit.stage2.crop_cache import (CROP_KEYS, FAILURES, MANIFEST, UNMATCHED, build_crops, choose_models, crop_path,
-                            load_crops)
-from kit.stage2.crops import crop_box_original, vertebra_extents
+from kit.stage2.crop_cache import FAILURES, MANIFEST, UNMATCHED, build_crops, choose_models
+from kit.stage2.store import CROP_KEYS, crop_path, load_crops
+from kit.stage2.crops import crop_box_original
+from kit.stage1.postprocess import vertebra_extents
 from kit.io.dicom import centred_nearest_index, read_mask, read_series
 
 torch.set_num_threads(1)
@@ -199,7 +200,7 @@ def test_load_crops_names_the_file(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         load_crops(tmp_path, "1.2.4")
     # the per-vertebra layout with a vertebra's member missing: named, by both readers
-    from kit.stage2.crops import load_vertebra_crops
+    from kit.stage2.store import load_vertebra_crops
 
     small = {"found": np.ones(7, bool), "positions": np.zeros((7, 2), np.int32),
              "slice_targets": np.zeros((7, 2), np.float32), "instance_numbers": np.arange(3, dtype=np.int32),
@@ -238,7 +239,7 @@ def test_out_of_fold_masks_from_tiny_stage1_runs(synthetic_root, tmp_path, monke
     out, the others with both."""
     from kit.io.cache import prepare_studies
     from kit.config import load_config
-    from kit.io.rsna import folds_for
+    from kit.io.folds import folds_for
     from kit.train import fit_fold
 
     monkeypatch.chdir(tmp_path)
@@ -329,7 +330,7 @@ def test_a_build_killed_part_way_loses_nothing(synthetic_root, tmp_path):
     import subprocess
     import sys
 
-    from kit.data import crop_uids
+    from kit.stage2.data import crop_uids
 
     crop_dir = tmp_path / "crops"
     uids = segmented_uids(synthetic_root)
@@ -351,7 +352,8 @@ def test_slice_targets_are_checked_against_the_labels_and_boxes_match_file_numbe
     labelled-1 vertebra no positive slice and the neighbour a positive one: both listed and unknown (NaN), the
     others kept; a study labelled 0 throughout has known negatives."""
     from kit.stage2.crop_cache import study_targets
-    from kit.stage2.crops import file_numbers, vertebra_extents
+    from kit.stage2.targets import file_numbers
+    from kit.stage1.postprocess import vertebra_extents
 
     labels = np.zeros((14, 8, 8), np.uint8)
     for v in range(1, 8):

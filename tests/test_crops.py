@@ -1,4 +1,4 @@
-"""kit.stage2.crops: clean-up of vertebra probabilities, extents and crops, on hand-made and synthetic volumes."""
+"""kit.stage1.postprocess (clean-up of vertebra probabilities, extents) and kit.stage2 crops and targets, on hand-made and synthetic volumes."""
 
 from __future__ import annotations
 
@@ -7,27 +7,11 @@ import pandas as pd
 import pytest
 
 from kit.constants import VERTEBRAE, WINDOWS
-from kit.stage2.crops import (
-    GROW_MAX_MM,
-    assign_boxes_to_vertebrae,
-    clean_vertebra_probs,
-    crop_box_original,
-    crop_study,
-    crop_vertebra,
-    crop_vertebra_stack,
-    crop_vertebrae,
-    extents_table,
-    grid_scale,
-    largest_component,
-    match_boxes_to_slices,
-    missing_vertebrae,
-    neighbour_offsets,
-    slice_positions,
-    slice_targets,
-    stack_channel_names,
-    vertebra_extents,
-    vertebra_targets,
-)
+from kit.stage2.crops import (crop_box_original, crop_study, crop_vertebra_stack,
+                              grid_scale, neighbour_offsets, slice_positions, stack_channel_names)
+from kit.stage2.targets import assign_boxes_to_vertebrae, match_boxes_to_slices, slice_targets, vertebra_targets
+from kit.stage1.postprocess import (GROW_MAX_MM, clean_vertebra_probs, extents_table, largest_component,
+                                    missing_vertebrae, vertebra_extents)
 from kit.io.dicom import window
 
 
@@ -243,26 +227,6 @@ def test_extents_match_synthetic_truth_through_clean_up():
         assert e.voxels == len(zs)
     centroids = [e.centroid[0] for e in extents.values()]
     assert centroids == sorted(centroids)  # synthetic anatomy is head to feet
-
-
-def test_crop_exact_box_and_resampled_shape():
-    rng = np.random.default_rng(0)
-    labels = stacked_blobs()
-    volume = rng.integers(0, 256, size=labels.shape, dtype=np.uint8)
-    e = vertebra_extents(labels)["C4"]
-    exact = crop_vertebra(volume, e, margin=0.0, square=False, out_size=(e.n_slices, e.y1 - e.y0, e.x1 - e.x0))
-    np.testing.assert_array_equal(exact, volume[e.box()])
-    out = crop_vertebra(volume, e, out_size=(16, 32, 32))
-    assert out.shape == (16, 32, 32) and out.dtype == np.uint8
-    # Nearest-neighbour crop of the labels: the vertebra sits in the middle, with margin around it.
-    lab = crop_vertebra(labels, e, margin=0.25, out_size=(16, 32, 32), order=0)
-    assert lab[8, 16, 16] == 4 and lab[:, 0, 0].max() == 0 and set(np.unique(lab)) <= {0, 3, 4, 5}
-    # A box at the volume's edge pads with zeros instead of failing.
-    edge = vertebra_extents(np.pad(np.ones((3, 4, 4), np.uint8), ((0, 5), (0, 6), (0, 6))))["C1"]
-    out = crop_vertebra(np.full((8, 10, 10), 200, np.uint8), edge, margin=0.5, out_size=(4, 8, 8), order=0)
-    assert out[0, 0, 0] == 0 and out[2, 4, 4] == 200
-    stacks = crop_vertebrae(volume, vertebra_extents(labels), out_size=(8, 16, 16))
-    assert list(stacks) == list(VERTEBRAE) and all(s.shape == (8, 16, 16) for s in stacks.values())
 
 
 # --- stage-2 stacks on the original grid --------------------------------------------------------------------

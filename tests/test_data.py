@@ -7,9 +7,10 @@ import pytest
 import torch
 from seg_fixtures import make_cache, make_study
 
-from kit.config import AugmentConfig, DataConfig
-from kit.data import (LevelSequenceDataset, SegAugment, SegSliceDataset, SegVolume, affine_matrix, cached_uids,
-                      end_slices, labels_to_channels, load_study, load_volumes, split_segmentation_studies, warp)
+from kit.sections import AugmentConfig, DataConfig
+from kit.data import affine_matrix, cached_uids, load_study, warp
+from kit.stage1.data import (LevelSequenceDataset, SegAugment, SegSliceDataset, SegVolume, end_slices,
+                             labels_to_channels, load_volumes, split_segmentation_studies)
 from kit.stage1.recipe import LevelRecipe, SegRecipe, true_presence
 
 
@@ -196,7 +197,7 @@ def test_level_window_zoom_moves_pixels_not_slices():
 
 
 def test_crop_around_labels_keeps_the_vertebrae_in_view():
-    from kit.data import crop_around_labels
+    from kit.stage1.data import crop_around_labels
     rng = np.random.default_rng(0)
     labels = np.zeros((64, 64), np.uint8)
     labels[40:52, 5:15] = 3
@@ -220,7 +221,7 @@ def test_crop_around_labels_keeps_the_vertebrae_in_view():
 
 def test_crop_centres_on_the_targets_not_on_thoracic_labels():
     rng = np.random.default_rng(0)
-    from kit.data import crop_around_labels
+    from kit.stage1.data import crop_around_labels
     labels = np.zeros((64, 64), np.uint8)
     labels[4:10, 4:10] = 7  # C7, top left
     labels[50:60, 50:60] = 8  # T1, bottom right: not a target of the C1..C7 segmenter

@@ -1,4 +1,4 @@
-"""kit.tools.demo: the segmenter stage trains, reloads its checkpoints through kit.submit.infer and scores held-out studies."""
+"""kit.tools.demo: the segmenter stage trains, reloads its checkpoints through kit.runs and scores held-out studies."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from kit.tools.demo import describe_dataset, run_segmenter_stage
 
 
 def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatch):
-    """Stage 1 trains, reloads through kit.submit.infer and scores held-out studies; stage 2 crops (true masks where the
+    """Stage 1 trains, reloads through kit.runs and scores held-out studies; stage 2 crops (true masks where the
     study has them, the 1-epoch stage-1 runs elsewhere), trains 2 classifier folds and scores them out of fold."""
     from kit.tools.demo import run_classifier_stage
     from kit.synthetic import default_answers_dir
@@ -51,8 +51,8 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
     import pandas as pd
 
     from kit.io.cache import load_cached
-    from kit.tools.demo import _score_study
-    from kit.submit.infer import load_run
+    from kit.evaluate.stage1 import score_segmented_study
+    from kit.runs import load_run
     from kit.stage1.recipe import true_presence
 
     from_validation = pd.read_csv(tmp_path / "runs" / "demo_seg" / "oof_dice_true_levels.csv", dtype=str)
@@ -62,7 +62,7 @@ def test_stage1_then_stage2_on_the_tiny_set(synthetic_root, tmp_path, monkeypatc
         for uid in group["StudyInstanceUID"]:
             cached = load_cached(cache, uid)
             dice_rows, z_rows = [], []
-            _score_study(cached, models, true_presence(cached["mask"]), uid, int(fold), dice_rows, z_rows)
+            score_segmented_study(cached, models, true_presence(cached["mask"]), uid, int(fold), dice_rows, z_rows)
             row = group.set_index("StudyInstanceUID").loc[uid]
             assert np.allclose([dice_rows[0][v] for v in VERTEBRAE], row[list(VERTEBRAE)].astype(float),
                                atol=2e-3, equal_nan=True)

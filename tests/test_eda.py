@@ -1,4 +1,4 @@
-"""kit.evaluate.eda helpers that notebooks 00 and 02 draw with (and kit.stage2.crops.missing_table behind 02's list)."""
+"""kit.evaluate.eda helpers that notebooks 00 and 02 draw with (and kit.stage2.store.missing_table behind 02's list)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from kit.evaluate import eda  # noqa: E402
-from kit.stage2.crops import missing_table, stack_channel_names  # noqa: E402
+from kit.stage2.crops import stack_channel_names
+from kit.stage2.store import missing_table  # noqa: E402
 
 
 def boxes(rows) -> pd.DataFrame:

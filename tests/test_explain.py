@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from kit.constants import VERTEBRAE
-from kit.stage2.crops import crop_box_original, crop_vertebra_stack, load_crops, vertebra_extents
+from kit.stage2.crops import crop_box_original, crop_vertebra_stack
+from kit.stage2.store import load_crops
+from kit.stage1.postprocess import vertebra_extents
 from kit.evaluate.explain import box_to_crop, explain_study, grad_cam, plot_explanation
-from kit.submit.infer import load_run
+from kit.runs import load_run
 from test_cls_task import MISSING, S, T, tiny_config, write_crop_cache
 
 torch.set_num_threads(1)

@@ -14,7 +14,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from kit.config import ClsConfig, ClsModelConfig, DataConfig, LevelConfig, LevelModelConfig, SegConfig, SegModelConfig
+from kit.sections import DataConfig, SegModelConfig
+from kit.stage2.config import ClsConfig, ClsModelConfig
+from kit.stage1.config import LevelConfig, LevelModelConfig, SegConfig
 from kit.models import InputNorm, create_model, imagenet_input_scaling, imagenet_weights, packaged_encoders
 from kit.models.imagenet import PACKAGED, cache_dir, convert_efficientnet_pytorch
 

@@ -1,4 +1,4 @@
-"""kit.submit.infer: checkpoints -> load_run -> segment_study / segment_studies, on tiny models and volumes (CPU)."""
+"""kit.runs and kit.stage1.infer: checkpoints -> load_run -> segment_study / segment_studies, on tiny models and volumes (CPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from kit.submit import infer
+from kit import runs
+from kit.stage1 import infer
 from kit.stage1.results import SegResult, load_seg_result, save_seg_result
 from kit.stage1.runner import segment_studies
 from kit.constants import VERTEBRAE
@@ -29,7 +30,7 @@ class TinySeg(nn.Module):
         return self.conv(x * 8.0 - 4.0)
 
 
-# stage-1 probabilities are stored as uint8 in steps of 1/255 (kit.submit.infer.predict_vertebra_probs)
+# stage-1 probabilities are stored as uint8 in steps of 1/255 (kit.stage1.infer.predict_vertebra_probs)
 HALF_STEP = 0.5 / 255 + 1e-4  # a stored probability against the exact one: rounding, plus float noise
 ONE_STEP = 1 / 255 + 1e-4  # two stored ones whose float inputs differ by noise may round to neighbouring steps
 
@@ -93,7 +94,7 @@ def test_load_run_round_trip(registry, tmp_path):
     run = tmp_path / "runs" / "tiny"
     write_checkpoint(run, 0, seed=0)
     write_checkpoint(run, 1, seed=1)
-    models = infer.load_run(run)
+    models = runs.load_run(run)
     assert [m.fold for m in models] == [0, 1]
     m = models[0]
     assert not m.model.training and m.image_size == 32 and m.recipe.offsets(1.0).tolist() == [-1, 0, 1]
@@ -102,7 +103,7 @@ def test_load_run_round_trip(registry, tmp_path):
     saved = torch.load(run / "fold0" / "model.pt", weights_only=True)["model"]
     for key, value in m.model.state_dict().items():
         assert torch.equal(value, saved[key])
-    assert [m.fold for m in infer.load_run(run, folds=[1])] == [1]
+    assert [m.fold for m in runs.load_run(run, folds=[1])] == [1]
 
 
 def test_real_segmenter_checkpoint_round_trip(tmp_path):
@@ -119,7 +120,7 @@ def test_real_segmenter_checkpoint_round_trip(tmp_path):
     path.parent.mkdir(parents=True)
     torch.save({"model": model.state_dict(), "model_name": "seg_unet", "model_kwargs": kwargs,
                 "config": config_to_dict(cfg), "epoch": 1, "metric": 0.1}, path)
-    (loaded,) = infer.load_run(tmp_path / cfg.name)
+    (loaded,) = runs.load_run(tmp_path / cfg.name)
     assert (loaded.image_size, loaded.fold) == (32, 0) and not loaded.model.training
     assert loaded.config == cfg  # the typed config comes back
     vol = toy_volume(z=6)
@@ -132,33 +133,33 @@ def test_real_segmenter_checkpoint_round_trip(tmp_path):
 def test_load_run_errors_name_the_file(registry, tmp_path):
     run = tmp_path / "tiny"
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        infer.load_run(run)
+        runs.load_run(run)
     write_checkpoint(run, 0, seed=0)
     with pytest.raises(FileNotFoundError, match=r"fold3[/\\]model\.pt"):
-        infer.load_run(run, folds=[0, 3])
+        runs.load_run(run, folds=[0, 3])
     bad = run / "fold1" / "model.pt"
     bad.parent.mkdir()
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match=r"fold1[/\\]model\.pt"):
-        infer.load_run(run)
+        runs.load_run(run)
     torch.save({"model": {}}, bad)
     with pytest.raises(RuntimeError, match="lacks"):
-        infer.load_run(run, folds=[1])
+        runs.load_run(run, folds=[1])
     ckpt = torch.load(run / "fold0" / "model.pt", weights_only=True)
     torch.save({**ckpt, "model_name": "nope"}, bad)
     with pytest.raises(RuntimeError, match=r"fold1[/\\]model\.pt: cannot rebuild nope"):
-        infer.load_run(run, folds=[1])
+        runs.load_run(run, folds=[1])
     del ckpt["model"]["conv.bias"]
     torch.save(ckpt, bad)
     with pytest.raises(RuntimeError, match="conv.bias"):
-        infer.load_run(run, folds=[1])
+        runs.load_run(run, folds=[1])
 
 
 def test_segment_study_ensemble_and_batching(registry, tmp_path):
     run = tmp_path / "tiny"
     write_checkpoint(run, 0, seed=0)
     write_checkpoint(run, 1, seed=1, offsets_mm=(-2.0, -1.0, 0.0, 1.0, 2.0))  # folds may differ in their slices
-    models = infer.load_run(run)
+    models = runs.load_run(run)
     vol = toy_volume()
     result = infer.segment_study(cached(vol), models, batch_size=5, keep_probs=True, uid="s1")
     assert result.uid == "s1" and result.labels.shape == vol.shape and result.labels.dtype == np.uint8
@@ -184,7 +185,7 @@ def test_folds_with_one_recipe_share_each_batch_input(registry, tmp_path, monkey
     run = tmp_path / "tiny"
     for fold in (0, 1, 2):
         write_checkpoint(run, fold, seed=fold, offsets_mm=(-2.0, 0.0, 2.0) if fold == 2 else (-1.0, 0.0, 1.0))
-    models = infer.load_run(run)
+    models = runs.load_run(run)
     vol = toy_volume()
     built = []
     inputs = SegRecipe.inputs
@@ -200,7 +201,7 @@ def test_folds_with_one_recipe_share_each_batch_input(registry, tmp_path, monkey
 def test_segment_study_input_size_and_nan(registry, tmp_path):
     run = tmp_path / "tiny"
     write_checkpoint(run, 0, seed=0, size=32)
-    models = infer.load_run(run)
+    models = runs.load_run(run)
     study = {"image": toy_volume(z=10, size=64), "instance_numbers": np.arange(10, 0, -1),
              "orig_hw": np.array([128, 128]), "spacing": np.array([1.0, 0.5, 0.5])}
     result = infer.segment_study(study, models)  # 64 px cache, 32 px model: resized in-plane
@@ -209,7 +210,7 @@ def test_segment_study_input_size_and_nan(registry, tmp_path):
     nan_run = tmp_path / "nan"
     write_checkpoint(nan_run, 0, seed=0, nan=True)
     with pytest.raises(infer.SegmentationError, match="study bad-study: NaN"):
-        infer.segment_study(cached(toy_volume()), infer.load_run(nan_run), uid="bad-study")
+        infer.segment_study(cached(toy_volume()), runs.load_run(nan_run), uid="bad-study")
     with pytest.raises(ValueError, match="uint8"):
         infer.segment_study(toy_volume().astype(np.float32), models)
     with pytest.raises(ValueError, match="slice spacing is needed"):
@@ -220,7 +221,7 @@ def test_save_and_load_seg_result(tmp_path):
     labels = np.zeros((12, 16, 16), np.uint8)
     labels[2:5, 4:8, 6:10] = 1
     labels[6:10, 5:9, 6:11] = 2
-    from kit.stage2.crops import vertebra_extents
+    from kit.stage1.postprocess import vertebra_extents
 
     extents = vertebra_extents(labels, (1.0, 2.0, 2.0))
     result = SegResult(uid="u1", labels=labels, extents=extents, missing=list(VERTEBRAE[2:]),
@@ -296,7 +297,7 @@ def test_segment_studies_from_dicom_matches_prepared_arrays(registry, synthetic_
     np.testing.assert_array_equal(saved.instance_numbers, series.instance_numbers)
     prepare_study(synthetic_root / "test_images" / uid, tmp_path / "cache" / f"{uid}.npz", size=32)
     cached = np.load(tmp_path / "cache" / f"{uid}.npz")
-    from_cache = infer.segment_study({"image": cached["image"], "spacing": cached["spacing"]}, infer.load_run(run))
+    from_cache = infer.segment_study({"image": cached["image"], "spacing": cached["spacing"]}, runs.load_run(run))
     np.testing.assert_array_equal(from_cache.labels, saved.labels)
 
 
@@ -314,7 +315,7 @@ def test_segment_study_uses_the_training_offsets_in_mm(registry, tmp_path):
     """A model sees the offsets in mm it was trained with, rounded to the study's slices."""
     run = tmp_path / "offsets"
     write_checkpoint(run, 0, seed=2, offsets_mm=(-6.0, -1.0, 0.0, 1.0, 6.0))
-    models = infer.load_run(run)
+    models = runs.load_run(run)
     assert models[0].recipe.offsets(0.5).tolist() == [-12, -2, 0, 2, 12]
     assert models[0].recipe.offsets(1.0).tolist() == [-6, -1, 0, 1, 6]
     assert models[0].recipe.offsets(2.5).tolist() == [-2, -1, 0, 1, 2]  # small offsets keep at least one slice
@@ -331,7 +332,7 @@ def test_old_configs_fail_with_the_new_key_named(registry, tmp_path):
     ckpt["config"]["data"]["context"] = 2
     torch.save(ckpt, path)
     with pytest.raises(RuntimeError, match="data.context.*replaced by data.slice_offsets_mm"):
-        infer.load_run(tmp_path / "old")
+        runs.load_run(tmp_path / "old")
 
 
 def write_level_checkpoint(run_dir, fold: int = 0, *, slice_mm: float = 2.0, size: int = 32) -> None:
@@ -394,7 +395,7 @@ def test_stage1_batch_size_bounds_cpu_pixels_and_probs_to_float():
 def test_segment_study_fuses_the_level_model(registry, tmp_path):
     write_checkpoint(tmp_path / "seg", 0, seed=0)
     write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
-    seg, levels = infer.load_run(tmp_path / "seg"), infer.load_run(tmp_path / "level")
+    seg, levels = runs.load_run(tmp_path / "seg"), runs.load_run(tmp_path / "level")
     vol = toy_volume()
     study = cached(vol)
     presence = infer.predict_levels(vol, 1.0, levels)
@@ -410,7 +411,7 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
         mirrored = torch.sigmoid(levels[0].model(x.flip(-1)))[0].numpy()
     assert np.abs(direct - mirrored).max() > 1e-4  # the toy model is not symmetric: the mirror matters
     np.testing.assert_allclose(presence[:, grid], ((direct + mirrored) / 2).T, atol=1e-5)
-    unflipped = infer.load_run(tmp_path / "level")
+    unflipped = runs.load_run(tmp_path / "level")
     unflipped[0].config.data.tta_flip = False
     np.testing.assert_allclose(infer.predict_levels(vol, 1.0, unflipped)[:, grid], direct.T, atol=1e-5)
     plain = infer.segment_study(study, seg, keep_probs=True, uid="plain")
@@ -431,7 +432,7 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     from the true ranges), goes in as 7 constant planes after the slices."""
     write_checkpoint(tmp_path / "seg", 0, seed=3, level_input=True)
     write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
-    seg, levels = infer.load_run(tmp_path / "seg"), infer.load_run(tmp_path / "level")
+    seg, levels = runs.load_run(tmp_path / "seg"), runs.load_run(tmp_path / "level")
     assert seg[0].recipe.level_input and levels[0].provides == "levels"
     vol = toy_volume()
     study = cached(vol)
@@ -478,7 +479,7 @@ def test_a_run_trained_with_checkpointing_loads_without_it(tmp_path):
     save_config(cfg, tmp_path / "demo_cls" / "fold0" / "config.yaml")
     torch.save({"model": model.state_dict(), "model_name": name, "model_kwargs": kwargs,
                 "config": config_to_dict(cfg), "epoch": 1, "metric": 0.0}, tmp_path / "demo_cls" / "fold0" / "model.pt")
-    loaded = infer.load_run(tmp_path / "demo_cls")[0]
+    loaded = runs.load_run(tmp_path / "demo_cls")[0]
     assert not loaded.model.cnn.grad_checkpointing
     x = torch.rand(1, cfg.data.n_slices, cfg.in_channels, 32, 32)
     with torch.no_grad():

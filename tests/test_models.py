@@ -164,7 +164,6 @@ def test_level_model_loads_a_local_timm_backbone(tmp_path):
         assert torch.equal(model.cnn.state_dict()[key], backbone.state_dict()[key])
 
 
-
 @pytest.mark.parametrize("stride, size, bias, channels_last", [(1, 2, True, True), (1, 4, False, False),
                                                                (2, 4, True, False), (2, 7, False, True),
                                                                (1, 9, True, True)])

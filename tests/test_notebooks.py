@@ -76,7 +76,7 @@ def test_02_make_crops(smoke_runs, tmp_path):
     import numpy as np
     import pandas as pd
 
-    from kit.stage2.crops import load_crops, missing_table
+    from kit.stage2.store import load_crops, missing_table
     from kit.io.rsna import load_train
 
     crop_dir = tmp_path / "crops"
@@ -128,7 +128,7 @@ def test_05_submission(smoke_runs, tmp_path):
     import pandas as pd
 
     from kit.constants import TARGETS
-    from kit.evaluate.report import score_test_submission
+    from kit.synthetic.score import score_test_submission
     from kit.io.rsna import studies_to_predict
 
     root, out = smoke_runs["data_root"], tmp_path / "sub" / "submission.csv"

@@ -1,4 +1,4 @@
-"""kit.submit.infer.predict_study / classify_study and kit.submit.predictor (kit submit) on tiny runs trained here for one
+"""kit.submit.predictor (predict_study, kit submit) and kit.stage2.infer.classify_study on tiny runs trained here for one
 epoch: a stage-1 segmenter on a `seg_fixtures` cache, classifiers (`demo_cls`, per vertebra and per study) on a
 fake crop cache (`test_cls_task.write_crop_cache`), studies from the `synthetic_root` fixture (64 px).
 
@@ -19,10 +19,14 @@ import pytest
 import torch
 from torch import nn
 
-from kit.submit import infer
+from kit import runs
+from kit.stage1 import infer as stage1_infer
+from kit.stage2 import infer
+from kit.submit import predictor
 from kit.config import load_config
 from kit.constants import VERTEBRAE
-from kit.stage2.crops import crop_study, missing_vertebrae, vertebra_extents
+from kit.stage2.crops import crop_study
+from kit.stage1.postprocess import missing_vertebrae, vertebra_extents
 from kit.io.dicom import read_mask, read_series, resize_slices
 from kit.evaluate.metrics import scale_odds
 from kit.submit.predictor import load_runs, resolve_runs, submit
@@ -67,7 +71,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def models(trained):
-    return {name: infer.load_run(path) for name, path in trained.items()}
+    return {name: runs.load_run(path) for name, path in trained.items()}
 
 
 def truth_seg(root: Path, uid: str, series) -> SegResult:
@@ -108,8 +112,8 @@ class Recorder(nn.Module):
         return {"logit": self.scale * (x[..., :half].mean((1, 2, 3, 4)) - x[..., half:].mean((1, 2, 3, 4)))}
 
 
-def recorder_model(config, path: Path) -> infer.LoadedModel:
-    return infer.LoadedModel(model=Recorder().eval(), config=config, fold=0, path=path / "fold0" / "model.pt",
+def recorder_model(config, path: Path) -> runs.LoadedModel:
+    return runs.LoadedModel(model=Recorder().eval(), config=config, fold=0, path=path / "fold0" / "model.pt",
                              model_name="recorder")
 
 
@@ -134,7 +138,7 @@ def test_inference_crops_are_the_crop_cache_crops(models, segmented, tmp_path):
 
 def test_predict_study_gives_eight_probabilities(models, segmented):
     series, seg = segmented
-    result = infer.predict_study(series, [models["cls"]], seg=seg)
+    result = predictor.predict_study(series, [models["cls"]], seg=seg)
     p = result["probs"]
     assert p.shape == (8,) and np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
     assert result["found"].all() and result["patient_source"] == "the vertebrae found (targets_from_vertebrae)"
@@ -146,9 +150,9 @@ def test_predict_study_gives_eight_probabilities(models, segmented):
     assert p[0] == pytest.approx(np.mean([m["probs"][0] for m in result["models"]]), abs=1e-12)
     assert set(result["timing"]) == {"read_s", "segment_s", "crop_s", "classify_s", "total_s"}
 
-    patient = infer.predict_study(series, [models["patient"]], seg=seg)
+    patient = predictor.predict_study(series, [models["patient"]], seg=seg)
     assert patient["patient_source"] == "patient head" and np.isfinite(patient["probs"]).all()
-    flipped = infer.predict_study(series, [models["patient"]], seg=seg, tta_flip=True)  # a batch of 2 studies
+    flipped = predictor.predict_study(series, [models["patient"]], seg=seg, tta_flip=True)  # a batch of 2 studies
     assert np.isfinite(flipped["probs"]).all() and not np.allclose(flipped["probs"], patient["probs"])
     assert abs(patient["probs"][0] - (1 - np.prod(1 - patient["probs"][1:]))) > 1e-6  # the head's own value
 
@@ -161,7 +165,7 @@ def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monke
     read_series_once = kit.io.dicom.read_series
     monkeypatch.setattr(kit.io.dicom, "read_series", lambda *a, **k: reads.append(a) or read_series_once(*a, **k))
     # the trained one-epoch segmenter: whatever it finds, every value is an answer (missing ones by the rule)
-    result = infer.predict_study(study, [models["seg"], models["cls"]])
+    result = predictor.predict_study(study, [models["seg"], models["cls"]])
     assert len(reads) == 1  # one DICOM read serves stage 1's input and the full-resolution crops
     assert result["uid"] == study.name and result["probs"].shape == (8,)
     assert result["seg"].labels.shape[1:] == (64, 64)  # stage 1 at the segmenter's size (prepare_arrays)
@@ -169,7 +173,7 @@ def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monke
     assert sorted(result["missing"]) == [v for v, f in zip(VERTEBRAE, result["found"]) if not f]
     # the C1-everywhere segmenter: C1 found (the whole volume), C2..C7 not: each model gives them its training
     # prevalence at its odds, and patient_overall counts them with C1
-    c1 = infer.predict_study(study, [models["seg_c1"], models["cls"]])
+    c1 = predictor.predict_study(study, [models["seg_c1"], models["cls"]])
     assert c1["found"].tolist() == [True] + [False] * 6
     assert np.isfinite(c1["probs"]).all()
     for m, loaded in zip(c1["models"], models["cls"]):
@@ -183,8 +187,8 @@ def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monke
 def test_mean_of_logits_or_probabilities_and_weights(models, segmented):
     series, seg = segmented
     runs = [models["cls"], models["patient"]]
-    probs = infer.predict_study(series, runs, seg=seg, mean="prob")
-    logits = infer.predict_study(series, runs, seg=seg, mean="logit")
+    probs = predictor.predict_study(series, runs, seg=seg, mean="prob")
+    logits = predictor.predict_study(series, runs, seg=seg, mean="logit")
     per_model = np.stack([m["probs"] for m in probs["models"]])  # (3, 8): cls folds 0, 1, patient fold 0
     assert per_model.shape == (3, 8) and [m["fold"] for m in probs["models"]] == [0, 1, 0]
     np.testing.assert_allclose(np.stack([m["probs"] for m in logits["models"]]), per_model, atol=1e-12)
@@ -199,15 +203,15 @@ def test_mean_of_logits_or_probabilities_and_weights(models, segmented):
     cls_key = str(Path(models["cls"][0].path).parent.parent)
     np.testing.assert_allclose(probs["runs"][cls_key], per_model[:2].mean(0), atol=1e-12)
 
-    weighted = infer.predict_study(series, runs, seg=seg, weights=[3.0, 1.0])
+    weighted = predictor.predict_study(series, runs, seg=seg, weights=[3.0, 1.0])
     np.testing.assert_allclose(weighted["probs"], (np.array([3 / 8, 3 / 8, 1 / 4])[:, None] * per_model).sum(0),
                                atol=1e-12)
-    by_name = infer.predict_study(series, runs, seg=seg, weights={"demo_cls": 3.0})
+    by_name = predictor.predict_study(series, runs, seg=seg, weights={"demo_cls": 3.0})
     np.testing.assert_allclose(by_name["probs"], weighted["probs"], atol=1e-12)
     with pytest.raises(ValueError, match="2 classifier runs"):
-        infer.predict_study(series, runs, seg=seg, weights=[1.0])
+        predictor.predict_study(series, runs, seg=seg, weights=[1.0])
     with pytest.raises(ValueError, match="mean must be one of"):
-        infer.predict_study(series, runs, seg=seg, mean="median")
+        predictor.predict_study(series, runs, seg=seg, mean="median")
 
 
 def test_flip_tta_mirrors_the_crops_in_the_same_batch(models, segmented, tmp_path):
@@ -232,8 +236,8 @@ def test_a_fold_folder_is_a_run(trained, models, segmented):
     runs = load_runs([trained["cls"] / "fold1", trained["seg"]])
     assert [[m.fold for m in run] for run in runs] == [[1], [0, 1]]
     assert [run[0].provides for run in runs] == ["fractures", "vertebra_probs"]
-    both = infer.predict_study(series, [models["cls"]], seg=seg)
-    one = infer.predict_study(series, runs, seg=seg)
+    both = predictor.predict_study(series, [models["cls"]], seg=seg)
+    one = predictor.predict_study(series, runs, seg=seg)
     np.testing.assert_allclose(one["probs"], both["models"][1]["probs"], atol=1e-12)
     assert resolve_runs([trained["cls"] / "fold0", trained["cls"] / "fold1"]) == [(trained["cls"], [0, 1])]
     with pytest.raises(FileNotFoundError, match="no fold"):
@@ -248,11 +252,11 @@ def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, 
     from kit.submit.predictor import PredictorFactory
 
     factory = PredictorFactory((str(trained["seg_c1"]), str(trained["cls"])), weights={"demo_cls": 2.0}, threads=1)
-    predictor = pickle.loads(pickle.dumps(factory))("cpu")  # what each device worker does
+    worker = pickle.loads(pickle.dumps(factory))("cpu")  # what each device worker does
     study = sorted((synthetic_root / "test_images").iterdir())[1]
     series = read_series(study)
-    expected = infer.predict_study(series, [models["seg_c1"], models["cls"]])["probs"]
-    prediction = predictor(study.name, series)
+    expected = predictor.predict_study(series, [models["seg_c1"], models["cls"]])["probs"]
+    prediction = worker(study.name, series)
     np.testing.assert_array_equal(prediction.probs, expected)
     (reason, detail), = prediction.notes  # the vertebrae stage 1 did not find, for the log
     assert reason == "vertebrae not found" and detail.startswith("C2: not found") and "C7" in detail
@@ -316,11 +320,11 @@ def test_a_calibrated_run_maps_its_fold_mean_before_the_runs_are_combined(traine
     series, seg = segmented
     run = tmp_path / "demo_cls"
     shutil.copytree(trained["cls"], run)
-    plain = infer.predict_study(series, load_runs([run, trained["patient"]]), seg=seg)
+    plain = predictor.predict_study(series, load_runs([run, trained["patient"]]), seg=seg)
     assert plain["calibrated_runs"] == []
     calibration = {t: {"a": 0.5, "b": -1.0} for t in TARGETS}
     write_calibration(run, calibration)
-    calibrated = infer.predict_study(series, load_runs([run, trained["patient"]]), seg=seg)
+    calibrated = predictor.predict_study(series, load_runs([run, trained["patient"]]), seg=seg)
     assert len(calibrated["calibrated_runs"]) == 1
     cls_key = calibrated["calibrated_runs"][0]
     assert Path(cls_key).name == "demo_cls"
@@ -464,9 +468,10 @@ def test_half_precision_inference_matches_float32(models, synthetic_root, monkey
     level-free stage 1 and both classifiers run in it without a dtype error and give float32's answer."""
     study = sorted((synthetic_root / "test_images").iterdir())[0]
     runs = [models["seg_c1"], models["cls"], models["patient"]]
-    full = infer.predict_study(study, runs)
-    monkeypatch.setattr(infer, "_autocast", lambda device, amp: torch.autocast("cpu", dtype=dtype))
-    half = infer.predict_study(study, runs, amp=True)
+    full = predictor.predict_study(study, runs)
+    for module in (stage1_infer, infer):
+        monkeypatch.setattr(module, "autocast", lambda device, amp: torch.autocast("cpu", dtype=dtype))
+    half = predictor.predict_study(study, runs, amp=True)
     assert half["found"].tolist() == full["found"].tolist() == [True] + [False] * 6
     np.testing.assert_allclose(half["probs"], full["probs"], atol=1e-2)
     assert not np.array_equal(half["probs"][:2], full["probs"][:2])  # it did run in half precision

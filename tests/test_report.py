@@ -13,22 +13,11 @@ import yaml
 
 from kit.constants import TARGETS, TRAIN_PREVALENCE
 from kit.evaluate.metrics import competition_score, prevalence_baseline
-from kit.evaluate.report import (
-    CEILING_KINDS,
-    FITTED_BLEND,
-    MEAN_BLEND,
-    fit_blend_weights,
-    fracture_recall,
-    level_report,
-    load_oof,
-    oof_report,
-    plot_segmentation,
-    read_answers,
-    run_report,
-    run_task,
-    score_ceilings,
-    seg_report,
-)
+from kit.evaluate.report import oof_report, run_report, run_task
+from kit.evaluate.stage1_report import level_report, seg_report
+from kit.evaluate.stage1_report import plot_segmentation
+from kit.synthetic.score import CEILING_KINDS, fracture_recall, read_answers, score_ceilings
+from kit.evaluate.oof import FITTED_BLEND, MEAN_BLEND, fit_blend_weights, load_oof
 
 UID = "StudyInstanceUID"
 N_STUDIES, N_FOLDS = 120, 3
@@ -528,7 +517,7 @@ def test_recall_by_fracture_kind_and_subtlety(tmp_path):
 
 
 def test_attention_hit_rate_on_a_hand_made_case(tmp_path):
-    from kit.evaluate.report import attention_hit_rate
+    from kit.synthetic.score import attention_hit_rate
 
     t, uids = 4, ["1.2.1", "1.2.2"]
     for uid in uids:  # C2 sampled at slices 10, 13, 16, 19 (step 3: a peak within 1.5 slices of a range counts)
@@ -575,7 +564,7 @@ def test_oof_tables_hold_the_report_numbers(two_run_report):
 
 
 def test_find_answers_dir_and_score_test_submission(tmp_path):
-    from kit.evaluate.report import find_answers_dir, score_test_submission
+    from kit.synthetic.score import find_answers_dir, score_test_submission
     from kit.io.rsna import wide_to_long
 
     root, answers = tmp_path / "data", tmp_path / "data_answers"
@@ -619,7 +608,7 @@ def test_score_ceilings_by_hand():
 def test_false_alarms_on_lookalikes_by_hand():
     """Among vertebrae with no fracture: the share predicted above the threshold, by the look-alike they carry;
     fractured vertebrae are left out."""
-    from kit.evaluate.report import lookalike_false_alarms
+    from kit.synthetic.score import lookalike_false_alarms
 
     oof = pd.DataFrame({"StudyInstanceUID": ["a", "b"]})
     p = np.full((2, 8), 0.1)

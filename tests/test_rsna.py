@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kit.io import folds as kfolds
 from kit.io import rsna
 from kit.constants import BROKEN_STUDIES, TARGETS, UID_PREFIX, VERTEBRAE
 from kit.evaluate.metrics import prevalence_baseline
@@ -250,7 +251,7 @@ def test_real_label_table_matches_the_facts(real_table):
 
 
 def test_make_folds_stratifies_the_real_label_counts(real_table):
-    folds = rsna.make_folds(real_table, n_folds=5, seed=42)
+    folds = kfolds.make_folds(real_table, n_folds=5, seed=42)
     assert list(folds.columns) == [UID, "fold"]
     assert folds[UID].tolist() == real_table[UID].tolist()  # one fold per study, table order
     assert sorted(folds["fold"].unique()) == [0, 1, 2, 3, 4]
@@ -264,43 +265,43 @@ def test_make_folds_stratifies_the_real_label_counts(real_table):
 
 
 def test_make_folds_is_deterministic_by_seed(real_table):
-    a = rsna.make_folds(real_table, seed=42)
-    b = rsna.make_folds(real_table, seed=42)
-    c = rsna.make_folds(real_table, seed=7)
+    a = kfolds.make_folds(real_table, seed=42)
+    b = kfolds.make_folds(real_table, seed=42)
+    c = kfolds.make_folds(real_table, seed=7)
     pd.testing.assert_frame_equal(a, b)
     assert (a["fold"] != c["fold"]).any()
     with pytest.raises(ValueError, match=r"n_folds must be in \[2, 12\]"):
-        rsna.make_folds(small_train(12), n_folds=13)
+        kfolds.make_folds(small_train(12), n_folds=13)
 
 
 def test_save_load_folds_round_trip(tmp_path):
-    folds = rsna.make_folds(small_train(12), n_folds=3, seed=0)
-    path = rsna.save_folds(folds, tmp_path / "sub" / "folds.csv")
-    pd.testing.assert_frame_equal(rsna.load_folds(path), folds)
+    folds = kfolds.make_folds(small_train(12), n_folds=3, seed=0)
+    path = kfolds.save_folds(folds, tmp_path / "sub" / "folds.csv")
+    pd.testing.assert_frame_equal(kfolds.load_folds(path), folds)
     folds.assign(fold=folds["fold"] + 1).to_csv(path, index=False)  # folds 1..3, no fold 0
     with pytest.raises(ValueError, match=r"folds must be 0..K-1 with none empty; found \[1, 2, 3\]"):
-        rsna.load_folds(path)
+        kfolds.load_folds(path)
 
 
 def test_folds_for_makes_once_then_rereads(tmp_path):
     train = small_train(12)
     path = tmp_path / "folds.csv"
-    first = rsna.folds_for(train, path=path, n_folds=3, seed=0)
+    first = kfolds.folds_for(train, path=path, n_folds=3, seed=0)
     assert path.is_file()
     # Edit the file: a second call must return the file's content, not a fresh split.
     edited = first.assign(fold=(first["fold"] + 1) % 3)
     edited.to_csv(path, index=False)
-    again = rsna.folds_for(train.iloc[::-1], path=path, n_folds=3, seed=0)  # rows follow the table
+    again = kfolds.folds_for(train.iloc[::-1], path=path, n_folds=3, seed=0)  # rows follow the table
     assert again[UID].tolist() == train[UID].tolist()[::-1]
     assert again.set_index(UID)["fold"].to_dict() == edited.set_index(UID)["fold"].to_dict()
 
     with pytest.raises(ValueError, match="holds 3 folds but n_folds=5"):
-        rsna.folds_for(train, path=path, n_folds=5)
+        kfolds.folds_for(train, path=path, n_folds=5)
     bigger = pd.concat([train, small_train(13).iloc[[12]]], ignore_index=True)
     with pytest.raises(ValueError, match=r"1 train studies have no fold \(1\.2\.826\.0\.1\.3680043\.130\)"):
-        rsna.folds_for(bigger, path=path, n_folds=3)
+        kfolds.folds_for(bigger, path=path, n_folds=3)
     with pytest.raises(ValueError, match="2 studies in the CSV are not in the train table"):
-        rsna.folds_for(train.iloc[2:], path=path, n_folds=3)
+        kfolds.folds_for(train.iloc[2:], path=path, n_folds=3)
 
 
 def test_folds_for_accepts_dropped_broken_studies(tmp_path):
@@ -308,9 +309,9 @@ def test_folds_for_accepts_dropped_broken_studies(tmp_path):
     train.loc[0, UID] = BROKEN_STUDIES[0]
     root = write_root(tmp_path, train=train)
     path = tmp_path / "folds.csv"
-    full = rsna.folds_for(root, path=path, n_folds=3)
+    full = kfolds.folds_for(root, path=path, n_folds=3)
     assert len(full) == 12
-    kept = rsna.folds_for(rsna.load_train(root, drop_broken=True), path=path, n_folds=3)
+    kept = kfolds.folds_for(rsna.load_train(root, drop_broken=True), path=path, n_folds=3)
     assert len(kept) == 11 and BROKEN_STUDIES[0] not in set(kept[UID])
 
 
@@ -333,7 +334,7 @@ def strata_table(n: int = 200, n_seg: int = 40, n_boxes: int = 30, seed: int = 0
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_make_folds_balances_segmented_and_boxed_studies(seed):
     table = strata_table(seed=seed)  # 200 studies, 40 segmented, 30 with boxes
-    folds = rsna.make_folds(table, n_folds=5, seed=seed)
+    folds = kfolds.make_folds(table, n_folds=5, seed=seed)
     assert list(folds.columns) == [UID, "fold", "has_segmentation", "has_boxes"]
     assert folds["has_segmentation"].tolist() == table["has_segmentation"].tolist()
     by_fold = table.groupby(folds["fold"].to_numpy())
@@ -348,30 +349,30 @@ def test_make_folds_balances_segmented_and_boxed_studies(seed):
 
 def test_make_folds_strata_arrays_equal_columns_and_are_checked():
     table = strata_table(seed=3)
-    from_columns = rsna.make_folds(table, seed=11)
+    from_columns = kfolds.make_folds(table, seed=11)
     plain = table.drop(columns=["has_segmentation", "has_boxes"])
-    from_arrays = rsna.make_folds(plain, seed=11, has_segmentation=table["has_segmentation"].to_numpy(),
+    from_arrays = kfolds.make_folds(plain, seed=11, has_segmentation=table["has_segmentation"].to_numpy(),
                                   has_boxes=table["has_boxes"].tolist())
     pd.testing.assert_frame_equal(from_columns, from_arrays)
-    pd.testing.assert_frame_equal(from_columns, rsna.make_folds(table, seed=11))  # same seed, same folds
-    assert (rsna.make_folds(table, seed=12)["fold"] != from_columns["fold"]).any()
-    only_seg = rsna.make_folds(plain, seed=11, has_segmentation=table["has_segmentation"])
+    pd.testing.assert_frame_equal(from_columns, kfolds.make_folds(table, seed=11))  # same seed, same folds
+    assert (kfolds.make_folds(table, seed=12)["fold"] != from_columns["fold"]).any()
+    only_seg = kfolds.make_folds(plain, seed=11, has_segmentation=table["has_segmentation"])
     assert list(only_seg.columns) == [UID, "fold", "has_segmentation"]
     with pytest.raises(ValueError, match=r"has_boxes must hold one 0/1 value per study \(200\); got shape \(3,\)"):
-        rsna.make_folds(plain, has_boxes=[0, 1, 0])
+        kfolds.make_folds(plain, has_boxes=[0, 1, 0])
     bad = table.assign(has_segmentation=table["has_segmentation"].replace(1, 2))
     with pytest.raises(ValueError, match=r"has_segmentation must hold 0/1 per study; got 1\.2\.826\.[\d.]+=2, "):
-        rsna.make_folds(bad)
+        kfolds.make_folds(bad)
 
 
 def test_folds_csv_records_strata_and_checks_them(tmp_path):
-    folds = rsna.make_folds(strata_table(seed=4), n_folds=4, seed=0)
-    path = rsna.save_folds(folds, tmp_path / "folds.csv")
+    folds = kfolds.make_folds(strata_table(seed=4), n_folds=4, seed=0)
+    path = kfolds.save_folds(folds, tmp_path / "folds.csv")
     assert path.read_text().splitlines()[0] == "StudyInstanceUID,fold,has_segmentation,has_boxes"
-    pd.testing.assert_frame_equal(rsna.load_folds(path), folds)
+    pd.testing.assert_frame_equal(kfolds.load_folds(path), folds)
     folds.assign(has_boxes=folds["has_boxes"] * 3).to_csv(path, index=False)
     with pytest.raises(ValueError, match="column 'has_boxes' must hold 0/1 labels"):
-        rsna.load_folds(path)
+        kfolds.load_folds(path)
 
 
 # --------------------------------------------------------------------------------------------------------- synthetic data
@@ -385,13 +386,13 @@ def test_loaders_read_the_synthetic_dataset(request):
     rsna.load_boxes(root)
     uids, rows = rsna.studies_to_predict(root)
     assert len(uids) == 2 and len(rows) == 16
-    assert set(rsna.make_folds(train, n_folds=2)["fold"]) == {0, 1}
+    assert set(kfolds.make_folds(train, n_folds=2)["fold"]) == {0, 1}
 
 
 def test_study_strata_read_the_synthetic_root(request):
     root = request.getfixturevalue("synthetic_root")  # 8 train studies, 4 with a segmentation
     train = rsna.load_train(root)
-    strata = rsna.study_strata(root, train[UID])
+    strata = kfolds.study_strata(root, train[UID])
     segmented = {p.name[: -len(".nii")] for p in (root / "segmentations").glob("*.nii")}
     boxed = set(rsna.load_boxes(root)[UID])
     assert strata[UID].tolist() == train[UID].tolist()
@@ -403,10 +404,10 @@ def test_study_strata_read_the_synthetic_root(request):
 def test_default_folds_of_the_synthetic_root_spread_the_segmented_studies(request, tmp_path):
     root = request.getfixturevalue("synthetic_root")
     path = tmp_path / "folds.csv"
-    folds = rsna.folds_for(root, path=path)  # the defaults: 5 folds, seed 42
+    folds = kfolds.folds_for(root, path=path)  # the defaults: 5 folds, seed 42
     segmented = folds.loc[folds["has_segmentation"] == 1, "fold"]
     assert len(segmented) == 4
     # 4 segmented studies over 5 folds: at most one a fold (stratified on targets alone, two shared a fold).
     assert segmented.value_counts().max() == 1 and segmented.nunique() == 4
     assert list(pd.read_csv(path).columns) == [UID, "fold", "has_segmentation", "has_boxes"]
-    pd.testing.assert_frame_equal(rsna.folds_for(root, path=path), folds)  # re-read: same table
+    pd.testing.assert_frame_equal(kfolds.folds_for(root, path=path), folds)  # re-read: same table

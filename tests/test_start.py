@@ -10,7 +10,8 @@ import torch
 
 import kit.models.start as start
 from kit.submit.export import sha256_file
-from kit.config import ConfigError, load_config
+from kit.config import load_config
+from kit.sections import ConfigError
 from kit.models import create_model
 from kit.tools.pretrain import export_start, pretrain
 
@@ -109,3 +110,21 @@ def test_the_shipped_checkpoint_is_intact_and_builds_demo_cls():
     state = torch.load(start.start_weights("kit:cls_lite0_128"), weights_only=True)
     assert set(state) == set(model.state_dict())
     assert torch.equal(model.state_dict()["logit_head.weight"], state["logit_head.weight"].float())
+
+
+def test_a_checkpoint_trained_on_from_another_names_it(shipped):
+    """`kit pretrain ... model.pretrained_weights=kit:<name>` (training on from a shipped checkpoint): the new
+    provenance records what it started from, with that checkpoint's sha256, command and training; the command
+    line passes the override through."""
+    from kit.cli import _parse_overrides, build_parser
+    from kit.tools.pretrain import _starting_point
+
+    assert _starting_point("imagenet") == {"weights": "imagenet"}
+    assert _starting_point(None) == {"weights": "random"}
+    earlier = start.start_meta("kit:tiny")
+    traced = _starting_point("kit:tiny")
+    assert traced["weights"] == "kit:tiny" and traced["sha256"] == earlier["sha256"] == sha256_file(shipped["weights"])
+    assert traced["command"] == earlier.get("command") and traced["training"] == earlier.get("training")
+    args = build_parser().parse_args(["pretrain", "--epochs", "3", "model.pretrained_weights=kit:cls_lite0_128",
+                                      "optim.lr=0.001"])
+    assert _parse_overrides(args.overrides) == {"model.pretrained_weights": "kit:cls_lite0_128", "optim.lr": 0.001}

@@ -23,17 +23,9 @@ import pytest
 from kit.constants import TARGETS, TRAIN_PREVALENCE
 from kit.evaluate.metrics import score_submission
 from kit.io.rsna import rows_for_studies, split_row_id, studies_to_predict
-from kit.submit.submission import (
-    CLIP,
-    FALLBACK,
-    DicomStudyReader,
-    fallback_probs,
-    predict_studies,
-    split_studies,
-    validate_submission,
-    write_submission,
-    write_submission_parallel,
-)
+from kit.submit.submission import (CLIP, FALLBACK, DicomStudyReader, fallback_probs, predict_studies,
+                                   validate_submission, write_submission)
+from kit.submit.parallel import split_studies, write_submission_parallel
 
 PREFIX = "1.2.826.0.1.3680043."
 

@@ -131,7 +131,7 @@ def test_exclusive_seg_loss_is_softmax_cross_entropy_against_a_zero_background_l
 
 
 def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
-    from kit.submit.infer import load_run
+    from kit.runs import load_run
 
     cfg = tiny_cfg(cache, tmp_path / "runs", **{"train.epochs": 1, "train.channels_last": True,
                                                 "train.exclusive": True})
@@ -150,7 +150,8 @@ def test_channels_last_run_reloads_with_the_same_outputs(cache, tmp_path):
 def test_level_conditioned_segmenter_trains_and_segments(cache, tmp_path):
     """data.level_input: 7 more input channels; validation gives the true ranges; inference needs levels."""
     from kit.io.cache import load_cached
-    from kit.submit.infer import load_run, segment_study
+    from kit.stage1.infer import segment_study
+    from kit.runs import load_run
     from kit.stage1.recipe import true_presence
 
     cache_dir, _, uids = cache
@@ -264,7 +265,7 @@ def test_amp_choice_by_device():
 def test_half_precision_by_gpu_kind(monkeypatch, caplog, capability, name, native):
     """auto (training) and inference autocast: bf16 only where the GPU has it in hardware. torch's own
     is_bf16_supported() says True on a T4 (emulation), which would run Kaggle's GPUs in a slow emulated bf16."""
-    from kit.submit import infer
+    from kit import devices
     from kit.devices import has_native_bf16
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -279,7 +280,7 @@ def test_half_precision_by_gpu_kind(monkeypatch, caplog, capability, name, nativ
     with caplog.at_level("WARNING", logger="kit.train"):
         assert amp_dtype("bf16", gpu) is torch.bfloat16  # forced: kept, with a warning where it is emulated
     assert ("only emulates bfloat16" in caplog.text) is not native
-    assert infer._autocast(gpu, True).fast_dtype is half
+    assert devices.autocast(gpu, True).fast_dtype is half
 
 
 def test_two_process_ddp_on_cpu(cache, tmp_path):
@@ -337,7 +338,8 @@ class Recorder(torch.nn.Module):
 def test_training_validation_and_inference_feed_identical_inputs(cache, tmp_path):
     """The same study and slice through the training dataset (augmentation off), validation and inference."""
     from kit.io.cache import load_cached
-    from kit.submit.infer import load_run, predict_vertebra_probs
+    from kit.stage1.infer import predict_vertebra_probs
+    from kit.runs import load_run
     from kit.stage1.recipe import true_presence
 
     cache_dir, _, uids = cache
@@ -351,7 +353,7 @@ def test_training_validation_and_inference_feed_identical_inputs(cache, tmp_path
     train_ds, held_out = task.build()
     uid = held_out[0]
     # the training dataset over the held-out study itself, augmentation off
-    from kit.data import SegSliceDataset
+    from kit.stage1.data import SegSliceDataset
     ds = SegSliceDataset({uid: task.held_out[uid]}, task.recipe, background_fraction=1.0, augment=None)
     by_z = {ds[i]["z"]: ds[i]["image"] for i in range(len(ds))}
 
@@ -500,7 +502,7 @@ def test_unreadable_cache_files_are_left_out_and_listed(cache, tmp_path, config)
     out with a warning and listed in the fold's skipped_studies.csv; the other held-out study is validated."""
     import shutil
 
-    from kit.data import split_segmentation_studies
+    from kit.stage1.data import split_segmentation_studies
 
     cache_dir, folds_csv, _ = cache
     broken = tmp_path / "cache"

@@ -106,7 +106,7 @@ def test_offline_install_from_the_wheelhouse(tmp_path):
 
     helped = _run([env_dir / "bin" / "kit", "submit", "--help"], env=_clean_env(), cwd=tmp_path).stdout
     assert "--data-root" in helped and "--runs" in helped and "--time-budget" in helped and "--devices" in helped
-    where = _run([python, "-c", "import kit, kit.submit.predictor, kit.submit.infer, dicomsdl, pydicom, pylibjpeg, cv2, "
+    where = _run([python, "-c", "import kit, kit.submit.predictor, dicomsdl, pydicom, pylibjpeg, cv2, "
                   "segmentation_models_pytorch as smp, nibabel; print(kit.__file__); print(smp.__file__); "
                   "print(dicomsdl.__file__)"], env=_clean_env(), cwd=tmp_path).stdout.split()
     assert all(str(path).startswith(str(site)) for path in where), where

@@ -7,7 +7,7 @@ harder than it rewards skill. Fitted on the OOF predictions (what each fold's mo
 saw), the map keeps what ranks well and shrinks what does not towards the weighted prevalence: a model with no
 skill (a ~ 0) then predicts about the prevalence instead of its own noise. The fit is stored beside the folds as
 `<run>/calibration.json` (`kit calibrate`, notebook 04, `kit.tools.demo`), and inference applies it to that run's fold mean
-(`kit.submit.infer.classify_study`); `kit export` carries it. Judge it by `cross_fitted` (each fold calibrated by a fit on
+(`kit.stage2.infer.classify_study`); `kit export` carries it. Judge it by `cross_fitted` (each fold calibrated by a fit on
 the other folds), never by the in-sample fit.
 """
 
@@ -62,7 +62,7 @@ def row_weights(truth: np.ndarray) -> np.ndarray:
 
 def fit_calibration(oof: pd.DataFrame, ridge: float = 1.0) -> dict:
     """{target: {"a", "b"}} for every target, from an OOF table with TARGETS and `<target>_true` columns
-    (`kit.evaluate.report.load_oof`), each cell weighted as the row-normalised metric weighs it (`row_weights`). Rows with
+    (`kit.evaluate.oof.load_oof`), each cell weighted as the row-normalised metric weighs it (`row_weights`). Rows with
     a NaN prediction are left out of that target's fit."""
     out = {}
     truth = oof[[f"{t}_true" for t in TARGETS]].to_numpy(dtype=float)
@@ -132,7 +132,7 @@ def calibrate_run(run_dir: PathLike, ridge: float = 1.0, labels=None, only_if_be
         studies; None with a single fold), `targets` (the fit).
     """
     from .metrics import competition_score
-    from .report import load_oof
+    from .oof import load_oof
 
     oof = load_oof(run_dir, labels=labels)
     truth = oof[[f"{t}_true" for t in TARGETS]].to_numpy()

@@ -11,7 +11,7 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 
 from ..constants import TARGETS, VERTEBRAE, WINDOWS
-from ..stage2.crops import file_numbers
+from ..stage2.targets import file_numbers
 
 
 def label_prevalence(train: pd.DataFrame) -> pd.DataFrame:
@@ -145,9 +145,8 @@ def study_table(root, split: str = "train", *, max_studies: int | None = None) -
     """
     from pathlib import Path
 
-    from ..progress import progress_bar
-
     from ..io.dicom import scan_series
+    from ..progress import progress_bar
 
     folders = sorted(p for p in (Path(root) / f"{split}_images").iterdir() if p.is_dir())[:max_studies]
     rows = []
@@ -272,7 +271,7 @@ def plot_fracture_mix(fractures: pd.DataFrame, lookalikes: pd.DataFrame | None =
 
     Args:
         fractures: the generator's answer table (`kit.synthetic.load_answers(dir)["fractures"]` or
-            `kit.evaluate.report.read_answers`): one row per fracture with `kind`, `subtlety`, `vertebra`.
+            `kit.synthetic.score.read_answers`): one row per fracture with `kind`, `subtlety`, `vertebra`.
         lookalikes: its look-alike table (`kind` per row); None or empty: that panel says so.
     """
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
@@ -301,7 +300,7 @@ def plot_crop_gallery(crops: dict, channel_names: list[str], *, title: str = "")
     Each vertebra shows the sampled slice with a fracture target when it has one (else its middle slice).
 
     Args:
-        crops: `kit.stage2.crops.load_crops` output (`crops` uint8 (7, T, C, S, S), `found`, `positions`,
+        crops: `kit.stage2.store.load_crops` output (`crops` uint8 (7, T, C, S, S), `found`, `positions`,
             `slice_targets`).
         channel_names: the C channel names (`kit.stage2.crops.stack_channel_names`); the image shown is the first
             window's centre slice ("<window>+0"), the mask the "mask" channel when there is one.

@@ -1,6 +1,6 @@
 """Why did the classifier say so: attention over the sampled slices and a Grad-CAM saliency per slice.
 
-For one study's cached crops (`kit.stage2.crops.load_crops`) and one fold of a classifier run (`kit.submit.infer.load_run`):
+For one study's cached crops (`kit.stage2.store.load_crops`) and one fold of a classifier run (`kit.runs.load_run`):
 
 - attention: the model's own pooling weights over the T sampled slices of each vertebra (they sum to 1), with
   each slice's logit (`kit.models.classifier`: `attention`, `slice_logits`);
@@ -12,7 +12,7 @@ For one study's cached crops (`kit.stage2.crops.load_crops`) and one fold of a c
   The map is as coarse as the backbone's last stage: S / 32 for most timm CNNs (2 x 2 on the demo's 64 px crops,
   7 x 7 at 224 px); all 0 when no channel of it raises the logit (e.g. a model that has not learnt yet);
 - the true fracture boxes: `train_bounding_boxes.csv` rows matched to the sampled slices by InstanceNumber
-  (`kit.stage2.crops.match_boxes_to_slices`, as `kit crops` does) and mapped from original pixels into crop pixels
+  (`kit.stage2.targets.match_boxes_to_slices`, as `kit crops` does) and mapped from original pixels into crop pixels
   through the crop box the cache stores (`crop_boxes`; `box_to_crop`).
 
     explanations = explain_study("runs/demo_cls", None, uid)        # every vertebra found, the held-out fold
@@ -41,8 +41,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ..constants import VERTEBRAE
-from ..stage2.crops import load_crops, match_boxes_to_slices, stack_channel_names
-from ..data import stack_input
+from ..stage2.crops import stack_channel_names
+from ..stage2.data import stack_input
+from ..stage2.store import load_crops
+from ..stage2.targets import match_boxes_to_slices
 from .metrics import targets_from_vertebrae
 
 log = logging.getLogger("kit.evaluate.explain")
@@ -203,7 +205,7 @@ def _held_out_fold(run_dir: Path, uid: str) -> int | None:
 
 def _choose_model(run, uid: str, fold: int | None, device: str | torch.device):
     """(LoadedModel, held_out) for `run` (a run folder, a `load_run` list or one LoadedModel) and `fold`."""
-    from ..submit.infer import LoadedModel, load_run
+    from ..runs import LoadedModel, load_run
 
     if isinstance(run, (str, os.PathLike)):
         run_dir = Path(run)
@@ -217,7 +219,7 @@ def _choose_model(run, uid: str, fold: int | None, device: str | torch.device):
         return models[0], held is not None and models[0].fold == held
     models = [run] if isinstance(run, LoadedModel) else list(run)
     if not models:
-        raise ValueError("run holds no model: pass a run folder or kit.submit.infer.load_run(...) output")
+        raise ValueError("run holds no model: pass a run folder or kit.runs.load_run(...) output")
     held = _held_out_fold(models[0].path.parent.parent, uid)
     wanted = fold if fold is not None else held
     if wanted is not None:
@@ -314,13 +316,13 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
                   boxes: pd.DataFrame | None = None) -> list[VertebraExplanation]:
     """Attention, slice logits and Grad-CAM saliency of one classifier fold on one study's cached crops.
 
-    The crops go in as training and validation give them (`kit.data.stack_input`, slices head to feet, no
+    The crops go in as training and validation give them (`kit.stage2.data.stack_input`, slices head to feet, no
     augmentation): a per-vertebra model (`cls_gru`) gets the asked vertebrae as one batch, a per-study model
     (`cls_patient_gru`) the whole study with the vertebrae found. One forward and one backward pass give every
     asked vertebra's explanation (see the module docstring for the saliency).
 
     Args:
-        run: a classifier run folder (`runs/<config name>`), `kit.submit.infer.load_run` output, or one LoadedModel.
+        run: a classifier run folder (`runs/<config name>`), `kit.runs.load_run` output, or one LoadedModel.
         crop_dir: the crop cache (`kit crops`); None: the run's `data.crop_dir`.
         uid: the study.
         vertebrae: names ("C1".."C7") to explain; None: every vertebra found.

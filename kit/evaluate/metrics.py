@@ -19,7 +19,14 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from ..constants import LOGLOSS_EPS, NEGATIVE_WEIGHTS, POSITIVE_WEIGHTS, PROB_CLIP, TARGETS, VERTEBRAE
+from ..constants import (
+    LOGLOSS_EPS,
+    NEGATIVE_WEIGHTS,
+    POSITIVE_WEIGHTS,
+    PROB_CLIP,
+    TARGETS,
+    VERTEBRAE,
+)
 
 UID = "StudyInstanceUID"
 NORMALISE = ("row", "global")

@@ -10,7 +10,7 @@ resumes where it stopped. Contents:
 - `positions` float32 (Z, 3) ImagePositionPatient; `instance_numbers` int32 (Z,).
 
 `prepare_arrays` is the one preprocessing function: `kit prepare` caches its output and inference
-(`kit.submit.infer.segment_study`, `load_prepared`) computes the same from new studies.
+(`kit.stage1.infer.segment_study`, `load_prepared`) computes the same from new studies.
 
 `manifest.csv` keeps one row per prepared study and `failures.csv` the studies that could not be read, or
 whose segmentation could not be used (the image is cached all the same), with the reason. numpy / pandas

@@ -7,6 +7,8 @@ the target with `os.replace`, which is atomic on POSIX and Windows. Standard lib
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,3 +39,8 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
 def write_csv_atomic(df: "pandas.DataFrame", path: PathLike) -> Path:
     """`df.to_csv(path, index=False)`, written atomically."""
     return replace_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+# what opening or reading a cached .npz raises when the file is missing, empty, truncated or not an npz, or a member's
+# compressed stream is damaged (zlib.error is none of the others: found by fuzzing the files)
+NPZ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)

@@ -131,7 +131,7 @@ class VertebraClassifier(nn.Module):
             some levels (C2, C7) than others (C3), and a crop alone says little about its level. Zeros at
             first; `kit.tasks.ClsTask.init_model` starts them at the training folds' prevalence.
         input_mean: per-channel mean subtracted from every slice before the CNN, in_channels values; None (with
-            input_std) leaves the input as it is. `kit.config.ClsConfig.model_spec` sets it for ImageNet
+            input_std) leaves the input as it is. `kit.stage2.config.ClsConfig.model_spec` sets it for ImageNet
             weights: the weights' RGB statistics repeated over the image channels, and 0 for the mask channel
             (mean 0, std 1: the mask stays 0/1; `kit.models.imagenet_input_scaling`).
         input_std: per-channel divisor, in_channels positive values, or None.

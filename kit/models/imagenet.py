@@ -10,7 +10,7 @@ dict in a cache folder:
     timm.create_model("tf_efficientnet_lite0").load_state_dict(torch.load(path))   # strict: every tensor
     mean, std = imagenet_input_scaling("tf_efficientnet_lite0")   # (0.5,) * 3, (0.5,) * 3: x in [0, 1]
 
-Input scaling. The models take inputs in [0, 1] (`kit.stage1.recipe.scale`, `kit.data.stack_input`) and scale them
+Input scaling. The models take inputs in [0, 1] (`kit.stage1.recipe.scale`, `kit.stage2.data.stack_input`) and scale them
 themselves (`InputNorm`, from their `input_mean` / `input_std` arguments), so a checkpoint, whose saved kwargs
 hold the scaling, scales alike at inference, where `pretrained_weights` is None. `kit.config`'s `model_spec`
 fills those arguments from `pretrained_weights: imagenet` (`imagenet_input_scaling`).

@@ -6,7 +6,7 @@ then sometimes learns two neighbouring levels as one (C3 with C4, C5 with C6). T
 study at low resolution and coarse slice spacing: a small CNN embeds each slice (with its two neighbours
 as channels), a bidirectional GRU runs over the slices from head to feet, and a linear head gives, per
 slice, a logit for each of C1..C7 being present. A level-conditioned segmenter (`data.level_input`) takes
-these as 7 input planes; for one without them `kit.submit.infer.fuse_levels` multiplies them into its per-pixel
+these as 7 input planes; for one without them `kit.stage1.infer.fuse_levels` multiplies them into its per-pixel
 odds. Either way the segmenter draws the outlines and this model names the level.
 """
 
@@ -31,7 +31,7 @@ class LevelNet(nn.Module):
         pretrained_weights: local state dict of the timm backbone or of a whole LevelNet; or "imagenet": the
             encoder's packaged ImageNet weights (`kit.models.imagenet`), which need `input_mean` / `input_std`.
         input_mean: per-channel mean subtracted from every slice, in_channels values; None (with input_std)
-            leaves the input as it is. `kit.config.LevelConfig.model_spec` sets it for ImageNet weights (the
+            leaves the input as it is. `kit.stage1.config.LevelConfig.model_spec` sets it for ImageNet weights (the
             weights' RGB statistics repeated over the channels, `kit.models.imagenet_input_scaling`).
         input_std: per-channel divisor, in_channels positive values, or None.
     """
@@ -88,7 +88,7 @@ class LevelNet(nn.Module):
 def level_presence_probs(model: nn.Module, x: torch.Tensor, tta_flip: bool) -> torch.Tensor:
     """Per-step presence probabilities of a level model on unpadded studies x (B, T, C, H, W) -> (B, T, classes),
     float32: the sigmoid of its logits, with `tta_flip` the mean of that and of the left-right mirrored input's.
-    Validation (`kit.tasks.LevelTask`) and inference (`kit.submit.infer.predict_levels`) both call this."""
+    Validation (`kit.tasks.LevelTask`) and inference (`kit.stage1.infer.predict_levels`) both call this."""
     probs = torch.sigmoid(model(x).float())
     if tta_flip:
         probs = (probs + torch.sigmoid(model(x.flip(-1)).float())) / 2

@@ -47,7 +47,7 @@ class Segmenter(nn.Module):
             the packaged ImageNet weights of a `tu-` encoder (`kit.models.imagenet`), which need
             `input_mean` / `input_std`.
         input_mean: per-channel mean subtracted from the input, in_channels values; None (with input_std)
-            leaves the input as it is. `kit.config.SegConfig.model_spec` sets it for ImageNet weights: the
+            leaves the input as it is. `kit.stage1.config.SegConfig.model_spec` sets it for ImageNet weights: the
             weights' RGB statistics repeated over the slices, 0 for the level planes
             (`kit.models.imagenet_input_scaling`).
         input_std: per-channel divisor of the input, in_channels positive values, or None.

@@ -1,6 +1,6 @@
 """THE input recipe of stage 1: which slices a model sees, at what size and scale, with which level planes.
 
-Training (`kit.data` datasets), validation (`kit.tasks`) and inference (`kit.submit.infer`) build every model input
+Training (`kit.data` datasets), validation (`kit.tasks`) and inference (`kit.stage1.infer`) build every model input
 by calling a recipe made from the typed config, and nothing else, so the three cannot drift apart:
 
     recipe = SegRecipe.from_config(cfg.data)
@@ -13,7 +13,7 @@ by calling a recipe made from the typed config, and nothing else, so the three c
 - **Scale**: uint8 / 255 in float32.
 - **Level planes** (a level-conditioned segmenter): 7 constant planes, each slice's presence of C1..C7. The
   presence (7, Z) comes from the true labels in training and validation (`true_presence`) and from the level
-  model at inference (`kit.submit.infer.predict_levels`); `SegRecipe.planes` treats both alike: widened along z by
+  model at inference (`kit.stage1.infer.predict_levels`); `SegRecipe.planes` treats both alike: widened along z by
   `level_margin_mm` at each end, then smoothed by a box `level_ramp_mm` wide centred on each slice, so a step
   becomes a linear ramp centred on the vertebra's end. Training also moves each end by up to
   `level_jitter_mm` and scales each vertebra by 0.8-1 (`rng`).
@@ -32,9 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ..constants import VERTEBRAE
-
-N_VERTEBRAE = len(VERTEBRAE)
+from ..constants import N_VERTEBRAE
 
 
 def round_half_up(x: float) -> int:
@@ -92,7 +90,7 @@ def level_presence(labels: np.ndarray) -> np.ndarray:
 
 
 def true_presence(labels: np.ndarray) -> np.ndarray:
-    """float32 (7, Z): 1 where slice z shows C1..C7, in the shape of `kit.submit.infer.predict_levels`' output: what a
+    """float32 (7, Z): 1 where slice z shows C1..C7, in the shape of `kit.stage1.infer.predict_levels`' output: what a
     perfect level model would give."""
     return np.ascontiguousarray(level_presence(labels).T)
 
@@ -185,7 +183,7 @@ class SegRecipe:
 
     @classmethod
     def from_config(cls, data) -> SegRecipe:
-        """From a `kit.config.DataConfig` (a run's typed config section)."""
+        """From a `kit.sections.DataConfig` (a run's typed config section)."""
         return cls(tuple(float(v) for v in data.slice_offsets_mm), int(data.image_size), bool(data.level_input),
                    float(data.level_margin_mm), float(data.level_ramp_mm), float(data.level_jitter_mm))
 
@@ -271,7 +269,7 @@ class LevelRecipe:
 
     @classmethod
     def from_config(cls, data) -> LevelRecipe:
-        """From a `kit.config.LevelDataConfig`."""
+        """From a `kit.stage1.config.LevelDataConfig`."""
         return cls(float(data.slice_mm), int(data.neighbours), int(data.image_size), bool(data.tta_flip))
 
     @property

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..constants import VERTEBRAE
-from ..stage2.crops import VertebraExtent
+from .postprocess import VertebraExtent
 
 PathLike = str | os.PathLike
 
@@ -37,7 +37,7 @@ class SegResult:
         orig_hw: (H, W) of the original slices; `scale` maps prepared pixels to original ones.
         instance_numbers: (Z,) DICOM InstanceNumber of each slice, when known.
         spacing: (dz, dy, dx) mm in the prepared scale, when known.
-        probs: uint8 (7, Z, S, S) ensemble probabilities in steps of 1/255 (`kit.submit.infer.probs_to_float`), only with
+        probs: uint8 (7, Z, S, S) ensemble probabilities in steps of 1/255 (`kit.stage1.infer.probs_to_float`), only with
             `keep_probs=True`.
     """
 

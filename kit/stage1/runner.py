@@ -21,7 +21,8 @@ import torch
 from ..progress import progress_bar
 
 from ..io.cache import load_prepared, merge_csv
-from ..submit.infer import load_run, segment_study
+from .infer import segment_study
+from ..runs import load_run
 from .results import save_seg_result
 
 log = logging.getLogger("kit.stage1.runner")
@@ -90,7 +91,7 @@ def segment_studies(
         out_dir: where `<uid>.npz` / `<uid>.json` and the CSVs go.
         split: "train" or "test".
         uids: restrict to these studies (default: all in the split).
-        batch_size: slices per forward pass (default `kit.submit.infer.stage1_batch_size`).
+        batch_size: slices per forward pass (default `kit.stage1.infer.stage1_batch_size`).
         device: default CUDA when available, else CPU.
         amp: autocast on CUDA (default on there).
         threshold: clean-up probability threshold.

@@ -21,19 +21,19 @@ Cache format (`<crop_dir>/`; the contract with the classifier's dataset):
   `kit.stage2.crops.stack_channel_names` ((2n+1) slices per window of `data.windows`, then the mask, 0 / 255, with
   `data.with_mask`), all zeros for a vertebra not found; `found` bool (7,); `positions` int32 (7, T) slice
   index into the sorted series (head first) of each sampled slice, -1 when not found; `slice_targets` float32
-  (7, T) 1 / 0 per sampled slice from the fracture boxes (`kit.stage2.crops.vertebra_targets`), NaN everywhere when
+  (7, T) 1 / 0 per sampled slice from the fracture boxes (`kit.stage2.targets.vertebra_targets`), NaN everywhere when
   no box row of the study matched a slice (unknown, not negative); `instance_numbers` int32 (Z,),
   `spacing` float32 (dz, dy, dx) mm and `orig_hw` int32 (H, W) of the original series; `crop_boxes` int32 (7, 4)
   the in-plane box (y0, y1, x0, x1) each vertebra's crop was cut from, in original pixels, half-open, not clipped
   to the image (`kit.stage2.crops.crop_box_original`), zeros for a vertebra not found: it maps original-grid positions
   (e.g. the fracture boxes) into crop pixels, `(x - x0) * S / (x1 - x0)` (`kit.evaluate.explain`). Caches written before
-  it lack it.; `slice_numbers` int32 (Z,) each slice's file-name number (`kit.stage2.crops.file_numbers`), what the
+  it lack it.; `slice_numbers` int32 (Z,) each slice's file-name number (`kit.stage2.targets.file_numbers`), what the
   boxes' `slice_number` means (older caches lack it: their InstanceNumbers stand in).
 - `manifest.csv`: one row per study built: StudyInstanceUID, split, found ("C1 C2 ..."), missing
   ("C3: not found by the segmenter; ..."), mask_source, n_boxes, unmatched_boxes, seconds.
 - `failures.csv`: StudyInstanceUID, error (studies that could not be read, segmented or cropped).
 - `unmatched_boxes.csv`: every box row that gives no target, with its reason: it matched no slice
-  (`kit.stage2.crops.match_boxes_to_slices`), or its slice shows no vertebra under it.
+  (`kit.stage2.targets.match_boxes_to_slices`), or its slice shows no vertebra under it.
 
 Labels are not in the cache: the dataset joins `train.csv` by StudyInstanceUID. This module imports torch only
 inside `build_crops` when stage-1 runs are used, so its reader runs in a light spawned worker.
@@ -55,10 +55,10 @@ from ..progress import progress_bar
 
 from ..io.cache import merge_csv, prepare_arrays, record_failures, unfinished
 from ..constants import VERTEBRAE
-from .crops import (CROP_KEYS, assign_boxes_to_vertebrae, crop_box_original, crop_file_arrays,  # noqa: F401
-                    crop_path, crop_study, file_numbers, grid_scale, load_crops, match_boxes_to_slices,
-                    slice_positions,
-                    vertebra_extents, vertebra_targets)
+from .crops import crop_box_original, crop_study, grid_scale, slice_positions
+from .store import crop_file_arrays, crop_path
+from .targets import assign_boxes_to_vertebrae, file_numbers, match_boxes_to_slices, vertebra_targets
+from ..stage1.postprocess import vertebra_extents
 from ..io.dicom import read_mask, read_series, resize_slices
 from ..io.rsna import listed_without_folder, segmentation_path
 
@@ -115,7 +115,7 @@ def study_targets(boxes: pd.DataFrame, slice_numbers: np.ndarray, extents: dict,
 
     The rules:
     - a study labelled 0 throughout (`label` all 0): every slice is a known negative (0);
-    - a study with box rows that match slices: the boxes' targets (`kit.stage2.crops.vertebra_targets`), then each
+    - a study with box rows that match slices: the boxes' targets (`kit.stage2.targets.vertebra_targets`), then each
       vertebra checked against its label; where they disagree (a vertebra labelled 0 with boxed slices: the box
       lies on it but belongs to a neighbour; a found vertebra labelled 1 with no boxed slice: its box landed on a
       neighbour or on no mask) that vertebra's slices are unknown (NaN) and the conflict is listed;
@@ -124,7 +124,7 @@ def study_targets(boxes: pd.DataFrame, slice_numbers: np.ndarray, extents: dict,
     Args:
         boxes: the study's `train_bounding_boxes.csv` rows (x, y, width, height, slice_number).
         slice_numbers: (Z,) of the sorted series: each slice's file-name number, what `slice_number` means
-            (`kit.stage2.crops.file_numbers`).
+            (`kit.stage2.targets.file_numbers`).
         extents: {"C1": VertebraExtent, ...} on the prepared grid of `labels`.
         labels: (Z, s, s) prepared-grid labels.
         scale: (sy, sx) original pixels per prepared pixel.
@@ -210,7 +210,7 @@ def choose_models(uid: str, split: str, fold_of: dict[str, int], segmented: bool
 
 def _load_runs(cfg, device) -> list[list]:
     """`load_run` of every run in `data.seg_runs`, each fold once."""
-    from ..submit.infer import load_run
+    from ..runs import load_run
 
     runs = [load_run(run, device=device) for run in cfg.data.seg_runs]
     segmenters = [m for run in runs for m in run if m.provides == "vertebra_probs"]
@@ -223,7 +223,7 @@ def _fold_table(cfg, runs: Sequence[Sequence]) -> dict[str, int]:
     """{uid: fold} of the classifier's folds table, checked against the split each stage-1 run trained on: the
     studies each of its folds held out (its `fold<k>/oof.csv`), and its folds table (`data.folds_csv`, or the
     default table its `n_folds` and `folds_seed` name when that is unset)."""
-    from ..io.rsna import default_folds_path, folds_for, load_folds
+    from ..io.folds import default_folds_path, folds_for, load_folds
 
     d = cfg.data
     folds = folds_for(d.data_root, path=d.folds_csv, n_folds=d.n_folds, seed=d.folds_seed)
@@ -312,7 +312,7 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
         labels, dropped, mask_source = study["truth"], {}, "truth"
         extents = vertebra_extents(labels)
     else:
-        from ..submit.infer import segment_study
+        from ..stage1.infer import segment_study
 
         result = segment_study({**study["prepared"], "uid": uid}, models, uid=uid, device=device)
         labels, extents, dropped = result.labels, result.extents, result.dropped

@@ -1,4 +1,4 @@
-"""The submission predictor: trained runs -> `kit.submit.infer.predict_study` per study -> `kit.submit.submission`'s writer.
+"""The submission predictor: trained runs -> `predict_study` per study -> `kit.submit.submission`'s writer.
 
 - `load_runs(paths, device)`: RUN folders as `kit submit --runs` takes them: `runs/<config name>` (all its
   trained folds), one `runs/<config name>/fold<k>` folder, or the runs of a `kit export` folder (`export/*`:
@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..runs import flatten_models
+from ..stage1.infer import segment_study
+from ..stage2.infer import classify_study
 from .export import is_manifest, resolve_run, verify_run
 
 log = logging.getLogger("kit.submit.predictor")
@@ -51,13 +56,13 @@ def resolve_runs(paths: Sequence[PathLike]) -> list[tuple[Path, list[int]]]:
 
 
 def load_runs(paths: Sequence[PathLike], device: str = "cpu") -> list[list]:
-    """Load RUN folders (`resolve_runs`) with `kit.submit.infer.load_run`: one list of fold models per run.
+    """Load RUN folders (`resolve_runs`) with `kit.runs.load_run`: one list of fold models per run.
 
     Raises:
         FileNotFoundError, kit.submit.export.ChecksumError: as `resolve_runs`.
         RuntimeError: a checkpoint cannot be rebuilt (`load_run`).
     """
-    from .infer import load_run
+    from ..runs import load_run
 
     return [load_run(run_dir, folds=folds, device=device) for run_dir, folds in resolve_runs(paths)]
 
@@ -74,7 +79,7 @@ def _stages(runs: list[list]) -> dict[str, list[str]]:
 class StudyPredictor:
     """The writer's predictor: `predictor(uid, series)` -> `kit.submit.submission.Prediction`: (8,) probabilities in
     TARGETS order and a log note naming the vertebrae stage 1 did not find. Options as
-    `kit.submit.infer.predict_study`."""
+    `kit.submit.predictor.predict_study`."""
 
     runs: list
     mean: str = "prob"
@@ -84,7 +89,7 @@ class StudyPredictor:
     amp: bool | None = None
 
     def __call__(self, uid: str, study):
-        from .infer import predict_study
+        from .predictor import predict_study
         from .submission import Prediction
 
         result = predict_study(study, self.runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip,
@@ -102,7 +107,7 @@ class PredictorFactory:
 
     Attributes:
         runs: RUN folders (`resolve_runs`).
-        mean, weights, tta_flip, amp: as `kit.submit.infer.predict_study`.
+        mean, weights, tta_flip, amp: as `kit.submit.predictor.predict_study`.
         threads: torch CPU threads in the process that builds the predictor (None: torch's default); several
             CPU workers on one machine should share the cores.
     """
@@ -143,8 +148,8 @@ def _check_stages(paths: Sequence[PathLike]) -> None:
     segmenter, or a broken `calibration.json`), reading each run's config and calibration only."""
     import yaml
 
-    from ..evaluate.calibration import read_calibration
     from ..config import config_from_dict
+    from ..evaluate.calibration import read_calibration
 
     provides = set()
     for run_dir, folds in resolve_runs(paths):
@@ -210,7 +215,7 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
             remaining studies get fallbacks, and a study still read or predicted at the deadline is cut off (its
             worker processes stopped) so that the files are written on time (`kit.submit.submission`).
         devices: one worker per entry (`["cuda:0", "cuda:1"]`); default `default_devices()`.
-        mean, weights, tta_flip, amp: as `kit.submit.infer.predict_study`.
+        mean, weights, tta_flip, amp: as `kit.submit.predictor.predict_study`.
         prefetch: read the next study in a separate process while this one is predicted (off: in this process,
             where a native decoder crashing on a corrupt file would end the run; on, that study gets fallbacks).
         progress: progress bar and the writer's one-line summary.
@@ -221,7 +226,7 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
         `devices`).
     """
     from ..io.rsna import studies_to_predict
-    from .submission import write_submission_parallel
+    from .parallel import write_submission_parallel
 
     root = Path(data_root)
     paths = tuple(str(p) for p in ([runs] if isinstance(runs, (str, os.PathLike)) else runs))
@@ -238,3 +243,74 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
     return write_submission_parallel(uids, factory, devices, out, sample_submission=sample if sample.is_file()
                                      else None, images_dir=root / "test_images", time_budget=time_budget,
                                      prefetch=prefetch, progress=progress, fallback=run_fallback(paths))
+
+
+def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bool = False,
+                  device: str | torch.device | None = None, amp: bool | None = None, seg=None,
+                  threshold: float = 0.5, batch_size: int | None = None, uid: str | None = None) -> dict:
+    """One study, DICOM in, the competition's 8 probabilities out.
+
+    One DICOM read (`kit.io.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is
+    `kit.io.cache.prepare_arrays(series, size, window)` at the segmenters' size and window (what `kit prepare`
+    caches for training), segmented by the stage-1 runs (`segment_study`: segmenters, level models fused in);
+    stage 2 crops the full-resolution `series.hu` (`classify_study`).
+
+    A vertebra not found is worth its training prevalence, in its own value and in patient_overall, exactly as
+    in validation (`kit.evaluate.metrics.fill_missing_vertebrae`). patient_overall comes from the patient head of a
+    classifier that has one (`cls_patient_gru`), else from the vertebrae (`kit.evaluate.metrics.targets_from_vertebrae`).
+
+    Args:
+        study: a study folder of DICOM files, or a `kit.io.dicom.Series` already read.
+        runs: `load_run` outputs (stage 1 and stage 2 together, nested lists allowed) or run folders; each
+            model's stage is its config's `provides`: "vertebra_probs" (segmenter), "levels" (level model),
+            "fractures" (classifier). Any number of folds and runs per stage.
+        mean: how the classifier ensemble (folds, runs, flip views) is averaged: "prob" or "logit". Stage 1
+            averages probabilities (`segment_study`).
+        weights: classifier run weights (`classify_study`).
+        tta_flip: left-right flip TTA for the classifier.
+        device: where the models run (default: where they are).
+        amp: autocast on CUDA (default: on there; always off on CPU).
+        seg: a stage-1 result to use instead of running the stage-1 models (e.g. from the ground truth).
+        threshold: stage 1's clean-up threshold.
+        batch_size: stage-1 slices per forward pass (default `stage1_batch_size`).
+        uid: study name (default: the series').
+
+    Returns:
+        `uid`; `probs` float64 (8,) in TARGETS order; `found` bool (7,);
+        `missing` {name: why}; `patient_source`; `models` and `runs` (per-model and per-run probabilities);
+        `seg` (the `SegResult`); `timing` seconds (`read_s`, `segment_s`, `crop_s`, `classify_s`, `total_s`).
+
+    Raises:
+        ValueError: no classifier, or no segmenter and no `seg`; bad `mean` or `weights`.
+        SegmentationError, ClassificationError: a model produced NaN.
+        kit.io.dicom.DicomError: the folder cannot be read.
+    """
+    from ..io.cache import prepare_arrays
+    from ..io.dicom import read_series
+
+    start = time.perf_counter()
+    series = study if hasattr(study, "hu") else read_series(study)
+    uid = uid or getattr(series, "uid", None)
+    t_read = time.perf_counter()
+    models = flatten_models(runs)
+    unknown = sorted({m.provides for m in models} - {"vertebra_probs", "levels", "fractures"})
+    if unknown:
+        raise ValueError(f"models that provide {unknown}: predict_study uses segmenters (vertebra_probs), level "
+                         "models (levels) and classifiers (fractures)")
+    stage1 = [m for m in models if m.provides in ("vertebra_probs", "levels")]
+    classifiers = [m for m in models if m.provides == "fractures"]
+    if not classifiers:
+        raise ValueError("no classifier run among the runs given (a run whose config provides 'fractures')")
+    if seg is None:
+        segmenters = [m for m in stage1 if m.provides == "vertebra_probs"]
+        if not segmenters:
+            raise ValueError("no segmenter run among the runs given, and no seg= result to use instead")
+        prepared = prepare_arrays(series, segmenters[0].image_size, segmenters[0].window)
+        seg = segment_study({**prepared, "uid": uid}, stage1, batch_size=batch_size, device=device, amp=amp,
+                            threshold=threshold, uid=uid)
+    t_seg = time.perf_counter()
+    result = classify_study(series.hu, seg, classifiers, dz=float(series.spacing[0]), mean=mean, weights=weights,
+                            tta_flip=tta_flip, device=device, amp=amp, uid=uid)
+    timing = {"read_s": round(t_read - start, 4), "segment_s": round(t_seg - t_read, 4), **result.pop("timing"),
+              "total_s": round(time.perf_counter() - start, 4)}
+    return {"uid": uid, **result, "seg": seg, "timing": timing}

@@ -115,7 +115,7 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
               slice_counts: tuple[int, ...] = (64, 128, 256), device: str | None = None, *,
               batch_size: int | None = None, repeats: int = 1, seed: int = 0,
               level_config: str = "demo_level") -> dict:
-    """Slices/s of `kit.submit.infer.segment_study` per segmenter config, and how it scales with slice count.
+    """Slices/s of `kit.stage1.infer.segment_study` per segmenter config, and how it scales with slice count.
 
     Each config's model is built by `create_model` with its kwargs from the config (as `kit.train` records
     them; channels-last when `train.channels_last`, as `load_run` does) and randomly initialised weights: the
@@ -144,7 +144,8 @@ def bench_seg(config_names: tuple[str, ...] = ("demo_seg", "seg_unet_effb3_384")
     from ..config import load_config
     from ..constants import WINDOWS
     from ..io.dicom import window
-    from ..submit.infer import LoadedModel, segment_study
+    from ..stage1.infer import segment_study
+    from ..runs import LoadedModel
     from ..models import create_model
     from ..synthetic import make_study
 

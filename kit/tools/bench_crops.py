@@ -5,8 +5,8 @@ Three figures measured side by side in one run, per classifier config:
 - building the crop cache (`kit.stage2.crop_cache.build_crops`, what `kit crops` runs: DICOM read in a prefetch worker,
   crops cut from the original grid, npz written) in studies/s, on synthetic studies with ground-truth masks
   (`data.true_masks`), so no trained segmenter is needed;
-- loading the cached crops, in vertebra stacks/s (T x C x S x S each, e.g. 15 x 6 x 224^2): `kit.stage2.crops.load_crops`
-  alone, and the classifier's dataset (`kit.data.CropDataset`, per vertebra, with the config's augmentation) both
+- loading the cached crops, in vertebra stacks/s (T x C x S x S each, e.g. 15 x 6 x 224^2): `kit.stage2.store.load_crops`
+  alone, and the classifier's dataset (`kit.stage2.data.CropDataset`, per vertebra, with the config's augmentation) both
   reading each sample's own vertebra stack from its study's file and holding the cache in memory;
 - the classifier's forward + backward pass (randomly initialised model from the config, BCE on the vertebra
   logit) in stacks/s.
@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..constants import TARGETS, VERTEBRAE
@@ -77,8 +76,8 @@ def _best_rate(fn, n: int, repeats: int) -> float:
 
 def _loading_rates(cfg, uids: list[str], labels: pd.DataFrame, repeats: int) -> tuple[dict[str, float], tuple]:
     """Stacks/s of the three ways the classifier's stacks are loaded; and the shape of one stack."""
-    from ..stage2.crops import load_crops
-    from ..data import CropDataset
+    from ..stage2.store import load_crops
+    from ..stage2.data import CropDataset
 
     d = cfg.data
     crop_dir = d.crop_dir
@@ -103,13 +102,13 @@ def training_rate(cfg, *, batch_size: int, device: str = "cpu", repeats: int = 2
     """Stacks/s of the classifier's forward + backward pass, randomly initialised from `cfg` (`model_spec`).
 
     Input: random uint8 (B, T, C, S, S) stacks at the config's crop shape, all slices real, made float by
-    `kit.data.stack_input` with an intensity change in the step, as training does; loss: BCE on the vertebra logit
+    `kit.stage2.data.stack_input` with an intensity change in the step, as training does; loss: BCE on the vertebra logit
     plus the slice logits (as training's slice loss), then `backward()`; the optimizer step is not timed. One
     untimed warm-up pass first; the best of `repeats` passes counts.
     """
     import torch
 
-    from ..data import stack_input
+    from ..stage2.data import stack_input
     from ..models import create_model
 
     torch.manual_seed(seed)
@@ -229,6 +228,6 @@ def _print_table(rows: list[dict], device: str, threads: int, load: float, n_stu
               f"{r['load_crops_stacks_per_s']:>10.1f} {r['dataset_files_stacks_per_s']:>9.1f} "
               f"{r['dataset_memory_stacks_per_s']:>9.1f} {r['train_stacks_per_s']:>7.2f} {r['batch_size']:>5} "
               f"{r['files_vs_train']:>11.2f} {r['memory_vs_train']:>9.2f}")
-    print("ds = kit.data.CropDataset per vertebra with the config's augmentation (files: each sample decompresses its "
+    print("ds = kit.stage2.data.CropDataset per vertebra with the config's augmentation (files: each sample decompresses its "
           "own stack from its study's npz; memory: the cache held in memory); train = forward + backward. A ratio "
           ">= 1: one loading process keeps up with training.")

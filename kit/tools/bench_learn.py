@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 from ..constants import PROB_CLIP, TARGETS, VERTEBRAE
+from ..evaluate.bootstrap import LEVEL, N_BOOT, bootstrap_auc, bootstrap_mean
 
 log = logging.getLogger("kit.tools.bench_learn")
 
@@ -126,110 +127,11 @@ N_TRAIN, N_FOLDS, FOLDS, EPOCHS, SEED = 96, 3, (0, 1), 3, 101
 QUICK = {"n_train": 12, "n_folds": 3, "folds": (0,), "epochs": 1, "grid": 64, "crop": 32, "n_slices": 64,
          "n_boot": 200}
 BASE_CONFIG = "demo_cls"
-LEVEL = 0.90  # the bootstrap intervals' coverage
-N_BOOT = 1000
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Pure pieces: bootstrap intervals of AUC and of a mean
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _auc(y: np.ndarray, p: np.ndarray, strata: np.ndarray | None = None) -> float:
-    """`kit.evaluate.metrics.roc_auc` (Mann-Whitney, ties half) without pandas: NaN with one class. With `strata`, only
-    pairs within a stratum count: each stratum's AUC weighted by its (positive, negative) pairs; NaN when no
-    stratum holds both classes."""
-    from scipy.stats import rankdata
-
-    if strata is not None:
-        total, pairs = 0.0, 0
-        for s in np.unique(strata):
-            inside = strata == s
-            n_pos = int(y[inside].sum())
-            n = n_pos * (int(inside.sum()) - n_pos)
-            if n:
-                total, pairs = total + _auc(y[inside], p[inside]) * n, pairs + n
-        return total / pairs if pairs else float("nan")
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    ranks = rankdata(p)
-    return float((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _resamples(groups: np.ndarray, n_boot: int, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """Row indices of each group, and (n_boot, n_groups) group draws with replacement."""
-    codes, _ = pd.factorize(pd.Series(groups), sort=False)
-    members = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)] if len(codes) else []
-    draws = np.random.default_rng(seed).integers(0, len(members), size=(n_boot, len(members)))
-    return members, draws
-
-
-def _interval(values: list[float], level: float) -> tuple[float | None, float | None]:
-    finite = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
-    if not len(finite):
-        return None, None
-    tail = (1.0 - level) / 2.0 * 100.0
-    lo, hi = np.percentile(finite, [tail, 100.0 - tail])
-    return float(lo), float(hi)
-
-
-def bootstrap_auc(y, p, groups=None, strata=None, *, n_boot: int = N_BOOT, level: float = LEVEL,
-                  seed: int = 0) -> dict:
-    """ROC AUC of `p` for the 0/1 labels `y`, with a percentile bootstrap interval over `groups` (studies).
-
-    Whole groups are drawn with replacement (a study's seven vertebrae stay together); a draw with one class only
-    gives no AUC and is left out (`n_valid` counts the others). A perfect ranking gives AUC 1 and [1, 1].
-    With `strata` (each vertebra's level) positives are ranked only against negatives of their own stratum: a
-    score that knows the level and nothing else (a constant per level) then gets exactly 0.5.
-
-    Args:
-        y: (N,) 0/1 labels.
-        p: (N,) scores.
-        groups: (N,) the study of each row (default: each row its own group).
-        strata: (N,) the stratum of each row (default: one).
-        n_boot: draws.
-        level: the interval's coverage (0.9: the 5th to the 95th percentile).
-        seed: the draws' seed.
-
-    Returns:
-        {"auc", "lo", "hi"} (None when `y` has one class or no row), "n_pos", "n_neg", "n_valid".
-    """
-    y = np.asarray(y, dtype=np.float64).ravel()
-    p = np.asarray(p, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"y and p must have one value per row; got {y.shape} and {p.shape}")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ValueError(f"y must be 0/1; got values {sorted(set(y.tolist()) - {0.0, 1.0})[:5]}")
-    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
-    strata = None if strata is None else np.asarray(strata)
-    out = {"auc": None, "lo": None, "hi": None, "n_pos": int(y.sum()), "n_neg": int(len(y) - y.sum()),
-           "n_valid": 0}
-    point = _auc(y, p, strata)
-    if not np.isfinite(point):
-        return out
-    members, draws = _resamples(groups, n_boot, seed)
-    values = []
-    for draw in draws:
-        rows = np.concatenate([members[g] for g in draw])
-        values.append(_auc(y[rows], p[rows], None if strata is None else strata[rows]))
-    lo, hi = _interval(values, level)
-    return {**out, "auc": point, "lo": lo, "hi": hi, "n_valid": int(np.isfinite(values).sum())}
-
-
-def bootstrap_mean(values, *, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = 0) -> dict:
-    """Mean of per-study values with a percentile bootstrap interval (studies drawn with replacement).
-
-    Returns:
-        {"mean", "lo", "hi"} (None without values).
-    """
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if not len(values):
-        return {"mean": None, "lo": None, "hi": None}
-    draws = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
-    lo, hi = _interval(values[draws].mean(1).tolist(), level)
-    return {"mean": float(values.mean()), "lo": lo, "hi": hi}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,7 +179,7 @@ def score_heldout(oof: pd.DataFrame, train_labels: dict[int, np.ndarray], *, fra
     Args:
         oof: the OOF rows of every trained fold (a `fold` column, the TARGETS probabilities, `<target>_true`).
         train_labels: {fold: (n, 8) labels of the studies that fold's model trained on}: the constant.
-        fractures: the generator's `fractures.csv` (`kit.evaluate.report.read_answers`), for the AUC by kind.
+        fractures: the generator's `fractures.csv` (`kit.synthetic.score.read_answers`), for the AUC by kind.
         lookalikes: its `lookalikes.csv`, for the look-alike AUC.
 
     Returns:
@@ -341,7 +243,7 @@ def positive_tiles(crop_dir: PathLike, uids: Sequence[str], boxes: pd.DataFrame,
         crop_dir: the crop cache.
         uids: its studies to draw from.
         boxes: `train_bounding_boxes.csv` rows.
-        fractures: the generator's answers (`kit.evaluate.report.read_answers`), to name each tile's kind.
+        fractures: the generator's answers (`kit.synthetic.score.read_answers`), to name each tile's kind.
         channel: the channel drawn (the first window's centre slice: `centre_channel`).
         n_tiles: at most this many.
 
@@ -349,7 +251,7 @@ def positive_tiles(crop_dir: PathLike, uids: Sequence[str], boxes: pd.DataFrame,
         Dicts `uid`, `vertebra`, `kind`, `slice` (0..T-1), `n_slices`, `image` (S, S) uint8 (the centre slice of
         the first window), `boxes` (n, 4) x0, y0, x1, y1 in crop pixels.
     """
-    from ..stage2.crops import load_crops
+    from ..stage2.store import load_crops
     from ..evaluate.explain import box_to_crop
 
     by_kind: dict[str, list[dict]] = {}
@@ -523,7 +425,7 @@ def _run_name(setting_name: str, setting: Setting, key: str, epochs: int, n_fold
 
 def _train_labels(data: Path, folds: pd.DataFrame, view: Path, fold: int) -> np.ndarray:
     """(n, 8) labels of the studies fold `fold`'s model trained on (its view's studies outside the fold)."""
-    from ..data import crop_uids
+    from ..stage2.data import crop_uids
     from ..io.rsna import load_train
 
     fold_of = dict(zip(folds[UID], folds["fold"].astype(int)))
@@ -584,8 +486,9 @@ def bench_learn(out: PathLike = "bench_learn", settings: Sequence[str] | None = 
     """
     from ..config import load_config
     from .demo import environment
-    from ..evaluate.report import read_answers
-    from ..io.rsna import folds_for, load_boxes
+    from ..synthetic.score import read_answers
+    from ..io.rsna import load_boxes
+    from ..io.folds import folds_for
     from ..train import fit_fold
 
     q = QUICK if quick else {}
@@ -652,16 +555,16 @@ def bench_learn(out: PathLike = "bench_learn", settings: Sequence[str] | None = 
                            "training": round(train_minutes, 2)},
                **figures}
         result["rows"].append(row)
-        json_path.write_text(json.dumps(result, indent=2, default=_jsonable))  # what is done survives a kill
+        json_path.write_text(json.dumps(result, indent=2, default=jsonable))  # what is done survives a kill
     result["table"] = format_table(result["rows"])
-    json_path.write_text(json.dumps(result, indent=2, default=_jsonable))
+    json_path.write_text(json.dumps(result, indent=2, default=jsonable))
     if print_table:
         print(result["table"])
         print(f"\nall figures: {json_path}; galleries: {galleries}")
     return result
 
 
-def _jsonable(x):
+def jsonable(x):
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):

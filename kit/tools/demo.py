@@ -172,7 +172,7 @@ def print_summary(summary: dict) -> None:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     s = summary.get("seconds", {})
-    from ..evaluate.report import CEILING_KINDS, ceiling_label
+    from ..synthetic.score import CEILING_KINDS, ceiling_label
 
     plain = (summary.get("oof_ceilings") or {}).get(ceiling_label(CEILING_KINDS[:-1]))  # all kinds but hairlines
     ceiling = "–" if plain is None else f"{plain:.4f}"
@@ -180,7 +180,7 @@ def print_summary(summary: dict) -> None:
         ("stage 1 Dice (held-out, C1-C7)", fig("seg_dice"), ">= 0.90"),
         ("stage 1 worst median z-error, slices", fig("seg_z_error_slices", 1), "<= 2"),
         ("classifier OOF score", fig("oof_score", 4), f"<= 0.75 x baseline {fig('baseline_score', 4)}"),
-        ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.evaluate.report.score_ceilings)"),
+        ("  a perfect detector of all but hairlines", ceiling, "(the ceiling: kit.synthetic.score.score_ceilings)"),
         ("  calibration (row form, cross-fitted): OOF change", fig("calibration_oof_change", 4),
          "kept" if summary.get("calibration_used") else "not kept (it did not lower the OOF score)"),
         ("classifier patient AUC (OOF)", fig("patient_auc"), ">= 0.80"),
@@ -261,7 +261,7 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
                         n_folds_trained: int | None = None, level_config: str | None = "demo_level",
                         level_overrides: dict | None = None, side_by_side: bool = False, **overrides) -> dict:
     """Train folds of `config` and of the level model `level_config` (the first `n_folds_trained`, default
-    all), then score their held-out studies, segmented with both fused (`kit.submit.infer.segment_study`).
+    all), then score their held-out studies, segmented with both fused (`kit.stage1.infer.segment_study`).
     With `side_by_side` each fold's level model trains in a second process while the segmenter trains here,
     one CPU thread each (`fit_side_by_side`: faster on a 2-core CPU; the same models as one after the other,
     up to the threads' floating-point order).
@@ -280,10 +280,8 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
         validation, `fold<k>/oof.csv`, which segments the same studies that way), `seg_train_seconds`
         (training both models) and `seg_seconds` (training and scoring).
     """
-    from ..io.cache import load_cached
     from ..config import load_config
-    from ..data import split_segmentation_studies
-    from ..submit.infer import load_run
+    from ..evaluate.stage1 import score_as_inference
     from ..train import fit_fold
 
     start = time.perf_counter()
@@ -291,89 +289,30 @@ def run_segmenter_stage(data: Path, cache_dir: Path, folds_csv: Path, config: st
     base = load_config(config, **paths, **overrides)
     shared = {"out_dir": base.out_dir, "data.n_folds": base.data.n_folds, "data.folds_seed": base.data.folds_seed}
     level_overrides = {**shared, **(level_overrides or {})}
-    rows = {"fused": ([], []), "alone": ([], [])}
-    conditioned = base.data.level_input
-    if conditioned and not level_config:
+    if base.data.level_input and not level_config:
         raise ValueError(f"{config} is conditioned on the level model (data.level_input); give a level_config")
     train_seconds = 0.0
-    for fold in range(min(n_folds_trained or base.data.n_folds, base.data.n_folds)):
+    folds = list(range(min(n_folds_trained or base.data.n_folds, base.data.n_folds)))
+    level_root = None
+    for fold in folds:
         cfg = load_config(config, **paths, **overrides, **{"data.fold": fold})
-        level_models = []
         t0 = time.perf_counter()
         if level_config:
             level_cfg = load_config(level_config, **paths, **level_overrides, **{"data.fold": fold})
+            level_root = level_cfg.run_dir.parent
             if side_by_side:
                 fit_side_by_side([level_cfg, cfg])
             else:
                 fit_fold(level_cfg)
                 fit_fold(cfg)
-            level_models = load_run(level_cfg.run_dir.parent, folds=[fold])
         else:
             fit_fold(cfg)
         train_seconds += time.perf_counter() - t0
-        models = load_run(cfg.run_dir.parent, folds=[fold])
-        for uid in split_segmentation_studies(cfg.data)[1]:
-            cached = load_cached(cache_dir, uid)
-            _score_study(cached, models, level_models, uid, fold, *rows["fused"])
-            if not conditioned and level_models:
-                _score_study(cached, models, [], uid, fold, *rows["alone"])
-        if conditioned:  # the trainer's validation segmented the same studies given their true level ranges
-            _validation_rows(cfg.run_dir / "oof.csv", fold, *rows["alone"])
-    run_root = base.run_dir.parent
-    out = _seg_figures(*rows["fused"], run_root, "")
-    if rows["alone"][0]:
-        key = "true_levels" if conditioned else "alone"
-        alone = _seg_figures(*rows["alone"], run_root, "_true_levels" if conditioned else "_segmenter_alone")
-        out.update({f"seg_{key}_dice": alone["seg_dice"], f"seg_{key}_z_error_slices": alone["seg_z_error_slices"]})
+    out = score_as_inference(base.run_dir.parent, level_root, cache_dir, folds=folds)
     out["seg_level_model"] = level_config
     out["seg_train_seconds"] = round(train_seconds, 1)
     out["seg_seconds"] = round(time.perf_counter() - start, 1)
     return out
-
-
-def _score_study(cached: dict, models, level_models, uid: str, fold: int, dice_rows: list, z_rows: list) -> None:
-    """Segment one held-out study and append its Dice per vertebra and z-range errors."""
-    from ..submit.infer import segment_study
-    from ..evaluate.metrics import dice_per_vertebra, z_range_errors
-
-    result = segment_study(cached, models, uid=uid, levels=level_models if len(level_models) else None)
-    truth = cached["mask"]
-    dice_rows.append({"StudyInstanceUID": uid, "fold": fold, **dice_per_vertebra(result.labels, truth).to_dict()})
-    errors = z_range_errors(result.labels, truth)  # a missed vertebra counts as the study's slice count
-    for name in VERTEBRAE:
-        if np.isfinite(errors[name]):
-            z_rows.append({"StudyInstanceUID": uid, "vertebra": name, "error": errors[name],
-                           "missed": not result.extents.get(name)})
-
-
-def _validation_rows(oof_csv: Path, fold: int, dice_rows: list, z_rows: list) -> None:
-    """Append the Dice and z-range errors of a segmenter fold's own validation (`oof.csv`, written by
-    `kit.tasks.SegTask`: its held-out studies segmented given their true level ranges) in `_score_study`'s rows."""
-    table = pd.read_csv(oof_csv, dtype={"StudyInstanceUID": str})
-    for _, r in table.iterrows():
-        dice_rows.append({"StudyInstanceUID": r["StudyInstanceUID"], "fold": fold,
-                          **{v: r[f"dice_{v}"] for v in VERTEBRAE}, "mean": r["dice_mean"]})
-        for name in VERTEBRAE:
-            if np.isfinite(r[f"zerr_{name}"]):  # a missed vertebra counts as the study's slice count
-                z_rows.append({"StudyInstanceUID": r["StudyInstanceUID"], "vertebra": name,
-                               "error": r[f"zerr_{name}"], "missed": r[f"zerr_{name}"] >= r["slices"]})
-
-
-def _seg_figures(dice_rows: list, z_rows: list, run_root: Path, suffix: str) -> dict:
-    """Summary figures of scored studies; writes `oof_dice<suffix>.csv` and `oof_z_errors<suffix>.csv`."""
-    dice, z = pd.DataFrame(dice_rows), pd.DataFrame(z_rows)
-    z_median = z.groupby("vertebra")["error"].median().reindex(list(VERTEBRAE))
-    dice.to_csv(run_root / f"oof_dice{suffix}.csv", index=False)
-    z.to_csv(run_root / f"oof_z_errors{suffix}.csv", index=False)
-    return {
-        "seg_dice": round(float(dice["mean"].mean()), 4),
-        "seg_z_error_slices": float(z_median.max()),
-        "seg_dice_per_vertebra": {v: round(float(dice[v].mean()), 4) for v in VERTEBRAE},
-        "seg_z_error_median_per_vertebra": {v: float(e) for v, e in z_median.items()},
-        "seg_vertebrae_missed": int(z["missed"].sum()),
-        "seg_heldout_studies": int(dice["StudyInstanceUID"].nunique()),
-        "seg_folds_trained": int(dice["fold"].nunique()),
-    }
 
 
 def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None = None, config: str = "demo_cls",
@@ -397,7 +336,9 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
     from ..evaluate.calibration import calibrate_run
     from ..config import load_config
     from ..stage2.crop_cache import build_crops
-    from ..evaluate.report import attention_hit_rate, load_oof, oof_report, read_answers
+    from ..evaluate.report import oof_report
+    from ..synthetic.score import attention_hit_rate, read_answers
+    from ..evaluate.oof import load_oof
     from ..train import fit_fold
 
     start = time.perf_counter()
@@ -475,7 +416,7 @@ def run_submission_stage(data: Path, run_dirs: list[Path], answers_dir: Path | N
     `test_baseline_score` (the training labels' prevalence for every row), both by `metrics.score_submission`.
     """
     from ..submit.predictor import submit
-    from ..evaluate.report import score_test_submission
+    from ..synthetic.score import score_test_submission
     from ..submit.submission import default_log_path
 
     start = time.perf_counter()

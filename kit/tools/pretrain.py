@@ -73,6 +73,18 @@ def export_start(model_pt: Path, export_dir: Path, name: str, provenance: dict) 
     return weights, meta_path
 
 
+def _starting_point(weights: str | None) -> dict:
+    """What the training started from: the packaged ImageNet weights, or a shipped checkpoint (its sha256 and
+    provenance, so a checkpoint trained on from another can be traced back to the first)."""
+    from ..models.start import is_start, start_meta
+
+    if weights and is_start(weights):
+        meta = start_meta(weights)
+        return {"weights": weights, "sha256": meta.get("sha256"), "command": meta.get("command"),
+                "training": meta.get("training")}
+    return {"weights": weights or "random"}
+
+
 def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAIN, seed: int = SEED,
              grid: int = GRID, n_folds: int = N_FOLDS, fold: int = FOLD, epochs: int | None = None,
              config: str = CONFIG, name: str = NAME, export_dir: str | os.PathLike | None = None,
@@ -93,13 +105,13 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
     Raises:
         ValueError: a demo seed, or a fold outside the split.
     """
-    from .bench_learn import _jsonable, _train_labels, score_heldout
+    from .bench_learn import jsonable, _train_labels, score_heldout
     from ..config import load_config
     from ..stage2.crop_cache import build_crops
     from .demo import environment
     from ..models.start import WEIGHTS_DIR
-    from ..evaluate.report import read_answers
-    from ..io.rsna import folds_for
+    from ..synthetic.score import read_answers
+    from ..io.folds import folds_for
     from ..synthetic import make_dataset
     from ..train import fit_fold
 
@@ -154,12 +166,11 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
                 "seg_share": 1.0, "bbox_share": 0.5},
         "training": {"config": config, "epochs": int(cfg.train.epochs), "n_folds": n_folds, "held_out_fold": fold,
                      "train_studies": int(len(labels)), "minutes": round(float(run_log["seconds"].sum()) / 60, 1),
-                     "from": "packaged ImageNet weights (model.pretrained_weights of the config)"},
-        "held_out": json.loads(json.dumps(figures, default=_jsonable)),
+                     "from": _starting_point(cfg.model.pretrained_weights)},
+        "held_out": json.loads(json.dumps(figures, default=jsonable)),
         "environment": environment(),
     }
     weights, meta = export_start(cfg.run_dir / "model.pt", Path(export_dir) if export_dir else WEIGHTS_DIR, name,
                                  provenance)
     log.info("pretrain: %s (%.1f MB) and %s", weights, weights.stat().st_size / 1e6, meta)
     return {**json.loads(meta.read_text()), "path": str(weights)}
-
