@@ -64,7 +64,7 @@ class DataConfig:
             40] sees two levels up and down the neck in nine channels, whatever the slice spacing.
         other_vertebrae: add an 8th output channel for labels >= 8 (thoracic vertebrae).
         level_input: condition the segmenter on the level model: 7 more input channels, constant planes
-            holding each vertebra's presence in the slice; the true ranges (`kit.data.soft_presence`,
+            holding each vertebra's presence in the slice; the true ranges (`kit.stage1.recipe.true_presence`,
             jittered) in training and validation, the level model's `predict_levels` at inference, which
             then needs a level run (`segment_study(..., levels=...)`).
         level_jitter_mm: how far each true range's ends move in training (the level model's error).

@@ -1,4 +1,4 @@
-"""Plots of OOF predictions and stage-1 results (matplotlib figures, saved by the reports)."""
+"""Plots of OOF predictions (ROC, calibration, histograms) and training curves: matplotlib figures the reports save."""
 
 from __future__ import annotations
 

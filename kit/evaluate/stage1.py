@@ -1,4 +1,5 @@
-"""Stage-1 evaluation: per-fold OOF tables of the segmenter and the level model, their plots and reports."""
+"""Stage-1 evaluation: the per-fold OOF tables of the segmenter and the level model, and stage 1 scored as
+inference runs it (`score_as_inference`: any trained segmenter run, `kit demo` included)."""
 
 from __future__ import annotations
 

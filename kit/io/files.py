@@ -1,7 +1,8 @@
 """Atomic file writes: a file at its final path is always complete, never half-written by a run that was killed.
 
 Each writer writes a temporary file beside the target (same folder, so the same file system) and renames it over
-the target with `os.replace`, which is atomic on POSIX and Windows. Standard library only.
+the target with `os.replace`, which is atomic on POSIX and Windows. `NPZ_ERRORS` names what reading a damaged
+`.npz` raises. Standard library only.
 """
 
 from __future__ import annotations

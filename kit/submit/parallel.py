@@ -1,4 +1,5 @@
-"""One submission worker per device: the studies dealt across devices, each worker a spawned process with its own predictor, the deadline enforced from the parent."""
+"""One submission worker per device: the studies dealt across devices, each worker a spawned process with its
+own predictor, the deadline enforced from the parent."""
 
 from __future__ import annotations
 

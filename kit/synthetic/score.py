@@ -1,4 +1,5 @@
-"""Scoring against the synthetic set's answers."""
+"""Scoring against a synthetic set's answers (`fractures.csv`, `lookalikes.csv`): the test submission's score,
+recall by fracture kind and subtlety, false alarms on look-alikes, the attention hit rate and score ceilings."""
 
 from __future__ import annotations
 
