@@ -42,7 +42,7 @@ from .models.level import level_presence_probs
 from .data import split_by_fold
 from .stage1.data import (LevelSequenceDataset, SegSliceDataset, SegVolume, labels_to_channels, load_volumes,
                           split_segmentation_studies)
-from .stage2.data import CropDataset, crop_uids, stack_input
+from .stage2.data import CropDataset, crop_uids
 from .stage1.recipe import LevelRecipe, SegRecipe, true_presence
 
 log = logging.getLogger("kit.tasks")
@@ -370,7 +370,7 @@ class ClsTask:
     # ----- training -----
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Competition loss (per study) or weighted vertebra BCE (per vertebra), plus the slice BCE."""
-        image = stack_input(batch["image"], batch["intensity"], mask_channel=self.cfg.data.with_mask)
+        image = self.cfg.recipe().model_input(batch["image"], batch["intensity"])
         if self.per_study:
             out = model(image, batch["mask"], batch["vertebra_mask"])
             logits = combine_logits(out["logit"].float(), out["patient_logit"].float())
@@ -390,7 +390,7 @@ class ClsTask:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
         found = sample["found"]
-        image = stack_input(sample["image"].to(device))  # unaugmented: no intensity change
+        image = self.cfg.recipe().model_input(sample["image"].to(device))  # unaugmented: no intensity change
         vertebra = model.vertebra if self.per_study else model
         odds, prevalence = vertebra.metric_odds.cpu().numpy(), vertebra.train_prevalence.cpu().numpy()
         if self.per_study:

@@ -15,6 +15,16 @@ from kit.stage1.postprocess import (GROW_MAX_MM, clean_vertebra_probs, extents_t
 from kit.io.dicom import window
 
 
+# crop_vertebra_stack and crop_study take their whole geometry (a ClsRecipe passes its own); these tests start from
+# the values below and change what each one is about
+GEOMETRY = dict(n_slices=15, n_neighbours=2, neighbour_mm=None, dz=1.0, size=224, windows=("bone",), margin=0.15,
+                with_mask=True)
+
+
+def stack(hu, labels, extent, **changes):
+    return crop_vertebra_stack(hu, labels, extent, **{**GEOMETRY, **changes})
+
+
 def stacked_blobs(z: int = 70, size: int = 24, thick: int = 8, gap: int = 2) -> np.ndarray:
     """(Z, size, size) uint8 labels: C1..C7 as boxes stacked head to feet, `thick` slices each."""
     labels = np.zeros((z, size, size), dtype=np.uint8)
@@ -319,9 +329,9 @@ def test_stack_mask_channel_covers_the_vertebra():
     e = extents["C3"]
     y0, y1, x0, x1 = crop_box_original(e, (3, 3), (96, 96))
     side = y1 - y0
-    out = crop_vertebra_stack(hu, labels, e, scale=(3, 3), n_slices=5, size=side)
+    out = stack(hu, labels, e, scale=(3, 3), n_slices=5, size=side)
     assert out.shape == (5, 6, side, side) and out.dtype == np.uint8
-    assert stack_channel_names() == ["bone-2", "bone-1", "bone+0", "bone+1", "bone+2", "mask"]
+    assert stack_channel_names(("bone",), 2) == ["bone-2", "bone-1", "bone+0", "bone+1", "bone+2", "mask"]
     for t, z in enumerate(slice_positions(e, 5)):  # no resize: pixel for pixel
         want = (upsample(labels)[z, y0:y1, x0:x1] == e.label)
         np.testing.assert_array_equal(out[t, -1], want.astype(np.uint8) * 255)
@@ -330,7 +340,7 @@ def test_stack_mask_channel_covers_the_vertebra():
     assert (out[4, 2] > 128).sum() > (out[4, -1] > 0).sum() > 0
     np.testing.assert_array_equal(out[:3, -1] > 0, out[:3, 2] > 128)  # elsewhere only C3 is in the box
     # Resized to 64 px: the mask still covers the vertebra's share of the box, centred where it is.
-    small = crop_vertebra_stack(hu, labels, e, scale=(3, 3), n_slices=5, size=64)
+    small = stack(hu, labels, e, scale=(3, 3), n_slices=5, size=64)
     share = (upsample(labels)[e.z_first, y0:y1, x0:x1] == e.label).mean()
     assert abs((small[0, -1] > 0).mean() - share) < 0.03
     rows, cols = np.nonzero(small[0, -1])
@@ -344,17 +354,17 @@ def test_stack_slices_head_to_feet_and_neighbours_clamp():
     extents = vertebra_extents(labels)
     hu = slice_code_hu()
     kw = dict(scale=(3, 3), n_slices=5, size=16, with_mask=False)
-    c3 = crop_vertebra_stack(hu, labels, extents["C3"], **kw)
+    c3 = stack(hu, labels, extents["C3"], **kw)
     np.testing.assert_array_equal(decode_slices(c3[:, 2]), slice_positions(extents["C3"], 5))
     assert (np.diff(decode_slices(c3[:, 2])) >= 0).all()
     np.testing.assert_array_equal(decode_slices(c3[0]), [8, 9, 10, 11, 12])  # slice 10 and its neighbours
     # C1 starts at slice 0, C7 ends at 33; neighbours 4 mm apart at dz = 1 mm reach -8 / 41: edge slices repeat.
-    c1 = crop_vertebra_stack(hu, labels, extents["C1"], neighbour_mm=4.0, dz=1.0, **kw)
+    c1 = stack(hu, labels, extents["C1"], neighbour_mm=4.0, dz=1.0, **kw)
     np.testing.assert_array_equal(decode_slices(c1[0]), [0, 0, 0, 4, 8])
-    c7 = crop_vertebra_stack(hu, labels, extents["C7"], neighbour_mm=4.0, dz=1.0, **kw)
+    c7 = stack(hu, labels, extents["C7"], neighbour_mm=4.0, dz=1.0, **kw)
     np.testing.assert_array_equal(decode_slices(c7[-1]), [25, 29, 33, 37, 39])
     # Half-millimetre slices, neighbours 1 mm apart: every other slice.
-    half = crop_vertebra_stack(hu, labels, extents["C3"], neighbour_mm=1.0, dz=0.5, **kw)
+    half = stack(hu, labels, extents["C3"], neighbour_mm=1.0, dz=0.5, **kw)
     np.testing.assert_array_equal(decode_slices(half[0]), [6, 8, 10, 12, 14])
 
 
@@ -364,8 +374,8 @@ def test_stack_window_channel_order_and_padding():
     rng = np.random.default_rng(0)
     hu = rng.integers(-1100, 1600, size=(40, 96, 96)).astype(np.float32)
     y0, y1, x0, x1 = crop_box_original(e, (3, 3), (96, 96), margin=0.1)
-    out = crop_vertebra_stack(hu, labels, e, scale=(3, 3), n_slices=3, n_neighbours=1, windows=("bone", "soft"),
-                              margin=0.1, size=y1 - y0)
+    out = stack(hu, labels, e, scale=(3, 3), n_slices=3, n_neighbours=1, windows=("bone", "soft"), margin=0.1,
+                size=y1 - y0)
     assert out.shape[1] == 7
     assert stack_channel_names(("bone", "soft"), 1) == ["bone-1", "bone+0", "bone+1", "soft-1", "soft+0",
                                                        "soft+1", "mask"]
@@ -374,12 +384,12 @@ def test_stack_window_channel_order_and_padding():
             np.testing.assert_array_equal(out[t, c], window(hu[z + dzi, y0:y1, x0:x1], *WINDOWS[name]))
     # Past the image edge: air, i.e. 0 in the bone window, and no mask.
     corner = vertebra_extents(np.pad(np.ones((2, 4, 8), np.uint8), ((0, 38), (0, 28), (0, 24))))["C1"]
-    edge = crop_vertebra_stack(np.full((40, 96, 96), 700, np.int16), np.pad(np.ones((2, 4, 8), np.uint8),
-                               ((0, 38), (0, 28), (0, 24))), corner, n_slices=2, margin=0.25, size=36)
+    edge = stack(np.full((40, 96, 96), 700, np.int16), np.pad(np.ones((2, 4, 8), np.uint8),
+                 ((0, 38), (0, 28), (0, 24))), corner, n_slices=2, margin=0.25, size=36)
     assert edge[0, 2, 0, 0] == 0 and edge[0, 2, -1, -1] == window(np.array([700.0]), *WINDOWS["bone"])[0]
     assert edge[0, -1, 0, 0] == 0 and edge[0, -1, 20, 20] == 255  # scale derived from the shapes: (3, 3)
     with pytest.raises(ValueError, match="available"):
-        crop_vertebra_stack(hu, labels, e, windows=("lung",))
+        stack(hu, labels, e, windows=("lung",))
 
 
 def test_crop_study_missing_vertebra_is_zeros_with_reason():
@@ -388,13 +398,13 @@ def test_crop_study_missing_vertebra_is_zeros_with_reason():
     del extents["C4"], extents["C6"]
     hu = slice_code_hu()
     stacks, found, reasons = crop_study(hu, labels, extents, dropped={"C6": "centroid z=3.0 out of head-to-feet order"},
-                                        n_slices=3, size=12)
+                                        **{**GEOMETRY, "n_slices": 3, "size": 12})
     assert stacks.shape == (7, 3, 6, 12, 12) and stacks.dtype == np.uint8
     np.testing.assert_array_equal(found, [True, True, True, False, True, False, True])
     assert reasons == {"C4": "not found by the segmenter",
                        "C6": "dropped by the clean-up: centroid z=3.0 out of head-to-feet order"}
     assert stacks[3].max() == 0 and stacks[5].max() == 0
-    np.testing.assert_array_equal(stacks[2], crop_vertebra_stack(hu, labels, extents["C3"], n_slices=3, size=12))
+    np.testing.assert_array_equal(stacks[2], stack(hu, labels, extents["C3"], n_slices=3, size=12))
     assert (stacks[found][:, :, -1] > 0).any(axis=(2, 3)).all()  # every found stack shows its mask
 
 
@@ -460,3 +470,28 @@ def test_slice_targets_from_boxes_on_a_hand_made_study():
     np.testing.assert_array_equal(targets[2], [0, 1, 1, 0, 0])
     np.testing.assert_array_equal(targets[3], [1, 1, 1, 0, 0])
     assert targets[[0, 1, 4, 5, 6]].sum() == 0
+
+
+def test_the_recipe_cuts_what_the_crop_functions_cut_with_the_configs_values():
+    """`ClsConfig.recipe()`: every value from the config's data section, equal configs give equal (hashable) recipes,
+    its channel layout is the model's input width, and its crops are `crop_study` called with those values."""
+    from kit.config import load_config
+
+    cfg = load_config("demo_cls", **{"data.image_size": 32, "data.n_slices": 4, "data.neighbour_mm": 4.0})
+    recipe = cfg.recipe()
+    d = cfg.data
+    assert (recipe.n_slices, recipe.n_neighbours, recipe.neighbour_mm, recipe.size, recipe.windows, recipe.margin,
+            recipe.with_mask) == (4, d.n_neighbours, 4.0, 32, tuple(d.windows), d.margin, d.with_mask)
+    assert recipe == load_config("demo_cls", **{"data.image_size": 32, "data.n_slices": 4,
+                                                "data.neighbour_mm": 4.0}).recipe()
+    assert len({recipe, cfg.recipe()}) == 1 and recipe != load_config("demo_cls").recipe()
+    assert recipe.n_channels == len(recipe.channel_names) == cfg.in_channels == cfg.model_spec()[1]["in_channels"]
+    labels = small_study()
+    extents = vertebra_extents(labels)
+    hu = slice_code_hu()
+    stacks, found, _ = recipe.crop_study(hu, labels, extents, dz=1.0)
+    direct, _, _ = crop_study(hu, labels, extents, n_slices=4, n_neighbours=d.n_neighbours, neighbour_mm=4.0, dz=1.0,
+                              size=32, windows=tuple(d.windows), margin=d.margin, with_mask=d.with_mask)
+    np.testing.assert_array_equal(stacks, direct)
+    np.testing.assert_array_equal(stacks[2], recipe.crop_vertebra(hu, labels, extents["C3"], dz=1.0))
+    assert stacks.shape == (7, 4, recipe.n_channels, 32, 32) and found.all()

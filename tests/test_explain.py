@@ -47,7 +47,8 @@ def test_box_to_crop_lands_on_the_boxed_pixels_of_a_real_crop():
     labels[2:8, 8:15, 15:24] = 1
     extent = vertebra_extents(labels)["C1"]
     size = 64
-    stack = crop_vertebra_stack(hu, labels, extent, n_slices=6, n_neighbours=0, size=size, margin=0.15)
+    stack = crop_vertebra_stack(hu, labels, extent, n_slices=6, n_neighbours=0, neighbour_mm=None, dz=1.0, size=size,
+                                windows=("bone",), margin=0.15, with_mask=True)
     box = crop_box_original(extent, (4.0, 4.0), hu.shape[1:], 0.15)
     assert box[1] - box[0] != size  # a real resize, not the identity
     x0, y0, x1, y1 = box_to_crop([[x, y, w, h]], box, size)[0]

@@ -499,7 +499,7 @@ def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(
     vertebra.train_prevalence.copy_(torch.from_numpy(prevalence))
     vertebra.metric_odds.copy_(torch.from_numpy(odds))
     d = m.config.data
-    stacks, found, _ = crop_study(series.hu, labels, extents, dz=float(series.spacing[0]), **m.config.crop_geometry())
+    stacks, found, _ = m.config.recipe().crop_study(series.hu, labels, extents, dz=float(series.spacing[0]))
     assert found[:6].all() and not found[6]
     sample = {"image": torch.from_numpy(stacks), "found": torch.from_numpy(found),
               "mask": torch.from_numpy(np.repeat(found[:, None], d.n_slices, 1)),

@@ -41,8 +41,6 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ..constants import VERTEBRAE
-from ..stage2.crops import stack_channel_names
-from ..stage2.data import stack_input
 from ..stage2.store import load_crops
 from ..stage2.targets import match_boxes_to_slices
 from .metrics import targets_from_vertebrae
@@ -288,7 +286,7 @@ def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], devic
 
     crops = arrays["crops"]
     t, size = crops.shape[1], crops.shape[-1]
-    stacks = stack_input(torch.from_numpy(crops).to(device))  # (7, T, C, S, S), as the classifier sees them
+    stacks = m.config.recipe().model_input(torch.from_numpy(crops).to(device))  # (7, T, C, S, S), as the classifier sees them
     real = torch.from_numpy(arrays["positions"] >= 0).to(device)  # (7, T)
     per_study = m.config.model.name in PER_STUDY_MODELS
     if per_study:  # the whole study: batch row 0, vertebra v
@@ -365,7 +363,7 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
                          f"found: {', '.join(found_names)}")
     outputs = _explain_vertebrae(m, arrays, [VERTEBRAE.index(v) for v in wanted], device)
 
-    names = stack_channel_names(tuple(d.windows), d.n_neighbours, d.with_mask)
+    names = cfg.recipe().channel_names
     image_channel = names.index(f"{'bone' if 'bone' in d.windows else d.windows[0]}+0")
     labels = _true_labels(Path(d.data_root), uid)
     study_boxes = _study_boxes(boxes, Path(d.data_root), uid)

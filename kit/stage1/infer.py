@@ -20,7 +20,12 @@ from ..constants import PROB_SCALE, VERTEBRAE
 from ..devices import autocast
 from ..models.level import level_presence_probs
 from ..runs import LoadedModel, flatten_models
-from .postprocess import clean_vertebra_probs, missing_vertebrae, vertebra_extents
+from .postprocess import (
+    THRESHOLD,
+    clean_vertebra_probs,
+    missing_vertebrae,
+    vertebra_extents,
+)
 from .results import SegResult
 
 log = logging.getLogger("kit.stage1.infer")
@@ -263,7 +268,7 @@ def segment_study(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = None,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     keep_probs: bool = False,
     uid: str | None = None,
     levels=None,

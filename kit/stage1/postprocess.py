@@ -78,6 +78,10 @@ class VertebraExtent:
         return slice(self.z_first, self.z_last + 1), slice(self.y0, self.y1), slice(self.x0, self.x1)
 
 
+#: Stage 1's clean-up threshold: a voxel belongs to a vertebra above this probability (every caller's default).
+THRESHOLD = 0.5
+
+
 #: The clean-up also keeps the pieces of a vertebra that a thin dip of the segmenter's probability cut off from the
 #: rest (C2's dens tip where C1's ring surrounds it: the tip dropped left C2 starting 10-14 slices late): a piece
 #: lying wholly in the slices the level model gives that vertebra and at most this many mm from the rest along z,
@@ -215,7 +219,7 @@ def _ordered_subset(centroid_z: dict[int, float], voxels: dict[int, int]) -> set
 
 def clean_vertebra_probs(
     probs: np.ndarray,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     *,
     levels: np.ndarray | None = None,
     dz: float | None = None,

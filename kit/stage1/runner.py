@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from ..progress import progress_bar
 
 from ..io.cache import load_prepared, merge_csv
-from .infer import segment_study
+from ..progress import progress_bar
 from ..runs import load_run
+from .infer import segment_study
+from .postprocess import THRESHOLD
 from .results import save_seg_result
 
 log = logging.getLogger("kit.stage1.runner")
@@ -71,7 +72,7 @@ def segment_studies(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     amp: bool | None = None,
-    threshold: float = 0.5,
+    threshold: float = THRESHOLD,
     progress: bool = True,
     prefetch: bool = True,
 ) -> dict:

@@ -131,19 +131,18 @@ class ClsConfig(RunConfig):
 
     provides = "fractures"
 
-    def crop_geometry(self) -> dict:
-        """The `kit.stage2.crops.crop_study` keyword arguments this config fixes (all but `dz`, the series'): the one
-        place `kit crops` (training crops) and inference (`kit.stage2.infer.classify_study`) read them from, so their
+    def recipe(self):
+        """The input recipe (`kit.stage2.recipe.ClsRecipe`): crop geometry, channels, the model's input. The one
+        place `kit crops` (training crops), the dataset, inference and `kit explain` take them from, so their
         crops are identical."""
-        d = self.data
-        return {"n_slices": d.n_slices, "n_neighbours": d.n_neighbours, "neighbour_mm": d.neighbour_mm,
-                "size": d.image_size, "windows": tuple(d.windows), "margin": d.margin, "with_mask": d.with_mask}
+        from .recipe import ClsRecipe
+
+        return ClsRecipe.from_data(self.data)
 
     @property
     def in_channels(self) -> int:
         """Channels of each slice of a crop: (2n+1) per window, plus the mask."""
-        d = self.data
-        return (2 * d.n_neighbours + 1) * len(d.windows) + int(d.with_mask)
+        return self.recipe().n_channels
 
     def model_spec(self) -> tuple[str, dict]:
         """Registered model name and its plain kwargs, from this config alone.

@@ -55,7 +55,7 @@ from ..progress import progress_bar
 
 from ..io.cache import merge_csv, prepare_arrays, record_failures, unfinished
 from ..constants import VERTEBRAE
-from .crops import crop_box_original, crop_study, grid_scale, slice_positions
+from .crops import crop_box_original, grid_scale, slice_positions
 from .store import crop_file_arrays, crop_path
 from .targets import assign_boxes_to_vertebrae, file_numbers, match_boxes_to_slices, vertebra_targets
 from ..stage1.postprocess import vertebra_extents
@@ -317,7 +317,7 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
         result = segment_study({**study["prepared"], "uid": uid}, models, uid=uid, device=device)
         labels, extents, dropped = result.labels, result.extents, result.dropped
     dz = float(series.spacing[0])
-    crops, found, reasons = crop_study(series.hu, labels, extents, dropped=dropped, dz=dz, **cfg.crop_geometry())
+    crops, found, reasons = cfg.recipe().crop_study(series.hu, labels, extents, dz=dz, dropped=dropped)
     if mask_source == "truth":
         reasons = {name: "not in the ground-truth segmentation" for name in reasons}
     scale = grid_scale(series.hu.shape[1:], labels.shape[1:])

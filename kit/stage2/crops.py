@@ -34,7 +34,7 @@ def grid_scale(orig_hw: tuple[int, int], prepared_hw: tuple[int, int]) -> tuple[
     return float(orig_hw[0]) / float(prepared_hw[0]), float(orig_hw[1]) / float(prepared_hw[1])
 
 
-def slice_positions(extent: VertebraExtent, n_slices: int = 15) -> np.ndarray:
+def slice_positions(extent: VertebraExtent, n_slices: int) -> np.ndarray:
     """`n_slices` slice indices spread evenly over the vertebra's z-range, head to feet.
 
     Position t is `z_first + t * (z_last - z_first) / (T - 1)` rounded half up, so the first and the last
@@ -56,7 +56,7 @@ def slice_positions(extent: VertebraExtent, n_slices: int = 15) -> np.ndarray:
     return np.floor(raw + 0.5).astype(np.int64)
 
 
-def neighbour_offsets(dz: float, n_neighbours: int = 2, spacing_mm: float | None = None) -> np.ndarray:
+def neighbour_offsets(dz: float, n_neighbours: int, spacing_mm: float | None = None) -> np.ndarray:
     """Slice offsets of a slice and its +-n neighbours, spaced `spacing_mm` apart: the stage-1 recipe's
     rounding (`kit.stage1.recipe.offsets_to_slices` of 0, +-spacing_mm, +-2 spacing_mm, ...), so the 2n+1 slices
     span about the same height in mm whatever the study's slice spacing; with `spacing_mm=None` neighbours
@@ -131,8 +131,7 @@ def crop_box_original(
     return y0, y0 + side, x0, x0 + side
 
 
-def stack_channel_names(windows: tuple[str, ...] = ("bone",), n_neighbours: int = 2,
-                        with_mask: bool = True) -> list[str]:
+def stack_channel_names(windows: tuple[str, ...], n_neighbours: int, with_mask: bool = True) -> list[str]:
     """Names of the C channels of a `crop_vertebra_stack`, in order.
 
     Window-major: all 2n+1 slices (head to feet, offset -n..n) in the first window, then all in the
@@ -204,19 +203,21 @@ def crop_vertebra_stack(
     labels: np.ndarray,
     extent: VertebraExtent,
     *,
+    n_slices: int,
+    n_neighbours: int,
+    neighbour_mm: float | None,
+    dz: float,
+    size: int,
+    windows: tuple[str, ...],
+    margin: float,
+    with_mask: bool,
     scale: tuple[float, float] | None = None,
-    n_slices: int = 15,
-    n_neighbours: int = 2,
-    neighbour_mm: float | None = None,
-    dz: float = 1.0,
-    size: int = 224,
-    windows: tuple[str, ...] = ("bone",),
-    margin: float = 0.15,
     square: bool = True,
-    with_mask: bool = True,
     pad_hu: float = AIR_HU,
 ) -> np.ndarray:
-    """One vertebra as T slice stacks from the original HU volume: the stage-2 classifier's input.
+    """One vertebra as T slice stacks from the original HU volume: the stage-2 classifier's input. The geometry
+    (n_slices ... with_mask) comes from a `kit.stage2.recipe.ClsRecipe` (`ClsRecipe.crop_vertebra`), never from
+    defaults here.
 
     For each of the T positions (`slice_positions`, head to feet), the slice and its +-n neighbours
     (`neighbour_offsets`; indices past either end of the volume repeat the edge slice) are cut in the
@@ -244,7 +245,7 @@ def crop_vertebra_stack(
         pad_hu: HU value of the box's part outside the image (air).
 
     Returns:
-        uint8 (T, C, S, S), C = len(windows) * (2n+1) + with_mask (default 5 + 1 = 6).
+        uint8 (T, C, S, S), C = len(windows) * (2n+1) + with_mask.
     """
     hu, labels = np.asarray(hu), np.asarray(labels)
     if hu.ndim != 3 or labels.ndim != 3 or len(hu) != len(labels):
@@ -277,8 +278,16 @@ def crop_study(
     labels: np.ndarray,
     extents: dict[str, VertebraExtent],
     *,
+    n_slices: int,
+    n_neighbours: int,
+    neighbour_mm: float | None,
+    dz: float,
+    size: int,
+    windows: tuple[str, ...],
+    margin: float,
+    with_mask: bool,
     dropped: dict[str, str] | None = None,
-    **kwargs,
+    scale: tuple[float, float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
     """`crop_vertebra_stack` for C1..C7 of one study; a vertebra not found is zeros, never left out.
 
@@ -286,8 +295,9 @@ def crop_study(
         hu: (Z, H, W) original HU volume.
         labels: (Z, s, s) prepared-grid labels.
         extents: {"C1": VertebraExtent, ...} of the vertebrae found (`SegResult.extents`).
+        n_slices, n_neighbours, neighbour_mm, dz, size, windows, margin, with_mask, scale: as in
+            `crop_vertebra_stack` (`ClsRecipe.crop_study` passes its own).
         dropped: {name: reason} of the vertebrae the clean-up removed (`SegResult.dropped`), for the reasons.
-        **kwargs: passed to `crop_vertebra_stack` (scale, n_slices, n_neighbours, windows, size, ...).
 
     Returns:
         stacks: uint8 (7, T, C, S, S) in C1..C7 order, zeros for a vertebra not found;
@@ -296,11 +306,10 @@ def crop_study(
         found by the segmenter".
     """
     dropped = dropped or {}
-    t = int(kwargs.get("n_slices", 15))
-    c = len(stack_channel_names(_check_windows(kwargs.get("windows", ("bone",))), kwargs.get("n_neighbours", 2),
-                                kwargs.get("with_mask", True)))
-    s = int(kwargs.get("size", 224))
-    stacks = np.zeros((N_VERTEBRAE, t, c, s, s), np.uint8)
+    geometry = dict(n_slices=n_slices, n_neighbours=n_neighbours, neighbour_mm=neighbour_mm, dz=dz, size=size,
+                    windows=windows, margin=margin, with_mask=with_mask, scale=scale)
+    c = len(stack_channel_names(_check_windows(windows), n_neighbours, with_mask))
+    stacks = np.zeros((N_VERTEBRAE, int(n_slices), c, int(size), int(size)), np.uint8)
     found = np.zeros(N_VERTEBRAE, bool)
     reasons: dict[str, str] = {}
     for i, name in enumerate(VERTEBRAE):
@@ -308,7 +317,7 @@ def crop_study(
             reasons[name] = (f"dropped by the clean-up: {dropped[name]}" if name in dropped
                              else "not found by the segmenter")
             continue
-        stacks[i] = crop_vertebra_stack(hu, labels, extents[name], **kwargs)
+        stacks[i] = crop_vertebra_stack(hu, labels, extents[name], **geometry)
         found[i] = True
     return stacks, found, reasons
 

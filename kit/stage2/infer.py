@@ -1,7 +1,7 @@
 """Stage-2 inference on one segmented study: crops, a classifier ensemble over all vertebrae, 8 probabilities.
 
 `classify_study` cuts the vertebra crops (`kit.stage2.crops.crop_study`, the call `kit crops` makes, geometry
-from each classifier's config: `ClsConfig.crop_geometry`) and runs a classifier ensemble on all vertebrae at once.
+from each classifier's config: `ClsConfig.recipe`) and runs a classifier ensemble on all vertebrae at once.
 The whole pipeline for one study, DICOM in, 8 probabilities out, is `kit.submit.predictor.predict_study`.
 """
 
@@ -15,12 +15,10 @@ import numpy as np
 import torch
 
 from ..constants import TARGETS, TRAIN_PREVALENCE, VERTEBRAE
-from .data import stack_input
 from ..devices import autocast
 from ..evaluate.calibration import apply_calibration
 from ..evaluate.metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
 from ..runs import LoadedModel, flatten_models
-from .crops import crop_study
 
 MEANS = ("prob", "logit")
 
@@ -138,8 +136,8 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
                    uid: str | None = None) -> dict:
     """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == "fractures"`).
 
-    The crops are `kit.stage2.crops.crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=dz,
-    **config.crop_geometry())`, the very call `kit crops` makes, cut once per distinct crop geometry among the
+    The crops are `config.recipe().crop_study(hu, seg.labels, seg.extents, dz=dz, dropped=seg.dropped)`, the very
+    call `kit crops` makes, cut once per distinct recipe among the
     models. A model sees them as training and validation do (`kit.stage2.data.stack_input`: uint8 / 255): a per-vertebra
     model (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`)
     the whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
@@ -191,23 +189,20 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     device = torch.device(device) if device is not None else models[0].device
     amp = device.type == "cuda" if amp is None else amp
     t0 = time.perf_counter()
-    crops: dict[tuple, tuple] = {}
+    crops: dict = {}
     for m in models:
-        geometry = m.config.crop_geometry()
-        key = tuple(sorted(geometry.items()))
-        if key not in crops:
-            stacks, found, missing = crop_study(hu, seg.labels, seg.extents, dropped=seg.dropped, dz=float(dz),
-                                                **geometry)
-            crops[key] = (stacks, found, missing)
+        recipe = m.config.recipe()
+        if recipe not in crops:
+            crops[recipe] = recipe.crop_study(hu, seg.labels, seg.extents, dz=float(dz), dropped=seg.dropped)
     _, found, missing = next(iter(crops.values()))
     t1 = time.perf_counter()
     values = np.full((len(models), len(TARGETS)), np.nan)
-    tensors = {key: (stack_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
-               for key, (stacks, f, _) in crops.items()}
+    tensors = {recipe: (recipe.model_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
+               for recipe, (stacks, f, _) in crops.items()}
     for i, m in enumerate(models):
         if m.device != device:
             m.model.to(device)
-        stacks, found_t = tensors[tuple(sorted(m.config.crop_geometry().items()))]
+        stacks, found_t = tensors[m.config.recipe()]
         vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
         if not np.isfinite(vertebra_logits[:, found]).all() or (
                 patient_logits is not None and not np.isfinite(patient_logits).all()):

@@ -25,6 +25,7 @@ import torch
 
 from ..runs import flatten_models
 from ..stage1.infer import segment_study
+from ..stage1.postprocess import THRESHOLD
 from ..stage2.infer import classify_study
 from .export import is_manifest, resolve_run, verify_run
 
@@ -247,7 +248,7 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
 
 def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bool = False,
                   device: str | torch.device | None = None, amp: bool | None = None, seg=None,
-                  threshold: float = 0.5, batch_size: int | None = None, uid: str | None = None) -> dict:
+                  threshold: float = THRESHOLD, batch_size: int | None = None, uid: str | None = None) -> dict:
     """One study, DICOM in, the competition's 8 probabilities out.
 
     One DICOM read (`kit.io.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is

@@ -290,10 +290,9 @@ def positive_tiles(crop_dir: PathLike, uids: Sequence[str], boxes: pd.DataFrame,
 
 def centre_channel(cfg) -> int:
     """The channel of a classifier config's crops that holds the sampled slice itself in its first window."""
-    from ..stage2.crops import stack_channel_names
 
     d = cfg.data
-    return stack_channel_names(tuple(d.windows), d.n_neighbours, d.with_mask).index(f"{d.windows[0]}+0")
+    return cfg.recipe().channel_names.index(f"{d.windows[0]}+0")
 
 
 def plot_positive_gallery(tiles: list[dict], title: str, columns: int = 8):
