@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from kit.constants import VERTEBRAE, WINDOWS
-from kit.stage2.crops import (crop_box_original, crop_study, crop_vertebra_stack,
+from kit.stage2.crops import (crop_box_original, crop_vertebra_stack,
                               grid_scale, neighbour_offsets, slice_positions, stack_channel_names)
 from kit.stage2.targets import assign_boxes_to_vertebrae, match_boxes_to_slices, slice_targets, vertebra_targets
 from kit.stage1.postprocess import (GROW_MAX_MM, clean_vertebra_probs, extents_table, largest_component,
@@ -15,7 +15,7 @@ from kit.stage1.postprocess import (GROW_MAX_MM, clean_vertebra_probs, extents_t
 from kit.io.dicom import window
 
 
-# crop_vertebra_stack and crop_study take their whole geometry (a ClsRecipe passes its own); these tests start from
+# crop_vertebra_stack takes its whole geometry (a ClsRecipe passes its own); these tests start from
 # the values below and change what each one is about
 GEOMETRY = dict(n_slices=15, n_neighbours=2, neighbour_mm=None, dz=1.0, size=224, windows=("bone",), margin=0.15,
                 with_mask=True)
@@ -397,8 +397,11 @@ def test_crop_study_missing_vertebra_is_zeros_with_reason():
     extents = vertebra_extents(labels)
     del extents["C4"], extents["C6"]
     hu = slice_code_hu()
-    stacks, found, reasons = crop_study(hu, labels, extents, dropped={"C6": "centroid z=3.0 out of head-to-feet order"},
-                                        **{**GEOMETRY, "n_slices": 3, "size": 12})
+    from kit.stage2.recipe import ClsRecipe
+
+    recipe = ClsRecipe(**{k: v for k, v in GEOMETRY.items() if k != "dz"} | {"n_slices": 3, "size": 12})
+    stacks, found, reasons = recipe.crop_study(hu, labels, extents, dz=1.0,
+                                               dropped={"C6": "centroid z=3.0 out of head-to-feet order"})
     assert stacks.shape == (7, 3, 6, 12, 12) and stacks.dtype == np.uint8
     np.testing.assert_array_equal(found, [True, True, True, False, True, False, True])
     assert reasons == {"C4": "not found by the segmenter",
@@ -474,7 +477,8 @@ def test_slice_targets_from_boxes_on_a_hand_made_study():
 
 def test_the_recipe_cuts_what_the_crop_functions_cut_with_the_configs_values():
     """`ClsConfig.recipe()`: every value from the config's data section, equal configs give equal (hashable) recipes,
-    its channel layout is the model's input width, and its crops are `crop_study` called with those values."""
+    its channel layout is the model's input width, and its crops are `crop_vertebra_stack` called with those values;
+    an unknown window is refused when the recipe is made."""
     from kit.config import load_config
 
     cfg = load_config("demo_cls", **{"data.image_size": 32, "data.n_slices": 4, "data.neighbour_mm": 4.0})
@@ -490,8 +494,12 @@ def test_the_recipe_cuts_what_the_crop_functions_cut_with_the_configs_values():
     extents = vertebra_extents(labels)
     hu = slice_code_hu()
     stacks, found, _ = recipe.crop_study(hu, labels, extents, dz=1.0)
-    direct, _, _ = crop_study(hu, labels, extents, n_slices=4, n_neighbours=d.n_neighbours, neighbour_mm=4.0, dz=1.0,
-                              size=32, windows=tuple(d.windows), margin=d.margin, with_mask=d.with_mask)
-    np.testing.assert_array_equal(stacks, direct)
+    for i, name in enumerate(VERTEBRAE):
+        direct = crop_vertebra_stack(hu, labels, extents[name], n_slices=4, n_neighbours=d.n_neighbours,
+                                     neighbour_mm=4.0, dz=1.0, size=32, windows=tuple(d.windows), margin=d.margin,
+                                     with_mask=d.with_mask)
+        np.testing.assert_array_equal(stacks[i], direct)
+    with pytest.raises(ValueError, match="available"):
+        type(recipe)(**{**recipe.__dict__, "windows": ("lung",)})
     np.testing.assert_array_equal(stacks[2], recipe.crop_vertebra(hu, labels, extents["C3"], dz=1.0))
     assert stacks.shape == (7, 4, recipe.n_channels, 32, 32) and found.all()

@@ -25,7 +25,7 @@ from kit.stage2 import infer
 from kit.submit import predictor
 from kit.config import load_config
 from kit.constants import VERTEBRAE
-from kit.stage2.crops import crop_study
+from kit.stage2.recipe import ClsRecipe
 from kit.stage1.postprocess import missing_vertebrae, vertebra_extents
 from kit.io.dicom import read_mask, read_series, resize_slices
 from kit.evaluate.metrics import scale_odds
@@ -122,10 +122,10 @@ def test_inference_crops_are_the_crop_cache_crops(models, segmented, tmp_path):
     config = models["cls"][0].config
     d = config.data
     # the call kit crops makes (kit.stage2.crop_cache.build_study), field by field from the same config
-    direct, found, _ = crop_study(series.hu, seg.labels, seg.extents, dropped=seg.dropped, n_slices=d.n_slices,
-                                  n_neighbours=d.n_neighbours, neighbour_mm=d.neighbour_mm,
-                                  dz=float(series.spacing[0]), size=d.image_size, windows=tuple(d.windows),
-                                  margin=d.margin, with_mask=d.with_mask)
+    recipe = ClsRecipe(n_slices=d.n_slices, n_neighbours=d.n_neighbours, neighbour_mm=d.neighbour_mm,
+                       size=d.image_size, windows=tuple(d.windows), margin=d.margin, with_mask=d.with_mask)
+    direct, found, _ = recipe.crop_study(series.hu, seg.labels, seg.extents, dz=float(series.spacing[0]),
+                                         dropped=seg.dropped)
     assert found.all() and direct.shape == (7, d.n_slices, config.in_channels, d.image_size, d.image_size)
     stand_in = recorder_model(config, tmp_path / "rec")
     infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]))

@@ -3,7 +3,7 @@ DICOM grid, with per-slice fracture targets.
 
 For each study, ONE DICOM read (`kit.io.dicom.read_series`, in a spawned prefetch worker while the previous study
 is segmented) gives both the stage-1 input (`kit.io.cache.prepare_arrays` at the segmenter's size and window) and
-the full-resolution HU volume the crops are cut from (`kit.stage2.crops.crop_study`). The vertebrae come from:
+the full-resolution HU volume the crops are cut from (`kit.stage2.recipe.ClsRecipe.crop_study`). The vertebrae come from:
 
 - the ground truth, with `data.true_masks` and a `segmentations/<uid>.nii` (`kit.io.dicom.read_mask`, resized to
   the prepared grid with `resize_slices(..., nearest=True)`; one that cannot be read fails the study): mask
@@ -324,7 +324,7 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
     positions = np.full((len(VERTEBRAE), d.n_slices), -1, np.int32)
     crop_boxes = np.zeros((len(VERTEBRAE), 4), np.int32)
     for i, name in enumerate(VERTEBRAE):
-        if name in extents:  # what crop_study samples and cuts
+        if name in extents:  # what ClsRecipe.crop_study samples and cuts
             positions[i] = slice_positions(extents[name], d.n_slices)
             crop_boxes[i] = crop_box_original(extents[name], scale, series.hu.shape[1:], d.margin)
     boxes = boxes if boxes is not None else pd.DataFrame(columns=["x", "y", "width", "height", "slice_number"])

@@ -2,7 +2,7 @@
 
 `slice_positions` (T slices over a vertebra), `neighbour_offsets` (each slice's +-n neighbours, spaced in mm),
 `crop_box_original` (the stage-1 box mapped to original pixels), `crop_vertebra_stack` (uint8 (T, C, S, S):
-windowed neighbours + the vertebra's mask) and `crop_study` (all seven, missing ones recorded with the reason).
+windowed neighbours + the vertebra's mask); `kit.stage2.recipe.ClsRecipe.crop_study` cuts all seven of a study.
 
 Conventions: volumes are (Z, H, W) with index 0 the most superior slice (so C1 comes before C7); label values
 1..7 are C1..C7 (`kit.constants.SEG_LABELS`). Stage 1 measures extents on a "prepared" grid (Z, s, s): the
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..constants import N_VERTEBRAE, VERTEBRAE, WINDOWS
+from ..constants import WINDOWS
 from ..io.dicom import window
 from ..stage1.postprocess import VertebraExtent
 
@@ -142,7 +142,7 @@ def stack_channel_names(windows: tuple[str, ...], n_neighbours: int, with_mask: 
     return names + ["mask"] if with_mask else names
 
 
-def _check_windows(windows) -> tuple[str, ...]:
+def check_windows(windows) -> tuple[str, ...]:
     windows = (windows,) if isinstance(windows, str) else tuple(windows)
     unknown = [w for w in windows if w not in WINDOWS]
     if unknown or not windows:
@@ -255,7 +255,7 @@ def crop_vertebra_stack(
         raise ValueError(f"{extent.name}: z_last={extent.z_last} outside a volume of {len(hu)} slices")
     if size < 1:
         raise ValueError(f"size must be >= 1; got {size}")
-    windows = _check_windows(windows)
+    windows = check_windows(windows)
     scale = grid_scale(hu.shape[1:], labels.shape[1:]) if scale is None else tuple(float(v) for v in scale)
     positions = slice_positions(extent, n_slices)
     offsets = neighbour_offsets(dz, n_neighbours, neighbour_mm)
@@ -272,54 +272,6 @@ def crop_vertebra_stack(
         out[:, -1] = _mask_planes(labels, positions, extent.label, box, scale, size)
     return out
 
-
-def crop_study(
-    hu: np.ndarray,
-    labels: np.ndarray,
-    extents: dict[str, VertebraExtent],
-    *,
-    n_slices: int,
-    n_neighbours: int,
-    neighbour_mm: float | None,
-    dz: float,
-    size: int,
-    windows: tuple[str, ...],
-    margin: float,
-    with_mask: bool,
-    dropped: dict[str, str] | None = None,
-    scale: tuple[float, float] | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """`crop_vertebra_stack` for C1..C7 of one study; a vertebra not found is zeros, never left out.
-
-    Args:
-        hu: (Z, H, W) original HU volume.
-        labels: (Z, s, s) prepared-grid labels.
-        extents: {"C1": VertebraExtent, ...} of the vertebrae found (`SegResult.extents`).
-        n_slices, n_neighbours, neighbour_mm, dz, size, windows, margin, with_mask, scale: as in
-            `crop_vertebra_stack` (`ClsRecipe.crop_study` passes its own).
-        dropped: {name: reason} of the vertebrae the clean-up removed (`SegResult.dropped`), for the reasons.
-
-    Returns:
-        stacks: uint8 (7, T, C, S, S) in C1..C7 order, zeros for a vertebra not found;
-        found: bool (7,);
-        reasons: {name: why} for each vertebra not found: "dropped by the clean-up: <reason>" or "not
-        found by the segmenter".
-    """
-    dropped = dropped or {}
-    geometry = dict(n_slices=n_slices, n_neighbours=n_neighbours, neighbour_mm=neighbour_mm, dz=dz, size=size,
-                    windows=windows, margin=margin, with_mask=with_mask, scale=scale)
-    c = len(stack_channel_names(_check_windows(windows), n_neighbours, with_mask))
-    stacks = np.zeros((N_VERTEBRAE, int(n_slices), c, int(size), int(size)), np.uint8)
-    found = np.zeros(N_VERTEBRAE, bool)
-    reasons: dict[str, str] = {}
-    for i, name in enumerate(VERTEBRAE):
-        if name not in extents:
-            reasons[name] = (f"dropped by the clean-up: {dropped[name]}" if name in dropped
-                             else "not found by the segmenter")
-            continue
-        stacks[i] = crop_vertebra_stack(hu, labels, extents[name], **geometry)
-        found[i] = True
-    return stacks, found, reasons
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Stage-2 inference on one segmented study: crops, a classifier ensemble over all vertebrae, 8 probabilities.
 
-`classify_study` cuts the vertebra crops (`kit.stage2.crops.crop_study`, the call `kit crops` makes, geometry
+`classify_study` cuts the vertebra crops (`kit.stage2.recipe.ClsRecipe.crop_study`, the call `kit crops` makes, geometry
 from each classifier's config: `ClsConfig.recipe`) and runs a classifier ensemble on all vertebrae at once.
 The whole pipeline for one study, DICOM in, 8 probabilities out, is `kit.submit.predictor.predict_study`.
 """

@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .crops import crop_study, crop_vertebra_stack, stack_channel_names
+from ..constants import N_VERTEBRAE, VERTEBRAE
+from .crops import check_windows, crop_vertebra_stack, stack_channel_names
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,9 @@ class ClsRecipe:
     windows: tuple[str, ...]
     margin: float
     with_mask: bool
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "windows", check_windows(self.windows))
 
     @classmethod
     def from_data(cls, data) -> ClsRecipe:
@@ -69,8 +73,34 @@ class ClsRecipe:
     def crop_study(self, hu: np.ndarray, labels: np.ndarray, extents: dict, *, dz: float,
                    dropped: dict[str, str] | None = None, scale: tuple[float, float] | None = None
                    ) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-        """C1..C7 of one study: uint8 (7, T, C, S, S), found (7,), reasons (`kit.stage2.crops.crop_study`)."""
-        return crop_study(hu, labels, extents, dropped=dropped, scale=scale, dz=dz, **self._geometry())
+        """C1..C7 of one study (`crop_vertebra` each); a vertebra not found is zeros, never left out.
+
+        Args:
+            hu: (Z, H, W) original HU volume.
+            labels: (Z, s, s) prepared-grid labels.
+            extents: {"C1": VertebraExtent, ...} of the vertebrae found (`SegResult.extents`).
+            dz: the series' slice spacing in mm.
+            dropped: {name: reason} of the vertebrae the clean-up removed (`SegResult.dropped`), for the reasons.
+            scale: (sy, sx) original pixels per prepared pixel; None: from the two shapes.
+
+        Returns:
+            stacks: uint8 (7, T, C, S, S) in C1..C7 order, zeros for a vertebra not found;
+            found: bool (7,);
+            reasons: {name: why} for each vertebra not found: "dropped by the clean-up: <reason>" or "not
+            found by the segmenter".
+        """
+        dropped = dropped or {}
+        stacks = np.zeros((N_VERTEBRAE, self.n_slices, self.n_channels, self.size, self.size), np.uint8)
+        found = np.zeros(N_VERTEBRAE, bool)
+        reasons: dict[str, str] = {}
+        for i, name in enumerate(VERTEBRAE):
+            if name not in extents:
+                reasons[name] = (f"dropped by the clean-up: {dropped[name]}" if name in dropped
+                                 else "not found by the segmenter")
+                continue
+            stacks[i] = self.crop_vertebra(hu, labels, extents[name], dz=dz, scale=scale)
+            found[i] = True
+        return stacks, found, reasons
 
     def model_input(self, image, intensity=None):
         """The model's float32 input from cached uint8 stacks (`kit.stage2.data.stack_input`), an intensity

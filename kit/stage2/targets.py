@@ -180,7 +180,7 @@ def vertebra_targets(
     n_slices: int = 15,
     tolerance_mm: float = 0.0,
 ) -> np.ndarray:
-    """(7, T) per-slice targets of a study, C1..C7, at the same positions `crop_study` samples.
+    """(7, T) per-slice targets of a study, C1..C7, at the same positions `ClsRecipe.crop_study` samples.
 
     `slice_targets` for every vertebra found (positions from `slice_positions(extent, n_slices)`); a
     vertebra not found has no positions and gets zeros. Boxes that lie on no vertebra (`vertebra` 0 in
