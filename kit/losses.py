@@ -34,7 +34,7 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.
         target: (B, C, H, W) in {0, 1}; at most one channel set per pixel when `exclusive`.
     """
     logits, target = logits.float(), target.float()
-    if exclusive:  # cross-entropy of softmax([0, logits]) written out (3x faster on CPU than F.pad + F.cross_entropy)
+    if exclusive:  # cross-entropy of softmax([0, logits]) written out (faster on CPU than F.pad + F.cross_entropy)
         top = logits.amax(1, keepdim=True).clamp(min=0.0)
         lse = top[:, 0] + torch.log(torch.exp(-top[:, 0]) + torch.exp(logits - top).sum(1))
         pixel = (lse - (logits * target).sum(1)).mean()

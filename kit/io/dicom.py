@@ -58,10 +58,10 @@ _HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "InstanceNumber", "Imag
                 "RescaleIntercept"]
 BACKENDS = ("auto", "dicomsdl", "pydicom")
 EXECUTORS = ("process", "thread")
-# Threads or processes: measured with `kit bench read` on a 2-core machine, 200 slices of 512 x 512 JPEG
-# Lossless (docs/benchmarks.md). dicomsdl holds the GIL while decoding: 2 threads read 314-316 slices/s,
-# no more than 1 worker (323-326), while 2 processes read 518-524. Processes it is, writing straight into
-# a shared output volume; one per ~8 MB of files (~32 compressed 512 x 512 slices), as a pool is not free.
+# Threads or processes: dicomsdl holds the GIL while decoding, so two threads read no faster than one and two
+# processes read much faster (docs/benchmarks.md, Reading, "Threads or processes"). Processes it is, writing
+# straight into a shared output volume; one per ~8 MB of files (~32 compressed 512 x 512 slices), as a pool is
+# not free.
 _BYTES_PER_WORKER = 8 << 20
 _CHUNK = 8  # slices per decoding task
 

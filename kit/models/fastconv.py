@@ -4,7 +4,7 @@ PyTorch's CPU kernel for the weight gradient of a depthwise convolution (groups 
 feature maps: for the level model's 2x2 and 4x4 maps (batch 320 slices, 5x5 kernels) it takes 40-110 ms a
 layer, most of a training step (docs/benchmarks.md, Stage 1, "Depthwise convolutions on CPU"). The
 same gradient is a grouped convolution of the input with the output's gradient, the channels as groups and the
-batch as each group's input channels, which oneDNN runs 2-6x faster at these sizes.
+batch as each group's input channels, which oneDNN runs several times faster at these sizes.
 
 `DepthwiseConv2d` is an `nn.Conv2d` (same parameters, same state dict) whose training forward on CPU takes
 this route when the output is at most `SMALL` pixels wide; the forward pass and the input's gradient are
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-SMALL = 4  # output width (pixels) up to which the grouped-convolution weight gradient is faster (measured)
+SMALL = 4  # output width (pixels) up to which the grouped-convolution weight gradient is faster (docs/benchmarks.md)
 
 
 class _DepthwiseFn(torch.autograd.Function):

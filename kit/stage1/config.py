@@ -78,7 +78,7 @@ class SegConfig(RunConfig):
         crop, stride = d.augment.crop, 2 ** self.model.encoder_depth
         if crop and crop < d.image_size and crop % stride:
             # the segmenter zero-pads inputs to a multiple of its stride: crops that need it would train on a
-            # padded border that whole slices never have (a crop of 72 at stride 16 gave Dice 0.45, 80 gave 0.94)
+            # padded border that whole slices never have (docs/benchmarks.md, Stage 1, "Tried and not taken")
             raise ConfigError(f"data.augment.crop={crop} must be a multiple of the segmenter's stride {stride} "
                               f"(2 ** model.encoder_depth); e.g. {max(stride, crop // stride * stride)} or "
                               f"{-(-crop // stride) * stride}")

@@ -76,9 +76,9 @@ class ClsModelConfig:
         dropout: dropout before the GRU.
         drop_path_rate: stochastic depth of the CNN.
         grad_checkpointing: recompute the CNN's activations in the backward pass (timm's
-            `set_grad_checkpointing`): a stack of 15 slices at 224 px holds ~1.4 GB of activations in bf16
-            through tf_efficientnetv2_s (measured on CPU), so a batch of 16 does not fit a 16 GB GPU without it;
-            costs ~30 % more training compute, changes nothing at inference.
+            `set_grad_checkpointing`): without it a batch of 16 stacks of 15 slices at 224 px through
+            tf_efficientnetv2_s does not fit a 16 GB GPU (docs/benchmarks.md, Memory, "Training memory of the
+            full-scale models"); it costs more training compute and changes nothing at inference.
         pretrained_weights: local state-dict file (timm backbone or whole model); never downloaded. Or
             "imagenet": the packaged ImageNet weights of the encoder (`tf_efficientnet_lite0/1/2`), input
             scaling included (see `SegModelConfig`). Or "kit:<name>": a whole classifier the kit ships as a

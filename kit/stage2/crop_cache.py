@@ -278,8 +278,8 @@ def _train_labels(root: Path) -> dict[str, np.ndarray]:
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """A compressed npz (what `np.savez_compressed` writes, read by `np.load`) under a temporary name, then
-    renamed, so a file at `path` is always complete. zlib level 1: a default study's crops (7 x 15 x 6 x 224^2,
-    31 MB raw) compress 4x faster than at `savez_compressed`'s level 6 and come out ~20 % larger (10 MB)."""
+    renamed, so a file at `path` is always complete. zlib level 1, not `savez_compressed`'s 6: much faster for
+    slightly larger files (docs/benchmarks.md, Stage 2, "The crops")."""
     tmp = path.with_name(path.name + ".tmp.npz")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
         for key, value in arrays.items():

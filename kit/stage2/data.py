@@ -99,9 +99,9 @@ def augment_stack(stack: np.ndarray, rng: np.random.Generator, aug: AugmentConfi
     n_image = c - int(mask_channel)
     matrix = random_affine(rng, h, w, aug)
     if matrix is not None:
-        # plane by plane, straight into one array: 3.4x faster at 15 x 6 x 224^2 than `warp` on (T x C, S, S),
-        # whose channel-last copies dominate; and cv2 rounds each plane as it does up to 4 channels (more
-        # channels in one call are interpolated slightly differently)
+        # plane by plane, straight into one array: faster than `warp` on (T x C, S, S), whose channel-last copies
+        # dominate (docs/benchmarks.md, Stage 2, "The crops"); and cv2 rounds each plane as it does up to 4
+        # channels (more channels in one call are interpolated slightly differently)
         warped = np.empty_like(stack)
         for i in range(t):
             for j in range(c):
