@@ -295,6 +295,7 @@ class ClsTask:
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.recipe = cfg.recipe()  # how a cached crop becomes the model's input (`kit.stage2.recipe.ClsRecipe`)
         self.per_study = cfg.model.name in PER_STUDY_MODELS
         self.held_out: CropDataset | None = None
         self.train_prevalence = np.full(len(TARGETS), np.nan)
@@ -370,7 +371,7 @@ class ClsTask:
     # ----- training -----
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Competition loss (per study) or weighted vertebra BCE (per vertebra), plus the slice BCE."""
-        image = self.cfg.recipe().model_input(batch["image"], batch["intensity"])
+        image = self.recipe.model_input(batch["image"], batch["intensity"])
         if self.per_study:
             out = model(image, batch["mask"], batch["vertebra_mask"])
             logits = combine_logits(out["logit"].float(), out["patient_logit"].float())
@@ -390,7 +391,7 @@ class ClsTask:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
         found = sample["found"]
-        image = self.cfg.recipe().model_input(sample["image"].to(device))  # unaugmented: no intensity change
+        image = self.recipe.model_input(sample["image"].to(device))  # unaugmented: no intensity change
         vertebra = model.vertebra if self.per_study else model
         odds, prevalence = vertebra.metric_odds.cpu().numpy(), vertebra.train_prevalence.cpu().numpy()
         if self.per_study:

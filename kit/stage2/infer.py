@@ -189,9 +189,9 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     device = torch.device(device) if device is not None else models[0].device
     amp = device.type == "cuda" if amp is None else amp
     t0 = time.perf_counter()
+    recipes = [m.config.recipe() for m in models]
     crops: dict = {}
-    for m in models:
-        recipe = m.config.recipe()
+    for recipe in recipes:
         if recipe not in crops:
             crops[recipe] = recipe.crop_study(hu, seg.labels, seg.extents, dz=float(dz), dropped=seg.dropped)
     _, found, missing = next(iter(crops.values()))
@@ -199,10 +199,10 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
     values = np.full((len(models), len(TARGETS)), np.nan)
     tensors = {recipe: (recipe.model_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
                for recipe, (stacks, f, _) in crops.items()}
-    for i, m in enumerate(models):
+    for i, (m, recipe) in enumerate(zip(models, recipes)):
         if m.device != device:
             m.model.to(device)
-        stacks, found_t = tensors[m.config.recipe()]
+        stacks, found_t = tensors[recipe]
         vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
         if not np.isfinite(vertebra_logits[:, found]).all() or (
                 patient_logits is not None and not np.isfinite(patient_logits).all()):
