@@ -206,3 +206,57 @@ def test_the_pipe_carries_large_buffers_where_there_is_no_shared_memory(monkeypa
     got = kp._recv(b)
     sender.join()
     assert (got["big"] == 5).all() and got["big"].flags.writeable
+
+
+def test_a_result_built_in_a_shared_block_goes_back_with_no_copy(monkeypatch):
+    """Inside a worker, an array over a `shared_block` is handed to the caller by its file (no copy: the copying
+    path is made to fail), arrives equal and writable without writing through, and the file is gone after."""
+    import multiprocessing
+
+    from kit.io import prefetch as kp
+
+    if not kp.SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm here: results travel through the pipe")
+    assert kp.shared_block(1 << 20) is None  # outside a worker: allocate as usual
+    monkeypatch.setattr(kp, "_IN_WORKER", True)
+    block, path = kp.shared_block(4 << 20)
+    assert path.is_file() and path.name.startswith(f"{kp._SHM_PREFIX}{os.getpid()}-")
+    volume = np.frombuffer(block, np.int16).reshape(8, 512, 512)
+    volume[:] = np.arange(8, dtype=np.int16)[:, None, None]
+
+    def no_copy(view):
+        raise AssertionError("the block was copied")
+
+    monkeypatch.setattr(kp, "_to_shared_file", no_copy)
+    a, b = multiprocessing.Pipe()
+    sender = threading.Thread(target=kp._send, args=(a, {"hu": volume[2:6], "name": "s"}))
+    sender.start()
+    got = kp._recv(b)
+    sender.join()
+    assert got["name"] == "s" and np.array_equal(got["hu"], volume[2:6]) and got["hu"].flags.writeable
+    got["hu"][0, 0, 0] = -7
+    assert volume[2, 0, 0] == 2 and not path.exists()  # copy-on-write on the caller's side; the file taken over
+    assert kp._handed_off(memoryview(block)) is None  # handed off once: a second send would copy
+
+    unsent, unsent_path = kp.shared_block(1 << 20)
+    del unsent
+    assert not unsent_path.exists()  # a block never sent takes its file with it
+
+
+def test_a_series_read_in_the_worker_equals_one_read_here_and_leaves_no_file(tmp_path):
+    """read_series in a prefetch worker decodes into a shared block (with its own decoding pool) and the caller
+    gets the same volume and metadata as a read in this process; no shared-memory file is left behind."""
+    from kit.io import prefetch as kp
+    from kit.io.dicom import read_series
+    from kit.synthetic import make_study, write_study
+
+    study = make_study(3, size=128, n_slices=70)
+    write_study(study, tmp_path / "s", transfer_syntax="jpeg-lossless")
+    before = set(kp.SHM_DIR.glob(f"{kp._SHM_PREFIX}*")) if kp.SHM_DIR.is_dir() else set()
+    here = read_series(tmp_path / "s", workers=1)
+    (item, there, error, _), = prefetch(functools.partial(read_series, workers=2), [str(tmp_path / "s")])
+    assert error is None and there.hu.nbytes >= kp.SHM_MIN_BYTES
+    assert np.array_equal(there.hu, here.hu) and there.hu.flags.writeable and there.files == here.files
+    assert there.spacing == here.spacing and there.warnings == here.warnings == []
+    if kp.SHM_DIR.is_dir():
+        assert set(kp.SHM_DIR.glob(f"{kp._SHM_PREFIX}*")) == before

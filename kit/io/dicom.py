@@ -36,6 +36,7 @@ import pydicom
 from pydicom import uid as UID
 
 from ..constants import WINDOWS
+from .prefetch import shared_block
 
 try:
     import dicomsdl
@@ -486,12 +487,16 @@ def read_series(study_dir: str | os.PathLike, *, workers: int | None = None, bac
 
 
 def _decode(uid: str, slices: list[_Slice], pool: Executor | None, backend: str, warnings: list[str]):
-    """Decode every slice into one pre-allocated volume, shared with worker processes through a memfd;
-    drop (and report) the slices that fail."""
+    """Decode every slice into one pre-allocated volume, shared with worker processes through a memfd (inside a
+    prefetch worker: a `shared_block`, which goes back to the caller with no copy); drop (and report) the slices
+    that fail."""
     integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
     shape, dtype = (len(slices), slices[0].rows, slices[0].cols), np.dtype(np.int16 if integral else np.float32)
     fd = None
-    if isinstance(pool, ProcessPoolExecutor) and hasattr(os, "memfd_create"):
+    if (shared := shared_block(int(np.prod(shape)) * dtype.itemsize)) is not None:
+        hu = np.frombuffer(shared[0], dtype=dtype).reshape(shape)
+        target = (str(shared[1]), shape, dtype.str) if isinstance(pool, ProcessPoolExecutor) else hu
+    elif isinstance(pool, ProcessPoolExecutor) and hasattr(os, "memfd_create"):
         fd = os.memfd_create("kit-dicom-volume")
         os.ftruncate(fd, int(np.prod(shape)) * dtype.itemsize)
         hu = np.frombuffer(mmap.mmap(fd, 0), dtype=dtype).reshape(shape)

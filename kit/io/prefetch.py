@@ -11,7 +11,8 @@ What `fn` must be:
 - numpy-only (numpy, pandas, pydicom, `kit.io.dicom` ...): the worker imports fn's module, and a module that imports
   torch makes every worker start take seconds and hundreds of MB;
 - small in, anything picklable out: items are sent to the worker as they are (keep them to paths and UIDs);
-  results come back with numpy buffers sent out of band (one copy, arrays arrive writable).
+  results come back with numpy buffers sent out of band (one copy, arrays arrive writable). A result built in
+  a `shared_block` (how `kit.io.dicom` decodes a volume inside a worker) comes back with no copy at all.
 
 Failures are per item and never stop the iteration: an exception in `fn` comes back as the error string of that
 item; a worker that dies (segfault in a native decoder, killed for memory) is reported as the error of the item
@@ -33,6 +34,7 @@ runs past the deadline: it cannot be stopped, but it does not keep the interpret
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import multiprocessing
 import mmap
@@ -192,6 +194,57 @@ SHM_MIN_BYTES = 1 << 20  # buffers at least this large go through a shared-memor
 _SHM_PREFIX = "kit-prefetch-"
 
 
+_IN_WORKER = False  # set in the worker process: `shared_block` hands out blocks there only
+_BLOCKS: dict[int, tuple[int, str, weakref.finalize]] = {}  # address -> (size, file name, unlinker) of live blocks
+
+
+def shared_block(nbytes: int) -> tuple[mmap.mmap, Path] | None:
+    """In a prefetch worker: a new zero-filled, writable block of `nbytes` in a shared-memory file, and the file's
+    path (other processes may map it to write into it, e.g. a decoding pool). A result whose buffers lie in such a
+    block travels back to the caller with no copy: the caller maps the same pages. None outside a worker, or when
+    the shared-memory folder cannot hold it (allocate as usual then).
+
+    The file goes when the caller has mapped it, or with the block when it is never sent (garbage collection)."""
+    if not _IN_WORKER or nbytes <= 0 or not SHM_DIR.is_dir():
+        return None
+    path = SHM_DIR / f"{_SHM_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # a full tmpfs is an OSError here, never a SIGBUS later
+        block = mmap.mmap(fd, nbytes)
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    finally:
+        os.close(fd)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(block))
+    _BLOCKS[address] = (nbytes, path.name, weakref.finalize(block, _forget, address, path))
+    return block, path
+
+
+def _forget(address: int, path: Path) -> None:
+    """A block collected before it was sent: its file goes with it."""
+    _BLOCKS.pop(address, None)
+    path.unlink(missing_ok=True)
+
+
+def _handed_off(view: memoryview) -> tuple[str, int] | None:
+    """(file name, offset) when `view` lies inside a live `shared_block`: the caller maps that file and takes the
+    file over (the block is forgotten here, so it is handed off once); None otherwise."""
+    if not _BLOCKS or view.readonly:
+        return None
+    address = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    for start, (size, name, unlinker) in _BLOCKS.items():
+        if start <= address and address + view.nbytes <= start + size:
+            del _BLOCKS[start]
+            unlinker.detach()
+            return name, address - start
+    return None
+
+
 def _to_shared_file(view: memoryview) -> str | None:
     """Copy `view` into a new file under `SHM_DIR` (space reserved first: a full tmpfs is an OSError here, never
     a SIGBUS later) and return its name; None when that cannot be done (the pipe carries it then)."""
@@ -215,13 +268,14 @@ def _to_shared_file(view: memoryview) -> str | None:
     return name
 
 
-def _from_shared_file(name: str, size: int) -> mmap.mmap:
-    """The buffer `_to_shared_file` wrote, mapped copy-on-write (writable, nothing copied up front); the file is
-    unlinked at once, the mapping lives as long as the arrays over it."""
+def _from_shared_file(name: str, size: int, offset: int = 0) -> memoryview:
+    """The `size` bytes at `offset` of the file `_to_shared_file` wrote (or a `shared_block`'s), mapped
+    copy-on-write (writable, nothing copied up front); the file is unlinked at once, the mapping lives as long as
+    the arrays over it."""
     path = SHM_DIR / name
     fd = os.open(path, os.O_RDONLY)
     try:
-        return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        return memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_COPY))[offset:offset + size]
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
@@ -235,10 +289,17 @@ def _send(conn: multiprocessing.connection.Connection, message: Any) -> None:
     buffers: list[pickle.PickleBuffer] = []
     payload = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     views = [b.raw() for b in buffers]
-    specs = [(v.nbytes, _to_shared_file(v) if v.nbytes >= SHM_MIN_BYTES else None) for v in views]
+    specs = []
+    for view in views:
+        if view.nbytes < SHM_MIN_BYTES:
+            specs.append((view.nbytes, None, 0))
+        elif (handed := _handed_off(view)) is not None:  # already in shared memory: no copy
+            specs.append((view.nbytes, *handed))
+        else:
+            specs.append((view.nbytes, _to_shared_file(view), 0))
     conn.send(specs)
     conn.send_bytes(payload)
-    for view, (_, name) in zip(views, specs):
+    for view, (_, name, _) in zip(views, specs):
         if name is None:
             conn.send_bytes(view)
 
@@ -250,9 +311,9 @@ def _recv(conn: multiprocessing.connection.Connection) -> Any:
     payload = conn.recv_bytes()
     buffers = []
     try:
-        for size, name in specs:
+        for size, name, offset in specs:
             if name is not None:
-                buffers.append(_from_shared_file(name, size))
+                buffers.append(_from_shared_file(name, size, offset))
                 continue
             buffer = bytearray(size)
             if size:
@@ -261,7 +322,7 @@ def _recv(conn: multiprocessing.connection.Connection) -> Any:
                 conn.recv_bytes()
             buffers.append(buffer)
     finally:  # a message cut short leaves no file behind
-        for size, name in specs:
+        for _, name, _ in specs:
             if name is not None:
                 (SHM_DIR / name).unlink(missing_ok=True)
     return pickle.loads(payload, buffers=buffers)
@@ -275,6 +336,8 @@ def _serve(fn: Callable, conn: multiprocessing.connection.Connection) -> None:
     """The worker's loop: receive `(index, item)`, send `(index, result, error, seconds)`; None stops it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the caller decides
     signal.signal(signal.SIGTERM, _exit_on_term)
+    global _IN_WORKER
+    _IN_WORKER = True
     _send(conn, ("ready", os.getpid()))
     while True:
         try:
