@@ -467,6 +467,9 @@ def test_slice_targets_from_boxes_on_a_hand_made_study():
     np.testing.assert_array_equal(slice_targets(pos4, 4, labels, (3, 3), matched, 1.0), [1, 1, 1, 0, 0])
     np.testing.assert_array_equal(slice_targets(pos3, 3, labels, (3, 3), matched, 0.5, tolerance_mm=0.5),
                                   [1, 1, 1, 1, 0])
+    # half a slice of tolerance widens by one slice (the kit's one mm -> slices rule; Python's round() gave 0)
+    np.testing.assert_array_equal(slice_targets(pos3, 3, labels, (3, 3), matched, 1.0, tolerance_mm=0.5),
+                                  [1, 1, 1, 1, 0])
     np.testing.assert_array_equal(slice_targets(pos3, 5, labels, (3, 3), matched, 1.0), np.zeros(5))
     targets = vertebra_targets(extents, labels, (3, 3), matched, 1.0, n_slices=5)
     assert targets.shape == (7, 5) and targets.dtype == np.float32

@@ -5,8 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kit.stage1.recipe import (LevelRecipe, SegRecipe, dilate_presence, jitter_presence, offsets_to_slices, ramp_weights,
+from kit.stage1.recipe import (LevelRecipe, SegRecipe, dilate_presence, jitter_presence, mm_to_slices, offsets_to_slices,
+                        ramp_weights,
                         smooth_presence, stack_slices, true_presence, vertebra_ranges)
+
+
+def test_one_rule_from_mm_to_slices():
+    """Nearest, halves away from zero; `within`: the most slices inside the distance, despite float error."""
+    assert [mm_to_slices(mm, 1.0) for mm in (0.4, 0.5, 1.5, 2.5, -2.5, 0.0)] == [0, 1, 2, 3, -3, 0]
+    assert mm_to_slices(4.0, 0.7) == 6 and mm_to_slices(4.0, 0.7, within=True) == 5
+    assert mm_to_slices(4.0, 4 / 3, within=True) == 3 and mm_to_slices(-4.0, 0.7, within=True) == -5
+    for dz in (0.0, -1.0, None):
+        with pytest.raises(ValueError, match="dz must be > 0"):
+            mm_to_slices(1.0, dz)
 
 
 def test_offsets_in_mm_become_whole_slices():

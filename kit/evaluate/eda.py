@@ -11,6 +11,7 @@ import pandas as pd
 from matplotlib.patches import Rectangle
 
 from ..constants import TARGETS, VERTEBRAE, WINDOWS
+from ..stage1.recipe import mm_to_slices
 from ..stage2.targets import file_numbers
 
 
@@ -235,7 +236,7 @@ def plot_fracture_boxes(hu: np.ndarray, spacing: tuple[float, float, float], box
     """
     spans = fracture_spans(boxes)
     n = max(1, min(len(spans), max_panels))
-    pad = int(round(context_mm / spacing[0]))  # slices shown above and below each fracture
+    pad = mm_to_slices(context_mm, spacing[0])  # slices shown above and below each fracture
     windows = [(max(0, int(sp.slice_first) - pad), min(len(hu) - 1, int(sp.slice_last) + pad))
                for sp in spans.head(n).itertuples()] or [(0, len(hu) - 1)]
     aspect = spacing[0] / spacing[1]

@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ..constants import N_VERTEBRAE, PROB_SCALE, VERTEBRAE
+from .recipe import mm_to_slices
 
 _FULL_3D = np.ones((3, 3, 3), dtype=bool)  # 26-connectivity
 _PLANE_8 = np.ones((3, 3), dtype=bool)  # 8-connectivity in-plane
@@ -102,11 +103,6 @@ END_THRESHOLD = 0.05
 #: otherwise carry a vertebra through the volume (about a vertebra's height; over the 80 tuning studies the growth
 #: reached 7.5 mm at most, a dens tip above a dip, and 0-1 slices in 98 % of the ends).
 GROW_MAX_MM = 15.0
-
-
-def _whole_slices(mm: float, dz: float) -> int:
-    """The whole slices that fit in `mm` at slice spacing `dz` (rounding error aside: 4 mm at 1.3333 mm is 3)."""
-    return int(np.floor(mm / float(dz) + 1e-6))
 
 
 def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float, max_slices: int | None = None) -> np.ndarray:
@@ -272,12 +268,12 @@ def clean_vertebra_probs(
     scale = PROB_SCALE if probs.dtype == np.uint8 else 1.0
     cut = threshold * scale
     gap = 0
-    reach = None if dz is None else _whole_slices(GROW_MAX_MM, dz)  # end growth, in slices
+    reach = None if dz is None else mm_to_slices(GROW_MAX_MM, dz, within=True)  # end growth, in slices
     if levels is not None and dz is not None:
         levels = np.asarray(levels)
         if levels.shape != (N_VERTEBRAE, shape[0]):
             raise ValueError(f"levels must be ({N_VERTEBRAE}, {shape[0]}) for C1..C7; got shape {levels.shape}")
-        gap = _whole_slices(BRIDGE_MM, dz)
+        gap = mm_to_slices(BRIDGE_MM, dz, within=True)
     dropped: dict[str, str] = {}
     for c in range(N_VERTEBRAE):
         mask = largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap)

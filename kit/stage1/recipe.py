@@ -40,6 +40,22 @@ def round_half_up(x: float) -> int:
     return int(math.copysign(math.floor(abs(x) + 0.5), x))
 
 
+def mm_to_slices(mm: float, dz: float, *, within: bool = False) -> int:
+    """The kit's one rule from millimetres to whole slices at slice spacing `dz` mm: the nearest count, halves away
+    from zero (2.5 -> 3). `within=True`: the most whole slices that fit inside `mm` (4 mm at 1.3333 mm is 3,
+    rounding error aside), for a reach that must not pass the distance.
+
+    Raises:
+        ValueError: dz not > 0.
+    """
+    if dz is None or not float(dz) > 0:
+        raise ValueError(f"slice spacing dz must be > 0 mm; got {dz}")
+    ratio = float(mm) / float(dz)
+    if within:
+        return int(math.copysign(math.floor(abs(ratio) + 1e-6), ratio))
+    return round_half_up(ratio)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Slices
 # ---------------------------------------------------------------------------------------------------------
@@ -52,7 +68,7 @@ def offsets_to_slices(offsets_mm: Sequence[float], dz: float) -> np.ndarray:
         raise ValueError(f"slice spacing dz must be > 0 mm; got {dz}")
     out = []
     for off in offsets_mm:
-        n = round_half_up(float(off) / float(dz))
+        n = mm_to_slices(off, dz)
         out.append(0 if off == 0 else int(math.copysign(max(1, abs(n)), off)))
     return np.asarray(out, dtype=np.int64)
 
@@ -214,7 +230,7 @@ class SegRecipe:
             raise ValueError(f"presence must be ({N_VERTEBRAE}, Z); got {presence.shape}")
         if rng is not None and self.level_jitter_mm > 0:
             presence = jitter_presence(presence, dz, self.level_jitter_mm, rng)
-        out = smooth_presence(dilate_presence(presence, round_half_up(self.level_margin_mm / dz)),
+        out = smooth_presence(dilate_presence(presence, mm_to_slices(self.level_margin_mm, dz)),
                               self.level_ramp_mm / dz)
         if rng is not None:
             out *= rng.uniform(0.8, 1.0, size=(N_VERTEBRAE, 1)).astype(np.float32)

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ..constants import N_VERTEBRAE, VERTEBRAE
 from ..stage1.postprocess import VertebraExtent
+from ..stage1.recipe import mm_to_slices
 from .crops import slice_positions
 
 BOX_COLUMNS = ("x", "y", "width", "height", "slice_number")
@@ -142,7 +143,7 @@ def slice_targets(
 
     The exact rule: the boxes lying on this vertebra are those `assign_boxes_to_vertebrae` gives to
     `vertebra_label` (most mask pixels under the box, in the box's own slice); their z-range is first..last
-    of their slices, widened by `round(tolerance_mm / dz)` slices at both ends; a sampled slice is 1 when
+    of their slices, widened by `mm_to_slices(tolerance_mm, dz)` slices at both ends; a sampled slice is 1 when
     its index lies in that range (inclusive), else 0. No box on the vertebra: all 0. (One range per
     vertebra: two separate fractures on it count the slices between them as positive.)
 
@@ -166,7 +167,7 @@ def slice_targets(
     zs = boxes.loc[boxes["vertebra"] == int(vertebra_label), "z"].to_numpy()
     if len(zs) == 0:
         return np.zeros(len(positions), np.float32)
-    pad = int(round(float(tolerance_mm) / float(dz))) if tolerance_mm else 0
+    pad = mm_to_slices(tolerance_mm, dz) if tolerance_mm else 0
     return ((positions >= zs.min() - pad) & (positions <= zs.max() + pad)).astype(np.float32)
 
 
