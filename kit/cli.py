@@ -277,13 +277,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
+    from .runs import InferenceOptions
     from .submit.predictor import submit
 
-    weights = None
-    if args.weights:
-        weights = [float(w) for w in args.weights]
-    submit(args.data_root, args.runs, args.out, time_budget=args.time_budget, devices=args.devices, mean=args.mean,
-           weights=weights, tta_flip=args.tta_flip, prefetch=not args.no_prefetch, threads=args.threads)
+    options = InferenceOptions(mean=args.mean, weights=args.weights or None, tta_flip=args.tta_flip)
+    submit(args.data_root, args.runs, args.out, options=options, time_budget=args.time_budget, devices=args.devices,
+           prefetch=not args.no_prefetch, threads=args.threads)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:

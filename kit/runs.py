@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,40 @@ _INFERENCE_KWARGS = {"pretrained": False, "encoder_weights": None, "pretrained_w
 log = logging.getLogger("kit.runs")
 
 PathLike = str | os.PathLike
+
+
+#: how an ensemble of classifiers (folds, runs, flip views) is averaged: probabilities, or logits then the sigmoid
+MEANS = ("prob", "logit")
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How trained runs predict a study, as one object from the command line (`kit submit --mean --weights
+    --tta-flip`) through `submit`, the predictor and `predict_study` to `classify_study`.
+
+    Attributes:
+        mean: how the classifier ensemble is averaged, "prob" or "logit" (stage 1 averages probabilities).
+        weights: classifier run weights: None (every run alike), one value per run (order of first appearance)
+            or {run folder name: weight} (runs not named: 1); checked against the runs by `classify_study`.
+        tta_flip: the left-right mirrored crops join the classifier's batch as a second view.
+        amp: autocast on CUDA (None: on there); CPU always runs float32.
+
+    Raises:
+        ValueError: an unknown `mean`, or weights that are not numbers.
+    """
+
+    mean: str = "prob"
+    weights: tuple[float, ...] | Mapping[str, float] | None = None
+    tta_flip: bool = False
+    amp: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.mean not in MEANS:
+            raise ValueError(f"mean must be one of {MEANS}; got {self.mean!r}")
+        if self.weights is not None:  # a plain, picklable copy: the options travel to device workers
+            weights = ({str(k): float(v) for k, v in self.weights.items()} if isinstance(self.weights, Mapping)
+                       else tuple(float(w) for w in self.weights))
+            object.__setattr__(self, "weights", weights)
 
 
 @dataclass

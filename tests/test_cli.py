@@ -149,3 +149,23 @@ def test_many_failures_are_shown_in_part_and_counted():
     shown = _few_failures(many)["failures"]
     assert list(shown)[:10] == [f"u{i}" for i in range(10)] and shown["..."] == "15 more in failures.csv"
     assert len(shown) == 11 and len(many["failures"]) == 25  # the result itself is left whole
+
+
+def test_submit_options_travel_as_one_object(monkeypatch):
+    """`kit submit --mean --weights --tta-flip` become one `InferenceOptions`, plain and picklable for the device
+    workers; a bad mean is refused when the options are made."""
+    import pickle
+
+    from kit.runs import InferenceOptions
+    from kit.submit import predictor
+
+    seen = {}
+    monkeypatch.setattr(predictor, "submit", lambda root, runs, out, **kw: seen.update(kw, root=root, runs=runs))
+    args = parse_args(["submit", "--data-root", "d", "--runs", "r1", "r2", "--mean", "logit", "--weights", "2", "1",
+                       "--tta-flip"])
+    args.func(args)
+    assert seen["options"] == InferenceOptions(mean="logit", weights=(2.0, 1.0), tta_flip=True)
+    assert seen["runs"] == ["r1", "r2"] and pickle.loads(pickle.dumps(seen["options"])) == seen["options"]
+    assert InferenceOptions(weights={"a": 2}).weights == {"a": 2.0} and InferenceOptions(weights=[1, 3]).weights == (1.0, 3.0)
+    with pytest.raises(ValueError, match="mean must be one of"):
+        InferenceOptions(mean="median")

@@ -29,6 +29,7 @@ from kit.stage2.recipe import ClsRecipe
 from kit.stage1.postprocess import missing_vertebrae, vertebra_extents
 from kit.io.dicom import read_mask, read_series, resize_slices
 from kit.evaluate.metrics import scale_odds
+from kit.runs import InferenceOptions
 from kit.submit.predictor import load_runs, resolve_runs, submit
 from kit.stage1.results import SegResult
 from seg_fixtures import make_cache, tiny_overrides
@@ -152,7 +153,7 @@ def test_predict_study_gives_eight_probabilities(models, segmented):
 
     patient = predictor.predict_study(series, [models["patient"]], seg=seg)
     assert patient["patient_source"] == "patient head" and np.isfinite(patient["probs"]).all()
-    flipped = predictor.predict_study(series, [models["patient"]], seg=seg, tta_flip=True)  # a batch of 2 studies
+    flipped = predictor.predict_study(series, [models["patient"]], seg=seg, options=InferenceOptions(tta_flip=True))  # a batch of 2 studies
     assert np.isfinite(flipped["probs"]).all() and not np.allclose(flipped["probs"], patient["probs"])
     assert abs(patient["probs"][0] - (1 - np.prod(1 - patient["probs"][1:]))) > 1e-6  # the head's own value
 
@@ -187,8 +188,8 @@ def test_predict_study_from_dicom_runs_both_stages(models, synthetic_root, monke
 def test_mean_of_logits_or_probabilities_and_weights(models, segmented):
     series, seg = segmented
     runs = [models["cls"], models["patient"]]
-    probs = predictor.predict_study(series, runs, seg=seg, mean="prob")
-    logits = predictor.predict_study(series, runs, seg=seg, mean="logit")
+    probs = predictor.predict_study(series, runs, seg=seg, options=InferenceOptions(mean="prob"))
+    logits = predictor.predict_study(series, runs, seg=seg, options=InferenceOptions(mean="logit"))
     per_model = np.stack([m["probs"] for m in probs["models"]])  # (3, 8): cls folds 0, 1, patient fold 0
     assert per_model.shape == (3, 8) and [m["fold"] for m in probs["models"]] == [0, 1, 0]
     np.testing.assert_allclose(np.stack([m["probs"] for m in logits["models"]]), per_model, atol=1e-12)
@@ -203,22 +204,23 @@ def test_mean_of_logits_or_probabilities_and_weights(models, segmented):
     cls_key = str(Path(models["cls"][0].path).parent.parent)
     np.testing.assert_allclose(probs["runs"][cls_key], per_model[:2].mean(0), atol=1e-12)
 
-    weighted = predictor.predict_study(series, runs, seg=seg, weights=[3.0, 1.0])
+    weighted = predictor.predict_study(series, runs, seg=seg, options=InferenceOptions(weights=[3.0, 1.0]))
     np.testing.assert_allclose(weighted["probs"], (np.array([3 / 8, 3 / 8, 1 / 4])[:, None] * per_model).sum(0),
                                atol=1e-12)
-    by_name = predictor.predict_study(series, runs, seg=seg, weights={"demo_cls": 3.0})
+    by_name = predictor.predict_study(series, runs, seg=seg, options=InferenceOptions(weights={"demo_cls": 3.0}))
     np.testing.assert_allclose(by_name["probs"], weighted["probs"], atol=1e-12)
     with pytest.raises(ValueError, match="2 classifier runs"):
-        predictor.predict_study(series, runs, seg=seg, weights=[1.0])
+        predictor.predict_study(series, runs, seg=seg, options=InferenceOptions(weights=[1.0]))
     with pytest.raises(ValueError, match="mean must be one of"):
-        predictor.predict_study(series, runs, seg=seg, mean="median")
+        InferenceOptions(mean="median")
 
 
 def test_flip_tta_mirrors_the_crops_in_the_same_batch(models, segmented, tmp_path):
     series, seg = segmented
     stand_in = recorder_model(models["cls"][0].config, tmp_path / "rec")
     plain = infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]))
-    flipped = infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]), tta_flip=True)
+    flipped = infer.classify_study(series.hu, seg, [stand_in], dz=float(series.spacing[0]),
+                                  options=InferenceOptions(tta_flip=True))
     first, both = stand_in.model.seen
     assert both.shape[0] == 2 * first.shape[0] == 14  # one forward pass: 7 vertebrae x 2 views
     assert torch.equal(both[:7], first) and torch.equal(both[7:], first.flip(-1))  # left-right: the W axis
@@ -251,7 +253,8 @@ def test_the_predictor_factory_pickles_and_predicts_like_predict_study(trained, 
 
     from kit.submit.predictor import PredictorFactory
 
-    factory = PredictorFactory((str(trained["seg_c1"]), str(trained["cls"])), weights={"demo_cls": 2.0}, threads=1)
+    factory = PredictorFactory((str(trained["seg_c1"]), str(trained["cls"])),
+                               InferenceOptions(weights={"demo_cls": 2.0}), threads=1)
     worker = pickle.loads(pickle.dumps(factory))("cpu")  # what each device worker does
     study = sorted((synthetic_root / "test_images").iterdir())[1]
     series = read_series(study)
@@ -471,7 +474,7 @@ def test_half_precision_inference_matches_float32(models, synthetic_root, monkey
     full = predictor.predict_study(study, runs)
     for module in (stage1_infer, infer):
         monkeypatch.setattr(module, "autocast", lambda device, amp: torch.autocast("cpu", dtype=dtype))
-    half = predictor.predict_study(study, runs, amp=True)
+    half = predictor.predict_study(study, runs, InferenceOptions(amp=True))
     assert half["found"].tolist() == full["found"].tolist() == [True] + [False] * 6
     np.testing.assert_allclose(half["probs"], full["probs"], atol=1e-2)
     assert not np.array_equal(half["probs"][:2], full["probs"][:2])  # it did run in half precision

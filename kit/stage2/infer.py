@@ -18,9 +18,8 @@ from ..constants import TARGETS, TRAIN_PREVALENCE, VERTEBRAE
 from ..devices import autocast
 from ..evaluate.calibration import apply_calibration
 from ..evaluate.metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
-from ..runs import LoadedModel, flatten_models
+from ..runs import InferenceOptions, LoadedModel, flatten_models
 
-MEANS = ("prob", "logit")
 
 
 class ClassificationError(RuntimeError):
@@ -131,37 +130,32 @@ def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None
     return logit(p).mean(0) if mean == "logit" else p.mean(0)
 
 
-def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", weights=None,
-                   tta_flip: bool = False, device: str | torch.device | None = None, amp: bool | None = None,
-                   uid: str | None = None) -> dict:
+def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOptions | None = None,
+                   device: str | torch.device | None = None, uid: str | None = None) -> dict:
     """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == "fractures"`).
 
     The crops are `config.recipe().crop_study(hu, seg.labels, seg.extents, dz=dz, dropped=seg.dropped)`, the very
     call `kit crops` makes, cut once per distinct recipe among the
     models. A model sees them as training and validation do (`kit.stage2.data.stack_input`: uint8 / 255): a per-vertebra
     model (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`)
-    the whole study with `vertebra_mask` = found; with `tta_flip` the left-right mirrored crops (last axis) join
-    the same batch.
+    the whole study with `vertebra_mask` = found; with `options.tta_flip` the left-right mirrored crops (last axis)
+    join the same batch.
 
     Each model gives 8 values (TARGETS order) as its validation computed them: a per-vertebra model's through
     `kit.evaluate.metrics.targets_from_vertebrae`, a per-study model's (patient_overall from its patient head) through
     `kit.evaluate.metrics.complete_targets`, with the `metric_odds` and `train_prevalence` saved with its weights; a
     vertebra not found is worth its training prevalence (`kit.evaluate.metrics.fill_missing_vertebrae`), also when none
     is found. The flip views are averaged first, then the models, in
-    the space of `mean`: "prob" averages probabilities, "logit" averages logits and takes the sigmoid of the
-    mean. A run's folds share its
-    weight equally (`weights`, see `_model_weights`).
+    the space of `options.mean`: "prob" averages probabilities, "logit" averages logits and takes the sigmoid of
+    the mean. A run's folds share its weight equally (`options.weights`, see `_model_weights`).
 
     Args:
         hu: (Z, H, W) HU volume of the original series (`kit.io.dicom.Series.hu`).
         seg: the stage-1 result (`kit.stage1.results.SegResult`: `labels`, `extents`, `dropped`), e.g. `segment_study`.
         runs: classifier models (`load_run` output, several, nested, or run folders).
         dz: the series' slice spacing in mm (`Series.spacing[0]`).
-        mean: "prob" or "logit".
-        weights: None (every run alike), one value per run (order of first appearance), or {run name: weight}.
-        tta_flip: add the left-right flipped crops as a second view.
+        options: mean, weights, flip TTA and autocast (`kit.runs.InferenceOptions`; default: its defaults).
         device: where to run (default: the first model's device).
-        amp: autocast on CUDA (default on there; CPU runs float32).
         uid: study name for messages.
 
     A run loaded with a `calibration.json` (`kit.evaluate.calibration`, fitted on the run's OOF predictions;
@@ -175,19 +169,19 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         is}; `timing` (`crop_s`, `classify_s`).
 
     Raises:
-        ValueError: no classifier among the models, an unknown `mean`, bad `weights`.
+        ValueError: no classifier among the models, `options.weights` that do not fit the runs.
         ClassificationError: a classifier gave NaN / inf for a vertebra found.
     """
-    if mean not in MEANS:
-        raise ValueError(f"mean must be one of {MEANS}; got {mean!r}")
+    options = options or InferenceOptions()
+    mean = options.mean
     models = [m for m in flatten_models(runs) if m.provides == "fractures"]
     if not models:
         raise ValueError("no classifier (a run whose config provides 'fractures') among the models given")
     grouped = group_runs(models)
     models = [m for run in grouped.values() for m in run]
-    model_weights = _model_weights(grouped, weights)
+    model_weights = _model_weights(grouped, options.weights)
     device = torch.device(device) if device is not None else models[0].device
-    amp = device.type == "cuda" if amp is None else amp
+    amp = device.type == "cuda" if options.amp is None else options.amp
     t0 = time.perf_counter()
     recipes = [m.config.recipe() for m in models]
     crops: dict = {}
@@ -203,7 +197,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, mean: str = "prob", 
         if m.device != device:
             m.model.to(device)
         stacks, found_t = tensors[recipe]
-        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, tta_flip, device, amp)
+        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, options.tta_flip, device, amp)
         if not np.isfinite(vertebra_logits[:, found]).all() or (
                 patient_logits is not None and not np.isfinite(patient_logits).all()):
             raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")

@@ -16,14 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..runs import flatten_models
+from ..runs import InferenceOptions, flatten_models
 from ..stage1.infer import segment_study
 from ..stage1.postprocess import THRESHOLD
 from ..stage2.infer import classify_study
@@ -79,22 +79,18 @@ def _stages(runs: list[list]) -> dict[str, list[str]]:
 @dataclass
 class StudyPredictor:
     """The writer's predictor: `predictor(uid, series)` -> `kit.submit.submission.Prediction`: (8,) probabilities in
-    TARGETS order and a log note naming the vertebrae stage 1 did not find. Options as
+    TARGETS order and a log note naming the vertebrae stage 1 did not find. Arguments as
     `kit.submit.predictor.predict_study`."""
 
     runs: list
-    mean: str = "prob"
-    weights: Sequence[float] | Mapping[str, float] | None = None
-    tta_flip: bool = False
+    options: InferenceOptions | None = None
     device: str | None = None
-    amp: bool | None = None
 
     def __call__(self, uid: str, study):
         from .predictor import predict_study
         from .submission import Prediction
 
-        result = predict_study(study, self.runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip,
-                               device=self.device, amp=self.amp, uid=uid)
+        result = predict_study(study, self.runs, self.options, device=self.device, uid=uid)
         notes = ()
         if result["missing"]:  # valued as in validation (kit.evaluate.metrics.fill_missing_vertebrae); the log says so
             notes = (("vertebrae not found", "; ".join(f"{name}: {why}" for name, why in result["missing"].items())
@@ -108,16 +104,13 @@ class PredictorFactory:
 
     Attributes:
         runs: RUN folders (`resolve_runs`).
-        mean, weights, tta_flip, amp: as `kit.submit.predictor.predict_study`.
+        options: as `kit.submit.predictor.predict_study`.
         threads: torch CPU threads in the process that builds the predictor (None: torch's default); several
             CPU workers on one machine should share the cores.
     """
 
     runs: tuple[str, ...]
-    mean: str = "prob"
-    weights: Sequence[float] | Mapping[str, float] | None = None
-    tta_flip: bool = False
-    amp: bool | None = None
+    options: InferenceOptions | None = None
     threads: int | None = None
 
     def __call__(self, device: str) -> StudyPredictor:
@@ -131,8 +124,7 @@ class PredictorFactory:
             torch.cuda.set_device(torch.device(device))
         runs = load_runs(self.runs, device=device)
         log.info("predictor on %s: %s", device, _stages(runs))
-        return StudyPredictor(runs, mean=self.mean, weights=self.weights, tta_flip=self.tta_flip, device=device,
-                              amp=self.amp)
+        return StudyPredictor(runs, self.options, device=device)
 
 
 def default_devices() -> list[str]:
@@ -196,9 +188,8 @@ def run_fallback(paths: Sequence[PathLike]) -> np.ndarray | None:
 
 
 def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submissions/submission.csv", *,
-           time_budget: float | None = None, devices: Sequence[str] | None = None, mean: str = "prob",
-           weights: Sequence[float] | Mapping[str, float] | None = None, tta_flip: bool = False,
-           amp: bool | None = None, prefetch: bool = True, progress: bool = True,
+           options: InferenceOptions | None = None, time_budget: float | None = None,
+           devices: Sequence[str] | None = None, prefetch: bool = True, progress: bool = True,
            threads: int | None = None) -> dict:
     """Predict the test studies of `data_root` with `runs` and write a complete, validated submission.
 
@@ -216,7 +207,7 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
             remaining studies get fallbacks, and a study still read or predicted at the deadline is cut off (its
             worker processes stopped) so that the files are written on time (`kit.submit.submission`).
         devices: one worker per entry (`["cuda:0", "cuda:1"]`); default `default_devices()`.
-        mean, weights, tta_flip, amp: as `kit.submit.predictor.predict_study`.
+        options: classifier mean, run weights, flip TTA, autocast (`kit.runs.InferenceOptions`).
         prefetch: read the next study in a separate process while this one is predicted (off: in this process,
             where a native decoder crashing on a corrupt file would end the run; on, that study gets fallbacks).
         progress: progress bar and the writer's one-line summary.
@@ -236,9 +227,7 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
     cpu_workers = sum(str(d).startswith("cpu") for d in devices)
     if threads is None and cpu_workers > 1:
         threads = max(1, (os.cpu_count() or 1) // cpu_workers)
-    if weights is not None:
-        weights = dict(weights) if isinstance(weights, Mapping) else tuple(float(w) for w in weights)
-    factory = PredictorFactory(paths, mean=mean, weights=weights, tta_flip=tta_flip, amp=amp, threads=threads)
+    factory = PredictorFactory(paths, options, threads=threads)
     uids, _ = studies_to_predict(root)
     sample = root / "sample_submission.csv"
     return write_submission_parallel(uids, factory, devices, out, sample_submission=sample if sample.is_file()
@@ -246,9 +235,9 @@ def submit(data_root: PathLike, runs: Sequence[PathLike], out: PathLike = "submi
                                      prefetch=prefetch, progress=progress, fallback=run_fallback(paths))
 
 
-def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bool = False,
-                  device: str | torch.device | None = None, amp: bool | None = None, seg=None,
-                  threshold: float = THRESHOLD, batch_size: int | None = None, uid: str | None = None) -> dict:
+def predict_study(study, runs, options: InferenceOptions | None = None, *, device: str | torch.device | None = None,
+                  seg=None, threshold: float = THRESHOLD, batch_size: int | None = None,
+                  uid: str | None = None) -> dict:
     """One study, DICOM in, the competition's 8 probabilities out.
 
     One DICOM read (`kit.io.dicom.read_series`, or the `Series` given) serves both stages: stage 1's input is
@@ -265,12 +254,10 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
         runs: `load_run` outputs (stage 1 and stage 2 together, nested lists allowed) or run folders; each
             model's stage is its config's `provides`: "vertebra_probs" (segmenter), "levels" (level model),
             "fractures" (classifier). Any number of folds and runs per stage.
-        mean: how the classifier ensemble (folds, runs, flip views) is averaged: "prob" or "logit". Stage 1
-            averages probabilities (`segment_study`).
-        weights: classifier run weights (`classify_study`).
-        tta_flip: left-right flip TTA for the classifier.
+        options: how the models run and the classifier ensemble is averaged (`kit.runs.InferenceOptions`: mean,
+            run weights, flip TTA, autocast; default: its defaults). Stage 1 averages probabilities
+            (`segment_study`) and takes only the autocast.
         device: where the models run (default: where they are).
-        amp: autocast on CUDA (default: on there; always off on CPU).
         seg: a stage-1 result to use instead of running the stage-1 models (e.g. from the ground truth).
         threshold: stage 1's clean-up threshold.
         batch_size: stage-1 slices per forward pass (default `stage1_batch_size`).
@@ -282,7 +269,7 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
         `seg` (the `SegResult`); `timing` seconds (`read_s`, `segment_s`, `crop_s`, `classify_s`, `total_s`).
 
     Raises:
-        ValueError: no classifier, or no segmenter and no `seg`; bad `mean` or `weights`.
+        ValueError: no classifier, or no segmenter and no `seg`; `options.weights` that do not fit the runs.
         SegmentationError, ClassificationError: a model produced NaN.
         kit.io.dicom.DicomError: the folder cannot be read.
     """
@@ -290,6 +277,7 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
     from ..io.dicom import read_series
 
     start = time.perf_counter()
+    options = options or InferenceOptions()
     series = study if hasattr(study, "hu") else read_series(study)
     uid = uid or getattr(series, "uid", None)
     t_read = time.perf_counter()
@@ -307,11 +295,11 @@ def predict_study(study, runs, *, mean: str = "prob", weights=None, tta_flip: bo
         if not segmenters:
             raise ValueError("no segmenter run among the runs given, and no seg= result to use instead")
         prepared = prepare_arrays(series, segmenters[0].image_size, segmenters[0].window)
-        seg = segment_study({**prepared, "uid": uid}, stage1, batch_size=batch_size, device=device, amp=amp,
+        seg = segment_study({**prepared, "uid": uid}, stage1, batch_size=batch_size, device=device, amp=options.amp,
                             threshold=threshold, uid=uid)
     t_seg = time.perf_counter()
-    result = classify_study(series.hu, seg, classifiers, dz=float(series.spacing[0]), mean=mean, weights=weights,
-                            tta_flip=tta_flip, device=device, amp=amp, uid=uid)
+    result = classify_study(series.hu, seg, classifiers, dz=float(series.spacing[0]), options=options, device=device,
+                            uid=uid)
     timing = {"read_s": round(t_read - start, 4), "segment_s": round(t_seg - t_read, 4), **result.pop("timing"),
               "total_s": round(time.perf_counter() - start, 4)}
     return {"uid": uid, **result, "seg": seg, "timing": timing}
