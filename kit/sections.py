@@ -44,19 +44,36 @@ class AugmentConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where the data is and how samples are made.
+class SourceConfig:
+    """The part of every stage's data section that says which studies a run learns from and how they are split:
+    the same studies and folds in stage 1 and stage 2 (the stage's data sections extend it).
 
     Attributes:
         data_root: RSNA layout folder (holds train.csv, train_images/, segmentations/).
-        cache_dir: prepared arrays from `kit prepare` (`<uid>.npz`, manifest.csv).
         folds_csv: `StudyInstanceUID, fold` CSV shared by all stages; None uses
             `kit.io.folds.default_folds_path(n_folds, folds_seed)` (made from `data_root` on first use).
         folds_seed: seed of the split when it is made.
         n_folds: number of folds.
         fold: the held-out fold of this run.
-        window: HU window the cache was prepared with (a key of `kit.constants.WINDOWS`); recorded so
-            inference windows new studies the same way.
+        window: stage 1's HU window (a key of `kit.constants.WINDOWS`), the one its cache was prepared with;
+            recorded so inference windows new studies the same way.
+    """
+
+    data_root: str = "data"
+    folds_csv: str | None = None
+    folds_seed: int = 42
+    n_folds: int = 5
+    fold: int = 0
+    window: str = "bone"
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Where the segmenter's data is and how its samples are made.
+
+    Attributes:
+        data_root, folds_csv, folds_seed, n_folds, fold, window: the studies and their split (`SourceConfig`).
+        cache_dir: prepared arrays from `kit prepare` (`<uid>.npz`, manifest.csv).
         image_size: in-plane model input size S; cached arrays of another size are resized on the fly.
         slice_offsets_mm: the segmenter's input slices, as offsets in mm from the slice segmented (ascending,
             0 included), each rounded to whole slices of the study (`kit.stage1.recipe.offsets_to_slices`; a non-zero
@@ -86,13 +103,7 @@ class DataConfig:
         augment: training augmentations.
     """
 
-    data_root: str = "data"
     cache_dir: str = "cache/train"
-    folds_csv: str | None = None
-    folds_seed: int = 42
-    n_folds: int = 5
-    fold: int = 0
-    window: str = "bone"
     image_size: int = 384
     slice_offsets_mm: list[float] = field(default_factory=lambda: [-2.0, -1.0, 0.0, 1.0, 2.0])
     other_vertebrae: bool = False
@@ -252,10 +263,15 @@ class RunConfig:
         """`<out_dir>/<name>/fold<k>`."""
         return Path(self.out_dir) / self.name / f"fold{self.data.fold}"
 
-    def _check_fold(self) -> None:
+    def _check_source(self) -> None:
+        """The data section's `SourceConfig` part: a fold inside the split, a known window."""
+        from .constants import WINDOWS
+
         d = self.data
         if not 0 <= d.fold < d.n_folds:
             raise ConfigError(f"data.fold={d.fold} must be in 0..{d.n_folds - 1} (data.n_folds={d.n_folds})")
+        if d.window not in WINDOWS:
+            raise ConfigError(f"data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
 
     def _check_train_and_name(self) -> None:
         t = self.train

@@ -144,3 +144,18 @@ def test_the_full_scale_classifier_checkpoints_its_backbone():
         assert kwargs["grad_checkpointing"] is on
         model = create_model(name, **{**kwargs, "encoder": "resnet18d"})  # the flag's path, on a small backbone
         assert model.cnn.grad_checkpointing is on
+
+
+@pytest.mark.parametrize("name", ["demo_seg", "demo_level", "demo_cls"])
+def test_every_stage_reads_the_same_studies_and_split_from_one_section(name):
+    """The data sections of all stages extend `SourceConfig` (one definition of the studies, folds and stage 1's
+    window), and each stage checks it alike: a fold outside the split and an unknown window are refused."""
+    from kit.sections import SourceConfig
+
+    cfg = load_config(name)
+    assert isinstance(cfg.data, SourceConfig)
+    assert {f.name for f in dataclasses.fields(SourceConfig)} <= {f.name for f in dataclasses.fields(cfg.data)}
+    with pytest.raises(ConfigError, match="data.window='lung-ish'"):
+        load_config(name, **{"data.window": "lung-ish"})
+    with pytest.raises(ConfigError, match="data.fold=5 must be in 0..4"):
+        load_config(name, **{"data.fold": 5, "data.n_folds": 5})

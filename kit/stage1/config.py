@@ -10,6 +10,7 @@ from ..sections import (
     OptimConfig,
     RunConfig,
     SegModelConfig,
+    SourceConfig,
     TrainConfig,
     input_scaling,
     register_config,
@@ -57,11 +58,7 @@ class SegConfig(RunConfig):
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
         d = self.data
-        self._check_fold()
-        from ..constants import WINDOWS
-
-        if d.window not in WINDOWS:
-            raise ConfigError(f"data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
+        self._check_source()
         offs = d.slice_offsets_mm
         if not offs or 0 not in offs or list(offs) != sorted(set(offs)):
             raise ConfigError(f"data.slice_offsets_mm must be ascending, without repeats, and include 0; got {offs}")
@@ -86,12 +83,13 @@ class SegConfig(RunConfig):
 
 
 @dataclass
-class LevelDataConfig:
+class LevelDataConfig(SourceConfig):
     """Data of the level model (`kit.models.level`): whole segmented studies at a coarse slice spacing.
 
     Attributes:
-        data_root, cache_dir, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same
-            studies, cache and folds as the segmenter).
+        data_root, folds_csv, folds_seed, n_folds, fold, window: the studies and their split (`SourceConfig`),
+            the segmenter's.
+        cache_dir: the segmenter's cache (`DataConfig.cache_dir`).
         image_size: in-plane size of each slice for the level model (small: it names levels, it does not
             outline them).
         slice_mm: spacing of the model's steps along the study, in mm.
@@ -107,13 +105,7 @@ class LevelDataConfig:
             mirror (training flips half its windows); off: the study as it is.
     """
 
-    data_root: str = "data"
     cache_dir: str = "cache/train"
-    folds_csv: str | None = None
-    folds_seed: int = 42
-    n_folds: int = 5
-    fold: int = 0
-    window: str = "bone"
     image_size: int = 64
     slice_mm: float = 2.5
     neighbours: int = 1
@@ -179,7 +171,7 @@ class LevelConfig(RunConfig):
     def check(self) -> None:
         """Raise ConfigError for values no run can use."""
         d = self.data
-        self._check_fold()
+        self._check_source()
         if not 0.0 <= d.z_jitter < 1.0:
             raise ConfigError(f"data.z_jitter must be in [0, 1); got {d.z_jitter}")
         if not 0.0 <= d.zoom < 0.5:

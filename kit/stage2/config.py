@@ -10,6 +10,7 @@ from ..sections import (
     ConfigError,
     OptimConfig,
     RunConfig,
+    SourceConfig,
     TrainConfig,
     input_scaling,
     register_config,
@@ -19,12 +20,12 @@ log = logging.getLogger("kit.stage2.config")
 
 
 @dataclass
-class ClsDataConfig:
+class ClsDataConfig(SourceConfig):
     """Data of the stage-2 classifier: per-vertebra slice stacks cut from the original DICOM grid (`kit crops`).
 
     Attributes:
-        data_root, folds_csv, folds_seed, n_folds, fold, window: as in `DataConfig` (the same studies and folds
-            as stage 1; `window` is stage 1's).
+        data_root, folds_csv, folds_seed, n_folds, fold, window: the studies and their split (`SourceConfig`),
+            stage 1's.
         crop_dir: the crop cache (`<crop_dir>/<uid>.npz`, `manifest.csv` with the missing vertebrae, `failures.csv`,
             `unmatched_boxes.csv`), made by `kit crops` (`kit.stage2.crop_cache.build_crops`).
         seg_runs: stage-1 run folders (segmenter and level model) that find the vertebrae of each study;
@@ -44,12 +45,6 @@ class ClsDataConfig:
             the slice targets and masks are reversed with it. 0 keeps the anatomical order always.
     """
 
-    data_root: str = "data"
-    folds_csv: str | None = None
-    folds_seed: int = 42
-    n_folds: int = 5
-    fold: int = 0
-    window: str = "bone"
     crop_dir: str = "cache/crops"
     seg_runs: list[str] = field(default_factory=list)
     true_masks: bool = False
@@ -178,10 +173,9 @@ class ClsConfig(RunConfig):
         from ..constants import WINDOWS
 
         d = self.data
-        self._check_fold()
-        unknown = [w for w in [d.window, *d.windows] if w not in WINDOWS]
-        if unknown or not d.windows:
-            raise ConfigError(f"data.windows={d.windows} / data.window={d.window!r}; valid: {', '.join(WINDOWS)}")
+        self._check_source()
+        if not d.windows or any(w not in WINDOWS for w in d.windows):
+            raise ConfigError(f"data.windows={d.windows}; valid: {', '.join(WINDOWS)}")
         if d.n_slices < 1 or d.n_neighbours < 0 or d.image_size < 32 or not 0 <= d.margin < 1:
             raise ConfigError("data.n_slices must be >= 1, data.n_neighbours >= 0, data.image_size >= 32, "
                               f"data.margin in [0, 1); got {d.n_slices}, {d.n_neighbours}, {d.image_size}, {d.margin}")
