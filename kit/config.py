@@ -8,11 +8,10 @@ defaults, so changing one config never changes another.
     cfg = load_config("runs/demo_seg/fold0/config.yaml")       # a saved, resolved config
     cfg = load_config("demo_seg", train={"epochs": 2})          # nested dicts merge, they do not replace
 
-Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent). The shared sections and the
-registry are in `kit.sections`; a stage registers its top-level class where it lives (`@register_config("<task>")`
-in `kit/stage1/config.py`, `kit/stage2/config.py`), its task in `kit.tasks` and its model in `kit.models`;
-the class gives `model_spec()` (model name and kwargs), `recipe()` (its input recipe, `kit.stage1.recipe`) and
-`provides` (what its models predict, for inference).
+Which dataclass a file builds is chosen by its `task` key (`"seg"` when absent): the stage's config class
+(`kit.stages.STAGES`). The shared sections are in `kit.sections`, each stage's own in its folder
+(`kit/stage1/config.py`, `kit/stage2/config.py`); the class gives `model_spec()` (model name and kwargs) and
+`recipe()` (its input recipe).
 """
 
 from __future__ import annotations
@@ -28,17 +27,13 @@ from typing import Any
 
 import yaml
 
-from .sections import CONFIG_CLASSES, ConfigError
-from .stage1.config import LevelConfig, SegConfig
-from .stage2.config import ClsConfig
+from .sections import ConfigError
+from .stages import STAGES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 log = logging.getLogger("kit.config")
 
-# Each stage registers its top-level config class (`@register_config`) where it lives; importing them here is what
-# makes every task loadable by name.
-STAGE_CONFIGS = (SegConfig, LevelConfig, ClsConfig)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -190,9 +185,9 @@ def config_from_dict(values: dict[str, Any] | None = None, **overrides: Any) -> 
     """
     merged = _merge(_nest(values or {}), _nest(overrides))
     task = merged.get("task", "seg")
-    if task not in CONFIG_CLASSES:
-        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(CONFIG_CLASSES)}")
-    cfg = CONFIG_CLASSES[task]()
+    if task not in STAGES:
+        raise ConfigError(f"unknown task {task!r}; valid: {', '.join(STAGES)}")
+    cfg = STAGES[task].config()
     _apply(cfg, merged)
     cfg.check()
     return cfg

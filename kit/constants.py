@@ -30,3 +30,8 @@ KAGGLE_COMPETITION = "rsna-2022-cervical-spine-fracture-detection"
 TRAIN_PREVALENCE = (0.476, 0.072, 0.141, 0.036, 0.054, 0.080, 0.137, 0.195)
 # Studies public top solutions drop from training as broken.
 BROKEN_STUDIES = ("1.2.826.0.1.3680043.20574", "1.2.826.0.1.3680043.29952")
+
+# What a stage's models give a study at inference (`kit.stages.Stage.gives`): the roles predictors sort models by.
+SEGMENTER = "vertebra_probs"  # per-voxel C1..C7 probabilities (stage 1)
+LEVELS = "levels"  # which vertebrae each slice shows (stage 1, fused into the segmenter's input or output)
+CLASSIFIER = "fractures"  # the 8 competition probabilities from the vertebra crops (stage 2)

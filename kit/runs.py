@@ -95,8 +95,11 @@ class LoadedModel:
 
     @property
     def provides(self) -> str:
-        """What the model predicts (`provides` of its config class): "vertebra_probs", "levels", ..."""
-        return type(self.config).provides
+        """What the model gives a study at inference, its stage's role (`kit.stages`: SEGMENTER, LEVELS,
+        CLASSIFIER)."""
+        from .stages import stage_of
+
+        return stage_of(self.config).gives
 
     @property
     def recipe(self):

@@ -1,4 +1,5 @@
-"""Config sections every stage shares (data, model, optim, train), the run-config base and the stage registry."""
+"""Config sections every stage shares (the studies and their split, data, model, optim, train) and the run-config base
+(the stages themselves: `kit.stages`)."""
 
 from __future__ import annotations
 
@@ -241,18 +242,6 @@ class TrainConfig:
     resume: bool = True
     stop_after_epochs: int | None = None
 
-
-CONFIG_CLASSES: dict[str, type] = {}
-
-
-def register_config(task: str):
-    """Class decorator: make a top-level config class loadable for YAML files with `task: <task>`."""
-
-    def wrap(cls: type) -> type:
-        CONFIG_CLASSES[task] = cls
-        return cls
-
-    return wrap
 
 
 class RunConfig:

@@ -1,9 +1,8 @@
 """One small class per trainable stage: its datasets, loss, validation and out-of-fold (OOF) writer.
 
-`kit.train.fit_fold` owns the loop; a task owns what differs between stages. A stage is three
-registrations, each where its kind lives: its config class (`@register_config("<task>")` in
-`kit.config`), its task here (`@register_task("<task>")`) and its model (`@register_model` in
-`kit/models/`). The trainer, `kit.runs.load_run` and the CLI find all three by the config's `task`.
+`kit.train.fit_fold` owns the loop; a task owns what differs between stages. Each stage's entry in
+`kit.stages.STAGES` names its task class here, its config class and its report; the trainer finds the task
+by the config's `task` (`make_task`), the model by the config's `model_spec()` (`kit.models`).
 
 The task interface:
 
@@ -26,7 +25,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -47,24 +45,17 @@ from .stage1.recipe import LevelRecipe, SegRecipe, true_presence
 
 log = logging.getLogger("kit.tasks")
 
-TASKS: dict[str, type] = {}
-
-
-def register_task(name: str) -> Callable[[type], type]:
-    """Class decorator: the task `fit_fold` uses for configs with `task: <name>`."""
-
-    def wrap(cls: type) -> type:
-        TASKS[name] = cls
-        return cls
-
-    return wrap
-
-
 def make_task(cfg):
-    """The task object for `cfg.task`."""
-    if cfg.task not in TASKS:
-        raise ValueError(f"no training task {cfg.task!r}; available: {', '.join(TASKS)}")
-    return TASKS[cfg.task](cfg)
+    """The task object for `cfg.task` (its stage's task class, `kit.stages`).
+
+    Raises:
+        ValueError: no stage has that task.
+    """
+    from .stages import STAGES
+
+    if cfg.task not in STAGES:
+        raise ValueError(f"no training task {cfg.task!r}; available: {', '.join(STAGES)}")
+    return STAGES[cfg.task].task_class()(cfg)
 
 
 @dataclass
@@ -89,7 +80,6 @@ def _write_table(rows: list[dict], run_dir: Path, fold: int, epoch: int) -> pd.D
     return table
 
 
-@register_task("seg")
 class SegTask:
     """Stage 1: 2.5D vertebra segmentation on the segmented studies of the cache.
 
@@ -177,7 +167,6 @@ class SegTask:
         return summary
 
 
-@register_task("level")
 class LevelTask:
     """Stage 1, part two: per-slice vertebra presence from whole studies (`kit.models.level`).
 
@@ -257,7 +246,6 @@ def _none_if_nan(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in values.items()}
 
 
-@register_task("cls")
 class ClsTask:
     """Stage 2: fracture classification on the crop cache (`kit crops`, `kit.stage2.data.CropDataset`).
 

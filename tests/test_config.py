@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from kit.config import CONFIG_DIR, config_from_dict, config_to_dict, list_configs, load_config, save_config
-from kit.sections import CONFIG_CLASSES, ConfigError
+from kit.sections import ConfigError
+from kit.stages import STAGES
 from kit.stage1.config import SegConfig
 
 
@@ -18,7 +19,7 @@ def test_packaged_configs_all_load():
     for name in names:
         cfg = load_config(name)
         raw = yaml.safe_load((CONFIG_DIR / f"{name}.yaml").read_text())
-        cls = CONFIG_CLASSES[raw.get("task", "seg")]
+        cls = STAGES[raw.get("task", "seg")].config
         assert isinstance(cfg, cls) and cfg.task == raw.get("task", "seg")
         assert cfg.name == name  # the run name is the file stem
         assert str(cfg.run_dir) == f"runs/{name}/fold0"

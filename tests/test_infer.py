@@ -14,7 +14,7 @@ from kit import runs
 from kit.stage1 import infer
 from kit.stage1.results import SegResult, load_seg_result, save_seg_result
 from kit.stage1.runner import segment_studies
-from kit.constants import VERTEBRAE
+from kit.constants import LEVELS, VERTEBRAE
 from kit.models import create_model
 
 
@@ -402,7 +402,7 @@ def test_segment_study_fuses_the_level_model(registry, tmp_path):
     assert presence.shape == (7, len(vol)) and ((presence > 0) & (presence < 1)).all()
     # at the model's own steps (every 2nd slice) the presence is the model's sigmoid on the stacked steps, the
     # mean of the study's and its left-right mirror's (data.tta_flip, on by default)
-    assert levels[0].provides == "levels" and levels[0].recipe.tta_flip
+    assert levels[0].provides == LEVELS and levels[0].recipe.tta_flip
     grid = np.arange(0, len(vol), 2)
     steps = np.clip(np.arange(len(grid))[:, None] + np.arange(-1, 2), 0, len(grid) - 1)
     with torch.no_grad():
@@ -433,7 +433,7 @@ def test_level_conditioned_segmenter_gets_the_level_planes(registry, tmp_path):
     write_checkpoint(tmp_path / "seg", 0, seed=3, level_input=True)
     write_level_checkpoint(tmp_path / "level", slice_mm=2.0)
     seg, levels = runs.load_run(tmp_path / "seg"), runs.load_run(tmp_path / "level")
-    assert seg[0].recipe.level_input and levels[0].provides == "levels"
+    assert seg[0].recipe.level_input and levels[0].provides == LEVELS
     vol = toy_volume()
     study = cached(vol)
     presence = infer.predict_levels(vol, 1.0, levels)

@@ -135,3 +135,21 @@ def test_readme_layout_names_every_folder():
 @pytest.mark.parametrize("name", ["kit.stage1", "kit.stage2", "kit.io", "kit.evaluate", "kit.submit"])
 def test_pipeline_folders_hold_modules(name):
     assert [m for m in modules() if m.startswith(name + ".")], f"{name} holds no module"
+
+
+def test_one_entry_per_stage_names_everything_its_task_stands_for():
+    """Each `kit.stages` entry resolves to its config class (whose `task` is the key), its training task, its report
+    kind (for the same task) and a role; loading a config, making a task and loading a run all go through it."""
+    from kit.config import load_config
+    from kit.constants import CLASSIFIER, LEVELS, SEGMENTER
+    from kit.stages import STAGES, stage_of
+    from kit.tasks import make_task
+
+    assert set(STAGES) == {"seg", "level", "cls"}
+    assert {s.gives for s in STAGES.values()} == {SEGMENTER, LEVELS, CLASSIFIER}
+    for task, stage in STAGES.items():
+        cfg = load_config(f"demo_{task}")
+        assert stage.config().task == task and type(cfg) is stage.config and stage_of(cfg) is stage
+        assert type(make_task(cfg)) is stage.task_class() and stage.report_kind().task == task
+    with pytest.raises(KeyError, match="the stages are seg, level, cls"):
+        stage_of("detect")

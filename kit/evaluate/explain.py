@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ..constants import VERTEBRAE
+from ..constants import CLASSIFIER, VERTEBRAE
 from ..stage2.store import load_crops
 from ..stage2.targets import match_boxes_to_slices
 from .metrics import targets_from_vertebrae
@@ -341,7 +341,7 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     device = torch.device(device)
     m, held_out = _choose_model(run, uid, fold, device)
     cfg = m.config
-    if m.provides != "fractures":
+    if m.provides != CLASSIFIER:
         raise ValueError(f"{m.path}: a {cfg.task} run (provides {m.provides!r}); kit explain needs a classifier run")
     d = cfg.data
     crop_dir = Path(crop_dir if crop_dir is not None else d.crop_dir)

@@ -1,7 +1,8 @@
 """Reports of trained runs: out-of-fold (OOF) tables, plots and the worst studies, for every kind of run.
 
 `run_report(run_dirs)` (what `kit report` calls) picks each run's report by the `task` of its
-`fold*/config.yaml` (by its `oof.csv` columns when there is no config); a kind is one `register_report` entry:
+`fold*/config.yaml` (by its `oof.csv` columns when there is no config); a kind is a `ReportKind` that its stage's
+entry in `kit.stages.STAGES` names:
 
 - `seg` -> `seg_report` (`kit.evaluate.stage1`, as `level_report`): 3D Dice and z-range errors per vertebra and fold, training curves, the worst studies
   with a sagittal picture each. `fold<k>/oof.csv`: `StudyInstanceUID, fold, epoch, slices, dice_C1..dice_C7,
@@ -389,7 +390,7 @@ def oof_tables(result: dict) -> dict[str, pd.DataFrame]:
 
 @dataclass(frozen=True)
 class ReportKind:
-    """How one kind of run is reported.
+    """How one kind of run is reported (named by its stage, `kit.stages.Stage.report_kind`).
 
     Attributes:
         task: the `task` key of the run's `fold*/config.yaml`.
@@ -406,21 +407,6 @@ class ReportKind:
     combine: bool = False
 
 
-REPORT_KINDS: dict[str, ReportKind] = {}
-
-
-def register_report(task: str, columns: Sequence[str], layout: str, *, combine: bool = False):
-    """Decorator: `write(run_dirs, out_dir, **options)` reports the runs whose config says `task: <task>`."""
-
-    def wrap(write: Callable[..., dict]) -> Callable[..., dict]:
-        REPORT_KINDS[task] = ReportKind(task, tuple(columns), layout, write, combine)
-        return write
-
-    return wrap
-
-
-@register_report("cls", (UID, "fold", *TARGETS), "StudyInstanceUID, fold, patient_overall, C1..C7 "
-                 "(probabilities), <target>_true", combine=True)
 def _write_cls(run_dirs: Sequence[Path], out_dir: PathLike | None, *, labels=None, answers_dir=None, **_) -> dict:
     result = oof_report(run_dirs, out_dir, labels=labels, answers_dir=answers_dir)
     base = result["baseline"]["score_row"]
@@ -432,19 +418,31 @@ def _write_cls(run_dirs: Sequence[Path], out_dir: PathLike | None, *, labels=Non
             "headline": f"score (row) {scores} | {baselines}"}
 
 
-@register_report("seg", SEG_COLUMNS[2:], "StudyInstanceUID, fold, epoch, slices, dice_C1..dice_C7, dice_mean, "
-                 "zerr_C1..zerr_C7, zerr_max")
 def _write_seg(run_dirs: Sequence[Path], out_dir: PathLike | None, *, n_worst: int = 5, **_) -> dict:
     return seg_report(run_dirs[0], out_dir, n_worst=n_worst)
 
 
-@register_report("level", LEVEL_COLUMNS[2:], "StudyInstanceUID, fold, epoch, steps, iou_C1..iou_C7, iou_mean")
 def _write_level(run_dirs: Sequence[Path], out_dir: PathLike | None, *, n_worst: int = 5, **_) -> dict:
     return level_report(run_dirs[0], out_dir, n_worst=n_worst)
 
 
+CLS_REPORT = ReportKind("cls", (UID, "fold", *TARGETS), "StudyInstanceUID, fold, patient_overall, C1..C7 "
+                        "(probabilities), <target>_true", _write_cls, combine=True)
+SEG_REPORT = ReportKind("seg", tuple(SEG_COLUMNS[2:]), "StudyInstanceUID, fold, epoch, slices, dice_C1..dice_C7, "
+                        "dice_mean, zerr_C1..zerr_C7, zerr_max", _write_seg)
+LEVEL_REPORT = ReportKind("level", tuple(LEVEL_COLUMNS[2:]), "StudyInstanceUID, fold, epoch, steps, iou_C1..iou_C7, "
+                          "iou_mean", _write_level)
+
+
+def report_kinds() -> dict[str, ReportKind]:
+    """{task: its report kind}, one per stage (`kit.stages.STAGES`)."""
+    from ..stages import STAGES
+
+    return {task: stage.report_kind() for task, stage in STAGES.items()}
+
+
 def _expected() -> str:
-    return "; ".join(f"task {k.task!r} with oof.csv columns {k.layout}" for k in REPORT_KINDS.values())
+    return "; ".join(f"task {k.task!r} with oof.csv columns {k.layout}" for k in report_kinds().values())
 
 
 def run_task(run_dir: PathLike) -> str:
@@ -468,9 +466,9 @@ def run_task(run_dir: PathLike) -> str:
         raise ValueError(f"{run_dir}: the folds' config.yaml disagree on the task ({tasks}); one run, one task")
     if tasks:
         task = next(iter(tasks.values()))
-        if task not in REPORT_KINDS:
+        if task not in report_kinds():
             raise ValueError(f"{run_dir}: config task {task!r} has no report; reports exist for "
-                             f"{', '.join(REPORT_KINDS)}")
+                             f"{', '.join(report_kinds())}")
         return task
     oofs = sorted(p for p in run_dir.glob(f"fold*/{OOF_NAME}") if p.parent.name[4:].isdigit())
     oofs = oofs or [p for p in (run_dir / OOF_NAME,) if p.is_file()]
@@ -478,7 +476,7 @@ def run_task(run_dir: PathLike) -> str:
         raise FileNotFoundError(f"{run_dir}: no fold<k>/config.yaml with a task and no {OOF_NAME}; expected a run "
                                 f"folder written by kit train: fold<k>/config.yaml, log.csv, {OOF_NAME}")
     header = set(pd.read_csv(oofs[0], nrows=0).columns)
-    found = [k.task for k in REPORT_KINDS.values() if header >= set(k.columns)]
+    found = [k.task for k in report_kinds().values() if header >= set(k.columns)]
     if len(found) != 1:
         raise ValueError(f"{run_dir}: unknown layout: no config.yaml with a task, and the columns of {oofs[0]} "
                          f"({', '.join(sorted(header)[:12])}{', ...' if len(header) > 12 else ''}) fit "
@@ -512,17 +510,18 @@ def run_report(run_dirs: PathLike | Sequence[PathLike], out_dir: PathLike | None
     run_dirs = [Path(run_dirs)] if isinstance(run_dirs, (str, os.PathLike)) else [Path(r) for r in run_dirs]
     if not run_dirs:
         raise ValueError("run_report needs at least one run folder")
+    kinds = report_kinds()
     groups: dict = {}
     for run_dir in run_dirs:
         task = run_task(run_dir)
-        key = task if REPORT_KINDS[task].combine else (task, len(groups))
+        key = task if kinds[task].combine else (task, len(groups))
         groups.setdefault(key, (task, []))[1].append(run_dir)
     results = []
     for task, runs in groups.values():
         dest = out_dir
         if out_dir is not None and len(groups) > 1:
             dest = Path(out_dir) / "+".join(file_slug(r.resolve().name) for r in runs)
-        results.append(REPORT_KINDS[task].write(runs, dest, n_worst=n_worst, labels=labels, answers_dir=answers_dir))
+        results.append(kinds[task].write(runs, dest, n_worst=n_worst, labels=labels, answers_dir=answers_dir))
     return results
 
 

@@ -1,4 +1,4 @@
-"""Stage-1 configs: the segmenter (`task: seg`) and the level model (`task: level`)."""
+"""Stage-1 configs: the segmenter (`task: seg`) and the level model (`task: level`); their stages: `kit.stages`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,9 @@ from ..sections import (
     SourceConfig,
     TrainConfig,
     input_scaling,
-    register_config,
 )
 
 
-@register_config("seg")
 @dataclass
 class SegConfig(RunConfig):
     """Stage 1: the 2.5D vertebra segmenter.
@@ -37,8 +35,6 @@ class SegConfig(RunConfig):
     model: SegModelConfig = field(default_factory=SegModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    provides = "vertebra_probs"  # what its models predict (a class attribute, not a config key)
 
     def recipe(self):
         """The input recipe of this run (`kit.stage1.recipe.SegRecipe`)."""
@@ -136,7 +132,6 @@ class LevelModelConfig:
     pretrained_weights: str | None = None
 
 
-@register_config("level")
 @dataclass
 class LevelConfig(RunConfig):
     """Stage 1, part two: which vertebrae each slice shows, from the whole study (`kit.models.level`);
@@ -153,8 +148,6 @@ class LevelConfig(RunConfig):
     model: LevelModelConfig = field(default_factory=LevelModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    provides = "levels"
 
     def recipe(self):
         """The input recipe of this run (`kit.stage1.recipe.LevelRecipe`)."""

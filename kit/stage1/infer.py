@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..constants import PROB_SCALE, VERTEBRAE
+from ..constants import LEVELS, PROB_SCALE, SEGMENTER, VERTEBRAE
 from ..devices import autocast
 from ..models.level import level_presence_probs
 from ..runs import LoadedModel, flatten_models
@@ -290,7 +290,7 @@ def segment_study(
             (resized in-plane if S differs from the models' image size; give `spacing` through a dict).
         runs: `load_run` output, several of them (nested lists), or run folders (loaded on every call:
             load once with `load_run` when segmenting many studies). Level models among them
-            (`provides == "levels"`) are used as `levels`.
+            (`provides == LEVELS`) are used as `levels`.
         batch_size: slices per forward pass (does not change the result); default `stage1_batch_size`.
         device: where to run (default: where the models are).
         amp: autocast on CUDA (default: on there; CPU always runs float32).
@@ -309,8 +309,8 @@ def segment_study(
     """
     start = time.perf_counter()
     models = flatten_models(runs)
-    level_models = [m for m in models if m.provides == "levels"]
-    models = [m for m in models if m.provides == "vertebra_probs"]
+    level_models = [m for m in models if m.provides == LEVELS]
+    models = [m for m in models if m.provides == SEGMENTER]
     presence = None
     if isinstance(levels, np.ndarray):
         presence = levels.astype(np.float32)

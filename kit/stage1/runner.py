@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ..constants import SEGMENTER
 from ..io.cache import load_prepared, merge_csv
 from ..progress import progress_bar
 from ..runs import load_run
@@ -111,7 +112,7 @@ def segment_studies(
     if isinstance(run_dirs, (str, os.PathLike)):
         run_dirs = [run_dirs]
     models = [m for run in run_dirs for m in load_run(run, device=device)]
-    segmenters = [m for m in models if m.provides == "vertebra_probs"]
+    segmenters = [m for m in models if m.provides == SEGMENTER]
     if not segmenters:
         raise ValueError(f"no segmenter run among {[str(r) for r in run_dirs]}")
     read = partial(load_prepared, str(folder), size=segmenters[0].image_size, window_name=segmenters[0].window)

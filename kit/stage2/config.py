@@ -1,4 +1,4 @@
-"""Stage-2 config: the fracture classifier (`task: cls`)."""
+"""Stage-2 config: the fracture classifier (`task: cls`); its stage: `kit.stages`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from ..sections import (
     SourceConfig,
     TrainConfig,
     input_scaling,
-    register_config,
 )
 
 log = logging.getLogger("kit.stage2.config")
@@ -106,7 +105,6 @@ class ClsLossConfig:
     normalise: str = "row"
 
 
-@register_config("cls")
 @dataclass
 class ClsConfig(RunConfig):
     """Stage 2: the fracture classifier over vertebra crops.
@@ -123,8 +121,6 @@ class ClsConfig(RunConfig):
     loss: ClsLossConfig = field(default_factory=ClsLossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-    provides = "fractures"
 
     def recipe(self):
         """The input recipe (`kit.stage2.recipe.ClsRecipe`): crop geometry, channels, the model's input. The one

@@ -54,7 +54,7 @@ import pandas as pd
 from ..progress import progress_bar
 
 from ..io.cache import merge_csv, prepare_arrays, record_failures, unfinished
-from ..constants import VERTEBRAE
+from ..constants import SEGMENTER, VERTEBRAE
 from .crops import crop_box_original, grid_scale, slice_positions
 from .store import crop_file_arrays, crop_path
 from .targets import assign_boxes_to_vertebrae, file_numbers, match_boxes_to_slices, vertebra_targets
@@ -213,7 +213,7 @@ def _load_runs(cfg, device) -> list[list]:
     from ..runs import load_run
 
     runs = [load_run(run, device=device) for run in cfg.data.seg_runs]
-    segmenters = [m for run in runs for m in run if m.provides == "vertebra_probs"]
+    segmenters = [m for run in runs for m in run if m.provides == SEGMENTER]
     if not segmenters:
         raise ValueError(f"data.seg_runs={cfg.data.seg_runs} holds no segmenter run (only level models)")
     return runs
@@ -390,7 +390,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         runs = _load_runs(cfg, device)
-        segmenter = next(m for run in runs for m in run if m.provides == "vertebra_probs")
+        segmenter = next(m for run in runs for m in run if m.provides == SEGMENTER)
         size, window_name = segmenter.image_size, segmenter.window
         if split == "train":
             fold_of = _fold_table(cfg, runs)

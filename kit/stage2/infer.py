@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..constants import TARGETS, TRAIN_PREVALENCE, VERTEBRAE
+from ..constants import CLASSIFIER, TARGETS, TRAIN_PREVALENCE, VERTEBRAE
 from ..devices import autocast
 from ..evaluate.calibration import apply_calibration
 from ..evaluate.metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
@@ -132,7 +132,7 @@ def _model_values(vertebra_logits: np.ndarray, patient_logits: np.ndarray | None
 
 def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOptions | None = None,
                    device: str | torch.device | None = None, uid: str | None = None) -> dict:
-    """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == "fractures"`).
+    """Classify the vertebrae of one study with an ensemble of classifier runs (`provides == CLASSIFIER`).
 
     The crops are `config.recipe().crop_study(hu, seg.labels, seg.extents, dz=dz, dropped=seg.dropped)`, the very
     call `kit crops` makes, cut once per distinct recipe among the
@@ -174,7 +174,7 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOp
     """
     options = options or InferenceOptions()
     mean = options.mean
-    models = [m for m in flatten_models(runs) if m.provides == "fractures"]
+    models = [m for m in flatten_models(runs) if m.provides == CLASSIFIER]
     if not models:
         raise ValueError("no classifier (a run whose config provides 'fractures') among the models given")
     grouped = group_runs(models)

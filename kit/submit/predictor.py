@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from ..runs import InferenceOptions, flatten_models
+from ..constants import CLASSIFIER, LEVELS, SEGMENTER
+from ..stages import stage_of
 from ..stage1.infer import segment_study
 from ..stage1.postprocess import THRESHOLD
 from ..stage2.infer import classify_study
@@ -147,10 +149,10 @@ def _check_stages(paths: Sequence[PathLike]) -> None:
     provides = set()
     for run_dir, folds in resolve_runs(paths):
         with open(run_dir / f"fold{folds[0]}" / "config.yaml") as f:
-            provides.add(type(config_from_dict(yaml.safe_load(f))).provides)
+            provides.add(stage_of(config_from_dict(yaml.safe_load(f))).gives)
         read_calibration(run_dir)  # raises, naming the file, rather than failing every study later
-    lacking = [name for stage, name in (("vertebra_probs", "a segmenter run"), ("fractures", "a classifier run"))
-               if stage not in provides]
+    lacking = [name for role, name in ((SEGMENTER, "a segmenter run"), (CLASSIFIER, "a classifier run"))
+               if role not in provides]
     if lacking:
         raise ValueError(f"--runs {[str(p) for p in paths]} lack {' and '.join(lacking)}: a submission needs "
                          "stage 1 (segmenter, optionally level model) and stage 2 (classifier)")
@@ -176,7 +178,7 @@ def run_fallback(paths: Sequence[PathLike]) -> np.ndarray | None:
     for run_dir, folds in resolve_runs(paths):
         for fold in folds:
             with open(run_dir / f"fold{fold}" / "config.yaml") as f:
-                if type(config_from_dict(yaml.safe_load(f))).provides != "fractures":
+                if stage_of(config_from_dict(yaml.safe_load(f))).gives != CLASSIFIER:
                     break
             state = torch.load(run_dir / f"fold{fold}" / "model.pt", map_location="cpu", weights_only=True)["model"]
             for prefix in ("", "vertebra."):
@@ -252,8 +254,8 @@ def predict_study(study, runs, options: InferenceOptions | None = None, *, devic
     Args:
         study: a study folder of DICOM files, or a `kit.io.dicom.Series` already read.
         runs: `load_run` outputs (stage 1 and stage 2 together, nested lists allowed) or run folders; each
-            model's stage is its config's `provides`: "vertebra_probs" (segmenter), "levels" (level model),
-            "fractures" (classifier). Any number of folds and runs per stage.
+            model's role is its stage's (`LoadedModel.provides`, `kit.stages`): SEGMENTER, LEVELS (level model),
+            CLASSIFIER. Any number of folds and runs per stage.
         options: how the models run and the classifier ensemble is averaged (`kit.runs.InferenceOptions`: mean,
             run weights, flip TTA, autocast; default: its defaults). Stage 1 averages probabilities
             (`segment_study`) and takes only the autocast.
@@ -282,16 +284,16 @@ def predict_study(study, runs, options: InferenceOptions | None = None, *, devic
     uid = uid or getattr(series, "uid", None)
     t_read = time.perf_counter()
     models = flatten_models(runs)
-    unknown = sorted({m.provides for m in models} - {"vertebra_probs", "levels", "fractures"})
+    unknown = sorted({m.provides for m in models} - {SEGMENTER, LEVELS, CLASSIFIER})
     if unknown:
-        raise ValueError(f"models that provide {unknown}: predict_study uses segmenters (vertebra_probs), level "
-                         "models (levels) and classifiers (fractures)")
-    stage1 = [m for m in models if m.provides in ("vertebra_probs", "levels")]
-    classifiers = [m for m in models if m.provides == "fractures"]
+        raise ValueError(f"models that provide {unknown}: predict_study uses segmenters ({SEGMENTER}), level "
+                         f"models ({LEVELS}) and classifiers ({CLASSIFIER})")
+    stage1 = [m for m in models if m.provides in (SEGMENTER, LEVELS)]
+    classifiers = [m for m in models if m.provides == CLASSIFIER]
     if not classifiers:
         raise ValueError("no classifier run among the runs given (a run whose config provides 'fractures')")
     if seg is None:
-        segmenters = [m for m in stage1 if m.provides == "vertebra_probs"]
+        segmenters = [m for m in stage1 if m.provides == SEGMENTER]
         if not segmenters:
             raise ValueError("no segmenter run among the runs given, and no seg= result to use instead")
         prepared = prepare_arrays(series, segmenters[0].image_size, segmenters[0].window)

@@ -114,6 +114,7 @@ class StagePredictor:
     timings: list = field(default_factory=list)
 
     def __call__(self, uid: str, series) -> np.ndarray:
+        from ..constants import CLASSIFIER, LEVELS, SEGMENTER
         from ..io.cache import prepare_arrays
         from ..stage1.postprocess import missing_vertebrae, vertebra_extents
         from ..stage2.infer import classify_study
@@ -122,8 +123,8 @@ class StagePredictor:
         from ..stage1.results import SegResult
 
         models = flatten_models(self.runs)
-        stage1 = [m for m in models if m.provides in ("vertebra_probs", "levels")]
-        segmenter = next(m for m in stage1 if m.provides == "vertebra_probs")
+        stage1 = [m for m in models if m.provides in (SEGMENTER, LEVELS)]
+        segmenter = next(m for m in stage1 if m.provides == SEGMENTER)
         t0 = time.perf_counter()
         prepared = prepare_arrays(series, segmenter.image_size, segmenter.window)
         seg1 = segment_study({**prepared, "uid": uid}, stage1, batch_size=self.batch_size, device=self.device, uid=uid)
@@ -133,7 +134,7 @@ class StagePredictor:
         seg = SegResult(uid=uid, labels=labels, extents=extents, missing=missing_vertebrae(extents),
                         orig_hw=tuple(series.hu.shape[1:]))
         t2 = time.perf_counter()
-        result = classify_study(series.hu, seg, [m for m in models if m.provides == "fractures"],
+        result = classify_study(series.hu, seg, [m for m in models if m.provides == CLASSIFIER],
                                 dz=float(series.spacing[0]), device=self.device, uid=uid)
         self.timings.append({"uid": uid, "slices": int(series.hu.shape[0]), "stage1_s": t1 - t0,
                              "forward_s": seg1.timing["forward_s"], "cleanup_s": seg1.timing["cleanup_s"],
