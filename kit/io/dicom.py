@@ -316,7 +316,8 @@ def _pool(workers: int, executor: str) -> Iterator[Executor | None]:
         with ThreadPoolExecutor(workers) as pool:
             yield pool
         return
-    # fork starts a worker in ~5 ms; spawn / forkserver would import numpy and pydicom again, per study
+    # fork: a pool starts and stops in milliseconds (docs/benchmarks.md, Reading); spawn / forkserver would import
+    # numpy and pydicom again, per study
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         yield pool
 

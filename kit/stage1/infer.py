@@ -85,8 +85,8 @@ def _to_model(x: np.ndarray, m: LoadedModel, device: torch.device) -> torch.Tens
 
 
 #: stage-1 forward passes on a CPU hold at most about this many pixels (slices x S x S) of input at once: the
-#: activations of a 384 px Unet grow with the batch (~1.1 GB above the model at 16 slices, ~0.3 GB at 4), and on a
-#: CPU they are the process's own memory; 4 slices at 384 px, 32 (the cap) at 128 px.
+#: activations of a 384 px Unet grow with the batch, and on a CPU they are the process's own memory (figures:
+#: docs/benchmarks.md, Memory, "The submission's peak RSS"); 4 slices at 384 px, 32 (the cap) at 128 px.
 CPU_BATCH_PIXELS = 4 * 384 * 384
 
 

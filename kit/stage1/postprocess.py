@@ -262,7 +262,7 @@ def clean_vertebra_probs(
     shape = probs.shape[1:]
     labels = np.zeros(shape, dtype=np.uint8)
     # the winner's probability so far, in the input's own type (float16 or uint8): no float32 copy of the
-    # volume (a 600-slice 384 px study: 0.35 GB less at the peak), same result
+    # volume at the peak (docs/benchmarks.md, Memory), same result
     own = probs.dtype == np.uint8 or np.issubdtype(probs.dtype, np.floating)
     best = np.zeros(shape, dtype=probs.dtype if own else np.float32)
     scale = PROB_SCALE if probs.dtype == np.uint8 else 1.0
