@@ -35,7 +35,7 @@ from ..progress import progress_bar
 
 from ..constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
-from .files import write_csv_atomic
+from .files import write_csv_atomic, write_npz_atomic
 from .rsna import listed_without_folder, segmentation_path, segmented_studies
 
 log = logging.getLogger("kit.io.cache")
@@ -110,11 +110,7 @@ def prepare_study(
         except Exception as exc:  # a broken mask must not drop the image
             mask_error = f"{Path(seg_path).name}: {type(exc).__name__}: {exc}"
             log.warning("study %s: segmentation not used: %s", series.uid, mask_error)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, out_path)
+    write_npz_atomic(out_path, arrays)
     z, h, w = series.hu.shape
     return {
         "StudyInstanceUID": series.uid,

@@ -27,7 +27,6 @@ import importlib.metadata
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import timm
 import torch
 from torch import nn
 
+from ..io.files import replace_atomic
 from .registry import LoadReport, load_weights
 
 log = logging.getLogger("kit.models")
@@ -263,19 +263,10 @@ def imagenet_weights(encoder: str) -> Path:
     source = torch.load(source_path, map_location="cpu", weights_only=True)
     state = convert_efficientnet_pytorch(source, target)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        replace_atomic(path, lambda tmp: torch.save(state, tmp))
     except OSError as exc:
         raise OSError(f"cannot write the converted weights of {name} to {path.parent} ({exc}); set "
                       f"${CACHE_ENV} to a writable folder") from exc
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is shared like any download cache
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     log.info("converted %s (%s %s) -> %s", source_path, packaged.distribution, version, path)
     return path
 

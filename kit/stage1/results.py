@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from ..constants import VERTEBRAE
+from ..io.files import write_npz_atomic, write_text_atomic
 from .postprocess import VertebraExtent
 
 PathLike = str | os.PathLike
@@ -112,9 +113,7 @@ def save_seg_result(result: SegResult, path: PathLike) -> Path:
                                         else np.zeros(z, np.int64) for n in VERTEBRAE])}
     if result.instance_numbers is not None:
         arrays["instance_numbers"] = np.asarray(result.instance_numbers)
-    tmp = stem.with_name(stem.name + ".tmp.npz")
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, stem.with_name(stem.name + ".npz"))
+    write_npz_atomic(stem.with_name(stem.name + ".npz"), arrays)
     info = {
         "uid": result.uid,
         "shape": list(result.labels.shape),
@@ -127,11 +126,7 @@ def save_seg_result(result: SegResult, path: PathLike) -> Path:
         "vertebrae": {n: _extent_record(result.extents.get(n), result.scale, result.instance_numbers)
                       for n in VERTEBRAE},
     }
-    json_path = stem.with_name(stem.name + ".json")
-    tmp = stem.with_name(stem.name + ".tmp.json")
-    tmp.write_text(json.dumps(info, indent=1))
-    os.replace(tmp, json_path)
-    return json_path
+    return write_text_atomic(stem.with_name(stem.name + ".json"), json.dumps(info, indent=1))
 
 
 def load_seg_result(path: PathLike) -> SegResult:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import zipfile
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -54,6 +53,7 @@ import pandas as pd
 from ..progress import progress_bar
 
 from ..io.cache import merge_csv, prepare_arrays, record_failures, unfinished
+from ..io.files import write_npz_atomic
 from ..constants import SEGMENTER, VERTEBRAE
 from .crops import crop_box_original, grid_scale, slice_positions
 from .store import crop_file_arrays, crop_path
@@ -277,15 +277,9 @@ def _train_labels(root: Path) -> dict[str, np.ndarray]:
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """A compressed npz (what `np.savez_compressed` writes, read by `np.load`) under a temporary name, then
-    renamed, so a file at `path` is always complete. zlib level 1, not `savez_compressed`'s 6: much faster for
+    """The study's crop file, written atomically at zlib level 1, not `savez_compressed`'s 6: much faster for
     slightly larger files (docs/benchmarks.md, Stage 2, "The crops")."""
-    tmp = path.with_name(path.name + ".tmp.npz")
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
-        for key, value in arrays.items():
-            with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                np.lib.format.write_array(member, np.asarray(value), allow_pickle=False)
-    os.replace(tmp, path)
+    write_npz_atomic(path, arrays, level=1)
 
 
 def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_source: str = "truth",
