@@ -128,3 +128,10 @@ def test_a_checkpoint_trained_on_from_another_names_it(shipped):
     args = build_parser().parse_args(["pretrain", "--epochs", "3", "model.pretrained_weights=kit:cls_lite0_128",
                                       "optim.lr=0.001"])
     assert _parse_overrides(args.overrides) == {"model.pretrained_weights": "kit:cls_lite0_128", "optim.lr": 0.001}
+
+
+def test_the_shipped_checkpoint_names_the_chain_of_runs_that_made_it():
+    """Its provenance nests each earlier checkpoint it trained on from; the demo's summary counts them."""
+    meta = start.start_meta("kit:cls_lite0_128")
+    assert start.training_runs(meta) == 3 and meta["training"]["from"]["weights"] == "kit:cls_lite0_128"
+    assert start.training_runs({"training": {"from": "packaged ImageNet weights"}}) == 1

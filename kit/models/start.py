@@ -62,3 +62,12 @@ def start_weights(value: str) -> Path:
         raise ValueError(f"{path}: its sha256 is not the one {name}.json records; reinstall the kit or run the "
                          f"command in {name}.json to make it again")
     return path
+
+
+def training_runs(meta: dict) -> int:
+    """How many `kit pretrain` runs made a starting checkpoint: 1, plus one for each earlier checkpoint its
+    provenance says a run trained on from (`training.from`, nested)."""
+    runs, link = 1, meta.get("training", {}).get("from")
+    while isinstance(link, dict):
+        runs, link = runs + 1, link.get("training", {}).get("from")
+    return runs

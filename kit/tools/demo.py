@@ -197,8 +197,11 @@ def print_summary(summary: dict) -> None:
         how = ("used as shipped, each fold setting only its level offsets and priors" if epochs == 0
                else f"fine-tuned for {epochs} epoch(s)" + (" with the CNN frozen" if started.get("backbone_frozen")
                                                           else ""))
-        print(f"the classifier is {started['weights']} ({how}), trained once on {started['set']['n_train']} "
-              f"synthetic studies of seed {started['set']['seed']}, never the demo's: {started['command']}")
+        runs = started.get("runs", 1)
+        chain = "trained once" if runs == 1 else f"trained in {runs} runs, each from the one before, the last"
+        print(f"the classifier is {started['weights']} ({how}), {chain} on {started['set']['n_train']} synthetic "
+              f"studies of seed {started['set']['seed']}, never the demo's (its provenance: kit/models/weights/): "
+              f"{started['command']}")
     print(f"artefacts: runs/demo_seg, runs/demo_level, runs/demo_cls (report.md), {summary.get('submission')}, "
           f"summary {SUMMARY}")
 
@@ -398,12 +401,12 @@ def run_classifier_stage(data: Path, folds_csv: Path, answers_dir: Path | None =
             if report["recall"].get("lookalike"):
                 out["false_alarms_by_lookalike"] = {r["lookalike"]: round(float(r[name]), 3)
                                                     for r in report["recall"]["lookalike"]}
-    from ..models.start import is_start, start_meta
+    from ..models.start import is_start, start_meta, training_runs
 
     if is_start(base.model.pretrained_weights):  # the summary says where the classifier started
         meta = start_meta(base.model.pretrained_weights)
         out["cls_start"] = {"weights": base.model.pretrained_weights, "command": meta["command"],
-                            "set": meta["set"], "kit_commit": meta.get("kit_commit"),
+                            "set": meta["set"], "runs": training_runs(meta), "kit_commit": meta.get("kit_commit"),
                             "fine_tuning_epochs": base.train.epochs, "backbone_frozen": base.model.freeze_backbone}
     out["cls_seconds"] = round(time.perf_counter() - start, 1)
     return out
