@@ -279,6 +279,14 @@ def _fit(cfg, task, info: DistInfo) -> dict:
     device = pick_device(tc.device, info)
     last_path = run_dir / "last.pt"
     state = torch.load(last_path, map_location="cpu", weights_only=True) if tc.resume and last_path.is_file() else None
+    if state is not None and (changed := _other_studies(state["config"], config_to_dict(cfg))):
+        # a run of other studies (another dataset, cache or split) is never resumed: set aside whole, not lost
+        aside = run_dir.with_name(f"set-aside-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")  # no fold* glob finds it
+        if info.main:
+            run_dir.rename(aside)
+        log.warning("%s was trained on other studies (%s); set aside as %s, training afresh", run_dir,
+                    ", ".join(f"data.{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), aside)
+        state = None
     if tc.epochs == 0 and not getattr(cfg.model, "pretrained_weights", None):
         raise ValueError(f"{cfg.name}: train.epochs=0 validates starting weights without training, but "
                          "model.pretrained_weights names none: give it weights, or train.epochs >= 1")
@@ -458,6 +466,16 @@ def _fit(cfg, task, info: DistInfo) -> dict:
 
 
 _VOLATILE = {"train.stop_after_epochs", "train.resume", "train.progress", "train.threads", "data.num_workers"}
+
+
+#: data keys that say which studies a run learns from: a run whose saved values differ trained on other studies
+_STUDY_KEYS = ("data_root", "cache_dir", "crop_dir", "folds_csv", "folds_seed", "n_folds", "fold")
+
+
+def _other_studies(old: dict, new: dict) -> dict:
+    """{key: (saved, now)} for the `_STUDY_KEYS` of the data section that differ; empty when the same studies."""
+    a, b = old.get("data", {}), new.get("data", {})
+    return {k: (a.get(k), b.get(k)) for k in _STUDY_KEYS if k in b and a.get(k) != b.get(k)}
 
 
 def _warn_config_changes(old: dict, new: dict, prefix: str = "") -> None:

@@ -532,3 +532,25 @@ def test_stage_1_training_under_autocast(cache, tmp_path):
         assert fit_fold(cfg)["finished"]
         log = read_log(cfg.run_dir)
         assert np.isfinite(log[["train_loss", "val_loss"]].to_numpy()).all()
+
+
+def test_a_run_of_other_studies_is_set_aside_not_resumed(cache, tmp_path):
+    """The same run folder, asked to train on another cache (another dataset, e.g. `kit demo --seed 2` after
+    `--seed 1` in one folder): the finished run is not taken for this one; it is moved aside whole and the run
+    trains afresh on the studies it was given."""
+    import shutil
+
+    cache_dir, folds_csv, uids = cache
+    first = fit_fold(tiny_cfg(cache, tmp_path))
+    other = tmp_path / "other_cache"
+    shutil.copytree(cache_dir, other)
+    cfg = tiny_cfg((other, folds_csv, uids), tmp_path)
+    second = fit_fold(cfg)
+    aside = [p for p in cfg.run_dir.parent.iterdir() if p.name.startswith("set-aside-fold0-")]
+    assert len(aside) == 1 and (aside[0] / "last.pt").is_file() and (aside[0] / "model.pt").is_file()
+    assert [p.name for p in cfg.run_dir.parent.glob("fold*")] == ["fold0"]  # what the reports and loaders glob
+    assert second["finished"] and second["epochs_done"] == first["epochs_done"]
+    assert load_config(cfg.run_dir / "config.yaml").data.cache_dir == str(other)
+    assert read_log(cfg.run_dir)["epoch"].tolist() == list(range(1, second["epochs_done"] + 1))
+    assert fit_fold(cfg)["epochs_done"] == second["epochs_done"]  # the same studies again: resumed, nothing moved
+    assert len([p for p in cfg.run_dir.parent.iterdir() if p.name.startswith("set-aside-fold0-")]) == 1
