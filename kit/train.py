@@ -281,7 +281,8 @@ def _fit(cfg, task, info: DistInfo) -> dict:
     state = torch.load(last_path, map_location="cpu", weights_only=True) if tc.resume and last_path.is_file() else None
     if state is not None and (changed := _other_studies(state["config"], config_to_dict(cfg))):
         # a run of other studies (another dataset, cache or split) is never resumed: set aside whole, not lost
-        aside = run_dir.with_name(f"set-aside-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")  # no fold* glob finds it
+        # named so that no fold* pattern (loaders, reports) finds it
+        aside = run_dir.with_name(f"set-aside-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         if info.main:
             run_dir.rename(aside)
         log.warning("%s was trained on other studies (%s); set aside as %s, training afresh", run_dir,
