@@ -279,7 +279,8 @@ def _fit(cfg, task, info: DistInfo) -> dict:
     device = pick_device(tc.device, info)
     last_path = run_dir / "last.pt"
     state = torch.load(last_path, map_location="cpu", weights_only=True) if tc.resume and last_path.is_file() else None
-    if state is not None and (changed := _other_studies(state["config"], config_to_dict(cfg))):
+    now = config_to_dict(cfg)
+    if state is not None and (changed := _other_studies(state["config"], now)):
         # a run of other studies (another dataset, cache or split) is never resumed: set aside whole, not lost
         # named so that no fold* pattern (loaders, reports) finds it
         aside = run_dir.with_name(f"set-aside-{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -295,7 +296,7 @@ def _fit(cfg, task, info: DistInfo) -> dict:
         log.info("%s: finished (%d epochs), nothing to do", run_dir, state["epoch"])
         return _summary(state, cfg, run_dir, info)
     if state is not None:
-        _warn_config_changes(state["config"], config_to_dict(cfg))
+        _warn_config_changes(state["config"], now)
     if info.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")

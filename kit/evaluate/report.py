@@ -456,6 +456,7 @@ def run_task(run_dir: PathLike) -> str:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    kinds = report_kinds()
     tasks = {}
     for folder in fold_dirs(run_dir).values():
         if (folder / "config.yaml").is_file():
@@ -466,9 +467,9 @@ def run_task(run_dir: PathLike) -> str:
         raise ValueError(f"{run_dir}: the folds' config.yaml disagree on the task ({tasks}); one run, one task")
     if tasks:
         task = next(iter(tasks.values()))
-        if task not in report_kinds():
+        if task not in kinds:
             raise ValueError(f"{run_dir}: config task {task!r} has no report; reports exist for "
-                             f"{', '.join(report_kinds())}")
+                             f"{', '.join(kinds)}")
         return task
     oofs = sorted(p for p in run_dir.glob(f"fold*/{OOF_NAME}") if p.parent.name[4:].isdigit())
     oofs = oofs or [p for p in (run_dir / OOF_NAME,) if p.is_file()]
@@ -476,7 +477,7 @@ def run_task(run_dir: PathLike) -> str:
         raise FileNotFoundError(f"{run_dir}: no fold<k>/config.yaml with a task and no {OOF_NAME}; expected a run "
                                 f"folder written by kit train: fold<k>/config.yaml, log.csv, {OOF_NAME}")
     header = set(pd.read_csv(oofs[0], nrows=0).columns)
-    found = [k.task for k in report_kinds().values() if header >= set(k.columns)]
+    found = [k.task for k in kinds.values() if header >= set(k.columns)]
     if len(found) != 1:
         raise ValueError(f"{run_dir}: unknown layout: no config.yaml with a task, and the columns of {oofs[0]} "
                          f"({', '.join(sorted(header)[:12])}{', ...' if len(header) > 12 else ''}) fit "

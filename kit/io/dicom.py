@@ -493,13 +493,13 @@ def _decode(uid: str, slices: list[_Slice], pool: Executor | None, backend: str,
     that fail."""
     integral = all(float(s.slope).is_integer() and float(s.intercept).is_integer() for s in slices)
     shape, dtype = (len(slices), slices[0].rows, slices[0].cols), np.dtype(np.int16 if integral else np.float32)
-    fd = None
-    if (shared := shared_block(int(np.prod(shape)) * dtype.itemsize)) is not None:
+    fd, nbytes = None, int(np.prod(shape)) * dtype.itemsize
+    if (shared := shared_block(nbytes)) is not None:
         hu = np.frombuffer(shared[0], dtype=dtype).reshape(shape)
         target = (str(shared[1]), shape, dtype.str) if isinstance(pool, ProcessPoolExecutor) else hu
     elif isinstance(pool, ProcessPoolExecutor) and hasattr(os, "memfd_create"):
         fd = os.memfd_create("kit-dicom-volume")
-        os.ftruncate(fd, int(np.prod(shape)) * dtype.itemsize)
+        os.ftruncate(fd, nbytes)
         hu = np.frombuffer(mmap.mmap(fd, 0), dtype=dtype).reshape(shape)
         target = (f"/proc/{os.getpid()}/fd/{fd}", shape, dtype.str)
     else:

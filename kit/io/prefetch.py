@@ -205,21 +205,9 @@ def shared_block(nbytes: int) -> tuple[mmap.mmap, Path] | None:
     the shared-memory folder cannot hold it (allocate as usual then).
 
     The file goes when the caller has mapped it, or with the block when it is never sent (garbage collection)."""
-    if not _IN_WORKER or nbytes <= 0 or not SHM_DIR.is_dir():
+    if not _IN_WORKER or nbytes <= 0 or (made := _new_shared_file(nbytes)) is None:
         return None
-    path = SHM_DIR / f"{_SHM_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    except OSError:
-        return None
-    try:
-        os.posix_fallocate(fd, 0, nbytes)  # a full tmpfs is an OSError here, never a SIGBUS later
-        block = mmap.mmap(fd, nbytes)
-    except (OSError, ValueError):
-        path.unlink(missing_ok=True)
-        return None
-    finally:
-        os.close(fd)
+    block, path = made
     address = ctypes.addressof(ctypes.c_char.from_buffer(block))
     _BLOCKS[address] = (nbytes, path.name, weakref.finalize(block, _forget, address, path))
     return block, path
@@ -245,27 +233,39 @@ def _handed_off(view: memoryview) -> tuple[str, int] | None:
     return None
 
 
-def _to_shared_file(view: memoryview) -> str | None:
-    """Copy `view` into a new file under `SHM_DIR` (space reserved first: a full tmpfs is an OSError here, never
-    a SIGBUS later) and return its name; None when that cannot be done (the pipe carries it then)."""
+def _new_shared_file(nbytes: int) -> tuple[mmap.mmap, Path] | None:
+    """A new file of `nbytes` under `SHM_DIR`, named for this process (space reserved first: a full tmpfs is an
+    OSError here, never a SIGBUS later), mapped writable; None when it cannot be made."""
     if not SHM_DIR.is_dir():
         return None
-    name = f"{_SHM_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
-    path = SHM_DIR / name
+    path = SHM_DIR / f"{_SHM_PREFIX}{os.getpid()}-{time.monotonic_ns()}"
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
     except OSError:
         return None
     try:
-        os.posix_fallocate(fd, 0, view.nbytes)
-        with mmap.mmap(fd, view.nbytes) as block:
-            block[:] = view.cast("B")
+        os.posix_fallocate(fd, 0, nbytes)
+        return mmap.mmap(fd, nbytes), path
     except (OSError, ValueError):
         path.unlink(missing_ok=True)
         return None
     finally:
         os.close(fd)
-    return name
+
+
+def _to_shared_file(view: memoryview) -> str | None:
+    """Copy `view` into a new shared-memory file (`_new_shared_file`) and return its name; None when that cannot be
+    done (the pipe carries it then)."""
+    if (made := _new_shared_file(view.nbytes)) is None:
+        return None
+    block, path = made
+    try:
+        with block:
+            block[:] = view.cast("B")
+    except (OSError, ValueError):
+        path.unlink(missing_ok=True)
+        return None
+    return path.name
 
 
 def _from_shared_file(name: str, size: int, offset: int = 0) -> memoryview:
