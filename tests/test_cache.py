@@ -11,7 +11,8 @@ import textwrap
 import numpy as np
 import pandas as pd
 
-from kit.io.cache import load_cached, merge_csv, prepare_arrays, prepare_studies, read_manifest
+from kit.io.cache import load_cached, prepare_arrays, prepare_studies, read_manifest
+from kit.io.jobs import merge_csv
 from kit.constants import WINDOWS
 from kit.io.dicom import read_mask, read_series, resize_slices, window
 

@@ -24,24 +24,24 @@ import multiprocessing
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ..progress import progress_bar
 
 from ..constants import WINDOWS
 from .dicom import fork_is_safe, read_mask, read_series, resize_slices, window
-from .files import write_csv_atomic, write_npz_atomic
+from .files import write_npz_atomic
+from .jobs import FAILURES, Done, Ledger, run_job
+from .prefetch import Prefetched
 from .rsna import listed_without_folder, segmentation_path, segmented_studies
 
 log = logging.getLogger("kit.io.cache")
 
 MANIFEST = "manifest.csv"
-FAILURES = "failures.csv"
 
 
 def cache_path(cache_dir: str | os.PathLike, uid: str) -> Path:
@@ -184,7 +184,6 @@ def prepare_studies(
     Returns:
         Counts `prepared`, `skipped`, `failed`, the `failures` {uid: reason} and `seconds`.
     """
-    start = time.perf_counter()
     root, cache_dir = Path(data_root), Path(cache_dir)
     image_dir = root / f"{split}_images"
     if not image_dir.is_dir():
@@ -200,46 +199,33 @@ def prepare_studies(
     elif uids is None:
         uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir())
         absent = listed_without_folder(root, split, Path(cache_dir) / FAILURES)  # named, not silently left out
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    todo = unfinished(cache_dir, uids, MANIFEST, lambda u: cache_path(cache_dir, u))
-    jobs = [(u, image_dir / u, cache_path(cache_dir, u), size, window_name,
-             segmentation_path(root / "segmentations", u), "auto") for u in todo]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
-    rows, failures = [], dict(absent)
-    record_failures(cache_dir / FAILURES, absent)
-    bar = progress_bar(total=len(jobs), desc=f"prepare {split}", unit="study", enabled=progress)
 
-    def collect(uid, row, error) -> None:  # each study recorded as it finishes: a killed run loses nothing
-        _collect(uid, row, error, rows, failures, bar)
-        if row is not None:
-            merge_csv(cache_dir / MANIFEST, pd.DataFrame([row]))
-            if row["mask_error"]:  # cached, but its segmentation could not be used: listed with the reason too
-                failures[uid] = f"segmentation: {row['mask_error']}"
-        record_failures(cache_dir / FAILURES, {uid: failures[uid]} if uid in failures else {},
-                        done=[] if uid in failures else [uid])
+    def jobs(todo: list[str]) -> list[tuple]:
+        return [(u, image_dir / u, cache_path(cache_dir, u), size, window_name,
+                 segmentation_path(root / "segmentations", u), "auto") for u in todo]
 
-    try:
-        if workers == 1:
-            for uid, row, error in (_prepare_one(job) for job in jobs):
-                collect(uid, row, error)
-        else:
-            _prepare_in_pool(jobs, workers, collect)
-    finally:
-        bar.close()
-    return {
-        "prepared": len(rows),
-        "skipped": len(uids) - len(todo),
-        "failed": len(failures),
-        "failures": failures,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+    def studies(todo: list[str]) -> Iterator[Prefetched]:  # each study read and cached in a worker process
+        n = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+        return (_in_pool(jobs(todo), n) if n > 1 else
+                (Prefetched(uid, row, error, 0.0) for uid, row, error in map(_prepare_one, jobs(todo))))
+
+    def work(uid: str, row: dict, seconds: float) -> Done:  # the worker has written the study's file
+        # cached, but its segmentation could not be used: listed with the reason too
+        return Done(row, problem=f"segmentation: {row['mask_error']}" if row["mask_error"] else None)
+
+    ledger = Ledger(cache_dir, MANIFEST, lambda u: cache_path(cache_dir, u))
+    result = run_job(uids, ledger, work, studies=studies, desc=f"prepare {split}", progress=progress,
+                     known_failures=absent, where=lambda u: image_dir / u)
+    return {"prepared": len(result["rows"]), "skipped": result["skipped"], "failed": len(result["failures"]),
+            "failures": result["failures"], "seconds": result["seconds"]}
 
 
 _REREAD = "read again alone with pydicom: a reading process died while this study was in it"
 
 
-def _prepare_in_pool(jobs: list[tuple], workers: int, collect: Callable) -> None:
-    """`_prepare_one` over `jobs` in `workers` processes, one study per process at a time, each outcome to `collect`.
+def _in_pool(jobs: list[tuple], workers: int) -> Iterator[Prefetched]:
+    """`_prepare_one` over `jobs` in `workers` processes, one study per process at a time; yields each outcome as
+    it finishes (not in order).
 
     A native decoder can kill its process on a corrupt file (dicomsdl segfaults on some), which breaks the whole
     pool. The studies then in flight (at most `workers`) are read again one by one, each alone in a new process
@@ -261,7 +247,7 @@ def _prepare_in_pool(jobs: list[tuple], workers: int, collect: Callable) -> None
                 for future in done:
                     job = running.pop(future)
                     try:
-                        collect(*future.result())
+                        yield Prefetched(*future.result(), 0.0)
                     except BrokenProcessPool:
                         suspects.append(job)
             suspects += running.values()  # the pool is broken: these cannot finish in it
@@ -271,57 +257,10 @@ def _prepare_in_pool(jobs: list[tuple], workers: int, collect: Callable) -> None
                     uid, row, error = alone.submit(_prepare_one, (*job[:-1], "pydicom")).result()
                     if row is not None:
                         row["warnings"] = " | ".join(w for w in (_REREAD, row["warnings"]) if w)
-                    collect(uid, row, error)
+                    yield Prefetched(uid, row, error, 0.0)
                 except BrokenProcessPool:
-                    collect(job[0], None, f"its reading process died, also with pydicom alone (a native decoder "
-                                          f"crashed on a corrupt file in {job[1]}, or it ran out of memory)")
-
-
-def _collect(uid, row, error, rows, failures, bar) -> None:
-    if error is None:
-        rows.append(row)
-    else:
-        failures[uid] = error
-        log.warning("study %s skipped: %s", uid, error)
-    bar.update(1)
-
-
-def merge_csv(path: Path, new: pd.DataFrame, drop: Sequence[str] = (), key: str = "StudyInstanceUID",
-              create: bool = False) -> None:
-    """Rows of `new` replace those with the same key in the CSV at `path`; keys in `drop` are removed
-    (a study that failed before and succeeded now). An emptied CSV stays, with its header only; with `create`, a
-    CSV that does not exist is made even when nothing is merged (`new`'s header). Written atomically
-    (`kit.io.files.write_csv_atomic`): a run killed while writing leaves the CSV as it was."""
-    gone = set(drop) | (set(new[key]) if len(new) else set())
-    kept = pd.read_csv(path, dtype={key: str}) if path.is_file() else new.iloc[:0]
-    kept = kept[~kept[key].isin(gone)] if key in kept.columns else kept
-    # concatenating an empty frame would turn the integer columns of the other into floats (178 -> 178.0)
-    parts = [frame for frame in (kept, new) if len(frame)]
-    merged = pd.concat(parts, ignore_index=True) if len(parts) == 2 else (parts[0] if parts else kept)
-    if len(merged) or path.is_file() or create:
-        write_csv_atomic(merged.sort_values(key), path)
-
-
-def record_failures(path: Path, failures: dict[str, str], done: Sequence[str] = ()) -> None:
-    """Merge {uid: error} into the failures CSV at `path` (`StudyInstanceUID, error`), removing the studies of
-    `done` (they succeeded now); the file is made, header only, when it does not exist."""
-    merge_csv(path, pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}), drop=done,
-              create=True)
-
-
-def unfinished(out_dir: Path, uids: Sequence[str], manifest: str, file_of: Callable[[str], Path]) -> list[str]:
-    """The studies of `uids` still to do in a resumable job: those without their output file, and those whose
-    file has no row in `out_dir/manifest` (a run killed between the two writes; redone, with a warning)."""
-    path = Path(out_dir) / manifest
-    recorded = set(pd.read_csv(path, dtype={"StudyInstanceUID": str}, usecols=["StudyInstanceUID"])
-                   ["StudyInstanceUID"]) if path.is_file() else set()
-    have = [u for u in uids if file_of(u).is_file()]
-    orphans = [u for u in have if u not in recorded]
-    if orphans:
-        log.warning("%s: %d studies have a file but no row in %s (a run stopped between the two): redone: %s",
-                    out_dir, len(orphans), manifest, ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
-    done = set(have) - set(orphans)
-    return [u for u in uids if u not in done]
+                    yield Prefetched(job[0], None, f"its reading process died, also with pydicom alone (a native "
+                                     f"decoder crashed on a corrupt file in {job[1]}, or it ran out of memory)", 0.0)
 
 
 def read_manifest(cache_dir: str | os.PathLike) -> pd.DataFrame:

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import pandas as pd
 import torch
 
 from ..constants import SEGMENTER
-from ..io.cache import load_prepared, merge_csv
-from ..progress import progress_bar
+from ..io.cache import load_prepared
+from ..io.jobs import Done, Ledger, read_ahead, run_job
 from ..runs import load_run
 from .infer import segment_study
 from .postprocess import THRESHOLD
@@ -30,9 +29,10 @@ from .results import save_seg_result
 log = logging.getLogger("kit.stage1.runner")
 
 PathLike = str | os.PathLike
-FAILURES = "failures.csv"
 MISSING = "missing.csv"
 SUMMARY = "summary.csv"
+SUMMARY_COLUMNS = ("StudyInstanceUID", "slices", "found", "missing", "dropped", "seconds")
+MISSING_COLUMNS = ["StudyInstanceUID", "missing", "dropped"]
 
 
 def study_source(source: Path, split: str) -> tuple[Path, list[str]]:
@@ -46,21 +46,6 @@ def study_source(source: Path, split: str) -> tuple[Path, list[str]]:
         if uids:
             return cache, uids
     raise FileNotFoundError(f"{source} is neither a data root with {split}_images/ nor a cache folder of .npz files")
-
-
-def _read_ahead(read, uids: Sequence[str], prefetch: bool) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(uid, study, error) in order; with `prefetch`, the next study is read in a spawned worker process."""
-    if prefetch:
-        from ..io.prefetch import prefetch as run_ahead
-
-        for uid, study, error, _ in run_ahead(read, uids, ahead=1, processes=True):
-            yield uid, study, error
-        return
-    for uid in uids:
-        try:
-            yield uid, read(uid), None
-        except Exception as exc:  # one broken study must not stop the others
-            yield uid, None, f"{type(exc).__name__}: {exc}"
 
 
 def segment_studies(
@@ -79,11 +64,11 @@ def segment_studies(
 ) -> dict:
     """Segment every study of a split, resumably, one failure never stopping the rest.
 
-    Studies whose `<out_dir>/<uid>.json` exists are skipped. A study that fails (unreadable DICOM, NaN
-    output, ...) is logged and listed in `failures.csv` with the error; studies where a vertebra was not
-    found go to `missing.csv`; every segmented study gets a row in `summary.csv` (slices, vertebrae found,
-    seconds). A study that succeeds on a later run leaves `failures.csv`. The CSVs are written when the loop
-    ends, also when it is interrupted.
+    Studies with their `<out_dir>/<uid>.json` and a row in `summary.csv` are skipped (`kit.io.jobs`). A study
+    that fails (unreadable DICOM, NaN output, ...) is logged and listed in `failures.csv` with the error; studies
+    where a vertebra was not found go to `missing.csv`; every segmented study gets a row in `summary.csv`
+    (slices, vertebrae found, seconds). A study that succeeds on a later run leaves `failures.csv`. Each study's
+    rows are written as soon as its files are: a run killed at any point loses at most the study it was on.
 
     Args:
         source: a data root in RSNA layout (`<split>_images/<uid>/*.dcm`) or a cache folder of `kit.io.cache`
@@ -104,7 +89,6 @@ def segment_studies(
         Counts `segmented`, `skipped`, `failed`, the `failures` {uid: error}, `missing` {uid: [names]}
         of the studies segmented now, and `seconds`.
     """
-    start = time.perf_counter()
     source, out_dir = Path(source), Path(out_dir)
     folder, all_uids = study_source(source, split)
     uids = list(all_uids if uids is None else uids)
@@ -116,46 +100,24 @@ def segment_studies(
     if not segmenters:
         raise ValueError(f"no segmenter run among {[str(r) for r in run_dirs]}")
     read = partial(load_prepared, str(folder), size=segmenters[0].image_size, window_name=segmenters[0].window)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [u for u in uids if not (out_dir / f"{u}.json").is_file()]
 
-    rows, failures, missing = [], {}, {}
-    studies = _read_ahead(read, todo, prefetch and len(todo) > 1)
-    try:
-        for uid, study, error in progress_bar(studies, total=len(todo), desc=f"segment {split}", unit="study",
-                                      enabled=progress):
-            try:
-                if error is not None:
-                    raise RuntimeError(f"reading {folder / uid}: {error}")
-                result = segment_study(study, models, batch_size=batch_size, device=device, amp=amp,
-                                       threshold=threshold, uid=uid)
-                del study
-                save_seg_result(result, out_dir / uid)
-            except Exception as exc:  # one broken study must not stop the others
-                failures[uid] = f"{type(exc).__name__}: {exc}"
-                log.warning("study %s not segmented: %s", uid, failures[uid])
-                continue
-            if result.missing:
-                missing[uid] = result.missing
-            rows.append({"StudyInstanceUID": uid, "slices": result.labels.shape[0],
-                         "found": " ".join(result.extents), "missing": " ".join(result.missing),
-                         "dropped": "; ".join(f"{k}: {v}" for k, v in result.dropped.items()),
-                         "seconds": result.timing["total_s"]})
-    finally:  # an interrupted run still records what it did
-        if hasattr(studies, "close"):
-            studies.close()
-        _write_reports(out_dir, rows, failures)
-    return {"segmented": len(rows), "skipped": len(uids) - len(todo), "failed": len(failures),
-            "failures": failures, "missing": missing, "seconds": round(time.perf_counter() - start, 2)}
+    def work(uid: str, study: dict, seconds: float) -> Done:
+        result = segment_study(study, models, batch_size=batch_size, device=device, amp=amp, threshold=threshold,
+                               uid=uid)
+        save_seg_result(result, out_dir / uid)
+        if result.missing:
+            missing[uid] = result.missing
+        row = {"StudyInstanceUID": uid, "slices": result.labels.shape[0], "found": " ".join(result.extents),
+               "missing": " ".join(result.missing),
+               "dropped": "; ".join(f"{k}: {v}" for k, v in result.dropped.items()),
+               "seconds": result.timing["total_s"]}
+        lost = pd.DataFrame([row] if row["missing"] or row["dropped"] else [], columns=MISSING_COLUMNS)
+        return Done(row, {MISSING: lost})
 
-
-def _write_reports(out_dir: Path, rows: list[dict], failures: dict[str, str]) -> None:
-    """Merge this run's rows into summary.csv, failures.csv and missing.csv."""
-    done = [r["StudyInstanceUID"] for r in rows]
-    merge_csv(out_dir / SUMMARY, pd.DataFrame(rows))
-    merge_csv(out_dir / FAILURES, pd.DataFrame({"StudyInstanceUID": list(failures), "error": list(failures.values())}),
-              drop=done)
-    missing_rows = pd.DataFrame([r for r in rows if r["missing"] or r["dropped"]],
-                                columns=["StudyInstanceUID", "missing", "dropped"])
-    merge_csv(out_dir / MISSING, missing_rows[["StudyInstanceUID", "missing", "dropped"]],
-              drop=[u for u in done if u not in set(missing_rows["StudyInstanceUID"])])
+    missing: dict[str, list[str]] = {}
+    ledger = Ledger(out_dir, SUMMARY, lambda u: out_dir / f"{u}.json", columns=SUMMARY_COLUMNS,
+                    tables={MISSING: MISSING_COLUMNS})
+    result = run_job(uids, ledger, work, studies=lambda todo: read_ahead(read, todo, prefetch),
+                     desc=f"segment {split}", progress=progress, where=lambda u: folder / u)
+    return {"segmented": len(result["rows"]), "skipped": result["skipped"], "failed": len(result["failures"]),
+            "failures": result["failures"], "missing": missing, "seconds": result["seconds"]}

@@ -50,10 +50,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from ..progress import progress_bar
 
-from ..io.cache import merge_csv, prepare_arrays, record_failures, unfinished
+from ..io.cache import prepare_arrays
 from ..io.files import write_npz_atomic
+from ..io.jobs import FAILURES, Done, Ledger, read_ahead, run_job
 from ..constants import SEGMENTER, VERTEBRAE
 from .crops import crop_box_original, grid_scale, slice_positions
 from .store import crop_file_arrays, crop_path
@@ -66,7 +66,6 @@ log = logging.getLogger("kit.stage2.crop_cache")
 
 PathLike = str | os.PathLike
 MANIFEST = "manifest.csv"
-FAILURES = "failures.csv"
 UNMATCHED = "unmatched_boxes.csv"
 MANIFEST_COLUMNS = ("StudyInstanceUID", "split", "found", "missing", "mask_source", "n_boxes", "unmatched_boxes",
                     "target_conflicts", "seconds")
@@ -345,7 +344,7 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     box rows that give no target go to `unmatched_boxes.csv`; a study that fails goes to `failures.csv` with
     the error (and leaves it when a later run builds it). Each study's rows are written (atomically) as soon as
     its file is, so a run killed at any point loses at most the study it was on; a file without its manifest row
-    (a kill between the two writes) is built again by the next run (`kit.io.cache.unfinished`).
+    (a kill between the two writes) is built again by the next run (`kit.io.jobs`).
 
     Args:
         cfg: a `ClsConfig`; `data` gives data_root, crop_dir, seg_runs, true_masks, the folds table and the crop
@@ -373,9 +372,10 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
         raise FileNotFoundError(f"no {split}_images/ folder under data.data_root={root}")
     absent = listed_without_folder(root, split, crop_dir / FAILURES) if uids is None else {}  # named, not left out
     uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir()) if uids is None else list(uids)
+    ledger = Ledger(crop_dir, MANIFEST, lambda u: crop_path(crop_dir, u), columns=MANIFEST_COLUMNS,
+                    tables={UNMATCHED: UNMATCHED_COLUMNS})
     crop_dir.mkdir(parents=True, exist_ok=True)
-    todo = unfinished(crop_dir, uids, MANIFEST, lambda u: crop_path(crop_dir, u))
-    skipped = len(uids) - len(todo)
+    todo = ledger.todo(uids)
     seg_dir = root / "segmentations"
 
     runs, fold_of, size, window_name = [], {}, grid_size, d.window
@@ -390,72 +390,48 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
             fold_of = _fold_table(cfg, runs)
     boxes = _study_boxes(root, split) if todo else None
     train_labels = _train_labels(root) if split == "train" and todo else {}
-    conflicted = 0
     read = partial(read_study, image_dir=str(image_dir), seg_dir=str(seg_dir) if d.true_masks else None,
                    size=size, window_name=window_name, segment=bool(runs))
-
-    from ..io.prefetch import prefetch as run_ahead
-
-    rows, failures, in_sample = [], dict(absent), []
-    _write_reports(crop_dir, [], [], failures)
+    unusable = {}
     if not runs:  # nothing can find the vertebrae of a study without ground truth: no need to read it
-        for uid in [u for u in todo if not (d.true_masks and segmentation_path(seg_dir, u))]:
-            failures[uid] = (f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "
-                             f"{seg_dir / (uid + '.nii')}) and no data.seg_runs to segment it")
-            log.warning("study %s: no crops: %s", uid, failures[uid])
-        _write_reports(crop_dir, [], [], failures)
-        todo = [u for u in todo if u not in failures]
-    studies = run_ahead(read, todo, ahead=1, processes=prefetch and len(todo) > 1)
-    bar = progress_bar(studies, total=len(todo), desc=f"crops {split}", unit="study", enabled=progress)
-    try:
-        for uid, study, error, read_seconds in bar:
-            t0 = time.perf_counter()
-            try:
-                if error is not None:
-                    raise RuntimeError(f"reading {image_dir / uid}: {error}")
-                models, source = None, "truth"
-                if "truth" not in study:
-                    has_truth = segmentation_path(seg_dir, uid) is not None
-                    models, source = choose_models(uid, split, fold_of, has_truth, runs)
-                arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
-                                                boxes=boxes[boxes["StudyInstanceUID"] == uid],
-                                                label=train_labels.get(uid), device=device)
-                if row["target_conflicts"]:
-                    conflicted += 1
-                    log.warning("study %s: slice targets disagree with train.csv, marked unknown: %s", uid,
-                                row["target_conflicts"])
-                del study
-                _write_npz(crop_path(crop_dir, uid), crop_file_arrays(arrays))
-            except Exception as exc:  # one broken study must not stop the others
-                failures[uid] = f"{type(exc).__name__}: {exc}"
-                log.warning("study %s: no crops: %s", uid, failures[uid])
-                _write_reports(crop_dir, [], [], {uid: failures[uid]})
-                continue
-            if source.startswith("ensemble (trained"):
-                in_sample.append(uid)
-                log.warning("study %s: segmented by models trained on it (%s)", uid, source)
-            rows.append({**row, "split": split, "seconds": round(read_seconds + time.perf_counter() - t0, 3)})
-            _write_reports(crop_dir, rows[-1:], [lost], {})  # its file first, then its rows: nothing lost to a kill
-    finally:
-        bar.close()
-        if hasattr(studies, "close"):
-            studies.close()
+        unusable = {uid: f"study {uid}: no ground-truth segmentation to use (data.true_masks={d.true_masks}, "
+                         f"{seg_dir / (uid + '.nii')}) and no data.seg_runs to segment it"
+                    for uid in todo if not (d.true_masks and segmentation_path(seg_dir, uid))}
+        for uid, why in unusable.items():
+            log.warning("study %s: no crops: %s", uid, why)
+    in_sample, conflicted = [], []
+
+    def work(uid: str, study: dict, read_seconds: float) -> Done:
+        t0 = time.perf_counter()
+        models, source = None, "truth"
+        if "truth" not in study:
+            has_truth = segmentation_path(seg_dir, uid) is not None
+            models, source = choose_models(uid, split, fold_of, has_truth, runs)
+        arrays, row, lost = build_study(uid, study, cfg, models=models, mask_source=source,
+                                        boxes=boxes[boxes["StudyInstanceUID"] == uid], label=train_labels.get(uid),
+                                        device=device)
+        if row["target_conflicts"]:
+            conflicted.append(uid)
+            log.warning("study %s: slice targets disagree with train.csv, marked unknown: %s", uid,
+                        row["target_conflicts"])
+        del study
+        _write_npz(crop_path(crop_dir, uid), crop_file_arrays(arrays))
+        if source.startswith("ensemble (trained"):
+            in_sample.append(uid)
+            log.warning("study %s: segmented by models trained on it (%s)", uid, source)
+        return Done({**row, "split": split, "seconds": round(read_seconds + time.perf_counter() - t0, 3)},
+                    {UNMATCHED: lost})
+
+    result = run_job(uids, ledger, work, studies=lambda todo: read_ahead(read, todo, prefetch),
+                     desc=f"crops {split}", progress=progress, known_failures={**absent, **unusable},
+                     where=lambda u: image_dir / u, todo=[u for u in todo if u not in unusable])
+    rows = result["rows"]
     seconds = time.perf_counter() - start
-    summary = {"built": len(rows), "skipped": skipped, "failed": len(failures), "failures": failures,
-               "target_conflicts": conflicted,
+    summary = {"built": len(rows), "skipped": len(uids) - len(todo), "failed": len(result["failures"]),
+               "failures": result["failures"], "target_conflicts": len(conflicted),
                "in_sample": in_sample, "seconds": round(seconds, 2),
                "seconds_per_study": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 3),
                "crop_dir": str(crop_dir)}
     log.info("crops %s: %d built, %d skipped, %d failed in %.1f s (%.2f s a study) -> %s", split, summary["built"],
              summary["skipped"], summary["failed"], seconds, summary["seconds_per_study"], crop_dir)
     return summary
-
-
-def _write_reports(crop_dir: Path, rows: list[dict], unmatched: list[pd.DataFrame], failures: dict[str, str]) -> None:
-    """Merge rows into manifest.csv, failures.csv and unmatched_boxes.csv (each always present)."""
-    done = [r["StudyInstanceUID"] for r in rows]
-    merge_csv(crop_dir / MANIFEST, pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), create=True)
-    record_failures(crop_dir / FAILURES, failures, done=done)
-    lost = pd.concat([u for u in unmatched if len(u)] or [pd.DataFrame(columns=list(UNMATCHED_COLUMNS))],
-                     ignore_index=True)
-    merge_csv(crop_dir / UNMATCHED, lost, drop=done, create=True)

@@ -42,6 +42,7 @@ import pandas as pd
 
 from ..constants import PROB_CLIP, TARGETS, VERTEBRAE
 from ..evaluate.bootstrap import LEVEL, N_BOOT, bootstrap_auc, bootstrap_mean
+from ..evaluate.markdown import jsonable
 
 log = logging.getLogger("kit.tools.bench_learn")
 
@@ -554,23 +555,13 @@ def bench_learn(out: PathLike = "bench_learn", settings: Sequence[str] | None = 
                            "training": round(train_minutes, 2)},
                **figures}
         result["rows"].append(row)
-        json_path.write_text(json.dumps(result, indent=2, default=jsonable))  # what is done survives a kill
+        json_path.write_text(json.dumps(jsonable(result), indent=2))  # what is done survives a kill
     result["table"] = format_table(result["rows"])
-    json_path.write_text(json.dumps(result, indent=2, default=jsonable))
+    json_path.write_text(json.dumps(jsonable(result), indent=2))
     if print_table:
         print(result["table"])
         print(f"\nall figures: {json_path}; galleries: {galleries}")
     return result
-
-
-def jsonable(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
 
 
 def _ci(d: dict | None, key: str = "auc") -> str:

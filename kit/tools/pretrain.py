@@ -105,7 +105,8 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
     Raises:
         ValueError: a demo seed, or a fold outside the split.
     """
-    from .bench_learn import jsonable, _train_labels, score_heldout
+    from ..evaluate.markdown import jsonable
+    from .bench_learn import _train_labels, score_heldout
     from ..config import load_config
     from ..stage2.crop_cache import build_crops
     from .demo import environment
@@ -167,7 +168,7 @@ def pretrain(out: str | os.PathLike = "runs/cls_start", *, n_train: int = N_TRAI
         "training": {"config": config, "epochs": int(cfg.train.epochs), "n_folds": n_folds, "held_out_fold": fold,
                      "train_studies": int(len(labels)), "minutes": round(float(run_log["seconds"].sum()) / 60, 1),
                      "from": _starting_point(cfg.model.pretrained_weights)},
-        "held_out": json.loads(json.dumps(figures, default=jsonable)),
+        "held_out": jsonable(figures),
         "environment": environment(),
     }
     weights, meta = export_start(cfg.run_dir / "model.pt", Path(export_dir) if export_dir else WEIGHTS_DIR, name,
