@@ -11,6 +11,8 @@ KAGGLE_ROOT = Path("/kaggle/input") / KAGGLE_COMPETITION
 COLAB_ROOTS = (Path("/content") / KAGGLE_COMPETITION, Path("/content/drive/MyDrive") / KAGGLE_COMPETITION)
 ENV_VAR = "KIT_DATA_ROOT"
 
+PathLike = str | os.PathLike  #: what the kit takes for a path
+
 
 def _looks_like_root(path: Path) -> bool:
     return (path / "train.csv").is_file() or (path / "test.csv").is_file()

@@ -23,6 +23,7 @@ import torch
 from .config import config_from_dict
 from .sections import ConfigError
 from .evaluate.calibration import read_calibration
+from .paths import PathLike
 
 # Keyword arguments forced off at inference: those that would make a model factory fetch or read weights (the
 # checkpoint holds every weight), and activation checkpointing, a training-only memory trade that would also put
@@ -31,8 +32,6 @@ _INFERENCE_KWARGS = {"pretrained": False, "encoder_weights": None, "pretrained_w
                      "grad_checkpointing": False}
 
 log = logging.getLogger("kit.runs")
-
-PathLike = str | os.PathLike
 
 
 #: how an ensemble of classifiers (folds, runs, flip views) is averaged: probabilities, or logits then the sigmoid

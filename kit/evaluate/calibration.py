@@ -14,7 +14,6 @@ the other folds), never by the in-sample fit.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +22,10 @@ import pandas as pd
 from ..constants import TARGETS
 from ..io.files import write_text_atomic
 from .metrics import logit, metric_weights, sigmoid
+from ..paths import PathLike
 
 CALIBRATION_FILE = "calibration.json"
 _EPS = 1e-6  # probabilities are clipped to [eps, 1 - eps] before the logit
-PathLike = str | os.PathLike
-
 
 def fit_platt(p: np.ndarray, y: np.ndarray, weights: np.ndarray, ridge: float = 1.0,
               iterations: int = 50) -> tuple[float, float]:

@@ -44,10 +44,10 @@ from ..constants import CLASSIFIER, VERTEBRAE
 from ..stage2.store import load_crops
 from ..stage2.targets import match_boxes_to_slices
 from .metrics import targets_from_vertebrae
+from ..paths import PathLike
 
 log = logging.getLogger("kit.evaluate.explain")
 
-PathLike = str | os.PathLike
 UID = "StudyInstanceUID"
 
 

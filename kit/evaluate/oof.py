@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from .metrics import (
     competition_score,
     roc_auc_per_target,
 )
+from ..paths import PathLike
 
 log = logging.getLogger("kit.evaluate.oof")
-
-PathLike = str | os.PathLike
 
 TRUE_SUFFIX = "_true"
 

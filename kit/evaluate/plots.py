@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +17,7 @@ from .metrics import (
     roc_curve,
 )
 from .oof import fold_tables
-
-PathLike = str | os.PathLike
+from ..paths import PathLike
 
 _COLORS = ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive")
 

@@ -69,10 +69,10 @@ from .oof import (
 from .plots import _save, plot_calibration, plot_histograms, plot_roc
 from .stage1 import LEVEL_COLUMNS, SEG_COLUMNS
 from .stage1_report import level_report, seg_report
+from ..paths import PathLike
 
 log = logging.getLogger("kit.evaluate.report")
 
-PathLike = str | os.PathLike
 UID = "StudyInstanceUID"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,10 +15,9 @@ from ..constants import VERTEBRAE
 from ..io.rsna import UID
 from .markdown import fmt
 from .oof import OOF_NAME, fold_dirs, fold_tables
+from ..paths import PathLike
 
 log = logging.getLogger("kit.evaluate.stage1")
-
-PathLike = str | os.PathLike
 
 DICE_COLUMNS = tuple(f"dice_{v}" for v in VERTEBRAE)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,10 +34,9 @@ from .stage1 import (
     worst_studies,
     zrange_errors,
 )
+from ..paths import PathLike
 
 log = logging.getLogger("kit.evaluate.stage1_report")
-
-PathLike = str | os.PathLike
 
 
 class _PerFold:

@@ -14,7 +14,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-PathLike = str | os.PathLike
+from ..paths import PathLike
 
 
 def replace_atomic(path: PathLike, write: Callable[[Path], None]) -> Path:

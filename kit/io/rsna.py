@@ -20,7 +20,6 @@ part after the last underscore.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -29,10 +28,9 @@ import pandas as pd
 
 from ..constants import BROKEN_STUDIES, TARGETS, UID_PREFIX, VERTEBRAE
 from ..paths import find_data_root
+from ..paths import PathLike
 
 log = logging.getLogger("kit.io.rsna")
-
-PathLike = str | os.PathLike
 
 UID = "StudyInstanceUID"
 TRAIN_COLUMNS = (UID, *TARGETS)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +17,7 @@ import pandas as pd
 from ..constants import VERTEBRAE
 from ..io.files import write_npz_atomic, write_text_atomic
 from .postprocess import VertebraExtent
-
-PathLike = str | os.PathLike
+from ..paths import PathLike
 
 
 @dataclass

@@ -25,10 +25,10 @@ from ..runs import load_run
 from .infer import segment_study
 from .postprocess import THRESHOLD
 from .results import save_seg_result
+from ..paths import PathLike
 
 log = logging.getLogger("kit.stage1.runner")
 
-PathLike = str | os.PathLike
 MISSING = "missing.csv"
 SUMMARY = "summary.csv"
 SUMMARY_COLUMNS = ("StudyInstanceUID", "slices", "found", "missing", "dropped", "seconds")

@@ -42,7 +42,6 @@ inside `build_crops` when stage-1 runs are used, so its reader runs in a light s
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -64,7 +63,6 @@ from ..io.rsna import listed_without_folder, segmentation_path
 
 log = logging.getLogger("kit.stage2.crop_cache")
 
-PathLike = str | os.PathLike
 MANIFEST = "manifest.csv"
 UNMATCHED = "unmatched_boxes.csv"
 MANIFEST_COLUMNS = ("StudyInstanceUID", "split", "found", "missing", "mask_source", "n_boxes", "unmatched_boxes",

@@ -25,17 +25,16 @@ import datetime
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..io.files import write_text_atomic
+from ..paths import PathLike
 
 log = logging.getLogger("kit.submit.export")
 
-PathLike = str | os.PathLike
 MANIFEST = "manifest.json"
 FORMAT = "kit-export"
 VERSION = 1

@@ -30,10 +30,9 @@ from ..stage1.infer import segment_study
 from ..stage1.postprocess import THRESHOLD
 from ..stage2.infer import classify_study
 from .export import is_manifest, resolve_run, verify_run
+from ..paths import PathLike
 
 log = logging.getLogger("kit.submit.predictor")
-
-PathLike = str | os.PathLike
 
 
 def resolve_runs(paths: Sequence[PathLike]) -> list[tuple[Path, list[int]]]:

@@ -49,7 +49,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -67,10 +66,9 @@ from ..io.dicom import Series, read_series, study_files
 from ..io.prefetch import call_before, describe_error
 from ..io.prefetch import prefetch as prefetch_items
 from ..io.rsna import UID, rows_for_studies, split_row_id
+from ..paths import PathLike
 
 log = logging.getLogger("kit.submit.submission")
-
-PathLike = str | os.PathLike
 
 FALLBACK = TRAIN_PREVALENCE  # (8,) TARGETS order: the 2019 table's prevalence, the fallback when no run gives one
 CLIP = (PROB_CLIP, 1 - PROB_CLIP)

@@ -3,7 +3,6 @@ recall by fracture kind and subtlety, false alarms on look-alikes, the attention
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,8 +14,7 @@ from ..evaluate.metrics import (
     competition_score,
 )
 from ..io.rsna import UID, load_train
-
-PathLike = str | os.PathLike
+from ..paths import PathLike
 
 ANSWERS_NAME = "fractures.csv"
 

@@ -43,10 +43,10 @@ import pandas as pd
 from ..constants import PROB_CLIP, TARGETS, VERTEBRAE
 from ..evaluate.bootstrap import LEVEL, N_BOOT, bootstrap_auc, bootstrap_mean
 from ..evaluate.markdown import jsonable
+from ..paths import PathLike
 
 log = logging.getLogger("kit.tools.bench_learn")
 
-PathLike = str | os.PathLike
 UID = "StudyInstanceUID"
 KINDS = ("hairline", "cleft", "displaced", "compression")  # kit.synthetic.FRACTURE_KINDS, subtlest first
 LOOKALIKE = "lookalike"  # the AUC of intact vertebrae with a look-alike against intact ones without
