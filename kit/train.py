@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ from .config import config_to_dict, load_config, save_config
 from .devices import cuda_half_dtype, has_native_bf16
 from .io.files import replace_atomic
 from .models import create_model
+from .sections import SourceConfig
 from .tasks import make_task
 
 log = logging.getLogger("kit.train")
@@ -470,8 +471,9 @@ def _fit(cfg, task, info: DistInfo) -> dict:
 _VOLATILE = {"train.stop_after_epochs", "train.resume", "train.progress", "train.threads", "data.num_workers"}
 
 
-#: data keys that say which studies a run learns from: a run whose saved values differ trained on other studies
-_STUDY_KEYS = ("data_root", "cache_dir", "crop_dir", "folds_csv", "folds_seed", "n_folds", "fold")
+#: data keys that say which studies a run learns from (the studies and their split, and the folder its inputs are
+#: read from): a run whose saved values differ trained on other studies
+_STUDY_KEYS = tuple(f.name for f in fields(SourceConfig) if f.name != "window") + ("cache_dir", "crop_dir")
 
 
 def _other_studies(old: dict, new: dict) -> dict:
