@@ -133,5 +133,13 @@ def test_a_checkpoint_trained_on_from_another_names_it(shipped):
 def test_the_shipped_checkpoint_names_the_chain_of_runs_that_made_it():
     """Its provenance nests each earlier checkpoint it trained on from; the demo's summary counts them."""
     meta = start.start_meta("kit:cls_lite0_128")
-    assert start.training_runs(meta) == 3 and meta["training"]["from"]["weights"] == "kit:cls_lite0_128"
+    links, training = [], meta["training"]
+    while isinstance(training.get("from"), dict):  # each earlier run: its weights, checksum and command
+        link = training["from"]
+        assert link["weights"] == "kit:cls_lite0_128" and len(link["sha256"]) == 64
+        assert link["command"].startswith("kit pretrain ")
+        links.append(link)
+        training = link["training"]
+    assert training["from"].startswith("packaged ImageNet weights")  # the first run started from ImageNet
+    assert len(links) >= 1 and start.training_runs(meta) == len(links) + 1
     assert start.training_runs({"training": {"from": "packaged ImageNet weights"}}) == 1
