@@ -82,12 +82,20 @@ def _few_failures(result: dict, n: int = 10) -> dict:
     return {**result, "failures": shown}
 
 
+def _say_left(result: dict) -> None:
+    if result.get("left"):
+        print(f"{result['left']} studies left by the time budget: the same command again resumes there",
+              file=sys.stderr)
+
+
 def _cmd_prepare(args: argparse.Namespace) -> None:
     from .io.cache import prepare_studies
 
     result = prepare_studies(args.data_root, args.cache_dir, split=args.split, size=args.size,
-                             window_name=args.window, workers=args.workers, segmented_only=args.segmented_only)
+                             window_name=args.window, workers=args.workers, segmented_only=args.segmented_only,
+                             time_budget=args.time_budget)
     print(json.dumps(_few_failures(result), indent=2))
+    _say_left(result)
     if result["failed"]:
         print(f"{result['failed']} studies failed; see {Path(args.cache_dir) / 'failures.csv'}", file=sys.stderr)
 
@@ -234,8 +242,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_segment(args: argparse.Namespace) -> None:
     from .stage1.runner import segment_studies
 
-    result = segment_studies(args.data_root, args.runs, args.out, split=args.split)
+    result = segment_studies(args.data_root, args.runs, args.out, split=args.split, time_budget=args.time_budget)
     print(json.dumps(result, indent=2, default=str))
+    _say_left(result)
 
 
 def _cmd_crops(args: argparse.Namespace) -> None:
@@ -243,8 +252,9 @@ def _cmd_crops(args: argparse.Namespace) -> None:
     from .stage2.crop_cache import build_crops
 
     cfg = load_config(args.config, **_parse_overrides([*args.overrides, *args.smoke_overrides]))
-    result = build_crops(cfg, split=args.split)
+    result = build_crops(cfg, split=args.split, time_budget=args.time_budget)
     print(json.dumps(_few_failures(result), indent=2, default=str))
+    _say_left(result)
     if result["failed"]:
         print(f"{result['failed']} studies failed; see {Path(cfg.data.crop_dir) / 'failures.csv'}", file=sys.stderr)
 
@@ -339,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--segmented-only", action="store_true",
                    help="only the studies with a segmentation: all that stage 1 trains on (87 of the 2,019)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop before a study that would end past it; a second run resumes where this one stopped")
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value",
@@ -356,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders (runs/<config name>): segmenter runs, plus level-model runs to fuse in")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop before a study that would end past it; a second run resumes where this one stopped")
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("crops", help="cache the classifier's vertebra crops: kit crops --config <cls config> key=value",
@@ -364,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the stage-1 runs of data.seg_runs (out-of-fold for the studies they trained on).")
     p.add_argument("--config", required=True, help="classifier config (task: cls), packaged name or YAML path")
     p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop before a study that would end past it; a second run resumes where this one stopped")
     p.add_argument("overrides", type=_override, nargs="*", help="dotted overrides, e.g. data.image_size=128")
     p.set_defaults(func=_cmd_crops, smoke_overrides=[])
 

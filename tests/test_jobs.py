@@ -79,3 +79,43 @@ def test_known_failures_and_tables_exist_before_any_study(tmp_path):
     assert list(pd.read_csv(tmp_path / FAILURES)[UID]) == ["gone"]
     assert list(pd.read_csv(tmp_path / "manifest.csv").columns) == [UID, "value"]
     assert list(pd.read_csv(tmp_path / "extra.csv").columns) == [UID, "note"]
+
+
+def test_a_time_budget_stops_before_a_study_that_would_pass_it_and_the_next_run_resumes(tmp_path, monkeypatch):
+    from kit.io import jobs
+
+    class Clock:  # the job's clock, moved by the work alone: the test does not depend on the machine's speed
+        now = 1000.0
+
+        def time(self) -> float:
+            return self.now
+
+        perf_counter = time
+
+    clock = Clock()
+    monkeypatch.setattr(jobs, "time", clock)
+    ledger, work, calls = _job(tmp_path)
+
+    def slow(uid: str, study: int, seconds: float) -> Done:
+        clock.now += 0.3
+        return work(uid, study, seconds)
+
+    uids = [f"s{i}" for i in range(1, 7)]
+    # 0.3 s a study: after two (0.6 s) the third would end at 0.9 s, past a 0.75 s budget
+    first = run_job(uids, ledger, slow, studies=lambda todo: read_ahead(_read, todo, False), desc="test",
+                    progress=False, time_budget=0.75)
+    assert calls == ["s1", "s2"] and first["left"] == 4 and first["failures"] == {}
+    assert list(pd.read_csv(tmp_path / "manifest.csv")[UID]) == ["s1", "s2"]
+    assert pd.read_csv(tmp_path / FAILURES).empty  # left, not failed
+    second = _run(ledger, work, uids)
+    assert calls == uids and second["skipped"] == 2 and second["left"] == 0
+
+
+def test_kit_prepare_with_a_time_budget_leaves_the_rest_for_the_next_run(synthetic_root, tmp_path):
+    from kit.io.cache import prepare_studies
+
+    uids = sorted(p.name for p in (synthetic_root / "train_images").iterdir())
+    first = prepare_studies(synthetic_root, tmp_path / "cache", size=32, workers=1, progress=False, time_budget=0)
+    assert (first["prepared"], first["left"], first["failed"]) == (0, len(uids), 0)
+    second = prepare_studies(synthetic_root, tmp_path / "cache", size=32, workers=1, progress=False)
+    assert (second["prepared"], second["skipped"], second["left"]) == (len(uids), 0, 0)

@@ -159,6 +159,7 @@ def prepare_studies(
     workers: int | None = None,
     progress: bool = True,
     segmented_only: bool = False,
+    time_budget: float | None = None,
 ) -> dict:
     """Prepare every study of a split into the cache, in parallel, resumably.
 
@@ -180,9 +181,12 @@ def prepare_studies(
             trains on (87 of the competition's 2,019 training studies), so a full-scale cache (384 px) does not
             decode and store the ~1,900 others. A segmentation without a study folder is listed in
             `failures.csv`.
+        time_budget: seconds: no study is started that would end past it; the rest are left for the next run
+            (`kit.io.jobs.run_job`).
 
     Returns:
-        Counts `prepared`, `skipped`, `failed`, the `failures` {uid: reason} and `seconds`.
+        Counts `prepared`, `skipped`, `failed`, `left` (not started: the time budget), the `failures`
+        {uid: reason} and `seconds`.
     """
     root, cache_dir = Path(data_root), Path(cache_dir)
     image_dir = root / f"{split}_images"
@@ -215,9 +219,9 @@ def prepare_studies(
 
     ledger = Ledger(cache_dir, MANIFEST, lambda u: cache_path(cache_dir, u))
     result = run_job(uids, ledger, work, studies=studies, desc=f"prepare {split}", progress=progress,
-                     known_failures=absent, where=lambda u: image_dir / u)
+                     known_failures=absent, where=lambda u: image_dir / u, time_budget=time_budget)
     return {"prepared": len(result["rows"]), "skipped": result["skipped"], "failed": len(result["failures"]),
-            "failures": result["failures"], "seconds": result["seconds"]}
+            "left": result["left"], "failures": result["failures"], "seconds": result["seconds"]}
 
 
 _REREAD = "read again alone with pydicom: a reading process died while this study was in it"

@@ -8,11 +8,13 @@
 - **one failure never stops the rest**: a study that cannot be read or worked on is logged and listed in
   `failures.csv` with its error, and leaves that file when a later run does it;
 - **nothing lost**: each study's rows are written (atomically, `kit.io.files`) as soon as its output file is;
+- **a time budget**: before each study, when the seconds so far plus the mean a study would pass it, the job stops
+  (`out_of_time`, the submission's rule too) and the studies left are done by the next run;
 - **progress** (a bar on a terminal only) and a summary of counts and seconds.
 
 The submission (`kit.submit.submission.predict_studies`) reads ahead with the same `kit.io.prefetch` but keeps its
 own loop: it writes no file per study and no failure list, every study gets a row (fallback values for a failure)
-and a deadline cuts it off. numpy-free; never imports torch.
+and a deadline cuts off even a study in progress; it stops taking studies by the same rule (`out_of_time`). numpy-free; never imports torch.
 """
 
 from __future__ import annotations
@@ -69,6 +71,16 @@ def unfinished(out_dir: Path, uids: Sequence[str], manifest: str, file_of: Calla
                     out_dir, len(orphans), manifest, ", ".join(orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
     done = set(have) - set(orphans)
     return [u for u in uids if u not in done]
+
+
+def out_of_time(deadline: float | None, started: float, done: int) -> bool:
+    """True when the next study is not expected to end before `deadline` (a `time.time()`): now + the mean seconds
+    a study took since `started` (0 before the first) reaches it. False without a deadline."""
+    if deadline is None:
+        return False
+    now = time.time()
+    mean = (now - started) / done if done else 0.0
+    return now + mean >= deadline
 
 
 @dataclass
@@ -132,7 +144,7 @@ def read_ahead(read: Callable[[str], Any], uids: Sequence[str], prefetch_on: boo
 def run_job(uids: Sequence[str], ledger: Ledger, work: Callable[[str, Any, float], Done], *,
             studies: Callable[[list[str]], Iterable[Prefetched]], desc: str, progress: bool = True,
             known_failures: Mapping[str, str] | None = None, where: Callable[[str], Any] | None = None,
-            todo: Sequence[str] | None = None) -> dict:
+            todo: Sequence[str] | None = None, time_budget: float | None = None) -> dict:
     """Do every unfinished study of `uids`: `work(uid, study, read_seconds)` on what `studies(todo)` gives for it.
 
     Args:
@@ -146,20 +158,29 @@ def run_job(uids: Sequence[str], ledger: Ledger, work: Callable[[str, Any, float
         known_failures: {uid: error} known before reading (e.g. a study listed without a folder): recorded.
         where: `uid -> what was read` (a path) for the error of a study that could not be read.
         todo: the unfinished studies of `uids`, when the caller has asked `ledger.todo` already.
+        time_budget: seconds from this call: no study is started that would end past it at the mean pace so far
+            (`out_of_time`); the studies left are neither done nor failed, so the next run does them. None: no limit.
 
     Returns:
         `rows` (the manifest rows done now), `failures` {uid: error} (with the known ones), `skipped` (finished
-        before), `seconds`.
+        before), `left` (not started: the time budget ran out), `seconds`.
     """
-    start = time.perf_counter()
+    start, started = time.perf_counter(), time.time()
+    deadline = started + float(time_budget) if time_budget is not None else None
     failures = dict(known_failures or {})
     ledger.open(failures)
     todo = ledger.todo(list(uids)) if todo is None else list(todo)
     rows: list[dict] = []
+    left = 0
     stream = studies(todo)
     bar = progress_bar(stream, total=len(todo), desc=desc, unit="study", enabled=progress)
     try:
-        for uid, study, error, seconds in bar:
+        for done_so_far, (uid, study, error, seconds) in enumerate(bar):
+            if out_of_time(deadline, started, done_so_far):
+                left = len(todo) - done_so_far
+                log.warning("%s: the time budget (%.0f s) would run out during the next study: %d studies left for "
+                            "the next run, which resumes here", desc, time_budget, left)
+                break
             try:
                 if error is not None:
                     raise RuntimeError(f"reading {where(uid) if where else uid}: {error}")
@@ -179,5 +200,5 @@ def run_job(uids: Sequence[str], ledger: Ledger, work: Callable[[str, Any, float
         bar.close()
         if hasattr(stream, "close"):
             stream.close()
-    return {"rows": rows, "failures": failures, "skipped": len(uids) - len(todo),
+    return {"rows": rows, "failures": failures, "skipped": len(uids) - len(todo), "left": left,
             "seconds": round(time.perf_counter() - start, 2)}

@@ -61,6 +61,7 @@ def segment_studies(
     threshold: float = THRESHOLD,
     progress: bool = True,
     prefetch: bool = True,
+    time_budget: float | None = None,
 ) -> dict:
     """Segment every study of a split, resumably, one failure never stopping the rest.
 
@@ -84,10 +85,11 @@ def segment_studies(
         threshold: clean-up probability threshold.
         progress: show a tqdm bar.
         prefetch: read the next study in a spawned worker process while the current one is segmented.
+        time_budget: seconds: no study is started that would end past it; the rest are left for the next run.
 
     Returns:
-        Counts `segmented`, `skipped`, `failed`, the `failures` {uid: error}, `missing` {uid: [names]}
-        of the studies segmented now, and `seconds`.
+        Counts `segmented`, `skipped`, `failed`, `left` (not started: the time budget), the `failures`
+        {uid: error}, `missing` {uid: [names]} of the studies segmented now, and `seconds`.
     """
     source, out_dir = Path(source), Path(out_dir)
     folder, all_uids = study_source(source, split)
@@ -118,6 +120,6 @@ def segment_studies(
     ledger = Ledger(out_dir, SUMMARY, lambda u: out_dir / f"{u}.json", columns=SUMMARY_COLUMNS,
                     tables={MISSING: MISSING_COLUMNS})
     result = run_job(uids, ledger, work, studies=lambda todo: read_ahead(read, todo, prefetch),
-                     desc=f"segment {split}", progress=progress, where=lambda u: folder / u)
+                     desc=f"segment {split}", progress=progress, where=lambda u: folder / u, time_budget=time_budget)
     return {"segmented": len(result["rows"]), "skipped": result["skipped"], "failed": len(result["failures"]),
-            "failures": result["failures"], "missing": missing, "seconds": result["seconds"]}
+            "left": result["left"], "failures": result["failures"], "missing": missing, "seconds": result["seconds"]}

@@ -333,7 +333,8 @@ def build_study(uid: str, study: dict, cfg, *, models: list | None = None, mask_
 
 
 def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None, progress: bool = True,
-                prefetch: bool = True, device=None, grid_size: int = TRUTH_GRID_SIZE) -> dict:
+                prefetch: bool = True, device=None, grid_size: int = TRUTH_GRID_SIZE,
+                time_budget: float | None = None) -> dict:
     """Build the crop cache of a split, resumably, one failure never stopping the rest.
 
     Studies whose `<crop_dir>/<uid>.npz` exists are skipped. Each other study is read once (in a spawned
@@ -355,10 +356,11 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
         device: where stage-1 models run (default CUDA when available, else CPU).
         grid_size: prepared grid of ground-truth masks when `data.seg_runs` is empty (with runs, the
             segmenter's image size is used, so true and predicted masks share one grid).
+        time_budget: seconds: no study is started that would end past it; the rest are left for the next run.
 
     Returns:
-        Counts `built`, `skipped`, `failed`, the `failures` {uid: error}, `in_sample` (studies segmented by
-        models trained on them), `seconds`, `seconds_per_study` and `crop_dir`.
+        Counts `built`, `skipped`, `failed`, `left` (not started: the time budget), the `failures` {uid: error},
+        `in_sample` (studies segmented by models trained on them), `seconds`, `seconds_per_study` and `crop_dir`.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r}; valid: train, test")
@@ -422,10 +424,12 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
 
     result = run_job(uids, ledger, work, studies=lambda todo: read_ahead(read, todo, prefetch),
                      desc=f"crops {split}", progress=progress, known_failures={**absent, **unusable},
-                     where=lambda u: image_dir / u, todo=[u for u in todo if u not in unusable])
+                     where=lambda u: image_dir / u, todo=[u for u in todo if u not in unusable],
+                     time_budget=time_budget)
     rows = result["rows"]
     seconds = time.perf_counter() - start
     summary = {"built": len(rows), "skipped": len(uids) - len(todo), "failed": len(result["failures"]),
+               "left": result["left"],
                "failures": result["failures"], "target_conflicts": len(conflicted),
                "in_sample": in_sample, "seconds": round(seconds, 2),
                "seconds_per_study": round(sum(r["seconds"] for r in rows) / max(len(rows), 1), 3),

@@ -62,6 +62,7 @@ from ..progress import progress_bar
 
 from ..constants import PROB_CLIP, TARGETS, TRAIN_PREVALENCE
 from ..io.files import write_csv_atomic
+from ..io.jobs import out_of_time
 from ..io.dicom import Series, read_series, study_files
 from ..io.prefetch import call_before, describe_error
 from ..io.prefetch import prefetch as prefetch_items
@@ -310,15 +311,6 @@ def _predict_one(uid: str, study: Any, predict: Predictor, read_seconds: float, 
     return StudyOutcome(uid, probs, notes, read_seconds, predict_seconds)
 
 
-def _out_of_time(deadline: float | None, started: float, done: int) -> bool:
-    """True when the next study is not expected to end by `deadline` (elapsed + mean seconds a study)."""
-    if deadline is None:
-        return False
-    now = time.time()
-    mean = (now - started) / done if done else 0.0
-    return now + mean > deadline
-
-
 def _cut_off(uids: list[str], seconds: float, doing: str, budget: float) -> Iterator[StudyOutcome]:
     """Fallbacks (stage "budget") for `uids[0]`, still `doing` after `seconds` at the deadline, and the rest."""
     cut = uids[0]
@@ -360,7 +352,7 @@ def predict_studies(uids: Sequence[str], predict: Predictor, read: Callable[[str
                             deadline=deadline if prefetch or in_thread else None)
     try:
         for i, uid in enumerate(uids):
-            if _out_of_time(deadline, started, i):
+            if out_of_time(deadline, started, i):
                 stream.close()  # stops the reader at once
                 elapsed = time.time() - started
                 detail = (f"{elapsed:.1f} s for {i} of {len(uids)} studies; the next one would end past the "
