@@ -175,12 +175,17 @@ def run_job(uids: Sequence[str], ledger: Ledger, work: Callable[[str, Any, float
     stream = studies(todo)
     bar = progress_bar(stream, total=len(todo), desc=desc, unit="study", enabled=progress)
     try:
-        for done_so_far, (uid, study, error, seconds) in enumerate(bar):
-            if out_of_time(deadline, started, done_so_far):
+        pulled = iter(bar)
+        for done_so_far in range(len(todo)):
+            if out_of_time(deadline, started, done_so_far):  # checked before the next study is taken
                 left = len(todo) - done_so_far
                 log.warning("%s: the time budget (%.0f s) would run out during the next study: %d studies left for "
                             "the next run, which resumes here", desc, time_budget, left)
                 break
+            taken = next(pulled, None)
+            if taken is None:
+                break
+            uid, study, error, seconds = taken
             try:
                 if error is not None:
                     raise RuntimeError(f"reading {where(uid) if where else uid}: {error}")
