@@ -82,6 +82,12 @@ def _few_failures(result: dict, n: int = 10) -> dict:
     return {**result, "failures": shown}
 
 
+def _add_time_budget(p: argparse.ArgumentParser) -> None:
+    """The batch jobs' (`kit prepare`, `segment`, `crops`) `--time-budget` (`kit.io.jobs.run_job`)."""
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="stop before a study that would end past it; a second run resumes where this one stopped")
+
+
 def _say_left(result: dict) -> None:
     if result.get("left"):
         print(f"{result['left']} studies left by the time budget: the same command again resumes there",
@@ -349,8 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--segmented-only", action="store_true",
                    help="only the studies with a segmentation: all that stage 1 trains on (87 of the 2,019)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop before a study that would end past it; a second run resumes where this one stopped")
+    _add_time_budget(p)
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("train", help="train folds of a config: kit train --config demo_seg --folds 0 1 key=value",
@@ -368,8 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folders (runs/<config name>): segmenter runs, plus level-model runs to fuse in")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop before a study that would end past it; a second run resumes where this one stopped")
+    _add_time_budget(p)
     p.set_defaults(func=_cmd_segment)
 
     p = sub.add_parser("crops", help="cache the classifier's vertebra crops: kit crops --config <cls config> key=value",
@@ -378,8 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the stage-1 runs of data.seg_runs (out-of-fold for the studies they trained on).")
     p.add_argument("--config", required=True, help="classifier config (task: cls), packaged name or YAML path")
     p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="stop before a study that would end past it; a second run resumes where this one stopped")
+    _add_time_budget(p)
     p.add_argument("overrides", type=_override, nargs="*", help="dotted overrides, e.g. data.image_size=128")
     p.set_defaults(func=_cmd_crops, smoke_overrides=[])
 

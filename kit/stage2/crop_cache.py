@@ -374,7 +374,6 @@ def build_crops(cfg, *, split: str = "train", uids: Sequence[str] | None = None,
     uids = sorted(p.name for p in image_dir.iterdir() if p.is_dir()) if uids is None else list(uids)
     ledger = Ledger(crop_dir, MANIFEST, lambda u: crop_path(crop_dir, u), columns=MANIFEST_COLUMNS,
                     tables={UNMATCHED: UNMATCHED_COLUMNS})
-    crop_dir.mkdir(parents=True, exist_ok=True)
     todo = ledger.todo(uids)
     seg_dir = root / "segmentations"
 
