@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean", default="prob", choices=["prob", "logit"], help="how the classifier ensemble averages")
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one weight per classifier run, in the order given")
-    p.add_argument("--tta-flip", action="store_true", help="left-right flip TTA for the classifier")
+    p.add_argument("--tta-flip", action="store_true",
+                   help="left-right flip TTA for every classifier (runs with data.tta_flip have it on already)")
     p.add_argument("--no-prefetch", action="store_true",
                    help="read each study in this process, not ahead (a native decoder that crashes on a corrupt "
                         "file then ends the run; with prefetch that study gets fallbacks)")

@@ -47,7 +47,8 @@ class InferenceOptions:
         mean: how the classifier ensemble is averaged, "prob" or "logit" (stage 1 averages probabilities).
         weights: classifier run weights: None (every run alike), one value per run (order of first appearance)
             or {run folder name: weight} (runs not named: 1); checked against the runs by `classify_study`.
-        tta_flip: the left-right mirrored crops join the classifier's batch as a second view.
+        tta_flip: the left-right mirrored crops join the classifier's batch as a second view, for every
+            classifier (a run trained with `data.tta_flip` has it on already).
         amp: autocast on CUDA (None: on there); CPU always runs float32.
 
     Raises:

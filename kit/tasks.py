@@ -377,17 +377,31 @@ class ClsTask:
     # ----- validation -----
     def predict_study(self, model: nn.Module, sample: dict, device: torch.device, autocast
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T)."""
-        found = sample["found"]
+        """One study's 8 logits [patient_overall, C1..C7] (float32, CPU) and its attention (7, T); with
+        `data.tta_flip` the probabilities and attention averaged over the crops and their left-right mirror, as
+        `kit.stage2.infer.classify_study` does."""
         image = self.recipe.model_input(sample["image"].to(device))  # unaugmented: no intensity change
         vertebra = model.vertebra if self.per_study else model
         odds, prevalence = vertebra.metric_odds.cpu().numpy(), vertebra.train_prevalence.cpu().numpy()
+        views = [image, image.flip(-1)] if self.cfg.data.tta_flip else [image]  # the crops' W axis
+        probs, attentions = [], []
+        for view in views:
+            p, attention = self._predict_view(model, view, sample, device, autocast, odds, prevalence)
+            probs.append(p)
+            attentions.append(attention)
+        return (torch.from_numpy(logit(np.mean(probs, axis=0))).float(),
+                torch.stack(attentions).mean(0))
+
+    def _predict_view(self, model: nn.Module, image: torch.Tensor, sample: dict, device: torch.device, autocast,
+                      odds: np.ndarray, prevalence: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+        """One view's 8 probabilities (float64) and attention (7, T) of `predict_study`."""
+        found = sample["found"]
         if self.per_study:
             with autocast():
                 out = model(image[None], sample["mask"][None].to(device), sample["vertebra_mask"][None].to(device))
             logits = combine_logits(out["logit"].float().cpu(), out["patient_logit"].float().cpu())[0]
             p = complete_targets(torch.sigmoid(logits.detach().double()).numpy(), found.numpy(), odds, prevalence)
-            return torch.from_numpy(logit(p)).float(), out["attention"][0].float().cpu()
+            return p, out["attention"][0].float().cpu()
         logits = torch.full((len(VERTEBRAE),), float("nan"))  # a vertebra not found: fill_missing_vertebrae
         attention = torch.zeros(sample["mask"].shape)
         if found.any():
@@ -396,8 +410,7 @@ class ClsTask:
                             torch.arange(len(VERTEBRAE))[found].to(device))
             logits[found] = out["logit"].float().cpu()
             attention[found] = out["attention"].float().cpu()
-        p = targets_from_vertebrae(torch.sigmoid(logits.detach().double()).numpy(), odds, prevalence)
-        return torch.from_numpy(logit(p)).float(), attention
+        return targets_from_vertebrae(torch.sigmoid(logits.detach().double()).numpy(), odds, prevalence), attention
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, uids: Sequence[str], device: torch.device, autocast) -> EvalResult:

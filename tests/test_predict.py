@@ -480,12 +480,15 @@ def test_half_precision_inference_matches_float32(models, synthetic_root, monkey
     assert not np.array_equal(half["probs"][:2], full["probs"][:2])  # it did run in half precision
 
 
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "tta_flip"])
 @pytest.mark.parametrize("name", ["cls", "patient"])
-def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(models, segmented, name):
+def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(models, segmented, name, flip):
     """C7 not found by stage 1: the fold's validation (`ClsTask.predict_study`, what the OOF table holds) and
     inference (`classify_study`, what the submission writes) give the same 8 values, C7 its training prevalence at
     the metric's odds and counted in patient_overall (a per-vertebra model) — one rule,
-    `kit.evaluate.metrics.fill_missing_vertebrae`. (Inference used to leave C7 NaN and patient_overall without it.)"""
+    `kit.evaluate.metrics.fill_missing_vertebrae`. (Inference used to leave C7 NaN and patient_overall without it.)
+    With `data.tta_flip` both average the crops and their mirror alike."""
+    import copy
     from contextlib import nullcontext
 
     from kit.tasks import ClsTask
@@ -495,7 +498,8 @@ def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(
     extents = vertebra_extents(labels)
     seg7 = SegResult(uid=seg.uid, labels=labels, extents=extents, missing=missing_vertebrae(extents),
                      orig_hw=seg.orig_hw)
-    m = models[name][0]
+    m = copy.deepcopy(models[name][0])
+    m.config.data.tta_flip = flip
     prevalence = np.array([0.5, 0.1, 0.2, 0.05, 0.1, 0.1, 0.2, 0.3])  # as init_model would have set them
     odds = np.array([1.3, 1.2, 1.1, 1.0, 1.5, 1.2, 1.4, 1.25])
     vertebra = m.model.vertebra if name == "patient" else m.model
@@ -512,6 +516,10 @@ def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(
     submission = infer.classify_study(series.hu, seg7, [m], dz=float(series.spacing[0]))["probs"]
     np.testing.assert_allclose(submission, validation, rtol=1e-5, atol=1e-6)
     assert np.isfinite(submission).all()
+    if flip:  # the mirrored view counted: not the plain answer
+        m.config.data.tta_flip = False
+        plain = infer.classify_study(series.hu, seg7, [m], dz=float(series.spacing[0]))["probs"]
+        assert not np.allclose(plain[1:7], submission[1:7], rtol=0, atol=1e-7)
     assert submission[7] == pytest.approx(scale_odds(prevalence[7], odds[7]))
     if name == "cls":  # patient_overall from the vertebrae, C7's prevalence in the product
         chance = scale_odds(submission[1:7], 1 / odds[1:7])

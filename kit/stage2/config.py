@@ -42,6 +42,8 @@ class ClsDataConfig(SourceConfig):
             channel warped with nearest neighbour, brightness/contrast on the image channels only).
         reverse_slices: probability of reversing a training stack's slice order (feet to head), per vertebra;
             the slice targets and masks are reversed with it. 0 keeps the anatomical order always.
+        tta_flip: validation and inference average each vertebra's answer over its crops and their left-right
+            mirror (probabilities; `kit submit --tta-flip` turns it on for a run trained without it).
     """
 
     crop_dir: str = "cache/crops"
@@ -57,6 +59,7 @@ class ClsDataConfig(SourceConfig):
     num_workers: int = 4
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     reverse_slices: float = 0.0
+    tta_flip: bool = False
 
 
 @dataclass

@@ -138,8 +138,8 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOp
     call `kit crops` makes, cut once per distinct recipe among the
     models. A model sees them as training and validation do (`kit.stage2.data.stack_input`: uint8 / 255): a per-vertebra
     model (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`)
-    the whole study with `vertebra_mask` = found; with `options.tta_flip` the left-right mirrored crops (last axis)
-    join the same batch.
+    the whole study with `vertebra_mask` = found; with the model's `data.tta_flip` (as its validation) or
+    `options.tta_flip` the left-right mirrored crops (last axis) join the same batch.
 
     Each model gives 8 values (TARGETS order) as its validation computed them: a per-vertebra model's through
     `kit.evaluate.metrics.targets_from_vertebrae`, a per-study model's (patient_overall from its patient head) through
@@ -197,7 +197,8 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOp
         if m.device != device:
             m.model.to(device)
         stacks, found_t = tensors[recipe]
-        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, options.tta_flip, device, amp)
+        flip = options.tta_flip or m.config.data.tta_flip
+        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, flip, device, amp)
         if not np.isfinite(vertebra_logits[:, found]).all() or (
                 patient_logits is not None and not np.isfinite(patient_logits).all()):
             raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
