@@ -171,6 +171,21 @@ def test_settings_by_name():
         assert len(changed) == 1, name
 
 
+def test_flip_tta_is_a_lever_of_its_own(tmp_path):
+    """start_as_is (the demo: flip TTA on) and start_as_is_noflip differ in the flip only; it reaches the run's
+    config and its name, so a run scored without the flip is never reused as one with it."""
+    from dataclasses import asdict
+
+    from kit.tools.bench_learn import _run_name, run_overrides
+
+    on, off = SETTINGS["start_as_is"], SETTINGS["start_as_is_noflip"]
+    assert {k for k, v in asdict(on).items() if asdict(off)[k] != v} == {"tta_flip", "what"}
+    assert run_overrides(on, {}, 1, 0, "x", tmp_path)["data.tta_flip"] is True
+    assert run_overrides(off, {}, 1, 0, "x", tmp_path)["data.tta_flip"] is False
+    assert "flip TTA" in on.describe() and "flip TTA" not in off.describe()
+    assert _run_name("s", on, "k", 1, 3, 101) != _run_name("s", off, "k", 1, 3, 101)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The quick run end to end, through the CLI
 # ---------------------------------------------------------------------------------------------------------

@@ -69,6 +69,8 @@ class Setting:
         what: one line on what it is.
         freeze: `model.freeze_backbone` (only the GRU, attention and heads learn).
         lr: `optim.lr` (None: demo_cls's).
+        tta_flip: `data.tta_flip`, validation averaging each vertebra over its crops and their left-right mirror
+            (demo_cls has it on; off for the settings measured before it was).
     """
 
     grid: int
@@ -80,11 +82,13 @@ class Setting:
     what: str = ""
     freeze: bool = False
     lr: float | None = None
+    tta_flip: bool = False
 
     def describe(self) -> str:
         weights = {"imagenet": "ImageNet", None: "random"}.get(self.pretrained, self.pretrained)
         short = {RANDOM_ENCODER: "MNv3-s050", IMAGENET_ENCODER: "Lite0"}.get(self.encoder, self.encoder)
-        extra = (" frozen" if self.freeze else "") + (f" lr {self.lr:g}" if self.lr else "")
+        extra = ((" frozen" if self.freeze else "") + (f" lr {self.lr:g}" if self.lr else "")
+                 + (" flip TTA" if self.tta_flip else ""))
         return f"{self.grid}/{self.crop} {short} {weights}{extra}"
 
 
@@ -109,14 +113,16 @@ SETTINGS: dict[str, Setting] = {
                               what="lite0_128 on half the training studies"),
     # from the shipped starting checkpoint (`kit pretrain`: the same architecture trained on 480 studies of
     # seed 1000), fine-tuned for 1 or 2 epochs (epoch_scale x the bench's 3)
-    "start_as_is": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True, lr=1e-9,
+    "start_as_is": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True, lr=1e-9, tta_flip=True,
                            what="kit:cls_lite0_128 as shipped (1 epoch at a learning rate of 1e-9: nothing moves but "
-                                "the level offsets, set to the fold's prevalence)"),
-    "start_frozen": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True,
+                                "the level offsets, set to the fold's prevalence), with the demo's flip TTA"),
+    "start_as_is_noflip": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True, lr=1e-9,
+                                  what="start_as_is without the flip TTA (the crops as they are only)"),
+    "start_frozen": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, freeze=True, tta_flip=True,
                             what="kit:cls_lite0_128, 1 epoch with the CNN frozen (GRU, attention, heads learn)"),
-    "start_frozen2": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=2 / 3, freeze=True,
+    "start_frozen2": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=2 / 3, freeze=True, tta_flip=True,
                              what="start_frozen for 2 epochs"),
-    "start_tuned": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, lr=5e-4,
+    "start_tuned": Setting(256, 128, IMAGENET_ENCODER, START, epoch_scale=1 / 3, lr=5e-4, tta_flip=True,
                            what="kit:cls_lite0_128, 1 epoch, everything learns at a quarter of the learning rate"),
 }
 DEFAULT_SETTINGS = ("base", "grid256_crop128", "lite0_128", "lite0_128_long")
@@ -403,17 +409,17 @@ def training_view(crop_dir: Path, folds: pd.DataFrame, fold: int, share: float, 
 
 def run_overrides(setting: Setting, paths: dict, epochs: int, fold: int, name: str, runs: Path) -> dict:
     """`load_config(demo_cls, **these)` for one fold of a setting: its paths, crop size, backbone, epochs
-    (validated once, after the last), one torch thread, no progress bar."""
+    (validated once, after the last), flip TTA or not, one torch thread, no progress bar."""
     return {**paths, "name": name, "out_dir": str(runs), "data.fold": fold, "model.encoder": setting.encoder,
             "model.pretrained_weights": setting.pretrained, "train.epochs": epochs, "train.val_every": epochs,
             "train.threads": 1, "train.progress": False, "model.freeze_backbone": setting.freeze,
-            **({"optim.lr": setting.lr} if setting.lr else {})}
+            "data.tta_flip": setting.tta_flip, **({"optim.lr": setting.lr} if setting.lr else {})}
 
 
 def _run_name(setting_name: str, setting: Setting, key: str, epochs: int, n_folds: int, seed: int) -> str:
     """`<setting>-<hash>`: the hash of everything that makes the run (not the setting's description), so a run is
     reused only for the same thing."""
-    later = {"freeze": False, "lr": None}  # fields added later: at their defaults they leave the hash as it was
+    later = {"freeze": False, "lr": None, "tta_flip": False}  # added later: at these, the hash is as it was
     fields = {k: v for k, v in asdict(setting).items() if k != "what" and not (k in later and v == later[k])}
     from ..models.start import is_start, start_meta
 
