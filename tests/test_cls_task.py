@@ -301,6 +301,7 @@ def tiny_config(cache, tmp_path, **overrides):
               "model.pretrained_weights": None, "model.freeze_backbone": False,
               "model.hidden": 16, "train.epochs": 2, "train.val_every": 1, "train.batch_size": 8,
               "train.threads": 1, "train.progress": False, "train.ema": False, "out_dir": str(tmp_path / "runs"),
+              "data.tta_flip": False,  # demo_cls's flip TTA: on only in the tests that ask for it
               **overrides}
     return load_config("demo_cls", **values)
 

@@ -163,6 +163,25 @@ def test_saliency_matches_an_independent_grad_cam_for_either_sign(tiny_run):
     assert max(totals) > 0
 
 
+def test_flip_tta_run_explains_the_probability_its_validation_gave(tiny_run, tmp_path):
+    """A run with data.tta_flip: the explained probability is the mean over the crops and their mirror, the one
+    its OOF table holds; logit, attention and saliency stay those of the crops as they are."""
+    from kit.train import fit_fold
+
+    cfg = tiny_config(tiny_run, tmp_path, **{"train.epochs": 1, "data.tta_flip": True, "name": "cls_flip"})
+    fit_fold(cfg)
+    uid = tiny_run["uids"][MISSING[0]]
+    oof = pd.read_csv(cfg.run_dir / "oof.csv", dtype={UID: str}).set_index(UID).loc[uid]
+    m = load_run(cfg.run_dir.parent, folds=[0])[0]
+    flipped = explain_study([m], None, uid)
+    m.config.data.tta_flip = False
+    plain = explain_study([m], None, uid)
+    for e, p in zip(flipped, plain):
+        assert e.prob == pytest.approx(oof[e.vertebra], abs=1e-5)
+        assert e.logit == p.logit and np.array_equal(e.saliency, p.saliency)
+    assert not np.allclose([e.prob for e in flipped], [p.prob for p in plain], rtol=0, atol=1e-7)
+
+
 def test_patient_model_explained_on_the_whole_study(tiny_run, tmp_path):
     """cls_patient_gru sees all seven vertebrae at once: each asked vertebra still gets its own logit's Grad-CAM
     (checked as above, for either sign of the head), its attention sums to 1, and its probability is the one

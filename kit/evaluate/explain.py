@@ -63,7 +63,9 @@ class VertebraExplanation:
             of no fold (e.g. a test study).
         logit: the vertebra's fracture logit.
         prob: the probability validation and `kit submit` give the vertebra: its sigmoid for a model with a
-            patient head, for a per-vertebra model mapped as `kit.evaluate.metrics.targets_from_vertebrae` maps it.
+            patient head, for a per-vertebra model mapped as `kit.evaluate.metrics.targets_from_vertebrae` maps it;
+            with the run's `data.tta_flip` the mean of that over the crops and their left-right mirror (`logit`,
+            attention and saliency are those of the crops as they are).
         label: the true label (`train.csv`), None when unknown.
         attention: float32 (T,) pooling weights over the sampled slices, summing to 1.
         slice_logits: float32 (T,) per-slice logits.
@@ -317,7 +319,8 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     The crops go in as training and validation give them (`kit.stage2.data.stack_input`, slices head to feet, no
     augmentation): a per-vertebra model (`cls_gru`) gets the asked vertebrae as one batch, a per-study model
     (`cls_patient_gru`) the whole study with the vertebrae found. One forward and one backward pass give every
-    asked vertebra's explanation (see the module docstring for the saliency).
+    asked vertebra's explanation (see the module docstring for the saliency); a run with `data.tta_flip` makes a
+    second pass over the mirrored crops for the probability, as its validation does.
 
     Args:
         run: a classifier run folder (`runs/<config name>`), `kit.runs.load_run` output, or one LoadedModel.
@@ -361,7 +364,11 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     if absent:
         raise ValueError(f"study {uid}: {', '.join(absent)} not found in its crops (see {crop_dir}/manifest.csv); "
                          f"found: {', '.join(found_names)}")
-    outputs = _explain_vertebrae(m, arrays, [VERTEBRAE.index(v) for v in wanted], device)
+    index = [VERTEBRAE.index(v) for v in wanted]
+    outputs = _explain_vertebrae(m, arrays, index, device)
+    views = [outputs]
+    if d.tta_flip:  # validation's second view, for the probability only
+        views.append(_explain_vertebrae(m, {**arrays, "crops": np.ascontiguousarray(crops[..., ::-1])}, index, device))
 
     names = cfg.recipe().channel_names
     image_channel = names.index(f"{'bone' if 'bone' in d.windows else d.windows[0]}+0")
@@ -381,14 +388,17 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     # its own) gives its sigmoids as they are
     odds = getattr(m.model, "metric_odds", None)
     odds = None if odds is None else odds.double().cpu().numpy()
+    def mapped(v: int, logit: float) -> float:
+        prob = float(1.0 / (1.0 + np.exp(-logit)))
+        if odds is None:
+            return prob
+        alone = np.full(len(VERTEBRAE), np.nan)  # a vertebra's own mapping does not depend on the others
+        alone[v] = prob
+        return float(targets_from_vertebrae(alone, odds, m.model.train_prevalence.double().cpu().numpy())[1 + v])
+
     result = []
     for v, o in outputs.items():
-        prob = float(1.0 / (1.0 + np.exp(-o["logit"])))
-        if odds is not None:  # a vertebra's own mapping does not depend on the others
-            alone = np.full(len(VERTEBRAE), np.nan)
-            alone[v] = prob
-            prevalence = m.model.train_prevalence.double().cpu().numpy()
-            prob = float(targets_from_vertebrae(alone, odds, prevalence)[1 + v])
+        prob = float(np.mean([mapped(v, view[v]["logit"]) for view in views]))
         positions = arrays["positions"][v].astype(np.int64)
         on_slice = [matched[matched["z"] == z][["x", "y", "width", "height"]].to_numpy(float) for z in positions]
         peak = float(o["cam"].max())
