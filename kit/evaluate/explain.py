@@ -256,6 +256,12 @@ def _study_boxes(boxes: pd.DataFrame | None, data_root: Path, uid: str) -> pd.Da
     return boxes
 
 
+def _run(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, per_study: bool,
+         level: torch.Tensor | None) -> dict:
+    """The classifier's forward pass on `_explain_vertebrae`'s batch."""
+    return model(x, mask, mask.any(-1)) if per_study else model(x, mask, level)
+
+
 def _forward_with_maps(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor, per_study: bool,
                        rows: list[int], level: torch.Tensor | None = None
                        ) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
@@ -266,7 +272,7 @@ def _forward_with_maps(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tens
     cudnn_off = torch.backends.cudnn.flags(enabled=False)  # cuDNN's GRU has no backward in eval mode
     with torch.enable_grad(), cudnn_off, capture_feature_maps(backbone) as maps:
         x = x.detach().requires_grad_(True)  # a graph even when the weights are frozen
-        out = model(x, mask, mask.any(-1)) if per_study else model(x, mask, level)
+        out = _run(model, x, mask, per_study, level)
         logits = out["logit"][0] if per_study else out["logit"]
         if not maps or maps[0].ndim != 4:
             shape = tuple(maps[0].shape) if maps else None
@@ -277,12 +283,15 @@ def _forward_with_maps(model: torch.nn.Module, x: torch.Tensor, mask: torch.Tens
     return {k: v.detach() for k, v in out.items()}, [m.detach() for m in maps], grads
 
 
-def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], device: torch.device) -> dict[int, dict]:
-    """One forward and backward pass of a classifier over the cached crops of the vertebrae `index` (0..6).
+def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], device: torch.device,
+                       mirror: bool = False) -> dict[int, dict]:
+    """One forward and backward pass of a classifier over the cached crops of the vertebrae `index` (0..6); with
+    `mirror` one more forward pass, without gradients, over the left-right mirrored crops (validation's second
+    view under `data.tta_flip`).
 
     Returns:
         {vertebra index: {"logit": float, "slice_logits": (T,), "attention": (T,), "cam": float32 (T, S, S)
-        unscaled Grad-CAM}}, in the order of `index`.
+        unscaled Grad-CAM, and with `mirror` "mirrored_logit": float}}, in the order of `index`.
     """
     from ..tasks import PER_STUDY_MODELS
 
@@ -297,6 +306,9 @@ def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], devic
         x, mask, rows = stacks[index], real[index], list(range(len(index)))
     level = None if per_study else torch.as_tensor(index, device=x.device)  # each row's vertebra level
     out, maps, grads = _forward_with_maps(m.model, x, mask, per_study, rows, level)
+    if mirror:
+        with torch.no_grad():
+            mirrored = _run(m.model, x.flip(-1), mask, per_study, level)["logit"]
     # the CNN saw the real slices only, in (batch, vertebra, slice) order: put each map back in its place
     cams = np.zeros((mask.numel(), size, size), np.float32)
     cams[mask.flatten().cpu().numpy()] = torch.cat([grad_cam(a, g, size) for a, g in zip(maps, grads)]).cpu().numpy()
@@ -308,6 +320,8 @@ def _explain_vertebrae(m, arrays: dict[str, np.ndarray], index: list[int], devic
                      "slice_logits": out["slice_logits"][where].float().cpu().numpy(),
                      "attention": out["attention"][where].float().cpu().numpy(),
                      "cam": cams[v if per_study else i]}
+        if mirror:
+            result[v]["mirrored_logit"] = float(mirrored[where])
     return result
 
 
@@ -319,8 +333,8 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     The crops go in as training and validation give them (`kit.stage2.data.stack_input`, slices head to feet, no
     augmentation): a per-vertebra model (`cls_gru`) gets the asked vertebrae as one batch, a per-study model
     (`cls_patient_gru`) the whole study with the vertebrae found. One forward and one backward pass give every
-    asked vertebra's explanation (see the module docstring for the saliency); a run with `data.tta_flip` makes a
-    second pass over the mirrored crops for the probability, as its validation does.
+    asked vertebra's explanation (see the module docstring for the saliency); a run with `data.tta_flip` adds a
+    forward pass over the mirrored crops for the probability, as its validation does.
 
     Args:
         run: a classifier run folder (`runs/<config name>`), `kit.runs.load_run` output, or one LoadedModel.
@@ -364,11 +378,7 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     if absent:
         raise ValueError(f"study {uid}: {', '.join(absent)} not found in its crops (see {crop_dir}/manifest.csv); "
                          f"found: {', '.join(found_names)}")
-    index = [VERTEBRAE.index(v) for v in wanted]
-    outputs = _explain_vertebrae(m, arrays, index, device)
-    views = [outputs]
-    if d.tta_flip:  # validation's second view, for the probability only
-        views.append(_explain_vertebrae(m, {**arrays, "crops": np.ascontiguousarray(crops[..., ::-1])}, index, device))
+    outputs = _explain_vertebrae(m, arrays, [VERTEBRAE.index(v) for v in wanted], device, mirror=d.tta_flip)
 
     names = cfg.recipe().channel_names
     image_channel = names.index(f"{'bone' if 'bone' in d.windows else d.windows[0]}+0")
@@ -388,17 +398,19 @@ def explain_study(run, crop_dir: PathLike | None, uid: str, vertebrae: Sequence[
     # its own) gives its sigmoids as they are
     odds = getattr(m.model, "metric_odds", None)
     odds = None if odds is None else odds.double().cpu().numpy()
+    prevalence = None if odds is None else m.model.train_prevalence.double().cpu().numpy()
+
     def mapped(v: int, logit: float) -> float:
         prob = float(1.0 / (1.0 + np.exp(-logit)))
         if odds is None:
             return prob
         alone = np.full(len(VERTEBRAE), np.nan)  # a vertebra's own mapping does not depend on the others
         alone[v] = prob
-        return float(targets_from_vertebrae(alone, odds, m.model.train_prevalence.double().cpu().numpy())[1 + v])
+        return float(targets_from_vertebrae(alone, odds, prevalence)[1 + v])
 
     result = []
     for v, o in outputs.items():
-        prob = float(np.mean([mapped(v, view[v]["logit"]) for view in views]))
+        prob = float(np.mean([mapped(v, o[key]) for key in ("logit", "mirrored_logit") if key in o]))
         positions = arrays["positions"][v].astype(np.int64)
         on_slice = [matched[matched["z"] == z][["x", "y", "width", "height"]].to_numpy(float) for z in positions]
         peak = float(o["cam"].max())

@@ -14,7 +14,8 @@
 
 The submission (`kit.submit.submission.predict_studies`) reads ahead with the same `kit.io.prefetch` but keeps its
 own loop: it writes no file per study and no failure list, every study gets a row (fallback values for a failure)
-and a deadline cuts off even a study in progress; it stops taking studies by the same rule (`out_of_time`). numpy-free; never imports torch.
+and a deadline cuts off even a study in progress; it stops taking studies by the same rule (`out_of_time`).
+numpy-free; never imports torch.
 """
 
 from __future__ import annotations
