@@ -481,6 +481,39 @@ def test_half_precision_inference_matches_float32(models, synthetic_root, monkey
 
 
 @pytest.mark.parametrize("flip", [False, True], ids=["plain", "tta_flip"])
+def test_folds_that_share_a_cnn_run_it_once_with_the_same_answers(models, segmented, flip):
+    """Two folds with one slice CNN (a frozen backbone) but their own GRU, heads and level offsets: the ensemble runs
+    the CNN once per study and each fold's 8 values are those it gives alone; a third fold whose CNN differs by
+    one weight runs its own."""
+    import copy
+
+    series, seg = segmented
+    a = copy.deepcopy(models["cls"][0])
+    a.config.data.tta_flip = flip
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b.model.level_bias.add_(torch.linspace(-1.0, 1.0, 7))
+        b.model.logit_head.weight.mul_(-2.0)
+        for p in b.model.gru.parameters():
+            p.mul_(0.5)
+    c = copy.deepcopy(a)
+    assert infer.cnn_digest(a.model) == infer.cnn_digest(b.model) == infer.cnn_digest(c.model)
+    with torch.no_grad():
+        next(c.model.cnn.parameters()).view(-1)[0] += 0.25
+    assert infer.cnn_digest(c.model) != infer.cnn_digest(a.model)  # an in-place change is seen
+    calls = {}
+    for name, m in {"a": a, "b": b, "c": c}.items():
+        m.model.cnn.register_forward_hook(lambda *_, name=name: calls.update({name: calls.get(name, 0) + 1}))
+    dz = float(series.spacing[0])
+    together = infer.classify_study(series.hu, seg, [a, b, c], dz=dz)
+    assert calls == {"a": 1, "c": 1}  # b took a's features
+    alone = [infer.classify_study(series.hu, seg, [m], dz=dz)["probs"] for m in (a, b, c)]
+    for got, want in zip(together["models"], alone):
+        np.testing.assert_allclose(got["probs"], want, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(alone[0], alone[1], atol=1e-4)  # b is a different fold
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["plain", "tta_flip"])
 @pytest.mark.parametrize("name", ["cls", "patient"])
 def test_a_missing_vertebra_counts_the_same_in_validation_and_in_the_submission(models, segmented, name, flip):
     """C7 not found by stage 1: the fold's validation (`ClsTask.predict_study`, what the OOF table holds) and

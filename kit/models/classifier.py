@@ -271,6 +271,12 @@ class VertebraClassifier(nn.Module):
         mask = _check_mask(mask, x.shape[:2], "mask", "(B, T)")
         return self._gru(self.drop(self.slice_features(x, mask)), mask)
 
+    def from_slice_features(self, feats: torch.Tensor, mask: torch.Tensor | None = None,
+                            level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What `forward` does after the CNN: `slice_features` (B, T, F) -> the output dict of `forward` (folds that
+        share one CNN share its features at inference: `kit.stage2.infer.classify_study`)."""
+        return self.head(self._gru(self.drop(feats), mask), mask, level)
+
     def head(self, states: torch.Tensor, mask: torch.Tensor | None = None,
              level: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """GRU states (B, T, D), mask (B, T) or None, level (B,) or None -> the output dict of `forward`."""

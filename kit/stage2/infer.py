@@ -7,7 +7,9 @@ The whole pipeline for one study, DICOM in, 8 probabilities out, is `kit.submit.
 
 from __future__ import annotations
 
+import hashlib
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from ..constants import CLASSIFIER, TARGETS, TRAIN_PREVALENCE, VERTEBRAE
 from ..devices import autocast
 from ..evaluate.calibration import apply_calibration
 from ..evaluate.metrics import complete_targets, logit, sigmoid, targets_from_vertebrae
+from ..models.classifier import VertebraClassifier
 from ..runs import InferenceOptions, LoadedModel, flatten_models
 
 
@@ -72,13 +75,40 @@ def _is_per_study(m: LoadedModel) -> bool:
     return m.config.model.name in PER_STUDY_MODELS
 
 
+_CNN_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # CNN module -> (tensor versions, digest)
+
+
+def cnn_digest(model: torch.nn.Module) -> str | None:
+    """A digest of a per-vertebra classifier's slice CNN and its input scaling (names, dtypes, shapes, values);
+    None for any other model. Folds fine-tuned from one checkpoint with the backbone frozen (or not trained at all,
+    as in the demo) share it, and `classify_study` then runs that CNN once for all of them. Kept per module and
+    recomputed when a tensor of it changes in place."""
+    if not isinstance(model, VertebraClassifier):
+        return None
+    tensors = [(f"cnn.{k}", v) for k, v in model.cnn.state_dict().items()] + \
+        [(f"input_norm.{k}", v) for k, v in model.input_norm.state_dict().items()]
+    versions = tuple(v._version for _, v in tensors)
+    known = _CNN_DIGESTS.get(model.cnn)
+    if known is not None and known[0] == versions:
+        return known[1]
+    h = hashlib.blake2b(type(model.cnn).__name__.encode(), digest_size=16)
+    for name, v in tensors:
+        h.update(f"{name}:{v.dtype}:{tuple(v.shape)}".encode())
+        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    _CNN_DIGESTS[model.cnn] = (versions, h.hexdigest())
+    return h.hexdigest()
+
+
 def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor, tta_flip: bool,
-                      device: torch.device, amp: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                      device: torch.device, amp: bool,
+                      shared: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """One classifier on one study's stacks, all vertebrae (and both views with `tta_flip`) in one batch.
 
     Args:
         stacks: float32 (7, T, C, S, S) in [0, 1] on `device` (`kit.stage2.data.stack_input` of the crop cache's uint8).
         found: bool (7,) on `device`.
+        shared: slice features already computed for these stacks, by (`tta_flip`, `cnn_digest`); a per-vertebra
+            model takes its CNN's from there, or computes and leaves them there.
 
     Returns:
         vertebra logits float64 (V, 7) per view (V = 2 with the flip, 1 without), NaN where not found; the
@@ -99,7 +129,13 @@ def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor,
             return out, None
         x = torch.cat([v[found] for v in views])  # (V * N, T, C, S, S): every found vertebra, every view
         level = torch.arange(len(VERTEBRAE), device=x.device)[found].repeat(n_views)  # 0..6 = C1..C7
-        result = m.model(x, None, level)
+        key = None if shared is None else cnn_digest(m.model)
+        if key is None:
+            result = m.model(x, None, level)
+        else:
+            if (tta_flip, key) not in shared:
+                shared[tta_flip, key] = m.model.slice_features(x)
+            result = m.model.from_slice_features(shared[tta_flip, key], None, level)
         logits = result["logit"].float().cpu().numpy().astype(np.float64).reshape(n_views, -1)
         out[:, found_np] = logits
         return out, None
@@ -139,7 +175,9 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOp
     models. A model sees them as training and validation do (`kit.stage2.data.stack_input`: uint8 / 255): a per-vertebra
     model (`cls_gru`) gets every found vertebra of the study in one batch, a per-study model (`cls_patient_gru`)
     the whole study with `vertebra_mask` = found; with the model's `data.tta_flip` (as its validation) or
-    `options.tta_flip` the left-right mirrored crops (last axis) join the same batch.
+    `options.tta_flip` the left-right mirrored crops (last axis) join the same batch. Per-vertebra models whose slice
+    CNNs are equal (`cnn_digest`: folds trained with the backbone frozen) run that CNN once on a study and share its
+    features.
 
     Each model gives 8 values (TARGETS order) as its validation computed them: a per-vertebra model's through
     `kit.evaluate.metrics.targets_from_vertebrae`, a per-study model's (patient_overall from its patient head) through
@@ -193,12 +231,13 @@ def classify_study(hu: np.ndarray, seg, runs, *, dz: float, options: InferenceOp
     values = np.full((len(models), len(TARGETS)), np.nan)
     tensors = {recipe: (recipe.model_input(torch.from_numpy(stacks).to(device)), torch.from_numpy(f).to(device))
                for recipe, (stacks, f, _) in crops.items()}
+    shared: dict = {recipe: {} for recipe in tensors}  # slice features of the CNNs folds share, per recipe
     for i, (m, recipe) in enumerate(zip(models, recipes)):
         if m.device != device:
             m.model.to(device)
         stacks, found_t = tensors[recipe]
         flip = options.tta_flip or m.config.data.tta_flip
-        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, flip, device, amp)
+        vertebra_logits, patient_logits = _classifier_views(m, stacks, found_t, flip, device, amp, shared[recipe])
         if not np.isfinite(vertebra_logits[:, found]).all() or (
                 patient_logits is not None and not np.isfinite(patient_logits).all()):
             raise ClassificationError(f"study {uid}: non-finite output of classifier {m.path}")
