@@ -100,15 +100,14 @@ def cnn_digest(model: torch.nn.Module) -> str | None:
 
 
 def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor, tta_flip: bool,
-                      device: torch.device, amp: bool,
-                      shared: dict | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+                      device: torch.device, amp: bool, shared: dict) -> tuple[np.ndarray, np.ndarray | None]:
     """One classifier on one study's stacks, all vertebrae (and both views with `tta_flip`) in one batch.
 
     Args:
         stacks: float32 (7, T, C, S, S) in [0, 1] on `device` (`kit.stage2.data.stack_input` of the crop cache's uint8).
         found: bool (7,) on `device`.
         shared: slice features already computed for these stacks, by (`tta_flip`, `cnn_digest`); a per-vertebra
-            model takes its CNN's from there, or computes and leaves them there.
+            classifier takes its CNN's from there, or computes and leaves them there.
 
     Returns:
         vertebra logits float64 (V, 7) per view (V = 2 with the flip, 1 without), NaN where not found; the
@@ -129,8 +128,8 @@ def _classifier_views(m: LoadedModel, stacks: torch.Tensor, found: torch.Tensor,
             return out, None
         x = torch.cat([v[found] for v in views])  # (V * N, T, C, S, S): every found vertebra, every view
         level = torch.arange(len(VERTEBRAE), device=x.device)[found].repeat(n_views)  # 0..6 = C1..C7
-        key = None if shared is None else cnn_digest(m.model)
-        if key is None:
+        key = cnn_digest(m.model)
+        if key is None:  # not a per-vertebra classifier of the kit's: its own forward
             result = m.model(x, None, level)
         else:
             if (tta_flip, key) not in shared:
