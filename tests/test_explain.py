@@ -163,6 +163,28 @@ def test_saliency_matches_an_independent_grad_cam_for_either_sign(tiny_run):
     assert max(totals) > 0
 
 
+def test_a_frozen_backbone_is_explained_as_the_same_weights_unfrozen(tiny_run):
+    """The demo's classifier runs with model.freeze_backbone (its CNN builds no graph in training): its saliency is
+    the one the same weights give unfrozen, with the head's sign flipped too so that some maps are not all 0."""
+    uid = tiny_run["uids"][1]
+    m = load_run(tiny_run["run"], folds=[0])[0]
+    totals = []
+    for flipped in (False, True):
+        if flipped:
+            _flip_head(m.model)
+        m.model.freeze_backbone = False
+        m.model.cnn.requires_grad_(True)
+        free = explain_study([m], tiny_run["crop_dir"], uid)
+        m.model.freeze_backbone = True
+        m.model.cnn.requires_grad_(False)
+        frozen = explain_study([m], tiny_run["crop_dir"], uid)
+        for a, b in zip(frozen, free):
+            assert a.vertebra == b.vertebra and a.prob == pytest.approx(b.prob, abs=1e-6)
+            np.testing.assert_allclose(a.saliency * a.saliency_max, b.saliency * b.saliency_max, rtol=1e-5, atol=1e-7)
+        totals.append(sum(e.saliency_max for e in frozen))
+    assert max(totals) > 0
+
+
 def test_flip_tta_run_explains_the_probability_its_validation_gave(tiny_run, tmp_path):
     """A run with data.tta_flip: the explained probability is the mean over the crops and their mirror, the one
     its OOF table holds; logit, attention and saliency stay those of the crops as they are."""

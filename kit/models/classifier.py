@@ -237,7 +237,8 @@ class VertebraClassifier(nn.Module):
         if keep is not None:
             images = images[keep]
         images = self.input_norm(images)
-        with torch.no_grad() if self.freeze_backbone else contextlib.nullcontext():
+        # a frozen CNN builds no graph, unless the input asks for one (saliency: kit.evaluate.explain)
+        with torch.no_grad() if self.freeze_backbone and not images.requires_grad else contextlib.nullcontext():
             if images.shape[0] == 0:
                 feats = x.new_zeros((0, self.num_features))
             elif self.chunk is None or images.shape[0] <= self.chunk:
