@@ -91,6 +91,42 @@ def test_clean_keeps_the_tip_a_probability_dip_cut_off_given_the_level_ranges():
         clean_vertebra_probs(probs, levels=levels[:, :5], dz=1.0)
 
 
+def test_largest_component_on_the_column_passes_over_a_larger_blob_off_it():
+    mask = np.zeros((10, 40, 40), dtype=bool)
+    mask[2:8, 18:24, 18:24] = True  # the vertebra on the column, 216 voxels, centre (20.5, 20.5)
+    mask[1:9, 2:12, 30:38] = True  # a blob of 640 voxels at the body's edge, centre (6.5, 33.5)
+    vertebra = np.zeros_like(mask)
+    vertebra[2:8, 18:24, 18:24] = True
+    on = largest_component(mask, column=((20.0, 20.0), (3.0, 3.0)))
+    np.testing.assert_array_equal(on, vertebra)
+    assert largest_component(mask).sum() == 640  # no column: the largest
+    assert largest_component(mask, column=((20.0, 15.0), (3.0, 3.0))).sum() == 640  # none on it: the largest
+    assert largest_component(mask, column=((20.0, 17.5), (3.0, 3.0))).sum() == 216  # the limit is inclusive
+
+
+def test_clean_keeps_a_vertebra_on_the_column_when_a_larger_blob_elsewhere_gets_its_label():
+    labels = stacked_blobs(z=70, size=48)
+    probs = one_hot(labels) * 0.9
+    c6 = labels == 6
+    z6 = np.nonzero(c6.any(axis=(1, 2)))[0]
+    probs[5, z6[0] - 1:z6[-1] + 2, 30:46, 36:46] = 0.8  # a blob at the edge, larger than C6, also called C6
+    out = clean_vertebra_probs(probs)
+    np.testing.assert_array_equal(out, labels)
+    # the same study through the largest component alone (a column wide enough to hold the blob) keeps the blob
+    import kit.stage1.postprocess as postprocess
+
+    tolerance = postprocess.COLUMN_TOLERANCE
+    try:
+        postprocess.COLUMN_TOLERANCE = 10.0
+        assert not (clean_vertebra_probs(probs) == 6)[c6].any()
+    finally:
+        postprocess.COLUMN_TOLERANCE = tolerance
+    two = np.where(np.isin(labels, (1, 6)), labels, 0)  # fewer than three vertebrae: no column, the largest
+    probs2 = one_hot(two) * 0.9
+    probs2[5, z6[0] - 1:z6[-1] + 2, 30:46, 36:46] = 0.8
+    assert not (clean_vertebra_probs(probs2) == 6)[c6].any()
+
+
 def test_clean_grows_a_vertebra_into_its_faint_end_slices():
     labels = stacked_blobs(thick=14, z=112)
     c4 = labels == 4

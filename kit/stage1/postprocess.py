@@ -137,7 +137,18 @@ def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float, max_slices: int |
     return mask
 
 
-def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap: int = 0) -> np.ndarray:
+#: The clean-up keeps, of each vertebra's components, the largest one on the spinal column: the largest at all
+#: can be a blob elsewhere in the body that the segmenter also gives that vertebra (seen: a crescent of soft
+#: tissue at the body's edge, beside the shoulders, larger than the real C6, so C6's crops showed skin). The
+#: column is the median in-plane centroid of the vertebrae's largest components; a component is on it when its
+#: in-plane centroid lies within this share of the vertebrae's median in-plane box size, in rows and in columns.
+#: True vertebrae lie within 0.15 (rows) and 0.09 (columns) of it in every segmented study of the tuning sets
+#: (docs/benchmarks.md, Stage 1, "The clean-up: the component on the column").
+COLUMN_TOLERANCE = 0.5
+
+
+def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap: int = 0,
+                      column: tuple[tuple[float, float], tuple[float, float]] | None = None) -> np.ndarray:
     """Keep the largest 3D connected component of a boolean mask, and optionally pieces cut off from it.
 
     Voxels touching by a face, an edge or a corner are connected (26-connectivity): thin bony parts
@@ -149,6 +160,8 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
             when a chain of them reaches the largest across at most `gap` empty slices, overlapping it in-plane
             (within one pixel); components touching any slice outside `within` never are.
         gap: empty slices bridged along z (0: the largest component alone).
+        column: ((y, x), (dy, dx)): the component kept is the largest whose in-plane centroid lies within dy rows
+            and dx columns of (y, x); the largest of all when none does.
 
     Returns:
         Boolean (Z, H, W), empty when `mask` is empty. Ties go to the lower component id.
@@ -164,6 +177,13 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
         return out
     sizes = np.bincount(comp.ravel())
     sizes[0] = 0
+    if column is not None:
+        (y, x), (dy, dx) = column
+        centres = np.array(ndimage.center_of_mass(sub, comp, range(1, n + 1)))[:, 1:]
+        centres += [box[0][1].start, box[0][2].start]
+        far = (np.abs(centres[:, 0] - y) > dy) | (np.abs(centres[:, 1] - x) > dx)
+        if not far.all():
+            sizes[1:][far] = 0
     main = int(np.argmax(sizes))
     keep = comp == main
     if gap > 0 and within is not None:
@@ -187,6 +207,27 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
             keep[zs] = near | (candidates & reached[joined])
     out[box[0]] = keep
     return out
+
+
+class _Piece:
+    """A boolean (Z, H, W) mask kept as its bounding box (the clean-up holds seven at once), with its voxel
+    count, in-plane centroid (y, x) and in-plane box size (rows, columns)."""
+
+    def __init__(self, mask: np.ndarray):
+        boxes = ndimage.find_objects(mask.astype(np.uint8))
+        self.box = boxes[0] if boxes else None
+        self.sub = None if self.box is None else mask[self.box].copy()
+        self.voxels = 0 if self.sub is None else int(self.sub.sum())
+        if self.voxels:
+            _, yy, xx = np.nonzero(self.sub)
+            self.centre = (float(yy.mean()) + self.box[1].start, float(xx.mean()) + self.box[2].start)
+            self.size = (self.box[1].stop - self.box[1].start, self.box[2].stop - self.box[2].start)
+
+    def full(self, shape: tuple[int, ...]) -> np.ndarray:
+        out = np.zeros(shape, dtype=bool)
+        if self.box is not None:
+            out[self.box] = self.sub
+        return out
 
 
 def _ordered_subset(centroid_z: dict[int, float], voxels: dict[int, int]) -> set[int]:
@@ -228,7 +269,8 @@ def clean_vertebra_probs(
     Steps, per vertebra c (channel c = label c + 1):
 
     1. threshold: `probs[c] > threshold`;
-    2. keep only its largest 3D connected component (26-connectivity, see `largest_component`) and, given
+    2. keep only its largest 3D connected component (26-connectivity, see `largest_component`) on the spinal
+       column (`COLUMN_TOLERANCE`: the largest at all when no component lies on it) and, given
        `levels` and `dz`, the pieces cut off from it by up to `BRIDGE_MM` along z inside the slices where
        `levels[c]` > 0.5; then grow it beyond its first and last slice into the touching voxels above
        `end_threshold` (`grow_ends`; given `dz`, at most `GROW_MAX_MM`); drop it if that has fewer than
@@ -275,8 +317,19 @@ def clean_vertebra_probs(
             raise ValueError(f"levels must be ({N_VERTEBRAE}, {shape[0]}) for C1..C7; got shape {levels.shape}")
         gap = mm_to_slices(BRIDGE_MM, dz, within=True)
     dropped: dict[str, str] = {}
+    pieces = [_Piece(largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap))
+              for c in range(N_VERTEBRAE)]
+    found = [piece for piece in pieces if piece.voxels]
+    if len(found) >= 3:  # the column: the median centroid and in-plane size of the vertebrae's largest components
+        axis = np.median([piece.centre for piece in found], axis=0)
+        spread = COLUMN_TOLERANCE * np.median([piece.size for piece in found], axis=0)
+        for c, piece in enumerate(pieces):
+            if piece.voxels and (np.abs(np.subtract(piece.centre, axis)) > spread).any():
+                pieces[c] = _Piece(largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5,
+                                                     gap=gap, column=(tuple(axis), tuple(spread))))
     for c in range(N_VERTEBRAE):
-        mask = largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap)
+        mask = pieces[c].full(shape)
+        pieces[c] = None
         if end_threshold is not None:
             grow_ends(mask, probs[c], end_threshold * scale, reach)
         n = int(mask.sum())
