@@ -167,14 +167,23 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
         Boolean (Z, H, W), empty when `mask` is empty. Ties go to the lower component id.
     """
     out = np.zeros(mask.shape, dtype=bool)
+    box, keep = _largest_in_box(mask, within, gap, column)
+    if box is not None:
+        out[box] = keep
+    return out
+
+
+def _largest_in_box(mask: np.ndarray, within: np.ndarray | None, gap: int,
+                    column: tuple[tuple[float, float], tuple[float, float]] | None):
+    """`largest_component`'s answer inside the bounding box of `mask`: (box, boolean array of the box's shape), or
+    (None, None) when `mask` is empty."""
     box = ndimage.find_objects(mask.astype(np.uint8))
     if not box or box[0] is None:
-        return out
+        return None, None
     sub = mask[box[0]]  # label only inside the bounding box: much faster on thin masks
     comp, n = ndimage.label(sub, structure=_FULL_3D)
     if n <= 1:
-        out[box[0]] = sub
-        return out
+        return box[0], sub
     sizes = np.bincount(comp.ravel())
     sizes[0] = 0
     if column is not None:
@@ -205,28 +214,29 @@ def largest_component(mask: np.ndarray, *, within: np.ndarray | None = None, gap
             reached = np.zeros(n_joined + 1, dtype=bool)
             reached[joined[near]] = True
             keep[zs] = near | (candidates & reached[joined])
-    out[box[0]] = keep
-    return out
+    return box[0], keep
 
 
 class _Piece:
-    """A boolean (Z, H, W) mask kept as its bounding box (the clean-up holds seven at once), with its voxel
-    count, in-plane centroid (y, x) and in-plane box size (rows, columns)."""
+    """A vertebra's kept voxels, `_largest_in_box`'s (box, mask) held bit-packed (the clean-up holds seven at
+    once), with their count, in-plane centroid (y, x) and in-plane extent (rows, columns)."""
 
-    def __init__(self, mask: np.ndarray):
-        boxes = ndimage.find_objects(mask.astype(np.uint8))
-        self.box = boxes[0] if boxes else None
-        self.sub = None if self.box is None else mask[self.box].copy()
-        self.voxels = 0 if self.sub is None else int(self.sub.sum())
+    def __init__(self, box: tuple[slice, ...] | None, sub: np.ndarray | None):
+        self.box, self.shape = box, None if sub is None else sub.shape
+        self.bits = None if sub is None else np.packbits(sub, axis=None)
+        self.voxels = 0 if sub is None else int(np.count_nonzero(sub))
         if self.voxels:
-            _, yy, xx = np.nonzero(self.sub)
-            self.centre = (float(yy.mean()) + self.box[1].start, float(xx.mean()) + self.box[2].start)
-            self.size = (self.box[1].stop - self.box[1].start, self.box[2].stop - self.box[2].start)
+            rows, cols = sub.sum(axis=(0, 2)), sub.sum(axis=(0, 1))
+            y, x = np.flatnonzero(rows), np.flatnonzero(cols)
+            self.centre = (float(rows @ np.arange(len(rows))) / self.voxels + box[1].start,
+                           float(cols @ np.arange(len(cols))) / self.voxels + box[2].start)
+            self.size = (int(y[-1] - y[0] + 1), int(x[-1] - x[0] + 1))
 
     def full(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The boolean (Z, H, W) mask."""
         out = np.zeros(shape, dtype=bool)
         if self.box is not None:
-            out[self.box] = self.sub
+            out[self.box] = np.unpackbits(self.bits, count=int(np.prod(self.shape))).reshape(self.shape).view(bool)
         return out
 
 
@@ -317,16 +327,18 @@ def clean_vertebra_probs(
             raise ValueError(f"levels must be ({N_VERTEBRAE}, {shape[0]}) for C1..C7; got shape {levels.shape}")
         gap = mm_to_slices(BRIDGE_MM, dz, within=True)
     dropped: dict[str, str] = {}
-    pieces = [_Piece(largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5, gap=gap))
-              for c in range(N_VERTEBRAE)]
+
+    def kept(c: int, column=None) -> _Piece:
+        return _Piece(*_largest_in_box(probs[c] > cut, None if levels is None else levels[c] > 0.5, gap, column))
+
+    pieces = [kept(c) for c in range(N_VERTEBRAE)]
     found = [piece for piece in pieces if piece.voxels]
     if len(found) >= 3:  # the column: the median centroid and in-plane size of the vertebrae's largest components
         axis = np.median([piece.centre for piece in found], axis=0)
         spread = COLUMN_TOLERANCE * np.median([piece.size for piece in found], axis=0)
         for c, piece in enumerate(pieces):
             if piece.voxels and (np.abs(np.subtract(piece.centre, axis)) > spread).any():
-                pieces[c] = _Piece(largest_component(probs[c] > cut, within=None if levels is None else levels[c] > 0.5,
-                                                     gap=gap, column=(tuple(axis), tuple(spread))))
+                pieces[c] = kept(c, (tuple(axis), tuple(spread)))
     for c in range(N_VERTEBRAE):
         mask = pieces[c].full(shape)
         pieces[c] = None
