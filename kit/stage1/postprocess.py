@@ -188,9 +188,11 @@ def _largest_in_box(mask: np.ndarray, within: np.ndarray | None, gap: int,
     sizes[0] = 0
     if column is not None:
         (y, x), (dy, dx) = column
-        centres = np.array(ndimage.center_of_mass(sub, comp, range(1, n + 1)))[:, 1:]
-        centres += [box[0][1].start, box[0][2].start]
-        far = (np.abs(centres[:, 0] - y) > dy) | (np.abs(centres[:, 1] - x) > dx)
+        _, yy, xx = np.nonzero(comp)  # the components' in-plane centroids from their voxels' coordinates only
+        ids = comp[comp > 0]
+        cy = np.bincount(ids, weights=yy, minlength=n + 1)[1:] / sizes[1:] + box[0][1].start
+        cx = np.bincount(ids, weights=xx, minlength=n + 1)[1:] / sizes[1:] + box[0][2].start
+        far = (np.abs(cy - y) > dy) | (np.abs(cx - x) > dx)
         if not far.all():
             sizes[1:][far] = 0
     main = int(np.argmax(sizes))
