@@ -139,7 +139,8 @@ def grow_ends(mask: np.ndarray, probs: np.ndarray, cut: float, max_slices: int |
 
 #: The clean-up keeps, of each vertebra's components, the largest one on the spinal column: the largest at all
 #: can be a blob elsewhere in the body that the segmenter also gives that vertebra (seen: a crescent of soft
-#: tissue at the body's edge, beside the shoulders, larger than the real C6, so C6's crops showed skin). The
+#: tissue at the body's edge, beside the shoulders, larger than the real C6, so C6's crops showed skin; the
+#: mandible as C2). The
 #: column is the median in-plane centroid of the vertebrae's largest components; a component is on it when its
 #: in-plane centroid lies within this share of the vertebrae's median in-plane box size, in rows and in columns.
 #: True vertebrae lie within 0.15 (rows) and 0.09 (columns) of it in every segmented study of the tuning sets
