@@ -189,8 +189,8 @@ def _largest_in_box(mask: np.ndarray, within: np.ndarray | None, gap: int,
     sizes[0] = 0
     if column is not None:
         (y, x), (dy, dx) = column
-        _, yy, xx = np.nonzero(comp)  # the components' in-plane centroids from their voxels' coordinates only
-        ids = comp[comp > 0]
+        zz, yy, xx = np.nonzero(comp)  # the components' in-plane centroids from their voxels' coordinates only
+        ids = comp[zz, yy, xx]
         cy = np.bincount(ids, weights=yy, minlength=n + 1)[1:] / sizes[1:] + box[0][1].start
         cx = np.bincount(ids, weights=xx, minlength=n + 1)[1:] / sizes[1:] + box[0][2].start
         far = (np.abs(cy - y) > dy) | (np.abs(cx - x) > dx)
@@ -274,6 +274,7 @@ def clean_vertebra_probs(
     levels: np.ndarray | None = None,
     dz: float | None = None,
     end_threshold: float | None = END_THRESHOLD,
+    column_tolerance: float | None = COLUMN_TOLERANCE,
     min_voxels: int = 1,
     return_dropped: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, dict[str, str]]:
@@ -283,7 +284,7 @@ def clean_vertebra_probs(
 
     1. threshold: `probs[c] > threshold`;
     2. keep only its largest 3D connected component (26-connectivity, see `largest_component`) on the spinal
-       column (`COLUMN_TOLERANCE`: the largest at all when no component lies on it) and, given
+       column (`column_tolerance`: the largest at all when no component lies on it) and, given
        `levels` and `dz`, the pieces cut off from it by up to `BRIDGE_MM` along z inside the slices where
        `levels[c]` > 0.5; then grow it beyond its first and last slice into the touching voxels above
        `end_threshold` (`grow_ends`; given `dz`, at most `GROW_MAX_MM`); drop it if that has fewer than
@@ -304,6 +305,8 @@ def clean_vertebra_probs(
         dz: the slice spacing in mm.
         end_threshold: probability above which a vertebra's end slices grow (`END_THRESHOLD`), at most `GROW_MAX_MM`
             when `dz` is given; None: no growth.
+        column_tolerance: how far from the column a component's in-plane centroid may lie, as a share of the
+            vertebrae's median in-plane box size (`COLUMN_TOLERANCE`); None: the largest component, wherever it is.
         min_voxels: smallest kept component.
         return_dropped: also return the vertebrae removed and why.
 
@@ -336,9 +339,9 @@ def clean_vertebra_probs(
 
     pieces = [kept(c) for c in range(N_VERTEBRAE)]
     found = [piece for piece in pieces if piece.voxels]
-    if len(found) >= 3:  # the column: the median centroid and in-plane size of the vertebrae's largest components
+    if column_tolerance is not None and len(found) >= 3:  # the column: the median centroid and in-plane size of the vertebrae's largest components
         axis = np.median([piece.centre for piece in found], axis=0)
-        spread = COLUMN_TOLERANCE * np.median([piece.size for piece in found], axis=0)
+        spread = column_tolerance * np.median([piece.size for piece in found], axis=0)
         for c, piece in enumerate(pieces):
             if piece.voxels and (np.abs(np.subtract(piece.centre, axis)) > spread).any():
                 pieces[c] = kept(c, (tuple(axis), tuple(spread)))
